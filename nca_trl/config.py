@@ -1,0 +1,144 @@
+"""`NCAConfig` and `InfoNCAConfig`: `trl.DPOConfig` plus the reward temperature and the cap on completions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import DPOConfig
+
+__all__ = ["NCAConfig", "InfoNCAConfig", "check_rated_config", "LOSS_NAMES"]
+
+# Loss names each trainer accepts in `loss_type`: its own, DPOConfig's default ("sigmoid", so that a plain DPOConfig
+# works), and the TRL pairwise loss it generalises.
+LOSS_NAMES = {"nca": ("nca", "sigmoid", "nca_pair"), "infonca": ("infonca", "sigmoid")}
+
+# DPOConfig fields that only shape DPO-family pairwise losses: anything but the default is an error, never ignored.
+_UNSUPPORTED_DPO_FIELDS = {
+    "loss_weights": (None, "it weights a combination of DPO `loss_type`s; NCA/InfoNCA is a single loss"),
+    "ld_alpha": (None, "LD-DPO down-weights the tail of the longer of two completions; there is no pair here"),
+    "f_divergence_type": ("reverse_kl", "the f-DPO reparameterisation only cancels in a chosen-rejected difference"),
+    "f_alpha_divergence_coef": (0.5, "it only applies with `f_divergence_type='alpha_divergence'`"),
+    "label_smoothing": (0.0, "robust DPO / EXO label smoothing; soften the targets with `alpha` instead"),
+    "use_weighting": (False, "WPO weights multiply a chosen and a rejected probability"),
+    "discopop_tau": (0.05, "it only applies to `loss_type='discopop'`"),
+}
+
+
+def check_rated_config(args: DPOConfig, loss: str) -> None:
+    """Raise a `ValueError` if `args` sets a DPO-only loss field or an invalid NCA field.
+
+    Works on an `NCAConfig`/`InfoNCAConfig` as well as on a plain `trl.DPOConfig` (whose new fields are absent and
+    take the NCA defaults).
+    """
+    name = {"nca": "NCA", "infonca": "InfoNCA"}[loss]
+    loss_type = args.loss_type if isinstance(args.loss_type, list) else [args.loss_type]
+    if len(loss_type) != 1 or loss_type[0] not in LOSS_NAMES[loss]:
+        raise ValueError(
+            f"`loss_type={args.loss_type!r}` cannot be used with the {name} trainer, which always trains the {name} "
+            f"loss. Leave `loss_type` unset (accepted values: {list(LOSS_NAMES[loss])}); to train another DPO loss "
+            "use `trl.DPOTrainer`."
+        )
+    for field_name, (default, why) in _UNSUPPORTED_DPO_FIELDS.items():
+        value = getattr(args, field_name, default)
+        if value != default:
+            raise ValueError(
+                f"`{field_name}={value!r}` has no meaning for {name}: {why}. Remove it from the config (default "
+                f"{default!r})."
+            )
+    alpha = getattr(args, "alpha", 0.0)
+    if alpha is None or alpha < 0:
+        raise ValueError(f"`alpha` (reward temperature) must be >= 0, got {alpha!r}; 0 means one-hot on the best.")
+    if not args.beta > 0:
+        raise ValueError(f"`beta` must be > 0, got {args.beta!r}.")
+    max_completions = getattr(args, "max_completions", None)
+    if max_completions is not None and max_completions < 2:
+        raise ValueError(f"`max_completions` must be None or >= 2, got {max_completions!r}.")
+
+
+_ALPHA_HELP = (
+    "Reward temperature: the targets are p = softmax(rewards / alpha) over each prompt's completions. 0 means the "
+    "limit alpha -> 0 (one-hot on the highest reward, ties split evenly). It is the authors' `temperature_alpha` "
+    "(a divisor of the raw scores): their released 1e-4 on UltraFeedback's 1-10 scores puts weight exp(-0.5/1e-4) "
+    "~ 0 on a completion even half a point below the best, i.e. one-hot. Scaling all rewards by c is the same as "
+    "dividing alpha by c."
+)
+_MAX_COMPLETIONS_HELP = (
+    "If set, prompts with more completions keep only this many: the best, the worst, and an even spread of ranks "
+    "between them (ranks by reward). The number of prompts capped is logged."
+)
+
+
+@dataclass
+class _RatedCompletionsConfig(DPOConfig):
+    """Fields shared by `NCAConfig` and `InfoNCAConfig`."""
+
+    beta: float = field(
+        default=0.01,
+        metadata={"help": "KL coefficient: g_i = beta * (log pi(y_i|x) - log pi_ref(y_i|x)). The paper uses 0.01."},
+    )
+    alpha: float = field(default=1.0, metadata={"help": _ALPHA_HELP})
+    max_completions: int | None = field(default=None, metadata={"help": _MAX_COMPLETIONS_HELP})
+
+    _loss = ""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_rated_config(self, self._loss)
+
+
+@dataclass
+class NCAConfig(_RatedCompletionsConfig):
+    r"""
+    Configuration class for [`NCATrainer`]: every field of [`trl.DPOConfig`] plus the ones below.
+
+    Args:
+        beta (`float`, *optional*, defaults to `0.01`):
+            KL coefficient, `g_i = beta * (log pi(y_i|x) - log pi_ref(y_i|x))`. The NCA paper uses 0.01.
+        alpha (`float`, *optional*, defaults to `1.0`):
+            Reward temperature: targets `p = softmax(rewards / alpha)` over each prompt's completions; `0` means
+            one-hot on the best completion (ties split evenly). The authors' `temperature_alpha` is the same divisor
+            of the raw scores; their released `1e-4` on 1-10 scores is effectively one-hot.
+        max_completions (`int`, *optional*):
+            Cap on K per prompt, keeping the best, the worst and an even spread of reward ranks between.
+        loss_type (`list[str]`, *optional*, defaults to `["nca"]`):
+            Always the NCA loss; only `"nca"`, `"nca_pair"` (its K=2 case) and DPOConfig's default `"sigmoid"` are
+            accepted, so that a plain `DPOConfig` works unchanged.
+
+    DPO-only loss fields (`loss_weights`, `ld_alpha`, `f_divergence_type`, `f_alpha_divergence_coef`,
+    `label_smoothing`, `use_weighting`, `discopop_tau`) raise a `ValueError` when set to anything but their default.
+
+    Example:
+    ```python
+    >>> from nca_trl import NCAConfig
+    >>> args = NCAConfig(output_dir="out", alpha=1.0, per_device_train_batch_size=2)
+    ```
+    """
+
+    loss_type: list[str] = field(default_factory=lambda: ["nca"], metadata={"help": "Always the NCA loss."})
+    _loss = "nca"
+
+
+@dataclass
+class InfoNCAConfig(_RatedCompletionsConfig):
+    r"""
+    Configuration class for [`InfoNCATrainer`]: every field of [`trl.DPOConfig`] plus the ones below.
+
+    Args:
+        beta (`float`, *optional*, defaults to `0.01`):
+            KL coefficient, `g_i = beta * (log pi(y_i|x) - log pi_ref(y_i|x))`. The NCA paper uses 0.01.
+        alpha (`float`, *optional*, defaults to `1.0`):
+            Reward temperature, as in [`NCAConfig`]. With K=2 and `alpha=0` InfoNCA is exactly DPO's sigmoid loss.
+        max_completions (`int`, *optional*):
+            Cap on K per prompt, keeping the best, the worst and an even spread of reward ranks between.
+        loss_type (`list[str]`, *optional*, defaults to `["infonca"]`):
+            Always the InfoNCA loss; `"infonca"` and DPOConfig's default `"sigmoid"` (its K=2 case) are accepted.
+
+    Example:
+    ```python
+    >>> from nca_trl import InfoNCAConfig
+    >>> args = InfoNCAConfig(output_dir="out", alpha=0.0)
+    ```
+    """
+
+    loss_type: list[str] = field(default_factory=lambda: ["infonca"], metadata={"help": "Always the InfoNCA loss."})
+    _loss = "infonca"

@@ -1,0 +1,94 @@
+"""Collator stacking every completion of a batch of prompts into one padded `[sum K_b, L]` batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.data.data_collator import DataCollatorMixin
+from trl.trainer.utils import pad
+
+__all__ = ["DataCollatorForRatedCompletions"]
+
+
+@dataclass
+class DataCollatorForRatedCompletions(DataCollatorMixin):
+    """
+    Data collator for rated completions: each example brings one prompt and its K_b completions.
+
+    Each example holds `"prompt_ids"` (list of ints), `"completion_ids"` (K_b lists of ints), `"rewards"` (K_b
+    floats) and optionally `"ref_logps"` (K_b floats, precomputed reference log-probs). Sequences are
+    `prompt + completion`, truncated per sequence like `trl.DPOTrainer`'s collator, in row-major order (all completions
+    of prompt 0, then of prompt 1, ...), and right-padded.
+
+    Returns:
+        - `input_ids`, `attention_mask`, `completion_mask`: `[N, L]` with `N = sum_b K_b`;
+        - `rewards`: `[B, Kmax]` float32, 0 in empty slots;
+        - `completion_slots`: `[B, Kmax]` bool, True where prompt b has completion i; `completion_slots` flattened in
+          row-major order selects the N sequences in order;
+        - `ref_logps`: `[B, Kmax]` float32, when the examples carry them.
+
+    Example:
+    ```python
+    >>> collator = DataCollatorForRatedCompletions(pad_token_id=0)
+    >>> batch = collator([
+    ...     {"prompt_ids": [1, 2], "completion_ids": [[3], [4, 5], [6]], "rewards": [1.0, 0.5, 0.0]},
+    ...     {"prompt_ids": [7], "completion_ids": [[8, 9], [10]], "rewards": [2.0, 3.0]},
+    ... ])
+    >>> batch["input_ids"]
+    tensor([[ 1,  2,  3,  0],
+            [ 1,  2,  4,  5],
+            [ 1,  2,  6,  0],
+            [ 7,  8,  9,  0],
+            [ 7, 10,  0,  0]])
+    >>> batch["completion_slots"]
+    tensor([[ True,  True,  True],
+            [ True,  True, False]])
+    ```
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
+    pad_to_multiple_of: int | None = None
+    return_tensors: str = "pt"
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.truncation_mode == "keep_start":
+            window = slice(None, self.max_length)
+        elif self.truncation_mode == "keep_end":
+            window = slice(-self.max_length, None) if self.max_length is not None else slice(None)
+        else:
+            raise ValueError(f"Unsupported truncation mode: {self.truncation_mode!r}, expected 'keep_start' or 'keep_end'")
+
+        input_ids, completion_mask = [], []
+        for example in examples:
+            prompt = example["prompt_ids"]
+            for completion in example["completion_ids"]:
+                input_ids.append(torch.tensor((prompt + completion)[window]))
+                completion_mask.append(torch.tensor(([0] * len(prompt) + [1] * len(completion))[window]))
+        attention_mask = [torch.ones_like(ids) for ids in input_ids]
+
+        k_max = max(len(example["completion_ids"]) for example in examples)
+        slots = torch.zeros(len(examples), k_max, dtype=torch.bool)
+        rewards = torch.zeros(len(examples), k_max, dtype=torch.float32)
+        for b, example in enumerate(examples):
+            k = len(example["completion_ids"])
+            slots[b, :k] = True
+            rewards[b, :k] = torch.tensor(example["rewards"], dtype=torch.float32)
+
+        pad_kwargs = {"padding_side": "right", "pad_to_multiple_of": self.pad_to_multiple_of}
+        output = {
+            "input_ids": pad(input_ids, padding_value=self.pad_token_id, **pad_kwargs),
+            "attention_mask": pad(attention_mask, padding_value=0, **pad_kwargs),
+            "completion_mask": pad(completion_mask, padding_value=0, **pad_kwargs),
+            "rewards": rewards,
+            "completion_slots": slots,
+        }
+        if "ref_logps" in examples[0]:
+            ref_logps = torch.zeros(len(examples), k_max, dtype=torch.float32)
+            for b, example in enumerate(examples):
+                ref_logps[b, : len(example["ref_logps"])] = torch.tensor(example["ref_logps"], dtype=torch.float32)
+            output["ref_logps"] = ref_logps
+        return output

@@ -1,0 +1,160 @@
+"""Turn a rated-completions (or TRL preference) dataset into `prompt_ids`, `completion_ids` (K lists) and `rewards`.
+
+The prompt is tokenized once and each completion after it exactly the way `trl.DPOTrainer` tokenizes a chosen /
+rejected pair: EOS appended to standard completions, the chat template applied to conversational ones, and the
+completion starting where the tokenized prompt and prompt+completion diverge (`trl.data_utils.common_prefix_length`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from datasets import Dataset, IterableDataset
+from trl.data_utils import _tokenize, common_prefix_length, is_conversational
+
+from .formats import DataValidationError, to_rated, validate_dataset, validate_example
+
+logger = logging.getLogger("nca_trl")
+
+__all__ = ["select_completions", "tokenize_rated_example", "prepare_rated_dataset"]
+
+
+def select_completions(rewards: list[float], max_completions: int | None) -> list[int]:
+    """Indices of the completions kept under a cap of `max_completions`, in their original order.
+
+    Keeps the best and the worst completion and an even spread of reward ranks between them (ties ranked by
+    position).
+
+    Example:
+    ```python
+    >>> select_completions([1.0, 5.0, 3.0, 4.0, 2.0], 3)  # ranks: 1 (5.0), 3 (3.0), 5 (1.0)
+    [0, 1, 2]
+    ```
+    """
+    k = len(rewards)
+    if max_completions is None or k <= max_completions:
+        return list(range(k))
+    by_rank = sorted(range(k), key=lambda i: (-rewards[i], i))
+    ranks = [round(j * (k - 1) / (max_completions - 1)) for j in range(max_completions)]
+    return sorted(by_rank[r] for r in ranks)
+
+
+def tokenize_rated_example(example: dict, processing_class, eos_token: str) -> dict:
+    """Tokenize one rated example into `prompt_ids`, `completion_ids` (one list per completion) and `rewards`."""
+    tools = example.get("tools")
+    tools = json.loads(tools) if isinstance(tools, str) else tools
+    template_kwargs = {"tools": tools, **(example.get("chat_template_kwargs") or {})}
+    prompt, completions = example["prompt"], example["completions"]
+    if is_conversational({"prompt": prompt}):
+        prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True, **template_kwargs)["input_ids"]
+        full_ids = [_tokenize(processing_class, prompt + c, **template_kwargs)["input_ids"] for c in completions]
+    else:
+        completions = [c if c.endswith(eos_token) else c + eos_token for c in completions]
+        prompt_ids = _tokenize(processing_class, prompt)["input_ids"]
+        full_ids = [_tokenize(processing_class, prompt + c)["input_ids"] for c in completions]
+
+    # The completion starts where the tokenized prompt and prompt+completion diverge, which is not always after the
+    # prompt (a chat template that renders the prompt alone differently, or tokens merging across the boundary)
+    prompt_len = min(common_prefix_length(prompt_ids, ids) for ids in full_ids)
+    if prompt_len < len(prompt_ids):
+        logger.warning(
+            "The tokenized prompt is not a prefix of the tokenized prompt+completion; the completion starts where "
+            "they diverge, as in trl.DPOTrainer, and this end of the prompt is left out of the training sequence: %r",
+            processing_class.decode(prompt_ids[prompt_len:]),
+        )
+    return {
+        "prompt_ids": prompt_ids[:prompt_len],
+        "completion_ids": [ids[prompt_len:] for ids in full_ids],
+        "rewards": [float(r) for r in example["rewards"]],
+    }
+
+
+def prepare_rated_dataset(
+    dataset: Dataset | IterableDataset,
+    processing_class,
+    args,
+    dataset_name: str,
+    max_completions: int | None = None,
+) -> Dataset | IterableDataset:
+    """Validate, convert to rated completions, cap K, tokenize and drop rows with no room for a completion.
+
+    Idempotent: a dataset that already has `completion_ids` is returned as is.
+
+    Args:
+        dataset: rated completions or TRL preference data (explicit or implicit prompt, standard or conversational).
+        processing_class: the tokenizer.
+        args: a `DPOConfig` (reads `max_length`, `truncation_mode`, `dataset_num_proc`).
+        dataset_name: used in messages ("train", "eval", ...).
+        max_completions: optional cap on K per prompt (see `select_completions`).
+    """
+    first = next(iter(dataset))
+    if "completion_ids" in first:
+        return dataset
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
+    columns = list(first.keys())
+
+    if isinstance(dataset, Dataset):
+        report = validate_dataset(dataset, dataset_name)
+        logger.info(report.summary())
+    else:  # a stream cannot be read twice: validate each row as it is converted
+
+        def validated(example, index):
+            validate_example(example, index, dataset_name)
+            return example
+
+        dataset = dataset.map(validated, with_indices=True)
+
+    dataset = dataset.map(to_rated, remove_columns=[c for c in ("chosen", "rejected") if c in columns], **map_kwargs)
+
+    if max_completions is not None:
+
+        def cap(example):
+            keep = select_completions(example["rewards"], max_completions)
+            return {
+                "completions": [example["completions"][i] for i in keep],
+                "rewards": [example["rewards"][i] for i in keep],
+            }
+
+        if isinstance(dataset, Dataset):
+            capped = sum(len(r) > max_completions for r in dataset["rewards"])
+            logger.warning(
+                "%s dataset: %d of %d prompts have more than max_completions=%d completions and keep the best, the "
+                "worst and an even spread of ranks between.", dataset_name, capped, len(dataset), max_completions
+            )
+        dataset = dataset.map(cap, **map_kwargs)
+
+    def tokenize(example, index):
+        out = tokenize_rated_example(example, processing_class, tokenizer.eos_token)
+        for position, ids in enumerate(out["completion_ids"]):
+            if not ids:
+                raise DataValidationError(
+                    index, "completions", f"completion {position} has no token once tokenized after the prompt",
+                    "check that the completion is not a suffix of the prompt", dataset_name,
+                )
+        return out
+
+    dataset = dataset.map(tokenize, with_indices=True, fn_kwargs={}, **map_kwargs)
+
+    # With `keep_start`, a prompt that fills `max_length` leaves no completion token: no learning signal. Such rows are
+    # dropped, counted and reported (`keep_end` keeps the end of each sequence, so every completion keeps tokens).
+    if args.max_length is not None and args.truncation_mode == "keep_start" and isinstance(dataset, Dataset):
+        lengths = [len(ids) for ids in dataset["prompt_ids"]]
+        too_long = [i for i, n in enumerate(lengths) if n >= args.max_length]
+        if too_long:
+            logger.warning(
+                "%s dataset: dropped %d of %d rows whose prompt alone fills max_length=%d, leaving no completion token "
+                "(rows %s%s). Raise `max_length` or shorten these prompts to keep them.",
+                dataset_name, len(too_long), len(lengths), args.max_length,
+                ", ".join(map(str, too_long[:10])), ", ..." if len(too_long) > 10 else "",
+            )
+            dropped = set(too_long)
+            dataset = dataset.select([i for i in range(len(lengths)) if i not in dropped])
+    elif args.max_length is not None and args.truncation_mode == "keep_start":
+        dataset = dataset.filter(lambda example: len(example["prompt_ids"]) < args.max_length)
+        logger.warning(
+            "%s dataset is streamed: rows whose prompt alone fills max_length=%d are dropped as they come, "
+            "without a count.", dataset_name, args.max_length,
+        )
+    return dataset

@@ -1,0 +1,141 @@
+"""NCA and InfoNCA losses on tensors (Chen et al., "Noise Contrastive Alignment of Language Models with Explicit
+Rewards", NeurIPS 2024, arXiv 2402.05369).
+
+For a prompt with K completions, log-ratios `l_i = log pi_theta(y_i|x) - log pi_ref(y_i|x)` and raw rewards `r_i`:
+
+    g_i = beta * l_i                                   implicit reward of the policy
+    p_i = softmax(r / alpha)_i                         target weights (alpha = 0: one-hot on the best, ties split)
+    InfoNCA = - sum_i p_i log softmax(g)_i
+    NCA     = - sum_i p_i log sigmoid(g_i) - (1/K) sum_i log sigmoid(-g_i)
+
+Batches are `[B, K]` tensors; `mask[b, i]` is True where prompt b has a completion i, so prompts with different K
+share one batch. Everything is computed in float32 whatever the input dtype; values in masked slots never matter.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["reward_targets", "infonca_loss", "nca_loss"]
+
+
+def _check(
+    rewards: torch.Tensor,
+    mask: torch.Tensor | None,
+    alpha: float,
+    logratios: torch.Tensor | None = None,
+    beta: float | None = None,
+) -> torch.Tensor:
+    """Validate the arguments and return the boolean mask `[B, K]` (all True when `mask` is None)."""
+    if alpha < 0:
+        raise ValueError(f"alpha must be >= 0 (0 means one-hot targets on the best completion), got {alpha}.")
+    if beta is not None and not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}.")
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must have shape [B, K], got shape {tuple(rewards.shape)}.")
+    if logratios is not None and logratios.shape != rewards.shape:
+        raise ValueError(
+            f"logratios and rewards must have the same shape [B, K], got {tuple(logratios.shape)} and "
+            f"{tuple(rewards.shape)}."
+        )
+    if mask is None:
+        mask = torch.ones(rewards.shape, dtype=torch.bool, device=rewards.device)
+    elif mask.shape != rewards.shape:
+        raise ValueError(f"mask must have the shape of rewards {tuple(rewards.shape)}, got {tuple(mask.shape)}.")
+    mask = mask.to(device=rewards.device, dtype=torch.bool)
+    counts = mask.sum(dim=1)
+    if (counts < 2).any():
+        row = int(torch.nonzero(counts < 2)[0])
+        raise ValueError(
+            f"every row needs at least 2 valid completions; row {row} has {int(counts[row])} (check `mask`)."
+        )
+    return mask
+
+
+def reward_targets(rewards: torch.Tensor, alpha: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Target weights `p = softmax(rewards / alpha)` over each row's valid completions.
+
+    Args:
+        rewards (`torch.Tensor` of shape `[B, K]`): raw scalar rewards, any scale and dtype.
+        alpha (`float`): reward temperature, >= 0. `0` is the limit alpha -> 0: all mass on the highest reward,
+            shared evenly between ties.
+        mask (`torch.Tensor` of shape `[B, K]`, *optional*): True where the completion exists.
+
+    Returns:
+        `torch.Tensor` of shape `[B, K]`, float32, rows summing to 1, 0 in masked slots.
+
+    Example:
+    ```python
+    >>> reward_targets(torch.tensor([[3.0, 3.0, 1.0]]), alpha=0.0)
+    tensor([[0.5000, 0.5000, 0.0000]])
+    ```
+    """
+    mask = _check(rewards, mask, alpha)
+    r = rewards.float().masked_fill(~mask, float("-inf"))
+    if alpha == 0:
+        best = (r == r.max(dim=1, keepdim=True).values) & mask
+        return best.float() / best.sum(dim=1, keepdim=True)
+    # Subtract the row max before dividing, so that no r / alpha overflows whatever the scale of r and alpha
+    shifted = (r - r.max(dim=1, keepdim=True).values) / alpha
+    return torch.softmax(shifted, dim=1).masked_fill(~mask, 0.0)
+
+
+def infonca_loss(
+    logratios: torch.Tensor,
+    rewards: torch.Tensor,
+    beta: float,
+    alpha: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """InfoNCA: soft-label K-way cross-entropy between `softmax(beta * logratios)` and `reward_targets`.
+
+    With K = 2 and one-hot targets (alpha = 0, or preference pairs) this is the DPO sigmoid loss
+    `-log sigmoid(beta * (l_chosen - l_rejected))`.
+
+    Args:
+        logratios (`torch.Tensor` of shape `[B, K]`): `log pi_theta(y|x) - log pi_ref(y|x)`, not multiplied by beta.
+        rewards (`torch.Tensor` of shape `[B, K]`): raw rewards.
+        beta (`float`): KL coefficient, > 0.
+        alpha (`float`): reward temperature, >= 0.
+        mask (`torch.Tensor` of shape `[B, K]`, *optional*): True where the completion exists.
+
+    Returns:
+        `torch.Tensor` of shape `[B]`, float32: the loss of each prompt.
+    """
+    mask = _check(rewards, mask, alpha, logratios, beta)
+    p = reward_targets(rewards, alpha, mask)
+    g = (beta * logratios.float()).masked_fill(~mask, float("-inf"))
+    log_q = torch.log_softmax(g, dim=1).masked_fill(~mask, 0.0)
+    return -(p * log_q).sum(dim=1)
+
+
+def nca_loss(
+    logratios: torch.Tensor,
+    rewards: torch.Tensor,
+    beta: float,
+    alpha: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """NCA: each completion is a binary real-vs-noise decision, weighted by the reward targets.
+
+    `- sum_i p_i log sigmoid(g_i) - (1/K) sum_i log sigmoid(-g_i)` with `g = beta * logratios` and K the number of
+    valid completions of the row. With K = 2 and one-hot targets this is TRL's `loss_type="nca_pair"`.
+
+    Args:
+        logratios (`torch.Tensor` of shape `[B, K]`): `log pi_theta(y|x) - log pi_ref(y|x)`, not multiplied by beta.
+        rewards (`torch.Tensor` of shape `[B, K]`): raw rewards.
+        beta (`float`): KL coefficient, > 0.
+        alpha (`float`): reward temperature, >= 0.
+        mask (`torch.Tensor` of shape `[B, K]`, *optional*): True where the completion exists.
+
+    Returns:
+        `torch.Tensor` of shape `[B]`, float32: the loss of each prompt.
+    """
+    mask = _check(rewards, mask, alpha, logratios, beta)
+    p = reward_targets(rewards, alpha, mask)
+    g = (beta * logratios.float()).masked_fill(~mask, 0.0)
+    k = mask.sum(dim=1, keepdim=True).float()
+    positive = -(p * F.logsigmoid(g)).sum(dim=1)
+    negative = -(F.logsigmoid(-g).masked_fill(~mask, 0.0) / k).sum(dim=1)
+    return positive + negative

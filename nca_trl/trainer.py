@@ -1,0 +1,375 @@
+"""`NCATrainer` and `InfoNCATrainer`: `trl.DPOTrainer` subclasses training on K rated completions per prompt.
+
+Everything that is not pairwise is the parent's: model and reference-model creation, PEFT (reference = adapters
+disabled), DeepSpeed/FSDP preparation, the fused LM-head log-probs, the MoE router aux loss, logging, evaluation and
+checkpoints. This module overrides the dataset preparation, the signature columns, the reference log-probs (K values
+per prompt, live or precomputed and cached) and the loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import textwrap
+import warnings
+from collections.abc import Callable
+
+import torch
+from accelerate.utils import broadcast_object_list, is_peft_model, tqdm
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, concatenate_datasets
+from datasets.fingerprint import Hasher
+from torch.utils.data import DataLoader
+from transformers import (
+    AutoProcessor,
+    BitsAndBytesConfig,
+    DataCollator,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
+    TrainerCallback,
+)
+from transformers.trainer_utils import EvalPrediction
+from trl import DPOConfig, DPOTrainer
+from trl.models import prepare_deepspeed
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import get_config_model_id, use_adapter
+
+from .config import InfoNCAConfig, NCAConfig, check_rated_config
+from .data.collator import DataCollatorForRatedCompletions
+from .data.tokenize import prepare_rated_dataset
+from .losses import infonca_loss, nca_loss
+
+__all__ = ["NCATrainer", "InfoNCATrainer"]
+
+_NCA_PAPER = {
+    "title": "Noise Contrastive Alignment of Language Models with Explicit Rewards",
+    "id": "2402.05369",
+    # docstyle-ignore
+    "citation": textwrap.dedent("""\
+        @inproceedings{chen2024noise,
+            title        = {{Noise Contrastive Alignment of Language Models with Explicit Rewards}},
+            author       = {Huayu Chen and Guande He and Lifan Yuan and Ganqu Cui and Hang Su and Jun Zhu},
+            year         = 2024,
+            booktitle    = {Advances in Neural Information Processing Systems 37: Annual Conference on Neural Information Processing Systems 2024, NeurIPS 2024},
+            url          = {https://arxiv.org/abs/2402.05369},
+        }"""),
+}
+
+
+def to_slots(values: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Scatter per-sequence values `[N]` (row-major over the valid slots) into `[B, Kmax]`, 0 in empty slots."""
+    return torch.zeros(slots.shape, dtype=values.dtype, device=values.device).masked_scatter(slots, values)
+
+
+class _RatedCompletionsTrainer(DPOTrainer):
+    """Shared K-completion machinery; subclasses pick the loss (`_loss_name`, `_loss_fn`, `_config_class`)."""
+
+    _loss_name = ""
+    _config_class = DPOConfig
+    _paper = _NCA_PAPER
+
+    @staticmethod
+    def _loss_fn(logratios, rewards, beta, alpha, mask):  # pragma: no cover - set by subclasses
+        raise NotImplementedError
+
+    def __init__(
+        self,
+        model: "str | PreTrainedModel | PeftModel",  # noqa: F821
+        ref_model: PreTrainedModel | None = None,
+        args: DPOConfig | None = None,
+        data_collator: DataCollator | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset
+        | IterableDataset
+        | DatasetDict
+        | IterableDatasetDict
+        | dict[str, Dataset | IterableDataset]
+        | None = None,
+        processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
+        compute_metrics: Callable[[EvalPrediction], dict] | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        quantization_config: "BitsAndBytesConfig | None" = None,
+        peft_config: "PeftConfig | None" = None,  # noqa: F821
+    ):
+        if args is None:
+            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = self._config_class(f"{model_name.split('/')[-1]}-{self._name}")
+        check_rated_config(args, self._loss_name)
+        # A plain DPOConfig has no `alpha` / `max_completions`: they take the NCA defaults
+        self.alpha = getattr(args, "alpha", 1.0)
+        self.max_completions = getattr(args, "max_completions", None)
+
+        if train_dataset is not None:
+            sample = next(iter(train_dataset))
+            if "image" in sample or "images" in sample:
+                raise NotImplementedError(f"{type(self).__name__} does not support vision datasets yet.")
+
+        if data_collator is None:
+            # The parent builds a pairwise collator when none is given: build ours, with the parent's pad-token rule
+            if processing_class is None:
+                model_id = model if isinstance(model, str) else get_config_model_id(model.config)
+                revision = (args.model_init_kwargs or {}).get("revision") if isinstance(model, str) else None
+                processing_class = AutoProcessor.from_pretrained(
+                    model_id, revision=revision, trust_remote_code=args.trust_remote_code
+                )
+            tokenizer = getattr(processing_class, "tokenizer", processing_class)
+            pad_token = args.pad_token or tokenizer.pad_token or tokenizer.eos_token
+            if pad_token not in tokenizer.get_vocab():
+                raise ValueError(f"The pad token {pad_token!r} is not in the vocabulary of the processing class.")
+            tokenizer.pad_token = pad_token
+            data_collator = DataCollatorForRatedCompletions(
+                pad_token_id=tokenizer.pad_token_id,
+                max_length=args.max_length,
+                truncation_mode=args.truncation_mode,
+                pad_to_multiple_of=args.pad_to_multiple_of if isinstance(args.pad_to_multiple_of, int) else None,
+            )
+
+        super().__init__(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+
+    # ------------------------------------------------------------------------------------------------ data
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return prepare_rated_dataset(dataset, processing_class, args, dataset_name, self.max_completions)
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt_ids", "completion_ids", "rewards", "ref_logps"]
+
+    # ------------------------------------------------------------------------------------------------ log-probs
+    def _sequence_logps(self, model, inputs, **model_kwargs):
+        """One forward over all N sequences; returns (outputs, per-token log-probs [N, L-1], summed log-probs [N])."""
+        completion_mask = inputs["completion_mask"]
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        outputs = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            labels=labels,
+            use_cache=False,
+            fused_lm_head=True,
+            **model_kwargs,
+        )
+        # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
+        per_token_logps = outputs.log_probs[:, -(completion_mask.size(1) - 1) :]
+        return outputs, per_token_logps, per_token_logps.sum(dim=1)
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference log-probs `[B, Kmax]` (0 in empty slots) of one collated batch, from `model` or, under PEFT with
+        no reference model, from the policy with its adapter disabled."""
+        adapter_context = contextlib.nullcontext()
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            adapter_context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            adapter_context,
+            self.accelerator.autocast(),
+        ):
+            _, _, logps = self._sequence_logps(model, inputs)
+        return to_slots(logps, inputs["completion_slots"])
+
+    def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+        if isinstance(dataset, IterableDataset):
+            raise ValueError(
+                "`precompute_ref_log_probs=True` is not supported with an IterableDataset. Use a map-style Dataset or "
+                "set `precompute_ref_log_probs=False`."
+            )
+        # Rank 0's fingerprint for all ranks (ZeRO-3 shards make the model hash rank-dependent): one shared cache file
+        fingerprint = [Hasher.hash((dataset._fingerprint, self._precompute_model_hash, "nca-trl/ref_logps/v1"))]
+        broadcast_object_list(fingerprint, from_process=0)
+        cache_file = dataset._get_cache_file_path(fingerprint[0])
+        if os.path.exists(cache_file):
+            return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
+
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            shuffle=False,
+        )
+        loader = self.accelerator.prepare(loader)
+        # Before `train` the DeepSpeed parameters are on CPU (ZeRO-1/2) or sharded (ZeRO-3): as in the parent, an
+        # inference engine places and gathers them, built once and reused.
+        if self.ref_model is None and self.is_deepspeed_enabled:
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            model = self._precompute_engine
+        else:
+            model = self.ref_model or self.model
+
+        rows = []
+        for batch in tqdm(loader, desc=f"Computing reference log probs for {name} dataset"):
+            slots = batch["completion_slots"]
+            ref = self.compute_ref_log_probs(model, batch)
+            # Kmax differs between ranks: pad to a common width before gathering, then keep each row's valid slots
+            ref = self.accelerator.pad_across_processes(ref, dim=1, pad_index=0.0)
+            slots = self.accelerator.pad_across_processes(slots, dim=1, pad_index=False)
+            ref, slots = self.accelerator.gather_for_metrics((ref, slots))
+            rows.extend(r[s].tolist() for r, s in zip(ref.float().cpu(), slots.bool().cpu()))
+
+        if self.accelerator.is_main_process:
+            dataset.map(
+                lambda _, indices: {"ref_logps": [rows[i] for i in indices]},
+                with_indices=True,
+                batched=True,
+                remove_columns=dataset.column_names,
+                new_fingerprint=fingerprint[0],
+                cache_file_name=cache_file,
+                desc=f"Caching reference log probs for {name} dataset",
+            )
+        self.accelerator.wait_for_everyone()
+        return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
+
+    # ------------------------------------------------------------------------------------------------ loss
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        slots, rewards = inputs["completion_slots"], inputs["rewards"]
+
+        model_kwargs = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        outputs, per_token_logps, seq_logps = self._sequence_logps(model, inputs, **model_kwargs)
+        logps = to_slots(seq_logps, slots)
+        if self.precompute_ref_logps:
+            ref_logps = inputs["ref_logps"]
+        else:
+            ref_logps = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
+        logratios = logps.float() - ref_logps.float()
+
+        loss = self._loss_fn(logratios, rewards, self.beta, self.alpha, slots).mean()
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+
+        self._log_metrics(mode, inputs, outputs, per_token_logps, logps.detach(), logratios.detach())
+
+        if return_outputs:
+            warnings.warn(
+                "`return_outputs=True` recomputes the logits with an extra forward pass (the fused LM head does not "
+                "build them).",
+                FutureWarning,
+                stacklevel=2,
+            )
+            with torch.no_grad():
+                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        return (loss, outputs) if return_outputs else loss
+
+    def _log_metrics(self, mode, inputs, outputs, per_token_logps, logps, logratios):
+        """DPOTrainer's metrics with chosen = the highest-reward completion and rejected = the mean of the others,
+        plus the pairwise ranking accuracy over completion pairs whose rewards differ."""
+        gather, gather_sum = self.accelerator.gather, lambda t: self.accelerator.gather_for_metrics(t).sum()
+        slots, rewards = inputs["completion_slots"], inputs["rewards"]
+        seq_len = per_token_logps.size(1)
+        token_mask = inputs["completion_mask"][:, 1:].bool()
+
+        # Token-level metrics, as in the parent
+        tokens = gather_sum(token_mask.sum())
+        entropy = gather_sum((outputs.entropy[:, -seq_len:].detach() * token_mask).sum())
+        self._metrics[mode]["entropy"].append((entropy / tokens).item() if tokens > 0 else 0.0)
+        if mode == "train":
+            self._total_train_tokens += gather_sum(inputs["attention_mask"].sum()).item() // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+        # Best completion of each prompt (first on ties) and, per sequence, whether it is one
+        best = rewards.masked_fill(~slots, float("-inf")).argmax(dim=1)
+        is_best_slot = torch.zeros_like(slots).scatter_(1, best.unsqueeze(1), True)
+        is_best_seq = is_best_slot[slots]  # [N], row-major like the sequences
+        mean_logits = outputs.mean_logits[:, -seq_len:].detach()
+        for label, seqs in (("chosen", is_best_seq), ("rejected", ~is_best_seq)):
+            m = token_mask & seqs.unsqueeze(1)
+            total, count = gather_sum(mean_logits[m].sum()), gather_sum(m.sum())
+            self._metrics[mode][f"logits/{label}"].append((total / count).item() if count > 0 else 0.0)
+        m = token_mask & is_best_seq.unsqueeze(1)
+        correct, count = gather_sum((outputs.is_top1[:, -seq_len:] & m).sum()), gather_sum(m.sum())
+        self._metrics[mode]["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
+
+        # Sequence-level metrics: rewards are the implicit rewards g = beta * logratio
+        g = self.beta * logratios
+        others = slots & ~is_best_slot
+        n_others = others.sum(dim=1).clamp(min=1)
+        chosen_g = g.gather(1, best.unsqueeze(1)).squeeze(1)
+        rejected_g = (g * others).sum(dim=1) / n_others
+        chosen_logps = logps.gather(1, best.unsqueeze(1)).squeeze(1)
+        rejected_logps = (logps * others).sum(dim=1) / n_others
+        best_first = (chosen_g.unsqueeze(1) > g).masked_fill(~others, True).all(dim=1)
+        metrics = {
+            "rewards/chosen": chosen_g,
+            "rewards/rejected": rejected_g,
+            "rewards/accuracies": best_first.float(),
+            "rewards/margins": chosen_g - rejected_g,
+            "logps/chosen": chosen_logps,
+            "logps/rejected": rejected_logps,
+        }
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(gather(value).mean().item())
+
+        # Pairwise ranking accuracy over pairs (i, j) of a prompt with r_i > r_j
+        pairs = (rewards.unsqueeze(2) > rewards.unsqueeze(1)) & slots.unsqueeze(2) & slots.unsqueeze(1)
+        ranked = (g.unsqueeze(2) > g.unsqueeze(1)) & pairs
+        n_pairs, n_ranked = gather_sum(pairs.sum()), gather_sum(ranked.sum())
+        if n_pairs > 0:
+            self._metrics[mode]["rewards/ranking_accuracy"].append((n_ranked / n_pairs).item())
+
+
+class NCATrainer(_RatedCompletionsTrainer):
+    """
+    Trainer for Noise Contrastive Alignment (NCA), [Chen et al. 2024](https://huggingface.co/papers/2402.05369).
+
+    A drop-in [`trl.DPOTrainer`] (same constructor) whose dataset holds, per prompt, K >= 2 completions with scalar
+    rewards (`{"prompt", "completions", "rewards"}`), or TRL preference pairs (K = 2, rewards (1, 0)). Each completion
+    is a binary real-vs-noise decision weighted by `softmax(rewards / alpha)`, which keeps the likelihood of good
+    completions from falling (see `nca_trl.losses.nca_loss`). `per_device_train_batch_size` counts prompts.
+
+    Example:
+    ```python
+    >>> from datasets import load_dataset
+    >>> from nca_trl import NCAConfig, NCATrainer
+
+    >>> dataset = load_dataset("json", data_files="data/vicuna_rated.jsonl", split="train")
+    >>> trainer = NCATrainer(model="path/to/model", args=NCAConfig(output_dir="out"), train_dataset=dataset)
+    >>> trainer.train()
+    ```
+    """
+
+    _loss_name = "nca"
+    _config_class = NCAConfig
+    _tag_names = ["trl", "nca", "nca-trl"]
+    _name = "NCA"
+    _loss_fn = staticmethod(nca_loss)
+
+
+class InfoNCATrainer(_RatedCompletionsTrainer):
+    """
+    Trainer for InfoNCA, [Chen et al. 2024](https://huggingface.co/papers/2402.05369).
+
+    A drop-in [`trl.DPOTrainer`] (same constructor) on K >= 2 rated completions per prompt: a K-way soft-label
+    classification of which completion is best, with targets `softmax(rewards / alpha)` (see
+    `nca_trl.losses.infonca_loss`). With K = 2 and `alpha = 0` it is exactly DPO.
+
+    Example:
+    ```python
+    >>> from nca_trl import InfoNCAConfig, InfoNCATrainer
+
+    >>> trainer = InfoNCATrainer(model="path/to/model", args=InfoNCAConfig(output_dir="out"), train_dataset=dataset)
+    >>> trainer.train()
+    ```
+    """
+
+    _loss_name = "infonca"
+    _config_class = InfoNCAConfig
+    _tag_names = ["trl", "infonca", "nca-trl"]
+    _name = "InfoNCA"
+    _loss_fn = staticmethod(infonca_loss)

@@ -1,0 +1,61 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+VICUNA = REPO / "data" / "vicuna_rated.jsonl"
+SHARED_DATA = REPO.parent / "shared" / "data"
+HH = SHARED_DATA / "hh_helpful_test.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral(tmp_path_factory):
+    """Path of a tiny random Mistral (seed 0) with the real Mistral-7B tokenizer."""
+    from nca_trl.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-mistral"), "mistral", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_ref(tmp_path_factory):
+    """Another tiny Mistral, same architecture and tokenizer, different weights (seed 1): an explicit reference."""
+    from nca_trl.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-mistral-ref"), "mistral", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral(tmp_path_factory):
+    from nca_trl.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-mixtral"), "mixtral", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_mistral):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_mistral)
+
+
+@pytest.fixture(scope="session")
+def vicuna():
+    from datasets import load_dataset
+
+    return load_dataset("json", data_files=str(VICUNA), split="train")
+
+
+@pytest.fixture(scope="session")
+def hh():
+    from datasets import load_dataset
+
+    if not HH.exists():
+        pytest.skip(f"{HH} not present (CI lays ../shared beside the checkout)")
+    return load_dataset("json", data_files=str(HH), split="train")

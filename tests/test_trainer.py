@@ -1,0 +1,338 @@
+"""Trainer-level tests on tiny random Mistral / Mixtral models with the real Mistral tokenizer and real data."""
+
+import inspect
+import logging
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+from trl import DPOConfig, DPOTrainer
+
+from nca_trl import InfoNCAConfig, InfoNCATrainer, NCAConfig, NCATrainer
+from nca_trl.data import DataValidationError
+
+METRICS = [
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "rewards/ranking_accuracy",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+    "entropy",
+    "mean_token_accuracy",
+    "num_tokens",
+]
+
+
+def make_args(cls, tmp_path, **kwargs):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,
+        max_length=128,
+        learning_rate=1e-3,
+        logging_steps=1,
+        max_steps=3,
+        report_to="none",
+        save_strategy="no",
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    defaults.update(kwargs)
+    return cls(**defaults)
+
+
+def record_losses(trainer):
+    """Record the exact (unrounded) loss of every `compute_loss` call."""
+    losses = []
+    original = trainer.compute_loss
+
+    def compute_loss(*args, **kwargs):
+        out = original(*args, **kwargs)
+        losses.append((out[0] if isinstance(out, tuple) else out).detach().item())
+        return out
+
+    trainer.compute_loss = compute_loss
+    return losses
+
+
+def params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# --------------------------------------------------------------------------------------------------- API
+
+
+def test_public_api_and_signature():
+    assert issubclass(NCATrainer, DPOTrainer) and issubclass(InfoNCATrainer, DPOTrainer)
+    parent = inspect.signature(DPOTrainer.__init__)
+    for cls in (NCATrainer, InfoNCATrainer):
+        sig = inspect.signature(cls.__init__)
+        assert list(sig.parameters) == list(parent.parameters)
+        assert [p.default for p in sig.parameters.values()] == [p.default for p in parent.parameters.values()]
+
+
+def test_config_defaults_and_rejected_dpo_fields(tmp_path):
+    args = NCAConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False)
+    assert args.beta == 0.01 and args.alpha == 1.0 and args.max_completions is None and args.loss_type == ["nca"]
+    assert InfoNCAConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False).loss_type == ["infonca"]
+    for field, value in [
+        ("label_smoothing", 0.1),
+        ("ld_alpha", 0.5),
+        ("f_divergence_type", "js_divergence"),
+        ("use_weighting", True),
+        ("loss_weights", [1.0]),
+        ("loss_type", "ipo"),
+        ("alpha", -1.0),
+        ("max_completions", 1),
+    ]:
+        with pytest.raises(ValueError, match=field):
+            NCAConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, **{field: value})
+
+
+def test_plain_dpo_config_accepted_and_dpo_fields_rejected(tiny_mistral, vicuna, tmp_path):
+    args = make_args(DPOConfig, tmp_path, beta=0.05)
+    trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=vicuna.select(range(4)))
+    assert trainer.alpha == 1.0 and trainer.beta == 0.05
+    with pytest.raises(ValueError, match="label_smoothing"):
+        NCATrainer(model=tiny_mistral, args=make_args(DPOConfig, tmp_path, label_smoothing=0.1), train_dataset=vicuna)
+    with pytest.raises(ValueError, match="loss_type"):
+        InfoNCATrainer(model=tiny_mistral, args=make_args(DPOConfig, tmp_path, loss_type="nca_pair"), train_dataset=vicuna)
+
+
+# --------------------------------------------------------------------------------------------------- DPO identities
+
+
+@pytest.mark.parametrize(
+    "cls,config_cls,dpo_loss", [(InfoNCATrainer, InfoNCAConfig, "sigmoid"), (NCATrainer, NCAConfig, "nca_pair")]
+)
+def test_first_steps_equal_dpo_trainer(cls, config_cls, dpo_loss, tiny_mistral, tiny_mistral_ref, hh, tmp_path):
+    """alpha=0 on preference pairs, explicit reference model that differs from the policy: the losses of the first
+    three steps equal DPOTrainer's with the matching loss."""
+    data = hh.select(range(12))
+    common = dict(beta=0.5, max_steps=3, per_device_train_batch_size=4, max_length=96)
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_mistral_ref)
+    dpo = DPOTrainer(
+        model=tiny_mistral,
+        ref_model=ref,
+        args=make_args(DPOConfig, tmp_path, loss_type=[dpo_loss], **common),
+        train_dataset=data,
+    )
+    dpo_losses = record_losses(dpo)
+    dpo.train()
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_mistral_ref)
+    ours = cls(model=tiny_mistral, ref_model=ref, args=make_args(config_cls, tmp_path, alpha=0.0, **common), train_dataset=data)
+    our_losses = record_losses(ours)
+    ours.train()
+
+    assert len(dpo_losses) == len(our_losses) == 3
+    # Not the trivial constant of an implicit reference at step 0
+    assert abs(dpo_losses[0] - (math.log(2) if dpo_loss == "sigmoid" else 2 * math.log(2))) > 1e-3
+    assert our_losses == pytest.approx(dpo_losses, abs=1e-5)
+    # The same metrics, too
+    dpo_logs = [h for h in dpo.state.log_history if "rewards/chosen" in h]
+    our_logs = [h for h in ours.state.log_history if "rewards/chosen" in h]
+    for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "rewards/margins"):
+        assert [h[key] for h in our_logs] == pytest.approx([h[key] for h in dpo_logs], abs=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------- training on real data
+
+
+@pytest.mark.parametrize("cls,config_cls", [(NCATrainer, NCAConfig), (InfoNCATrainer, InfoNCAConfig)])
+def test_training_on_vicuna_rated(cls, config_cls, tiny_mistral, vicuna, tmp_path):
+    data = vicuna.select(range(4))
+    args = make_args(config_cls, tmp_path, beta=0.1, learning_rate=3e-3, max_steps=12, num_train_epochs=6)
+    trainer = cls(model=tiny_mistral, args=args, train_dataset=data)
+    losses = record_losses(trainer)
+    before = params(trainer.model)
+    trainer.train()
+    first = 2 * math.log(2) if cls is NCATrainer else math.log(4)
+    assert losses[0] == pytest.approx(first, abs=1e-5)  # implicit reference: every log-ratio is 0 at step 0
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.05, losses
+    after = params(trainer.model)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    logged = [h for h in trainer.state.log_history if "loss" in h][-1]
+    for key in METRICS:
+        assert key in logged, key
+
+
+def test_training_on_hh_preference(tiny_mistral, hh, tmp_path):
+    args = make_args(NCAConfig, tmp_path, beta=0.1, learning_rate=3e-3, max_steps=10, num_train_epochs=10)
+    trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=hh.select(range(4)))
+    losses = record_losses(trainer)
+    trainer.train()
+    assert losses[0] == pytest.approx(2 * math.log(2), abs=1e-5)
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.05, losses
+    logged = [h for h in trainer.state.log_history if "loss" in h][-1]
+    for key in METRICS:
+        assert key in logged, key
+
+
+# --------------------------------------------------------------------------------------------------- ragged K, precompute
+
+
+def test_ragged_batch_equals_each_prompt_alone(tiny_mistral, tiny_mistral_ref, vicuna, tmp_path):
+    rows = vicuna.select(range(3)).to_list()
+    for row, k in zip(rows, (2, 3, 4)):
+        row["completions"], row["rewards"] = row["completions"][:k], row["rewards"][:k]
+    data = Dataset.from_list(rows)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_mistral_ref)
+    trainer = NCATrainer(
+        model=tiny_mistral, ref_model=ref, args=make_args(NCAConfig, tmp_path, max_length=64), train_dataset=data
+    )
+    trainer.model.eval()
+    examples = [trainer.train_dataset[i] for i in range(3)]
+    with torch.no_grad():
+        together = trainer.compute_loss(trainer.model, trainer.data_collator(examples)).item()
+        alone = [trainer.compute_loss(trainer.model, trainer.data_collator([e])).item() for e in examples]
+    assert [len(e["completion_ids"]) for e in examples] == [2, 3, 4]
+    assert together == pytest.approx(sum(alone) / 3, abs=1e-5)
+    assert len(set(round(a, 4) for a in alone)) == 3
+
+
+@pytest.mark.parametrize("cls,config_cls", [(NCATrainer, NCAConfig), (InfoNCATrainer, InfoNCAConfig)])
+def test_precomputed_reference_equals_live(cls, config_cls, tiny_mistral, tiny_mistral_ref, vicuna, tmp_path):
+    data = vicuna.select(range(6))
+    runs = []
+    for precompute in (False, True):
+        ref = AutoModelForCausalLM.from_pretrained(tiny_mistral_ref)
+        args = make_args(config_cls, tmp_path, max_steps=3, precompute_ref_log_probs=precompute, max_length=96)
+        trainer = cls(model=tiny_mistral, ref_model=ref, args=args, train_dataset=data)
+        if precompute:
+            assert "ref_logps" in trainer.train_dataset.column_names
+            assert [len(r) for r in trainer.train_dataset["ref_logps"]] == [4] * 6
+        losses = record_losses(trainer)
+        trainer.train()
+        runs.append(losses)
+    assert runs[1] == pytest.approx(runs[0], abs=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------- PEFT, eval, save
+
+
+def test_peft_lora_reference_is_adapter_disabled(tiny_mistral, vicuna, tmp_path):
+    from peft import LoraConfig
+
+    data = vicuna.select(range(4))
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    args = make_args(NCAConfig, tmp_path, max_steps=3, learning_rate=1e-2, max_length=64)
+    trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=data, peft_config=peft_config)
+    assert trainer.ref_model is None
+    before = params(trainer.model)
+    trainer.train()
+    after = params(trainer.model)
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert changed and all("lora_" in n for n in changed)
+
+    # The reference log-probs are those of the base model (adapters disabled), not of the trained policy
+    base = AutoModelForCausalLM.from_pretrained(tiny_mistral)
+    from trl.trainer.utils import add_fused_lm_head
+
+    add_fused_lm_head(base)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    ref = trainer.compute_ref_log_probs(trainer.model, batch)
+    _, _, base_logps = trainer._sequence_logps(base, batch)
+    slots = batch["completion_slots"]
+    assert ref[slots] == pytest.approx(base_logps.detach(), abs=1e-4)
+    trainer.model.eval()
+    with torch.no_grad():
+        _, _, policy_logps = trainer._sequence_logps(trainer.model, batch)
+    assert not torch.allclose(policy_logps, base_logps, atol=1e-3)
+
+
+def test_evaluate_save_reload_and_model_card(tiny_mistral, vicuna, tmp_path):
+    args = make_args(InfoNCAConfig, tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2, max_length=64)
+    trainer = InfoNCATrainer(
+        model=tiny_mistral, args=args, train_dataset=vicuna.select(range(4)), eval_dataset=vicuna.select(range(4, 8))
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    for key in ("eval_loss", "eval_rewards/chosen", "eval_rewards/accuracies", "eval_rewards/ranking_accuracy"):
+        assert key in metrics, key
+    assert any("eval_loss" in h for h in trainer.state.log_history)
+
+    out = tmp_path / "saved"
+    trainer.save_model(str(out))
+    trainer.create_model_card(model_name="tiny-infonca")
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    trained = trainer.model.state_dict()
+    for name, value in reloaded.state_dict().items():
+        assert torch.equal(value, trained[name]), name
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "2402.05369" in card and "Noise Contrastive Alignment" in card and "nca-trl" in card
+
+
+# --------------------------------------------------------------------------------------------------- formats, MoE
+
+
+def test_conversational_rated_with_chat_template(tiny_mistral, tokenizer, vicuna, tmp_path):
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "completions": [[{"role": "assistant", "content": c}] for c in r["completions"]],
+            "rewards": r["rewards"],
+        }
+        for r in vicuna.select(range(4))
+    ]
+    args = make_args(NCAConfig, tmp_path, max_steps=2, max_length=96)
+    trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=Dataset.from_list(rows))
+    example = trainer.train_dataset[0]
+    assert tokenizer.decode(example["prompt_ids"]).endswith("[/INST]")
+    assert example["prompt_ids"][0] == tokenizer.bos_token_id
+    assert all(ids[-1] == tokenizer.eos_token_id for ids in example["completion_ids"])
+    losses = record_losses(trainer)
+    trainer.train()
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+
+def test_tiny_mixtral_router_aux_loss(tiny_mixtral, vicuna, tmp_path):
+    args = make_args(NCAConfig, tmp_path, max_steps=2, max_length=64)
+    trainer = NCATrainer(model=tiny_mixtral, args=args, train_dataset=vicuna.select(range(4)))
+    assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == pytest.approx(0.02)
+    losses = record_losses(trainer)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h][-1]
+    assert logged["aux_loss"] > 0
+    # The loss includes the aux term: it is above the pure NCA constant at step 0
+    assert losses[0] > 2 * math.log(2)
+
+
+# --------------------------------------------------------------------------------------------------- data handling
+
+
+def test_bad_rows_fail_before_training(tiny_mistral, vicuna, tmp_path):
+    rows = vicuna.select(range(4)).to_list()
+    rows[2]["rewards"][1] = float("nan")
+    with pytest.raises(DataValidationError, match=r"row 2.*rewards"):
+        NCATrainer(model=tiny_mistral, args=make_args(NCAConfig, tmp_path), train_dataset=Dataset.from_list(rows))
+
+
+def test_rows_without_room_are_dropped_with_a_count(tiny_mistral, vicuna, tmp_path, caplog):
+    rows = vicuna.select(range(4)).to_list()
+    rows[1]["prompt"] = "word " * 200  # fills max_length=64 on its own
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        trainer = NCATrainer(
+            model=tiny_mistral, args=make_args(NCAConfig, tmp_path, max_length=64), train_dataset=Dataset.from_list(rows)
+        )
+    assert len(trainer.train_dataset) == 3
+    assert "dropped 1 of 4 rows" in caplog.text and "rows 1" in caplog.text
+
+
+def test_max_completions_keeps_best_and_worst(tiny_mistral, vicuna, tmp_path):
+    rows = vicuna.select(range(2)).to_list()
+    rows[0]["rewards"] = [2.0, 5.0, 1.0, 3.0]
+    args = make_args(NCAConfig, tmp_path, max_completions=2, max_length=64)
+    trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=Dataset.from_list(rows))
+    assert trainer.train_dataset[0]["rewards"] == [5.0, 1.0]
+    assert all(len(r) == 2 for r in trainer.train_dataset["rewards"])
