@@ -57,8 +57,14 @@ _NCA_PAPER = {
 
 
 def to_slots(values: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """Scatter per-sequence values `[N]` (row-major over the valid slots) into `[B, Kmax]`, 0 in empty slots."""
-    return torch.zeros(slots.shape, dtype=values.dtype, device=values.device).masked_scatter(slots, values)
+    """Scatter per-sequence values `[N]`, in the collator's slot-major order, into `[B, Kmax]`, 0 in empty slots."""
+    out = torch.zeros(slots.T.shape, dtype=values.dtype, device=values.device)
+    return out.masked_scatter(slots.T, values).T
+
+
+def from_slots(values: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Inverse of `to_slots`: the `[N]` values of the valid slots, in slot-major order."""
+    return values.T[slots.T]
 
 
 class _RatedCompletionsTrainer(DPOTrainer):
@@ -286,7 +292,7 @@ class _RatedCompletionsTrainer(DPOTrainer):
         # Best completion of each prompt (first on ties) and, per sequence, whether it is one
         best = rewards.masked_fill(~slots, float("-inf")).argmax(dim=1)
         is_best_slot = torch.zeros_like(slots).scatter_(1, best.unsqueeze(1), True)
-        is_best_seq = is_best_slot[slots]  # [N], row-major like the sequences
+        is_best_seq = from_slots(is_best_slot, slots)  # [N], in the order of the sequences
         mean_logits = outputs.mean_logits[:, -seq_len:].detach()
         for label, seqs in (("chosen", is_best_seq), ("rejected", ~is_best_seq)):
             m = token_mask & seqs.unsqueeze(1)

@@ -19,14 +19,15 @@ class DataCollatorForRatedCompletions(DataCollatorMixin):
 
     Each example holds `"prompt_ids"` (list of ints), `"completion_ids"` (K_b lists of ints), `"rewards"` (K_b
     floats) and optionally `"ref_logps"` (K_b floats, precomputed reference log-probs). Sequences are
-    `prompt + completion`, truncated per sequence like `trl.DPOTrainer`'s collator, in row-major order (all completions
-    of prompt 0, then of prompt 1, ...), and right-padded.
+    `prompt + completion`, truncated per sequence like `trl.DPOTrainer`'s collator, in slot-major order (completion 0 of
+    every prompt, then completion 1 of every prompt that has one, ...; for K = 2 this is `DPOTrainer`'s
+    `[chosen..., rejected...]`), and right-padded.
 
     Returns:
         - `input_ids`, `attention_mask`, `completion_mask`: `[N, L]` with `N = sum_b K_b`;
         - `rewards`: `[B, Kmax]` float32, 0 in empty slots;
-        - `completion_slots`: `[B, Kmax]` bool, True where prompt b has completion i; `completion_slots` flattened in
-          row-major order selects the N sequences in order;
+        - `completion_slots`: `[B, Kmax]` bool, True where prompt b has completion i; `completion_slots.T` flattened
+          (slot-major) lists the N sequences in order;
         - `ref_logps`: `[B, Kmax]` float32, when the examples carry them.
 
     Example:
@@ -38,10 +39,10 @@ class DataCollatorForRatedCompletions(DataCollatorMixin):
     ... ])
     >>> batch["input_ids"]
     tensor([[ 1,  2,  3,  0],
-            [ 1,  2,  4,  5],
-            [ 1,  2,  6,  0],
             [ 7,  8,  9,  0],
-            [ 7, 10,  0,  0]])
+            [ 1,  2,  4,  5],
+            [ 7, 10,  0,  0],
+            [ 1,  2,  6,  0]])
     >>> batch["completion_slots"]
     tensor([[ True,  True,  True],
             [ True,  True, False]])
@@ -62,15 +63,17 @@ class DataCollatorForRatedCompletions(DataCollatorMixin):
         else:
             raise ValueError(f"Unsupported truncation mode: {self.truncation_mode!r}, expected 'keep_start' or 'keep_end'")
 
+        # Slot-major order: completion 0 of every prompt, then completion 1, ... (for K = 2, DPO's [chosen, rejected])
+        k_max = max(len(example["completion_ids"]) for example in examples)
         input_ids, completion_mask = [], []
-        for example in examples:
-            prompt = example["prompt_ids"]
-            for completion in example["completion_ids"]:
-                input_ids.append(torch.tensor((prompt + completion)[window]))
-                completion_mask.append(torch.tensor(([0] * len(prompt) + [1] * len(completion))[window]))
+        for i in range(k_max):
+            for example in examples:
+                if i < len(example["completion_ids"]):
+                    prompt, completion = example["prompt_ids"], example["completion_ids"][i]
+                    input_ids.append(torch.tensor((prompt + completion)[window]))
+                    completion_mask.append(torch.tensor(([0] * len(prompt) + [1] * len(completion))[window]))
         attention_mask = [torch.ones_like(ids) for ids in input_ids]
 
-        k_max = max(len(example["completion_ids"]) for example in examples)
         slots = torch.zeros(len(examples), k_max, dtype=torch.bool)
         rewards = torch.zeros(len(examples), k_max, dtype=torch.float32)
         for b, example in enumerate(examples):

@@ -130,8 +130,9 @@ def prepare_rated_dataset(
         for position, ids in enumerate(out["completion_ids"]):
             if not ids:
                 raise DataValidationError(
-                    index, "completions", f"completion {position} has no token once tokenized after the prompt",
-                    "check that the completion is not a suffix of the prompt", dataset_name,
+                    f"completion {position} has no token once tokenized after the prompt",
+                    "check that the completion is not empty and does not merge into the prompt",
+                    row=index, field="completions", dataset_name=dataset_name,
                 )
         return out
 
