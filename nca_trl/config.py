@@ -66,6 +66,12 @@ _MAX_COMPLETIONS_HELP = (
     "If set, prompts with more completions keep only this many: the best, the worst, and an even spread of ranks "
     "between them (ranks by reward). The number of prompts capped is logged."
 )
+_SHARED_PROMPT_HELP = (
+    "Shared-prompt, padding-free layout: each prompt is encoded once and followed by its K completions, and the "
+    "whole batch is one row of real tokens (see `nca_trl.packing`). Log-probs equal the plain padded layout's. Where "
+    "the model, its attention implementation or the config cannot take it, the trainer falls back to the plain "
+    "layout and logs why. Set False to force the plain layout."
+)
 
 
 @dataclass
@@ -78,6 +84,7 @@ class _RatedCompletionsConfig(DPOConfig):
     )
     alpha: float = field(default=1.0, metadata={"help": _ALPHA_HELP})
     max_completions: int | None = field(default=None, metadata={"help": _MAX_COMPLETIONS_HELP})
+    shared_prompt: bool = field(default=True, metadata={"help": _SHARED_PROMPT_HELP})
 
     _loss = ""
 
@@ -100,6 +107,9 @@ class NCAConfig(_RatedCompletionsConfig):
             of the raw scores; their released `1e-4` on 1-10 scores is effectively one-hot.
         max_completions (`int`, *optional*):
             Cap on K per prompt, keeping the best, the worst and an even spread of reward ranks between.
+        shared_prompt (`bool`, *optional*, defaults to `True`):
+            Encode each prompt once, followed by its K completions, padding-free (falls back to the plain padded
+            layout, with a logged reason, where the model cannot take it).
         loss_type (`list[str]`, *optional*, defaults to `["nca"]`):
             Always the NCA loss; only `"nca"`, `"nca_pair"` (its K=2 case) and DPOConfig's default `"sigmoid"` are
             accepted, so that a plain `DPOConfig` works unchanged.
@@ -130,6 +140,8 @@ class InfoNCAConfig(_RatedCompletionsConfig):
             Reward temperature, as in [`NCAConfig`]. With K=2 and `alpha=0` InfoNCA is exactly DPO's sigmoid loss.
         max_completions (`int`, *optional*):
             Cap on K per prompt, keeping the best, the worst and an even spread of reward ranks between.
+        shared_prompt (`bool`, *optional*, defaults to `True`):
+            Shared-prompt, padding-free layout, as in [`NCAConfig`].
         loss_type (`list[str]`, *optional*, defaults to `["infonca"]`):
             Always the InfoNCA loss; `"infonca"` and DPOConfig's default `"sigmoid"` (its K=2 case) are accepted.
 

@@ -9,6 +9,7 @@ per prompt, live or precomputed and cached) and the loss.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import textwrap
 import warnings
@@ -38,8 +39,11 @@ from .config import InfoNCAConfig, NCAConfig, check_rated_config
 from .data.collator import DataCollatorForRatedCompletions
 from .data.tokenize import prepare_rated_dataset
 from .losses import infonca_loss, nca_loss
+from .packing import LAYOUT_KEYS, enable_shared_prompt, is_shared_prompt_enabled
 
 __all__ = ["NCATrainer", "InfoNCATrainer"]
+
+logger = logging.getLogger("nca_trl")
 
 _NCA_PAPER = {
     "title": "Noise Contrastive Alignment of Language Models with Explicit Rewards",
@@ -145,6 +149,33 @@ class _RatedCompletionsTrainer(DPOTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
+        self._setup_layout()
+
+    def _setup_layout(self):
+        """Switch the collator to the shared-prompt layout if the config asks for it and the policy and reference
+        models can take it; otherwise keep the plain layout and log why. Idempotent."""
+        if getattr(self, "_layout_checked", False):
+            return
+        self._layout_checked = True
+        collator = self.data_collator
+        if not getattr(self.args, "shared_prompt", True) or not isinstance(collator, DataCollatorForRatedCompletions):
+            return
+        reason = ""
+        if self.args.truncation_mode != "keep_start":
+            reason = f"truncation_mode={self.args.truncation_mode!r} cuts each sequence's prompt differently"
+        elif collator.pad_to_multiple_of is not None:
+            reason = "pad_to_multiple_of asks for padded shapes"
+        else:
+            for name, model in (("policy", self.model), ("reference", self.ref_model)):
+                if model is not None:
+                    support = enable_shared_prompt(self.accelerator.unwrap_model(model))
+                    if not support.enabled:
+                        reason = f"{name} model: {support.reason}"
+                        break
+        if reason:
+            logger.warning("Shared-prompt layout disabled, using the plain padded layout: %s.", reason)
+            return
+        collator.shared_prompt = True
 
     # ------------------------------------------------------------------------------------------------ data
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -156,7 +187,39 @@ class _RatedCompletionsTrainer(DPOTrainer):
 
     # ------------------------------------------------------------------------------------------------ log-probs
     def _sequence_logps(self, model, inputs, **model_kwargs):
-        """One forward over all N sequences; returns (outputs, per-token log-probs [N, L-1], summed log-probs [N])."""
+        """One forward over all N completions of the batch, in either layout.
+
+        Returns `(outputs, take, token_sequence, logps)`: `take(outputs.field)` reads a per-token output field
+        (`log_probs`, `entropy`, ...) at the M scored completion tokens, `token_sequence` `[M]` gives each scored
+        token's sequence, and `logps` `[N]` is each sequence's summed log-prob (slot-major order).
+        """
+        if "segment_q_index" in inputs:  # shared-prompt layout: one flat row
+            if not is_shared_prompt_enabled(self.accelerator.unwrap_model(model)):
+                raise RuntimeError("A shared-prompt batch reached a model whose attention was not set up for it.")
+            input_ids = inputs["input_ids"]
+            outputs = model(
+                input_ids=input_ids,
+                position_ids=inputs["position_ids"],
+                # A 4D mask counts as prepared and skips the model's own mask creation (the layout carries the real
+                # attention pattern); as [1, 1, 1, T] ones it also tells the MoE aux loss that every token is real
+                attention_mask=torch.ones(1, 1, 1, input_ids.size(1), dtype=torch.bool, device=input_ids.device),
+                shift_labels=inputs["shift_labels"],
+                nca_layout={key: inputs[key] for key in LAYOUT_KEYS},
+                use_cache=False,
+                fused_lm_head=True,
+                **model_kwargs,
+            )
+            index = (inputs["token_sequence"] >= 0).nonzero().squeeze(1)
+            token_sequence = inputs["token_sequence"][index]
+
+            def take(field):
+                return field.reshape(-1)[index]
+
+            token_logps = take(outputs.log_probs)
+            n = int(inputs["completion_slots"].sum())
+            logps = token_logps.new_zeros(n).index_add(0, token_sequence, token_logps)
+            return outputs, take, token_sequence, logps
+
         completion_mask = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
         outputs = model(
@@ -168,8 +231,14 @@ class _RatedCompletionsTrainer(DPOTrainer):
             **model_kwargs,
         )
         # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
-        per_token_logps = outputs.log_probs[:, -(completion_mask.size(1) - 1) :]
-        return outputs, per_token_logps, per_token_logps.sum(dim=1)
+        seq_len = completion_mask.size(1) - 1
+        index = completion_mask[:, 1:].reshape(-1).nonzero().squeeze(1)
+
+        def take(field):
+            return field[:, -seq_len:].reshape(-1)[index]
+
+        logps = outputs.log_probs[:, -seq_len:].sum(dim=1)  # as DPOTrainer sums, for identical numerics
+        return outputs, take, index // seq_len, logps
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference log-probs `[B, Kmax]` (0 in empty slots) of one collated batch, from `model` or, under PEFT with
@@ -184,7 +253,7 @@ class _RatedCompletionsTrainer(DPOTrainer):
             adapter_context,
             self.accelerator.autocast(),
         ):
-            _, _, logps = self._sequence_logps(model, inputs)
+            logps = self._sequence_logps(model, inputs)[-1]
         return to_slots(logps, inputs["completion_slots"])
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
@@ -211,6 +280,7 @@ class _RatedCompletionsTrainer(DPOTrainer):
         loader = self.accelerator.prepare(loader)
         # Before `train` the DeepSpeed parameters are on CPU (ZeRO-1/2) or sharded (ZeRO-3): as in the parent, an
         # inference engine places and gathers them, built once and reused.
+        self._setup_layout()  # called from the parent's __init__: the precompute uses the training layout too
         if self.ref_model is None and self.is_deepspeed_enabled:
             if self._precompute_engine is None:
                 self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
@@ -247,7 +317,7 @@ class _RatedCompletionsTrainer(DPOTrainer):
         slots, rewards = inputs["completion_slots"], inputs["rewards"]
 
         model_kwargs = {"output_router_logits": True} if self.aux_loss_enabled else {}
-        outputs, per_token_logps, seq_logps = self._sequence_logps(model, inputs, **model_kwargs)
+        outputs, take, token_sequence, seq_logps = self._sequence_logps(model, inputs, **model_kwargs)
         logps = to_slots(seq_logps, slots)
         if self.precompute_ref_logps:
             ref_logps = inputs["ref_logps"]
@@ -260,7 +330,7 @@ class _RatedCompletionsTrainer(DPOTrainer):
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
 
-        self._log_metrics(mode, inputs, outputs, per_token_logps, logps.detach(), logratios.detach())
+        self._log_metrics(mode, inputs, outputs, take, token_sequence, logps.detach(), logratios.detach())
 
         if return_outputs:
             warnings.warn(
@@ -269,37 +339,35 @@ class _RatedCompletionsTrainer(DPOTrainer):
                 FutureWarning,
                 stacklevel=2,
             )
+            if "segment_q_index" in inputs:
+                raise ValueError("`return_outputs=True` (logits for compute_metrics) needs `shared_prompt=False`.")
             with torch.no_grad():
                 outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         return (loss, outputs) if return_outputs else loss
 
-    def _log_metrics(self, mode, inputs, outputs, per_token_logps, logps, logratios):
+    def _log_metrics(self, mode, inputs, outputs, take, token_sequence, logps, logratios):
         """DPOTrainer's metrics with chosen = the highest-reward completion and rejected = the mean of the others,
         plus the pairwise ranking accuracy over completion pairs whose rewards differ."""
         gather, gather_sum = self.accelerator.gather, lambda t: self.accelerator.gather_for_metrics(t).sum()
         slots, rewards = inputs["completion_slots"], inputs["rewards"]
-        seq_len = per_token_logps.size(1)
-        token_mask = inputs["completion_mask"][:, 1:].bool()
 
-        # Token-level metrics, as in the parent
-        tokens = gather_sum(token_mask.sum())
-        entropy = gather_sum((outputs.entropy[:, -seq_len:].detach() * token_mask).sum())
+        # Token-level metrics, as in the parent, over the scored completion tokens
+        tokens = gather_sum(torch.tensor(token_sequence.numel(), device=slots.device))
+        entropy = gather_sum(take(outputs.entropy.detach()).sum())
         self._metrics[mode]["entropy"].append((entropy / tokens).item() if tokens > 0 else 0.0)
         if mode == "train":
-            self._total_train_tokens += gather_sum(inputs["attention_mask"].sum()).item() // self._tp_size
+            self._total_train_tokens += gather_sum(inputs["sequence_tokens"]).item() // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
-        # Best completion of each prompt (first on ties) and, per sequence, whether it is one
+        # Best completion of each prompt (first on ties) and, per scored token, whether it belongs to one
         best = rewards.masked_fill(~slots, float("-inf")).argmax(dim=1)
         is_best_slot = torch.zeros_like(slots).scatter_(1, best.unsqueeze(1), True)
-        is_best_seq = from_slots(is_best_slot, slots)  # [N], in the order of the sequences
-        mean_logits = outputs.mean_logits[:, -seq_len:].detach()
-        for label, seqs in (("chosen", is_best_seq), ("rejected", ~is_best_seq)):
-            m = token_mask & seqs.unsqueeze(1)
+        is_best_token = from_slots(is_best_slot, slots)[token_sequence]
+        mean_logits = take(outputs.mean_logits.detach())
+        for label, m in (("chosen", is_best_token), ("rejected", ~is_best_token)):
             total, count = gather_sum(mean_logits[m].sum()), gather_sum(m.sum())
             self._metrics[mode][f"logits/{label}"].append((total / count).item() if count > 0 else 0.0)
-        m = token_mask & is_best_seq.unsqueeze(1)
-        correct, count = gather_sum((outputs.is_top1[:, -seq_len:] & m).sum()), gather_sum(m.sum())
+        correct, count = gather_sum(take(outputs.is_top1)[is_best_token].sum()), gather_sum(is_best_token.sum())
         self._metrics[mode]["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
 
         # Sequence-level metrics: rewards are the implicit rewards g = beta * logratio

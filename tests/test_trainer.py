@@ -12,6 +12,7 @@ from trl import DPOConfig, DPOTrainer
 
 from nca_trl import InfoNCAConfig, InfoNCATrainer, NCAConfig, NCATrainer
 from nca_trl.data import DataValidationError
+from nca_trl.packing import enable_shared_prompt
 from nca_trl.trainer import from_slots
 
 METRICS = [
@@ -112,14 +113,20 @@ def test_plain_dpo_config_accepted_and_dpo_fields_rejected(tiny_mistral, vicuna,
 # --------------------------------------------------------------------------------------------------- DPO identities
 
 
+@pytest.mark.parametrize("shared_prompt", [False, True], ids=["plain", "shared_prompt"])
 @pytest.mark.parametrize(
     "cls,config_cls,dpo_loss", [(InfoNCATrainer, InfoNCAConfig, "sigmoid"), (NCATrainer, NCAConfig, "nca_pair")]
 )
-def test_first_steps_equal_dpo_trainer(cls, config_cls, dpo_loss, tiny_mistral, tiny_mistral_ref, hh, tmp_path):
+def test_first_steps_equal_dpo_trainer(
+    cls, config_cls, dpo_loss, shared_prompt, tiny_mistral, tiny_mistral_ref, hh, tmp_path
+):
     """alpha=0 on preference pairs, explicit reference model that differs from the policy: the losses of the first
-    three steps equal DPOTrainer's with the matching loss."""
+    three steps equal DPOTrainer's with the matching loss, in both layouts."""
     data = hh.select(range(12))
-    common = dict(beta=0.5, max_steps=3, per_device_train_batch_size=4, max_length=128, learning_rate=2e-4)
+    # Sequence log-probs are sums of ~100 token log-probs around -300: float32 resolves them to ~3e-5, and the
+    # shared-prompt layout adds them in another order (and its attention kernels round differently), so beta scales
+    # that rounding into the loss. The plain layout is the parent's computation in the parent's order: bit-equal.
+    common = dict(beta=0.1, max_steps=3, per_device_train_batch_size=4, max_length=128, learning_rate=2e-4)
 
     ref = AutoModelForCausalLM.from_pretrained(tiny_mistral_ref)
     dpo = DPOTrainer(
@@ -132,7 +139,9 @@ def test_first_steps_equal_dpo_trainer(cls, config_cls, dpo_loss, tiny_mistral, 
     dpo.train()
 
     ref = AutoModelForCausalLM.from_pretrained(tiny_mistral_ref)
-    ours = cls(model=tiny_mistral, ref_model=ref, args=make_args(config_cls, tmp_path, alpha=0.0, **common), train_dataset=data)
+    args = make_args(config_cls, tmp_path, alpha=0.0, shared_prompt=shared_prompt, **common)
+    ours = cls(model=tiny_mistral, ref_model=ref, args=args, train_dataset=data)
+    assert ours.data_collator.shared_prompt == shared_prompt
     our_losses = record_losses(ours)
     ours.train()
 
@@ -140,6 +149,8 @@ def test_first_steps_equal_dpo_trainer(cls, config_cls, dpo_loss, tiny_mistral, 
     # Not the trivial constant of an implicit reference at step 0
     assert abs(dpo_losses[0] - (math.log(2) if dpo_loss == "sigmoid" else 2 * math.log(2))) > 1e-3
     assert our_losses == pytest.approx(dpo_losses, abs=1e-5)
+    # The updates changed the model: step 3 sees the first batch again (6 rows kept, batch 4), with another loss
+    assert abs(dpo_losses[2] - dpo_losses[0]) > 1e-3
     # The same metrics, too
     dpo_logs = [h for h in dpo.state.log_history if "rewards/chosen" in h]
     our_logs = [h for h in ours.state.log_history if "rewards/chosen" in h]
@@ -242,14 +253,15 @@ def test_peft_lora_reference_is_adapter_disabled(tiny_mistral, vicuna, tmp_path)
     from trl.trainer.utils import add_fused_lm_head
 
     add_fused_lm_head(base)
+    enable_shared_prompt(base)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     ref = trainer.compute_ref_log_probs(trainer.model, batch)
-    _, _, base_logps = trainer._sequence_logps(base, batch)
+    base_logps = trainer._sequence_logps(base, batch)[-1]
     slots = batch["completion_slots"]
     assert from_slots(ref, slots) == pytest.approx(base_logps.detach(), abs=1e-4)
     trainer.model.eval()
     with torch.no_grad():
-        _, _, policy_logps = trainer._sequence_logps(trainer.model, batch)
+        policy_logps = trainer._sequence_logps(trainer.model, batch)[-1]
     assert not torch.allclose(policy_logps, base_logps, atol=1e-3)
 
 

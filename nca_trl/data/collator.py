@@ -9,6 +9,8 @@ import torch
 from transformers.data.data_collator import DataCollatorMixin
 from trl.trainer.utils import pad
 
+from ..packing import build_shared_prompt_batch
+
 __all__ = ["DataCollatorForRatedCompletions"]
 
 
@@ -54,6 +56,7 @@ class DataCollatorForRatedCompletions(DataCollatorMixin):
     truncation_mode: str = "keep_start"
     pad_to_multiple_of: int | None = None
     return_tensors: str = "pt"
+    shared_prompt: bool = False
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         if self.truncation_mode == "keep_start":
@@ -63,8 +66,31 @@ class DataCollatorForRatedCompletions(DataCollatorMixin):
         else:
             raise ValueError(f"Unsupported truncation mode: {self.truncation_mode!r}, expected 'keep_start' or 'keep_end'")
 
-        # Slot-major order: completion 0 of every prompt, then completion 1, ... (for K = 2, DPO's [chosen, rejected])
         k_max = max(len(example["completion_ids"]) for example in examples)
+        if self.shared_prompt:
+            output = build_shared_prompt_batch(examples, self.max_length)
+        else:
+            output = self._padded(examples, k_max, window)
+        slots = torch.zeros(len(examples), k_max, dtype=torch.bool)
+        rewards = torch.zeros(len(examples), k_max, dtype=torch.float32)
+        for b, example in enumerate(examples):
+            k = len(example["completion_ids"])
+            slots[b, :k] = True
+            rewards[b, :k] = torch.tensor(example["rewards"], dtype=torch.float32)
+        output["rewards"], output["completion_slots"] = rewards, slots
+        # Tokens of the plain layout (prompt repeated per completion, no padding): the `num_tokens` metric counts these
+        output["sequence_tokens"] = torch.tensor(
+            sum(len((e["prompt_ids"] + c)[window]) for e in examples for c in e["completion_ids"])
+        )
+        if "ref_logps" in examples[0]:
+            ref_logps = torch.zeros(len(examples), k_max, dtype=torch.float32)
+            for b, example in enumerate(examples):
+                ref_logps[b, : len(example["ref_logps"])] = torch.tensor(example["ref_logps"], dtype=torch.float32)
+            output["ref_logps"] = ref_logps
+        return output
+
+    def _padded(self, examples, k_max, window):
+        # Slot-major order: completion 0 of every prompt, then completion 1, ... (for K = 2, DPO's [chosen, rejected])
         input_ids, completion_mask = [], []
         for i in range(k_max):
             for example in examples:
@@ -73,25 +99,9 @@ class DataCollatorForRatedCompletions(DataCollatorMixin):
                     input_ids.append(torch.tensor((prompt + completion)[window]))
                     completion_mask.append(torch.tensor(([0] * len(prompt) + [1] * len(completion))[window]))
         attention_mask = [torch.ones_like(ids) for ids in input_ids]
-
-        slots = torch.zeros(len(examples), k_max, dtype=torch.bool)
-        rewards = torch.zeros(len(examples), k_max, dtype=torch.float32)
-        for b, example in enumerate(examples):
-            k = len(example["completion_ids"])
-            slots[b, :k] = True
-            rewards[b, :k] = torch.tensor(example["rewards"], dtype=torch.float32)
-
         pad_kwargs = {"padding_side": "right", "pad_to_multiple_of": self.pad_to_multiple_of}
-        output = {
+        return {
             "input_ids": pad(input_ids, padding_value=self.pad_token_id, **pad_kwargs),
             "attention_mask": pad(attention_mask, padding_value=0, **pad_kwargs),
             "completion_mask": pad(completion_mask, padding_value=0, **pad_kwargs),
-            "rewards": rewards,
-            "completion_slots": slots,
         }
-        if "ref_logps" in examples[0]:
-            ref_logps = torch.zeros(len(examples), k_max, dtype=torch.float32)
-            for b, example in enumerate(examples):
-                ref_logps[b, : len(example["ref_logps"])] = torch.tensor(example["ref_logps"], dtype=torch.float32)
-            output["ref_logps"] = ref_logps
-        return output

@@ -1,0 +1,103 @@
+"""Smoke test of `scripts/reproduce.py --quick`: every experiment runs end to end and writes well-formed outputs."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "reproduce.py"
+METHODS = ("DPO", "InfoNCA", "NCA")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def numbers(obj, path="$"):
+    """Every (path, number) in a JSON tree."""
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, (int, float)):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from numbers(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from numbers(v, f"{path}[{i}]")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--work-dir", str(out / "work")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    return out, proc.stdout
+
+
+def test_outputs_exist_and_are_pngs(quick_run):
+    out, _ = quick_run
+    for name in ("likelihood_trend.png", "ground_truth_reward.png"):
+        path = out / name
+        assert path.exists(), name
+        data = path.read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5_000, name
+        import matplotlib.image
+
+        image = matplotlib.image.imread(path)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 300
+    assert "Likelihood trend" in (out / "summary.md").read_text()
+
+
+def test_results_json_well_formed(quick_run):
+    out, stdout = quick_run
+    results = json.loads((out / "results.json").read_text())
+    for key in ("command", "settings", "versions", "seconds", "identity", "trend", "reward"):
+        assert key in results, key
+    bad = [(p, v) for p, v in numbers(results) if not math.isfinite(v)]
+    assert not bad, bad
+
+    # Identity: InfoNCA(K=2, alpha=0) is DPO, to float32 rounding
+    identity = results["identity"]
+    assert "vicuna" in identity["sources"]
+    for source in identity["sources"]:
+        r = identity[source]
+        for level in r["loss_level"].values():
+            assert level["max_abs_loss_diff"] < 1e-6 and level["max_abs_grad_diff"] < 1e-6
+        padded = r["trainer_level"]["padded"]
+        assert padded["max_abs_loss_diff"] < 1e-6 and padded["max_rel_grad_diff"] < 1e-5
+        assert r["trainer_level"]["shared_prompt"]["max_abs_loss_diff"] < 1e-3
+        assert len(padded["per_example"]) == r["num_pairs"] > 0
+
+    # Likelihood trend: one curve per method and seed, starting at the same SFT checkpoint
+    trend = results["trend"]
+    seeds = [str(s) for s in results["seeds"]]
+    for method in METHODS:
+        assert set(trend["runs"][method]) == set(seeds)
+        for seed in seeds:
+            run = trend["runs"][method][seed]
+            assert run["steps"][0] == 0 and run["steps"] == sorted(run["steps"]) and len(run["steps"]) >= 2
+            assert len(run["chosen"]) == len(run["rejected"]) == len(run["steps"])
+            assert all(v < 0 for v in run["chosen"] + run["rejected"])  # log-likelihoods
+            assert run["chosen"][0] == pytest.approx(trend["runs"]["DPO"][seed]["chosen"][0], abs=1e-3)
+        summary = trend["summary"][method]
+        assert set(summary) == {"chosen_change", "rejected_change"}
+        assert len(summary["chosen_change"]["values"]) == len(seeds)
+
+    # Ground-truth reward task: SFT and every method evaluated, rewards and exact match in [0, 1]
+    reward = results["reward"]
+    for name in ("SFT", *METHODS):
+        for metric in ("reward", "exact_match"):
+            s = reward["summary"][name][metric]
+            assert 0.0 <= s["mean"] <= 1.0 and s["std"] >= 0.0 and len(s["values"]) == len(seeds)
+    for seed in seeds:
+        samples = reward["per_seed"][seed]["samples"]
+        assert 0 < samples["num_used"] <= samples["num_prompts"]
+        assert samples["mean_worst_reward"] <= samples["mean_sample_reward"] <= samples["mean_best_reward"]
+    assert "[identity]" in stdout and "[trend]" in stdout and "[reward]" in stdout
