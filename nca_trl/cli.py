@@ -369,6 +369,25 @@ def _resume_value(value):
     return value
 
 
+def _progress_recorder():
+    """A callback recording the step training starts from (non-zero when resumed) and the steps this run logged."""
+    from transformers import TrainerCallback
+
+    class ProgressRecorder(TrainerCallback):
+        def __init__(self):
+            self.start_step = None
+            self.logged_steps = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start_step = state.global_step
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.logged_steps.append(state.global_step)
+
+    return ProgressRecorder()
+
+
 def _process_info(accelerator) -> list[dict]:
     from accelerate.utils import gather_object
 
@@ -450,6 +469,7 @@ def train_main(argv: list[str] | None = None) -> dict | None:
         )
 
     start = time.time()
+    progress = _progress_recorder()
     with zero3_moe_leaf_guard(script_args.zero3_leaf_modules):
         trainer = trainer_cls(
             model=model_args.model_name_or_path,
@@ -458,6 +478,7 @@ def train_main(argv: list[str] | None = None) -> dict | None:
             eval_dataset=eval_dataset_for_trainer,
             peft_config=get_peft_config(model_args),
             quantization_config=get_quantization_config(model_args),
+            callbacks=[progress],
         )
         acc = trainer.accelerator
         dist_info = _distributed_summary(trainer)
@@ -497,6 +518,9 @@ def train_main(argv: list[str] | None = None) -> dict | None:
         "model_name_or_path": model_args.model_name_or_path,
         "output_dir": os.path.abspath(training_args.output_dir),
         "global_step": trainer.state.global_step,
+        "start_step": progress.start_step,  # > 0 when resumed from a checkpoint
+        "resumed_from": training_args.resume_from_checkpoint,
+        "steps_logged_this_run": progress.logged_steps,
         "step_losses": [
             {"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e and "step" in e
         ],
@@ -514,7 +538,7 @@ def train_main(argv: list[str] | None = None) -> dict | None:
         (out / "run_info.json").write_text(json.dumps(info, indent=1, default=str))
         _print_summary(info, metrics)
     acc.wait_for_everyone()
-    trainer.accelerator.end_training()
+    trainer.end()  # finish the trackers, destroy the process group
     return info
 
 

@@ -1,0 +1,152 @@
+"""The shared-prompt, padding-free layout computes what the plain padded layout computes."""
+
+import logging
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+from trl.trainer.utils import add_fused_lm_head
+
+from nca_trl import InfoNCAConfig, InfoNCATrainer, NCAConfig, NCATrainer
+from nca_trl.data import DataCollatorForRatedCompletions
+from nca_trl.packing import build_shared_prompt_batch, enable_shared_prompt
+
+from test_trainer import make_args, record_losses
+
+
+def ragged(vicuna, n=4):
+    """Real rows with K = 2, 3, 4, 2, ... and their real, very different completion lengths."""
+    rows = vicuna.select(range(n)).to_list()
+    for i, row in enumerate(rows):
+        k = 2 + i % 3
+        row["completions"], row["rewards"] = row["completions"][:k], row["rewards"][:k]
+    return Dataset.from_list(rows)
+
+
+def both_layouts(trainer, examples):
+    collator = trainer.data_collator
+    plain = DataCollatorForRatedCompletions(collator.pad_token_id, collator.max_length)(examples)
+    packed = DataCollatorForRatedCompletions(collator.pad_token_id, collator.max_length, shared_prompt=True)(examples)
+    return plain, packed
+
+
+def test_layout_structure():
+    examples = [
+        {"prompt_ids": [1, 2, 3], "completion_ids": [[4, 5], [6]], "rewards": [1.0, 0.0]},
+        {"prompt_ids": [7], "completion_ids": [[8], [9, 10], [11]], "rewards": [0.0, 1.0, 2.0]},
+    ]
+    batch = build_shared_prompt_batch(examples, max_length=None)
+    # prefix [1, 2] | 3 4 5 | 3 6 | 7 8 | 7 9 10 | 7 11
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 3, 6, 7, 8, 7, 9, 10, 7, 11]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3, 0, 1, 0, 1, 2, 0, 1]]
+    assert batch["shift_labels"].tolist() == [[-100, -100, 4, 5, -100, 6, -100, 8, -100, 9, 10, -100, 11, -100]]
+    # Sequences are numbered slot-major like the plain layout: (b0,c0)=0 (b1,c0)=1 (b0,c1)=2 (b1,c1)=3 (b1,c2)=4
+    assert batch["token_sequence"].tolist() == [-1, -1, 0, 0, -1, 2, -1, 1, -1, 3, 3, -1, 4, -1]
+    # Every token is the query of exactly one segment
+    q = batch["segment_q_index"][batch["segment_q_real"]]
+    assert sorted(q.tolist()) == list(range(14))
+    # The second completion of prompt 0 (tokens 5, 6) sees the prefix (0, 1) and itself, never the first completion
+    s = 2
+    keys = batch["segment_kv_index"][s]
+    seen = {int(keys[j]) for j in range(keys.numel()) if batch["segment_mask"][s, 0, 1, j]}
+    assert seen == {0, 1, 5, 6}
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_mistral", "tiny_mixtral"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_logps_equal_plain_layout_on_real_data(model_fixture, attn, request, vicuna, hh, tokenizer):
+    path = request.getfixturevalue(model_fixture)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn).eval()
+    add_fused_lm_head(model)
+    rows = ragged(vicuna, 4).to_list() + [
+        {"prompt": r["prompt"], "completions": [r["chosen"], r["rejected"]], "rewards": [1.0, 0.0]}
+        for r in hh.select(range(3))
+    ]
+    from nca_trl.data.tokenize import tokenize_rated_example
+
+    examples = [tokenize_rated_example(r, tokenizer, tokenizer.eos_token) for r in rows]
+    plain = DataCollatorForRatedCompletions(tokenizer.eos_token_id, max_length=192)(examples)
+    packed = DataCollatorForRatedCompletions(tokenizer.eos_token_id, max_length=192, shared_prompt=True)(examples)
+    assert packed["input_ids"].size(1) < plain["attention_mask"].sum()  # prompts once, no padding
+
+    trainer_like = NCATrainer.__new__(NCATrainer)  # only `_sequence_logps` and the accelerator unwrap are used
+    from accelerate import Accelerator
+
+    trainer_like.accelerator = Accelerator(cpu=True)
+    with torch.no_grad():
+        plain_logps = trainer_like._sequence_logps(model, plain)[-1]
+        assert enable_shared_prompt(model).enabled
+        packed_logps = trainer_like._sequence_logps(model, packed)[-1]
+        again = trainer_like._sequence_logps(model, plain)[-1]  # the plain path is unchanged once enabled
+    assert packed_logps.shape == plain_logps.shape == (int(plain["completion_slots"].sum()),)
+    assert packed_logps == pytest.approx(plain_logps, abs=2e-4, rel=1e-6)
+    assert torch.equal(again, plain_logps)
+
+
+@pytest.mark.parametrize("cls,config_cls", [(NCATrainer, NCAConfig), (InfoNCATrainer, InfoNCAConfig)])
+def test_loss_gradients_and_metrics_equal(cls, config_cls, tiny_mistral, tiny_mistral_ref, vicuna, tmp_path):
+    ref = AutoModelForCausalLM.from_pretrained(tiny_mistral_ref)
+    args = make_args(config_cls, tmp_path, beta=0.1, max_length=128)
+    trainer = cls(model=tiny_mistral, ref_model=ref, args=args, train_dataset=ragged(vicuna, 4))
+    assert trainer.data_collator.shared_prompt
+    examples = [trainer.train_dataset[i] for i in range(4)]
+    plain, packed = both_layouts(trainer, examples)
+    results = {}
+    for name, batch in (("plain", plain), ("packed", packed)):
+        trainer.model.zero_grad()
+        trainer._metrics["train"].clear()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k != "num_tokens"}
+        results[name] = (loss.item(), grads, metrics)
+    (loss_p, grads_p, metrics_p), (loss_s, grads_s, metrics_s) = results["plain"], results["packed"]
+    assert loss_s == pytest.approx(loss_p, abs=1e-5)
+    assert grads_p.keys() == grads_s.keys()
+    for name in grads_p:
+        scale = grads_p[name].abs().max().item() + 1e-12
+        assert (grads_s[name] - grads_p[name]).abs().max().item() / scale < 1e-3, name
+    assert metrics_s.keys() == metrics_p.keys()
+    for key in metrics_p:
+        assert metrics_s[key] == pytest.approx(metrics_p[key], rel=1e-4, abs=1e-4), key
+
+
+def test_packed_training_with_peft_and_precompute_matches_plain(tiny_mistral, vicuna, tmp_path):
+    from peft import LoraConfig
+
+    runs = {}
+    for shared in (False, True):
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        args = make_args(
+            NCAConfig, tmp_path, max_steps=3, learning_rate=1e-2, max_length=96, beta=0.1,
+            shared_prompt=shared, precompute_ref_log_probs=True,
+        )
+        trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=ragged(vicuna, 6), peft_config=peft_config)
+        assert trainer.data_collator.shared_prompt == shared
+        runs[shared] = (trainer.train_dataset["ref_logps"], record_losses(trainer))
+        trainer.train()
+    (ref_plain, losses_plain), (ref_packed, losses_packed) = runs[False], runs[True]
+    for a, b in zip(ref_plain, ref_packed):
+        assert b == pytest.approx(a, rel=2e-6, abs=1e-4)  # float32 resolves -860 to 6e-5
+    assert losses_packed == pytest.approx(losses_plain, abs=1e-4)
+    assert losses_plain[-1] != losses_plain[0]
+
+
+def test_fallback_says_why(tiny_mistral, vicuna, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        args = make_args(NCAConfig, tmp_path, truncation_mode="keep_end", max_length=64)
+        trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=vicuna.select(range(2)))
+    assert not trainer.data_collator.shared_prompt
+    assert "Shared-prompt layout disabled" in caplog.text and "truncation_mode" in caplog.text
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral)
+    model.config._attn_implementation = "flex_attention"  # an implementation the segment attention cannot replace
+    support = enable_shared_prompt(model)
+    assert not support.enabled and "flex_attention" in support.reason
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        args = make_args(NCAConfig, tmp_path, max_length=64)
+        trainer = NCATrainer(model=model, args=args, train_dataset=vicuna.select(range(2)))
+    assert not trainer.data_collator.shared_prompt and "flex_attention" in caplog.text
