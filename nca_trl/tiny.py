@@ -34,7 +34,7 @@ MISTRAL_CHAT_TEMPLATE = (
 SIZES = {
     "tiny": (64, 128, 2, 4, 2),
     "small": (256, 512, 4, 8, 4),
-    "50m": (512, 1536, 8, 8, 4),
+    "50m": (512, 1024, 8, 8, 4),  # 52M parameters with the 32k vocabulary (untied embeddings)
 }
 
 

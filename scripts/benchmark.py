@@ -1,0 +1,325 @@
+#!/usr/bin/env python
+"""Side-by-side training throughput of `trl.DPOTrainer` and the NCA trainers, in one process run.
+
+Systems, on the same data, model, batch (prompts per step) and max_length:
+
+    a  trl.DPOTrainer on the best-vs-worst pair of each prompt (what users do today)
+    b  NCATrainer on the same pairs (K = 2), default settings
+    c  NCATrainer on all K completions, plain padded layout (shared_prompt=False)
+    d  NCATrainer on all K completions, shared-prompt padding-free layout (shared_prompt=True)
+
+Workloads: `vicuna` (the bundled real `data/vicuna_rated.jsonl`: short prompts, long answers, K = 4) and `long`
+(long-context prompts built from real text: another Vicuna answer given as a reference document before the question,
+K = 4). `--data PATH` benchmarks any rated-completions file instead.
+
+Per system: steps timed after warm-up (median and min-max), sequence tokens per second (the real tokens of the plain
+layout, prompt repeated per completion and no padding, so that layouts compare on equal work), time per prompt, peak
+RSS while the system ran, and model FLOP utilisation against this machine's fp32 matmul peak, measured here:
+`mfu` counts the matmul FLOPs each system really needs in its layout (policy forward + backward = 3 forwards, plus
+the reference forward; LM head on scored tokens only; attention scores over real keys), `mfu_8nt` is the common
+`8 x parameters x plain-layout tokens` estimate (embeddings included).
+
+Usage:
+    python scripts/benchmark.py                       # 50M-parameter Mistral, both workloads, prints a table
+    python scripts/benchmark.py --json bench.json     # also writes the numbers
+    python scripts/benchmark.py --size tiny --steps 1 --warmup 0   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from datasets import Dataset, load_dataset  # noqa: E402
+from transformers import AutoConfig, TrainerCallback  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SYSTEMS = {
+    "a": "DPOTrainer, best-vs-worst pairs",
+    "b": "NCATrainer, same pairs (K=2)",
+    "c": "NCATrainer, K=4, plain padded",
+    "d": "NCATrainer, K=4, shared-prompt packed",
+}
+
+
+# ------------------------------------------------------------------------------------------------ workloads
+def rated_rows(path: str) -> list[dict]:
+    return load_dataset("json", data_files=str(path), split="train").to_list()
+
+
+def long_context_rows(rows: list[dict], context_chars: int) -> list[dict]:
+    """Each question preceded by another prompt's real answer as a reference document (RAG-style long prompt)."""
+    out = []
+    for i, row in enumerate(rows):
+        doc = rows[(i + 1) % len(rows)]["completions"][0][:context_chars]
+        prompt = f"Reference document:\n{doc}\n\nUsing the document where it helps, answer the question.\n{row['prompt']}"
+        out.append({"prompt": prompt, "completions": row["completions"], "rewards": row["rewards"]})
+    return out
+
+
+def best_worst_pairs(rows: list[dict]) -> list[dict]:
+    pairs = []
+    for row in rows:
+        rewards = row["rewards"]
+        best = max(range(len(rewards)), key=lambda i: (rewards[i], -i))
+        worst = min(range(len(rewards)), key=lambda i: (rewards[i], i))
+        pairs.append({"prompt": row["prompt"], "chosen": row["completions"][best], "rejected": row["completions"][worst]})
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------------ measurement
+def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 matmul FLOP/s of this machine with torch's current threads."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+class PeakRSS:
+    """Peak resident set size of this process while the context is open (sampled every 5 ms from /proc)."""
+
+    def __enter__(self):
+        self.peak, self._stop = self._rss(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:  # not Linux: fall back to the process-wide maximum
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return 0
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.times, self._start = [], None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def forward_flops(config, tokens: int, scored: int, attention_pairs: int) -> float:
+    """Matmul FLOPs of one forward: linear layers on `tokens`, the LM head on `scored` tokens only (fused head),
+    attention scores and values over `attention_pairs` (query, key) pairs per layer."""
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    experts = getattr(config, "num_experts_per_tok", 1) if hasattr(config, "num_local_experts") else 1
+    per_token = h * (2 * q + 2 * kv) + experts * 3 * h * inter
+    return 2 * (layers * per_token * tokens + config.vocab_size * h * scored) + 4 * layers * q * attention_pairs
+
+
+def batch_work(batch: dict) -> dict:
+    """Tokens processed, scored tokens, attention pairs and plain-layout tokens of one collated batch."""
+    if "segment_q_index" in batch:  # shared-prompt layout
+        mask = batch["segment_mask"][:, 0] & batch["segment_q_real"].unsqueeze(-1)
+        return {
+            "tokens": batch["input_ids"].numel(),
+            "scored": int((batch["token_sequence"] >= 0).sum()),
+            "pairs": int(mask.sum()),
+            "plain_tokens": int(batch["sequence_tokens"]),
+        }
+    lengths = batch["attention_mask"].sum(dim=1)
+    scored = int(batch["completion_mask"][:, 1:].sum())
+    return {
+        "tokens": int(lengths.sum()),
+        "scored": scored,
+        "pairs": int((lengths * (lengths + 1) // 2).sum()),
+        "plain_tokens": int(lengths.sum()),
+    }
+
+
+def run_system(system: str, model_path: str, rated: list[dict], args, out_dir: str, peak: float) -> dict:
+    from trl import DPOConfig, DPOTrainer
+
+    from nca_trl import NCAConfig, NCATrainer
+
+    common = dict(
+        output_dir=out_dir,
+        per_device_train_batch_size=args.batch,
+        max_length=args.max_length,
+        max_steps=args.warmup + args.steps,
+        learning_rate=1e-6,
+        logging_steps=10**6,
+        report_to="none",
+        save_strategy="no",
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        seed=0,
+        disable_tqdm=True,
+    )
+    pairs = best_worst_pairs(rated)
+    if system == "a":
+        trainer = DPOTrainer(model=model_path, args=DPOConfig(beta=0.1, **common), train_dataset=Dataset.from_list(pairs))
+    elif system == "b":
+        trainer = NCATrainer(model=model_path, args=NCAConfig(beta=0.1, **common), train_dataset=Dataset.from_list(pairs))
+    else:
+        config = NCAConfig(beta=0.1, shared_prompt=(system == "d"), **common)
+        trainer = NCATrainer(model=model_path, args=config, train_dataset=Dataset.from_list(rated))
+    if system in "bcd":
+        assert trainer.data_collator.shared_prompt == (system != "c"), "layout fell back: see the log"
+
+    work = []
+    original = trainer.compute_loss
+
+    def compute_loss(model, inputs, *a, **k):
+        work.append(batch_work(inputs))
+        return original(model, inputs, *a, **k)
+
+    trainer.compute_loss = compute_loss
+    timer = StepTimer()
+    trainer.add_callback(timer)
+    with PeakRSS() as rss:
+        trainer.train()
+
+    times = timer.times[args.warmup :]
+    work = work[args.warmup :]
+    total = sum(times)
+    config = trainer.model.config
+    params = sum(p.numel() for p in trainer.model.parameters())
+    flops = sum(
+        4 * forward_flops(config, w["tokens"], w["scored"], w["pairs"]) for w in work
+    )  # policy fwd + bwd (= 3 forwards) + reference forward
+    plain_tokens = sum(w["plain_tokens"] for w in work)
+    result = {
+        "name": SYSTEMS[system],
+        "step_seconds_median": statistics.median(times),
+        "step_seconds_min": min(times),
+        "step_seconds_max": max(times),
+        "tokens_per_second": plain_tokens / total,
+        "processed_tokens_per_step": sum(w["tokens"] for w in work) / len(work),
+        "plain_tokens_per_step": plain_tokens / len(work),
+        "seconds_per_prompt": total / (len(times) * args.batch),
+        "peak_rss_mb": rss.peak / 2**20,
+        "mfu": flops / total / peak,
+        "mfu_8nt": 8 * params * plain_tokens / total / peak,
+    }
+    del trainer
+    return result
+
+
+def table(workload: str, systems: dict, ratios: dict) -> str:
+    lines = [
+        f"\n### {workload}\n",
+        "| system | step s (median, min-max) | seq tokens/s | s/prompt | peak RSS MB | MFU | MFU 8NT |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, r in systems.items():
+        lines.append(
+            f"| {key}: {r['name']} | {r['step_seconds_median']:.2f} ({r['step_seconds_min']:.2f}-"
+            f"{r['step_seconds_max']:.2f}) | {r['tokens_per_second']:.0f} | {r['seconds_per_prompt']:.3f} | "
+            f"{r['peak_rss_mb']:.0f} | {100 * r['mfu']:.1f}% | {100 * r['mfu_8nt']:.1f}% |"
+        )
+    lines.append("\n" + ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items()) + " (ratios of seq tokens/s)")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="50m", help="nca_trl.tiny.SIZES key (tiny, small, 50m)")
+    parser.add_argument("--arch", default="mistral", choices=["mistral", "mixtral"])
+    parser.add_argument("--workloads", default="vicuna,long", help="comma-separated: vicuna, long")
+    parser.add_argument("--data", help="benchmark this rated-completions file (json/jsonl) instead")
+    parser.add_argument("--systems", default="a,b,c,d")
+    parser.add_argument("--batch", type=int, default=4, help="prompts per step")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--context-chars", type=int, default=1800, help="reference document size, long workload")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    hf_logging.set_verbosity_error()
+
+    from nca_trl.tiny import build_tiny_model
+
+    tmp = tempfile.mkdtemp(prefix="nca-bench-")
+    model_path = build_tiny_model(Path(tmp) / "model", args.arch, seed=0, size=args.size)
+    n_params = sum(
+        p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model_path).parameters()
+    )
+    peak = matmul_peak_flops()
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "fp32_matmul_peak_gflops": peak / 1e9,
+    }
+    print(f"Model: {args.arch} {args.size}, {n_params / 1e6:.1f}M parameters; machine: {machine}", flush=True)
+
+    vicuna = rated_rows(REPO / "data" / "vicuna_rated.jsonl")
+    if args.data:
+        workloads = {Path(args.data).name: rated_rows(args.data)}
+    else:
+        available = {"vicuna": vicuna, "long": long_context_rows(vicuna, args.context_chars)}
+        workloads = {name: available[name] for name in args.workloads.split(",")}
+
+    results = {"machine": machine, "model": {"arch": args.arch, "size": args.size, "parameters": n_params},
+               "settings": vars(args), "workloads": {}}
+    report = []
+    for workload, rows in workloads.items():
+        systems = {}
+        for system in args.systems.split(","):
+            print(f"[{workload}] system {system}: {SYSTEMS[system]} ...", flush=True)
+            systems[system] = run_system(system, model_path, rows, args, str(Path(tmp) / f"out-{system}"), peak)
+            print(f"    {systems[system]['tokens_per_second']:.0f} seq tokens/s", flush=True)
+        tps = {k: v["tokens_per_second"] for k, v in systems.items()}
+        ratios = {f"{x}/{y}": tps[x] / tps[y] for x, y in (("b", "a"), ("d", "c"), ("d", "a")) if x in tps and y in tps}
+        results["workloads"][workload] = {"systems": systems, "ratios": ratios}
+        report.append(table(workload, systems, ratios))
+
+    print(f"\nMachine: {machine['processor']}, {machine['cpu_count']} CPUs, torch {machine['torch']} "
+          f"({machine['torch_threads']} threads), fp32 matmul peak {machine['fp32_matmul_peak_gflops']:.1f} GFLOP/s; "
+          f"model {args.arch} {n_params / 1e6:.1f}M parameters, batch {args.batch} prompts, max_length "
+          f"{args.max_length}, {args.steps} timed steps after {args.warmup} warm-up")
+    print("\n".join(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"\nWrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
