@@ -26,7 +26,7 @@ import re
 import socket
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["ScriptArguments", "main", "train_main", "make_parser", "parse_train_args", "parse_hardware", "TrainArgs"]
@@ -206,10 +206,11 @@ def make_parser(loss: str = "nca"):
 def _peek(argv: list[str], name: str) -> str | None:
     """Value of `--name X` / `--name=X` in argv (the last one wins), else None."""
     value = None
+    flags = {f"--{name}", f"--{name.replace('_', '-')}"}  # HfArgumentParser accepts both spellings
     for i, arg in enumerate(argv):
-        if arg == f"--{name}":
+        if arg in flags:
             value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else "true"
-        elif arg.startswith(f"--{name}="):
+        elif "=" in arg and arg.split("=", 1)[0] in flags:
             value = arg.split("=", 1)[1]
     return value
 
@@ -565,15 +566,6 @@ def _print_summary(info: dict, metrics: dict) -> None:
 def _print_dry_run(args: TrainArgs) -> None:
     from dataclasses import asdict
 
-    def changed(obj, defaults):
-        out = {}
-        for f in fields(obj):
-            value = getattr(obj, f.name)
-            if f.name in defaults and defaults[f.name] == value:
-                continue
-            out[f.name] = value
-        return out
-
     t = args.training
     world = None
     if args.script.hardware:
@@ -586,7 +578,7 @@ def _print_dry_run(args: TrainArgs) -> None:
     if args.mixture.datasets:
         print("  mixture:", json.dumps(asdict(args.mixture), default=str))
     print(
-        f"  training: beta={t.beta} alpha={t.alpha} lr={t.learning_rate} scheduler={t.lr_scheduler_type} "
+        f"  training: beta={t.beta} alpha={t.alpha} lr={t.learning_rate} scheduler={getattr(t.lr_scheduler_type, 'value', t.lr_scheduler_type)} "
         f"warmup_steps={t.warmup_steps} epochs={t.num_train_epochs} "
         f"max_steps={t.max_steps} max_length={t.max_length} bf16={t.bf16} "
         f"gradient_checkpointing={t.gradient_checkpointing} model_init_kwargs={t.model_init_kwargs}"

@@ -157,6 +157,7 @@ def batch_work(batch: dict) -> dict:
             "scored": int((batch["token_sequence"] >= 0).sum()),
             "pairs": int(mask.sum()),
             "plain_tokens": int(batch["sequence_tokens"]),
+            "computed_tokens": batch["input_ids"].numel(),
         }
     lengths = batch["attention_mask"].sum(dim=1)
     scored = int(batch["completion_mask"][:, 1:].sum())
@@ -165,6 +166,7 @@ def batch_work(batch: dict) -> dict:
         "scored": scored,
         "pairs": int((lengths * (lengths + 1) // 2).sum()),
         "plain_tokens": int(lengths.sum()),
+        "computed_tokens": batch["input_ids"].numel(),  # padding included
     }
 
 
@@ -230,6 +232,7 @@ def run_system(system: str, model_path: str, rated: list[dict], args, out_dir: s
         "tokens_per_second": plain_tokens / total,
         "processed_tokens_per_step": sum(w["tokens"] for w in work) / len(work),
         "plain_tokens_per_step": plain_tokens / len(work),
+        "computed_tokens_per_step": sum(w["computed_tokens"] for w in work) / len(work),
         "seconds_per_prompt": total / (len(times) * args.batch),
         "peak_rss_mb": rss.peak / 2**20,
         "mfu": flops / total / peak,

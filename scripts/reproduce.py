@@ -71,8 +71,10 @@ FULL = {
         "max_length": 192,
     },
     "trend": {
-        # hidden, intermediate, layers, heads, kv heads: the 32k-token embedding dominates; this learns in minutes
-        "model_size": [64, 128, 2, 4, 2],
+        "tokenizer": "bpe",  # or "mistral" (real Mistral-7B tokenizer, 32k vocab: ~10x slower on a CPU)
+        "bpe_vocab_size": 2048,
+        # hidden, intermediate, layers, heads, kv heads
+        "model_size": [128, 256, 2, 4, 2],
         "max_length": 128,
         "num_heldout": 16,
         "sft_epochs": 4,
@@ -98,9 +100,11 @@ FULL = {
         "num_heldout": 500,
         "steps": 100,
         "batch_size": 16,
-        "lr": 5e-4,
+        "lr": 1e-4,
         "beta": 0.1,
         "alpha": 0.1,
+        # sensitivity: every method is also trained at each of these (lr, beta), same SFT model and samples
+        "grid": {"lr": [1e-4, 5e-4], "beta": [0.01, 0.1, 1.0]},
     },
 }
 QUICK = {
@@ -125,6 +129,7 @@ QUICK = {
         "num_heldout": 50,
         "steps": 4,
         "batch_size": 8,
+        "grid": {"lr": [1e-4], "beta": [0.1]},
     },
 }
 
@@ -417,14 +422,17 @@ def trend_split(cfg):
     return rows, heldout, train_all, train_pref
 
 
-class HeldOutLikelihood:
-    """Mean summed log-likelihood of the held-out chosen / rejected completions, at step 0 and every `every` steps."""
+class LikelihoodProbe:
+    """Mean summed log-likelihood of fixed chosen / rejected completions, at step 0 and every `every` steps.
 
-    def __init__(self, tokenizer, heldout_items, max_length, every):
+    `sets` maps a name ("train", "heldout") to a list of ((prompt_ids, chosen_ids), (prompt_ids, rejected_ids))."""
+
+    def __init__(self, tokenizer, sets, max_length, every):
         from transformers import TrainerCallback
 
-        self.items, self.tok, self.max_length, self.every = heldout_items, tokenizer, max_length, every
-        self.steps, self.chosen, self.rejected = [], [], []
+        self.sets, self.tok, self.max_length, self.every = sets, tokenizer, max_length, every
+        self.steps = []
+        self.curves = {name: {"chosen": [], "rejected": []} for name in sets}
         outer = self
 
         class _Callback(TrainerCallback):
@@ -437,30 +445,62 @@ class HeldOutLikelihood:
 
         self.callback = _Callback()
 
-    def measure(self, model):
-        flat = [it for pair in self.items for it in pair]
-        logps = sequence_logps(model, self.tok, flat, self.max_length)
-        return sum(logps[0::2]) / len(self.items), sum(logps[1::2]) / len(self.items)
-
     def record(self, model, step):
         if self.steps and self.steps[-1] == step:
             return
-        c, r = self.measure(model)
         self.steps.append(step)
-        self.chosen.append(c)
-        self.rejected.append(r)
+        for name, items in self.sets.items():
+            logps = sequence_logps(model, self.tok, [it for pair in items for it in pair], self.max_length)
+            self.curves[name]["chosen"].append(sum(logps[0::2]) / len(items))
+            self.curves[name]["rejected"].append(sum(logps[1::2]) / len(items))
+
+
+def build_bpe_tokenizer(out_dir, texts, vocab_size):
+    """A byte-level BPE tokenizer trained on `texts` (deterministic), with Mistral's special tokens and BOS rule."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(texts, trainer=trainer)
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", core.token_to_id("<s>"))]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
+    tok.save_pretrained(out_dir)
+    return AutoTokenizer.from_pretrained(out_dir)
 
 
 def sft_trend_model(cfg, seed, work, rows, train_all):
-    """Random small Mistral (real tokenizer) fine-tuned with trl.SFTTrainer on the completions of the train prompts."""
+    """Random small Mistral-architecture model fine-tuned with trl.SFTTrainer on the completions of the train prompts.
+
+    Tokenizer: `cfg["tokenizer"]` = "bpe" (default: a 2k-token byte-level BPE trained on the training prompts and
+    completions, so that the model's compute goes into the transformer rather than a 32k-row LM head) or "mistral"
+    (the real Mistral-7B tokenizer via `nca_trl.tiny`, ~10x slower on a CPU)."""
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     from nca_trl.tiny import build_tiny_model
 
-    init = build_tiny_model(work / f"trend-init-{seed}", seed=seed, size=tuple(cfg["model_size"]))
-    tok = AutoTokenizer.from_pretrained(init)
+    init_dir = work / f"trend-init-{seed}"
+    if cfg["tokenizer"] == "mistral":
+        init = build_tiny_model(init_dir, seed=seed, size=tuple(cfg["model_size"]))
+        tok = AutoTokenizer.from_pretrained(init)
+    else:
+        texts = [vicuna_prompt(rows[i]["prompt"]) for i in train_all]
+        texts += [vicuna_completion(c) for i in train_all for c in rows[i]["completions"]]
+        tok = build_bpe_tokenizer(init_dir, texts, cfg["bpe_vocab_size"])
+        init = build_model(init_dir, tok, seed, tuple(cfg["model_size"]), 4096)
     data = [
         {"prompt": vicuna_prompt(rows[i]["prompt"]), "completion": vicuna_completion(c)}
         for i in train_all
@@ -529,8 +569,12 @@ def run_trend(cfg, seeds, work):
     from transformers import AutoTokenizer
 
     rows, heldout, train_all, train_pref = trend_split(cfg)
+    probe_train = sorted(random.Random(4321).sample(train_pref, min(cfg["num_heldout"], len(train_pref))))
     result = {
+        "chosen": "highest-reward completion (first on ties)",
+        "rejected": "lowest-reward completion (first on ties)",
         "heldout_prompt_ids": [rows[i]["id"] for i in heldout],
+        "probe_train_prompt_ids": [rows[i]["id"] for i in probe_train],
         "num_sft_prompts": len(train_all),
         "num_pref_prompts": len(train_pref),
         "runs": {m: {} for m in METHODS},
@@ -540,15 +584,20 @@ def run_trend(cfg, seeds, work):
         t0 = time.time()
         sft_path, sft_info = sft_trend_model(cfg, seed, work, rows, train_all)
         tok = AutoTokenizer.from_pretrained(sft_path)
-        heldout_items = []
-        for i in heldout:
-            b, w = best_worst(rows[i]["rewards"])
-            prompt_ids, (c_ids, r_ids) = tokenize_pairs(
-                tok,
-                vicuna_prompt(rows[i]["prompt"]),
-                [vicuna_completion(rows[i]["completions"][b]), vicuna_completion(rows[i]["completions"][w])],
-            )
-            heldout_items.append(((prompt_ids, c_ids), (prompt_ids, r_ids)))
+
+        def pairs_of(indices):
+            items = []
+            for i in indices:
+                b, w = best_worst(rows[i]["rewards"])
+                prompt_ids, (c_ids, r_ids) = tokenize_pairs(
+                    tok,
+                    vicuna_prompt(rows[i]["prompt"]),
+                    [vicuna_completion(rows[i]["completions"][b]), vicuna_completion(rows[i]["completions"][w])],
+                )
+                items.append(((prompt_ids, c_ids), (prompt_ids, r_ids)))
+            return items
+
+        sets = {"train": pairs_of(probe_train), "heldout": pairs_of(heldout)}
         rated = [
             {
                 "prompt": vicuna_prompt(rows[i]["prompt"]),
@@ -563,33 +612,32 @@ def run_trend(cfg, seeds, work):
               f"{sft_info['loss_last']:.2f} ({sft_info['seconds']:.0f}s)", flush=True)
         for method in METHODS:
             t0 = time.time()
-            probe = HeldOutLikelihood(tok, heldout_items, cfg["max_length"], cfg["eval_every"])
+            probe = LikelihoodProbe(tok, sets, cfg["max_length"], cfg["eval_every"])
             trainer = make_pref_trainer(
                 method, sft_path, tok, cfg, seed, work / f"trend-{method}-{seed}", rated, [probe.callback]
             )
             trainer.train()
             probe.record(trainer.model, trainer.state.global_step)
-            run = {
-                "steps": probe.steps,
-                "chosen": probe.chosen,
-                "rejected": probe.rejected,
-                "chosen_change": probe.chosen[-1] - probe.chosen[0],
-                "rejected_change": probe.rejected[-1] - probe.rejected[0],
-                "train_log": train_metric_history(trainer),
-                "seconds": time.time() - t0,
-            }
+            run = {"steps": probe.steps, **probe.curves}
+            for name, curve in probe.curves.items():
+                for key in ("chosen", "rejected"):
+                    run[f"{name}_{key}_change"] = curve[key][-1] - curve[key][0]
+            run["train_log"] = train_metric_history(trainer)
+            run["seconds"] = time.time() - t0
             result["runs"][method][str(seed)] = run
             print(
-                f"[trend] seed {seed} {method:8s}: held-out chosen logp {probe.chosen[0]:8.2f} -> {probe.chosen[-1]:8.2f}"
-                f" ({run['chosen_change']:+.2f}), rejected {probe.rejected[0]:8.2f} -> {probe.rejected[-1]:8.2f} "
-                f"({run['rejected_change']:+.2f}) [{run['seconds']:.0f}s]",
+                f"[trend] seed {seed} {method:8s}: log-likelihood change chosen / rejected: held-out "
+                f"{run['heldout_chosen_change']:+8.2f} / {run['heldout_rejected_change']:+8.2f}, train prompts "
+                f"{run['train_chosen_change']:+8.2f} / {run['train_rejected_change']:+8.2f} "
+                f"(held-out chosen at start {probe.curves['heldout']['chosen'][0]:.1f}) [{run['seconds']:.0f}s]",
                 flush=True,
             )
             del trainer
     result["summary"] = {
         m: {
-            "chosen_change": mean_std([result["runs"][m][str(s)]["chosen_change"] for s in seeds]),
-            "rejected_change": mean_std([result["runs"][m][str(s)]["rejected_change"] for s in seeds]),
+            f"{name}_{key}_change": mean_std([result["runs"][m][str(s)][f"{name}_{key}_change"] for s in seeds])
+            for name in ("heldout", "train")
+            for key in ("chosen", "rejected")
         }
         for m in METHODS
     }
@@ -619,12 +667,11 @@ def build_char_tokenizer(out_dir):
     return AutoTokenizer.from_pretrained(out_dir)
 
 
-def build_char_model(out_dir, seed, size):
-    """A random Mistral-architecture model over the character vocabulary (same code path as nca_trl.tiny)."""
+def build_model(out_dir, tok, seed, size, max_position_embeddings):
+    """A random Mistral-architecture model over `tok`'s vocabulary (the config `nca_trl.tiny` builds, smaller vocab)."""
     import torch
     from transformers import AutoModelForCausalLM, MistralConfig
 
-    tok = build_char_tokenizer(out_dir)
     hidden, inter, layers, heads, kv = size
     config = MistralConfig(
         vocab_size=len(tok),
@@ -634,7 +681,7 @@ def build_char_model(out_dir, seed, size):
         num_attention_heads=heads,
         num_key_value_heads=kv,
         head_dim=hidden // heads,
-        max_position_embeddings=64,
+        max_position_embeddings=max_position_embeddings,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.eos_token_id,
@@ -643,7 +690,12 @@ def build_char_model(out_dir, seed, size):
     )
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
     return str(out_dir)
+
+
+def build_char_model(out_dir, seed, size):
+    return build_model(out_dir, build_char_tokenizer(out_dir), seed, size, 64)
 
 
 def sort_task(rng, n):
@@ -697,6 +749,8 @@ def run_reward(cfg, seeds, work):
     from trl import SFTConfig, SFTTrainer
 
     n = cfg["num_digits"]
+    if cfg["lr"] not in cfg["grid"]["lr"] or cfg["beta"] not in cfg["grid"]["beta"]:
+        raise ValueError("the main setting (reward.lr, reward.beta) must be part of reward.grid")
     heldout_rng = random.Random(10_000)
     heldout = []
     while len(heldout) < cfg["num_heldout"]:
@@ -776,14 +830,25 @@ def run_reward(cfg, seeds, work):
         }
         del sft, model
 
+        # Every (lr, beta) of the grid, each method from the same SFT checkpoint and the same samples; the main
+        # setting (cfg["lr"], cfg["beta"]) is one of them
+        res["grid"] = {}
+        for lr in cfg["grid"]["lr"]:
+            for beta in cfg["grid"]["beta"]:
+                key = setting_key(lr, beta)
+                res["grid"][key] = {}
+                for method in METHODS:
+                    run_cfg = {**cfg, "lr": lr, "beta": beta, "max_length": 32}
+                    trainer = make_pref_trainer(
+                        method, sft_path, tok, run_cfg, seed, work / f"reward-{method}-{seed}", rated, []
+                    )
+                    trainer.train()
+                    ev = evaluate_greedy(trainer.model, tok, heldout, n)
+                    ev["train_log"] = train_metric_history(trainer)
+                    res["grid"][key][method] = ev
+                    del trainer
         for method in METHODS:
-            trainer = make_pref_trainer(
-                method, sft_path, tok, {**cfg, "max_length": 32}, seed, work / f"reward-{method}-{seed}", rated, []
-            )
-            trainer.train()
-            res[method] = evaluate_greedy(trainer.model, tok, heldout, n)
-            res[method]["train_log"] = train_metric_history(trainer)
-            del trainer
+            res[method] = res["grid"][setting_key(cfg["lr"], cfg["beta"])][method]
         res["seconds"] = time.time() - t0
         result["per_seed"][str(seed)] = res
         line = ", ".join(f"{m} {res[m]['reward']:.3f}/{res[m]['exact_match']:.3f}" for m in ("SFT", *METHODS))
@@ -797,7 +862,22 @@ def run_reward(cfg, seeds, work):
         }
         for m in ("SFT", *METHODS)
     }
+    result["main_setting"] = setting_key(cfg["lr"], cfg["beta"])
+    result["grid_summary"] = {
+        key: {
+            m: {
+                metric: mean_std([result["per_seed"][str(s)]["grid"][key][m][metric] for s in seeds])
+                for metric in ("reward", "exact_match")
+            }
+            for m in METHODS
+        }
+        for key in result["per_seed"][str(seeds[0])]["grid"]
+    }
     return result
+
+
+def setting_key(lr, beta):
+    return f"lr={lr:g},beta={beta:g}"
 
 
 # ----------------------------------------------------------------------------------------------------- plots, tables
@@ -808,28 +888,40 @@ def plot_trend(trend, cfg, path):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
-    for ax, method in zip(axes, METHODS):
-        runs = list(trend["runs"][method].values())
-        steps = np.array(runs[0]["steps"])
-        for key, style in (("chosen", "-"), ("rejected", "--")):
-            vals = np.array([r[key] for r in runs])
-            m, s = vals.mean(0), vals.std(0, ddof=1) if len(runs) > 1 else np.zeros(vals.shape[1])
-            ax.plot(steps, m, style, color=COLORS[method], label=f"{key}")
-            ax.fill_between(steps, m - s, m + s, color=COLORS[method], alpha=0.2)
-        ch = trend["summary"][method]["chosen_change"]
-        ax.set_title(f"{method}: chosen {ch['mean']:+.1f} ± {ch['std']:.1f}")
-        ax.set_xlabel("training step")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower left", fontsize=8)
-    axes[0].set_ylabel("held-out log-likelihood (nats/seq)")
+    sets = (("heldout", "held-out prompts"), ("train", "training prompts"))
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.4), sharex=True)
+    for row, (name, label) in enumerate(sets):
+        for col, method in enumerate(METHODS):
+            ax = axes[row, col]
+            runs = list(trend["runs"][method].values())
+            steps = np.array(runs[0]["steps"])
+            for key, style in (("chosen", "-"), ("rejected", "--")):
+                vals = np.array([r[name][key] for r in runs])
+                m = vals.mean(0)
+                s = vals.std(0, ddof=1) if len(runs) > 1 else np.zeros(vals.shape[1])
+                ax.plot(steps, m, style, color=COLORS[method], label=key)
+                ax.fill_between(steps, m - s, m + s, color=COLORS[method], alpha=0.2)
+            ch = trend["summary"][method][f"{name}_chosen_change"]
+            ax.set_title(f"{method}, {label}: chosen {ch['mean']:+.0f} ± {ch['std']:.0f}", fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend(loc="lower left", fontsize=8)
+            if row == 1:
+                ax.set_xlabel("training step")
+        axes[row, 0].set_ylabel(f"log-likelihood, {label}\n(nats / sequence)")
+        lo = min(min(min(r[name][k]) for r in trend["runs"][m].values()) for m in METHODS for k in ("chosen", "rejected"))
+        hi = max(max(max(r[name][k]) for r in trend["runs"][m].values()) for m in METHODS for k in ("chosen", "rejected"))
+        pad = 0.05 * (hi - lo + 1e-9)
+        for ax in axes[row]:
+            ax.set_ylim(lo - pad, hi + pad)
+    n = len(trend["runs"]["DPO"])
     fig.suptitle(
-        f"Likelihood of chosen (best) and rejected (worst) held-out completions from the same SFT checkpoint "
-        f"(beta={cfg['beta']}, lr={cfg['lr']}, {len(runs)} seed(s), mean ± std)",
+        f"Log-likelihood of the chosen (best) and rejected (worst) completions while training from one SFT checkpoint "
+        f"(beta={cfg['beta']}, alpha={cfg['alpha']}, lr={cfg['lr']}, batch {cfg['batch_size']} prompts, "
+        f"{n} seed(s), mean ± std)",
         fontsize=9,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
@@ -878,15 +970,17 @@ def summary_markdown(results):
         lines.append("")
     if "trend" in results:
         tr = results["trend"]
-        lines.append("### Likelihood trend: change of held-out log-likelihood (nats/sequence) over training\n")
-        lines.append("| method | chosen change (mean ± std) | per seed | rejected change (mean ± std) | per seed |")
-        lines.append("|---|---|---|---|---|")
+        lines.append("### Likelihood trend: change of log-likelihood (nats/sequence) from the SFT checkpoint to the "
+                     "end of training\n")
+        lines.append("| method | held-out chosen | held-out rejected | training-prompt chosen | training-prompt rejected |"
+                     " held-out chosen per seed |")
+        lines.append("|---|---|---|---|---|---|")
         for m in METHODS:
-            c, r = tr["summary"][m]["chosen_change"], tr["summary"][m]["rejected_change"]
-            lines.append(
-                f"| {m} | {c['mean']:+.2f} ± {c['std']:.2f} | {', '.join(f'{v:+.2f}' for v in c['values'])} | "
-                f"{r['mean']:+.2f} ± {r['std']:.2f} | {', '.join(f'{v:+.2f}' for v in r['values'])} |"
-            )
+            summ = tr["summary"][m]
+            cells = [f"{summ[k]['mean']:+.1f} ± {summ[k]['std']:.1f}" for k in (
+                "heldout_chosen_change", "heldout_rejected_change", "train_chosen_change", "train_rejected_change")]
+            per_seed = ", ".join(f"{v:+.1f}" for v in summ["heldout_chosen_change"]["values"])
+            lines.append(f"| {m} | {' | '.join(cells)} | {per_seed} |")
         lines.append("")
     if "reward" in results:
         rw = results["reward"]
@@ -897,6 +991,16 @@ def summary_markdown(results):
             s, e = rw["summary"][m]["reward"], rw["summary"][m]["exact_match"]
             lines.append(f"| {m} | {s['mean']:.3f} ± {s['std']:.3f} | {e['mean']:.3f} ± {e['std']:.3f} | "
                          f"{', '.join(f'{v:.3f}' for v in s['values'])} |")
+        lines.append("")
+        lines.append("Sensitivity (mean true reward ± std over seeds; exact match in brackets; SFT "
+                     f"{rw['summary']['SFT']['reward']['mean']:.3f} [{rw['summary']['SFT']['exact_match']['mean']:.3f}]):\n")
+        lines.append("| setting | " + " | ".join(METHODS) + " |")
+        lines.append("|---|" + "---|" * len(METHODS))
+        for key, by_method in rw["grid_summary"].items():
+            cells = [f"{by_method[m]['reward']['mean']:.3f} ± {by_method[m]['reward']['std']:.3f} "
+                     f"[{by_method[m]['exact_match']['mean']:.3f}]" for m in METHODS]
+            main = " (main)" if key == rw["main_setting"] else ""
+            lines.append(f"| {key}{main} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -911,6 +1015,8 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds (default: 0 1 2; --quick: 0)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: results do not depend on the core count)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="EXP.KEY=VALUE",
+                        help="override a setting, e.g. --set trend.beta=0.1 reward.alpha=0 (value parsed as JSON)")
     parser.add_argument("--work-dir", help="where checkpoints go (default: a temporary folder, deleted at the end)")
     args = parser.parse_args(argv)
 
@@ -919,6 +1025,15 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     quiet_libraries()
     settings = json.loads(json.dumps(QUICK if args.quick else FULL))
+    for item in args.set:
+        key, _, value = item.partition("=")
+        exp, _, field = key.partition(".")
+        if exp not in settings or field not in settings[exp]:
+            parser.error(f"--set {item}: unknown setting {key!r}")
+        try:
+            settings[exp][field] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[exp][field] = value
     seeds = args.seeds if args.seeds else settings["seeds"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
