@@ -350,3 +350,19 @@ def test_max_completions_keeps_best_and_worst(tiny_mistral, vicuna, tmp_path):
     trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=Dataset.from_list(rows))
     assert trainer.train_dataset[0]["rewards"] == [5.0, 1.0]
     assert all(len(r) == 2 for r in trainer.train_dataset["rewards"])
+
+
+def test_streaming_dataset_and_implicit_prompt_pairs(tiny_mistral, hh, tmp_path):
+    # Implicit-prompt preference pairs, as HH-RLHF ships them (the prompt inside chosen and rejected), streamed
+    rows = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in hh.select(range(8))]
+    stream = Dataset.from_list(rows).to_iterable_dataset()
+    args = make_args(NCAConfig, tmp_path, max_steps=2, max_length=256)
+    trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=stream)
+    losses = record_losses(trainer)
+    trainer.train()
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+    bad = Dataset.from_list([{"prompt": "Hi", "completions": ["a", "b"], "rewards": [1.0, float("inf")]}] * 3)
+    trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=bad.to_iterable_dataset())
+    with pytest.raises(DataValidationError, match="row 0.*rewards"):
+        trainer.train()  # a stream is validated row by row as it is read

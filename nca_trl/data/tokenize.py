@@ -12,6 +12,7 @@ import logging
 
 from datasets import Dataset, IterableDataset
 from trl.data_utils import _tokenize, common_prefix_length, is_conversational
+from trl.trainer.utils import global_then_local_main_first
 
 from .formats import DataValidationError, to_rated, validate_dataset, validate_example
 
@@ -91,6 +92,12 @@ def prepare_rated_dataset(
     first = next(iter(dataset))
     if "completion_ids" in first:
         return dataset
+    # The global main process maps (and caches) first, then each node's main, then the others read the cache
+    with global_then_local_main_first():
+        return _prepare(dataset, first, processing_class, args, dataset_name, max_completions)
+
+
+def _prepare(dataset, first, processing_class, args, dataset_name, max_completions):
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
     columns = list(first.keys())
