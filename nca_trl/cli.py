@@ -389,6 +389,36 @@ def _progress_recorder():
     return ProgressRecorder()
 
 
+def check_launch_environment(training_args, environ=os.environ) -> None:
+    """Fail loudly on launch settings that otherwise degrade silently (before anything is loaded)."""
+    deepspeed = str(environ.get("ACCELERATE_USE_DEEPSPEED", "false")).lower() == "true"
+    if deepspeed and training_args.use_cpu:
+        raise ValueError(
+            "`use_cpu: true` switches DeepSpeed off (the run would silently fall back to plain data parallel). Under "
+            "a DeepSpeed accelerate config on CPU pass `--use_cpu false --ddp_backend gloo --bf16 false` instead."
+        )
+    precision = environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if deepspeed and precision in ("bf16", "fp16") and not getattr(training_args, precision):
+        raise ValueError(
+            f"The accelerate config asks for mixed_precision={precision} but the recipe has `{precision}: false`. "
+            "DeepSpeed needs both to agree: on CPU add `--mixed_precision no` to `accelerate launch`; on GPUs set "
+            f"`{precision}: true` in the recipe."
+        )
+
+
+def check_world_size(state, environ=os.environ) -> None:
+    """A launcher that started N processes which do not form one group (accelerate's MULTI_GPU config without GPUs
+    and without `use_cpu`) would train N independent copies: refuse."""
+    launched = int(environ.get("WORLD_SIZE", "1") or 1)
+    if launched != state.num_processes:
+        raise RuntimeError(
+            f"The launcher started {launched} processes (WORLD_SIZE) but this one trains in a group of "
+            f"{state.num_processes} ({state.distributed_type}): they would be {launched} independent "
+            "trainings. On CPU use an accelerate config with `distributed_type: MULTI_GPU` and `use_cpu: true` plus "
+            "`--use_cpu true --ddp_backend gloo` (or a DeepSpeed config with `--ddp_backend gloo --bf16 false`)."
+        )
+
+
 def _process_info(accelerator) -> list[dict]:
     from accelerate.utils import gather_object
 
@@ -457,6 +487,8 @@ def train_main(argv: list[str] | None = None) -> dict | None:
     from .trainer import InfoNCATrainer, NCATrainer
 
     trainer_cls = {"nca": NCATrainer, "infonca": InfoNCATrainer}[script_args.loss]
+    check_launch_environment(training_args)
+    check_world_size(training_args.distributed_state)
     with training_args.main_process_first(desc="loading and converting the data"):
         train_dataset, eval_dataset = load_datasets(script_args, args.mixture, training_args)
     if eval_dataset is not None and training_args.eval_strategy == "no":
@@ -471,7 +503,7 @@ def train_main(argv: list[str] | None = None) -> dict | None:
 
     start = time.time()
     progress = _progress_recorder()
-    with zero3_moe_leaf_guard(script_args.zero3_leaf_modules):
+    with zero3_moe_leaf_guard(script_args.zero3_leaf_modules) as leaf_marked:
         trainer = trainer_cls(
             model=model_args.model_name_or_path,
             args=training_args,
@@ -510,6 +542,8 @@ def train_main(argv: list[str] | None = None) -> dict | None:
         "policy": count_z3_leaf_modules(trainer.model),
         "reference": count_z3_leaf_modules(trainer.ref_model),
         "precompute_engine": count_z3_leaf_modules(getattr(trainer, "_precompute_engine", None)),
+        # per ZeRO-3 engine built (reference / precompute in __init__, policy in train): MoE blocks nca-trl flagged
+        "marked_by_nca_trl": leaf_marked,
     }
     info = {
         **dist_info,

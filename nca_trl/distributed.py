@@ -135,7 +135,8 @@ def deepspeed_zero_stage(config) -> int | None:
 @contextlib.contextmanager
 def zero3_moe_leaf_guard(class_names: Iterable[str] | None = None):
     """Within the block, every `deepspeed.initialize(model=..., config=<ZeRO-3>)` first marks the model's sparse MoE
-    blocks as ZeRO-3 leaves (see the module docstring). A no-op without DeepSpeed installed.
+    blocks as ZeRO-3 leaves (see the module docstring). A no-op without DeepSpeed installed. Yields a list that gets,
+    for each ZeRO-3 engine built in the block, the number of modules flagged in its model.
 
     Covers the policy (built in `trainer.train()` by `accelerator.prepare`), the reference model (built in
     `DPOTrainer.__init__` by `trl.models.prepare_deepspeed`) and the `precompute_ref_log_probs` engine, so wrap both the
@@ -147,10 +148,11 @@ def zero3_moe_leaf_guard(class_names: Iterable[str] | None = None):
         trainer.train()
     ```
     """
+    marked: list[int] = []  # one entry per ZeRO-3 engine built inside the block: MoE blocks flagged in its model
     try:
         import deepspeed
     except ImportError:
-        yield
+        yield marked
         return
     original = deepspeed.initialize
     names = list(class_names) if class_names else None
@@ -160,12 +162,12 @@ def zero3_moe_leaf_guard(class_names: Iterable[str] | None = None):
         model = kwargs.get("model", args[1] if len(args) > 1 else None)
         config = kwargs.get("config", kwargs.get("config_params"))
         if model is not None and deepspeed_zero_stage(config) == 3:
-            mark_moe_leaf_modules(model, names)
+            marked.append(mark_moe_leaf_modules(model, names))
         return original(*args, **kwargs)
 
     initialize.__wrapped__ = original
     deepspeed.initialize = initialize
     try:
-        yield
+        yield marked
     finally:
         deepspeed.initialize = original

@@ -135,21 +135,37 @@ class _RatedCompletionsTrainer(DPOTrainer):
                 pad_to_multiple_of=args.pad_to_multiple_of if isinstance(args.pad_to_multiple_of, int) else None,
             )
 
-        super().__init__(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-        )
+        with self._zero3_moe_leaves(args):
+            super().__init__(
+                model=model,
+                ref_model=ref_model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+            )
         self._setup_layout()
+
+    @staticmethod
+    def _zero3_moe_leaves(args):
+        """Under DeepSpeed ZeRO-3, every engine built in the block (the reference model here, the policy in `train`,
+        the precompute engine) gets its sparse MoE blocks marked as ZeRO-3 leaves first (`nca_trl.distributed`)."""
+        plugin = getattr(args, "deepspeed_plugin", None)
+        if plugin is None or plugin.zero_stage != 3:
+            return contextlib.nullcontext()
+        from .distributed import zero3_moe_leaf_guard
+
+        return zero3_moe_leaf_guard()
+
+    def train(self, *args, **kwargs):
+        with self._zero3_moe_leaves(self.args):
+            return super().train(*args, **kwargs)
 
     def _setup_layout(self):
         """Switch the collator to the shared-prompt layout if the config asks for it and the policy and reference
