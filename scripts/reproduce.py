@@ -7,21 +7,25 @@ Chen et al., "Noise Contrastive Alignment of Language Models with Explicit Rewar
    `nca_trl.losses.infonca_loss` vs `-log sigmoid(beta * (l_c - l_r))` on log-ratios of a real model on real pairs,
    and at trainer level `InfoNCATrainer(alpha=0).compute_loss` vs `trl.DPOTrainer(loss_type=["sigmoid"])` on the same
    batch with an explicit reference model of another seed (gradients w.r.t. every parameter compared).
-2. `trend`: the likelihood trend. A small Mistral-architecture model (real Mistral-7B tokenizer) is first fine-tuned
-   with `trl.SFTTrainer` on the completions of the real rated data (`data/vicuna_rated.jsonl`), then DPO
-   (best-vs-worst pairs), InfoNCA and NCA (all K=4) are trained from that checkpoint with the same steps, learning
-   rate, beta and batch, and the mean log-likelihood of the chosen (best) and rejected (worst) completions of
-   held-out prompts is measured every few steps.
-3. `reward`: a ground-truth reward task (sorting digits, partial credit per correct position). SFT on a few correct
-   demonstrations, sample K=4 completions per training prompt, score them exactly, train DPO on best-vs-worst and
-   InfoNCA / NCA on all four, evaluate greedy outputs on held-out prompts.
+2. `trend`: the likelihood trend. A small Mistral-architecture model is first fine-tuned with `trl.SFTTrainer` on the
+   completions of the real rated data (`data/vicuna_rated.jsonl`), then DPO (best-vs-worst pairs), InfoNCA and NCA
+   (all K=4) are trained from that checkpoint with the same steps, learning rate, beta and batch, and the mean
+   log-likelihood of the chosen (best) and rejected (worst) completions of held-out prompts and of fixed training
+   prompts is measured every few steps. Tokenizer: a 2k-token byte-level BPE trained on the training texts (default;
+   with the 32k-token Mistral tokenizer the LM head dominates and a run is ~10x slower:
+   `--set trend.tokenizer=mistral`).
+3. `reward`: a ground-truth reward task (sorting digits, partial credit per correct position; character-level
+   tokenizer). SFT on a few correct demonstrations, sample K=4 completions per training prompt, score them exactly,
+   train DPO on best-vs-worst and InfoNCA / NCA on all four, evaluate greedy outputs on held-out prompts; at the main
+   (lr, beta) and over a small (lr, beta) grid.
 
 Everything runs through the real trainers (`trl.SFTTrainer`, `trl.DPOTrainer`, `nca_trl.InfoNCATrainer`,
-`nca_trl.NCATrainer`). Outputs in `--out`: `results.json` (every number), `likelihood_trend.png`,
-`ground_truth_reward.png`, `summary.md` (the tables).
+`nca_trl.NCATrainer`). Outputs in `--out`: `results.json` (every number and setting), `likelihood_trend.png` (main
+lr) and `likelihood_trend_lr*.png` (the other lrs), `ground_truth_reward.png`, `ground_truth_sensitivity.png`,
+`summary.md` (the tables). Seeded throughout: the same command gives the same numbers.
 
 ```bash
-python scripts/reproduce.py --out results/            # all three experiments, ~20-30 min on 2 CPU cores
+python scripts/reproduce.py --out results/            # all three experiments, ~11 min on 2 busy CPU cores
 python scripts/reproduce.py --out /tmp/r --quick      # smoke run, about a minute
 python scripts/reproduce.py --out results/ --experiments trend reward
 ```
@@ -30,8 +34,6 @@ python scripts/reproduce.py --out results/ --experiments trend reward
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import logging
 import math
@@ -77,12 +79,13 @@ FULL = {
         "model_size": [128, 256, 2, 4, 2],
         "max_length": 128,
         "num_heldout": 16,
-        "sft_epochs": 4,
+        "sft_epochs": 8,
         "sft_batch_size": 16,
         "sft_lr": 3e-3,
         "steps": 60,
         "batch_size": 4,
-        "lr": 5e-4,
+        "lr": 5e-4,  # the setting of the main figure; every lr of grid_lr is run (same SFT checkpoint)
+        "grid_lr": [1e-4, 5e-4],
         "beta": 0.01,
         "alpha": 0.0,
         "eval_every": 5,
@@ -119,6 +122,7 @@ QUICK = {
         "steps": 4,
         "batch_size": 2,
         "eval_every": 2,
+        "grid_lr": [5e-4],
     },
     "reward": {
         **FULL["reward"],
@@ -278,7 +282,9 @@ def real_pairs(source, n):
 def flat_grads(model):
     import torch
 
-    return torch.cat([p.grad.detach().flatten() if p.grad is not None else torch.zeros(p.numel()) for p in model.parameters()])
+    return torch.cat(
+        [p.grad.detach().flatten() if p.grad is not None else torch.zeros(p.numel()) for p in model.parameters()]
+    )
 
 
 def run_identity(cfg, seeds, work):
@@ -540,6 +546,7 @@ def make_pref_trainer(method, model_path, tok, cfg, seed, out_dir, rated_rows, c
         learning_rate=cfg["lr"],
         beta=cfg["beta"],
         max_length=cfg["max_length"],
+        logging_steps=max(1, cfg["steps"] // 20),
     )
     if method == "DPO":
         pairs = []
@@ -577,9 +584,12 @@ def run_trend(cfg, seeds, work):
         "probe_train_prompt_ids": [rows[i]["id"] for i in probe_train],
         "num_sft_prompts": len(train_all),
         "num_pref_prompts": len(train_pref),
-        "runs": {m: {} for m in METHODS},
+        "main_lr": lr_key(cfg["lr"]),
+        "by_lr": {lr_key(lr): {"lr": lr, "runs": {m: {} for m in METHODS}} for lr in cfg["grid_lr"]},
         "sft": {},
     }
+    if lr_key(cfg["lr"]) not in result["by_lr"]:
+        raise ValueError("trend.lr must be one of trend.grid_lr")
     for seed in seeds:
         t0 = time.time()
         sft_path, sft_info = sft_trend_model(cfg, seed, work, rows, train_all)
@@ -610,11 +620,12 @@ def run_trend(cfg, seeds, work):
         result["sft"][str(seed)] = sft_info
         print(f"[trend] seed {seed}: SFT {sft_info['steps']} steps, loss {sft_info['loss_first']:.2f} -> "
               f"{sft_info['loss_last']:.2f} ({sft_info['seconds']:.0f}s)", flush=True)
-        for method in METHODS:
+        for lr, method in ((lr, method) for lr in cfg["grid_lr"] for method in METHODS):
             t0 = time.time()
             probe = LikelihoodProbe(tok, sets, cfg["max_length"], cfg["eval_every"])
             trainer = make_pref_trainer(
-                method, sft_path, tok, cfg, seed, work / f"trend-{method}-{seed}", rated, [probe.callback]
+                method, sft_path, tok, {**cfg, "lr": lr}, seed, work / f"trend-{method}-{seed}", rated,
+                [probe.callback],
             )
             trainer.train()
             probe.record(trainer.model, trainer.state.global_step)
@@ -624,24 +635,29 @@ def run_trend(cfg, seeds, work):
                     run[f"{name}_{key}_change"] = curve[key][-1] - curve[key][0]
             run["train_log"] = train_metric_history(trainer)
             run["seconds"] = time.time() - t0
-            result["runs"][method][str(seed)] = run
+            result["by_lr"][lr_key(lr)]["runs"][method][str(seed)] = run
             print(
-                f"[trend] seed {seed} {method:8s}: log-likelihood change chosen / rejected: held-out "
+                f"[trend] seed {seed} lr {lr:g} {method:8s}: log-likelihood change chosen / rejected: held-out "
                 f"{run['heldout_chosen_change']:+8.2f} / {run['heldout_rejected_change']:+8.2f}, train prompts "
                 f"{run['train_chosen_change']:+8.2f} / {run['train_rejected_change']:+8.2f} "
                 f"(held-out chosen at start {probe.curves['heldout']['chosen'][0]:.1f}) [{run['seconds']:.0f}s]",
                 flush=True,
             )
             del trainer
-    result["summary"] = {
-        m: {
-            f"{name}_{key}_change": mean_std([result["runs"][m][str(s)][f"{name}_{key}_change"] for s in seeds])
-            for name in ("heldout", "train")
-            for key in ("chosen", "rejected")
+    for entry in result["by_lr"].values():
+        entry["summary"] = {
+            m: {
+                f"{name}_{key}_change": mean_std([entry["runs"][m][str(s)][f"{name}_{key}_change"] for s in seeds])
+                for name in ("heldout", "train")
+                for key in ("chosen", "rejected")
+            }
+            for m in METHODS
         }
-        for m in METHODS
-    }
     return result
+
+
+def lr_key(lr):
+    return f"lr={lr:g}"
 
 
 # ----------------------------------------------------------------------------------------------------- 3. reward
@@ -863,6 +879,21 @@ def run_reward(cfg, seeds, work):
         for m in ("SFT", *METHODS)
     }
     result["main_setting"] = setting_key(cfg["lr"], cfg["beta"])
+    # Paired by seed (same SFT model, samples and held-out prompts): the seed-to-seed spread of SFT cancels
+    result["paired_difference_vs_DPO"] = {
+        key: {
+            m: {
+                metric: mean_std([
+                    result["per_seed"][str(s)]["grid"][key][m][metric]
+                    - result["per_seed"][str(s)]["grid"][key]["DPO"][metric]
+                    for s in seeds
+                ])
+                for metric in ("reward", "exact_match")
+            }
+            for m in ("InfoNCA", "NCA")
+        }
+        for key in result["per_seed"][str(seeds[0])]["grid"]
+    }
     result["grid_summary"] = {
         key: {
             m: {
@@ -881,19 +912,20 @@ def setting_key(lr, beta):
 
 
 # ----------------------------------------------------------------------------------------------------- plots, tables
-def plot_trend(trend, cfg, path):
+def plot_trend(trend, cfg, lr, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
+    entry = trend["by_lr"][lr_key(lr)]
     sets = (("heldout", "held-out prompts"), ("train", "training prompts"))
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.4), sharex=True)
     for row, (name, label) in enumerate(sets):
         for col, method in enumerate(METHODS):
             ax = axes[row, col]
-            runs = list(trend["runs"][method].values())
+            runs = list(entry["runs"][method].values())
             steps = np.array(runs[0]["steps"])
             for key, style in (("chosen", "-"), ("rejected", "--")):
                 vals = np.array([r[name][key] for r in runs])
@@ -901,22 +933,23 @@ def plot_trend(trend, cfg, path):
                 s = vals.std(0, ddof=1) if len(runs) > 1 else np.zeros(vals.shape[1])
                 ax.plot(steps, m, style, color=COLORS[method], label=key)
                 ax.fill_between(steps, m - s, m + s, color=COLORS[method], alpha=0.2)
-            ch = trend["summary"][method][f"{name}_chosen_change"]
+            ch = entry["summary"][method][f"{name}_chosen_change"]
             ax.set_title(f"{method}, {label}: chosen {ch['mean']:+.0f} ± {ch['std']:.0f}", fontsize=10)
             ax.grid(alpha=0.3)
             ax.legend(loc="lower left", fontsize=8)
             if row == 1:
                 ax.set_xlabel("training step")
         axes[row, 0].set_ylabel(f"log-likelihood, {label}\n(nats / sequence)")
-        lo = min(min(min(r[name][k]) for r in trend["runs"][m].values()) for m in METHODS for k in ("chosen", "rejected"))
-        hi = max(max(max(r[name][k]) for r in trend["runs"][m].values()) for m in METHODS for k in ("chosen", "rejected"))
+        runs = [r for m in METHODS for r in entry["runs"][m].values()]
+        values = [v for r in runs for k in ("chosen", "rejected") for v in r[name][k]]
+        lo, hi = min(values), max(values)
         pad = 0.05 * (hi - lo + 1e-9)
         for ax in axes[row]:
             ax.set_ylim(lo - pad, hi + pad)
-    n = len(trend["runs"]["DPO"])
+    n = len(entry["runs"]["DPO"])
     fig.suptitle(
         f"Log-likelihood of the chosen (best) and rejected (worst) completions while training from one SFT checkpoint "
-        f"(beta={cfg['beta']}, alpha={cfg['alpha']}, lr={cfg['lr']}, batch {cfg['batch_size']} prompts, "
+        f"(beta={cfg['beta']}, alpha={cfg['alpha']}, lr={lr:g}, batch {cfg['batch_size']} prompts, "
         f"{n} seed(s), mean ± std)",
         fontsize=9,
     )
@@ -925,7 +958,7 @@ def plot_trend(trend, cfg, path):
     plt.close(fig)
 
 
-def plot_reward(reward, path):
+def plot_reward(reward, cfg, path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -945,9 +978,45 @@ def plot_reward(reward, path):
         ax.set_ylim(max(0.0, lo - 0.1), min(1.05, max(s["mean"] + s["std"] for s in summ) + 0.06))
         ax.grid(axis="y", alpha=0.3)
     n_seeds = len(reward["per_seed"])
-    fig.suptitle(f"Sorting task, held-out prompts: mean ± std over {n_seeds} seed(s) (dots: seeds)", fontsize=9)
+    fig.suptitle(
+        f"Sorting {cfg['num_digits']} digits, {cfg['num_heldout']} held-out prompts, K={cfg['k']} samples, "
+        f"lr={cfg['lr']:g}, beta={cfg['beta']:g}, alpha={cfg['alpha']:g}: mean ± std over {n_seeds} seed(s) "
+        "(dots: seeds)",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_reward_grid(reward, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    keys = list(reward["grid_summary"])
+    x = np.arange(len(keys))
+    width = 0.26
+    fig, ax = plt.subplots(figsize=(9, 3.4))
+    for j, m in enumerate(METHODS):
+        summ = [reward["grid_summary"][k][m]["reward"] for k in keys]
+        ax.bar(x + (j - 1) * width, [s["mean"] for s in summ], width, yerr=[s["std"] for s in summ], capsize=3,
+               color=COLORS[m], label=m)
+    sft = reward["summary"]["SFT"]["reward"]
+    ax.axhline(sft["mean"], color=COLORS["SFT"], ls="--", label=f"SFT ({sft['mean']:.3f})")
+    ax.set_xticks(x, [k.replace(",", "\n") + ("\n(main)" if k == reward["main_setting"] else "") for k in keys],
+                  fontsize=8)
+    ax.set_ylabel("mean true reward (greedy)")
+    lo = min(reward["grid_summary"][k][m]["reward"]["mean"] for k in keys for m in METHODS)
+    ax.set_ylim(max(0.0, min(lo, sft["mean"]) - 0.08), 1.0)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=4, loc="upper left")
+    ax.set_title(f"Sorting task: every method at every (lr, beta), same SFT model and samples; mean ± std over "
+                 f"{len(reward['per_seed'])} seed(s)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
@@ -965,22 +1034,25 @@ def summary_markdown(results):
             lg = max(v["max_abs_grad_diff"] for v in r["loss_level"].values())
             t, t64 = r["trainer_level"]["padded"], r["trainer_level"]["shared_prompt"]
             lines.append(f"| {src} | {r['num_pairs']} | {ll:.1e} | {lg:.1e} | {t['max_abs_loss_diff']:.1e} | "
-                         f"{t['max_abs_grad_diff']:.1e} ({t['max_rel_grad_diff']:.1e}) | {t64['max_abs_loss_diff']:.1e} | "
+                         f"{t['max_abs_grad_diff']:.1e} ({t['max_rel_grad_diff']:.1e}) | "
+                         f"{t64['max_abs_loss_diff']:.1e} | "
                          f"{t64['max_abs_grad_diff']:.1e} ({t64['max_rel_grad_diff']:.1e}) |")
         lines.append("")
     if "trend" in results:
         tr = results["trend"]
         lines.append("### Likelihood trend: change of log-likelihood (nats/sequence) from the SFT checkpoint to the "
                      "end of training\n")
-        lines.append("| method | held-out chosen | held-out rejected | training-prompt chosen | training-prompt rejected |"
-                     " held-out chosen per seed |")
-        lines.append("|---|---|---|---|---|---|")
-        for m in METHODS:
-            summ = tr["summary"][m]
+        lines.append("| lr | method | held-out chosen | held-out rejected | training-prompt chosen | "
+                     "training-prompt rejected | held-out chosen per seed | training-prompt chosen per seed |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for (key, entry), m in ((kv, m) for kv in tr["by_lr"].items() for m in METHODS):
+            summ = entry["summary"][m]
             cells = [f"{summ[k]['mean']:+.1f} ± {summ[k]['std']:.1f}" for k in (
                 "heldout_chosen_change", "heldout_rejected_change", "train_chosen_change", "train_rejected_change")]
-            per_seed = ", ".join(f"{v:+.1f}" for v in summ["heldout_chosen_change"]["values"])
-            lines.append(f"| {m} | {' | '.join(cells)} | {per_seed} |")
+            per_seed = [", ".join(f"{v:+.1f}" for v in summ[k]["values"])
+                        for k in ("heldout_chosen_change", "train_chosen_change")]
+            main = " (main)" if key == tr["main_lr"] else ""
+            lines.append(f"| {entry['lr']:g}{main} | {m} | {' | '.join(cells)} | {' | '.join(per_seed)} |")
         lines.append("")
     if "reward" in results:
         rw = results["reward"]
@@ -992,8 +1064,9 @@ def summary_markdown(results):
             lines.append(f"| {m} | {s['mean']:.3f} ± {s['std']:.3f} | {e['mean']:.3f} ± {e['std']:.3f} | "
                          f"{', '.join(f'{v:.3f}' for v in s['values'])} |")
         lines.append("")
+        sft = rw["summary"]["SFT"]
         lines.append("Sensitivity (mean true reward ± std over seeds; exact match in brackets; SFT "
-                     f"{rw['summary']['SFT']['reward']['mean']:.3f} [{rw['summary']['SFT']['exact_match']['mean']:.3f}]):\n")
+                     f"{sft['reward']['mean']:.3f} [{sft['exact_match']['mean']:.3f}]):\n")
         lines.append("| setting | " + " | ".join(METHODS) + " |")
         lines.append("|---|" + "---|" * len(METHODS))
         for key, by_method in rw["grid_summary"].items():
@@ -1002,12 +1075,25 @@ def summary_markdown(results):
             main = " (main)" if key == rw["main_setting"] else ""
             lines.append(f"| {key}{main} | " + " | ".join(cells) + " |")
         lines.append("")
+        lines.append("Paired difference to DPO (same seed: same SFT model, samples and held-out prompts), true reward "
+                     "[exact match], mean ± std over seeds:\n")
+        lines.append("| setting | InfoNCA - DPO | NCA - DPO |")
+        lines.append("|---|---|---|")
+        for key, by_method in rw["paired_difference_vs_DPO"].items():
+            cells = [f"{by_method[m]['reward']['mean']:+.3f} ± {by_method[m]['reward']['std']:.3f} "
+                     f"[{by_method[m]['exact_match']['mean']:+.3f} ± {by_method[m]['exact_match']['std']:.3f}]"
+                     for m in ("InfoNCA", "NCA")]
+            main = " (main)" if key == rw["main_setting"] else ""
+            lines.append(f"| {key}{main} | " + " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------- main
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--out", default="results", help="output folder (created)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, few steps, one seed (~1 min)")
     parser.add_argument("--experiments", nargs="+", choices=["identity", "trend", "reward"],
@@ -1071,9 +1157,13 @@ def main(argv=None):
     results["machine"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
     if "trend" in results:
-        plot_trend(results["trend"], settings["trend"], out / "likelihood_trend.png")
+        for lr in settings["trend"]["grid_lr"]:
+            main = lr == settings["trend"]["lr"]
+            plot_trend(results["trend"], settings["trend"], lr,
+                       out / ("likelihood_trend.png" if main else f"likelihood_trend_lr{lr:g}.png"))
     if "reward" in results:
-        plot_reward(results["reward"], out / "ground_truth_reward.png")
+        plot_reward(results["reward"], settings["reward"], out / "ground_truth_reward.png")
+        plot_reward_grid(results["reward"], out / "ground_truth_sensitivity.png")
     (out / "summary.md").write_text(summary_markdown(results))
     (out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False))
     print(summary_markdown(results))

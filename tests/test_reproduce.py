@@ -43,7 +43,7 @@ def quick_run(tmp_path_factory):
 
 def test_outputs_exist_and_are_pngs(quick_run):
     out, _ = quick_run
-    for name in ("likelihood_trend.png", "ground_truth_reward.png"):
+    for name in ("likelihood_trend.png", "ground_truth_reward.png"):  # --quick runs one lr: no extra trend figure
         path = out / name
         assert path.exists(), name
         data = path.read_bytes()
@@ -75,20 +75,26 @@ def test_results_json_well_formed(quick_run):
         assert r["trainer_level"]["shared_prompt"]["max_abs_loss_diff"] < 1e-3
         assert len(padded["per_example"]) == r["num_pairs"] > 0
 
-    # Likelihood trend: one curve per method and seed, starting at the same SFT checkpoint
+    # Likelihood trend: one curve per lr, method and seed, all starting at the same SFT checkpoint
     trend = results["trend"]
     seeds = [str(s) for s in results["seeds"]]
-    for method in METHODS:
-        assert set(trend["runs"][method]) == set(seeds)
-        for seed in seeds:
-            run = trend["runs"][method][seed]
-            assert run["steps"][0] == 0 and run["steps"] == sorted(run["steps"]) and len(run["steps"]) >= 2
-            assert len(run["chosen"]) == len(run["rejected"]) == len(run["steps"])
-            assert all(v < 0 for v in run["chosen"] + run["rejected"])  # log-likelihoods
-            assert run["chosen"][0] == pytest.approx(trend["runs"]["DPO"][seed]["chosen"][0], abs=1e-3)
-        summary = trend["summary"][method]
-        assert set(summary) == {"chosen_change", "rejected_change"}
-        assert len(summary["chosen_change"]["values"]) == len(seeds)
+    assert trend["main_lr"] in trend["by_lr"]
+    for entry in trend["by_lr"].values():
+        for method in METHODS:
+            assert set(entry["runs"][method]) == set(seeds)
+            for seed in seeds:
+                run = entry["runs"][method][seed]
+                assert run["steps"][0] == 0 and run["steps"] == sorted(run["steps"]) and len(run["steps"]) >= 2
+                for name in ("heldout", "train"):
+                    curve = run[name]
+                    assert len(curve["chosen"]) == len(curve["rejected"]) == len(run["steps"])
+                    assert all(v < 0 for v in curve["chosen"] + curve["rejected"])  # log-likelihoods
+                    start = entry["runs"]["DPO"][seed][name]["chosen"][0]
+                    assert curve["chosen"][0] == pytest.approx(start, abs=1e-3)
+                    assert run[f"{name}_chosen_change"] == pytest.approx(curve["chosen"][-1] - curve["chosen"][0])
+            summary = entry["summary"][method]
+            assert len(summary["heldout_chosen_change"]["values"]) == len(seeds)
+            assert set(summary) == {f"{n}_{k}_change" for n in ("heldout", "train") for k in ("chosen", "rejected")}
 
     # Ground-truth reward task: SFT and every method evaluated, rewards and exact match in [0, 1]
     reward = results["reward"]
@@ -96,6 +102,7 @@ def test_results_json_well_formed(quick_run):
         for metric in ("reward", "exact_match"):
             s = reward["summary"][name][metric]
             assert 0.0 <= s["mean"] <= 1.0 and s["std"] >= 0.0 and len(s["values"]) == len(seeds)
+    assert reward["main_setting"] in reward["grid_summary"]
     for seed in seeds:
         samples = reward["per_seed"][seed]["samples"]
         assert 0 < samples["num_used"] <= samples["num_prompts"]
