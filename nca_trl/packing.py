@@ -51,12 +51,13 @@ def build_shared_prompt_batch(examples: list[dict], max_length: int | None) -> d
     Returns:
         - `input_ids`, `position_ids`, `shift_labels` (`-100` where nothing is scored): `[1, T]`;
         - `token_sequence`: `[T]`, the sequence index (slot-major, as in the plain layout) a scored token belongs to,
-          -1 elsewhere;
+          -1 elsewhere; `token_column` `[T]` and `plain_width` (scalar): the column of the token's log-prob in the plain
+          layout's `[N, L - 1]` per-token tensor, and `L - 1`, so that sequence sums can be taken in the same order;
         - `segment_q_index` `[S, Lq]`, `segment_kv_index` `[S, Lkv]`: token positions of each attention segment's
           queries and keys (padded with 0), `segment_mask` `[S, 1, Lq, Lkv]`: True where a query attends to a key,
           `segment_q_real` `[S, Lq]`: True for the real (not padded) queries.
     """
-    ids, pos, labels, seq = [], [], [], []
+    ids, pos, labels, seq, column = [], [], [], [], []
     segments = []  # (query positions, key positions, number of context keys before the segment's own tokens)
     k_max = max(len(e["completion_ids"]) for e in examples)
     # Sequence numbers in slot-major order: completion i of prompt b is sequence seq_no[b][i]
@@ -66,6 +67,7 @@ def build_shared_prompt_batch(examples: list[dict], max_length: int | None) -> d
             if i < len(e["completion_ids"]):
                 seq_no[b][i], n = n, n + 1
 
+    plain_width = 0
     for b, e in enumerate(examples):
         prompt = e["prompt_ids"]
         p = len(prompt)
@@ -77,6 +79,7 @@ def build_shared_prompt_batch(examples: list[dict], max_length: int | None) -> d
         pos += list(range(p - 1))
         labels += [-100] * (p - 1)
         seq += [-1] * (p - 1)
+        column += [-1] * (p - 1)
         if prefix:
             segments.append((prefix, prefix, 0))
         for i, completion in enumerate(e["completion_ids"]):
@@ -88,6 +91,9 @@ def build_shared_prompt_batch(examples: list[dict], max_length: int | None) -> d
             pos += list(range(p - 1, p - 1 + len(own)))
             labels += completion + [-100]
             seq += [seq_no[b][i]] * len(completion) + [-1]
+            # Where the plain layout keeps this token's log-prob: column p - 1 + j of its [N, L - 1] per-token row
+            column += list(range(p - 1, p - 1 + len(completion))) + [-1]
+            plain_width = max(plain_width, p + len(completion) - 1)
             own_positions = list(range(first, first + len(own)))
             segments.append((own_positions, prefix + own_positions, len(prefix)))
 
@@ -112,6 +118,8 @@ def build_shared_prompt_batch(examples: list[dict], max_length: int | None) -> d
         "position_ids": torch.tensor([pos]),
         "shift_labels": torch.tensor([labels]),
         "token_sequence": torch.tensor(seq),
+        "token_column": torch.tensor(column),
+        "plain_width": torch.tensor(plain_width),
         "segment_q_index": q_index,
         "segment_kv_index": kv_index,
         "segment_mask": mask.unsqueeze(1),

@@ -231,10 +231,14 @@ class _RatedCompletionsTrainer(DPOTrainer):
             def take(field):
                 return field.reshape(-1)[index]
 
+            # Sum each sequence's token log-probs from the plain layout's [N, L - 1] row, at the same columns: the
+            # same float32 reduction as DPOTrainer's `per_token_logps.sum(dim=1)`, whose rounding on sums of
+            # hundreds of tokens (~1e-4 on -2000) would otherwise show in the loss.
             token_logps = take(outputs.log_probs)
             n = int(inputs["completion_slots"].sum())
-            logps = token_logps.new_zeros(n).index_add(0, token_sequence, token_logps)
-            return outputs, take, token_sequence, logps
+            rows = token_logps.new_zeros(n, int(inputs["plain_width"]))
+            rows = rows.index_put((token_sequence, inputs["token_column"][index]), token_logps)
+            return outputs, take, token_sequence, rows.sum(dim=1)
 
         completion_mask = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
@@ -394,17 +398,25 @@ class _RatedCompletionsTrainer(DPOTrainer):
         rejected_g = (g * others).sum(dim=1) / n_others
         chosen_logps = logps.gather(1, best.unsqueeze(1)).squeeze(1)
         rejected_logps = (logps * others).sum(dim=1) / n_others
-        best_first = (chosen_g.unsqueeze(1) > g).masked_fill(~others, True).all(dim=1)
+        # Accuracy: the best completion's implicit reward beats every completion with a strictly lower reward
+        # (completions tied with the best are not its competitors); prompts with all rewards equal have no such pair
+        best_reward = rewards.gather(1, best.unsqueeze(1))
+        lower = slots & (rewards < best_reward)
+        best_first = (chosen_g.unsqueeze(1) > g).masked_fill(~lower, True).all(dim=1)
+        ranked_rows = lower.any(dim=1)
         metrics = {
             "rewards/chosen": chosen_g,
             "rewards/rejected": rejected_g,
-            "rewards/accuracies": best_first.float(),
             "rewards/margins": chosen_g - rejected_g,
             "logps/chosen": chosen_logps,
             "logps/rejected": rejected_logps,
         }
         for key, value in metrics.items():
             self._metrics[mode][key].append(gather(value).mean().item())
+        n_rows = gather_sum(ranked_rows.sum())
+        if n_rows > 0:
+            accuracy = gather_sum((best_first & ranked_rows).sum()) / n_rows
+            self._metrics[mode]["rewards/accuracies"].append(accuracy.item())
 
         # Pairwise ranking accuracy over pairs (i, j) of a prompt with r_i > r_j
         pairs = (rewards.unsqueeze(2) > rewards.unsqueeze(1)) & slots.unsqueeze(2) & slots.unsqueeze(1)

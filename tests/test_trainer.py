@@ -118,20 +118,31 @@ def test_plain_dpo_config_accepted_and_dpo_fields_rejected(tiny_mistral, vicuna,
 # --------------------------------------------------------------------------------------------------- DPO identities
 
 
-@pytest.mark.parametrize("shared_prompt", [False, True], ids=["plain", "shared_prompt"])
+def best_worst_pairs(rated):
+    def pair(row):
+        order = sorted(range(len(row["rewards"])), key=lambda i: row["rewards"][i])
+        return {"chosen": row["completions"][order[-1]], "rejected": row["completions"][order[0]]}
+
+    return rated.map(pair, remove_columns=["completions", "rewards"])
+
+
+@pytest.mark.parametrize(
+    "shared_prompt,data_name,max_length",
+    [(False, "hh", 80), (True, "hh", 80), (True, "vicuna", 256)],
+    ids=["plain-hh", "shared_prompt-hh", "shared_prompt-vicuna-long"],
+)
 @pytest.mark.parametrize(
     "cls,config_cls,dpo_loss", [(InfoNCATrainer, InfoNCAConfig, "sigmoid"), (NCATrainer, NCAConfig, "nca_pair")]
 )
 def test_first_steps_equal_dpo_trainer(
-    cls, config_cls, dpo_loss, shared_prompt, tiny_mistral, tiny_mistral_ref, hh, tmp_path
+    cls, config_cls, dpo_loss, shared_prompt, data_name, max_length, tiny_mistral, tiny_mistral_ref, hh, vicuna,
+    tmp_path,
 ):
     """alpha=0 on preference pairs, explicit reference model that differs from the policy: the losses of the first
-    three steps equal DPOTrainer's with the matching loss, in both layouts."""
-    data = short_prompts(hh, 8)
-    # Sequence log-probs are sums of ~100 token log-probs around -300: float32 resolves them to ~3e-5, and the
-    # shared-prompt layout adds them in another order (and its attention kernels round differently), so beta scales
-    # that rounding into the loss. The plain layout is the parent's computation in the parent's order: bit-equal.
-    common = dict(beta=0.1, max_steps=3, per_device_train_batch_size=4, max_length=80, learning_rate=2e-4)
+    three steps equal DPOTrainer's with the matching loss, in both layouts, also on long (256-token) sequences whose
+    log-prob sums float32 resolves to ~1e-4 only (the shared-prompt layout sums them in DPOTrainer's order)."""
+    data = short_prompts(hh, 8) if data_name == "hh" else best_worst_pairs(vicuna.select(range(8)))
+    common = dict(beta=0.1, max_steps=3, per_device_train_batch_size=4, max_length=max_length, learning_rate=2e-4)
 
     ref = AutoModelForCausalLM.from_pretrained(tiny_mistral_ref)
     dpo = DPOTrainer(
@@ -160,7 +171,7 @@ def test_first_steps_equal_dpo_trainer(
     dpo_logs = [h for h in dpo.state.log_history if "rewards/chosen" in h]
     our_logs = [h for h in ours.state.log_history if "rewards/chosen" in h]
     for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "rewards/margins"):
-        assert [h[key] for h in our_logs] == pytest.approx([h[key] for h in dpo_logs], abs=1e-4)
+        assert [h[key] for h in our_logs] == pytest.approx([h[key] for h in dpo_logs], rel=1e-6, abs=1e-4)
 
 
 # --------------------------------------------------------------------------------------------------- training on real data
