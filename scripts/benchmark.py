@@ -83,14 +83,21 @@ def best_worst_pairs(rows: list[dict]) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ measurement
-def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 matmul FLOP/s of this machine with torch's current threads."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak_flops(size: int = 2048, repeats: int = 5, device: str = "cpu", dtype=torch.float32) -> float:
+    """Best matmul FLOP/s of this machine (fp32 on the CPU with torch's current threads, bf16 on a GPU)."""
+    if device != "cpu":
+        size = 8192
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
+        if device != "cpu":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         torch.mm(a, b)
+        if device != "cpu":
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
 
@@ -184,8 +191,8 @@ def run_system(system: str, model_path: str, rated: list[dict], args, out_dir: s
         logging_steps=10**6,
         report_to="none",
         save_strategy="no",
-        bf16=False,
-        use_cpu=True,
+        bf16=args.bf16,
+        use_cpu=not args.cuda,
         gradient_checkpointing=False,
         dataloader_num_workers=0,
         seed=0,
@@ -212,6 +219,8 @@ def run_system(system: str, model_path: str, rated: list[dict], args, out_dir: s
     trainer.compute_loss = compute_loss
     timer = StepTimer()
     trainer.add_callback(timer)
+    if args.cuda:
+        torch.cuda.reset_peak_memory_stats()
     with PeakRSS() as rss:
         trainer.train()
 
@@ -238,6 +247,8 @@ def run_system(system: str, model_path: str, rated: list[dict], args, out_dir: s
         "mfu": flops / total / peak,
         "mfu_8nt": 8 * params * plain_tokens / total / peak,
     }
+    if args.cuda:
+        result["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     del trainer
     return result
 
@@ -245,14 +256,15 @@ def run_system(system: str, model_path: str, rated: list[dict], args, out_dir: s
 def table(workload: str, systems: dict, ratios: dict) -> str:
     lines = [
         f"\n### {workload}\n",
-        "| system | step s (median, min-max) | seq tokens/s | s/prompt | peak RSS MB | MFU | MFU 8NT |",
-        "|---|---|---|---|---|---|---|",
+        "| system | step s (median, min-max) | seq tokens/s | s/prompt | peak RSS MB | peak GPU MB | MFU | MFU 8NT |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for key, r in systems.items():
         lines.append(
             f"| {key}: {r['name']} | {r['step_seconds_median']:.2f} ({r['step_seconds_min']:.2f}-"
             f"{r['step_seconds_max']:.2f}) | {r['tokens_per_second']:.0f} | {r['seconds_per_prompt']:.3f} | "
-            f"{r['peak_rss_mb']:.0f} | {100 * r['mfu']:.1f}% | {100 * r['mfu_8nt']:.1f}% |"
+            f"{r['peak_rss_mb']:.0f} | {r.get('peak_gpu_memory_mb', float('nan')):.0f} | {100 * r['mfu']:.1f}% | "
+            f"{100 * r['mfu_8nt']:.1f}% |"
         )
     lines.append("\n" + ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items()) + " (ratios of seq tokens/s)")
     return "\n".join(lines)
@@ -271,7 +283,9 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--context-chars", type=int, default=1800, help="reference document size, long workload")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--bf16", action="store_true", help="bf16 training (on a GPU; MFU against the bf16 peak)")
     args = parser.parse_args(argv)
+    args.cuda = torch.cuda.is_available()
     hf_logging.set_verbosity_error()
 
     from nca_trl.tiny import build_tiny_model
@@ -281,14 +295,17 @@ def main(argv=None):
     n_params = sum(
         p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model_path).parameters()
     )
-    peak = matmul_peak_flops()
+    device = "cuda" if args.cuda else "cpu"
+    peak = matmul_peak_flops(device=device, dtype=torch.bfloat16 if args.bf16 else torch.float32)
     machine = {
+        "device": torch.cuda.get_device_name() if args.cuda else "cpu",
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "fp32_matmul_peak_gflops": peak / 1e9,
+        "matmul_peak_gflops": peak / 1e9,
+        "matmul_dtype": "bf16" if args.bf16 else "fp32",
     }
     print(f"Model: {args.arch} {args.size}, {n_params / 1e6:.1f}M parameters; machine: {machine}", flush=True)
 
@@ -314,7 +331,8 @@ def main(argv=None):
         report.append(table(workload, systems, ratios))
 
     print(f"\nMachine: {machine['processor']}, {machine['cpu_count']} CPUs, torch {machine['torch']} "
-          f"({machine['torch_threads']} threads), fp32 matmul peak {machine['fp32_matmul_peak_gflops']:.1f} GFLOP/s; "
+          f"({machine['torch_threads']} threads), {machine['device']}, {machine['matmul_dtype']} matmul peak "
+          f"{machine['matmul_peak_gflops']:.1f} GFLOP/s; "
           f"model {args.arch} {n_params / 1e6:.1f}M parameters, batch {args.batch} prompts, max_length "
           f"{args.max_length}, {args.steps} timed steps after {args.warmup} warm-up")
     print("\n".join(report))
