@@ -80,6 +80,33 @@ def save_mistral_tokenizer(out_dir: str | os.PathLike):
     return AutoTokenizer.from_pretrained(out_dir)
 
 
+def model_config(tokenizer, arch: str = "mistral", size="tiny", max_position_embeddings: int = 4096):
+    """A `MistralConfig` / `MixtralConfig` of the given size over `tokenizer`'s vocabulary and special tokens."""
+    from transformers import MistralConfig, MixtralConfig
+
+    hidden, inter, layers, heads, kv = SIZES[size] if isinstance(size, str) else size
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=hidden // heads,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        sliding_window=None,
+    )
+    if arch == "mistral":
+        return MistralConfig(**common)
+    if arch == "mixtral":
+        return MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02)
+    raise ValueError(f"arch must be 'mistral' or 'mixtral', got {arch!r}")
+
+
 def build_tiny_model(
     out_dir: str | os.PathLike,
     arch: str = "mistral",
@@ -99,31 +126,10 @@ def build_tiny_model(
         `str(out_dir)`, loadable with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`.
     """
     import torch
-    from transformers import AutoModelForCausalLM, MistralConfig, MixtralConfig
+    from transformers import AutoModelForCausalLM
 
-    hidden, inter, layers, heads, kv = SIZES[size] if isinstance(size, str) else size
     tokenizer = save_mistral_tokenizer(out_dir)
-    common = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        head_dim=hidden // heads,
-        max_position_embeddings=max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-        sliding_window=None,
-    )
-    if arch == "mistral":
-        config = MistralConfig(**common)
-    elif arch == "mixtral":
-        config = MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02)
-    else:
-        raise ValueError(f"arch must be 'mistral' or 'mixtral', got {arch!r}")
+    config = model_config(tokenizer, arch, size, max_position_embeddings)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(out_dir)

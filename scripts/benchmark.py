@@ -177,6 +177,18 @@ def batch_work(batch: dict) -> dict:
     }
 
 
+def record_work(trainer) -> list[dict]:
+    """A list that gets `batch_work` of every batch the trainer computes a loss on."""
+    work, original = [], trainer.compute_loss
+
+    def compute_loss(model, inputs, *args, **kwargs):
+        work.append(batch_work(inputs))
+        return original(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = compute_loss
+    return work
+
+
 def run_system(system: str, model_path: str, rated: list[dict], args, out_dir: str, peak: float) -> dict:
     from trl import DPOConfig, DPOTrainer
 
@@ -209,14 +221,7 @@ def run_system(system: str, model_path: str, rated: list[dict], args, out_dir: s
     if system in "bcd":
         assert trainer.data_collator.shared_prompt == (system != "c"), "layout fell back: see the log"
 
-    work = []
-    original = trainer.compute_loss
-
-    def compute_loss(model, inputs, *a, **k):
-        work.append(batch_work(inputs))
-        return original(model, inputs, *a, **k)
-
-    trainer.compute_loss = compute_loss
+    work = record_work(trainer)
     timer = StepTimer()
     trainer.add_callback(timer)
     if args.cuda:

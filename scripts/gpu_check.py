@@ -32,7 +32,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from benchmark import StepTimer, batch_work, forward_flops, matmul_peak_flops  # noqa: E402
+from benchmark import StepTimer, forward_flops, matmul_peak_flops, record_work  # noqa: E402
 
 
 def train(model_path: str, shared_prompt: bool, steps: int, max_length: int, batch: int, checkpointing: bool) -> dict:
@@ -49,13 +49,7 @@ def train(model_path: str, shared_prompt: bool, steps: int, max_length: int, bat
     trainer = NCATrainer(model=model_path, args=args, train_dataset=data)
     assert trainer.model.device.type == "cuda" and trainer.model.dtype == torch.bfloat16
     assert trainer.data_collator.shared_prompt == shared_prompt
-    work, original = [], trainer.compute_loss
-
-    def compute_loss(model, inputs, *a, **k):
-        work.append(batch_work(inputs))
-        return original(model, inputs, *a, **k)
-
-    trainer.compute_loss = compute_loss
+    work = record_work(trainer)
     timer = StepTimer()
     trainer.add_callback(timer)
     torch.cuda.reset_peak_memory_stats()

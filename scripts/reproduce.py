@@ -686,24 +686,11 @@ def build_char_tokenizer(out_dir):
 def build_model(out_dir, tok, seed, size, max_position_embeddings):
     """A random Mistral-architecture model over `tok`'s vocabulary (the config `nca_trl.tiny` builds, smaller vocab)."""
     import torch
-    from transformers import AutoModelForCausalLM, MistralConfig
+    from transformers import AutoModelForCausalLM
 
-    hidden, inter, layers, heads, kv = size
-    config = MistralConfig(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        head_dim=hidden // heads,
-        max_position_embeddings=max_position_embeddings,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.eos_token_id,
-        tie_word_embeddings=False,
-        sliding_window=None,
-    )
+    from nca_trl.tiny import model_config
+
+    config = model_config(tok, "mistral", tuple(size), max_position_embeddings)
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
