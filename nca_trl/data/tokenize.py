@@ -20,6 +20,8 @@ logger = logging.getLogger("nca_trl")
 
 __all__ = ["select_completions", "tokenize_rated_example", "prepare_rated_dataset"]
 
+_warned = {"boundary": False}  # warnings shown once per process, like TRL's `warning_once`
+
 
 def select_completions(rewards: list[float], max_completions: int | None) -> list[int]:
     """Indices of the completions kept under a cap of `max_completions`, in their original order.
@@ -58,10 +60,13 @@ def tokenize_rated_example(example: dict, processing_class, eos_token: str) -> d
     # The completion starts where the tokenized prompt and prompt+completion diverge, which is not always after the
     # prompt (a chat template that renders the prompt alone differently, or tokens merging across the boundary)
     prompt_len = min(common_prefix_length(prompt_ids, ids) for ids in full_ids)
-    if prompt_len < len(prompt_ids):
+    if prompt_len < len(prompt_ids) and not _warned["boundary"]:
+        _warned["boundary"] = True
         logger.warning(
-            "The tokenized prompt is not a prefix of the tokenized prompt+completion; the completion starts where "
-            "they diverge, as in trl.DPOTrainer, and this end of the prompt is left out of the training sequence: %r",
+            "The tokenized prompt is not a prefix of the tokenized prompt+completion (tokens merge across the "
+            "boundary, or the chat template renders the prompt alone differently); the completion starts where they "
+            "diverge, as in trl.DPOTrainer, and this end of the prompt is left out of the training sequence: %r. "
+            "Shown once; it likely applies to other rows.",
             processing_class.decode(prompt_ids[prompt_len:]),
         )
     return {
