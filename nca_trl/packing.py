@@ -53,8 +53,9 @@ def build_shared_prompt_batch(examples: list[dict], max_length: int | None) -> d
         - `token_sequence`: `[T]`, the sequence index (slot-major, as in the plain layout) a scored token belongs to,
           -1 elsewhere; `token_column` `[T]` and `plain_width` (scalar): the column of the token's log-prob in the plain
           layout's `[N, L - 1]` per-token tensor, and `L - 1`, so that sequence sums can be taken in the same order;
-        - `segment_q_index` `[S, Lq]`, `segment_kv_index` `[S, Lkv]`: token positions of each attention segment's
-          queries and keys (padded with 0), `segment_mask` `[S, 1, Lq, Lkv]`: True where a query attends to a key,
+        - per group of attention segments (the prompt prefixes, then the completions, each padded on its own), lists
+          of `segment_q_index` `[S, Lq]`, `segment_kv_index` `[S, Lkv]`: token positions of each segment's queries
+          and keys (padded with 0), `segment_mask` `[S, 1, Lq, Lkv]`: True where a query attends to a key,
           `segment_q_real` `[S, Lq]`: True for the real (not padded) queries.
     """
     ids, pos, labels, seq, column = [], [], [], [], []
@@ -97,21 +98,9 @@ def build_shared_prompt_batch(examples: list[dict], max_length: int | None) -> d
             own_positions = list(range(first, first + len(own)))
             segments.append((own_positions, prefix + own_positions, len(prefix)))
 
-    lq = max(len(q) for q, _, _ in segments)
-    lkv = max(len(kv) for _, kv, _ in segments)
-    q_index = torch.zeros(len(segments), lq, dtype=torch.long)
-    kv_index = torch.zeros(len(segments), lkv, dtype=torch.long)
-    q_len = torch.tensor([len(q) for q, _, _ in segments])
-    kv_ctx = torch.tensor([c for _, _, c in segments])
-    kv_len = torch.tensor([len(kv) for _, kv, _ in segments])
-    for s, (q, kv, _) in enumerate(segments):
-        q_index[s, : len(q)] = torch.tensor(q)
-        kv_index[s, : len(kv)] = torch.tensor(kv)
-    # Query j of a segment sees the context and its own keys 0..j; padded queries see key 0 only (no NaN rows)
-    qj = torch.arange(lq).view(1, lq, 1)
-    kj = torch.arange(lkv).view(1, 1, lkv)
-    mask = (kj < kv_len.view(-1, 1, 1)) & (kj <= kv_ctx.view(-1, 1, 1) + qj)
-    mask |= (qj >= q_len.view(-1, 1, 1)) & (kj == 0)
+    # Prompt prefixes and completions have very different lengths: each kind is its own padded attention batch
+    groups = [g for g in ([x for x in segments if x[2] == 0], [x for x in segments if x[2] > 0]) if g]
+    tensors = [_segment_tensors(group) for group in groups]
 
     return {
         "input_ids": torch.tensor([ids]),
@@ -120,11 +109,28 @@ def build_shared_prompt_batch(examples: list[dict], max_length: int | None) -> d
         "token_sequence": torch.tensor(seq),
         "token_column": torch.tensor(column),
         "plain_width": torch.tensor(plain_width),
-        "segment_q_index": q_index,
-        "segment_kv_index": kv_index,
-        "segment_mask": mask.unsqueeze(1),
-        "segment_q_real": torch.arange(lq).view(1, lq) < q_len.view(-1, 1),
+        **{key: [t[i] for t in tensors] for i, key in enumerate(LAYOUT_KEYS)},
     }
+
+
+def _segment_tensors(segments: list[tuple[list[int], list[int], int]]) -> tuple[torch.Tensor, ...]:
+    """Padded index and mask tensors of a group of attention segments (query positions, key positions, context)."""
+    lq = max(len(q) for q, _, _ in segments)
+    lkv = max(len(kv) for _, kv, _ in segments)
+    q_index = torch.zeros(len(segments), lq, dtype=torch.long)
+    kv_index = torch.zeros(len(segments), lkv, dtype=torch.long)
+    for s, (q, kv, _) in enumerate(segments):
+        q_index[s, : len(q)] = torch.tensor(q)
+        kv_index[s, : len(kv)] = torch.tensor(kv)
+    q_len = torch.tensor([len(q) for q, _, _ in segments]).view(-1, 1, 1)
+    kv_ctx = torch.tensor([c for _, _, c in segments]).view(-1, 1, 1)
+    kv_len = torch.tensor([len(kv) for _, kv, _ in segments]).view(-1, 1, 1)
+    # Query j of a segment sees the context and its own keys 0..j; padded queries see key 0 only (no NaN rows)
+    qj = torch.arange(lq).view(1, lq, 1)
+    kj = torch.arange(lkv).view(1, 1, lkv)
+    mask = (kj < kv_len) & (kj <= kv_ctx + qj)
+    mask |= (qj >= q_len) & (kj == 0)
+    return q_index, kv_index, mask.unsqueeze(1), torch.arange(lq).view(1, lq) < q_len.view(-1, 1)
 
 
 def shared_prompt_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -142,20 +148,19 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
         else:
             original_fn = ALL_ATTENTION_FUNCTIONS[original]
         return original_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    q_index, kv_index, mask, q_real = (layout[k] for k in LAYOUT_KEYS)
-    if kwargs.get("sliding_window") is not None and kv_index.size(1) > kwargs["sliding_window"]:
-        raise ValueError("a segment is longer than the model's sliding window: use the plain layout")
     _, heads, t, d = query.shape
-    q = query[0][:, q_index].transpose(0, 1)  # [S, H, Lq, D]
-    k = key[0][:, kv_index].transpose(0, 1)  # [S, H_kv, Lkv, D]
-    v = value[0][:, kv_index].transpose(0, 1)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=k.size(1) != heads
-    )  # [S, H, Lq, D]
-    # Scatter each segment's real queries back to their token positions (every token is the query of one segment)
-    result = out.transpose(1, 2)[q_real]  # [T, H, D] in the order of q_index[q_real]
-    final = torch.empty(t, heads, d, dtype=out.dtype, device=out.device)
-    final = final.index_copy(0, q_index[q_real], result)
+    final = torch.empty(t, heads, d, dtype=query.dtype, device=query.device)
+    for q_index, kv_index, mask, q_real in zip(*(layout[k] for k in LAYOUT_KEYS)):
+        if kwargs.get("sliding_window") is not None and kv_index.size(1) > kwargs["sliding_window"]:
+            raise ValueError("a segment is longer than the model's sliding window: use the plain layout")
+        q = query[0][:, q_index].transpose(0, 1)  # [S, H, Lq, D]
+        k = key[0][:, kv_index].transpose(0, 1)  # [S, H_kv, Lkv, D]
+        v = value[0][:, kv_index].transpose(0, 1)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=k.size(1) != heads
+        )  # [S, H, Lq, D]
+        # Scatter the segments' real queries back to their token positions (every token is the query of one segment)
+        final = final.index_copy(0, q_index[q_real], out.transpose(1, 2)[q_real].to(final.dtype))
     return final.unsqueeze(0), None
 
 

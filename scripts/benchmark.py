@@ -158,11 +158,14 @@ def forward_flops(config, tokens: int, scored: int, attention_pairs: int) -> flo
 def batch_work(batch: dict) -> dict:
     """Tokens processed, scored tokens, attention pairs and plain-layout tokens of one collated batch."""
     if "segment_q_index" in batch:  # shared-prompt layout
-        mask = batch["segment_mask"][:, 0] & batch["segment_q_real"].unsqueeze(-1)
+        pairs = sum(
+            int((mask[:, 0] & real.unsqueeze(-1)).sum())
+            for mask, real in zip(batch["segment_mask"], batch["segment_q_real"])
+        )
         return {
             "tokens": batch["input_ids"].numel(),
             "scored": int((batch["token_sequence"] >= 0).sum()),
-            "pairs": int(mask.sum()),
+            "pairs": pairs,
             "plain_tokens": int(batch["sequence_tokens"]),
             "computed_tokens": batch["input_ids"].numel(),
         }
