@@ -268,11 +268,11 @@ def table(workload: str, systems: dict, ratios: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for key, r in systems.items():
+        gpu = f"{r['peak_gpu_memory_mb']:.0f}" if "peak_gpu_memory_mb" in r else "-"
         lines.append(
             f"| {key}: {r['name']} | {r['step_seconds_median']:.2f} ({r['step_seconds_min']:.2f}-"
             f"{r['step_seconds_max']:.2f}) | {r['tokens_per_second']:.0f} | {r['seconds_per_prompt']:.3f} | "
-            f"{r['peak_rss_mb']:.0f} | {r.get('peak_gpu_memory_mb', float('nan')):.0f} | {100 * r['mfu']:.1f}% | "
-            f"{100 * r['mfu_8nt']:.1f}% |"
+            f"{r['peak_rss_mb']:.0f} | {gpu} | {100 * r['mfu']:.1f}% | {100 * r['mfu_8nt']:.1f}% |"
         )
     lines.append("\n" + ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items()) + " (ratios of seq tokens/s)")
     return "\n".join(lines)
