@@ -44,7 +44,7 @@ def train(model_path: str, shared_prompt: bool, steps: int, max_length: int, bat
     args = NCAConfig(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_length=max_length, max_steps=steps,
         learning_rate=5e-6, bf16=True, gradient_checkpointing=checkpointing, report_to="none", save_strategy="no",
-        logging_steps=1, shared_prompt=shared_prompt, model_init_kwargs={"dtype": torch.bfloat16},
+        logging_steps=1, shared_prompt=shared_prompt, model_init_kwargs={"dtype": "bfloat16"},
     )
     trainer = NCATrainer(model=model_path, args=args, train_dataset=data)
     assert trainer.model.device.type == "cuda" and trainer.model.dtype == torch.bfloat16
