@@ -392,3 +392,35 @@ def test_streaming_dataset_and_implicit_prompt_pairs(tiny_mistral, hh, tmp_path)
     trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=bad.to_iterable_dataset())
     with pytest.raises(DataValidationError, match="row 0.*rewards"):
         trainer.train()  # a stream is validated row by row as it is read
+
+
+def test_accuracy_ignores_completions_tied_with_the_best(tiny_mistral, tiny_mistral_ref, vicuna, tmp_path):
+    """With rewards (5, 5, 1, 1) the best completion (first of the tie) must beat the two worse ones, not its tie."""
+    from nca_trl.trainer import to_slots
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_mistral_ref)
+    trainer = NCATrainer(
+        model=tiny_mistral, ref_model=ref, args=make_args(NCAConfig, tmp_path, max_length=64),
+        train_dataset=vicuna.select(range(1)),
+    )
+    trainer.model.eval()
+    example = trainer.train_dataset[0]
+    with torch.no_grad():
+        batch = trainer.data_collator([example])
+        g = (to_slots(trainer._sequence_logps(trainer.model, batch)[-1], batch["completion_slots"])
+             - trainer.compute_ref_log_probs(trainer.ref_model, batch))[0]
+    first, second, *rest = torch.argsort(g, descending=True).tolist()
+    # The tied-best pair is put with its lower implicit reward first: it is "the best" and beats only the worse two
+    order = [second, first, *rest]
+    reordered = {
+        "prompt_ids": example["prompt_ids"],
+        "completion_ids": [example["completion_ids"][i] for i in order],
+        "rewards": [5.0, 5.0, 1.0, 1.0],
+    }
+    trainer._metrics["eval"].clear()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, trainer.data_collator([reordered]))
+    metrics = trainer._metrics["eval"]
+    assert metrics["rewards/accuracies"] == [1.0]
+    # The ranking accuracy counts the 4 pairs with different rewards: all ranked right
+    assert metrics["rewards/ranking_accuracy"] == [1.0]
