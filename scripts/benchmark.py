@@ -45,7 +45,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from datasets import Dataset, load_dataset  # noqa: E402
-from transformers import AutoConfig, TrainerCallback  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

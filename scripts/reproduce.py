@@ -748,7 +748,6 @@ def evaluate_greedy(model, tok, tasks, num_digits):
 def run_reward(cfg, seeds, work):
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     n = cfg["num_digits"]
