@@ -196,7 +196,7 @@ def enable_shared_prompt(model) -> SharedPromptSupport:
         return SharedPromptSupport(False, "prompt-learning PEFT adds virtual tokens to every sequence")
     if implementation not in ("eager", "sdpa"):
         return SharedPromptSupport(False, f"attention implementation {implementation!r} is not eager or sdpa")
-    if model.config.get_text_config() is not model.config:
+    if config is not model.config:
         return SharedPromptSupport(False, "multimodal models are not supported")
     module_names = {type(m).__module__ for m in model.modules() if type(m).__name__.endswith("Attention")}
     if not module_names or not all(_uses_attention_interface(name) for name in module_names):
