@@ -11,8 +11,8 @@ import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VICUNA = REPO / "data" / "vicuna_rated.jsonl"
-SHARED_DATA = REPO.parent / "shared" / "data"
-HH = SHARED_DATA / "hh_helpful_test.jsonl"
+# A 202-row slice of Anthropic HH-RLHF helpful-base (test split) shipped with the tests: see tests/data/README.md
+HH = REPO / "tests" / "data" / "hh_helpful_test.jsonl"
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +56,4 @@ def vicuna():
 def hh():
     from datasets import load_dataset
 
-    if not HH.exists():
-        pytest.skip(f"{HH} not present (CI lays ../shared beside the checkout)")
     return load_dataset("json", data_files=str(HH), split="train")
