@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from trl import DPOConfig
 
-__all__ = ["NCAConfig", "InfoNCAConfig", "check_rated_config", "LOSS_NAMES"]
+__all__ = ["NCAConfig", "InfoNCAConfig", "RATED_CONFIGS", "config_for_loss", "check_rated_config"]
 
-# Loss names each trainer accepts in `loss_type`: its own, DPOConfig's default ("sigmoid", so that a plain DPOConfig
-# works), and the TRL pairwise loss it generalises.
-LOSS_NAMES = {"nca": ("nca", "sigmoid", "nca_pair"), "infonca": ("infonca", "sigmoid")}
+# DPOConfig's default `loss_type`: accepted by every trainer here so that a plain `DPOConfig` works unchanged.
+_DPO_DEFAULT_LOSS = "sigmoid"
 
 # DPOConfig fields that only shape DPO-family pairwise losses: anything but the default is an error, never ignored.
 _UNSUPPORTED_DPO_FIELDS = {
@@ -24,18 +24,20 @@ _UNSUPPORTED_DPO_FIELDS = {
 }
 
 
-def check_rated_config(args: DPOConfig, loss: str) -> None:
+def check_rated_config(args: DPOConfig, config_class: type[_RatedCompletionsConfig]) -> None:
     """Raise a `ValueError` if `args` sets a DPO-only loss field or an invalid NCA field.
 
-    Works on an `NCAConfig`/`InfoNCAConfig` as well as on a plain `trl.DPOConfig` (whose new fields are absent and
-    take the NCA defaults).
+    `config_class` (`NCAConfig` or `InfoNCAConfig`) names the loss the trainer trains. Works on an
+    `NCAConfig`/`InfoNCAConfig` as well as on a plain `trl.DPOConfig` (whose new fields are absent and take the NCA
+    defaults).
     """
-    name = {"nca": "NCA", "infonca": "InfoNCA"}[loss]
+    name = config_class.display_name()
+    accepted = config_class.accepted_loss_types()
     loss_type = args.loss_type if isinstance(args.loss_type, list) else [args.loss_type]
-    if len(loss_type) != 1 or loss_type[0] not in LOSS_NAMES[loss]:
+    if len(loss_type) != 1 or loss_type[0] not in accepted:
         raise ValueError(
             f"`loss_type={args.loss_type!r}` cannot be used with the {name} trainer, which always trains the {name} "
-            f"loss. Leave `loss_type` unset (accepted values: {list(LOSS_NAMES[loss])}); to train another DPO loss "
+            f"loss. Leave `loss_type` unset (accepted values: {list(accepted)}); to train another DPO loss "
             "use `trl.DPOTrainer`."
         )
     for field_name, (default, why) in _UNSUPPORTED_DPO_FIELDS.items():
@@ -85,12 +87,47 @@ class _RatedCompletionsConfig(DPOConfig):
     alpha: float = field(default=1.0, metadata={"help": _ALPHA_HELP})
     max_completions: int | None = field(default=None, metadata={"help": _MAX_COMPLETIONS_HELP})
     shared_prompt: bool = field(default=True, metadata={"help": _SHARED_PROMPT_HELP})
+    activation_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Activation (gradient) checkpointing; None means True, DPOConfig's default. "
+                  "`gradient_checkpointing` is transformers' deprecated alias."},
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of `activation_checkpointing` (transformers 5)."}
+    )
+    zero3_leaf_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Under DeepSpeed ZeRO-3: module class names to mark as ZeRO-3 leaf modules in the policy, the "
+            "reference and the precompute engine. Default: every sparse Mixture-of-Experts block of the model (e.g. "
+            "MixtralSparseMoeBlock), see `nca_trl.distributed`."
+        },
+    )
+    loss_type: list[str] | None = field(
+        default=None,
+        metadata={"help": "Always this config's loss (the default, None, means it); see `accepted_loss_types`."},
+    )
 
-    _loss = ""
+    # The one place each loss is named: `loss` is its name (`nca-trl train --loss`, `loss_type`, the model card tag),
+    # `pairwise_loss_type` the TRL `loss_type` that is the same loss on K = 2 pairs.
+    loss: ClassVar[str] = ""
+    pairwise_loss_type: ClassVar[str] = ""
+
+    @classmethod
+    def display_name(cls) -> str:
+        return cls.__name__.removesuffix("Config")
+
+    @classmethod
+    def accepted_loss_types(cls) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((cls.loss, cls.pairwise_loss_type, _DPO_DEFAULT_LOSS)))
 
     def __post_init__(self):
+        if self.loss_type is None:
+            self.loss_type = [self.loss]
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True  # DPOConfig's default, under transformers 5's name (no warning)
         super().__post_init__()
-        check_rated_config(self, self._loss)
+        check_rated_config(self, type(self))
 
 
 @dataclass
@@ -110,9 +147,9 @@ class NCAConfig(_RatedCompletionsConfig):
         shared_prompt (`bool`, *optional*, defaults to `True`):
             Encode each prompt once, followed by its K completions, padding-free (falls back to the plain padded
             layout, with a logged reason, where the model cannot take it).
-        loss_type (`list[str]`, *optional*, defaults to `["nca"]`):
-            Always the NCA loss; only `"nca"`, `"nca_pair"` (its K=2 case) and DPOConfig's default `"sigmoid"` are
-            accepted, so that a plain `DPOConfig` works unchanged.
+        loss_type (`list[str]`, *optional*):
+            Always the NCA loss. Leave unset; `NCAConfig.accepted_loss_types()` lists the values accepted (the loss's
+            own name, TRL's name of its K=2 case, and DPOConfig's default, so that a plain `DPOConfig` works).
 
     DPO-only loss fields (`loss_weights`, `ld_alpha`, `f_divergence_type`, `f_alpha_divergence_coef`,
     `label_smoothing`, `use_weighting`, `discopop_tau`) raise a `ValueError` when set to anything but their default.
@@ -124,8 +161,8 @@ class NCAConfig(_RatedCompletionsConfig):
     ```
     """
 
-    loss_type: list[str] = field(default_factory=lambda: ["nca"], metadata={"help": "Always the NCA loss."})
-    _loss = "nca"
+    loss: ClassVar[str] = "nca"
+    pairwise_loss_type: ClassVar[str] = "nca_pair"
 
 
 @dataclass
@@ -142,8 +179,9 @@ class InfoNCAConfig(_RatedCompletionsConfig):
             Cap on K per prompt, keeping the best, the worst and an even spread of reward ranks between.
         shared_prompt (`bool`, *optional*, defaults to `True`):
             Shared-prompt, padding-free layout, as in [`NCAConfig`].
-        loss_type (`list[str]`, *optional*, defaults to `["infonca"]`):
-            Always the InfoNCA loss; `"infonca"` and DPOConfig's default `"sigmoid"` (its K=2 case) are accepted.
+        loss_type (`list[str]`, *optional*):
+            Always the InfoNCA loss. Leave unset; `InfoNCAConfig.accepted_loss_types()` lists the values accepted
+            (its own name, and DPOConfig's default, which is its K=2 case: DPO).
 
     Example:
     ```python
@@ -152,5 +190,16 @@ class InfoNCAConfig(_RatedCompletionsConfig):
     ```
     """
 
-    loss_type: list[str] = field(default_factory=lambda: ["infonca"], metadata={"help": "Always the InfoNCA loss."})
-    _loss = "infonca"
+    loss: ClassVar[str] = "infonca"
+    pairwise_loss_type: ClassVar[str] = "sigmoid"
+
+
+RATED_CONFIGS = (NCAConfig, InfoNCAConfig)
+
+
+def config_for_loss(loss: str) -> type[_RatedCompletionsConfig]:
+    """The config class whose `loss` is `loss` (`"nca"` -> `NCAConfig`, `"infonca"` -> `InfoNCAConfig`)."""
+    for config_class in RATED_CONFIGS:
+        if config_class.loss == loss:
+            return config_class
+    raise ValueError(f"`loss` must be one of {[c.loss for c in RATED_CONFIGS]}, got {loss!r}.")

@@ -133,10 +133,10 @@ def deepspeed_zero_stage(config) -> int | None:
 
 
 @contextlib.contextmanager
-def zero3_moe_leaf_guard(class_names: Iterable[str] | None = None):
+def zero3_moe_leaf_guard(class_names: Iterable[str] | None = None, marked: list[int] | None = None):
     """Within the block, every `deepspeed.initialize(model=..., config=<ZeRO-3>)` first marks the model's sparse MoE
-    blocks as ZeRO-3 leaves (see the module docstring). A no-op without DeepSpeed installed. Yields a list that gets,
-    for each ZeRO-3 engine built in the block, the number of modules flagged in its model.
+    blocks as ZeRO-3 leaves (see the module docstring). A no-op without DeepSpeed installed. Yields a list (`marked`,
+    or a new one) that gets, for each ZeRO-3 engine built in the block, the number of modules flagged in its model.
 
     Covers the policy (built in `trainer.train()` by `accelerator.prepare`), the reference model (built in
     `DPOTrainer.__init__` by `trl.models.prepare_deepspeed`) and the `precompute_ref_log_probs` engine, so wrap both the
@@ -148,7 +148,7 @@ def zero3_moe_leaf_guard(class_names: Iterable[str] | None = None):
         trainer.train()
     ```
     """
-    marked: list[int] = []  # one entry per ZeRO-3 engine built inside the block: MoE blocks flagged in its model
+    marked = [] if marked is None else marked  # one entry per ZeRO-3 engine built in the block: MoE blocks flagged
     try:
         import deepspeed
     except ImportError:

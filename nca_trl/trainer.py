@@ -32,10 +32,9 @@ from transformers import (
 from transformers.trainer_utils import EvalPrediction
 from trl import DPOConfig, DPOTrainer
 from trl.models import prepare_deepspeed
-from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, use_adapter
 
-from .config import InfoNCAConfig, NCAConfig, check_rated_config
+from .config import InfoNCAConfig, NCAConfig, _RatedCompletionsConfig, check_rated_config
 from .data.collator import DataCollatorForRatedCompletions
 from .data.tokenize import prepare_rated_dataset
 from .losses import infonca_loss, nca_loss
@@ -60,6 +59,20 @@ _NCA_PAPER = {
 }
 
 
+@contextlib.contextmanager
+def _activation_checkpointing_off(model, kwargs: dict | None):
+    """`trl.models.utils.disable_gradient_checkpointing` with transformers 5's non-deprecated names: checkpointing is
+    pointless without gradients (reference forward)."""
+    was_enabled = getattr(model, "is_activation_checkpointing", False)
+    if was_enabled:
+        model.activation_checkpointing_disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            model.activation_checkpointing_enable(kwargs)
+
+
 def to_slots(values: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """Scatter per-sequence values `[N]`, in the collator's slot-major order, into `[B, Kmax]`, 0 in empty slots."""
     out = torch.zeros(slots.T.shape, dtype=values.dtype, device=values.device)
@@ -72,15 +85,20 @@ def from_slots(values: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 
 class _RatedCompletionsTrainer(DPOTrainer):
-    """Shared K-completion machinery; subclasses pick the loss (`_loss_name`, `_loss_fn`, `_config_class`)."""
+    """Shared K-completion machinery; a subclass sets its config class (which names the loss) and its loss function."""
 
-    _loss_name = ""
-    _config_class = DPOConfig
+    _config_class: type[_RatedCompletionsConfig]
     _paper = _NCA_PAPER
 
     @staticmethod
     def _loss_fn(logratios, rewards, beta, alpha, mask):  # pragma: no cover - set by subclasses
         raise NotImplementedError
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # The loss's name comes from its config class alone (model card tags, default output_dir)
+        cls._name = cls._config_class.display_name()
+        cls._tag_names = ["trl", cls._config_class.loss, "nca-trl"]
 
     def __init__(
         self,
@@ -105,7 +123,7 @@ class _RatedCompletionsTrainer(DPOTrainer):
         if args is None:
             model_name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = self._config_class(f"{model_name.split('/')[-1]}-{self._name}")
-        check_rated_config(args, self._loss_name)
+        check_rated_config(args, self._config_class)
         # A plain DPOConfig has no `alpha` / `max_completions`: they take the NCA defaults
         self.alpha = getattr(args, "alpha", 1.0)
         self.max_completions = getattr(args, "max_completions", None)
@@ -152,16 +170,21 @@ class _RatedCompletionsTrainer(DPOTrainer):
             )
         self._setup_layout()
 
-    @staticmethod
-    def _zero3_moe_leaves(args):
-        """Under DeepSpeed ZeRO-3, every engine built in the block (the reference model here, the policy in `train`,
-        the precompute engine) gets its sparse MoE blocks marked as ZeRO-3 leaves first (`nca_trl.distributed`)."""
+    @contextlib.contextmanager
+    def _zero3_moe_leaves(self, args):
+        """Under DeepSpeed ZeRO-3, every engine built in the block (the reference model and the precompute engine in
+        `__init__`, the policy in `train`) gets its sparse MoE blocks marked as ZeRO-3 leaves first
+        (`nca_trl.distributed`). `self.z3_leaves_marked` gets, per engine, the number of blocks marked."""
+        if not hasattr(self, "z3_leaves_marked"):
+            self.z3_leaves_marked: list[int] = []
         plugin = getattr(args, "deepspeed_plugin", None)
         if plugin is None or plugin.zero_stage != 3:
-            return contextlib.nullcontext()
+            yield
+            return
         from .distributed import zero3_moe_leaf_guard
 
-        return zero3_moe_leaf_guard()
+        with zero3_moe_leaf_guard(getattr(args, "zero3_leaf_modules", None), marked=self.z3_leaves_marked):
+            yield
 
     def train(self, *args, **kwargs):
         with self._zero3_moe_leaves(self.args):
@@ -269,7 +292,7 @@ class _RatedCompletionsTrainer(DPOTrainer):
             adapter_context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         with (
             torch.no_grad(),
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            _activation_checkpointing_off(self.model, self.args.activation_checkpointing_kwargs),
             adapter_context,
             self.accelerator.autocast(),
         ):
@@ -446,10 +469,7 @@ class NCATrainer(_RatedCompletionsTrainer):
     ```
     """
 
-    _loss_name = "nca"
     _config_class = NCAConfig
-    _tag_names = ["trl", "nca", "nca-trl"]
-    _name = "NCA"
     _loss_fn = staticmethod(nca_loss)
 
 
@@ -470,8 +490,5 @@ class InfoNCATrainer(_RatedCompletionsTrainer):
     ```
     """
 
-    _loss_name = "infonca"
     _config_class = InfoNCAConfig
-    _tag_names = ["trl", "infonca", "nca-trl"]
-    _name = "InfoNCA"
     _loss_fn = staticmethod(infonca_loss)

@@ -208,7 +208,7 @@ def run_system(system: str, model_path: str, rated: list[dict], args, out_dir: s
         save_strategy="no",
         bf16=args.bf16,
         use_cpu=not args.cuda,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         dataloader_num_workers=0,
         seed=0,
         disable_tqdm=True,

@@ -60,7 +60,7 @@ def train(model_path: str, shared_prompt: bool, steps: int, max_length: int, bat
     data = load_dataset("json", data_files=str(DATA), split="train")
     args = NCAConfig(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_length=max_length, max_steps=steps,
-        learning_rate=5e-6, bf16=True, gradient_checkpointing=checkpointing, report_to="none", save_strategy="no",
+        learning_rate=5e-6, bf16=True, activation_checkpointing=checkpointing, report_to="none", save_strategy="no",
         logging_steps=1, shared_prompt=shared_prompt, model_init_kwargs={"dtype": "bfloat16"},
         use_cpu=_device() == "cpu", disable_tqdm=True,
     )

@@ -33,10 +33,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
 import yaml
+
+_HARDWARE_RE = re.compile(
+    r"^\s*(\d+)\s*nodes?\s*x\s*(\d+)\s*GPUs?\s*x\s*(\d+(?:\.\d+)?)\s*GB(?:\s*,\s*(\d+(?:\.\d+)?)\s*GB\s*CPU)?\s*$",
+    re.IGNORECASE,
+)
+
+
+def parse_hardware(text: str) -> dict:
+    """A recipe's `hardware` launch metadata, `"2 nodes x 8 GPUs x 80 GB[, 2048 GB CPU]"` -> `{"nodes": 2,
+    "gpus_per_node": 8, "gpu_mem_gb": 80.0, "cpu_mem_gb": 2048.0 or None}`."""
+    m = _HARDWARE_RE.match(text)
+    if m is None:
+        raise ValueError(
+            f"`hardware` must read like '2 nodes x 8 GPUs x 80 GB' or '1 node x 8 GPUs x 80 GB, 2048 GB CPU', got "
+            f"{text!r}."
+        )
+    return {
+        "nodes": int(m.group(1)),
+        "gpus_per_node": int(m.group(2)),
+        "gpu_mem_gb": float(m.group(3)),
+        "cpu_mem_gb": float(m.group(4)) if m.group(4) else None,
+    }
 
 REPO = Path(__file__).resolve().parents[1]
 GB = 1e9
@@ -163,7 +186,7 @@ def plan(recipe: str, gpus: int | None = None, gpu_mem: float | None = None, nod
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    from nca_trl.cli import parse_hardware, parse_train_args
+    from nca_trl.arguments import parse_train_args
 
     args = parse_train_args(["--config", recipe], dry_run=True)
     script_args, training_args, model_args = args.script, args.training, args.model
@@ -235,6 +258,8 @@ def plan(recipe: str, gpus: int | None = None, gpu_mem: float | None = None, nod
         "gpu_mem_gb": gpu_mem,
         "cpu_mem_gb": cpu_mem,
         "completions": k,
+        "global_batch_prompts": training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps * total_gpus,
         "tokens_per_micro_batch": tokens,
         "lora_params": lora_params,
         "model_states": states,
@@ -320,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                 + (f" (ZeRO-3 leaf: {', '.join(p['moe_leaf_classes'])})" if p["moe_leaf_classes"] else "")
                 + f"; activations = checkpoints {_gb(a['checkpoints'])} + layer {_gb(a['layer'])} + LM head "
                 f"{_gb(a['lm_head'])} + router {_gb(a['router'])} GB; "
+                + f"global batch: x {p['nodes'] * p['gpus_per_node']} processes = {p['global_batch_prompts']} "
+                "prompts (global batch); "
                 + ("fits" if p["fits"] else "DOES NOT FIT")
                 + f" ({_gb(p['total_gpu'])} of {p['gpu_mem_gb']:g} GB per GPU"
                 + (f", {_gb(p['cpu_per_node'])} of {p['cpu_mem_gb']:g} GB CPU per node" if p["cpu_mem_gb"] else "")

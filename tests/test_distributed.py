@@ -1,6 +1,7 @@
 """Distributed training proven under the real `accelerate launch` on CPU (2 processes, gloo).
 
-Each launch writes run_info.json from inside the run; every test asserts world size 2 and the distributed type from
+Each launch writes run_info.json (and, through tests/launch_probe.py, probe.json: pids, leaf counts, checksums) from
+inside the run; every test asserts world size 2 and the distributed type from
 it, because a broken launch can look green: a MULTI_CPU accelerate config silently starts one process, and MULTI_GPU
 without `use_cpu` starts two independent single-process trainings. Launches share one DeepSpeed extension cache
 (TORCH_EXTENSIONS_DIR, or a temporary folder) and each gets its own free port; a timeout fails the test (a hang is a
@@ -21,12 +22,12 @@ import pytest
 import torch
 import yaml
 
-from nca_trl.cli import train_main
+from nca_trl.cli import train as train_main
 
 REPO = Path(__file__).resolve().parents[1]
 VICUNA = REPO / "data" / "vicuna_rated.jsonl"
 ACCEL = REPO / "recipes" / "accelerate_configs"
-TRAIN = REPO / "scripts" / "train.py"
+TRAIN = Path(__file__).resolve().parent / "launch_probe.py"
 LAUNCH_TIMEOUT = 300  # seconds; first DeepSpeed launch compiles a small C++ op (~35 s)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -107,7 +108,8 @@ def _tail(log: Path, n: int = 60) -> str:
 
 
 def launch(env, config, train_args, out: Path, extra_launch=()) -> dict:
-    """`accelerate launch` 2 processes of scripts/train.py; returns the run_info.json written inside the run."""
+    """`accelerate launch` 2 processes of `nca-trl train` (with the test probe); returns run_info.json and probe.json,
+    both written inside the run."""
     out.mkdir(parents=True, exist_ok=True)
     log = out.parent / f"{out.name}.log"
     with open(log, "w") as f:
@@ -117,7 +119,11 @@ def launch(env, config, train_args, out: Path, extra_launch=()) -> dict:
             cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
         )
         _wait([proc], [log], LAUNCH_TIMEOUT)
-    return json.loads((out / "run_info.json").read_text())
+    return read_run(out)
+
+
+def read_run(out: Path) -> dict:
+    return {**json.loads((out / "run_info.json").read_text()), **json.loads((out / "probe.json").read_text())}
 
 
 def losses(info: dict) -> list[float]:
@@ -175,7 +181,7 @@ def zero2(tiny_mistral, runs_dir, launch_env):
 def zero3(tiny_mistral, runs_dir, launch_env):
     """ZeRO-3, checkpoint every 2 steps, final weights' checksums gathered across the shards."""
     args = common_args(tiny_mistral) + [
-        "--ddp_backend", "gloo", "--save_strategy", "steps", "--save_steps", "2", "--record_param_checksums", "true",
+        "--ddp_backend", "gloo", "--save_strategy", "steps", "--save_steps", "2", "--probe_checksums",
     ]
     return launch(launch_env, ACCEL / "deepspeed_zero3.yaml", args, runs_dir / "zero3")
 
@@ -272,7 +278,7 @@ def test_two_machines_on_localhost_infonca_precomputed_reference(tiny_mistral, r
                 )
             )
     _wait(procs, logs, LAUNCH_TIMEOUT)
-    info = json.loads((out / "run_info.json").read_text())
+    info = read_run(out)
     assert_two_processes(info, "DEEPSPEED", zero_stage=3)
     assert info["num_machines"] == 2 and [p["local_process_index"] for p in info["processes"]] == [0, 0]
     assert info["trainer"] == "InfoNCATrainer" and info["z3_leaf_modules"]["reference"] is None  # no live reference

@@ -99,15 +99,15 @@ def test_loss_gradients_and_metrics_equal(
     cls, config_cls, checkpointing, tiny_mistral, tiny_mistral_ref, vicuna, tmp_path
 ):
     ref = AutoModelForCausalLM.from_pretrained(tiny_mistral_ref)
-    args = make_args(config_cls, tmp_path, beta=0.1, max_length=128, gradient_checkpointing=checkpointing)
+    args = make_args(config_cls, tmp_path, beta=0.1, max_length=128, activation_checkpointing=checkpointing)
     trainer = cls(model=tiny_mistral, ref_model=ref, args=args, train_dataset=ragged(vicuna, 4))
     assert trainer.data_collator.shared_prompt
     examples = [trainer.train_dataset[i] for i in range(4)]
     plain, packed = both_layouts(trainer, examples)
     trainer.model.train()
-    if checkpointing:  # what Trainer.train does with DPOConfig's default gradient_checkpointing=True
-        trainer.model.gradient_checkpointing_enable(trainer.args.gradient_checkpointing_kwargs)
-        assert trainer.model.is_gradient_checkpointing
+    if checkpointing:  # what Trainer.train does with DPOConfig's default activation_checkpointing=True
+        trainer.model.activation_checkpointing_enable(trainer.args.activation_checkpointing_kwargs)
+        assert trainer.model.is_activation_checkpointing
     results = {}
     for name, batch in (("plain", plain), ("packed", packed)):
         trainer.model.zero_grad()

@@ -44,7 +44,7 @@ def make_args(cls, tmp_path, **kwargs):
         save_strategy="no",
         bf16=False,
         use_cpu=True,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         dataloader_num_workers=0,
         seed=0,
     )

@@ -1,0 +1,281 @@
+"""Arguments of `nca-trl train`: the recipe YAML and the command line, parsed with `trl.TrlParser`.
+
+Four dataclasses: `ScriptArguments` (below: which loss, which data), `NCAConfig` or `InfoNCAConfig` (every
+`trl.DPOConfig` / `TrainingArguments` field, picked by the `loss` key), `trl.ModelConfig` (model path, dtype, attention
+implementation, LoRA / QLoRA flags) and `trl.DatasetMixtureConfig` (several datasets mixed with fractions). A key that
+belongs to none of them is an error that names it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import sys
+from dataclasses import dataclass, field
+
+from .config import RATED_CONFIGS, config_for_loss
+from .data.formats import DATASET_FORMATS
+
+__all__ = ["ScriptArguments", "TrainArgs", "make_parser", "parse_train_args", "print_dry_run"]
+
+LOSSES = tuple(config_class.loss for config_class in RATED_CONFIGS)
+
+
+@dataclass
+class ScriptArguments:
+    """Arguments of `nca-trl train` that are not training hyperparameters: the loss and the data.
+
+    Keys of the recipe YAML like every other field; on the command line `--loss infonca`, `--dataset_name path`, ...
+    """
+
+    loss: str = field(
+        default="nca",
+        metadata={"help": f"Which loss to train, one of {LOSSES}: picks the config class whose `loss` it is, and its "
+                  "trainer.", "choices": LOSSES},
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hugging Face Hub dataset id, a local data file (.json, .jsonl, .parquet, .csv), a folder of data "
+            "files, or a folder written by `datasets.save_to_disk`. Ignored when `datasets` (a mixture) is given."
+        },
+    )
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "Dataset configuration name (`name` of `datasets.load_dataset`)."}
+    )
+    dataset_format: str = field(
+        default="auto",
+        metadata={
+            "help": "Layout of the raw data, converted with `nca_trl.data.convert_dataset`: `rated` "
+            "({prompt, completions, rewards}), `preference` (TRL chosen/rejected, K=2), `ultrafeedback` (raw "
+            "openbmb/UltraFeedback), `columns` (A0..A{K-1} + A0_score..), or `auto` (detected from the first row).",
+            "choices": DATASET_FORMATS,
+        },
+    )
+    dataset_format_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments of the converter, a mapping in YAML or a JSON string on the command line, e.g. "
+            '`{"score_field": "overall_score"}` for `ultrafeedback`.'
+        },
+    )
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str | None = field(
+        default=None, metadata={"help": "Split to evaluate on (must exist). Leave unset to use `eval_fraction`."}
+    )
+    eval_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Hold out this fraction of the training split (after conversion, seeded by `seed`) as the "
+            "evaluation set. Exclusive with `dataset_test_split`."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N training prompts (after conversion and hold-out)."}
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N evaluation prompts."})
+    # Launch metadata: read by humans and by scripts/plan_memory.py, not by training
+    accelerate_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "The accelerate config this recipe is meant to be launched with (documentation and "
+            "scripts/plan_memory.py; what counts at run time is `accelerate launch --config_file`)."
+        },
+    )
+    hardware: str | None = field(
+        default=None,
+        metadata={
+            "help": "The hardware this recipe is sized for, e.g. `2 nodes x 8 GPUs x 80 GB` or "
+            "`1 node x 8 GPUs x 80 GB, 2048 GB CPU`. Training ignores it; scripts/plan_memory.py parses it and checks "
+            "that the recipe fits."
+        },
+    )
+    model_config_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "A config.json of the model architecture (recipes/model_configs/), so that scripts/plan_memory.py "
+            "can size a Hub model without downloading anything. Training ignores it."
+        },
+    )
+    report_train_prompts: int = field(
+        default=0,
+        metadata={
+            "help": "Evaluate this many training prompts (and the held-out prompts, if any) at the start and at the "
+            "end of training, and print a table of what changed (loss, reward margin, ranking accuracy, log-probs). "
+            "0 (default) turns it off. Sets `eval_on_start`; metrics are then logged per set (`eval_train_prompts_*`, "
+            "`eval_heldout_*`)."
+        },
+    )
+    # Run control
+    dry_run: bool = field(
+        default=False,
+        metadata={
+            "help": "Parse the recipe and the command line, print the resolved arguments and exit: nothing is "
+            "loaded, and the bf16-needs-a-GPU check is skipped so a GPU recipe can be checked on a laptop."
+        },
+    )
+
+    def __post_init__(self):
+        config_for_loss(self.loss)  # raises on an unknown loss, naming the choices
+        if self.dataset_format not in DATASET_FORMATS:
+            raise ValueError(f"`dataset_format` must be one of {DATASET_FORMATS}, got {self.dataset_format!r}.")
+        if isinstance(self.dataset_format_kwargs, str):
+            try:
+                self.dataset_format_kwargs = json.loads(self.dataset_format_kwargs)
+            except ValueError as e:
+                raise ValueError(
+                    f"`dataset_format_kwargs` must be a JSON object, got {self.dataset_format_kwargs!r}: {e}"
+                ) from e
+        if self.dataset_format_kwargs is not None and not isinstance(self.dataset_format_kwargs, dict):
+            raise ValueError(f"`dataset_format_kwargs` must be a mapping, got {self.dataset_format_kwargs!r}.")
+        if self.eval_fraction is not None and not 0 < self.eval_fraction < 1:
+            raise ValueError(f"`eval_fraction` must be in (0, 1), got {self.eval_fraction!r}.")
+        if self.eval_fraction is not None and self.dataset_test_split is not None:
+            raise ValueError("Set either `dataset_test_split` or `eval_fraction`, not both.")
+        if self.report_train_prompts < 0:
+            raise ValueError(f"`report_train_prompts` must be >= 0, got {self.report_train_prompts!r}.")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {value!r}.")
+
+
+@dataclass
+class TrainArgs:
+    script: ScriptArguments
+    training: "NCAConfig | InfoNCAConfig"  # noqa: F821
+    model: "ModelConfig"  # noqa: F821
+    mixture: "DatasetMixtureConfig"  # noqa: F821
+    recipe: dict
+
+
+# ---------------------------------------------------------------------------------------------------------- parsing
+def make_parser(loss: str = "nca"):
+    """The `trl.TrlParser` of `nca-trl train` for `loss` (`nca` or `infonca`)."""
+    from trl import DatasetMixtureConfig, ModelConfig, TrlParser
+
+    return TrlParser((ScriptArguments, config_for_loss(loss), ModelConfig, DatasetMixtureConfig), prog="nca-trl train")
+
+
+def _peek(argv: list[str], name: str) -> str | None:
+    """Value of `--name X` / `--name=X` in argv (the last one wins), else None."""
+    value = None
+    flags = {f"--{name}", f"--{name.replace('_', '-')}"}  # HfArgumentParser accepts both spellings
+    for i, arg in enumerate(argv):
+        if arg in flags:
+            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else "true"
+        elif "=" in arg and arg.split("=", 1)[0] in flags:
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _truthy(value) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "y", "on")
+
+
+def _load_recipe(argv: list[str]) -> tuple[dict, str | None]:
+    import yaml
+
+    path = _peek(argv, "config")
+    if path is None:
+        return {}, None
+    with open(path) as f:
+        recipe = yaml.safe_load(f) or {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f"The recipe {path} must hold a YAML mapping of field: value, got {type(recipe).__name__}.")
+    return recipe, path
+
+
+def _check_recipe_keys(recipe: dict, path: str, parser) -> None:
+    """Fail on recipe keys that no dataclass of the parser knows, naming each key and the closest known ones."""
+    known = {action.dest for action in parser._actions} | {"env"}
+    unknown = [key for key in recipe if key not in known]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(known), n=3)
+            hints.append(f"'{key}'" + (f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""))
+        raise ValueError(
+            f"Unknown key(s) in the recipe {path}: {'; '.join(hints)}. Every key must be a field of ScriptArguments "
+            "(nca-trl), NCAConfig/InfoNCAConfig (trl.DPOConfig, transformers.TrainingArguments), trl.ModelConfig or "
+            "trl.DatasetMixtureConfig; see `nca-trl train --help`."
+        )
+
+
+@contextlib.contextmanager
+def _relaxed_hardware_checks():
+    """Let `TrainingArguments` accept `bf16=True` without a GPU (for `--dry_run` of a GPU recipe on any machine)."""
+    import transformers.training_args as ta
+
+    original = ta.is_torch_bf16_gpu_available
+    ta.is_torch_bf16_gpu_available = lambda *a, **k: True
+    try:
+        yield
+    finally:
+        ta.is_torch_bf16_gpu_available = original
+
+
+def parse_train_args(argv: list[str] | None = None, dry_run: bool | None = None) -> TrainArgs:
+    """Parse `nca-trl train` arguments (`--config RECIPE.yaml` and `--field value` overrides).
+
+    `dry_run=True` (or `--dry_run` / `dry_run: true` in the recipe) skips the hardware checks of
+    `TrainingArguments` (bf16 without a GPU), so a GPU recipe can be validated anywhere.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    recipe, path = _load_recipe(argv)
+    loss = _peek(argv, "loss") or recipe.get("loss", ScriptArguments.loss)
+    config_for_loss(loss)  # raises on an unknown loss, naming the choices
+    if dry_run is None:
+        dry_run = _truthy(_peek(argv, "dry_run") or recipe.get("dry_run", False))
+    parser = make_parser(loss)
+    if path is not None:
+        _check_recipe_keys(recipe, path, parser)
+    with _relaxed_hardware_checks() if dry_run else contextlib.nullcontext():
+        script_args, training_args, model_args, mixture = parser.parse_args_and_config(argv, fail_with_unknown_args=True)
+    script_args.dry_run = script_args.dry_run or dry_run
+    if mixture.streaming:
+        raise ValueError("`streaming: true` is not supported by `nca-trl train`: the data is converted and validated.")
+    if model_args.model_name_or_path is None:
+        raise ValueError("`model_name_or_path` is required (a local folder or a Hub model id).")
+    if not mixture.datasets and not script_args.dataset_name:
+        raise ValueError("Give the data: `dataset_name` (Hub id, file or folder) or `datasets` (a mixture).")
+    _set_model_init_kwargs(training_args, model_args)
+    return TrainArgs(script_args, training_args, model_args, mixture, recipe)
+
+
+def _set_model_init_kwargs(training_args, model_args) -> None:
+    """Model loading arguments from `ModelConfig` (dtype, attention implementation, revision) into
+    `model_init_kwargs`, which the trainer uses for the policy and the implicit reference model; explicit
+    `model_init_kwargs` of the recipe win."""
+    kwargs = {
+        "revision": model_args.model_revision,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+    }
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        # bitsandbytes places the quantized weights at load time: one whole model per process
+        kwargs["device_map"] = {"": training_args.local_process_index}
+    kwargs.update(training_args.model_init_kwargs or {})
+    training_args.model_init_kwargs = kwargs
+
+
+def print_dry_run(args: TrainArgs) -> None:
+    from dataclasses import asdict
+
+    t = args.training
+    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    print(f"[nca-trl dry run] loss={args.script.loss} trainer config={type(t).__name__}")
+    print("  script:", json.dumps(asdict(args.script), default=str))
+    print("  model :", json.dumps(asdict(args.model), default=str))
+    if args.mixture.datasets:
+        print("  mixture:", json.dumps(asdict(args.mixture), default=str))
+    print(
+        f"  training: beta={t.beta} alpha={t.alpha} lr={t.learning_rate} scheduler={getattr(t.lr_scheduler_type, 'value', t.lr_scheduler_type)} "
+        f"warmup_steps={t.warmup_steps} epochs={t.num_train_epochs} "
+        f"max_steps={t.max_steps} max_length={t.max_length} bf16={t.bf16} "
+        f"activation_checkpointing={t.activation_checkpointing} model_init_kwargs={t.model_init_kwargs}"
+    )
+    print("  batch :", f"{per_step} prompts per process per optimizer step (scripts/plan_memory.py: global batch, memory)")
+    print(f"  output: {t.output_dir}")
