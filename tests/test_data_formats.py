@@ -1,4 +1,4 @@
-"""Tests for nca_trl.data.formats: detection, validation and converters (no models, no network)."""
+"""Tests for nca_trl.data's formats, rewards, validation and converters modules (no models, no network)."""
 
 import copy
 import json
@@ -8,6 +8,7 @@ import pickle
 from pathlib import Path
 
 import pytest
+import torch
 from datasets import Dataset, load_dataset
 
 from nca_trl.data import (
@@ -163,6 +164,10 @@ BAD_ROWS = [
     ("reward-inf", rated(rewards=[float("inf"), 1.0, 2.0]), "rewards", ["position 0", "+inf"]),
     ("reward-neg-inf", rated(rewards=[1.0, 2.0, float("-inf")]), "rewards", ["position 2", "-inf"]),
     ("reward-numeric-string", rated(rewards=[1.0, "7", 2.0]), "rewards", ["'7'", "numeric strings are not accepted"]),
+    ("reward-float-string", rated(rewards=[1.0, "4.5", 2.0]), "rewards", ["'4.5'", "numeric strings are not accepted",
+                                                                          "float(x) for x in"]),
+    ("rewards-differ-beyond-float32", rated(rewards=[1e39, 0.0, -1e39]), "rewards",
+     ["position 0 (1e+39)", "position 2 (-1e+39)", "float32", "rescale the rewards"]),
     ("reward-string", rated(rewards=[1.0, "good", 2.0]), "rewards", ["'good'", "not a number"]),
     ("reward-bool", rated(rewards=[True, 0.0, 1.0]), "rewards", ["boolean", "not a number"]),
     ("reward-none", rated(rewards=[1.0, None, 2.0]), "rewards", ["position 1", "None"]),
@@ -686,3 +691,57 @@ def test_to_rated_rated_rows_floats_and_checks():
         to_rated(rated(rewards=[1, "2", 3]), 4)
     assert info.value.row == 4 and info.value.field == "rewards"
     assert not math.isnan(to_rated(pref())["rewards"][1])
+
+
+# --------------------------------------------------------------------------------------------- one reward rule
+
+
+def test_numeric_strings_follow_one_rule_everywhere():
+    """Every string reward is refused, numeric or not, by validation, to_rated and the column converter, with the same
+    rule and a cast as the fix; only the UltraFeedback converter parses ratings (its raw ratings are text by design)."""
+    from nca_trl.data.formats import REWARD_RULE
+
+    messages = []
+    for check in (lambda: validate_example(rated(rewards=[1.0, "4.5", 2.0]), 3),
+                  lambda: to_rated(rated(rewards=[1.0, "4.5", 2.0]), 3)):
+        with pytest.raises(DataValidationError) as info:
+            check()
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+    assert REWARD_RULE in messages[0] and "Fix: cast the 'rewards' column to numbers" in messages[0]
+    with pytest.raises(DataValidationError) as info:
+        columns_to_rated({"prompt": "p", "A0": "a", "A1": "b", "A0_score": 1.0, "A1_score": "4.5"}, 3)
+    assert REWARD_RULE in str(info.value) and "cast the 'A1_score' column to numbers" in info.value.fix
+    assert ultrafeedback_to_rated(UF_A, 0, score_field="helpfulness")["rewards"] == [5.0, 3.0, 2.0, 4.0]
+
+
+def test_reward_differences_must_fit_float32():
+    from nca_trl.data import check_rewards
+    from nca_trl.data.formats import FLOAT32_MAX
+
+    assert FLOAT32_MAX == torch.finfo(torch.float32).max
+    validate_example(rated(rewards=[1e39, 1e39 - 1e38, 9.5e38]), 0)  # beyond float32 but close together: fine
+    validate_example(rated(rewards=[3e38, 0.0, -4e37]), 0)
+    with pytest.raises(DataValidationError) as info:
+        validate_example(rated(rewards=[1e39, 0.0, -1e39]), 5, "eval")
+    assert (info.value.row, info.value.field, info.value.dataset_name) == (5, "rewards", "eval")
+    with pytest.raises(DataValidationError, match="row 5, field 'rewards'"):
+        to_rated(rated(rewards=[1e308, 0.0, -1e308]), 5)  # the difference overflows float64 too
+    with pytest.raises(DataValidationError, match="field 'A1_score'.*float32"):
+        columns_to_rated({"prompt": "p", "A0": "a", "A1": "b", "A0_score": 1e39, "A1_score": -1e39}, 2)
+    check_rewards([2.0, -1.0], 0)
+    with pytest.raises(DataValidationError, match="row 1, field 'rewards': reward at position 0 is NaN"):
+        check_rewards([float("nan"), 1.0], 1)
+
+
+def test_old_import_paths_still_resolve():
+    import nca_trl.data as data
+    from nca_trl.data import converters, formats, validation
+
+    for name in ("validate_example", "validate_dataset", "ValidationReport", "to_rated", "check_rewards"):
+        assert getattr(formats, name) is getattr(data, name)
+    for name in ("ultrafeedback_to_rated", "columns_to_rated", "convert_dataset", "ULTRAFEEDBACK_ASPECTS"):
+        assert getattr(formats, name) is getattr(converters, name)
+    assert validation.validate_dataset is validate_dataset and data.DATASET_FORMATS is formats.DATASET_FORMATS
+    with pytest.raises(AttributeError):
+        formats.no_such_name  # noqa: B018

@@ -1,36 +1,39 @@
-"""Data handling for the NCA / InfoNCA trainers: formats, validation and converters (`formats`).
+"""Data handling for the NCA / InfoNCA trainers.
 
-Tokenization (`tokenize`) and the collator (`collator`) live in their own modules and are re-exported here too.
+- `formats`: the accepted layouts, their detection and `DataValidationError`;
+- `rewards`: `check_rewards`, the one check of a reward;
+- `validation`: row and dataset validation (`validate_example`, `validate_dataset`) and `to_rated`;
+- `converters`: raw layouts to rated completions (`ultrafeedback_to_rated`, `columns_to_rated`, `convert_dataset`);
+- `tokenize` and `collator`: what the trainers feed the model.
 """
 
+from .collator import DataCollatorForRatedCompletions
+from .converters import columns_to_rated, convert_dataset, ultrafeedback_to_rated
 from .formats import (
+    DATASET_FORMATS,
     PREFERENCE,
     PREFERENCE_IMPLICIT,
     RATED,
     DataValidationError,
-    ValidationReport,
-    columns_to_rated,
-    convert_dataset,
     detect_format,
     is_conversational_example,
-    to_rated,
-    ultrafeedback_to_rated,
-    validate_dataset,
-    validate_example,
 )
-from .collator import DataCollatorForRatedCompletions
+from .rewards import check_rewards
 from .tokenize import prepare_rated_dataset, select_completions, tokenize_rated_example
+from .validation import ValidationReport, to_rated, validate_dataset, validate_example
 
 __all__ = [
     "DataCollatorForRatedCompletions",
     "prepare_rated_dataset",
     "select_completions",
     "tokenize_rated_example",
+    "DATASET_FORMATS",
     "DataValidationError",
     "PREFERENCE",
     "PREFERENCE_IMPLICIT",
     "RATED",
     "ValidationReport",
+    "check_rewards",
     "columns_to_rated",
     "convert_dataset",
     "detect_format",

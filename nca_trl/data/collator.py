@@ -20,14 +20,16 @@ class DataCollatorForRatedCompletions(DataCollatorMixin):
     Data collator for rated completions: each example brings one prompt and its K_b completions.
 
     Each example holds `"prompt_ids"` (list of ints), `"completion_ids"` (K_b lists of ints), `"rewards"` (K_b
-    floats) and optionally `"ref_logps"` (K_b floats, precomputed reference log-probs). Sequences are
+    numbers, validated before: see `nca_trl.data.rewards.check_rewards`) and optionally `"ref_logps"` (K_b floats,
+    precomputed reference log-probs). Sequences are
     `prompt + completion`, truncated per sequence like `trl.DPOTrainer`'s collator, in slot-major order (completion 0 of
     every prompt, then completion 1 of every prompt that has one, ...; for K = 2 this is `DPOTrainer`'s
     `[chosen..., rejected...]`), and right-padded.
 
     Returns:
         - `input_ids`, `attention_mask`, `completion_mask`: `[N, L]` with `N = sum_b K_b`;
-        - `rewards`: `[B, Kmax]` float32, 0 in empty slots;
+        - `rewards`: `[B, Kmax]` float32, each prompt's rewards minus its best reward (subtracted in float64, so that
+          adding a constant to a prompt's rewards changes nothing however large it is), 0 in empty slots;
         - `completion_slots`: `[B, Kmax]` bool, True where prompt b has completion i; `completion_slots.T` flattened
           (slot-major) lists the N sequences in order;
         - `ref_logps`: `[B, Kmax]` float32, when the examples carry them.
@@ -76,7 +78,10 @@ class DataCollatorForRatedCompletions(DataCollatorMixin):
         for b, example in enumerate(examples):
             k = len(example["completion_ids"])
             slots[b, :k] = True
-            rewards[b, :k] = torch.tensor(example["rewards"], dtype=torch.float32)
+            # Targets depend on reward differences only: shift in float64 before the float32 cast (1e9 + r would lose
+            # r in float32, and rewards past float32's max would become inf); validation keeps differences in range
+            row = torch.tensor(example["rewards"], dtype=torch.float64)
+            rewards[b, :k] = row - row.max()
         output["rewards"], output["completion_slots"] = rewards, slots
         # Tokens of the plain layout (prompt repeated per completion, no padding): the `num_tokens` metric counts these
         output["sequence_tokens"] = torch.tensor(

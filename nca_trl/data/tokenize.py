@@ -3,6 +3,9 @@
 The prompt is tokenized once and each completion after it exactly the way `trl.DPOTrainer` tokenizes a chosen /
 rejected pair: EOS appended to standard completions, the chat template applied to conversational ones, and the
 completion starting where the tokenized prompt and prompt+completion diverge (`trl.data_utils.common_prefix_length`).
+
+Rows are validated once, before tokenization (`nca_trl.data.validation`); tokenization trusts them and passes the
+rewards through untouched.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from datasets import Dataset, IterableDataset
 from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 from trl.trainer.utils import global_then_local_main_first
 
-from .formats import DataValidationError, to_rated, validate_dataset, validate_example
+from .formats import DataValidationError
+from .validation import to_rated_unchecked, validate_dataset, validate_example
 
 logger = logging.getLogger("nca_trl")
 
@@ -44,7 +48,11 @@ def select_completions(rewards: list[float], max_completions: int | None) -> lis
 
 
 def tokenize_rated_example(example: dict, processing_class, eos_token: str) -> dict:
-    """Tokenize one rated example into `prompt_ids`, `completion_ids` (one list per completion) and `rewards`."""
+    """Tokenize one rated example into `prompt_ids`, `completion_ids` (one list per completion) and `rewards`.
+
+    The row is trusted (validated before, see `prepare_rated_dataset`): its rewards are passed through as they are;
+    the collator turns them into the training tensor.
+    """
     tools = example.get("tools")
     tools = json.loads(tools) if isinstance(tools, str) else tools
     template_kwargs = {"tools": tools, **(example.get("chat_template_kwargs") or {})}
@@ -72,7 +80,7 @@ def tokenize_rated_example(example: dict, processing_class, eos_token: str) -> d
     return {
         "prompt_ids": prompt_ids[:prompt_len],
         "completion_ids": [ids[prompt_len:] for ids in full_ids],
-        "rewards": [float(r) for r in example["rewards"]],
+        "rewards": list(example["rewards"]),
     }
 
 
@@ -84,6 +92,9 @@ def prepare_rated_dataset(
     max_completions: int | None = None,
 ) -> Dataset | IterableDataset:
     """Validate, convert to rated completions, cap K, tokenize and drop rows with no room for a completion.
+
+    Each row is validated once, up front (every row of a `Dataset`; each row of a stream as it is read), and trusted
+    from then on.
 
     Idempotent: a dataset that already has `completion_ids` is returned as is.
 
@@ -107,18 +118,20 @@ def _prepare(dataset, first, processing_class, args, dataset_name, max_completio
     map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
     columns = list(first.keys())
 
+    preference_columns = [c for c in ("chosen", "rejected") if c in columns]
     if isinstance(dataset, Dataset):
         report = validate_dataset(dataset, dataset_name)
         logger.info(report.summary())
+        dataset = dataset.map(
+            to_rated_unchecked, fn_kwargs={"fmt": report.format}, remove_columns=preference_columns, **map_kwargs
+        )
     else:  # a stream cannot be read twice: validate each row as it is converted
 
         def validated(example, index):
             validate_example(example, index, dataset_name)
-            return example
+            return to_rated_unchecked(example)
 
-        dataset = dataset.map(validated, with_indices=True)
-
-    dataset = dataset.map(to_rated, remove_columns=[c for c in ("chosen", "rejected") if c in columns], **map_kwargs)
+        dataset = dataset.map(validated, with_indices=True, remove_columns=preference_columns)
 
     if max_completions is not None:
 

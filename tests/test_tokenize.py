@@ -1,0 +1,230 @@
+"""Tokenization of rated rows (`nca_trl.data.tokenize`) with the real Mistral-7B tokenizer, and the reward path
+tokenize -> collator -> loss (shift invariance, rewards beyond float32's range)."""
+
+import logging
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from datasets import Dataset
+
+from nca_trl.data import DataCollatorForRatedCompletions, DataValidationError
+from nca_trl.data import tokenize as tokenize_module
+from nca_trl.data.tokenize import prepare_rated_dataset, select_completions, tokenize_rated_example
+from nca_trl.losses import infonca_loss, nca_loss, reward_targets
+from nca_trl.tiny import save_mistral_tokenizer
+
+
+BOS, EOS = 1, 2
+# "What is 2+2?" with the Mistral-7B tokenizer: <s> ▁What ▁is ▁ 2 + 2 ?
+PROMPT_IDS = [BOS, 1824, 349, 28705, 28750, 28806, 28750, 28804]
+
+
+@pytest.fixture(scope="module")
+def mistral_tokenizer(tmp_path_factory):
+    return save_mistral_tokenizer(tmp_path_factory.mktemp("mistral-tokenizer"))
+
+
+def args(max_length=None, truncation_mode="keep_start"):
+    """The three `DPOConfig` fields `prepare_rated_dataset` reads."""
+    return SimpleNamespace(max_length=max_length, truncation_mode=truncation_mode, dataset_num_proc=None)
+
+
+# --------------------------------------------------------------------------------------------- tokenize_rated_example
+
+
+def test_standard_row_prompt_once_completions_after_it_with_eos(mistral_tokenizer):
+    tok = mistral_tokenizer
+    row = {"prompt": "What is 2+2?", "completions": [" 4", " five", " 4</s>"], "rewards": [1.0, 0.5, 0.25]}
+    out = tokenize_rated_example(row, tok, tok.eos_token)
+    assert out["prompt_ids"] == PROMPT_IDS == tok("What is 2+2?")["input_ids"]
+    # ▁ 4 </s> | ▁five </s> | a completion that already ends with EOS does not get a second one
+    assert out["completion_ids"] == [[28705, 28781, EOS], [3359, EOS], [28705, 28781, EOS]]
+    for completion, ids in zip(row["completions"], out["completion_ids"]):
+        full = tok("What is 2+2?" + completion.removesuffix("</s>") + "</s>")["input_ids"]
+        assert out["prompt_ids"] + ids == full  # the boundary: prompt + completion is the whole sequence, no overlap
+    assert out["rewards"] == [1.0, 0.5, 0.25]
+    assert set(out) == {"prompt_ids", "completion_ids", "rewards"}
+
+
+def test_conversational_row_uses_the_chat_template(mistral_tokenizer):
+    tok = mistral_tokenizer
+    row = {
+        "prompt": [{"role": "user", "content": "What is 2+2?"}],
+        "completions": [[{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "five"}]],
+        "rewards": [1.0, 0.0],
+    }
+    out = tokenize_rated_example(row, tok, tok.eos_token)
+    # <s> [ INST ] ▁What ▁is ▁ 2 + 2 ? ▁[ / INST ]: the generation prompt of the Mistral-Instruct template
+    assert out["prompt_ids"] == [BOS, 28792, 16289, 28793, *PROMPT_IDS[1:], 733, 28748, 16289, 28793]
+    assert tok.decode(out["prompt_ids"]) == "<s>[INST] What is 2+2? [/INST]"
+    # the template ends the assistant turn with EOS itself: exactly one EOS
+    assert out["completion_ids"] == [[28781, EOS], [12340, EOS]]
+    assert [tok.decode(ids) for ids in out["completion_ids"]] == ["4</s>", "five</s>"]
+    assert out["rewards"] == [1.0, 0.0]
+
+
+def test_tokens_merging_across_the_boundary_go_to_the_completion(mistral_tokenizer, monkeypatch, caplog):
+    tok = mistral_tokenizer
+    monkeypatch.setitem(tokenize_module._warned, "boundary", False)
+    row = {"prompt": "Hello wor", "completions": ["ld", "m"], "rewards": [1.0, 0.0]}
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        out = tokenize_rated_example(row, tok, tok.eos_token)
+    assert tok("Hello wor")["input_ids"] == [BOS, 22557, tok.convert_tokens_to_ids("▁wor")]
+    # "▁wor" + "ld" become "▁world": the completion starts where prompt and prompt+completion diverge
+    assert out["prompt_ids"] == [BOS, 22557]
+    assert out["completion_ids"] == [tok("Hello world</s>")["input_ids"][2:], tok("Hello worm</s>")["input_ids"][2:]]
+    assert "'wor'" in caplog.text and "Shown once" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        tokenize_rated_example(row, tok, tok.eos_token)
+    assert caplog.text == ""  # once per process
+
+
+# --------------------------------------------------------------------------------------------- select_completions
+
+
+def test_select_completions():
+    assert select_completions([1.0, 5.0, 3.0, 4.0, 2.0], 3) == [0, 1, 2]  # ranks 1 (5.0), 3 (3.0), 5 (1.0)
+    assert select_completions([2.0, 5.0, 1.0, 3.0], 2) == [1, 2]  # the best and the worst, in their order
+    assert select_completions([1.0, 1.0, 1.0, 1.0], 2) == [0, 3]  # ties ranked by position
+    assert select_completions([3.0, 1.0, 2.0], None) == [0, 1, 2]
+    assert select_completions([3.0, 1.0, 2.0], 3) == [0, 1, 2]
+    assert select_completions([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 4) == [0, 2, 4, 6]
+
+
+# --------------------------------------------------------------------------------------------- prepare_rated_dataset
+
+
+def test_prepare_drops_rows_without_room_and_names_them(mistral_tokenizer, caplog):
+    tok = mistral_tokenizer
+    rows = [
+        {"prompt": "What is 2+2?", "completions": [" 4", " five"], "rewards": [1.0, 0.0]},
+        {"prompt": "word " * 20, "completions": [" a", " b"], "rewards": [0.0, 1.0]},  # fills max_length alone
+        {"prompt": "What is 2+2?", "completions": [" 4", " 5", " 22"], "rewards": [3.0, 2.0, 1.0]},
+    ]
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        out = prepare_rated_dataset(Dataset.from_list(rows), tok, args(max_length=12), "eval")
+    assert len(out) == 2
+    assert "eval dataset: dropped 1 of 3 rows" in caplog.text and "max_length=12" in caplog.text
+    assert "(rows 1)" in caplog.text
+    assert out[0]["prompt_ids"] == PROMPT_IDS and out[1]["prompt_ids"] == PROMPT_IDS
+    assert out[0]["completion_ids"] == [[28705, 28781, EOS], [3359, EOS]]
+    assert out[1]["rewards"] == [3.0, 2.0, 1.0]
+    # idempotent: a tokenized dataset is returned as is
+    assert prepare_rated_dataset(out, tok, args(max_length=12), "eval") is out
+    # without max_length nothing is dropped
+    assert len(prepare_rated_dataset(Dataset.from_list(rows), tok, args(), "eval")) == 3
+
+
+def test_prepare_preference_rows_and_max_completions(mistral_tokenizer):
+    tok = mistral_tokenizer
+    pairs = [{"prompt": "What is 2+2?", "chosen": " 4", "rejected": " five"}]
+    out = prepare_rated_dataset(Dataset.from_list(pairs), tok, args(), "train")
+    assert out[0]["rewards"] == [1.0, 0.0] and out[0]["completion_ids"] == [[28705, 28781, EOS], [3359, EOS]]
+    rated = [{"prompt": "What is 2+2?", "completions": [" 1", " 2", " 3", " 4"], "rewards": [2.0, 5.0, 1.0, 3.0]}]
+    out = prepare_rated_dataset(Dataset.from_list(rated), tok, args(), "train", max_completions=2)
+    assert out[0]["completions"] == [" 2", " 3"] and out[0]["rewards"] == [5.0, 1.0]
+    assert out[0]["completion_ids"] == [tok(f"What is 2+2? {n}</s>")["input_ids"][8:] for n in (2, 3)]
+
+
+def test_each_row_is_validated_once(mistral_tokenizer, monkeypatch):
+    """The rewards of each row are checked once, up front; conversion, tokenization and collation trust them."""
+    from nca_trl.data import validation
+
+    calls = []
+    check = validation.check_rewards
+    monkeypatch.setattr(validation, "check_rewards", lambda rewards, *a, **k: calls.append(list(rewards)) or check(
+        rewards, *a, **k))
+    rows = [{"prompt": "What is 2+2?", "completions": [" 4", " five"], "rewards": [float(i), 0.0]} for i in range(3)]
+    out = prepare_rated_dataset(Dataset.from_list(rows), mistral_tokenizer, args(), "train")
+    DataCollatorForRatedCompletions(pad_token_id=EOS)(out.to_list())
+    assert calls == [[0.0, 0.0], [1.0, 0.0], [2.0, 0.0]]
+
+    calls.clear()  # a stream: each row as it is read
+    stream = prepare_rated_dataset(Dataset.from_list(rows).to_iterable_dataset(), mistral_tokenizer, args(), "train")
+    DataCollatorForRatedCompletions(pad_token_id=EOS)(list(stream))
+    assert calls == [[0.0, 0.0], [1.0, 0.0], [2.0, 0.0]]
+
+
+# --------------------------------------------------------------------------------------------- rewards: shift, float32
+
+
+def _targets_and_losses(rows, tok, alpha):
+    examples = prepare_rated_dataset(Dataset.from_list(rows), tok, args(), "train").to_list()
+    batch = DataCollatorForRatedCompletions(pad_token_id=EOS)(examples)
+    slots, rewards = batch["completion_slots"], batch["rewards"]
+    logratios = torch.tensor([[0.3, -0.2, 0.1], [0.5, -1.0, 0.0]])[: len(rows), : rewards.shape[1]]
+    return (
+        reward_targets(rewards, alpha, slots),
+        infonca_loss(logratios, rewards, beta=1.0, alpha=alpha, mask=slots),
+        nca_loss(logratios, rewards, beta=1.0, alpha=alpha, mask=slots),
+    )
+
+
+def test_adding_a_constant_to_the_rewards_changes_nothing(mistral_tokenizer):
+    """1e9 + r in float32 is 1e9 for r in [0, 1] (float32 steps by 64 there): the shift must happen in float64 first."""
+    tok = mistral_tokenizer
+    row = {"prompt": "What is 2+2?", "completions": [" 4", " 5", " 22"]}
+    plain = _targets_and_losses([{**row, "rewards": [1.0, 0.5, 0.0]}], tok, alpha=1.0)
+    shifted = _targets_and_losses([{**row, "rewards": [1e9 + 1.0, 1e9 + 0.5, 1e9]}], tok, alpha=1.0)
+    expected = torch.softmax(torch.tensor([[1.0, 0.5, 0.0]]), dim=1)
+    torch.testing.assert_close(plain[0], expected)
+    for a, b in zip(plain, shifted):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_rewards_beyond_float32_train_to_finite_rescaled_targets(mistral_tokenizer):
+    """Rewards near and above float32's max (3.4e38) whose differences fit in float32 give the targets of the rescaled
+    rewards: softmax(r / alpha) with r and alpha both divided by 1e38."""
+    tok = mistral_tokenizer
+    rows = [
+        {"prompt": "What is 2+2?", "completions": [" 4", " 5"], "rewards": [3e38, 2.9e38]},
+        {"prompt": "What is 3+3?", "completions": [" 6", " 7"], "rewards": [5e38, 4e38]},  # both above float32's max
+    ]
+    targets, infonca, nca = _targets_and_losses(rows, tok, alpha=1e38)
+    expected = reward_targets(torch.tensor([[3.0, 2.9], [5.0, 4.0]]), alpha=1.0)
+    assert torch.isfinite(targets).all() and torch.isfinite(infonca).all() and torch.isfinite(nca).all()
+    torch.testing.assert_close(targets, expected)
+    assert targets[1].tolist() == pytest.approx([1 / (1 + math.exp(-1)), 1 / (1 + math.e)])
+
+
+def test_reward_differences_beyond_float32_are_refused_naming_the_row(mistral_tokenizer):
+    tok = mistral_tokenizer
+    rows = [
+        {"prompt": "What is 2+2?", "completions": [" 4", " 5"], "rewards": [1.0, 0.0]},
+        {"prompt": "What is 3+3?", "completions": [" 6", " 7"], "rewards": [1e39, -1e39]},
+    ]
+    with pytest.raises(DataValidationError) as info:
+        prepare_rated_dataset(Dataset.from_list(rows), tok, args(), "eval")
+    err = info.value
+    assert (err.row, err.field, err.dataset_name) == (1, "rewards", "eval")
+    assert str(err).startswith("eval dataset, row 1, field 'rewards': ") and "float32" in str(err)
+    assert "rescale" in err.fix
+
+
+def test_training_is_unchanged_by_a_reward_offset_or_a_scale_past_float32(tiny_mistral, tmp_path):
+    """End to end: InfoNCA on rewards r, on 1e9 + r, and on 1e38 * r with alpha 1e38 takes the same steps (before the
+    fix, 1e9 + r trained on uniform targets and 1e38 * r on NaN targets, logging a loss of 0 and NaN weights)."""
+    from nca_trl import InfoNCAConfig, InfoNCATrainer
+
+    from test_trainer import make_args, record_losses
+
+    base = [[5.0, 4.0, 4.5], [1.0, 3.0, 2.0]]
+    runs = {"plain": (base, 1.0), "offset": ([[1e9 + r for r in row] for row in base], 1.0),
+            "scaled": ([[1e38 * r for r in row] for row in base], 1e38)}
+    results = {}
+    for name, (rewards, alpha) in runs.items():
+        rows = [{"prompt": f"Question {i}:", "completions": [" yes", " no", " maybe"], "rewards": r}
+                for i, r in enumerate(rewards)]
+        args = make_args(InfoNCAConfig, tmp_path / name, alpha=alpha, beta=1.0, max_steps=2, max_length=32)
+        trainer = InfoNCATrainer(model=tiny_mistral, args=args, train_dataset=Dataset.from_list(rows))
+        losses = record_losses(trainer)
+        trainer.train()
+        weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        assert torch.isfinite(weights).all(), name
+        results[name] = losses
+    assert len(results["plain"]) == 2 and all(math.isfinite(x) for x in results["plain"])
+    assert results["offset"] == pytest.approx(results["plain"], rel=1e-6)
+    assert results["scaled"] == pytest.approx(results["plain"], rel=1e-5)
