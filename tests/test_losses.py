@@ -1,4 +1,4 @@
-"""Tests for ``nca_trl.losses`` (DESIGN.md sections 1 and 3).
+"""Tests for ``nca_trl.losses`` (the math in the README's "The math" section and the API in its "Use it like DPOTrainer").
 
 Every expectation is checked against an independent float64 reference written as plain Python
 loops over rows and slots (``math.exp`` / ``math.log`` and a hand-written log-sum-exp; no torch
