@@ -21,7 +21,38 @@ _UNSUPPORTED_DPO_FIELDS = {
     "label_smoothing": (0.0, "robust DPO / EXO label smoothing; soften the targets with `alpha` instead"),
     "use_weighting": (False, "WPO weights multiply a chosen and a rejected probability"),
     "discopop_tau": (0.05, "it only applies to `loss_type='discopop'`"),
+    # Not a DPOConfig field in TRL 1.16; refused should a TRL version bring it back
+    "use_liger_loss": (False, "Liger's fused DPO loss is a pairwise chosen-rejected loss, not a K-completion loss"),
 }
+
+
+def _check_inherited_switches(args: DPOConfig) -> None:
+    """Switches inherited from `DPOConfig`/`TrainingArguments` that cannot work here, or not on this device."""
+    if getattr(args, "padding_free", False) and not getattr(args, "shared_prompt", True):
+        raise ValueError(
+            "`padding_free=True` asks for nca-trl's padding-free layout, which is the shared-prompt layout, but "
+            "`shared_prompt=False` forbids it. Set one of them: `shared_prompt=True` (the default) is padding-free, "
+            "`shared_prompt=False` is the plain padded layout."
+        )
+    if getattr(args, "use_liger_kernel", False):
+        from transformers.utils import is_liger_kernel_available
+
+        if not is_liger_kernel_available():
+            raise ValueError(
+                "`use_liger_kernel=True` needs the `liger-kernel` package, which is not installed (`pip install "
+                "liger-kernel`; its Triton kernels need a CUDA, ROCm or XPU GPU). Remove `use_liger_kernel`."
+            )
+        if args.device.type in ("cpu", "mps"):
+            raise ValueError(
+                f"`use_liger_kernel=True` cannot run on {args.device.type!r}: Liger's kernels are Triton GPU kernels "
+                "(CUDA, ROCm or XPU). Remove `use_liger_kernel` to train on this device."
+            )
+    if getattr(args, "activation_offloading", False) and args.device.type == "cpu":
+        raise ValueError(
+            "`activation_offloading=True` moves activations from the accelerator to CPU memory, but training runs on "
+            "the CPU (`use_cpu=True` or no accelerator): there is nothing to offload, and TRL's offloader needs an "
+            "accelerator (`torch.accelerator.current_accelerator()` is None). Remove `activation_offloading`."
+        )
 
 
 def check_rated_config(args: DPOConfig, config_class: type[_RatedCompletionsConfig]) -> None:
@@ -55,6 +86,7 @@ def check_rated_config(args: DPOConfig, config_class: type[_RatedCompletionsConf
     max_completions = getattr(args, "max_completions", None)
     if max_completions is not None and max_completions < 2:
         raise ValueError(f"`max_completions` must be None or >= 2, got {max_completions!r}.")
+    _check_inherited_switches(args)
 
 
 _ALPHA_HELP = (
@@ -75,6 +107,13 @@ _SHARED_PROMPT_HELP = (
     "layout and logs why. Set False to force the plain layout."
 )
 
+_PADDING_FREE_HELP = (
+    "True requires nca-trl's padding-free layout, the shared-prompt layout (`shared_prompt=True`): the trainer raises "
+    "an error, with the reason, where it cannot run, instead of falling back to the plain layout. TRL's own "
+    "padding-free path (flash-attention, currently disabled in TRL) is never used. False (default): the layout is "
+    "chosen by `shared_prompt`."
+)
+
 
 @dataclass
 class _RatedCompletionsConfig(DPOConfig):
@@ -87,6 +126,7 @@ class _RatedCompletionsConfig(DPOConfig):
     alpha: float = field(default=1.0, metadata={"help": _ALPHA_HELP})
     max_completions: int | None = field(default=None, metadata={"help": _MAX_COMPLETIONS_HELP})
     shared_prompt: bool = field(default=True, metadata={"help": _SHARED_PROMPT_HELP})
+    padding_free: bool = field(default=False, metadata={"help": _PADDING_FREE_HELP})
     activation_checkpointing: bool | None = field(
         default=None,
         metadata={"help": "Activation (gradient) checkpointing; None means True, DPOConfig's default. "
@@ -151,8 +191,14 @@ class NCAConfig(_RatedCompletionsConfig):
             Always the NCA loss. Leave unset; `NCAConfig.accepted_loss_types()` lists the values accepted (the loss's
             own name, TRL's name of its K=2 case, and DPOConfig's default, so that a plain `DPOConfig` works).
 
+        padding_free (`bool`, *optional*, defaults to `False`):
+            `True` requires the shared-prompt layout (an error where it cannot run, no fallback); `True` with
+            `shared_prompt=False` is an error.
+
     DPO-only loss fields (`loss_weights`, `ld_alpha`, `f_divergence_type`, `f_alpha_divergence_coef`,
     `label_smoothing`, `use_weighting`, `discopop_tau`) raise a `ValueError` when set to anything but their default.
+    `use_liger_kernel` needs `liger-kernel` and a GPU, `activation_offloading` an accelerator: on CPU both raise a
+    `ValueError` at config time.
 
     Example:
     ```python
@@ -179,6 +225,8 @@ class InfoNCAConfig(_RatedCompletionsConfig):
             Cap on K per prompt, keeping the best, the worst and an even spread of reward ranks between.
         shared_prompt (`bool`, *optional*, defaults to `True`):
             Shared-prompt, padding-free layout, as in [`NCAConfig`].
+        padding_free (`bool`, *optional*, defaults to `False`):
+            `True` requires the shared-prompt layout, as in [`NCAConfig`].
         loss_type (`list[str]`, *optional*):
             Always the InfoNCA loss. Leave unset; `InfoNCAConfig.accepted_loss_types()` lists the values accepted
             (its own name, and DPOConfig's default, which is its K=2 case: DPO).

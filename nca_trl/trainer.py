@@ -73,6 +73,36 @@ def _activation_checkpointing_off(model, kwargs: dict | None):
             model.activation_checkpointing_enable(kwargs)
 
 
+@contextlib.contextmanager
+def _hidden_from_parent(args, name: str, value):
+    """Show `DPOTrainer.__init__` `args.<name> = value`; the user's value is back afterwards."""
+    if not hasattr(args, name):
+        yield
+        return
+    original = getattr(args, name)
+    setattr(args, name, value)
+    try:
+        yield
+    finally:
+        setattr(args, name, original)
+
+
+def _refuse_images(trainer, dataset, name: str) -> None:
+    """Raise a `ValueError` if `dataset` has an `image` or `images` column (the trainers are text-only)."""
+    if dataset is None:
+        return
+    columns = getattr(dataset, "column_names", None)
+    if columns is None:  # an IterableDataset of unknown features: look at its first row
+        columns = list(next(iter(dataset), {}).keys())
+    found = [c for c in ("image", "images") if c in columns]
+    if found:
+        raise ValueError(
+            f"The {name} dataset has a {found[0]!r} column: {type(trainer).__name__} trains text-only models on "
+            f"rated text completions and does not support vision datasets. Remove the column (and any image "
+            "placeholders in the prompts) or use `trl.DPOTrainer` with a vision-language model."
+        )
+
+
 def to_slots(values: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """Scatter per-sequence values `[N]`, in the collator's slot-major order, into `[B, Kmax]`, 0 in empty slots."""
     out = torch.zeros(slots.T.shape, dtype=values.dtype, device=values.device)
@@ -128,10 +158,14 @@ class _RatedCompletionsTrainer(DPOTrainer):
         self.alpha = getattr(args, "alpha", 1.0)
         self.max_completions = getattr(args, "max_completions", None)
 
-        if train_dataset is not None:
-            sample = next(iter(train_dataset))
-            if "image" in sample or "images" in sample:
-                raise NotImplementedError(f"{type(self).__name__} does not support vision datasets yet.")
+        _refuse_images(self, train_dataset, "train")
+        if isinstance(eval_dataset, dict):
+            for name, dataset in eval_dataset.items():
+                _refuse_images(self, dataset, f"eval ({name!r})")
+        else:
+            _refuse_images(self, eval_dataset, "eval")
+        # `padding_free=True` means our own padding-free layout (shared prompt), required (see `_setup_layout`)
+        self._padding_free = bool(getattr(args, "padding_free", False))
 
         if data_collator is None:
             # The parent builds a pairwise collator when none is given: build ours, with the parent's pad-token rule
@@ -153,7 +187,9 @@ class _RatedCompletionsTrainer(DPOTrainer):
                 pad_to_multiple_of=args.pad_to_multiple_of if isinstance(args.pad_to_multiple_of, int) else None,
             )
 
-        with self._zero3_moe_leaves(args):
+        # TRL's own padding-free path is disabled in TRL (it warns that it falls back to padding): it never sees the
+        # flag, which this trainer implements with the shared-prompt layout instead
+        with self._zero3_moe_leaves(args), _hidden_from_parent(args, "padding_free", False):
             super().__init__(
                 model=model,
                 ref_model=ref_model,
@@ -169,6 +205,8 @@ class _RatedCompletionsTrainer(DPOTrainer):
                 peft_config=peft_config,
             )
         self._setup_layout()
+        # DPOTrainer's flag, here whether the batches are padding-free (the shared-prompt layout runs)
+        self.padding_free = bool(getattr(self.data_collator, "shared_prompt", False))
 
     @contextlib.contextmanager
     def _zero3_moe_leaves(self, args):
@@ -197,7 +235,14 @@ class _RatedCompletionsTrainer(DPOTrainer):
             return
         self._layout_checked = True
         collator = self.data_collator
-        if not getattr(self.args, "shared_prompt", True) or not isinstance(collator, DataCollatorForRatedCompletions):
+        if not isinstance(collator, DataCollatorForRatedCompletions):
+            if self._padding_free:
+                raise ValueError(
+                    f"`padding_free=True` needs the trainer's own collator (`DataCollatorForRatedCompletions`), got "
+                    f"{type(collator).__name__}."
+                )
+            return
+        if not getattr(self.args, "shared_prompt", True):
             return
         reason = ""
         if self.args.truncation_mode != "keep_start":
@@ -212,6 +257,11 @@ class _RatedCompletionsTrainer(DPOTrainer):
                         reason = f"{name} model: {support.reason}"
                         break
         if reason:
+            if self._padding_free:
+                raise ValueError(
+                    f"`padding_free=True` requires the shared-prompt layout, which cannot run here: {reason}. Remove "
+                    "`padding_free` to train with the plain padded layout."
+                )
             logger.warning("Shared-prompt layout disabled, using the plain padded layout: %s.", reason)
             return
         collator.shared_prompt = True
