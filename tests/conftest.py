@@ -57,3 +57,20 @@ def hh():
     from datasets import load_dataset
 
     return load_dataset("json", data_files=str(HH), split="train")
+
+
+@pytest.fixture(scope="session")
+def launch_env(tmp_path_factory):
+    """Environment of the `accelerate launch` tests (tests/launching.py): offline, one thread per process, and one
+    DeepSpeed extension cache for the session (TORCH_EXTENSIONS_DIR, or a temporary folder)."""
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(tmp_path_factory.getbasetemp() / "torch_extensions"))
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        TQDM_DISABLE="1",
+        OMP_NUM_THREADS="1",
+        PYTHONWARNINGS="ignore",
+    )
+    return env

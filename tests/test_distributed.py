@@ -5,138 +5,33 @@ inside the run; every test asserts world size 2 and the distributed type from
 it, because a broken launch can look green: a MULTI_CPU accelerate config silently starts one process, and MULTI_GPU
 without `use_cpu` starts two independent single-process trainings. Launches share one DeepSpeed extension cache
 (TORCH_EXTENSIONS_DIR, or a temporary folder) and each gets its own free port; a timeout fails the test (a hang is a
-failure). Budget: 6 launches of a tiny model for 4 steps of 8 prompts x 4 completions x 64 tokens.
+failure). The launch helpers are in tests/launching.py, the environment in the `launch_env` fixture (conftest.py).
+Budget: 6 launches of a tiny model for 4 steps of 8 prompts x 4 completions x 64 tokens.
 """
 
-import json
 import math
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
+from launching import (
+    ACCEL,
+    DDP_CPU_ARGS,
+    assert_two_processes,
+    common_args,
+    cpu_config,
+    free_port,
+    launch,
+    launch_cmd,
+    losses,
+    read_run,
+    start,
+    wait,
+)
 from nca_trl.cli import train as train_main
 
-REPO = Path(__file__).resolve().parents[1]
-VICUNA = REPO / "data" / "vicuna_rated.jsonl"
-ACCEL = REPO / "recipes" / "accelerate_configs"
-TRAIN = Path(__file__).resolve().parent / "launch_probe.py"
-LAUNCH_TIMEOUT = 300  # seconds; first DeepSpeed launch compiles a small C++ op (~35 s)
-
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def common_args(model: str, recipe: str = "nca.yaml") -> list[str]:
-    """Tiny, fast, and with a learning rate large enough that the step losses move apart from step 2 on."""
-    return [
-        "--config", str(REPO / "recipes" / "tiny" / recipe),
-        "--model_name_or_path", str(model),
-        "--dataset_name", str(VICUNA),
-        "--bf16", "false",
-        "--max_length", "64",
-        "--max_train_samples", "8",
-        "--max_steps", "4",
-        "--per_device_train_batch_size", "1",
-        "--eval_strategy", "no",
-        "--save_strategy", "no",
-        "--logging_steps", "1",
-        "--warmup_steps", "0",
-        "--lr_scheduler_type", "constant",
-        "--beta", "0.1",
-        "--learning_rate", "5e-3",
-        "--report_to", "none",
-        "--seed", "42",
-    ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def launch_env(tmp_path_factory):
-    env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(tmp_path_factory.getbasetemp() / "torch_extensions"))
-    env.update(
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        TQDM_DISABLE="1",
-        OMP_NUM_THREADS="1",
-        PYTHONWARNINGS="ignore",
-    )
-    return env
-
-
-def _launch_cmd(config, port, extra_launch=()):
-    return [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-        "--main_process_port", str(port), "--mixed_precision", "no", *extra_launch, str(TRAIN),
-    ]
-
-
-def _wait(procs, logs, timeout):
-    """Wait for all processes; on timeout kill their process groups (only the ones started here) and fail."""
-    deadline = time.time() + timeout
-    try:
-        for proc in procs:
-            proc.wait(timeout=max(1, deadline - time.time()))
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        pytest.fail(f"launch timed out after {timeout}s (hang?)\n" + "\n".join(_tail(log) for log in logs))
-    for proc, log in zip(procs, logs):
-        if proc.returncode != 0:
-            pytest.fail(f"launch failed with exit code {proc.returncode}\n{_tail(log)}")
-
-
-def _tail(log: Path, n: int = 60) -> str:
-    lines = log.read_text(errors="replace").splitlines()
-    keep = [line for line in lines if "Warning" not in line and "warnings.warn" not in line]
-    return f"--- {log} ---\n" + "\n".join(keep[-n:])
-
-
-def launch(env, config, train_args, out: Path, extra_launch=()) -> dict:
-    """`accelerate launch` 2 processes of `nca-trl train` (with the test probe); returns run_info.json and probe.json,
-    both written inside the run."""
-    out.mkdir(parents=True, exist_ok=True)
-    log = out.parent / f"{out.name}.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(
-            _launch_cmd(config, free_port(), ("--num_processes", "2", *extra_launch))
-            + [*train_args, "--output_dir", str(out)],
-            cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        _wait([proc], [log], LAUNCH_TIMEOUT)
-    return read_run(out)
-
-
-def read_run(out: Path) -> dict:
-    return {**json.loads((out / "run_info.json").read_text()), **json.loads((out / "probe.json").read_text())}
-
-
-def losses(info: dict) -> list[float]:
-    return [s["loss"] for s in info["step_losses"]]
-
-
-def assert_two_processes(info: dict, distributed_type: str, zero_stage=None):
-    assert info["world_size"] == 2 and info["num_processes"] == 2
-    assert info["distributed_type"] == distributed_type and info["zero_stage"] == zero_stage
-    assert info["backend"] == "gloo"
-    assert sorted(p["process_index"] for p in info["processes"]) == [0, 1]
-    assert len({p["pid"] for p in info["processes"]}) == 2
-    assert info["global_step"] == 4
 
 
 # --------------------------------------------------------------------------------------------------- runs (shared)
@@ -163,12 +58,8 @@ def single_b2(tiny_mistral, runs_dir):
 @pytest.fixture(scope="module")
 def ddp(tiny_mistral, runs_dir, launch_env):
     # CPU DDP: the shipped ddp.yaml (MULTI_GPU) with use_cpu: true; accelerate then reports MULTI_CPU
-    accel = yaml.safe_load((ACCEL / "ddp.yaml").read_text())
-    accel["use_cpu"] = True
-    config = runs_dir / "ddp_cpu.yaml"
-    config.write_text(yaml.safe_dump(accel))
-    args = common_args(tiny_mistral) + ["--use_cpu", "true", "--ddp_backend", "gloo"]
-    return launch(launch_env, config, args, runs_dir / "ddp")
+    config = cpu_config(runs_dir / "ddp_cpu.yaml")
+    return launch(launch_env, config, common_args(tiny_mistral) + list(DDP_CPU_ARGS), runs_dir / "ddp")
 
 
 @pytest.fixture(scope="module")
@@ -187,20 +78,28 @@ def zero3(tiny_mistral, runs_dir, launch_env):
 
 
 # --------------------------------------------------------------------------------------------------- tests
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_ddp_two_cpu_processes(ddp):
     assert_two_processes(ddp, "MULTI_CPU")
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_zero2_two_processes(zero2):
     assert_two_processes(zero2, "DEEPSPEED", zero_stage=2)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_zero3_two_processes(zero3):
     assert_two_processes(zero3, "DEEPSPEED", zero_stage=3)
     assert zero3["z3_leaf_modules"]["policy"] == 0  # a dense model has no MoE block to mark
     assert zero3["z3_leaf_modules"]["marked_by_nca_trl"] == [0, 0]  # but both ZeRO-3 engines went through the guard
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_step_losses_agree_across_ddp_zero2_zero3(ddp, zero2, zero3, single_b1, single_b2):
     reference = losses(single_b2)
     assert len(reference) == 4
@@ -214,6 +113,8 @@ def test_step_losses_agree_across_ddp_zero2_zero3(ddp, zero2, zero3, single_b1, 
     assert any(abs(a - reference[0]) > 1e-3 for a in reference[1:])
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_zero3_checkpoint_loads_and_equals_gathered_weights(zero3, tiny_mistral):
     from transformers import AutoModelForCausalLM
 
@@ -232,6 +133,8 @@ def test_zero3_checkpoint_loads_and_equals_gathered_weights(zero3, tiny_mistral)
     assert not torch.equal(initial.model.embed_tokens.weight, model.model.embed_tokens.weight)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_zero3_resume_reproduces_later_losses(zero3, tiny_mistral, runs_dir, launch_env):
     checkpoint = Path(zero3["output_dir"]) / "checkpoint-2"
     args = common_args(tiny_mistral) + ["--ddp_backend", "gloo", "--resume_from_checkpoint", str(checkpoint)]
@@ -241,6 +144,8 @@ def test_zero3_resume_reproduces_later_losses(zero3, tiny_mistral, runs_dir, lau
     assert losses(resumed)[2:] == pytest.approx(losses(zero3)[2:], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_tiny_mixtral_zero3_moe_blocks_are_leaves(tiny_mixtral, runs_dir, launch_env):
     """Mixtral under ZeRO-3 finishes (the timeout fails a hang) with its MoE blocks as ZeRO-3 leaves in the policy and
     in the reference model, and the router aux loss in the loss."""
@@ -254,6 +159,8 @@ def test_tiny_mixtral_zero3_moe_blocks_are_leaves(tiny_mixtral, runs_dir, launch
     assert all(e["aux_loss"] > 0 for e in logged) and all(math.isfinite(e["loss"]) for e in logged)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_machines_on_localhost_infonca_precomputed_reference(tiny_mistral, runs_dir, launch_env):
     """Two `accelerate launch` commands, --num_machines 2, machine rank 0 / 1, one process each, same master address
     and port, InfoNCA with precomputed reference log-probs under ZeRO-3: one world of size 2 whose losses equal a
@@ -270,14 +177,8 @@ def test_two_machines_on_localhost_infonca_precomputed_reference(tiny_mistral, r
         logs.append(log)
         extra = ("--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
                  "--main_process_ip", "127.0.0.1")
-        with open(log, "w") as f:
-            procs.append(
-                subprocess.Popen(
-                    _launch_cmd(ACCEL / "deepspeed_zero3.yaml", port, extra) + train_args,
-                    cwd=REPO, env=launch_env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                )
-            )
-    _wait(procs, logs, LAUNCH_TIMEOUT)
+        procs.append(start(launch_cmd(ACCEL / "deepspeed_zero3.yaml", port, extra) + train_args, log, launch_env))
+    wait(procs, logs)
     info = read_run(out)
     assert_two_processes(info, "DEEPSPEED", zero_stage=3)
     assert info["num_machines"] == 2 and [p["local_process_index"] for p in info["processes"]] == [0, 0]
