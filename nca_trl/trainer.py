@@ -97,7 +97,7 @@ def _refuse_images(trainer, dataset, name: str) -> None:
     found = [c for c in ("image", "images") if c in columns]
     if found:
         raise ValueError(
-            f"The {name} dataset has a {found[0]!r} column: {type(trainer).__name__} trains text-only models on "
+            f"The {name} dataset has the column {found[0]!r}: {type(trainer).__name__} trains text-only models on "
             f"rated text completions and does not support vision datasets. Remove the column (and any image "
             "placeholders in the prompts) or use `trl.DPOTrainer` with a vision-language model."
         )
