@@ -15,6 +15,13 @@ def check_launch_environment(training_args, environ=os.environ) -> None:
             "`use_cpu: true` switches DeepSpeed off (the run would silently fall back to plain data parallel). Under "
             "a DeepSpeed accelerate config on CPU pass `--use_cpu false --ddp_backend gloo --bf16 false` instead."
         )
+    fsdp = str(environ.get("ACCELERATE_USE_FSDP", "false")).lower() == "true"
+    if fsdp and training_args.use_cpu:
+        raise ValueError(
+            "FSDP needs GPUs: accelerate sets FSDP up only on GPU-like devices, and with `use_cpu: true` the run would "
+            "silently fall back to plain data parallel (MULTI_CPU). On CPU processes use ddp.yaml with `use_cpu: true` "
+            "or a DeepSpeed config."
+        )
     precision = environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if deepspeed and precision in ("bf16", "fp16") and not getattr(training_args, precision):
         raise ValueError(
@@ -26,9 +33,11 @@ def check_launch_environment(training_args, environ=os.environ) -> None:
 
 def check_world_size(state, environ=os.environ) -> None:
     """A launcher that started N processes which do not form one group (accelerate's MULTI_GPU config without GPUs
-    and without `use_cpu`) would train N independent copies: refuse."""
+    and without `use_cpu`) would train N independent copies: refuse. With `--ddp_backend` set there the N processes
+    do form a process group, but accelerate's distributed type stays NO (nothing synchronised): refuse that too."""
     launched = int(environ.get("WORLD_SIZE", "1") or 1)
-    if launched != state.num_processes:
+    distributed_type = getattr(state.distributed_type, "value", str(state.distributed_type))
+    if launched != state.num_processes or (launched > 1 and distributed_type == "NO"):
         raise RuntimeError(
             f"The launcher started {launched} processes (WORLD_SIZE) but this one trains in a group of "
             f"{state.num_processes} ({state.distributed_type}): they would be {launched} independent "

@@ -49,6 +49,8 @@ def test_recipe_inventory():
         "recipes/tiny/nca_mixtral.yaml",
     ):
         assert expected in names
+    fsdp2 = yaml.safe_load((REPO / "recipes" / "accelerate_configs" / "fsdp2.yaml").read_text())
+    assert fsdp2["distributed_type"] == "FSDP" and fsdp2["fsdp_config"]["fsdp_version"] == 2
     for name in ("ddp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"):
         accel = yaml.safe_load((REPO / "recipes" / "accelerate_configs" / f"{name}.yaml").read_text())
         assert accel["num_processes"] == 8 and accel["num_machines"] == 1
@@ -236,6 +238,10 @@ def test_launch_traps_fail_loudly():
         check_world_size(alone, {"WORLD_SIZE": "2"})  # MULTI_GPU config, no GPU, no use_cpu
     check_world_size(alone, {})
     check_world_size(SimpleNamespace(num_processes=2, distributed_type="MULTI_CPU"), {"WORLD_SIZE": "2"})
+    with pytest.raises(RuntimeError, match="2 independent trainings"):  # --ddp_backend gloo: a group, but type NO
+        check_world_size(SimpleNamespace(num_processes=2, distributed_type="NO"), {"WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="FSDP needs GPUs"):
+        check_launch_environment(SimpleNamespace(use_cpu=True, bf16=False, fp16=False), {"ACCELERATE_USE_FSDP": "true"})
 
     deepspeed = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_MIXED_PRECISION": "no"}
     with pytest.raises(ValueError, match="switches DeepSpeed off"):

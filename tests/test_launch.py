@@ -143,11 +143,6 @@ def test_fsdp2_config_is_trls_and_accelerate_reads_it_as_fsdp2(tiny_mistral, tin
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.xfail(
-    strict=True,
-    reason="nca_trl/launch.py does not refuse yet: FSDP with use_cpu trains MULTI_CPU DDP, and without it 2 processes "
-    "with distributed type NO train independently (the fix is a launch.py check; drop this marker with it)",
-)
 @pytest.mark.parametrize("use_cpu", [True, False], ids=["use_cpu", "no_use_cpu"])
 def test_fsdp2_on_cpu_processes_fails_loudly(use_cpu, tiny_mistral, tmp_path, launch_env):
     """FSDP needs GPUs (see the module docstring): on CPU processes the launch must stop before training instead of
