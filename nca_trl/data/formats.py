@@ -17,9 +17,9 @@ refused, numeric ones such as `"4.5"` included, so cast such a column first, e.g
 `"N/A"`). A row's rewards must also differ by at most float32's maximum (about 3.4e38), since the collator subtracts
 each prompt's best reward in float64 and then works in float32.
 
-The rest of the data handling lives beside this module: row and dataset validation and `to_rated` in
-`nca_trl.data.validation` (the one place a reward is checked: `check_rewards`), the raw-layout converters
-[`ultrafeedback_to_rated`], [`columns_to_rated`] and [`convert_dataset`] in `nca_trl.data.converters`.
+The rest of the data handling lives beside this module: the one check of a reward, `check_rewards`, in
+`nca_trl.data.rewards`; row and dataset validation and `to_rated` in `nca_trl.data.validation`; the raw-layout
+converters [`ultrafeedback_to_rated`], [`columns_to_rated`] and [`convert_dataset`] in `nca_trl.data.converters`.
 
 Every problem is reported as a [`DataValidationError`] naming the dataset, the row, the field, what is wrong and how
 to fix it.
