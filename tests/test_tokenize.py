@@ -204,6 +204,7 @@ def test_reward_differences_beyond_float32_are_refused_naming_the_row(mistral_to
     assert "rescale" in err.fix
 
 
+@pytest.mark.slow
 def test_training_is_unchanged_by_a_reward_offset_or_a_scale_past_float32(tiny_mistral, tmp_path):
     """End to end: InfoNCA on rewards r, on 1e9 + r, and on 1e38 * r with alpha 1e38 takes the same steps (before the
     fix, 1e9 + r trained on uniform targets and 1e38 * r on NaN targets, logging a loss of 0 and NaN weights)."""
