@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import textwrap
 import warnings
 from collections.abc import Callable
 
 import torch
-from accelerate.utils import broadcast_object_list, is_peft_model, tqdm
-from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, concatenate_datasets
-from datasets.fingerprint import Hasher
-from torch.utils.data import DataLoader
+from accelerate.utils import is_peft_model
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from transformers import (
     AutoProcessor,
     BitsAndBytesConfig,
@@ -31,14 +28,20 @@ from transformers import (
 )
 from transformers.trainer_utils import EvalPrediction
 from trl import DPOConfig, DPOTrainer
-from trl.models import prepare_deepspeed
 from trl.trainer.utils import get_config_model_id, use_adapter
 
-from .config import InfoNCAConfig, NCAConfig, _RatedCompletionsConfig, check_rated_config
+from .config import (
+    InfoNCAConfig,
+    NCAConfig,
+    _RatedCompletionsConfig,
+    check_rated_config,
+)
 from .data.collator import DataCollatorForRatedCompletions
 from .data.tokenize import prepare_rated_dataset
 from .losses import infonca_loss, nca_loss
+from .metrics import best_slots, from_slots, sequence_metrics, to_slots
 from .packing import LAYOUT_KEYS, enable_shared_prompt, is_shared_prompt_enabled
+from .ref_cache import precompute_ref_logps
 
 __all__ = ["NCATrainer", "InfoNCATrainer"]
 
@@ -101,17 +104,6 @@ def _refuse_images(trainer, dataset, name: str) -> None:
             f"rated text completions and does not support vision datasets. Remove the column (and any image "
             "placeholders in the prompts) or use `trl.DPOTrainer` with a vision-language model."
         )
-
-
-def to_slots(values: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """Scatter per-sequence values `[N]`, in the collator's slot-major order, into `[B, Kmax]`, 0 in empty slots."""
-    out = torch.zeros(slots.T.shape, dtype=values.dtype, device=values.device)
-    return out.masked_scatter(slots.T, values).T
-
-
-def from_slots(values: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """Inverse of `to_slots`: the `[N]` values of the valid slots, in slot-major order."""
-    return values.T[slots.T]
 
 
 class _RatedCompletionsTrainer(DPOTrainer):
@@ -350,59 +342,7 @@ class _RatedCompletionsTrainer(DPOTrainer):
         return to_slots(logps, inputs["completion_slots"])
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
-        if isinstance(dataset, IterableDataset):
-            raise ValueError(
-                "`precompute_ref_log_probs=True` is not supported with an IterableDataset. Use a map-style Dataset or "
-                "set `precompute_ref_log_probs=False`."
-            )
-        # Rank 0's fingerprint for all ranks (ZeRO-3 shards make the model hash rank-dependent): one shared cache file
-        fingerprint = [Hasher.hash((dataset._fingerprint, self._precompute_model_hash, "nca-trl/ref_logps/v1"))]
-        broadcast_object_list(fingerprint, from_process=0)
-        cache_file = dataset._get_cache_file_path(fingerprint[0])
-        if os.path.exists(cache_file):
-            return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
-
-        loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            collate_fn=self.data_collator,
-            num_workers=self.args.dataloader_num_workers,
-            pin_memory=self.args.dataloader_pin_memory,
-            shuffle=False,
-        )
-        loader = self.accelerator.prepare(loader)
-        # Before `train` the DeepSpeed parameters are on CPU (ZeRO-1/2) or sharded (ZeRO-3): as in the parent, an
-        # inference engine places and gathers them, built once and reused.
-        self._setup_layout()  # called from the parent's __init__: the precompute uses the training layout too
-        if self.ref_model is None and self.is_deepspeed_enabled:
-            if self._precompute_engine is None:
-                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
-            model = self._precompute_engine
-        else:
-            model = self.ref_model or self.model
-
-        rows = []
-        for batch in tqdm(loader, desc=f"Computing reference log probs for {name} dataset"):
-            slots = batch["completion_slots"]
-            ref = self.compute_ref_log_probs(model, batch)
-            # Kmax differs between ranks: pad to a common width before gathering, then keep each row's valid slots
-            ref = self.accelerator.pad_across_processes(ref, dim=1, pad_index=0.0)
-            slots = self.accelerator.pad_across_processes(slots, dim=1, pad_index=False)
-            ref, slots = self.accelerator.gather_for_metrics((ref, slots))
-            rows.extend(r[s].tolist() for r, s in zip(ref.float().cpu(), slots.bool().cpu()))
-
-        if self.accelerator.is_main_process:
-            dataset.map(
-                lambda _, indices: {"ref_logps": [rows[i] for i in indices]},
-                with_indices=True,
-                batched=True,
-                remove_columns=dataset.column_names,
-                new_fingerprint=fingerprint[0],
-                cache_file_name=cache_file,
-                desc=f"Caching reference log probs for {name} dataset",
-            )
-        self.accelerator.wait_for_everyone()
-        return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
+        return precompute_ref_logps(self, dataset, name, batch_size)  # `nca_trl.ref_cache`: K values, full cache key
 
     # ------------------------------------------------------------------------------------------------ loss
     def _compute_loss(self, model, inputs, return_outputs):
@@ -452,10 +392,8 @@ class _RatedCompletionsTrainer(DPOTrainer):
             self._total_train_tokens += gather_sum(inputs["sequence_tokens"]).item() // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
-        # Best completion of each prompt (first on ties) and, per scored token, whether it belongs to one
-        best = rewards.masked_fill(~slots, float("-inf")).argmax(dim=1)
-        is_best_slot = torch.zeros_like(slots).scatter_(1, best.unsqueeze(1), True)
-        is_best_token = from_slots(is_best_slot, slots)[token_sequence]
+        # Per scored token, whether it belongs to its prompt's best completion
+        is_best_token = from_slots(best_slots(rewards, slots)[1], slots)[token_sequence]
         mean_logits = take(outputs.mean_logits.detach())
         for label, m in (("chosen", is_best_token), ("rejected", ~is_best_token)):
             total, count = gather_sum(mean_logits[m].sum()), gather_sum(m.sum())
@@ -463,40 +401,35 @@ class _RatedCompletionsTrainer(DPOTrainer):
         correct, count = gather_sum(take(outputs.is_top1)[is_best_token].sum()), gather_sum(is_best_token.sum())
         self._metrics[mode]["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
 
-        # Sequence-level metrics: rewards are the implicit rewards g = beta * logratio
-        g = self.beta * logratios
-        others = slots & ~is_best_slot
-        n_others = others.sum(dim=1).clamp(min=1)
-        chosen_g = g.gather(1, best.unsqueeze(1)).squeeze(1)
-        rejected_g = (g * others).sum(dim=1) / n_others
-        chosen_logps = logps.gather(1, best.unsqueeze(1)).squeeze(1)
-        rejected_logps = (logps * others).sum(dim=1) / n_others
-        # Accuracy: the best completion's implicit reward beats every completion with a strictly lower reward
-        # (completions tied with the best are not its competitors); prompts with all rewards equal have no such pair
-        best_reward = rewards.gather(1, best.unsqueeze(1))
-        lower = slots & (rewards < best_reward)
-        best_first = (chosen_g.unsqueeze(1) > g).masked_fill(~lower, True).all(dim=1)
-        ranked_rows = lower.any(dim=1)
-        metrics = {
-            "rewards/chosen": chosen_g,
-            "rewards/rejected": rejected_g,
-            "rewards/margins": chosen_g - rejected_g,
-            "logps/chosen": chosen_logps,
-            "logps/rejected": rejected_logps,
-        }
-        for key, value in metrics.items():
-            self._metrics[mode][key].append(gather(value).mean().item())
-        n_rows = gather_sum(ranked_rows.sum())
-        if n_rows > 0:
-            accuracy = gather_sum((best_first & ranked_rows).sum()) / n_rows
+        # Sequence-level metrics (`nca_trl.metrics`): rewards are the implicit rewards g = beta * logratio
+        metrics = sequence_metrics(self.beta * logratios, logps, rewards, slots)
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+            self._metrics[mode][key].append(gather(metrics[key]).mean().item())
+        n_rows = gather_sum(metrics["ranked_rows"].sum())
+        if n_rows > 0:  # undefined in a batch where every prompt has all rewards equal
+            accuracy = gather_sum((metrics["best_first"] & metrics["ranked_rows"]).sum()) / n_rows
             self._metrics[mode]["rewards/accuracies"].append(accuracy.item())
-
-        # Pairwise ranking accuracy over pairs (i, j) of a prompt with r_i > r_j
-        pairs = (rewards.unsqueeze(2) > rewards.unsqueeze(1)) & slots.unsqueeze(2) & slots.unsqueeze(1)
-        ranked = (g.unsqueeze(2) > g.unsqueeze(1)) & pairs
-        n_pairs, n_ranked = gather_sum(pairs.sum()), gather_sum(ranked.sum())
+        n_pairs, n_ranked = gather_sum(metrics["pairs"]), gather_sum(metrics["ranked"])
         if n_pairs > 0:
             self._metrics[mode]["rewards/ranking_accuracy"].append((n_ranked / n_pairs).item())
+
+    # ------------------------------------------------------------------------------------------------ logging
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        self._metric_key_prefix = metric_key_prefix  # each dataset of an eval dict comes here with its own prefix
+        try:
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        finally:
+            self._metric_key_prefix = "eval"
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # DPOTrainer prefixes its own eval metrics with a fixed "eval_": with several eval datasets (or another
+        # `metric_key_prefix`) they would all land under the same keys. Give them the evaluated dataset's prefix.
+        prefix = getattr(self, "_metric_key_prefix", "eval")
+        if not self.model.training and prefix != "eval" and prefix.startswith("eval_"):
+            renamed = {f"{prefix[len('eval_'):]}_{key}": values for key, values in self._metrics["eval"].items()}
+            self._metrics["eval"].clear()
+            self._metrics["eval"].update(renamed)
+        super().log(logs, start_time)
 
 
 class NCATrainer(_RatedCompletionsTrainer):

@@ -1,0 +1,113 @@
+"""Precomputed reference log-probs (`precompute_ref_log_probs=True`): K values per prompt, cached on disk.
+
+The cache is a column `ref_logps` written next to the prepared dataset's own cache files. It is reused only when
+*everything* that changes its values is the same: its key hashes
+
+- the prepared dataset's fingerprint (the raw rows, the tokenization and `max_completions`),
+- the tokenizer's chat template, special tokens and vocabulary size (explicitly, not only through the fingerprint),
+- the reference model's weights and dtype (`trl.trainer.utils.hash_module`) and its config,
+- `max_length`, `truncation_mode` and the batch layout (the collator truncates, after tokenization),
+- the precision the forward runs in (`bf16` / `fp16` autocast),
+- `CACHE_VERSION`, the format of this cache.
+
+TRL's `DPOTrainer` keys its cache on the dataset and the model only, so a changed `max_length` reuses stale values.
+The cache file is written by `datasets` through a temporary file renamed at the end: a run killed during the precompute
+leaves no cache file that a later run could reuse.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from accelerate.utils import broadcast_object_list, tqdm
+from datasets import Dataset, IterableDataset, concatenate_datasets
+from datasets.fingerprint import Hasher
+from torch.utils.data import DataLoader
+from trl.models import prepare_deepspeed
+
+logger = logging.getLogger("nca_trl")
+
+__all__ = ["CACHE_VERSION", "ref_cache_key", "precompute_ref_logps"]
+
+CACHE_VERSION = "nca-trl/ref_logps/v2"
+
+
+def ref_cache_key(trainer, dataset: Dataset) -> str:
+    """The cache key of `dataset`'s reference log-probs under `trainer` (see the module docstring for what it covers)."""
+    args, collator = trainer.args, trainer.data_collator
+    tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+    reference = trainer.ref_model or trainer.model
+    config = getattr(trainer.accelerator.unwrap_model(reference), "config", None)
+    parts = {
+        "dataset": dataset._fingerprint,
+        "tokenizer": (getattr(tokenizer, "chat_template", None), str(getattr(tokenizer, "special_tokens_map", "")),
+                      len(tokenizer) if tokenizer is not None else None),
+        "model": trainer._precompute_model_hash,
+        "model_config": config.to_json_string(use_diff=False) if config is not None else None,
+        "max_length": args.max_length,
+        "truncation_mode": args.truncation_mode,
+        "layout": getattr(collator, "shared_prompt", None),
+        "precision": {"bf16": bool(args.bf16), "fp16": bool(args.fp16)},
+        "version": CACHE_VERSION,
+    }
+    return Hasher.hash(parts)
+
+
+def precompute_ref_logps(trainer, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+    """`dataset` with a `ref_logps` column (K floats per row), from the cache or computed now (all processes)."""
+    if isinstance(dataset, IterableDataset):
+        raise ValueError(
+            "`precompute_ref_log_probs=True` is not supported with an IterableDataset. Use a map-style Dataset or "
+            "set `precompute_ref_log_probs=False`."
+        )
+    trainer._setup_layout()  # called from the parent's __init__: the key and the precompute need the training layout
+    # Rank 0's key for all ranks (ZeRO-3 shards make the model hash rank-dependent): one shared cache file
+    key = [ref_cache_key(trainer, dataset)]
+    broadcast_object_list(key, from_process=0)
+    cache_file = dataset._get_cache_file_path(key[0])
+    if os.path.exists(cache_file):
+        logger.info("Reference log-probs of the %s dataset: reusing %s", name, cache_file)
+        return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
+
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        collate_fn=trainer.data_collator,
+        num_workers=trainer.args.dataloader_num_workers,
+        pin_memory=trainer.args.dataloader_pin_memory,
+        shuffle=False,
+    )
+    loader = trainer.accelerator.prepare(loader)
+    # Before `train` the DeepSpeed parameters are on CPU (ZeRO-1/2) or sharded (ZeRO-3): as in the parent, an
+    # inference engine places and gathers them, built once and reused.
+    if trainer.ref_model is None and trainer.is_deepspeed_enabled:
+        if trainer._precompute_engine is None:
+            trainer._precompute_engine = prepare_deepspeed(trainer.model, trainer.accelerator)
+        model = trainer._precompute_engine
+    else:
+        model = trainer.ref_model or trainer.model
+
+    rows = []
+    accelerator = trainer.accelerator
+    for batch in tqdm(loader, desc=f"Computing reference log probs for {name} dataset"):
+        slots = batch["completion_slots"]
+        ref = trainer.compute_ref_log_probs(model, batch)
+        # Kmax differs between ranks: pad to a common width before gathering, then keep each row's valid slots
+        ref = accelerator.pad_across_processes(ref, dim=1, pad_index=0.0)
+        slots = accelerator.pad_across_processes(slots, dim=1, pad_index=False)
+        ref, slots = accelerator.gather_for_metrics((ref, slots))
+        rows.extend(r[s].tolist() for r, s in zip(ref.float().cpu(), slots.bool().cpu()))
+
+    if accelerator.is_main_process:
+        dataset.map(
+            lambda _, indices: {"ref_logps": [rows[i] for i in indices]},
+            with_indices=True,
+            batched=True,
+            remove_columns=dataset.column_names,
+            new_fingerprint=key[0],
+            cache_file_name=cache_file,
+            desc=f"Caching reference log probs for {name} dataset",
+        )
+    accelerator.wait_for_everyone()
+    return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
