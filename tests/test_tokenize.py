@@ -69,17 +69,26 @@ def test_tokens_merging_across_the_boundary_go_to_the_completion(mistral_tokeniz
     tok = mistral_tokenizer
     monkeypatch.setitem(tokenize_module._warned, "boundary", False)
     row = {"prompt": "Hello wor", "completions": ["ld", "m"], "rewards": [1.0, 0.0]}
-    with caplog.at_level(logging.WARNING, logger="nca_trl"):
-        out = tokenize_rated_example(row, tok, tok.eos_token)
+    out = tokenize_rated_example(row, tok, tok.eos_token)
     assert tok("Hello wor")["input_ids"] == [BOS, 22557, tok.convert_tokens_to_ids("▁wor")]
     # "▁wor" + "ld" become "▁world": the completion starts where prompt and prompt+completion diverge
     assert out["prompt_ids"] == [BOS, 22557]
     assert out["completion_ids"] == [tok("Hello world</s>")["input_ids"][2:], tok("Hello worm</s>")["input_ids"][2:]]
-    assert "'wor'" in caplog.text and "Shown once" in caplog.text
+
+    # A dataset says it once, with the number of rows it applies to and an example
+    rows = [row, {"prompt": "Hi.", "completions": [" Yes", " No"], "rewards": [1.0, 0.0]}, dict(row)]
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        prepared = prepare_rated_dataset(Dataset.from_list(rows), tok, args(), "train")
+    boundary = [r.getMessage() for r in caplog.records if "not a prefix" in r.getMessage()]
+    assert len(boundary) == 1 and "train dataset: 2 of 3 rows" in boundary[0] and "'wor'" in boundary[0]
+    assert "prompt_trimmed" not in prepared.column_names
+    # A stream cannot be counted: it says so at the first row it happens to, once per process
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="nca_trl"):
-        tokenize_rated_example(row, tok, tok.eos_token)
-    assert caplog.text == ""  # once per process
+        list(prepare_rated_dataset(Dataset.from_list(rows).to_iterable_dataset(), tok, args(), "train"))
+        list(prepare_rated_dataset(Dataset.from_list(rows).to_iterable_dataset(), tok, args(), "train"))
+    boundary = [r.getMessage() for r in caplog.records if "not a prefix" in r.getMessage()]
+    assert len(boundary) == 1 and "row 0" in boundary[0] and "'wor'" in boundary[0]
 
 
 # --------------------------------------------------------------------------------------------- select_completions

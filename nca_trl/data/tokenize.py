@@ -53,6 +53,11 @@ def tokenize_rated_example(example: dict, processing_class, eos_token: str) -> d
     The row is trusted (validated before, see `prepare_rated_dataset`): its rewards are passed through as they are;
     the collator turns them into the training tensor.
     """
+    return _tokenize_rated(example, processing_class, eos_token)[0]
+
+
+def _tokenize_rated(example: dict, processing_class, eos_token: str) -> tuple[dict, str]:
+    """`tokenize_rated_example`, and the end of the prompt left out of the training sequences ("" if none)."""
     tools = example.get("tools")
     tools = json.loads(tools) if isinstance(tools, str) else tools
     template_kwargs = {"tools": tools, **(example.get("chat_template_kwargs") or {})}
@@ -68,20 +73,20 @@ def tokenize_rated_example(example: dict, processing_class, eos_token: str) -> d
     # The completion starts where the tokenized prompt and prompt+completion diverge, which is not always after the
     # prompt (a chat template that renders the prompt alone differently, or tokens merging across the boundary)
     prompt_len = min(common_prefix_length(prompt_ids, ids) for ids in full_ids)
-    if prompt_len < len(prompt_ids) and not _warned["boundary"]:
-        _warned["boundary"] = True
-        logger.warning(
-            "The tokenized prompt is not a prefix of the tokenized prompt+completion (tokens merge across the "
-            "boundary, or the chat template renders the prompt alone differently); the completion starts where they "
-            "diverge, as in trl.DPOTrainer, and this end of the prompt is left out of the training sequence: %r. "
-            "Shown once; it likely applies to other rows.",
-            processing_class.decode(prompt_ids[prompt_len:]),
-        )
-    return {
+    trimmed = processing_class.decode(prompt_ids[prompt_len:]) if prompt_len < len(prompt_ids) else ""
+    out = {
         "prompt_ids": prompt_ids[:prompt_len],
         "completion_ids": [ids[prompt_len:] for ids in full_ids],
         "rewards": list(example["rewards"]),
     }
+    return out, trimmed
+
+
+_BOUNDARY = (
+    "the tokenized prompt is not a prefix of the tokenized prompt+completion (tokens merge across the boundary, or "
+    "the chat template renders the prompt alone differently): as in trl.DPOTrainer, the completion starts where they "
+    "diverge, and that end of the prompt is left out of the training sequence"
+)
 
 
 def prepare_rated_dataset(
@@ -150,8 +155,17 @@ def _prepare(dataset, first, processing_class, args, dataset_name, max_completio
             )
         dataset = dataset.map(cap, **map_kwargs)
 
+    streamed = not isinstance(dataset, Dataset)
+
     def tokenize(example, index):
-        out = tokenize_rated_example(example, processing_class, tokenizer.eos_token)
+        out, trimmed = _tokenize_rated(example, processing_class, tokenizer.eos_token)
+        if streamed:  # a stream cannot be counted: say it at the first row it happens to, once per process
+            if trimmed and not _warned["boundary"]:
+                _warned["boundary"] = True
+                logger.warning("%s dataset, row %d: %s (here %r). Shown once; it may apply to other rows.",
+                               dataset_name, index, _BOUNDARY, trimmed)
+        else:
+            out["prompt_trimmed"] = trimmed
         for position, ids in enumerate(out["completion_ids"]):
             if not ids:
                 raise DataValidationError(
@@ -162,6 +176,12 @@ def _prepare(dataset, first, processing_class, args, dataset_name, max_completio
         return out
 
     dataset = dataset.map(tokenize, with_indices=True, fn_kwargs={}, **map_kwargs)
+    if not streamed:  # one message per dataset, with the number of rows it applies to
+        trimmed = [(i, t) for i, t in enumerate(dataset["prompt_trimmed"]) if t]
+        if trimmed:
+            logger.warning("%s dataset: %d of %d rows: %s (e.g. row %d: %r).",
+                           dataset_name, len(trimmed), len(dataset), _BOUNDARY, *trimmed[0])
+        dataset = dataset.remove_columns("prompt_trimmed")
 
     # With `keep_start`, a prompt that fills `max_length` leaves no completion token: no learning signal. Such rows are
     # dropped, counted and reported (`keep_end` keeps the end of each sequence, so every completion keeps tokens).
