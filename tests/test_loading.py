@@ -1,0 +1,194 @@
+"""Local data files and folders (`nca_trl.data.loading`): a folder is loaded whole or refused, and a broken file is
+reported by name (and line) as a `DataFileError` before `datasets` reads it, not as a library traceback."""
+
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from nca_trl.data.loading import DataFileError, load_datasets, load_raw
+
+REPO = Path(__file__).resolve().parents[1]
+ROW = {"prompt": "What is 2 + 2?", "completions": ["4", "5", "22"], "rewards": [1.0, 0.0, 0.5]}
+NO_MIXTURE = SimpleNamespace(datasets=[])
+
+
+def rows(n, start=0):
+    return [{**ROW, "prompt": f"question {i}"} for i in range(start, start + n)]
+
+
+def write_jsonl(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def raw(name, config=None):
+    return load_raw(SimpleNamespace(dataset_name=str(name), dataset_config=config), NO_MIXTURE)
+
+
+def write_csv(path, n):
+    path.write_text("prompt,chosen,rejected\n" + "".join(f"q{i},good,bad\n" for i in range(n)), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------- folders
+def test_folder_with_two_file_types_is_refused_naming_both(tmp_path):
+    """Before: datasets picks the most common type and trains on the jsonl rows only, without a word."""
+    write_jsonl(tmp_path / "data" / "a.jsonl", rows(3))
+    write_jsonl(tmp_path / "data" / "b.jsonl", rows(3, 3))
+    write_csv(tmp_path / "data" / "c.csv", 2)
+    with pytest.raises(DataFileError) as info:
+        raw(tmp_path / "data")
+    message = str(info.value)
+    assert "2 types" in message and "json: 2 files (a.jsonl, b.jsonl)" in message and "csv: 1 file (c.csv)" in message
+    assert "`datasets:` mixture" in message
+
+
+def test_folder_with_files_outside_the_splits_is_refused(tmp_path):
+    """Before: once a file is named for a split, datasets keeps only such files (extra.jsonl silently left out)."""
+    folder = tmp_path / "data"
+    write_jsonl(folder / "train.jsonl", rows(4))
+    write_jsonl(folder / "test.jsonl", rows(2, 4))
+    write_jsonl(folder / "extra.jsonl", rows(3, 6))
+    with pytest.raises(DataFileError, match=r"skip the 1 data file that match no split: extra\.jsonl"):
+        raw(folder)
+    (folder / "extra.jsonl").rename(folder / "train-2.jsonl")
+    loaded = raw(folder)
+    assert sorted(loaded) == ["test", "train"] and len(loaded["train"]) == 7 and len(loaded["test"]) == 2
+
+
+def test_folder_of_one_type_loads_every_file(tmp_path):
+    folder = tmp_path / "data"
+    write_jsonl(folder / "a.jsonl", rows(3))
+    write_jsonl(folder / "sub" / "b.json", rows(2, 3))
+    (folder / "README.md").write_text("# notes, not data\n")
+    write_jsonl(folder / ".hidden" / "c.jsonl", rows(5, 100))  # hidden: skipped, as datasets does
+    loaded = raw(folder)
+    assert list(loaded) == ["train"] and sorted(loaded["train"]["prompt"]) == [f"question {i}" for i in range(5)]
+    with pytest.raises(DataFileError, match="holds no data file"):
+        (tmp_path / "empty").mkdir()
+        raw(tmp_path / "empty")
+
+
+def test_bad_file_in_a_folder_is_named(tmp_path):
+    folder = tmp_path / "data"
+    write_jsonl(folder / "a.jsonl", rows(3))
+    (folder / "b.jsonl").write_text(json.dumps(ROW) + "\n" + json.dumps(ROW)[:20])
+    with pytest.raises(DataFileError, match=re.escape(f"{folder / 'b.jsonl'}, line 2: the last line ends")):
+        raw(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------- files
+GOOD = json.dumps(ROW)
+
+JSON_CASES = {
+    # name: (file name, bytes, pattern of the message, line)
+    "empty": ("d.jsonl", b"", r"d\.jsonl is empty \(0 bytes\)", None),
+    "blank lines only": ("d.jsonl", b"\n  \n\n", r"d\.jsonl holds no data: only blank lines", None),
+    "truncated last line": (
+        "d.jsonl", (GOOD + "\n" + GOOD + "\n" + GOOD[:30]).encode(),
+        r"d\.jsonl, line 3: the last line ends before its JSON object does .*Unterminated string starting at column "
+        r"\d+.*the file looks truncated", 3,
+    ),
+    "bad line in the middle": (
+        "d.jsonl", (GOOD + "\n" + GOOD[:-1] + "\n" + GOOD + "\n").encode(),
+        r"d\.jsonl, line 2: the line ends before its JSON object does \(not valid JSON: Expecting ',' delimiter", 2,
+    ),
+    "not UTF-8": (
+        "d.jsonl", (GOOD + "\n").encode() + json.dumps({**ROW, "prompt": "caf#"}).encode().replace(b"#", b"\xe9") + b"\n",
+        r"d\.jsonl, line 2: byte \d+ \(column 16 of line 2\) is not UTF-8: b'\\xe9.*iconv", 2,
+    ),
+    "number beyond float64": (
+        "d.jsonl", (GOOD + "\n" + GOOD.replace("0.5", "1e999") + "\n").encode(),
+        r"d\.jsonl, line 2: the number 1e999 is beyond float64's range", 2,
+    ),
+    "integer beyond float64": (
+        "d.jsonl", (GOOD.replace("0.5", "1" + "0" * 400) + "\n").encode(),
+        r"d\.jsonl, line 1: the number 10000000\.\.\.\(401 digits\) is beyond float64's range", 1,
+    ),
+    "line that is not an object": (
+        "d.jsonl", (GOOD + "\n[1, 2]\n").encode(), r"d\.jsonl, line 2: an array where a row \(a JSON object\)", 2,
+    ),
+    "several bad lines": (
+        "d.jsonl", (GOOD + "\n{\n" + GOOD + "\n{\n" + GOOD + "\n").encode(), r"d\.jsonl: 2 bad lines \(2, 4\)", 2,
+    ),
+    "truncated JSON array": (
+        "d.json", ("[" + GOOD + ",\n" + GOOD[:30]).encode(),
+        r"d\.json: not valid JSON: Unterminated string starting at line 2.*looks truncated", 2,
+    ),
+    "pretty-printed document with a number beyond float64": (
+        "d.json", json.dumps({"prompt": ["q"], "completions": [["a", "b"]], "rewards": [[2.5, 1]]}, indent=1)
+        .replace("2.5", "-1e400").encode(), r"d\.json, line 13: the number -1e400 is beyond float64's range", 13,
+    ),
+    "empty csv": ("d.csv", b"", r"d\.csv is empty", None),
+    "csv not UTF-8": ("d.csv", b"prompt,chosen,rejected\nq\xe9,a,b\n", r"d\.csv, line 2: byte 24 .* not UTF-8", 2),
+    "csv with an unterminated quote": (
+        "d.csv", b'prompt,chosen,rejected\n"q,a,b\n', r"Could not load the csv file .*d\.csv: .*EOF inside string", None,
+    ),
+    "not parquet": ("d.parquet", b"PAR1 not really", r"d\.parquet is not a readable Parquet file", None),
+    "not arrow": ("d.arrow", b"not arrow at all", r"d\.arrow is not a readable Arrow file", None),
+}
+
+
+@pytest.mark.parametrize("case", list(JSON_CASES))
+def test_broken_file_names_the_file_and_line(tmp_path, case):
+    """Before: StopIteration (empty), DatasetGenerationError (truncated, 1e999, bad csv), UnicodeDecodeError during
+    conversion (not UTF-8), pyarrow's ArrowInvalid (parquet), or inf loaded as a reward (huge integer)."""
+    name, content, pattern, line = JSON_CASES[case]
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataFileError, match=pattern) as info:
+        raw(path)
+    assert str(path) in str(info.value) and info.value.line == line
+    assert "Fix:" in str(info.value) or "Could not load" in str(info.value)
+
+
+def test_good_files_load_unchanged(tmp_path):
+    """JSON Lines with blank lines, CRLF and a BOM, a JSON array, a pretty-printed column mapping, CSV and Parquet."""
+    from datasets import Dataset
+
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + (GOOD + "\r\n\r\n" + GOOD + "\r\n").encode())
+    array = tmp_path / "b.json"
+    array.write_text(json.dumps(rows(3), indent=2))
+    mapping = tmp_path / "c.json"
+    mapping.write_text(json.dumps({k: [v] for k, v in ROW.items()}, indent=1))
+    parquet = tmp_path / "d.parquet"
+    Dataset.from_list(rows(4)).to_parquet(str(parquet))
+    csv = write_csv(tmp_path / "e.csv", 5)
+    assert [len(raw(p)["train"]) for p in (jsonl, array, mapping, parquet, csv)] == [2, 3, 1, 4, 5]
+
+
+def test_hub_ids_go_to_datasets_as_they_are(monkeypatch):
+    import datasets
+
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or "loaded")
+    assert raw("openbmb/UltraFeedback", config="default") == "loaded"
+    assert calls == [(("openbmb/UltraFeedback",), {"name": "default"})]
+
+
+def test_load_datasets_reports_the_file(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(GOOD + "\n" + GOOD[:40])
+    script = SimpleNamespace(dataset_name=str(path), dataset_config=None)
+    with pytest.raises(DataFileError, match="looks truncated"):
+        load_datasets(script, NO_MIXTURE, SimpleNamespace(seed=0))
+
+
+def test_cli_reports_a_data_error_before_loading_the_model(tmp_path):
+    """`nca-trl train` with a broken data file and a model path that does not exist: the data error comes first (the
+    data is loaded and checked before any model, tokenizer included)."""
+    from nca_trl.cli import main
+
+    path = tmp_path / "d.jsonl"
+    path.write_bytes((GOOD + "\n").encode() + b'{"prompt": "caf\xe9"}\n')
+    argv = [
+        "train", "--model_name_or_path", str(tmp_path / "no-such-model"), "--dataset_name", str(path),
+        "--output_dir", str(tmp_path / "out"), "--bf16", "false", "--use_cpu", "true", "--report_to", "none",
+    ]
+    with pytest.raises(DataFileError, match=r"d\.jsonl, line 2: byte \d+ .* is not UTF-8"):
+        main(argv)
