@@ -40,19 +40,28 @@ def train(argv: list[str] | None = None, callbacks: list | None = None) -> dict 
     Returns the run info (on every process), or None for `--dry_run`.
     """
     args = parse_train_args(argv)
-    script_args, training_args, model_args = args.script, args.training, args.model
-    if script_args.dry_run:
+    if args.script.dry_run:
         print_dry_run(args)
         return None
 
+    from .launch import check_launch_environment, check_world_size
+    from .safety import claim_output_dir
+
+    check_launch_environment(args.training)
+    check_world_size(args.training.distributed_state)
+    # output_dir checked writable and locked for the whole run, before anything is loaded (`nca_trl.safety`)
+    with claim_output_dir(args.training):
+        return _train(args, callbacks)
+
+
+def _train(args, callbacks: list | None) -> dict:
+    script_args, training_args, model_args = args.script, args.training, args.model
     from trl import get_peft_config, get_quantization_config
 
     from .data.loading import load_datasets
-    from .launch import check_launch_environment, check_world_size, distributed_summary
+    from .launch import distributed_summary
     from .report import run_info
 
-    check_launch_environment(training_args)
-    check_world_size(training_args.distributed_state)
     with training_args.main_process_first(desc="loading and converting the data"):
         train_dataset, eval_dataset = load_datasets(script_args, args.mixture, training_args)
     eval_sets = _evaluation_sets(train_dataset, eval_dataset, script_args.report_train_prompts, training_args)

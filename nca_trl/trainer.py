@@ -42,6 +42,7 @@ from .losses import infonca_loss, nca_loss
 from .metrics import best_slots, from_slots, sequence_metrics, to_slots
 from .packing import LAYOUT_KEYS, enable_shared_prompt, is_shared_prompt_enabled
 from .ref_cache import precompute_ref_logps
+from .safety import RowIndexedCollator, RunSafetyMixin, check_output_dir, with_row_index
 
 __all__ = ["NCATrainer", "InfoNCATrainer"]
 
@@ -106,8 +107,9 @@ def _refuse_images(trainer, dataset, name: str) -> None:
         )
 
 
-class _RatedCompletionsTrainer(DPOTrainer):
-    """Shared K-completion machinery; a subclass sets its config class (which names the loss) and its loss function."""
+class _RatedCompletionsTrainer(RunSafetyMixin, DPOTrainer):
+    """Shared K-completion machinery; a subclass sets its config class (which names the loss) and its loss function.
+    `RunSafetyMixin` (`nca_trl.safety`): non-finite stops, the output_dir lock, complete checkpoints and saves."""
 
     _config_class: type[_RatedCompletionsConfig]
     _paper = _NCA_PAPER
@@ -146,6 +148,7 @@ class _RatedCompletionsTrainer(DPOTrainer):
             model_name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = self._config_class(f"{model_name.split('/')[-1]}-{self._name}")
         check_rated_config(args, self._config_class)
+        check_output_dir(args)  # writable, before anything is loaded
         # A plain DPOConfig has no `alpha` / `max_completions`: they take the NCA defaults
         self.alpha = getattr(args, "alpha", 1.0)
         self.max_completions = getattr(args, "max_completions", None)
@@ -172,7 +175,7 @@ class _RatedCompletionsTrainer(DPOTrainer):
             if pad_token not in tokenizer.get_vocab():
                 raise ValueError(f"The pad token {pad_token!r} is not in the vocabulary of the processing class.")
             tokenizer.pad_token = pad_token
-            data_collator = DataCollatorForRatedCompletions(
+            data_collator = RowIndexedCollator(  # DataCollatorForRatedCompletions passing `row_index` through
                 pad_token_id=tokenizer.pad_token_id,
                 max_length=args.max_length,
                 truncation_mode=args.truncation_mode,
@@ -260,11 +263,12 @@ class _RatedCompletionsTrainer(DPOTrainer):
 
     # ------------------------------------------------------------------------------------------------ data
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        return prepare_rated_dataset(dataset, processing_class, args, dataset_name, self.max_completions)
+        # `row_index`: each row's position in the given dataset, for the errors that name rows (`nca_trl.safety`)
+        return prepare_rated_dataset(with_row_index(dataset), processing_class, args, dataset_name, self.max_completions)
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = ["prompt_ids", "completion_ids", "rewards", "ref_logps"]
+            self._signature_columns = ["prompt_ids", "completion_ids", "rewards", "ref_logps", "row_index"]
 
     # ------------------------------------------------------------------------------------------------ log-probs
     def _sequence_logps(self, model, inputs, **model_kwargs):
@@ -358,7 +362,9 @@ class _RatedCompletionsTrainer(DPOTrainer):
             ref_logps = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
         logratios = logps.float() - ref_logps.float()
 
-        loss = self._loss_fn(logratios, rewards, self.beta, self.alpha, slots).mean()
+        row_losses = self._loss_fn(logratios, rewards, self.beta, self.alpha, slots)
+        self._row_losses = row_losses.detach()  # which rows are not finite, if the loss is not (`nca_trl.safety`)
+        loss = row_losses.mean()
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())

@@ -1,0 +1,452 @@
+"""Issue 9, reliability: no silent wrong result, no lost run.
+
+- The reference log-prob cache (`nca_trl.ref_cache`) is reused only when nothing that changes its values changed, and
+  an interrupted precompute leaves nothing a later run reuses.
+- A non-finite loss or gradient stops the run naming the step and the batch's rows, before the optimizer step and
+  before any save (`nca_trl.safety`).
+- `output_dir`: checked writable before anything is loaded, locked for the whole run, checkpoints and the final model
+  count only once complete.
+"""
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import load_dataset
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+import nca_trl.ref_cache as ref_cache
+from nca_trl import NCAConfig, NCATrainer
+from nca_trl.cli import train as cli_train
+
+REPO = Path(__file__).resolve().parents[1]
+VICUNA = REPO / "data" / "vicuna_rated.jsonl"
+LOCK = ".nca-trl.lock"
+MARKER = "nca_trl_complete.json"
+
+
+def make_args(tmp_path, **kwargs):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,
+        max_length=64,
+        learning_rate=1e-3,
+        logging_steps=1,
+        max_steps=3,
+        report_to="none",
+        save_strategy="no",
+        bf16=False,
+        use_cpu=True,
+        activation_checkpointing=False,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    defaults.update(kwargs)
+    return NCAConfig(**defaults)
+
+
+def rated_rows(n=4):
+    return [json.loads(line) for line in VICUNA.read_text().splitlines()[:n]]
+
+
+def isolated_dataset(folder: Path, rows: list[dict]):
+    """`rows` as a Dataset whose cache files (the prepared dataset's and the reference cache) live in `folder` only."""
+    folder.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    # One file per content, written once: rewriting a file gives its dataset another fingerprint (its mtime changes)
+    path = folder / f"rows-{hashlib.sha256(text.encode()).hexdigest()[:16]}.jsonl"
+    if not path.exists():
+        path.write_text(text)
+    return load_dataset("json", data_files=str(path), split="train", cache_dir=str(folder / "hf-cache"))
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def all_finite(folder: Path) -> bool:
+    return all(torch.isfinite(t).all() for t in load_file(str(folder / "model.safetensors")).values())
+
+
+# --------------------------------------------------------------------------------------------------- reference cache
+
+
+class RefCalls:
+    """Counts the batches that go through `compute_ref_log_probs` (0 when the cache is reused)."""
+
+    def __init__(self, monkeypatch, fail_on_batch=None):
+        self.n = 0
+        original = NCATrainer.compute_ref_log_probs
+
+        def counted(trainer, model, inputs):
+            self.n += 1
+            if fail_on_batch is not None and self.n == fail_on_batch:
+                raise KeyboardInterrupt("simulated kill during the reference precompute")
+            return original(trainer, model, inputs)
+
+        monkeypatch.setattr(NCATrainer, "compute_ref_log_probs", counted)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("ref-cache")
+
+
+def build_precomputed(folder, model, rows=None, tokenizer=None, ref_model=None, **overrides):
+    dataset = isolated_dataset(folder, rows if rows is not None else rated_rows())
+    args = make_args(folder, precompute_ref_log_probs=True, precompute_ref_batch_size=2, **overrides)
+    return NCATrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer)
+
+
+def test_ref_cache_computed_once_then_reused(tiny_mistral, cache_dir, monkeypatch):
+    calls = RefCalls(monkeypatch)
+    first = build_precomputed(cache_dir, tiny_mistral)
+    assert calls.n == 2  # 4 rows in batches of 2
+    second = build_precomputed(cache_dir, tiny_mistral)
+    assert calls.n == 2  # identical run: reused, no forward
+    assert second.train_dataset["ref_logps"] == first.train_dataset["ref_logps"]
+    assert [len(r) for r in first.train_dataset["ref_logps"]] == [4] * 4
+
+
+def _changed_template(tiny_mistral):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_mistral)
+    tokenizer.chat_template = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+    return {"tokenizer": tokenizer}
+
+
+FACTORS = {
+    "reference_model": lambda paths: {"model": paths["ref"]},  # another seed: other weights
+    "dataset_content": lambda paths: {"rows": [dict(r, rewards=[r["rewards"][0] + 1.0, *r["rewards"][1:]]) if i == 2 else r
+                                               for i, r in enumerate(rated_rows())]},
+    "completion_text": lambda paths: {"rows": [dict(r, completions=["Changed.", *r["completions"][1:]]) if i == 1 else r
+                                               for i, r in enumerate(rated_rows())]},
+    "chat_template": lambda paths: _changed_template(paths["policy"]),
+    "max_length": lambda paths: {"max_length": 32},
+    "truncation_mode": lambda paths: {"truncation_mode": "keep_end"},
+    "precision": lambda paths: {"bf16": True},  # bf16 autocast on the CPU
+    "layout": lambda paths: {"shared_prompt": False},
+    "cache_version": lambda paths: {"version": "nca-trl/ref_logps/v-test"},
+}
+
+
+@pytest.mark.parametrize("factor", list(FACTORS))
+def test_ref_cache_recomputed_when_a_factor_changes(factor, tiny_mistral, tiny_mistral_ref, cache_dir, monkeypatch):
+    build_precomputed(cache_dir, tiny_mistral)  # the baseline, cached (computed here if this test runs alone)
+    calls = RefCalls(monkeypatch)
+    kwargs = FACTORS[factor]({"policy": tiny_mistral, "ref": tiny_mistral_ref})
+    model = kwargs.pop("model", tiny_mistral)
+    if "version" in kwargs:
+        monkeypatch.setattr(ref_cache, "CACHE_VERSION", kwargs.pop("version"))
+    changed = build_precomputed(cache_dir, model, **kwargs)
+    assert calls.n == 2, f"changing the {factor} reused the cached reference log-probs"
+    assert [len(r) for r in changed.train_dataset["ref_logps"]] == [4] * 4
+    build_precomputed(cache_dir, model, **kwargs)
+    assert calls.n == 2, f"the same changed run ({factor}) did not reuse its own cache"
+
+
+def test_trl_key_would_reuse_stale_values_across_max_length(tiny_mistral, tmp_path, monkeypatch):
+    """The bug the full key fixes: TRL keys the cache on the dataset fingerprint and the model hash only, which are the
+    same for max_length 64 and 32 (no prompt is dropped), while the reference log-probs differ (the collator truncates
+    after tokenization). Reusing them would train against the wrong reference."""
+    from datasets.fingerprint import Hasher
+
+    keys = []
+    original = ref_cache.ref_cache_key
+
+    def recording(trainer, dataset):
+        key = original(trainer, dataset)
+        keys.append({"trl": Hasher.hash((dataset._fingerprint, trainer._precompute_model_hash)), "ours": key})
+        return key
+
+    monkeypatch.setattr(ref_cache, "ref_cache_key", recording)
+    long = build_precomputed(tmp_path, tiny_mistral, max_length=64).train_dataset["ref_logps"]
+    short = build_precomputed(tmp_path, tiny_mistral, max_length=32).train_dataset["ref_logps"]
+    assert keys[0]["trl"] == keys[1]["trl"]  # TRL's key: a cache hit
+    assert keys[0]["ours"] != keys[1]["ours"]
+    for a, b in zip(long, short):
+        assert all(x < y - 1.0 for x, y in zip(a, b))  # 64 tokens score more completion tokens than 32: lower logps
+
+
+def test_interrupted_precompute_leaves_no_cache(tiny_mistral, tmp_path, monkeypatch):
+    """A kill during the precompute (an exception on the 2nd of 2 batches) leaves nothing that a later run reuses: the
+    next run computes every batch again and gets the values of an uninterrupted run."""
+    RefCalls(monkeypatch, fail_on_batch=2)
+    with pytest.raises(KeyboardInterrupt):
+        build_precomputed(tmp_path / "run", tiny_mistral)
+    monkeypatch.undo()
+    calls = RefCalls(monkeypatch)
+    recovered = build_precomputed(tmp_path / "run", tiny_mistral).train_dataset["ref_logps"]
+    assert calls.n == 2
+    clean = build_precomputed(tmp_path / "clean", tiny_mistral).train_dataset["ref_logps"]
+    assert calls.n == 4 and recovered == clean and [len(r) for r in recovered] == [4] * 4
+
+
+# --------------------------------------------------------------------------------------------------- non-finite
+
+
+def seed_good_model(tiny_mistral, output_dir: Path) -> str:
+    """A good model already in `output_dir` (a previous run's): its weights' digest."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name in os.listdir(tiny_mistral):
+        shutil.copy(Path(tiny_mistral) / name, output_dir / name)
+    return file_digest(output_dir / "model.safetensors")
+
+
+def test_nan_loss_stops_naming_step_and_rows(tiny_mistral, tmp_path):
+    data = isolated_dataset(tmp_path / "data", rated_rows(8))
+    out = tmp_path / "out"
+    good = seed_good_model(tiny_mistral, out)
+    args = make_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=1)
+    trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=data)
+
+    batches, original = [], trainer._compute_loss
+    loss_fn = trainer._loss_fn
+
+    def recording(model, inputs, return_outputs):
+        if trainer.model.training:
+            rows = inputs.get("row_index")
+            batches.append(None if rows is None else sorted(rows.tolist()))
+        return original(model, inputs, return_outputs)
+
+    def nan_at_step_2(logratios, rewards, beta, alpha, mask):
+        loss = loss_fn(logratios, rewards, beta, alpha, mask)
+        return loss * float("nan") if trainer.state.global_step == 1 else loss
+
+    trainer._compute_loss, trainer._loss_fn = recording, nan_at_step_2
+    with pytest.raises(RuntimeError, match="loss") as error:
+        trainer.train()
+    message = str(error.value)
+    assert "step 2" in message and "nan" in message.lower()
+    assert len(batches) == 2 and batches[1] is not None and f"rows {batches[1]}" in message, (batches, message)
+    # Stopped before the backward and the optimizer step of step 2, and before any save of it
+    assert trainer.state.global_step == 1
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert (out / "checkpoint-1" / MARKER).exists() and all_finite(out / "checkpoint-1")
+    assert file_digest(out / "model.safetensors") == good
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 1 and math.isfinite(logged[0]) and logged[0] > 0  # never a NaN (or 0.0) logged
+    assert not (out / LOCK).exists()  # the lock is released on the error
+
+
+def test_nan_gradient_stops_before_the_optimizer_step(tiny_mistral, tmp_path):
+    """A finite loss whose gradient is NaN (a hook on one parameter at step 2): the run stops before the optimizer
+    applies it, with max_grad_norm clipping on (where the NaN grad norm would otherwise only show in the logs)."""
+    data = isolated_dataset(tmp_path / "data", rated_rows(8))
+    out = tmp_path / "out"
+    args = make_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=1, max_grad_norm=1.0)
+    trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=data)
+    weight = trainer.model.model.layers[0].mlp.down_proj.weight
+    weight.register_hook(lambda g: g * float("nan") if trainer.state.global_step == 1 else g)
+    after_step_1 = {}
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                after_step_1.update({n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+
+    trainer.add_callback(Snapshot())
+    with pytest.raises(RuntimeError, match="gradient") as error:
+        trainer.train()
+    message = str(error.value)
+    assert "step 2" in message and "rows [" in message
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p, after_step_1[name]), name  # step 2's NaN update never applied
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"] and all_finite(out / "checkpoint-1")
+    assert all(math.isfinite(h.get("grad_norm", 0.0)) for h in trainer.state.log_history)
+
+
+class NaNGradientAtStep2(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        model.lm_head.weight.register_hook(lambda g: g * float("nan") if state.global_step == 1 else g)
+
+
+def cli_argv(model, out, *extra):
+    return [
+        "--config", str(REPO / "recipes/tiny/nca.yaml"), "--model_name_or_path", str(model),
+        "--dataset_name", str(VICUNA), "--output_dir", str(out), "--max_length", "48", "--max_train_samples", "6",
+        "--eval_strategy", "no", "--use_cpu", "true", "--warmup_steps", "0", "--report_to", "none", *extra,
+    ]
+
+
+def test_cli_nan_run_raises_and_keeps_the_good_model(tiny_mistral, tmp_path):
+    out = tmp_path / "run"
+    good = seed_good_model(tiny_mistral, out)
+    argv = cli_argv(tiny_mistral, out, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1")
+    with pytest.raises(RuntimeError, match="step 2"):
+        cli_train(argv, callbacks=[NaNGradientAtStep2()])
+    assert file_digest(out / "model.safetensors") == good
+    assert not (out / "run_info.json").exists() and not (out / LOCK).exists()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"] and all_finite(out / "checkpoint-1")
+
+
+@pytest.mark.slow
+def test_console_script_exits_nonzero_on_a_diverging_run(tiny_mistral, tmp_path):
+    """A learning rate of 1e30 overflows the weights at step 1: step 2's loss is NaN. The console script used to log the
+    loss as 0 and exit 0 (issue 9); it stops at step 2 with a non-zero exit status."""
+    out = tmp_path / "run"
+    argv = cli_argv(tiny_mistral, out, "--max_steps", "3", "--learning_rate", "1e30")
+    proc = subprocess.run(
+        [Path(sys.executable).parent / "nca-trl", "train", *argv], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"},
+    )
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "Non-finite" in proc.stderr and "step 2" in proc.stderr, proc.stderr[-3000:]
+    assert "'loss': '0'" not in proc.stdout and not (out / "model.safetensors").exists()
+
+
+# --------------------------------------------------------------------------------------------------- output_dir
+
+
+def test_unwritable_output_dir_fails_before_loading_anything(tmp_path):
+    """An output_dir that cannot be created (under a regular file: refused for root too) fails naming the folder,
+    before the data or the model is loaded (the model path here does not even exist)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "out"
+    argv = cli_argv(tmp_path / "no-such-model", out, "--max_steps", "1")
+    with pytest.raises(OSError, match="output_dir") as error:
+        cli_train(argv)
+    assert str(out) in str(error.value) and "writable" in str(error.value)
+    with pytest.raises(OSError, match="output_dir"):  # the trainer's own check, for API users
+        NCATrainer(model=str(tmp_path / "no-such-model"), args=make_args(tmp_path, output_dir=str(out)))
+
+
+HOLDER = textwrap.dedent("""
+    import fcntl, json, os, socket, sys, time
+    fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                             "command": "nca-trl train (the other run)"}).encode())
+    print("locked", flush=True)
+    time.sleep(120)
+""")
+
+
+def test_second_run_on_a_locked_output_dir_is_refused(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out / LOCK)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        argv = cli_argv(tmp_path / "no-such-model", out, "--max_steps", "1")
+        with pytest.raises(RuntimeError, match="in use") as error:
+            cli_train(argv)
+        message = str(error.value)
+        assert f"pid {holder.pid}" in message and socket.gethostname() in message and str(out) in message
+        assert (out / LOCK).exists()  # the holder's lock is left alone
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_stale_lock_is_taken_over_with_a_warning(tiny_mistral, tmp_path, caplog):
+    out = tmp_path / "run"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / LOCK).write_text(json.dumps(
+        {"pid": dead.pid, "host": socket.gethostname(), "started": time.time() - 60, "command": "nca-trl train"}
+    ))
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        info = cli_train(cli_argv(tiny_mistral, out, "--max_steps", "1"))
+    assert info["global_step"] == 1
+    assert any("stale" in r.getMessage() and f"pid {dead.pid}" in r.getMessage() for r in caplog.records), caplog.text
+    assert not (out / LOCK).exists() and (out / MARKER).exists()
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_resume_skips_an_incomplete_checkpoint(tiny_mistral, tmp_path, caplog):
+    """A run killed while writing checkpoint-3 (only its config.json written): resume_from_checkpoint=True warns naming
+    it, resumes from checkpoint-2 (the last complete one) and finishes; checkpoint-3 is then written in full."""
+    data = isolated_dataset(tmp_path / "data", rated_rows(8))
+    out = tmp_path / "out"
+    first = NCATrainer(
+        model=tiny_mistral, args=make_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1),
+        train_dataset=data,
+    )
+    first.train()
+    assert all((out / f"checkpoint-{n}" / MARKER).exists() for n in (1, 2))
+    partial = out / "checkpoint-3"
+    partial.mkdir()
+    shutil.copy(out / "checkpoint-2" / "config.json", partial / "config.json")
+
+    args = make_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=1)
+    resumed = NCATrainer(model=tiny_mistral, args=args, train_dataset=data)
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        resumed.train(resume_from_checkpoint=True)
+    warning = [r.getMessage() for r in caplog.records if "incomplete" in r.getMessage()]
+    assert warning and str(partial) in warning[0] and "checkpoint-2" in warning[0], caplog.text
+    assert resumed.state.global_step == 4
+    assert [h["step"] for h in resumed.state.log_history if "loss" in h] == [1, 2, 3, 4]
+    assert all((out / f"checkpoint-{n}" / MARKER).exists() for n in (3, 4))
+
+    shutil.rmtree(out / "checkpoint-4")
+    (out / "checkpoint-3" / MARKER).unlink()
+    again = NCATrainer(model=tiny_mistral, args=args, train_dataset=data)
+    with pytest.raises(ValueError, match="incomplete"):  # an explicit path to an incomplete checkpoint
+        again.train(resume_from_checkpoint=str(out / "checkpoint-3"))
+
+
+def test_checkpoint_killed_mid_write_has_no_marker(tiny_mistral, tmp_path, monkeypatch):
+    """A failure while a checkpoint is being written (after its model, before its RNG state) leaves it unmarked."""
+    data = isolated_dataset(tmp_path / "data", rated_rows(4))
+    out = tmp_path / "out"
+    trainer = NCATrainer(
+        model=tiny_mistral, args=make_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1),
+        train_dataset=data,
+    )
+    original = trainer._save_rng_state
+
+    def dies_at_step_2(output_dir):
+        if trainer.state.global_step == 2:
+            raise KeyboardInterrupt("simulated kill while writing checkpoint-2")
+        return original(output_dir)
+
+    monkeypatch.setattr(trainer, "_save_rng_state", dies_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert (out / "checkpoint-1" / MARKER).exists()
+    assert (out / "checkpoint-2" / "model.safetensors").exists() and not (out / "checkpoint-2" / MARKER).exists()
+
+
+def test_final_model_replaces_the_old_one_only_once_written(tiny_mistral, tmp_path, monkeypatch):
+    """`save_model` writes into a staging folder inside output_dir and moves the files into place once all are written:
+    a failure half-way leaves the previous model whole; the completion marker is written last."""
+    data = isolated_dataset(tmp_path / "data", rated_rows(4))
+    out = tmp_path / "out"
+    good = seed_good_model(tiny_mistral, out)
+    trainer = NCATrainer(model=tiny_mistral, args=make_args(tmp_path, max_steps=1), train_dataset=data)
+    trainer.train()
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt("simulated kill after the weights, before the tokenizer")
+
+    monkeypatch.setattr(trainer.processing_class, "save_pretrained", dies)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_model(str(out))
+    assert file_digest(out / "model.safetensors") == good  # the old model, whole
+    monkeypatch.undo()
+
+    trainer.save_model(str(out))
+    assert file_digest(out / "model.safetensors") != good and (out / MARKER).exists()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".nca-trl-saving")]
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    for name, value in reloaded.state_dict().items():
+        assert torch.equal(value, trainer.model.state_dict()[name]), name
