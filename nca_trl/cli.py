@@ -192,6 +192,8 @@ commands:
   train             train NCA / InfoNCA from a recipe:  nca-trl train --config RECIPE.yaml [--field value ...]
                     (distributed: accelerate launch --config_file ACCEL.yaml -m nca_trl.cli train --config RECIPE.yaml)
   make-tiny-model   build a tiny random model + the Mistral tokenizer:  nca-trl make-tiny-model OUT_DIR [--arch mixtral]
+  generate          sample K completions per prompt:  nca-trl generate --model_name_or_path M --dataset_name PROMPTS
+                    --output OUT.jsonl [--num_completions 4 ...]   (`nca-trl generate --help` lists the fields)
 
 `nca-trl train --help` lists every recipe field.
 """
@@ -211,6 +213,15 @@ def main(argv: list[str] | None = None) -> int:
             make_parser(_peek(rest, "loss") or "nca").print_help()
             return 0
         train(rest)
+        return 0
+    if command == "generate":
+        from .generation import generate
+        from .generation.arguments import make_generate_parser
+
+        if rest and rest[0] in ("-h", "--help"):
+            make_generate_parser().print_help()
+            return 0
+        generate(rest)
         return 0
     if command in ("make-tiny-model", "make_tiny_model"):
         make_tiny_model_main(rest)

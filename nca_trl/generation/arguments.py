@@ -1,0 +1,126 @@
+"""Arguments of `nca-trl generate`: one dataclass parsed with `trl.TrlParser` (command line and/or `--config X.yaml`)."""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["GenerateArguments", "make_generate_parser", "parse_generate_args", "OUTPUT_SUFFIXES", "DTYPES"]
+
+OUTPUT_SUFFIXES = (".jsonl", ".parquet")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass
+class GenerateArguments:
+    """`nca-trl generate`: sample K completions per prompt from a model (the first step of the rated-data loop)."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "The policy to sample from: a local folder or a Hugging Face Hub model id."}
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "The prompts: a Hub dataset id, a data file (.json, .jsonl, .parquet, .csv, .arrow), a folder of "
+            "data files or a `save_to_disk` folder, with a `prompt` column (a string, or a list of chat messages). "
+            "Other columns are carried through to the output."
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to read the prompts from."})
+    output: str | None = field(
+        default=None,
+        metadata={
+            "help": "Output file, `.jsonl` or `.parquet`. Rows {prompt, completions, ...carried columns}. The run "
+            "writes `<output>.parts/` chunk by chunk and merges at the end; rerunning with the same `output` and "
+            "settings continues a stopped run. Settings and versions go to `<output stem>.generation.json`."
+        },
+    )
+    num_completions: int = field(default=4, metadata={"help": "K, the number of completions sampled per prompt."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Longest completion, in tokens."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (> 0)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: keep the smallest set of tokens with this "
+                                                          "probability mass (1.0: off)."})
+    top_k: int = field(default=0, metadata={"help": "Keep the top_k most likely tokens (0: off)."})
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "Sampling seed. Each completion draws from its own random stream, seeded by (seed, the prompt's "
+            "row number, the completion's number): the same seed gives the same samples whatever the batch size, "
+            "chunk size, number of processes or restarts (up to floating-point differences between batch shapes)."
+        },
+    )
+    batch_size: int = field(
+        default=8, metadata={"help": "Prompts per forward batch (each becomes K sequences). May change on a restart."}
+    )
+    chunk_size: int = field(
+        default=256,
+        metadata={"help": "Prompts per written chunk: the unit of resumption and of the work split across processes."},
+    )
+    max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts of the split."})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Model weights dtype: `auto` (the checkpoint's), `bfloat16`, `float16` or `float32`.",
+                  "choices": DTYPES},
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "Attention implementation passed to `from_pretrained` (e.g. `sdpa`)."}
+    )
+    model_revision: str = field(default="main", metadata={"help": "Model revision (Hub branch, tag or commit)."})
+
+    def __post_init__(self):
+        if self.output is not None and Path(self.output).suffix.lower() not in OUTPUT_SUFFIXES:
+            raise ValueError(f"`output` must end with one of {OUTPUT_SUFFIXES}, got {self.output!r}.")
+        for name in ("num_completions", "max_new_tokens", "batch_size", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+        if self.max_prompts is not None and self.max_prompts < 0:
+            raise ValueError(f"`max_prompts` must be >= 0, got {self.max_prompts}.")
+        if not self.temperature > 0:
+            raise ValueError(f"`temperature` must be > 0, got {self.temperature} (K greedy completions are identical).")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p}.")
+        if self.top_k < 0:
+            raise ValueError(f"`top_k` must be >= 0 (0: off), got {self.top_k}.")
+
+
+def make_generate_parser():
+    from trl import TrlParser
+
+    return TrlParser((GenerateArguments,), prog="nca-trl generate")
+
+
+def _check_config_keys(argv: list[str], parser) -> None:
+    """Unknown keys of a `--config` YAML are errors that name them (TrlParser would ignore them)."""
+    import yaml
+
+    from ..arguments import _peek
+
+    path = _peek(argv, "config")
+    if path is None:
+        return
+    with open(path) as f:
+        config = yaml.safe_load(f) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"The config {path} must hold a YAML mapping of field: value, got {type(config).__name__}.")
+    known = {action.dest for action in parser._actions} | {"env"}
+    unknown = [key for key in config if key not in known]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(known), n=3)
+            hints.append(f"'{key}'" + (f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""))
+        raise ValueError(f"Unknown key(s) in {path}: {'; '.join(hints)}; see `nca-trl generate --help`.")
+
+
+def parse_generate_args(argv: list[str] | None = None) -> GenerateArguments:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_generate_parser()
+    _check_config_keys(argv, parser)
+    (args,) = parser.parse_args_and_config(argv, fail_with_unknown_args=True)
+    missing = [name for name in ("model_name_or_path", "dataset_name", "output") if getattr(args, name) is None]
+    if missing:
+        raise ValueError(f"`nca-trl generate` needs {', '.join(f'`{m}`' for m in missing)}.")
+    return args

@@ -1,0 +1,188 @@
+"""Where `nca-trl generate` writes: chunk files that make a stopped run resumable, then one merged output file.
+
+    <output>.parts/manifest.json          the settings of the run (a restart with other settings is refused)
+    <output>.parts/chunk-00000.jsonl      rows of prompts [0, chunk_size), written to a temporary name, then renamed
+    <output>.parts/chunk-00000.stats.json generated tokens, truncated completions, seconds (written before the chunk)
+    <output>                              all chunks in prompt order (temporary name, renamed), parts removed
+    <output stem>.generation.json         the sidecar: settings, model, number of prompts, statistics, versions
+
+A chunk exists completely or not at all (`os.replace` of a fully written and fsync'ed file), so a restart skips the
+chunks that exist and regenerates the others: no prompt is lost or written twice. The merged output is committed by
+one rename too; the sidecar is renamed into place just before it, and the parts are removed after it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+__all__ = ["ChunkStore", "sidecar_path", "versions"]
+
+
+def sidecar_path(output: str | os.PathLike) -> Path:
+    """`out/gen.jsonl` -> `out/gen.generation.json`."""
+    output = Path(output)
+    return output.with_name(output.stem + ".generation.json")
+
+
+def versions() -> dict:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for name in ("nca-trl", "torch", "transformers", "trl", "accelerate", "datasets"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _json_default(value):
+    """Carried columns that JSON has no type for (timestamps, bytes, numpy values) are written as text / numbers."""
+    if isinstance(value, (datetime.date, datetime.datetime, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ChunkStore:
+    """The chunk files of one output. `settings` (JSON-able) identify the run: a restart must match them."""
+
+    def __init__(self, output: str | os.PathLike, settings: dict, num_prompts: int, chunk_size: int):
+        self.output = Path(output)
+        self.parts = self.output.with_name(self.output.name + ".parts")
+        self.sidecar = sidecar_path(self.output)
+        self.settings = settings
+        self.num_prompts = num_prompts
+        self.chunk_size = chunk_size
+        self.num_chunks = -(-num_prompts // chunk_size)
+        self._digits = max(5, len(str(max(self.num_chunks - 1, 0))))
+
+    def chunk_range(self, chunk: int) -> range:
+        return range(chunk * self.chunk_size, min((chunk + 1) * self.chunk_size, self.num_prompts))
+
+    def chunk_path(self, chunk: int) -> Path:
+        return self.parts / f"chunk-{chunk:0{self._digits}d}.jsonl"
+
+    def _stats_path(self, chunk: int) -> Path:
+        return self.parts / f"chunk-{chunk:0{self._digits}d}.stats.json"
+
+    # ------------------------------------------------------------------------------------------------ lifecycle
+    def open(self) -> str:
+        """Prepare the parts folder (main process only, before any chunk is written).
+
+        Returns `"done"` when the output already holds this run (stale parts are removed), `"merge"` when every
+        chunk of this run exists (a run stopped during its merge: merged again), `"resume"` when some chunks of this
+        run exist, `"new"` otherwise. Raises when the output or the parts belong to other settings.
+        """
+        manifest = self._read_json(self.parts / "manifest.json") if self.parts.exists() else None
+        if manifest is not None and manifest != self.settings:
+            raise ValueError(
+                f"{self.parts} holds chunks generated with other settings ({self._differences(manifest)}). Rerun "
+                "with the same settings to continue that run, or delete the folder to start again."
+            )
+        complete = manifest is not None and not self.missing_chunks()
+        if self.output.exists() and not complete:
+            recorded = (self._read_json(self.sidecar) or {}).get("settings")
+            if recorded != self.settings:
+                raise FileExistsError(
+                    f"{self.output} exists and was not generated with these settings"
+                    + (f" ({self._differences(recorded)})" if isinstance(recorded, dict) else "")
+                    + ": remove it, or choose another `output`."
+                )
+            if self.parts.exists():
+                shutil.rmtree(self.parts)
+            return "done"
+        if self.parts.exists():
+            for stale in self.parts.glob(".*.tmp-*"):  # files being written when the run stopped
+                stale.unlink()
+        self.parts.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.parts / "manifest.json", json.dumps(self.settings, indent=2, sort_keys=True))
+        if complete:
+            return "merge"
+        return "resume" if self.done_chunks() else "new"
+
+    def _differences(self, recorded: dict) -> str:
+        keys = sorted(set(recorded) | set(self.settings))
+        diff = [f"{k}: {recorded.get(k)!r} then, {self.settings.get(k)!r} now" for k in keys
+                if recorded.get(k) != self.settings.get(k)]
+        return "; ".join(diff) or "no recorded settings"
+
+    @staticmethod
+    def _read_json(path: Path):
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def done_chunks(self) -> list[int]:
+        return [c for c in range(self.num_chunks) if self.chunk_path(c).exists()]
+
+    def missing_chunks(self) -> list[int]:
+        return [c for c in range(self.num_chunks) if not self.chunk_path(c).exists()]
+
+    def write_chunk(self, chunk: int, rows: list[dict], stats: dict) -> None:
+        """Commit one chunk: its statistics, then its rows (the rename of the rows file is the commit)."""
+        expected = len(self.chunk_range(chunk))
+        if len(rows) != expected:
+            raise RuntimeError(f"chunk {chunk} has {len(rows)} rows, expected {expected}")
+        _write_atomic(self._stats_path(chunk), json.dumps(stats))
+        text = "".join(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n" for row in rows)
+        _write_atomic(self.chunk_path(chunk), text)
+
+    def wait_for_chunks(self, poll_s: float = 2.0, log=None) -> None:
+        """Block until every chunk exists (other processes write theirs). Files, not a collective: no timeout."""
+        last = None
+        while missing := self.missing_chunks():
+            if log is not None and len(missing) != last:
+                log(f"waiting for {len(missing)} chunk(s) from other processes")
+                last = len(missing)
+            time.sleep(poll_s)
+
+    def stats(self) -> dict:
+        total: dict = {}
+        for chunk in range(self.num_chunks):
+            for key, value in (self._read_json(self._stats_path(chunk)) or {}).items():
+                total[key] = total.get(key, 0) + value
+        return total
+
+    def merge(self, sidecar: dict) -> None:
+        """Concatenate the chunks in prompt order into the output, write the sidecar, remove the parts."""
+        tmp = self.output.with_name(f".{self.output.name}.tmp-{os.getpid()}")
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        if self.output.suffix.lower() == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            rows = []
+            for chunk in range(self.num_chunks):
+                with open(self.chunk_path(chunk), encoding="utf-8") as f:
+                    rows.extend(json.loads(line) for line in f)
+            pq.write_table(pa.Table.from_pylist(rows), tmp)
+        else:
+            with open(tmp, "wb") as out:
+                for chunk in range(self.num_chunks):
+                    with open(self.chunk_path(chunk), "rb") as f:
+                        shutil.copyfileobj(f, out)
+                out.flush()
+                os.fsync(out.fileno())
+        _write_atomic(self.sidecar, json.dumps(sidecar, indent=2, default=str) + "\n")
+        os.replace(tmp, self.output)
+        shutil.rmtree(self.parts)

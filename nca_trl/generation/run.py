@@ -1,0 +1,215 @@
+"""`nca-trl generate`: K sampled completions per prompt, written resumably, split across processes.
+
+```bash
+nca-trl generate --model_name_or_path outputs/tiny-mistral --dataset_name prompts.jsonl \
+    --num_completions 4 --max_new_tokens 128 --output samples.jsonl
+accelerate launch --num_processes 8 -m nca_trl.cli generate --config gen.yaml      # one shard per process
+```
+
+The prompts are cut into chunks of `chunk_size` prompts (chunk c = prompts [c * chunk_size, (c + 1) * chunk_size) of
+the split, in order). The main process lists the chunks still missing from `<output>.parts/` and every process takes
+every N-th of them; each chunk is generated in batches of `batch_size` prompts (sorted by length inside the chunk to
+pad less) and committed as one file. When all chunks exist the main process merges them in prompt order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from types import SimpleNamespace
+
+from .arguments import GenerateArguments, parse_generate_args
+from .output import ChunkStore, sidecar_path, versions
+
+__all__ = ["generate", "load_prompts", "generation_settings", "SAMPLER"]
+
+SAMPLER = "nca-trl seeded inverse-CDF v1"  # recorded in the settings: another sampler makes other samples
+_DROPPED = ("completions", "rewards", "chosen", "rejected")  # belong to earlier completions, not to the new ones
+
+
+def _log(message: str) -> None:
+    print(f"[nca-trl generate] {message}", flush=True)
+
+
+def load_prompts(args: GenerateArguments):
+    """The prompt rows: the split `dataset_split` of `dataset_name`, its first `max_prompts` rows, without the columns
+    of earlier completions (`completions`, `rewards`, `chosen`, `rejected`)."""
+    from ..data.loading import load_raw
+
+    raw = load_raw(args, SimpleNamespace(datasets=None))
+    if args.dataset_split not in raw:
+        raise ValueError(f"Split {args.dataset_split!r} not found; the data has splits {list(raw)} (`dataset_split`).")
+    dataset = raw[args.dataset_split]
+    if "prompt" not in dataset.column_names:
+        raise ValueError(
+            f"The prompts need a `prompt` column (a string, or a list of chat messages); {args.dataset_name} has the "
+            f"columns {dataset.column_names}."
+        )
+    if args.max_prompts is not None and args.max_prompts < len(dataset):
+        dataset = dataset.select(range(args.max_prompts))
+    dropped = [c for c in _DROPPED if c in dataset.column_names]
+    if dropped:
+        _log(f"dropping the column(s) {dropped}: they describe earlier completions, not the ones sampled now")
+        dataset = dataset.remove_columns(dropped)
+    return dataset
+
+
+def _prompts_digest(dataset) -> str:
+    digest = hashlib.sha256()
+    for prompt in dataset["prompt"]:
+        digest.update(json.dumps(prompt, sort_keys=True, ensure_ascii=False, default=str).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def generation_settings(args: GenerateArguments, dataset) -> dict:
+    """What determines the samples: a restart must have the same (`batch_size` may change: it changes no seed)."""
+    keys = ("model_name_or_path", "model_revision", "dataset_name", "dataset_config", "dataset_split", "max_prompts",
+            "num_completions", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "dtype", "chunk_size")
+    settings = {key: getattr(args, key) for key in keys}
+    settings.update(num_prompts=len(dataset), prompts_sha256=_prompts_digest(dataset), sampler=SAMPLER)
+    return settings
+
+
+def _load_model(args: GenerateArguments, device):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    kwargs = {"dtype": dtype, "revision": args.model_revision}
+    if args.attn_implementation is not None:
+        kwargs["attn_implementation"] = args.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.model_revision)
+    return model, tokenizer
+
+
+def _generate_chunk(rows: list[dict], indices: list[int], model, tokenizer, args, stop_ids, pad_id, progress):
+    """Output rows of one chunk (in prompt order) and its statistics."""
+    from trl.data_utils import is_conversational
+
+    from .sampling import decode_completion, sample_completions, tokenize_prompt
+
+    started = time.time()
+    prompt_ids = [tokenize_prompt(row, tokenizer) for row in rows]
+    order = sorted(range(len(rows)), key=lambda j: -len(prompt_ids[j]))  # batches of similar lengths pad less
+    completions: list = [None] * len(rows)
+    stats = {"prompts": len(rows), "completions": 0, "generated_tokens": 0, "truncated_completions": 0, "seconds": 0.0}
+    for start in range(0, len(order), args.batch_size):
+        batch = order[start:start + args.batch_size]
+        sampled = sample_completions(
+            model, [prompt_ids[j] for j in batch], [indices[j] for j in batch],
+            num_completions=args.num_completions, max_new_tokens=args.max_new_tokens, seed=args.seed,
+            stop_ids=stop_ids, pad_token_id=pad_id, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        )
+        for j, ids_k, finished_k in zip(batch, sampled.completions, sampled.finished):
+            completions[j] = [decode_completion(tokenizer, prompt_ids[j], ids) for ids in ids_k]
+            stats["truncated_completions"] += sum(not f for f in finished_k)
+        stats["completions"] += len(batch) * args.num_completions
+        stats["generated_tokens"] += sampled.generated_tokens
+        progress(len(batch), sampled.generated_tokens)
+    stats["seconds"] = round(time.time() - started, 3)
+    out = []
+    for row, texts in zip(rows, completions):
+        if is_conversational({"prompt": row["prompt"]}):
+            texts = [[{"role": "assistant", "content": text}] for text in texts]
+        carried = {k: v for k, v in row.items() if k != "prompt"}
+        out.append({"prompt": row["prompt"], "completions": texts, **carried})
+    return out, stats
+
+
+class _Progress:
+    """A tqdm bar of the prompts this process samples, with the generated tokens per second."""
+
+    def __init__(self, total: int, enabled: bool, desc: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, unit="prompt", desc=desc, disable=not enabled, dynamic_ncols=True)
+        self.tokens = 0
+        self.started = time.time()
+
+    def __call__(self, prompts: int, tokens: int) -> None:
+        self.tokens += tokens
+        rate = self.tokens / max(time.time() - self.started, 1e-9)
+        self.bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
+        self.bar.update(prompts)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _broadcast(state, value):
+    if state.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
+def generate(argv: list[str] | None = None) -> dict | None:
+    """`nca-trl generate`: returns the sidecar (main process) or None (other processes)."""
+    from accelerate import PartialState
+
+    args = parse_generate_args(argv)
+    state = PartialState()
+    with state.main_process_first():
+        dataset = load_prompts(args)
+    settings = generation_settings(args, dataset)
+    store = ChunkStore(args.output, settings, len(dataset), args.chunk_size)
+
+    status = store.open() if state.is_main_process else None
+    status = _broadcast(state, status)
+    todo = _broadcast(state, [] if status in ("done", "merge") else store.missing_chunks())
+    if status == "done":
+        if state.is_main_process:
+            _log(f"{args.output} already holds these {len(dataset)} prompts (settings match): nothing to do")
+            return json.loads(sidecar_path(args.output).read_text())
+        return None
+    if state.is_main_process and status == "resume":
+        _log(f"resuming: {store.num_chunks - len(todo)} of {store.num_chunks} chunks already written")
+    mine = todo[state.process_index::state.num_processes]
+
+    if mine:
+        model, tokenizer = _load_model(args, state.device)
+        from .sampling import stop_token_ids
+
+        stop_ids = stop_token_ids(model, tokenizer)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+        total = sum(len(store.chunk_range(c)) for c in mine)
+        desc = "prompts" if state.num_processes == 1 else f"prompts (process 0 of {state.num_processes})"
+        progress = _Progress(total, state.is_main_process, desc)
+        try:
+            for chunk in mine:
+                indices = list(store.chunk_range(chunk))
+                rows = [dataset[i] for i in indices]
+                out, stats = _generate_chunk(rows, indices, model, tokenizer, args, stop_ids, pad_id, progress)
+                store.write_chunk(chunk, out, stats)
+        finally:
+            progress.close()
+
+    if not state.is_main_process:
+        return None
+    store.wait_for_chunks(log=_log)
+    stats = store.stats()
+    sidecar = {
+        "output": str(args.output),
+        "model_name_or_path": args.model_name_or_path,
+        "num_prompts": len(dataset),
+        "num_completions": args.num_completions,
+        "settings": settings,
+        "arguments": asdict(args),
+        "stats": stats,
+        "num_processes": state.num_processes,
+        "versions": versions(),
+    }
+    store.merge(sidecar)
+    seconds = stats.get("seconds", 0.0)
+    rate = f", {stats.get('generated_tokens', 0) / seconds:,.0f} tok/s per process" if seconds else ""
+    _log(
+        f"{len(dataset)} prompts x {args.num_completions} completions -> {args.output} "
+        f"({stats.get('generated_tokens', 0)} tokens{rate}; {stats.get('truncated_completions', 0)} completions hit "
+        f"max_new_tokens); settings in {sidecar_path(args.output)}"
+    )
+    return sidecar
