@@ -60,11 +60,13 @@ def _train(args, callbacks: list | None) -> dict:
 
     from .data.loading import load_datasets
     from .launch import distributed_summary
+    from .preflight import check_before_training
     from .report import run_info
 
     with training_args.main_process_first(desc="loading and converting the data"):
         train_dataset, eval_dataset = load_datasets(script_args, args.mixture, training_args)
     eval_sets = _evaluation_sets(train_dataset, eval_dataset, script_args.report_train_prompts, training_args)
+    check_before_training(args, train_dataset, eval_sets)  # before any model: loads the tokenizer only
 
     started = time.time()
     trainer = trainer_for_loss(script_args.loss)(
@@ -125,8 +127,9 @@ def _learning_table(log_history: list[dict], final: dict | None) -> str | None:
     """Start (the step-0 evaluation, `eval_on_start`) against end (the final evaluation) for each evaluation set."""
     from .report import learning_table
 
-    start = next((e for e in log_history if e.get("step") == 0 and any(k.startswith("eval_") for k in e)), None)
-    if start is None or not final:
+    # Each evaluation set logs its own entry: merge the step-0 ones
+    start = {k: v for e in log_history if e.get("step") == 0 for k, v in e.items() if k.startswith("eval_")}
+    if not start or not final:
         return None
     prefixes = {"held-out": "eval_"} if "eval_loss" in final else {
         label: f"eval_{name}_" for name, label in _SET_LABELS.items() if f"eval_{name}_loss" in final

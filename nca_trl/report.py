@@ -72,13 +72,19 @@ def plot_training_curves(log_history: list[dict], path: str | os.PathLike) -> st
     import matplotlib.pyplot as plt
 
     train = [e for e in log_history if "loss" in e and "step" in e]
-    evals = [e for e in log_history if "eval_loss" in e and "step" in e]
-    if not train and not evals:
+    # Evaluation sets: "eval_" (one set) or "eval_<name>_" (several, e.g. report_train_prompts)
+    prefixes = sorted({k[: -len("loss")] for e in log_history for k in e if k.startswith("eval_") and k.endswith("_loss")})
+    if not train and not prefixes:
         return None
+    series = [(train, "", "-", "train (per batch)")] + [
+        ([e for e in log_history if prefix + "loss" in e and "step" in e], prefix, "o--",
+         prefix[len("eval_"):].rstrip("_").replace("_", " ") or "eval")
+        for prefix in prefixes
+    ]
     panels = [("loss", "loss"), ("rewards/margins", "reward margin"), ("rewards/ranking_accuracy", "ranking accuracy")]
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
     for ax, (key, title) in zip(axes, panels):
-        for entries, prefix, style, name in ((train, "", "-", "train (per batch)"), (evals, "eval_", "o--", "eval")):
+        for entries, prefix, style, name in series:
             points = [(e["step"], e[prefix + key]) for e in entries if prefix + key in e]
             if points:
                 ax.plot(*zip(*points), style, label=name, markersize=4)
@@ -87,13 +93,13 @@ def plot_training_curves(log_history: list[dict], path: str | os.PathLike) -> st
         ax.legend(fontsize=8)
     ax = axes[3]
     for key, color in (("logps/chosen", "tab:green"), ("logps/rejected", "tab:red")):
-        for entries, prefix, style, name in ((train, "", "-", "train"), (evals, "eval_", "o--", "eval")):
+        for entries, prefix, style, name in series:
             points = [(e["step"], e[prefix + key]) for e in entries if prefix + key in e]
             if points:
-                ax.plot(*zip(*points), style, color=color, label=f"{key} ({name})", markersize=4)
-    ax.set_title("sequence log-probs")
+                ax.plot(*zip(*points), style, color=color, label=f"{key.split('/')[1]} ({name})", markersize=4)
+    ax.set_title("sequence log-probs (chosen = best completion)")
     ax.set_xlabel("step")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -142,11 +148,18 @@ def print_summary(info: dict, table: str | None, curves: str | None) -> None:
         f"  model saved to   : {info['output_dir']}  (AutoModelForCausalLM.from_pretrained)",
         f"  run info         : {os.path.join(info['output_dir'], 'run_info.json')}",
     ]
-    if info.get("eval_metrics"):
-        lines.insert(4, f"  eval loss        : {info['eval_metrics'].get('eval_loss', float('nan')):.6f}")
+    for key, value in (info.get("eval_metrics") or {}).items():  # eval_loss, or eval_<set>_loss per evaluation set
+        if key.startswith("eval_") and key.endswith("_loss"):
+            lines.insert(4, f"  {key.removesuffix('_loss').replace('_', ' ') + ' loss':<17}: {value:.6f}")
     if curves:
         lines.append(f"  training curves  : {curves}")
     if table:
-        lines += ["", "What changed, start -> end (the same prompts, evaluated before and after training):", table]
+        lines += [
+            "",
+            "What changed, start -> end (the same prompts, evaluated before and after training):",
+            table,
+            "(At the start the policy is its reference: every implicit reward is 0, so the margin is 0 and no pair is",
+            "ranked yet. Chance ranking accuracy is 0.5.)",
+        ]
     lines.append("=" * 72)
     print("\n".join(lines), flush=True)

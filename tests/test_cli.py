@@ -212,16 +212,22 @@ def test_cli_end_to_end_single_process(tmp_path, capsys):
     argv = [
         "train", "--config", str(REPO / "recipes/tiny/nca.yaml"), "--model_name_or_path", str(model_dir),
         "--dataset_name", str(VICUNA), "--output_dir", str(out), "--max_steps", "3", "--max_length", "64",
-        "--max_train_samples", "6", "--max_eval_samples", "2", "--use_cpu", "true",
+        "--max_train_samples", "6", "--max_eval_samples", "2", "--use_cpu", "true", "--logging_steps", "1",
     ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "nca-trl: NCATrainer finished" in printed and "world size       : 1 (NO" in printed
+    # The learning table: the recipe's report_train_prompts evaluates training and held-out prompts at both ends
+    assert "| metric | training prompts: start | training prompts: end | held-out: start | held-out: end |" in printed
+    assert "| ranking accuracy | 0.000 |" in printed  # at the start the policy is its reference: nothing ranked
+    curves = out / "training_curves.png"
+    assert f"training curves  : {curves}" in printed and curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     info = json.loads((out / "run_info.json").read_text())
     assert info["world_size"] == 1 and info["distributed_type"] == "NO" and info["global_step"] == 3
     assert [s["step"] for s in info["step_losses"]] == [1, 2, 3]
-    assert info["eval_metrics"]["eval_loss"] > 0 and "train_loss" in info["train_metrics"]
+    assert info["versions"]["trl"] and info["versions"]["nca-trl"] and "processes" not in info  # user-facing only
+    assert info["eval_metrics"]["eval_heldout_loss"] > 0 and "train_loss" in info["train_metrics"]  # one key per eval set
     trained = AutoModelForCausalLM.from_pretrained(out)
     initial = AutoModelForCausalLM.from_pretrained(model_dir)
     assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), initial.state_dict().values()))
