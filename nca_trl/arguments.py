@@ -14,7 +14,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-from .config import RATED_CONFIGS, config_for_loss
+from .config import RATED_CONFIGS, config_for_loss, relaxed_hardware_checks
 from .data.formats import DATASET_FORMATS
 
 __all__ = ["ScriptArguments", "TrainArgs", "make_parser", "parse_train_args", "print_dry_run"]
@@ -112,7 +112,8 @@ class ScriptArguments:
         default=False,
         metadata={
             "help": "Parse the recipe and the command line, print the resolved arguments and exit: nothing is "
-            "loaded, and the bf16-needs-a-GPU check is skipped so a GPU recipe can be checked on a laptop."
+            "loaded, and the checks of what this machine can run (bf16 without a bf16 GPU, fp16 on the CPU) are "
+            "skipped so a GPU recipe can be checked on a laptop."
         },
     )
 
@@ -203,24 +204,15 @@ def _check_recipe_keys(recipe: dict, path: str, parser) -> None:
         )
 
 
-@contextlib.contextmanager
-def _relaxed_hardware_checks():
-    """Let `TrainingArguments` accept `bf16=True` without a GPU (for `--dry_run` of a GPU recipe on any machine)."""
-    import transformers.training_args as ta
-
-    original = ta.is_torch_bf16_gpu_available
-    ta.is_torch_bf16_gpu_available = lambda *a, **k: True
-    try:
-        yield
-    finally:
-        ta.is_torch_bf16_gpu_available = original
+# Accept `bf16=True` without a bf16 GPU and `fp16=True` on the CPU (for `--dry_run` of a GPU recipe on any machine)
+_relaxed_hardware_checks = relaxed_hardware_checks
 
 
 def parse_train_args(argv: list[str] | None = None, dry_run: bool | None = None) -> TrainArgs:
     """Parse `nca-trl train` arguments (`--config RECIPE.yaml` and `--field value` overrides).
 
-    `dry_run=True` (or `--dry_run` / `dry_run: true` in the recipe) skips the hardware checks of
-    `TrainingArguments` (bf16 without a GPU), so a GPU recipe can be validated anywhere.
+    `dry_run=True` (or `--dry_run` / `dry_run: true` in the recipe) skips the hardware checks (bf16 without a bf16
+    GPU, fp16 on the CPU), so a GPU recipe can be validated anywhere.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     recipe, path = _load_recipe(argv)

@@ -2,12 +2,100 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from trl import DPOConfig
 
-__all__ = ["NCAConfig", "InfoNCAConfig", "RATED_CONFIGS", "config_for_loss", "check_rated_config"]
+__all__ = [
+    "NCAConfig", "InfoNCAConfig", "RATED_CONFIGS", "config_for_loss", "check_rated_config", "relaxed_hardware_checks"
+]
+
+# `relaxed_hardware_checks()` turns the checks of what this machine can run off (`nca-trl train --dry_run`)
+_HARDWARE_CHECKS = {"relaxed": False}
+
+
+@contextlib.contextmanager
+def relaxed_hardware_checks():
+    """Within the block, configs skip the checks of what this machine can run: bf16 without a bf16 GPU (transformers'
+    check too) and fp16 on the CPU. For validating a GPU recipe on any machine (`nca-trl train --dry_run`)."""
+    import transformers.training_args as ta
+
+    original, relaxed = ta.is_torch_bf16_gpu_available, _HARDWARE_CHECKS["relaxed"]
+    ta.is_torch_bf16_gpu_available = lambda *a, **k: True
+    _HARDWARE_CHECKS["relaxed"] = True
+    try:
+        yield
+    finally:
+        ta.is_torch_bf16_gpu_available = original
+        _HARDWARE_CHECKS["relaxed"] = relaxed
+
+
+def _accelerator_available() -> bool:
+    """Whether torch sees an accelerator (CUDA, XPU, NPU, MPS, ...): what the DataLoader asks before pinning memory."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return accelerator.is_available()
+    return torch.cuda.is_available()  # pragma: no cover - torch < 2.6
+
+
+_BATCH_FIELDS = {
+    "per_device_train_batch_size": "prompts per device per training step, each with its K completions",
+    "per_device_eval_batch_size": "prompts per device per evaluation step",
+    "gradient_accumulation_steps": "steps whose gradients make one optimizer step",
+    "precompute_ref_batch_size": "prompts per batch of the reference log-prob precompute; None means the "
+    "train / eval batch size",
+}
+
+
+def _check_batch_sizes(args) -> None:
+    for name, what in _BATCH_FIELDS.items():
+        value = getattr(args, name, None)
+        if value is None and name == "precompute_ref_batch_size":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` ({what}) must be an integer >= 1, got {value!r}.")
+
+
+def _check_precision(args) -> None:
+    """bf16 / fp16 where this machine cannot run them, before transformers' own bf16 check (same condition, a message
+    that says what to do). Skipped within `relaxed_hardware_checks()`."""
+    import transformers.training_args as ta
+
+    if _HARDWARE_CHECKS["relaxed"]:
+        return
+    bf16 = (not args.fp16) if args.bf16 is None else args.bf16  # TRL's default: bf16 unless fp16
+    if (bf16 or args.bf16_full_eval) and not args.use_cpu:
+        if not ta.is_torch_bf16_gpu_available() and not ta.is_torch_xla_available():
+            import torch
+
+            which = "`bf16_full_eval=True`" if not bf16 else "`bf16=True`"
+            if args.bf16 is None:
+                which += " (TRL's default when neither `bf16` nor `fp16` is set)"
+            gpu = (" CUDA is available, but its GPU has no bfloat16 (it needs an NVIDIA Ampere or newer GPU, CUDA >= "
+                   "11).") if torch.cuda.is_available() else ""
+            raise ValueError(
+                f"{which} needs a GPU with bfloat16 support, and this machine has none.{gpu} Set `bf16: false` to "
+                "train in float32 here, or `use_cpu: true` for bfloat16 autocast on the CPU; `nca-trl train "
+                "--dry_run` skips this check to validate a GPU recipe on any machine."
+            )
+
+
+def _check_fp16_device(args) -> None:
+    """fp16 mixed precision on the CPU: accelerate switches it off there without a word (no autocast, no grad
+    scaler), so the run would train in float32 while the config says fp16."""
+    if _HARDWARE_CHECKS["relaxed"] or not args.fp16 or args.device.type != "cpu":
+        return
+    why = "`use_cpu=True`" if args.use_cpu else "no GPU or other accelerator is available"
+    raise ValueError(
+        f"`fp16=True` cannot run here: training runs on the CPU ({why}), where accelerate's fp16 mixed precision "
+        "needs a CUDA, XPU, NPU, MLU, MUSA, HPU or MPS device and is otherwise switched off without a word (the run "
+        "would train in float32). Remove `fp16` (float32), or use `bf16: true` with `use_cpu: true` for bfloat16 "
+        "autocast on the CPU."
+    )
 
 # DPOConfig's default `loss_type`: accepted by every trainer here so that a plain `DPOConfig` works unchanged.
 _DPO_DEFAULT_LOSS = "sigmoid"
@@ -127,6 +215,12 @@ class _RatedCompletionsConfig(DPOConfig):
     max_completions: int | None = field(default=None, metadata={"help": _MAX_COMPLETIONS_HELP})
     shared_prompt: bool = field(default=True, metadata={"help": _SHARED_PROMPT_HELP})
     padding_free: bool = field(default=False, metadata={"help": _PADDING_FREE_HELP})
+    dataloader_pin_memory: bool = field(
+        default=True,
+        metadata={"help": "Pin the batches' memory for faster copies to the accelerator. Turned off (silently) where "
+                  "it cannot have an effect: `use_cpu=True` or no CUDA / XPU / NPU / MPS device, where torch would "
+                  "ignore it and warn on every run."},
+    )
     activation_checkpointing: bool | None = field(
         default=None,
         metadata={"help": "Activation (gradient) checkpointing; None means True, DPOConfig's default. "
@@ -166,7 +260,12 @@ class _RatedCompletionsConfig(DPOConfig):
             self.loss_type = [self.loss]
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = True  # DPOConfig's default, under transformers 5's name (no warning)
+        _check_batch_sizes(self)
+        _check_precision(self)
         super().__post_init__()
+        _check_fp16_device(self)
+        if self.dataloader_pin_memory and (self.use_cpu or not _accelerator_available()):
+            self.dataloader_pin_memory = False  # no effect without an accelerator, and torch warns on every run
         check_rated_config(self, type(self))
 
 

@@ -1,0 +1,146 @@
+"""Config errors are found before any model is loaded (issue 9, item 5): batch sizes < 1 and fp16 / bf16 where this
+device cannot run them when the config is built (`nca_trl.config`), every row dropped by `max_length` by the preflight
+of `nca-trl train` (`nca_trl.preflight`, tokenizer only). And `dataloader_pin_memory` is off where it has no effect."""
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from nca_trl import InfoNCAConfig, NCAConfig
+from nca_trl.arguments import parse_train_args
+from nca_trl.cli import main
+from nca_trl.preflight import check_max_length
+
+REPO = Path(__file__).resolve().parents[1]
+VICUNA = REPO / "data" / "vicuna_rated.jsonl"
+TINY = REPO / "recipes" / "tiny" / "nca.yaml"
+ACCELERATOR = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+cpu_only = pytest.mark.skipif(ACCELERATOR, reason="checks what a machine without an accelerator refuses")
+
+
+def train_argv(tmp_path, model, *extra):
+    return [
+        "train", "--config", str(TINY), "--model_name_or_path", str(model), "--dataset_name", str(VICUNA),
+        "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--max_train_samples", "6", "--max_eval_samples",
+        "2", "--eval_strategy", "no", *extra,
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------- batch sizes
+@pytest.mark.parametrize(
+    "field", ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+              "precompute_ref_batch_size"],
+)
+@pytest.mark.parametrize("config_class", [NCAConfig, InfoNCAConfig])
+def test_batch_sizes_below_one_are_refused_naming_the_field(tmp_path, field, config_class):
+    """Before: accepted; training failed after the model loaded (`batch_size should be a positive integer value, but
+    got batch_size=0` from torch's sampler, or `ZeroDivisionError` for gradient_accumulation_steps=0)."""
+    for value in (0, -2):
+        with pytest.raises(ValueError, match=rf"`{field}` \(.*\) must be an integer >= 1, got {value}"):
+            config_class(output_dir=str(tmp_path), bf16=False, use_cpu=True, **{field: value})
+    config_class(output_dir=str(tmp_path), bf16=False, use_cpu=True, **{field: 1})
+
+
+def test_cli_batch_size_zero_fails_before_the_model(tmp_path):
+    """The model path does not exist: the config error comes first."""
+    with pytest.raises(ValueError, match="`per_device_train_batch_size` .* got 0"):
+        main(train_argv(tmp_path, tmp_path / "no-such-model", "--per_device_train_batch_size", "0"))
+
+
+# ---------------------------------------------------------------------------------------------------------- precision
+@cpu_only
+def test_fp16_on_the_cpu_is_refused(tmp_path):
+    """Before: accepted, and accelerate switched fp16 off on the CPU without a word (no autocast, no grad scaler):
+    the run trained in float32."""
+    for use_cpu in (False, True):
+        with pytest.raises(ValueError, match=r"`fp16=True` cannot run here: training runs on the CPU"):
+            NCAConfig(output_dir=str(tmp_path), fp16=True, bf16=False, use_cpu=use_cpu)
+    with pytest.raises(ValueError, match="`fp16=True` cannot run here"):
+        main(train_argv(tmp_path, tmp_path / "no-such-model", "--fp16", "true"))
+    # --dry_run validates a GPU recipe on any machine: the hardware checks are relaxed
+    assert main(train_argv(tmp_path, tmp_path / "no-such-model", "--fp16", "true", "--dry_run")) == 0
+    assert parse_train_args(train_argv(tmp_path, "m", "--bf16", "true")[1:], dry_run=True).training.bf16
+    NCAConfig(output_dir=str(tmp_path), fp16=False, bf16=False)  # the relaxation does not outlive the dry run
+    with pytest.raises(ValueError, match="`fp16=True` cannot run here"):
+        NCAConfig(output_dir=str(tmp_path), fp16=True, bf16=False)
+
+
+@cpu_only
+def test_bf16_without_a_bf16_gpu_says_what_to_do(tmp_path):
+    """Before: transformers' "Your setup doesn't support bf16/gpu. You need to assign use_cpu ...", also for TRL's
+    default (bf16 when neither bf16 nor fp16 is set). bf16 on the CPU with `use_cpu=True` runs (CPU autocast)."""
+    with pytest.raises(ValueError, match=r"`bf16=True` \(TRL's default .*\) needs a GPU with bfloat16 support.*`bf16: false`"):
+        NCAConfig(output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"^`bf16=True` needs a GPU with bfloat16 support.*--dry_run"):
+        NCAConfig(output_dir=str(tmp_path), bf16=True)
+    assert NCAConfig(output_dir=str(tmp_path), bf16=True, use_cpu=True).bf16
+
+
+# ---------------------------------------------------------------------------------------------------------- max_length
+def rows(n):
+    return [json.loads(line) for line in VICUNA.read_text().splitlines()[:n]]
+
+
+def test_check_max_length_names_the_shortest_prompt(tokenizer):
+    from datasets import Dataset
+
+    from nca_trl.data.tokenize import tokenize_rated_example
+
+    data = Dataset.from_list(rows(6))
+    lengths = [len(tokenize_rated_example(r, tokenizer, tokenizer.eos_token)["prompt_ids"]) for r in data]
+    shortest = min(lengths)
+    args = NCAConfig(output_dir="unused", bf16=False, use_cpu=True, max_length=shortest)
+    with pytest.raises(ValueError) as info:
+        check_max_length(data, tokenizer, args, "train")
+    message = str(info.value)
+    assert f"every one of its 6 rows would be dropped" in message and f"max_length={shortest} tokens" in message
+    assert f"shortest {shortest} (row {lengths.index(shortest)})" in message and f"longest {max(lengths)}" in message
+    assert f"raise `max_length` above {shortest}" in message
+    # One token more keeps the shortest row: no error; keep_end never drops a row; no max_length, nothing to check
+    check_max_length(data, tokenizer, NCAConfig(output_dir="u", bf16=False, use_cpu=True, max_length=shortest + 1))
+    check_max_length(data, tokenizer, NCAConfig(
+        output_dir="u", bf16=False, use_cpu=True, max_length=shortest, truncation_mode="keep_end"))
+    check_max_length(data, tokenizer, NCAConfig(output_dir="u", bf16=False, use_cpu=True, max_length=None))
+    # Preference rows are converted as the trainer does; a row the trainer would refuse is refused by name
+    pairs = Dataset.from_list([{"prompt": "Hello there, how are you?", "chosen": "Fine", "rejected": "Bad"}])
+    with pytest.raises(ValueError, match="every one of its 1 rows"):
+        check_max_length(pairs, tokenizer, NCAConfig(output_dir="u", bf16=False, use_cpu=True, max_length=3))
+    with pytest.raises(ValueError, match="row 0"):
+        check_max_length(Dataset.from_list([{"prompt": "q", "completions": ["a", "b"], "rewards": [1.0, float("nan")]}]),
+                         tokenizer, NCAConfig(output_dir="u", bf16=False, use_cpu=True, max_length=3))
+
+
+def test_cli_every_row_dropped_fails_before_the_model(tmp_path, tokenizer):
+    """Before: the rows were dropped with a warning, then training failed after the model loaded with torch's
+    `num_samples should be a positive integer value, but got num_samples=0`. The "model" here is a tokenizer alone
+    (no config, no weights): loading a model from it would fail, so the error shows nothing but the tokenizer was
+    loaded."""
+    folder = tmp_path / "tokenizer-only"
+    tokenizer.save_pretrained(folder)
+    with pytest.raises(ValueError, match=r"train dataset: every one of its 6 rows would be dropped.*shortest \d+"):
+        main(train_argv(tmp_path, folder, "--max_length", "8"))
+
+
+# ---------------------------------------------------------------------------------------------------------- pin memory
+@cpu_only
+def test_pin_memory_off_without_an_accelerator_and_no_warning(tiny_mistral, tmp_path):
+    """Before: True by default without `use_cpu`, and torch warned on every DataLoader ("'pin_memory' argument is set
+    as true but no accelerator is found")."""
+    from datasets import Dataset
+
+    from nca_trl import NCATrainer
+
+    args = NCAConfig(
+        output_dir=str(tmp_path / "out"), bf16=False, max_steps=1, per_device_train_batch_size=2, max_length=64,
+        report_to="none", save_strategy="no", activation_checkpointing=False, dataloader_num_workers=0,
+    )
+    assert args.dataloader_pin_memory is False
+    assert NCAConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True).dataloader_pin_memory is False
+    trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=Dataset.from_list(rows(2)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert not [w for w in caught if "pin_memory" in str(w.message)]
