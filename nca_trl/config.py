@@ -297,7 +297,11 @@ class NCAConfig(_RatedCompletionsConfig):
     DPO-only loss fields (`loss_weights`, `ld_alpha`, `f_divergence_type`, `f_alpha_divergence_coef`,
     `label_smoothing`, `use_weighting`, `discopop_tau`) raise a `ValueError` when set to anything but their default.
     `use_liger_kernel` needs `liger-kernel` and a GPU, `activation_offloading` an accelerator: on CPU both raise a
-    `ValueError` at config time.
+    `ValueError` at config time. So do batch sizes below 1 (`per_device_train_batch_size`,
+    `per_device_eval_batch_size`, `gradient_accumulation_steps`, `precompute_ref_batch_size`), `fp16=True` where
+    training runs on the CPU (accelerate would switch it off silently), and `bf16=True` (TRL's default) without a
+    bf16 GPU unless `use_cpu=True` (CPU bfloat16 autocast); `relaxed_hardware_checks()` (`nca-trl train --dry_run`)
+    skips the last two. `dataloader_pin_memory` is turned off where it has no effect (no accelerator, `use_cpu`).
 
     Example:
     ```python

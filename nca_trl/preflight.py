@@ -1,6 +1,8 @@
 """Checks that `nca-trl train` runs after loading the data and before loading any model: what would otherwise fail
 only once the model is loaded.
 
+- `check_not_empty`: a dataset left with no row after conversion (e.g. UltraFeedback rows whose ratings are all
+  unusable are dropped) would fail in the trainer with a bare `StopIteration`, after the model is loaded.
 - `check_max_length`: with `truncation_mode="keep_start"`, a row whose prompt alone fills `max_length` leaves no
   completion token and is dropped at tokenization (`nca_trl.data.tokenize`). If every row of a dataset would be
   dropped, training cannot start (today: a torch sampler error, `num_samples=0`, after the model is loaded). The check
@@ -16,7 +18,17 @@ from __future__ import annotations
 
 import statistics
 
-__all__ = ["check_before_training", "check_max_length", "prompt_length_error"]
+__all__ = ["check_before_training", "check_max_length", "check_not_empty", "prompt_length_error"]
+
+
+def check_not_empty(dataset, dataset_name: str = "train") -> None:
+    """Raise a `ValueError` if `dataset` (a `datasets.Dataset`, or None) has no row."""
+    if dataset is not None and hasattr(dataset, "__len__") and len(dataset) == 0:
+        raise ValueError(
+            f"The {dataset_name} dataset has no row left after loading and conversion (a converter drops rows it "
+            "cannot use, e.g. UltraFeedback rows with fewer than 2 usable ratings: see the warning above). Fix: check "
+            "`dataset_name`, `dataset_format`, `dataset_format_kwargs` and the split."
+        )
 
 
 def prompt_length_error(dataset_name: str, lengths: list[int], max_length: int, shortest_row: int | None = None):
@@ -69,6 +81,11 @@ def check_before_training(args, train_dataset, eval_dataset) -> None:
     """`nca-trl train`'s checks between loading the data and building the trainer (`args`: the parsed `TrainArgs`;
     `eval_dataset`: None, a dataset or a dict of them). Loads the tokenizer only."""
     training = args.training
+    eval_sets = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
+    names = {name: name if name == "eval" else f"eval ({name!r})" for name in eval_sets}
+    check_not_empty(train_dataset, "train")
+    for name, dataset in eval_sets.items():
+        check_not_empty(dataset, names[name])
     if training.max_length is None or training.truncation_mode != "keep_start":
         return
     from transformers import AutoProcessor
@@ -79,6 +96,5 @@ def check_before_training(args, train_dataset, eval_dataset) -> None:
         trust_remote_code=training.trust_remote_code,
     )
     check_max_length(train_dataset, processing_class, training, "train")
-    eval_sets = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
     for name, dataset in eval_sets.items():
-        check_max_length(dataset, processing_class, training, name if name == "eval" else f"eval ({name!r})")
+        check_max_length(dataset, processing_class, training, names[name])

@@ -124,6 +124,27 @@ def test_cli_every_row_dropped_fails_before_the_model(tmp_path, tokenizer):
         main(train_argv(tmp_path, folder, "--max_length", "8"))
 
 
+def test_empty_dataset_fails_before_the_model(tmp_path):
+    """Before: a dataset left empty by conversion reached the trainer, which failed after loading the model with a bare
+    `StopIteration` (`next(iter(dataset))` in `prepare_rated_dataset`). The check runs before the tokenizer loads (the
+    model path does not exist)."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    from nca_trl.preflight import check_before_training
+
+    args = SimpleNamespace(
+        training=NCAConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, max_length=64),
+        model=SimpleNamespace(model_name_or_path=str(tmp_path / "no-such-model")),
+    )
+    empty = Dataset.from_dict({"prompt": [], "completions": [], "rewards": []})
+    with pytest.raises(ValueError, match="The train dataset has no row left after loading and conversion"):
+        check_before_training(args, empty, None)
+    with pytest.raises(ValueError, match=r"The eval \('heldout'\) dataset has no row"):
+        check_before_training(args, Dataset.from_list(rows(1)), {"train_prompts": Dataset.from_list(rows(1)), "heldout": empty})
+
+
 # ---------------------------------------------------------------------------------------------------------- pin memory
 @cpu_only
 def test_pin_memory_off_without_an_accelerator_and_no_warning(tiny_mistral, tmp_path):
