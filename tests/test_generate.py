@@ -180,3 +180,182 @@ def test_decode_keeps_the_leading_space_of_the_first_completion_token(model_and_
     text = decode_completion(tokenizer, prompt_ids, completion)
     assert text == " world"
     assert tokenizer("Hello" + text)["input_ids"] == prompt_ids + completion
+
+
+# ------------------------------------------------------------------------------------------------ (b): resume
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _read_jsonl(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def test_a_killed_run_resumes_with_no_prompt_lost_or_duplicated(tiny_mistral, tmp_path, monkeypatch):
+    """chunk_size 2, 6 prompts: the run dies after committing 2 chunks (and while writing a third, leaving a temporary
+    file). The restart with the same output generates only the third chunk (with another batch size), and the merged
+    output holds the 6 prompts once each, in order, equal to an uninterrupted run's."""
+    from nca_trl.generation import run
+    from nca_trl.generation.output import ChunkStore
+
+    data = _write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Prompt number {i} says", "id": i} for i in range(6)])
+    common = ["--model_name_or_path", tiny_mistral, "--dataset_name", data, "--num_completions", "2",
+              "--max_new_tokens", "4", "--chunk_size", "2", "--seed", "3"]
+    reference = run.generate([*common, "--batch_size", "2", "--output", str(tmp_path / "reference.jsonl")])
+    assert reference["num_prompts"] == 6
+
+    output = tmp_path / "resumed.jsonl"
+    generated, written = [], []
+    original_chunk, original_write = run._generate_chunk, ChunkStore.write_chunk
+
+    def generate_chunk(rows, indices, *args):
+        generated.append(list(indices))
+        return original_chunk(rows, indices, *args)
+
+    def write_chunk(self, chunk, rows, stats):
+        if len(written) == 2:  # killed while writing the third chunk
+            (self.parts / f".chunk-{chunk:05d}.jsonl.tmp-999").write_text('{"prompt": "half a ro')
+            raise KeyboardInterrupt("killed")
+        written.append(chunk)
+        return original_write(self, chunk, rows, stats)
+
+    monkeypatch.setattr(run, "_generate_chunk", generate_chunk)
+    monkeypatch.setattr(ChunkStore, "write_chunk", write_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        run.generate([*common, "--batch_size", "2", "--output", str(output)])
+    parts = tmp_path / "resumed.jsonl.parts"
+    assert not output.exists() and sorted(p.name for p in parts.glob("chunk-*.jsonl")) == [
+        "chunk-00000.jsonl", "chunk-00001.jsonl"]
+    assert generated == [[0, 1], [2, 3], [4, 5]]
+
+    # Other sampling settings cannot continue these chunks
+    with pytest.raises(ValueError, match="seed: 3 then, 4 now"):
+        run.generate([*common, "--seed", "4", "--output", str(output)])
+
+    monkeypatch.setattr(ChunkStore, "write_chunk", original_write)
+    generated.clear()
+    sidecar = run.generate([*common, "--batch_size", "1", "--output", str(output)])
+    assert generated == [[4, 5]]  # the committed chunks were not generated again
+    rows = _read_jsonl(output)
+    assert [r["id"] for r in rows] == list(range(6))
+    assert rows == _read_jsonl(tmp_path / "reference.jsonl")
+    assert not parts.exists() and sidecar["stats"]["prompts"] == 6 and sidecar["stats"]["completions"] == 12
+
+    # A finished output is not generated again; other settings are refused
+    generated.clear()
+    assert run.generate([*common, "--output", str(output)])["settings"] == sidecar["settings"]
+    assert generated == []
+    with pytest.raises(FileExistsError, match="num_completions: 2 then, 3 now"):
+        run.generate([*common, "--num_completions", "3", "--output", str(output)])
+
+
+# ------------------------------------------------------------------------------------------------ (c): end to end
+def _check_rows(rows, prompts, k, conversational):
+    from nca_trl.data import validate_example
+
+    assert [r["prompt"] for r in rows] == [p["prompt"] for p in prompts]
+    for i, (row, source) in enumerate(zip(rows, prompts)):
+        assert list(row)[:2] == ["prompt", "completions"] and len(row["completions"]) == k
+        carried = {key: value for key, value in source.items() if key not in ("prompt", "chosen", "rejected")}
+        assert {key: row[key] for key in carried} == carried
+        assert "chosen" not in row and "rejected" not in row
+        for completion in row["completions"]:
+            if conversational:
+                assert isinstance(completion, list) and len(completion) == 1
+                assert completion[0]["role"] == "assistant" and isinstance(completion[0]["content"], str)
+            else:
+                assert isinstance(completion, str)
+        if all(c if isinstance(c, str) else c[0]["content"] for c in row["completions"]):  # empty ones are refused
+            validate_example({**row, "rewards": [float(j) for j in range(k)]}, i, "generated")
+
+
+def test_cli_generate_string_prompts_to_jsonl(tiny_mistral, tmp_path, hh):
+    from nca_trl.cli import main
+    from nca_trl.generation.output import sidecar_path
+
+    prompts = [{**hh[i], "source": "hh", "n": i} for i in range(3)]  # chosen / rejected are dropped
+    data = _write_jsonl(tmp_path / "prompts.jsonl", prompts)
+    output = tmp_path / "out" / "samples.jsonl"
+    assert main(["generate", "--model_name_or_path", tiny_mistral, "--dataset_name", data, "--output", str(output),
+                 "--num_completions", "3", "--max_new_tokens", "5", "--batch_size", "2", "--temperature", "0.9",
+                 "--top_k", "20", "--top_p", "0.9"]) == 0
+    rows = _read_jsonl(output)
+    _check_rows(rows, prompts, 3, conversational=False)
+    sidecar = json.loads(sidecar_path(output).read_text())
+    assert sidecar_path(output).name == "samples.generation.json"
+    assert sidecar["model_name_or_path"] == tiny_mistral and sidecar["num_prompts"] == 3
+    assert {k: sidecar["settings"][k] for k in ("num_completions", "max_new_tokens", "temperature", "top_k", "top_p",
+                                                "seed", "dtype")} == dict(num_completions=3, max_new_tokens=5,
+                                                                          temperature=0.9, top_k=20, top_p=0.9,
+                                                                          seed=0, dtype="auto")
+    assert {"torch", "transformers", "trl", "nca-trl"} <= set(sidecar["versions"])
+    assert sidecar["stats"]["completions"] == 9 and not (tmp_path / "out" / "samples.jsonl.parts").exists()
+
+
+def test_cli_generate_conversational_prompts_from_a_yaml_config_to_parquet(tiny_mistral, tmp_path, tokenizer):
+    import datasets
+    import yaml
+
+    from nca_trl.cli import main
+    from nca_trl.data import tokenize_rated_example
+
+    prompts = [
+        {"prompt": [{"role": "user", "content": "Hi there"}], "id": "a"},
+        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],
+         "id": "b"},
+    ]
+    data = _write_jsonl(tmp_path / "chat.jsonl", prompts)
+    output = tmp_path / "chat.parquet"
+    config = tmp_path / "gen.yaml"
+    config.write_text(yaml.safe_dump({"model_name_or_path": tiny_mistral, "dataset_name": data,
+                                      "output": str(output), "num_completions": 2, "max_new_tokens": 4}))
+    assert main(["generate", "--config", str(config), "--seed", "5"]) == 0
+    rows = datasets.load_dataset("parquet", data_files=str(output), split="train").to_list()
+    _check_rows(rows, prompts, 2, conversational=True)
+    assert json.loads((tmp_path / "chat.generation.json").read_text())["settings"]["seed"] == 5
+    # `train` tokenizes the prompt to the ids the completions were sampled after
+    tokenized = tokenize_rated_example({**rows[0], "rewards": [1.0, 0.0]}, tokenizer, tokenizer.eos_token)
+    assert tokenized["prompt_ids"] == tokenize_prompt(rows[0], tokenizer)
+
+
+def test_generate_arguments_are_checked(tmp_path):
+    from nca_trl.generation import parse_generate_args
+
+    base = ["--model_name_or_path", "m", "--dataset_name", "d"]
+    with pytest.raises(ValueError, match="`output` must end with one of"):
+        parse_generate_args([*base, "--output", "x.csv"])
+    with pytest.raises(ValueError, match="`temperature` must be > 0"):
+        parse_generate_args([*base, "--output", "x.jsonl", "--temperature", "0"])
+    with pytest.raises(ValueError, match="needs `output`"):
+        parse_generate_args(base)
+    config = tmp_path / "c.yaml"
+    config.write_text("num_completion: 3\n")
+    with pytest.raises(ValueError, match="did you mean 'num_completions'"):
+        parse_generate_args([*base, "--output", "x.jsonl", "--config", str(config)])
+
+
+# ------------------------------------------------------------------------------------------------ several processes
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_split_the_chunks_and_merge_them_in_prompt_order(tiny_mistral, tmp_path, launch_env):
+    """`accelerate launch` 2 CPU processes: each samples every other missing chunk; the main process merges them in
+    prompt order, into the rows one process writes (the samples do not depend on the number of processes)."""
+    from launching import cpu_config, free_port, launch_cmd, start, wait
+
+    from nca_trl.generation import run
+
+    data = _write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Question {i}: why", "id": i} for i in range(5)])
+    common = ["--model_name_or_path", tiny_mistral, "--dataset_name", data, "--num_completions", "2",
+              "--max_new_tokens", "3", "--chunk_size", "1", "--batch_size", "1"]
+    single = run.generate([*common, "--output", str(tmp_path / "single.jsonl")])
+    output = tmp_path / "two.jsonl"
+    log = tmp_path / "two.log"
+    cmd = launch_cmd(cpu_config(tmp_path / "ddp.yaml"), free_port(), ("--num_processes", "2"),
+                     ("-m", "nca_trl.cli", "generate"))
+    wait([start([*cmd, *common, "--output", str(output)], log, launch_env)], [log])
+    sidecar = json.loads((tmp_path / "two.generation.json").read_text())
+    assert sidecar["num_processes"] == 2 and sidecar["stats"]["chunks_per_process"] == {"0": 3, "1": 2}
+    assert sidecar["settings"] == single["settings"]
+    assert _read_jsonl(output) == _read_jsonl(tmp_path / "single.jsonl")
+    assert [r["id"] for r in _read_jsonl(output)] == list(range(5))

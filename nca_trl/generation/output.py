@@ -157,11 +157,18 @@ class ChunkStore:
             time.sleep(poll_s)
 
     def stats(self) -> dict:
+        """The chunks' statistics summed, and how many chunks each process wrote (`chunks_per_process`)."""
         total: dict = {}
+        per_process: dict = {}
         for chunk in range(self.num_chunks):
-            for key, value in (self._read_json(self._stats_path(chunk)) or {}).items():
+            stats = self._read_json(self._stats_path(chunk)) or {}
+            process = stats.pop("process_index", None)
+            per_process[str(process)] = per_process.get(str(process), 0) + 1
+            for key, value in stats.items():
                 total[key] = total.get(key, 0) + value
-        return total
+        if "seconds" in total:
+            total["seconds"] = round(total["seconds"], 3)
+        return {**total, "chunks_per_process": per_process}
 
     def merge(self, sidecar: dict) -> None:
         """Concatenate the chunks in prompt order into the output, write the sidecar, remove the parts."""

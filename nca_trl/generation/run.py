@@ -148,12 +148,30 @@ def _broadcast(state, value):
     return broadcast_object_list([value], from_process=0)[0]
 
 
-def generate(argv: list[str] | None = None) -> dict | None:
-    """`nca-trl generate`: returns the sidecar (main process) or None (other processes)."""
+def _distributed_state(environ=None):
+    """accelerate's `PartialState`; processes of a launch without GPUs join one gloo group (`cpu=True`), and a launch
+    whose processes do not form one group is refused (each would sample every prompt into the same chunk files)."""
+    import os
+
+    import torch
     from accelerate import PartialState
 
+    environ = os.environ if environ is None else environ
+    launched = int(environ.get("WORLD_SIZE", "1") or 1)
+    on_cpu = launched > 1 and not torch.cuda.is_available()
+    state = PartialState(cpu=True, backend="gloo") if on_cpu else PartialState()
+    if launched != state.num_processes:
+        raise RuntimeError(
+            f"The launcher started {launched} processes (WORLD_SIZE) but this one is in a group of "
+            f"{state.num_processes} ({state.distributed_type}): they would each sample every prompt."
+        )
+    return state
+
+
+def generate(argv: list[str] | None = None) -> dict | None:
+    """`nca-trl generate`: returns the sidecar (main process) or None (other processes)."""
     args = parse_generate_args(argv)
-    state = PartialState()
+    state = _distributed_state()
     with state.main_process_first():
         dataset = load_prompts(args)
     settings = generation_settings(args, dataset)
@@ -178,13 +196,14 @@ def generate(argv: list[str] | None = None) -> dict | None:
         stop_ids = stop_token_ids(model, tokenizer)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
         total = sum(len(store.chunk_range(c)) for c in mine)
-        desc = "prompts" if state.num_processes == 1 else f"prompts (process 0 of {state.num_processes})"
+        desc = "prompts" if state.num_processes == 1 else f"prompts (process 0 of {state.num_processes})"  # main's bar
         progress = _Progress(total, state.is_main_process, desc)
         try:
             for chunk in mine:
                 indices = list(store.chunk_range(chunk))
                 rows = [dataset[i] for i in indices]
                 out, stats = _generate_chunk(rows, indices, model, tokenizer, args, stop_ids, pad_id, progress)
+                stats["process_index"] = state.process_index
                 store.write_chunk(chunk, out, stats)
         finally:
             progress.close()
