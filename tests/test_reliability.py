@@ -279,7 +279,8 @@ def cli_argv(model, out, *extra):
     return [
         "--config", str(REPO / "recipes/tiny/nca.yaml"), "--model_name_or_path", str(model),
         "--dataset_name", str(VICUNA), "--output_dir", str(out), "--max_length", "48", "--max_train_samples", "6",
-        "--eval_strategy", "no", "--use_cpu", "true", "--warmup_steps", "0", "--report_to", "none", *extra,
+        "--eval_strategy", "no", "--report_train_prompts", "0", "--use_cpu", "true", "--warmup_steps", "0",
+        "--lr_scheduler_type", "constant", "--report_to", "none", *extra,
     ]
 
 
@@ -372,6 +373,7 @@ def test_stale_lock_is_taken_over_with_a_warning(tiny_mistral, tmp_path, caplog)
 # --------------------------------------------------------------------------------------------------- checkpoints
 
 
+@pytest.mark.slow
 def test_resume_skips_an_incomplete_checkpoint(tiny_mistral, tmp_path, caplog):
     """A run killed while writing checkpoint-3 (only its config.json written): resume_from_checkpoint=True warns naming
     it, resumes from checkpoint-2 (the last complete one) and finishes; checkpoint-3 is then written in full."""
@@ -450,3 +452,56 @@ def test_final_model_replaces_the_old_one_only_once_written(tiny_mistral, tmp_pa
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     for name, value in reloaded.state_dict().items():
         assert torch.equal(value, trainer.model.state_dict()[name]), name
+
+
+# --------------------------------------------------------------------------------------------------- accelerate launch
+def _launch_cli(tmp_path, name, launch_env, train_args, timeout=240):
+    """`accelerate launch` 2 CPU DDP processes of `-m nca_trl.cli train`; returns (exit status, log text)."""
+    from launching import DDP_CPU_ARGS, cpu_config, free_port, launch_cmd, start, wait
+
+    config = cpu_config(tmp_path / "ddp_cpu.yaml")
+    log = tmp_path / f"{name}.log"
+    cmd = launch_cmd(config, free_port(), ("--num_processes", "2"), ("-m", "nca_trl.cli", "train"))
+    proc = start(cmd + [*train_args, *DDP_CPU_ARGS], log, launch_env)
+    wait([proc], [log], timeout=timeout, check=False)  # a hang fails the test
+    return proc.returncode, log.read_text(errors="replace")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_diverging_run_stops_on_every_process(tiny_mistral, tmp_path, launch_env):
+    """2 DDP processes, learning rate 1e30: both processes stop at step 2 (no hang at the next collective), the launch
+    exits non-zero, checkpoint-1 is complete and nothing is saved after it; the lock is released."""
+    from launching import common_args
+
+    out = tmp_path / "run"
+    args = common_args(tiny_mistral) + [
+        "--learning_rate", "1e30", "--save_strategy", "steps", "--save_steps", "1", "--output_dir", str(out),
+    ]
+    status, log = _launch_cli(tmp_path, "diverging", launch_env, args)
+    assert status != 0
+    assert log.count("NonFiniteError: Non-finite") >= 2 and "step 2 of 4" in log, log[-4000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert (out / "checkpoint-1" / MARKER).exists() and all_finite(out / "checkpoint-1")
+    assert not (out / "model.safetensors").exists() and not (out / LOCK).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_launch_on_a_locked_output_dir_is_refused_by_every_process(tmp_path, launch_env):
+    """The main process finds the lock held; the other process refuses too instead of waiting for it, before any
+    model is loaded (the model path does not exist)."""
+    from launching import common_args
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out / LOCK)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        args = common_args(tmp_path / "no-such-model") + ["--output_dir", str(out)]
+        status, log = _launch_cli(tmp_path, "locked", launch_env, args, timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert status != 0
+    assert f"pid {holder.pid}" in log and "The main process refused to start" in log, log[-4000:]
