@@ -116,7 +116,7 @@ _UNSUPPORTED_DPO_FIELDS = {
 
 def _check_inherited_switches(args: DPOConfig) -> None:
     """Switches inherited from `DPOConfig`/`TrainingArguments` that cannot work here, or not on this device."""
-    if getattr(args, "padding_free", False) and not getattr(args, "shared_prompt", True):
+    if getattr(args, "padding_free", False) and getattr(args, "shared_prompt", None) is False:
         raise ValueError(
             "`padding_free=True` asks for nca-trl's padding-free layout, which is the shared-prompt layout, but "
             "`shared_prompt=False` forbids it. Set one of them: `shared_prompt=True` (the default) is padding-free, "
@@ -192,7 +192,9 @@ _SHARED_PROMPT_HELP = (
     "Shared-prompt, padding-free layout: each prompt is encoded once and followed by its K completions, and the "
     "whole batch is one row of real tokens (see `nca_trl.packing`). Log-probs equal the plain padded layout's. Where "
     "the model, its attention implementation or the config cannot take it, the trainer falls back to the plain "
-    "layout and logs why. Set False to force the plain layout."
+    "layout and logs why. None (the default) is automatic: the shared-prompt layout on a CPU, where it is faster, and "
+    "the plain layout on a GPU, where its per-segment attention measured 3.5-5x slower (results/gpu_results.json). "
+    "True forces it wherever it can run, False forces the plain layout."
 )
 
 _PADDING_FREE_HELP = (
@@ -213,7 +215,7 @@ class _RatedCompletionsConfig(DPOConfig):
     )
     alpha: float = field(default=1.0, metadata={"help": _ALPHA_HELP})
     max_completions: int | None = field(default=None, metadata={"help": _MAX_COMPLETIONS_HELP})
-    shared_prompt: bool = field(default=True, metadata={"help": _SHARED_PROMPT_HELP})
+    shared_prompt: bool | None = field(default=None, metadata={"help": _SHARED_PROMPT_HELP})
     padding_free: bool = field(default=False, metadata={"help": _PADDING_FREE_HELP})
     dataloader_pin_memory: bool = field(
         default=True,
@@ -283,9 +285,10 @@ class NCAConfig(_RatedCompletionsConfig):
             of the raw scores; their released `1e-4` on 1-10 scores is effectively one-hot.
         max_completions (`int`, *optional*):
             Cap on K per prompt, keeping the best, the worst and an even spread of reward ranks between.
-        shared_prompt (`bool`, *optional*, defaults to `True`):
+        shared_prompt (`bool`, *optional*):
             Encode each prompt once, followed by its K completions, padding-free (falls back to the plain padded
-            layout, with a logged reason, where the model cannot take it).
+            layout, with a logged reason, where the model cannot take it). `None` (default): automatic, on a CPU
+            only (on a GPU the plain layout is faster, see the README's "On a GPU"); `True` forces it.
         loss_type (`list[str]`, *optional*):
             Always the NCA loss. Leave unset; `NCAConfig.accepted_loss_types()` lists the values accepted (the loss's
             own name, TRL's name of its K=2 case, and DPOConfig's default, so that a plain `DPOConfig` works).
@@ -326,8 +329,8 @@ class InfoNCAConfig(_RatedCompletionsConfig):
             Reward temperature, as in [`NCAConfig`]. With K=2 and `alpha=0` InfoNCA is exactly DPO's sigmoid loss.
         max_completions (`int`, *optional*):
             Cap on K per prompt, keeping the best, the worst and an even spread of reward ranks between.
-        shared_prompt (`bool`, *optional*, defaults to `True`):
-            Shared-prompt, padding-free layout, as in [`NCAConfig`].
+        shared_prompt (`bool`, *optional*):
+            Shared-prompt, padding-free layout, as in [`NCAConfig`] (`None`: automatic, CPU only).
         padding_free (`bool`, *optional*, defaults to `False`):
             `True` requires the shared-prompt layout, as in [`NCAConfig`].
         loss_type (`list[str]`, *optional*):

@@ -39,7 +39,11 @@ SIZES = {
 
 
 def mistral_tokenizer_file() -> str:
-    """Path of the Mistral-7B (v1) SentencePiece model shipped inside the `mistral-common` package."""
+    """Path of the Mistral-7B (v1) SentencePiece model shipped inside the `mistral-common` package, or the file named
+    by the environment variable `NCA_TRL_MISTRAL_TOKENIZER` (for a machine where `mistral-common` cannot be
+    installed with its dependencies)."""
+    if os.environ.get("NCA_TRL_MISTRAL_TOKENIZER"):
+        return os.environ["NCA_TRL_MISTRAL_TOKENIZER"]
     try:
         import mistral_common
     except ImportError as e:  # pragma: no cover - exercised only without the dev extra
