@@ -3,6 +3,10 @@
 #
 #   bash scripts/gpu_proof.sh OUT_DIR [WHEEL_DIR]
 #
+# The wheels: trl, datasets (+ dill, multiprocess) and transformers for Python 3.12. Not mistral-common: without its
+# dependencies (pydantic) it breaks transformers' AutoTokenizer; give the tokenizer file instead with
+# NCA_TRL_MISTRAL_TOKENIZER=/path/to/tokenizer.model (mistral_common/data/tokenizer.model.v1).
+#
 # Installs the wheels in WHEEL_DIR (if given) into a private folder, then runs, each with its own time limit:
 #   1. scripts/gpu_check.py            (tiny recipe in bf16, layout agreement in bf16, Mistral-7B-shaped 2-layer
 #                                       model in both layouts: tokens/s, peak GPU memory, MFU)
@@ -14,6 +18,7 @@ wheels=${2:-}
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 if [ -n "$wheels" ]; then
+  rm -rf /tmp/site  # a warm machine keeps an earlier install: start clean
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheels"/*.whl \
     || { echo "wheel install failed"; exit 1; }
   export PYTHONPATH=/tmp/site:$PWD
