@@ -6,13 +6,12 @@ import pytest
 import torch
 
 from nca_trl.generation import sampling
+from nca_trl.generation.rows import completion_rows, decode_completion, tokenize_prompt
 from nca_trl.generation.sampling import (
     completion_uniforms,
-    decode_completion,
     inverse_cdf,
     sample_completions,
     stop_token_ids,
-    tokenize_prompt,
 )
 
 PROMPTS = [
@@ -174,12 +173,28 @@ def test_completion_uniforms_are_per_completion_streams():
 
 
 def test_decode_keeps_the_leading_space_of_the_first_completion_token(model_and_tokenizer):
-    model, tokenizer = model_and_tokenizer
+    tokenizer = model_and_tokenizer[1]
     prompt_ids = tokenize_prompt({"prompt": "Hello"}, tokenizer)
     completion = tokenizer("Hello world", add_special_tokens=False)["input_ids"][1:]  # "▁world"
     text = decode_completion(tokenizer, prompt_ids, completion)
     assert text == " world"
     assert tokenizer("Hello" + text)["input_ids"] == prompt_ids + completion
+
+
+def test_completion_rows_from_another_engines_token_ids(tokenizer):
+    """What vLLM or `trl vllm-serve` return (token ids, the stop token included) become generate's rows: cut at the
+    first EOS, the text after the prompt, assistant messages for conversational prompts, carried columns kept."""
+    examples = [{"prompt": "Hello", "id": 1, "rewards": [0.0, 1.0]},
+                {"prompt": [{"role": "user", "content": "Hello"}], "id": 2}]
+    prompt_ids = [tokenize_prompt(e, tokenizer) for e in examples]
+    world = tokenizer("Hello world", add_special_tokens=False)["input_ids"][1:]
+    eos = tokenizer.eos_token_id
+    rows = completion_rows(examples, prompt_ids, [[world + [eos], world], [world + [eos, 5, 6], [eos]]], tokenizer)
+    assert rows == [
+        {"prompt": "Hello", "completions": [" world", " world"], "id": 1},
+        {"prompt": examples[1]["prompt"], "id": 2,
+         "completions": [[{"role": "assistant", "content": " world"}], [{"role": "assistant", "content": ""}]]},
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ (b): resume
@@ -359,3 +374,12 @@ def test_two_processes_split_the_chunks_and_merge_them_in_prompt_order(tiny_mist
     assert sidecar["settings"] == single["settings"]
     assert _read_jsonl(output) == _read_jsonl(tmp_path / "single.jsonl")
     assert [r["id"] for r in _read_jsonl(output)] == list(range(5))
+
+
+def test_benchmark_runs_every_method_on_the_same_number_of_tokens(model_and_tokenizer):
+    from nca_trl.generation.benchmark import METHODS, benchmark_generate
+
+    model, tokenizer = model_and_tokenizer
+    results = benchmark_generate(model, tokenizer, PROMPTS[:2], num_completions=2, max_new_tokens=2, repeats=1)
+    assert {m: results[m]["tokens"] for m in METHODS} == dict.fromkeys(METHODS, 2 * 2 * 2)
+    assert all(results[m]["tokens_per_s"] > 0 for m in METHODS)

@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["GenerateArguments", "make_generate_parser", "parse_generate_args", "OUTPUT_SUFFIXES", "DTYPES"]
+__all__ = ["DTYPES", "OUTPUT_SUFFIXES", "GenerateArguments", "make_generate_parser", "parse_generate_args"]
 
 OUTPUT_SUFFIXES = (".jsonl", ".parquet")
 DTYPES = ("auto", "bfloat16", "float16", "float32")

@@ -6,7 +6,8 @@ python -m nca_trl.generation.benchmark --model_name_or_path Qwen/Qwen2.5-0.5B-In
 ```
 
 Every method generates exactly `max_new_tokens` per sequence (no stop token), from the same prompts with the same
-seed, after one untimed warm-up run; the best of `repeats` timed runs is reported. Methods:
+seed, after one untimed warm-up run; the best of `repeats` timed runs (the methods interleaved) is reported, as wall
+seconds and as this process's CPU seconds (`time.process_time`, steadier than wall time on a shared CPU). Methods:
 
 - `num_return_sequences`: `generate(prompts, num_return_sequences=K, do_sample=True)`: every prompt prefilled K times;
 - `prefill_once_hf`: one prefill per prompt, cache expanded to K rows, HF sampling (one global generator);
@@ -21,7 +22,7 @@ import argparse
 import json
 import time
 
-__all__ = ["benchmark_generate", "METHODS"]
+__all__ = ["METHODS", "benchmark_generate"]
 
 METHODS = ("num_return_sequences", "prefill_once_hf", "prefill_once_seeded", "k_prefills_seeded")
 
@@ -50,27 +51,33 @@ def _run(method, model, prompt_ids, num_completions, max_new_tokens, seed, pad_i
 
 def benchmark_generate(model, tokenizer, prompts: list, num_completions: int = 8, max_new_tokens: int = 32,
                        seed: int = 0, repeats: int = 3, methods=METHODS) -> dict:
-    """{method: {"tokens", "seconds", "tokens_per_s"}} for one batch of `prompts` (strings or message lists)."""
+    """{method: {"tokens", "seconds", "tokens_per_s", "cpu_seconds", "tokens_per_cpu_s"}, "_setup": {...}} for one
+    batch of `prompts` (strings or message lists)."""
     import torch
 
-    from .sampling import tokenize_prompt
+    from .rows import tokenize_prompt
 
     prompt_ids = [tokenize_prompt({"prompt": p}, tokenizer) for p in prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    results = {}
-    for method in methods:
-        _run(method, model, prompt_ids, num_completions, max_new_tokens, seed, pad_id)  # warm-up
-        best = None
-        for _ in range(repeats):
+    for method in methods:  # warm-up
+        _run(method, model, prompt_ids, num_completions, max_new_tokens, seed, pad_id)
+    best: dict = {}
+    for _ in range(repeats):  # methods interleaved, so that a change of load on a shared machine hits them all
+        for method in methods:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             tokens = _run(method, model, prompt_ids, num_completions, max_new_tokens, seed, pad_id)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            seconds = time.perf_counter() - start
-            best = seconds if best is None else min(best, seconds)
-        results[method] = {"tokens": tokens, "seconds": round(best, 4), "tokens_per_s": round(tokens / best, 1)}
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            old = best.get(method, (tokens, float("inf"), float("inf")))
+            best[method] = (tokens, min(old[1], wall), min(old[2], cpu))
+    results = {
+        method: {"tokens": tokens, "seconds": round(wall, 4), "tokens_per_s": round(tokens / wall, 1),
+                 "cpu_seconds": round(cpu, 4), "tokens_per_cpu_s": round(tokens / cpu, 1)}
+        for method, (tokens, wall, cpu) in best.items()
+    }
     results["_setup"] = {
         "prompts": len(prompts), "mean_prompt_tokens": round(sum(map(len, prompt_ids)) / len(prompt_ids), 1),
         "num_completions": num_completions, "max_new_tokens": max_new_tokens, "repeats": repeats,

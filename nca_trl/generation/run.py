@@ -23,7 +23,7 @@ from types import SimpleNamespace
 from .arguments import GenerateArguments, parse_generate_args
 from .output import ChunkStore, sidecar_path, versions
 
-__all__ = ["generate", "load_prompts", "generation_settings", "SAMPLER"]
+__all__ = ["SAMPLER", "generate", "generation_settings", "load_prompts"]
 
 SAMPLER = "nca-trl seeded inverse-CDF v1"  # recorded in the settings: another sampler makes other samples
 _DROPPED = ("completions", "rewards", "chosen", "rejected")  # belong to earlier completions, not to the new ones
@@ -88,15 +88,15 @@ def _load_model(args: GenerateArguments, device):
 
 def _generate_chunk(rows: list[dict], indices: list[int], model, tokenizer, args, stop_ids, pad_id, progress):
     """Output rows of one chunk (in prompt order) and its statistics."""
-    from trl.data_utils import is_conversational
-
-    from .sampling import decode_completion, sample_completions, tokenize_prompt
+    from .rows import completion_rows, tokenize_prompt
+    from .sampling import sample_completions
 
     started = time.time()
     prompt_ids = [tokenize_prompt(row, tokenizer) for row in rows]
     order = sorted(range(len(rows)), key=lambda j: -len(prompt_ids[j]))  # batches of similar lengths pad less
-    completions: list = [None] * len(rows)
-    stats = {"prompts": len(rows), "completions": 0, "generated_tokens": 0, "truncated_completions": 0, "seconds": 0.0}
+    completion_ids: list = [None] * len(rows)
+    stats = {"prompts": len(rows), "completions": 0, "generated_tokens": 0, "truncated_completions": 0,
+             "empty_completions": 0, "seconds": 0.0}
     for start in range(0, len(order), args.batch_size):
         batch = order[start:start + args.batch_size]
         sampled = sample_completions(
@@ -105,18 +105,14 @@ def _generate_chunk(rows: list[dict], indices: list[int], model, tokenizer, args
             stop_ids=stop_ids, pad_token_id=pad_id, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         )
         for j, ids_k, finished_k in zip(batch, sampled.completions, sampled.finished):
-            completions[j] = [decode_completion(tokenizer, prompt_ids[j], ids) for ids in ids_k]
+            completion_ids[j] = ids_k
             stats["truncated_completions"] += sum(not f for f in finished_k)
+            stats["empty_completions"] += sum(not ids for ids in ids_k)
         stats["completions"] += len(batch) * args.num_completions
         stats["generated_tokens"] += sampled.generated_tokens
         progress(len(batch), sampled.generated_tokens)
+    out = completion_rows(rows, prompt_ids, completion_ids, tokenizer, stop_ids)
     stats["seconds"] = round(time.time() - started, 3)
-    out = []
-    for row, texts in zip(rows, completions):
-        if is_conversational({"prompt": row["prompt"]}):
-            texts = [[{"role": "assistant", "content": text}] for text in texts]
-        carried = {k: v for k, v in row.items() if k != "prompt"}
-        out.append({"prompt": row["prompt"], "completions": texts, **carried})
     return out, stats
 
 
@@ -231,4 +227,9 @@ def generate(argv: list[str] | None = None) -> dict | None:
         f"({stats.get('generated_tokens', 0)} tokens{rate}; {stats.get('truncated_completions', 0)} completions hit "
         f"max_new_tokens); settings in {sidecar_path(args.output)}"
     )
+    if stats.get("empty_completions"):
+        _log(
+            f"{stats['empty_completions']} completion(s) are empty (the model stopped at once): `nca-trl train` "
+            "refuses rows with an empty completion; drop or rescore them before training"
+        )
     return sidecar

@@ -22,17 +22,19 @@ from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 __all__ = [
-    "SeededSampler",
     "SampledBatch",
+    "SeededSampler",
     "completion_seed",
     "completion_uniforms",
     "sample_completions",
     "stop_token_ids",
-    "tokenize_prompt",
-    "decode_completion",
 ]
 
 _MASK64 = (1 << 64) - 1
@@ -232,34 +234,3 @@ def sample_completions(
         finished=[finished[b * k:(b + 1) * k] for b in range(len(prompt_ids))],
         generated_tokens=total,
     )
-
-
-# ---------------------------------------------------------------------------------------------------------- text
-def tokenize_prompt(example: dict, tokenizer) -> list[int]:
-    """The prompt's token ids exactly as `nca_trl.data.tokenize` (and `trl.DPOTrainer`) tokenize it for training:
-    the chat template with `add_generation_prompt=True` (and the row's `tools` / `chat_template_kwargs`) for a list of
-    messages, the plain string (with the tokenizer's special tokens, e.g. BOS) otherwise."""
-    import json
-
-    from trl.data_utils import _tokenize, is_conversational
-
-    prompt = example["prompt"]
-    if is_conversational({"prompt": prompt}):
-        tools = example.get("tools")
-        tools = json.loads(tools) if isinstance(tools, str) else tools
-        template_kwargs = {"tools": tools, **(example.get("chat_template_kwargs") or {})}
-        return list(_tokenize(tokenizer, prompt, add_generation_prompt=True, **template_kwargs)["input_ids"])
-    if not isinstance(prompt, str):
-        raise ValueError(f"A prompt must be a string or a list of chat messages, got {type(prompt).__name__}.")
-    return list(_tokenize(tokenizer, prompt)["input_ids"])
-
-
-def decode_completion(tokenizer, prompt_ids: list[int], completion_ids: list[int]) -> str:
-    """The completion's text: decode(prompt + completion) minus decode(prompt), so that a leading space the
-    tokenizer attaches to the first completion token (SentencePiece "▁") is kept and `prompt + completion` re-tokenizes
-    to the sampled tokens; decode(completion) alone when the prompt's text is not a prefix."""
-    head = tokenizer.decode(prompt_ids)
-    full = tokenizer.decode(list(prompt_ids) + list(completion_ids))
-    if full.startswith(head):
-        return full[len(head):]
-    return tokenizer.decode(completion_ids)

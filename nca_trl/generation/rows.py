@@ -1,0 +1,70 @@
+"""Prompts to token ids and sampled token ids to output rows, the way `nca-trl train` will tokenize them back.
+
+Engine-independent: `nca-trl generate` uses these with its own sampler, and completions sampled elsewhere (vLLM,
+`trl vllm-serve`, any server that returns token ids) become the same rows with [`completion_rows`].
+"""
+
+from __future__ import annotations
+
+import json
+
+from trl.data_utils import _tokenize, is_conversational
+
+__all__ = ["completion_rows", "decode_completion", "tokenize_prompt"]
+
+
+def tokenize_prompt(example: dict, tokenizer) -> list[int]:
+    """The prompt's token ids exactly as `nca_trl.data.tokenize` (and `trl.DPOTrainer`) tokenize it for training:
+    the chat template with `add_generation_prompt=True` (and the row's `tools` / `chat_template_kwargs`) for a list of
+    messages, the plain string (with the tokenizer's special tokens, e.g. BOS) otherwise."""
+    prompt = example["prompt"]
+    if is_conversational({"prompt": prompt}):
+        tools = example.get("tools")
+        tools = json.loads(tools) if isinstance(tools, str) else tools
+        template_kwargs = {"tools": tools, **(example.get("chat_template_kwargs") or {})}
+        return list(_tokenize(tokenizer, prompt, add_generation_prompt=True, **template_kwargs)["input_ids"])
+    if not isinstance(prompt, str):
+        raise TypeError(f"A prompt must be a string or a list of chat messages, got {type(prompt).__name__}.")
+    return list(_tokenize(tokenizer, prompt)["input_ids"])
+
+
+def decode_completion(tokenizer, prompt_ids: list[int], completion_ids: list[int]) -> str:
+    """The completion's text: decode(prompt + completion) minus decode(prompt), so that a leading space the
+    tokenizer attaches to the first completion token (SentencePiece "▁") is kept and `prompt + completion` re-tokenizes
+    to the sampled tokens; decode(completion) alone when the prompt's text is not a prefix."""
+    head = tokenizer.decode(prompt_ids)
+    full = tokenizer.decode(list(prompt_ids) + list(completion_ids))
+    if full.startswith(head):
+        return full[len(head):]
+    return tokenizer.decode(completion_ids)
+
+
+def _cut(ids: list[int], stop_ids) -> list[int]:
+    end = next((j for j, token in enumerate(ids) if token in stop_ids), None)
+    return list(ids) if end is None else list(ids[:end])
+
+
+def completion_rows(examples: list[dict], prompt_ids: list[list[int]], completion_ids: list[list[list[int]]],
+                    tokenizer, stop_ids=None) -> list[dict]:
+    """Output rows `{"prompt", "completions", ...carried columns}` of `nca-trl generate`.
+
+    Args:
+        examples: the prompt rows (their `prompt` and carried columns; `completions`, `rewards`, `chosen` and
+            `rejected` of earlier completions are left out).
+        prompt_ids: each prompt tokenized with `tokenize_prompt` (what the completions were sampled after).
+        completion_ids: per prompt, its K completions as token ids; each is cut before its first stop token.
+        stop_ids: the tokens that end a completion (default: the tokenizer's EOS). `train` appends EOS to standard
+            completions and the chat template's end of turn to conversational ones.
+
+    Standard prompts get string completions; conversational prompts get `[{"role": "assistant", "content": text}]`.
+    """
+    stops = {tokenizer.eos_token_id} if stop_ids is None else set(stop_ids)
+    rows = []
+    for example, ids, completions in zip(examples, prompt_ids, completion_ids, strict=True):
+        texts = [decode_completion(tokenizer, ids, _cut(c, stops)) for c in completions]
+        if is_conversational({"prompt": example["prompt"]}):
+            texts = [[{"role": "assistant", "content": text}] for text in texts]
+        carried = {k: v for k, v in example.items() if k not in ("prompt", "completions", "rewards", "chosen",
+                                                                   "rejected")}
+        rows.append({"prompt": example["prompt"], "completions": texts, **carried})
+    return rows
