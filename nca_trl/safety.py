@@ -246,10 +246,12 @@ def _agree(args, fn):
     if state is not None and state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
-        message = [str(error) if error is not None else None]
+        message = [(type(error).__name__, str(error)) if error is not None else None]
         broadcast_object_list(message, from_process=0)
         if message[0] is not None and error is None:
-            raise OutputDirLockedError(f"The main process refused to start: {message[0]}")
+            kind = OutputDirError if message[0][0] == OutputDirError.__name__ else OutputDirLockedError
+            refused = f"The main process refused to start: {message[0][1]}"
+            raise kind(refused)
     if error is not None:
         raise error
     return result
@@ -325,13 +327,16 @@ def acquire_lock(output_dir: str) -> _Lock | None:
         os.close(fd)
     previous = _read_body(fd)
     if previous:
-        alive = ""
-        if previous.get("host") == socket.gethostname() and isinstance(previous.get("pid"), int):
-            alive = " (that pid now belongs to another process)" if _pid_alive(previous["pid"]) else " (no longer running)"
+        if previous.get("host") == socket.gethostname():
+            pid = previous.get("pid")
+            why = (" (that pid now belongs to another process)" if isinstance(pid, int) and _pid_alive(pid) else
+                   " (no longer running)") + ": that run ended without releasing it (killed or crashed)"
+        else:
+            why = (": its lock is free, so that run ended without releasing it; if it is still running on that host, "
+                   "this filesystem does not share locks between hosts (an NFS mount with `nolock`?): stop one run")
         logger.warning(
-            "output_dir %s: taking over the stale lock of %s%s: that run ended without releasing it (killed or "
-            "crashed). Its checkpoints count only if complete (%s).",
-            output_dir, _holder_text(previous), alive, COMPLETE_MARKER,
+            "output_dir %s: taking over the stale lock of %s%s. Its checkpoints count only if complete (%s).",
+            output_dir, _holder_text(previous), why, COMPLETE_MARKER,
         )
     body = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "command": " ".join(sys.argv)}
     os.ftruncate(fd, 0)
@@ -357,8 +362,8 @@ _claimed: set[str] = set()  # output_dirs this process has claimed (the CLI's cl
 def claim_output_dir(args):
     """Check `args.output_dir` is writable and hold its lock (main process) for the block; every process refuses
     together. Reentrant within a process: `nca-trl train` claims it for the whole run, `trainer.train` again."""
-    key = os.path.realpath(args.output_dir)
-    if key in _claimed:
+    key = os.path.realpath(args.output_dir) if args.output_dir else None
+    if key is None or key in _claimed:
         yield
         return
     lock = _agree(args, lambda: acquire_lock(args.output_dir))
@@ -429,8 +434,10 @@ def resolve_resume(args, resume_from_checkpoint):
             found = _checkpoints(args.output_dir)
             raise ValueError(
                 f"No complete checkpoint in output_dir {args.output_dir!r}"
-                + (f" (incomplete: {', '.join(found)}; a checkpoint counts once it has {COMPLETE_MARKER})" if found
-                   else "") + ". Start without resume_from_checkpoint, or resume from another output_dir."
+                + (f" (incomplete: {', '.join(found)}; a checkpoint counts once it has {COMPLETE_MARKER}, written "
+                   "last; one written by an nca-trl that did not mark checkpoints can be passed by path once you "
+                   "have created that file in it)" if found else "")
+                + ". Start without resume_from_checkpoint, or resume from another output_dir."
             )
         return last
     path = str(resume_from_checkpoint)
