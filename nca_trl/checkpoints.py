@@ -1,0 +1,172 @@
+"""Checkpoints and the final model count only once complete (issue 9).
+
+`save_checkpoint` writes `nca_trl_complete.json` into `checkpoint-N` last, after every process wrote its part, and
+rotates old checkpoints only then. `resolve_resume` makes `resume_from_checkpoint=True` pick the last complete
+checkpoint (skipping incomplete ones with a warning) and refuses an explicit incomplete one. `save_final_model` writes
+into `output_dir/.nca-trl-saving`, then moves the files into place and writes the marker last: a failure half-way
+leaves the previous model whole. Writers are the processes with `args.should_save`, as in `transformers.Trainer`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+
+logger = logging.getLogger("nca_trl")
+
+__all__ = ["COMPLETE_MARKER", "STAGING_DIR", "is_complete", "last_complete_checkpoint", "resolve_resume",
+           "save_checkpoint", "save_final_model"]
+
+COMPLETE_MARKER = "nca_trl_complete.json"
+STAGING_DIR = ".nca-trl-saving"
+_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def is_complete(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, COMPLETE_MARKER))
+
+
+def _write_marker(folder: str, **info) -> None:
+    """fsync the files of `folder`, then write the marker atomically (temporary file renamed), fsynced."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+    tmp = os.path.join(folder, f".{COMPLETE_MARKER}.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"complete": True, "time": time.time(), **info}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(folder, COMPLETE_MARKER))
+
+
+def _checkpoints(output_dir: str) -> list[str]:
+    """Checkpoint folders of `output_dir`, newest step first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := _CHECKPOINT.match(name))]
+    return [os.path.join(output_dir, name) for _, name in sorted(found, reverse=True)
+            if os.path.isdir(os.path.join(output_dir, name))]
+
+
+def last_complete_checkpoint(output_dir: str, warn: bool = True) -> str | None:
+    """The newest complete checkpoint of `output_dir` (None if none); warns naming the newer incomplete ones."""
+    skipped = []
+    for folder in _checkpoints(output_dir):
+        if is_complete(folder):
+            if skipped and warn:
+                logger.warning(
+                    "Skipping incomplete checkpoint(s) %s (no %s: the run that wrote them stopped while writing "
+                    "them); resuming from %s, the last complete one.", ", ".join(skipped), COMPLETE_MARKER, folder,
+                )
+            return folder
+        skipped.append(folder)
+    return None
+
+
+def resolve_resume(args, resume_from_checkpoint):
+    """`resume_from_checkpoint` for `Trainer.train`: True becomes the last complete checkpoint; an explicit path to an
+    incomplete checkpoint is an error."""
+    if resume_from_checkpoint is None or resume_from_checkpoint is False:
+        return resume_from_checkpoint
+    if resume_from_checkpoint is True:
+        last = last_complete_checkpoint(args.output_dir)
+        if last is None:
+            found = _checkpoints(args.output_dir)
+            raise ValueError(
+                f"No complete checkpoint in output_dir {args.output_dir!r}"
+                + (f" (incomplete: {', '.join(found)}; a checkpoint counts once it has {COMPLETE_MARKER}, written "
+                   "last; one written by an nca-trl that did not mark checkpoints can be passed by path once you "
+                   "have created that file in it)" if found else "")
+                + ". Start without resume_from_checkpoint, or resume from another output_dir."
+            )
+        return last
+    path = str(resume_from_checkpoint)
+    if os.path.isdir(path) and _CHECKPOINT.match(os.path.basename(os.path.normpath(path))) and not is_complete(path):
+        last = last_complete_checkpoint(os.path.dirname(os.path.normpath(path)), warn=False)
+        raise ValueError(
+            f"Checkpoint {path!r} is incomplete (it has no {COMPLETE_MARKER}, written last): the run that wrote it "
+            "stopped while writing it. Resume from "
+            + (f"{last!r}, the last complete checkpoint" if last else "another checkpoint")
+            + ", or with resume_from_checkpoint=True. (A checkpoint written by nca-trl before this marker existed: "
+            f"if you know it is complete, create {os.path.join(path, COMPLETE_MARKER)} to use it.)"
+        )
+    return path
+
+
+def save_checkpoint(trainer, parent_save, model, trial) -> None:
+    """The parent's `_save_checkpoint`, then, once every process wrote its part, the marker, then the rotation."""
+    args = trainer.args
+    run_dir = trainer._get_output_dir(trial=trial)
+    folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}")
+    if args.should_save and os.path.isdir(folder):  # left by an earlier run: written again from scratch
+        logger.warning("Removing %s (from an earlier run) before writing it again.", folder)
+        shutil.rmtree(folder)
+    trainer.accelerator.wait_for_everyone()
+    limit = args.save_total_limit
+    args.save_total_limit = None  # rotate after the marker: a complete checkpoint is never deleted for a partial one
+    try:
+        parent_save(model, trial)
+    finally:
+        args.save_total_limit = limit
+    trainer.accelerator.wait_for_everyone()
+    if args.should_save:
+        _write_marker(folder, step=trainer.state.global_step)
+        rotate_checkpoints(
+            output_dir=run_dir, save_total_limit=limit, best_model_checkpoint=trainer.state.best_model_checkpoint,
+            use_mtime=True,
+        )
+
+
+def save_final_model(trainer, parent_save_model, output_dir: str | None) -> None:
+    """The parent's `save_model` into `output_dir/.nca-trl-saving`, then the files moved into place, then the marker.
+
+    Barriers only where the save is collective anyway (DeepSpeed, FSDP): under DDP `save_model` may be called on the
+    main process alone, as with `transformers.Trainer`."""
+    args = trainer.args
+    output_dir = output_dir if output_dir is not None else args.output_dir
+    staging = os.path.join(output_dir, STAGING_DIR)
+    collective = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
+    if args.should_save:
+        shutil.rmtree(staging, ignore_errors=True)  # a previous failed save
+    if collective:
+        trainer.accelerator.wait_for_everyone()
+    parent_save_model(staging, _internal_call=True)
+    if collective:
+        trainer.accelerator.wait_for_everyone()
+    if args.should_save and os.path.isdir(staging):
+        for root, _, files in os.walk(staging):
+            for name in files:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(output_dir, COMPLETE_MARKER))
+        for name in os.listdir(staging):
+            target = os.path.join(output_dir, name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(staging, name), target)
+        os.rmdir(staging)
+        _write_marker(output_dir, step=trainer.state.global_step, final_model=True)
+    if collective:
+        trainer.accelerator.wait_for_everyone()
+    if args.push_to_hub:
+        trainer.push_to_hub(commit_message="Model save", revision=args.hub_revision)
+
+
+# ------------------------------------------------------------------------------------------------ the trainer side

@@ -1,0 +1,208 @@
+"""`output_dir` checked writable before anything is loaded, and locked for the whole run (issue 9).
+
+`check_output_dir_writable` creates and deletes a probe file (a real write, which also refuses root on a read-only
+mount). `claim_output_dir` holds `fcntl.flock` on `output_dir/.nca-trl.lock` (body: pid, host, start, command) for
+the whole run, on the global main process only; a second run refuses naming the holder. The kernel drops the lock of
+a dead process: a lock file left behind with a body is a stale lock, taken over with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+import tempfile
+import time
+
+
+
+logger = logging.getLogger("nca_trl")
+
+from .checkpoints import COMPLETE_MARKER
+
+__all__ = ["LOCK_NAME", "OutputDirError", "OutputDirLockedError", "check_output_dir", "check_output_dir_writable",
+           "claim_output_dir"]
+
+LOCK_NAME = ".nca-trl.lock"
+
+
+class OutputDirError(OSError):
+    """`output_dir` cannot be written."""
+
+
+class OutputDirLockedError(RuntimeError):
+    """Another run holds `output_dir`."""
+
+
+
+
+def check_output_dir_writable(output_dir: str) -> None:
+    """Create `output_dir` if needed and write, then delete, a probe file in it; `OutputDirError` if that fails."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".nca-trl-write-probe-", dir=output_dir)
+        try:
+            os.write(fd, b"nca-trl")
+        finally:
+            os.close(fd)
+            os.remove(probe)
+    except OSError as e:
+        raise OutputDirError(
+            e.errno,
+            f"output_dir {output_dir!r} is not writable ({type(e).__name__}: {e.strerror or e}). Nothing was loaded. "
+            "Choose another `output_dir` (`--output_dir PATH`), or make this one writable: create it, fix its "
+            "permissions, free disk space, or remount it read-write.",
+        ) from e
+
+
+def _is_main(args) -> bool:
+    return getattr(args, "process_index", 0) == 0
+
+
+def _agree(args, fn):
+    """Run `fn` on the global main process only; if it raises an `OutputDirError`/`OutputDirLockedError` there, raise
+    on every process (the others would otherwise wait for it at the next collective)."""
+    result, error = None, None
+    if _is_main(args):
+        try:
+            result = fn()
+        except (OutputDirError, OutputDirLockedError) as e:
+            error = e
+    state = getattr(args, "distributed_state", None)
+    if state is not None and state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        message = [(type(error).__name__, str(error)) if error is not None else None]
+        broadcast_object_list(message, from_process=0)
+        if message[0] is not None and error is None:
+            kind = OutputDirError if message[0][0] == OutputDirError.__name__ else OutputDirLockedError
+            refused = f"The main process refused to start: {message[0][1]}"
+            raise kind(refused)
+    if error is not None:
+        raise error
+    return result
+
+
+def check_output_dir(args) -> None:
+    """`check_output_dir_writable(args.output_dir)` on the main process, refused on every process."""
+    if args.output_dir:
+        _agree(args, lambda: check_output_dir_writable(args.output_dir))
+
+
+class _Lock:
+    def __init__(self, fd: int, path: str):
+        self.fd, self.path = fd, path
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)  # while still holding it: a waiting process sees a removed file and retries
+        os.close(self.fd)
+        self.fd = None
+
+
+def _read_body(fd: int) -> dict | None:
+    try:
+        raw = os.pread(fd, 65536, 0)
+        return json.loads(raw) if raw.strip() else None
+    except (OSError, ValueError):
+        return {"pid": "?", "host": "?", "started": None, "command": "(unreadable lock file)"}
+
+
+def _holder_text(body: dict | None) -> str:
+    if not body:
+        return "a process that has just taken it"
+    started = body.get("started")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else "?"
+    return f"pid {body.get('pid')} on host {body.get('host')} (started {when}: {body.get('command')})"
+
+
+def acquire_lock(output_dir: str) -> _Lock | None:
+    """Take `output_dir/.nca-trl.lock` (non-blocking). `OutputDirLockedError` if another process holds it; None (and a
+    warning) on a filesystem without locks."""
+    import fcntl
+
+    check_output_dir_writable(output_dir)
+    path = os.path.join(output_dir, LOCK_NAME)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            body = _read_body(fd)
+            os.close(fd)
+            raise OutputDirLockedError(
+                f"output_dir {output_dir!r} is in use by another nca-trl run: {_holder_text(body)}. Wait for it to "
+                f"finish or stop it, or choose another `output_dir`. (The lock is {path}; it is released when that "
+                "process ends, however it ends.)"
+            ) from None
+        except OSError as e:
+            os.close(fd)
+            logger.warning(
+                "output_dir %s: this filesystem does not support file locks (%s); a second run writing into the same "
+                "output_dir will not be stopped.", output_dir, e,
+            )
+            return None
+        try:  # the holder may have released (and removed) the file between our open and our flock
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    previous = _read_body(fd)
+    if previous:
+        if previous.get("host") == socket.gethostname():
+            pid = previous.get("pid")
+            why = (" (that pid now belongs to another process)" if isinstance(pid, int) and _pid_alive(pid) else
+                   " (no longer running)") + ": that run ended without releasing it (killed or crashed)"
+        else:
+            why = (": its lock is free, so that run ended without releasing it; if it is still running on that host, "
+                   "this filesystem does not share locks between hosts (an NFS mount with `nolock`?): stop one run")
+        logger.warning(
+            "output_dir %s: taking over the stale lock of %s%s. Its checkpoints count only if complete (%s).",
+            output_dir, _holder_text(previous), why, COMPLETE_MARKER,
+        )
+    body = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "command": " ".join(sys.argv)}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(body).encode(), 0)
+    os.fsync(fd)
+    return _Lock(fd, path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_claimed: set[str] = set()  # output_dirs this process has claimed (the CLI's claim covers the trainer's)
+
+
+@contextlib.contextmanager
+def claim_output_dir(args):
+    """Check `args.output_dir` is writable and hold its lock (main process) for the block; every process refuses
+    together. Reentrant within a process: `nca-trl train` claims it for the whole run, `trainer.train` again."""
+    key = os.path.realpath(args.output_dir) if args.output_dir else None
+    if key is None or key in _claimed:
+        yield
+        return
+    lock = _agree(args, lambda: acquire_lock(args.output_dir))
+    _claimed.add(key)
+    try:
+        yield
+    finally:
+        _claimed.discard(key)
+        if lock is not None:
+            lock.release()
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
