@@ -11,7 +11,6 @@ from unittest import mock
 
 import pytest
 import torch
-from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, TrainerCallback
 from transformers.utils import is_liger_kernel_available
 from trl import DPOConfig, DPOTrainer
@@ -173,25 +172,6 @@ def test_use_kernels_without_the_kernels_package(tiny_mistral, vicuna, tmp_path)
         NCATrainer(model=tiny_mistral, args=args, train_dataset=vicuna.select(range(2)))
 
 
-@pytest.mark.skipif(
-    not (torch.cuda.is_available() and is_liger_kernel_available()), reason="Liger needs liger-kernel and a CUDA GPU"
-)
-def test_liger_kernel_on_gpu_same_losses(tiny_mistral, vicuna, tmp_path):
-    """GPU only: Liger's layer kernels (RMSNorm, RoPE, SwiGLU; TRL turns its fused cross-entropy off) keep the
-    shared-prompt layout and give the losses of the plain modules."""
-    data = distinct_rewards(vicuna, 3)
-    losses = {}
-    for liger in (False, True):
-        args = make_args(
-            NCAConfig, tmp_path, use_cpu=False, use_liger_kernel=liger, per_device_train_batch_size=1
-        )
-        trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=data)
-        losses[liger] = record_losses(trainer)
-        trainer.train()
-        assert trainer.data_collator.shared_prompt
-    assert losses[True] == pytest.approx(losses[False], rel=1e-3, abs=1e-4)
-
-
 # ------------------------------------------------------------------------------ activation_offloading
 
 
@@ -230,23 +210,6 @@ def test_activation_offloading(tiny_mistral, vicuna, tmp_path):
     assert grads.keys() == offloaded_grads.keys() and any(g.abs().sum() > 0 for g in grads.values())
     for name in grads:
         assert torch.equal(offloaded_grads[name], grads[name]), name
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="activation offloading needs an accelerator")
-def test_activation_offloading_on_gpu_same_step(tiny_mistral, vicuna, tmp_path):
-    data = distinct_rewards(vicuna, 2)
-    results = []
-    for offloading in (False, True):
-        args = make_args(NCAConfig, tmp_path, use_cpu=False, activation_offloading=offloading, max_length=48)
-        trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=data)
-        batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(2)]))
-        trainer.model.train()
-        trainer.current_gradient_accumulation_steps = 1
-        results.append(training_step_and_grads(trainer, batch))
-    (loss, grads), (offloaded_loss, offloaded_grads) = results
-    assert offloaded_loss.item() == pytest.approx(loss.item(), abs=1e-6)
-    for name in grads:
-        torch.testing.assert_close(offloaded_grads[name], grads[name], rtol=1e-5, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------ LogCompletionsCallback

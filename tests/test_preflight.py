@@ -96,7 +96,7 @@ def test_check_max_length_names_the_shortest_prompt(tokenizer):
     with pytest.raises(ValueError) as info:
         check_max_length(data, tokenizer, args, "train")
     message = str(info.value)
-    assert f"every one of its 6 rows would be dropped" in message and f"max_length={shortest} tokens" in message
+    assert "every one of its 6 rows would be dropped" in message and f"max_length={shortest} tokens" in message
     assert f"shortest {shortest} (row {lengths.index(shortest)})" in message and f"longest {max(lengths)}" in message
     assert f"raise `max_length` above {shortest}" in message
     # One token more keeps the shortest row: no error; keep_end never drops a row; no max_length, nothing to check
