@@ -30,7 +30,7 @@ class ScriptArguments:
     """
 
     loss: str = field(
-        default="nca",
+        default=LOSSES[0],
         metadata={"help": f"Which loss to train, one of {LOSSES}: picks the config class whose `loss` it is, and its "
                   "trainer.", "choices": LOSSES},
     )
@@ -152,7 +152,7 @@ class TrainArgs:
 
 
 # ---------------------------------------------------------------------------------------------------------- parsing
-def make_parser(loss: str = "nca"):
+def make_parser(loss: str = LOSSES[0]):
     """The `trl.TrlParser` of `nca-trl train` for `loss` (`nca` or `infonca`)."""
     from trl import DatasetMixtureConfig, ModelConfig, TrlParser
 

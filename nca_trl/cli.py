@@ -26,7 +26,7 @@ __all__ = ["main", "train", "trainer_for_loss"]
 
 
 def trainer_for_loss(loss: str):
-    """The trainer class whose config class has `loss` (`"nca"` -> `NCATrainer`, `"infonca"` -> `InfoNCATrainer`)."""
+    """The trainer class whose config class has `loss` (`NCAConfig.loss` -> `NCATrainer`, ...)."""
     from .config import config_for_loss
     from .trainer import InfoNCATrainer, NCATrainer
 
@@ -204,7 +204,7 @@ commands:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `nca-trl` console script, of `python -m nca_trl.cli` and of `scripts/train.py`."""
-    from .arguments import _peek, make_parser
+    from .arguments import ScriptArguments, _peek, make_parser
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "train":
         if rest and rest[0] in ("-h", "--help"):
-            make_parser(_peek(rest, "loss") or "nca").print_help()
+            make_parser(_peek(rest, "loss") or ScriptArguments.loss).print_help()
             return 0
         train(rest)
         return 0
