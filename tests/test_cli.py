@@ -199,6 +199,7 @@ def test_plan_memory_big_recipes_fit_their_hardware(capsys):
     assert capsys.readouterr().out.count("| yes |") == len(BIG)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_single_process(tmp_path, capsys):
     """`nca-trl make-tiny-model` then `nca-trl train` on the tiny recipe: trains, evaluates, saves a loadable model."""
     from transformers import AutoModelForCausalLM

@@ -60,6 +60,7 @@ def test_layout_structure():
     assert seen == {0, 1, 5, 6}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_fixture", ["tiny_mistral", "tiny_mixtral"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_logps_equal_plain_layout_on_real_data(model_fixture, attn, request, vicuna, hh, tokenizer):
@@ -91,6 +92,7 @@ def test_logps_equal_plain_layout_on_real_data(model_fixture, attn, request, vic
     assert torch.equal(again, plain_logps)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "cls,config_cls,checkpointing",
     [(NCATrainer, NCAConfig, False), (InfoNCATrainer, InfoNCAConfig, False), (NCATrainer, NCAConfig, True)],
@@ -128,6 +130,7 @@ def test_loss_gradients_and_metrics_equal(
         assert metrics_s[key] == pytest.approx(metrics_p[key], rel=1e-4, abs=1e-4), key
 
 
+@pytest.mark.slow
 def test_packed_training_with_peft_and_precompute_matches_plain(tiny_mistral, vicuna, tmp_path):
     from peft import LoraConfig
 

@@ -68,6 +68,7 @@ def quick_run(tmp_path_factory):
     return out, proc.stdout
 
 
+@pytest.mark.slow
 def test_outputs_exist_and_are_pngs(quick_run):
     out, _ = quick_run
     for name in ("likelihood_trend.png", "ground_truth_reward.png"):  # --quick runs one lr: no extra trend figure
@@ -82,6 +83,7 @@ def test_outputs_exist_and_are_pngs(quick_run):
     assert "Likelihood trend" in (out / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_results_json_well_formed(quick_run):
     out, stdout = quick_run
     results = json.loads((out / "results.json").read_text())

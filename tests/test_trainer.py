@@ -126,6 +126,7 @@ def best_worst_pairs(rated):
     return rated.map(pair, remove_columns=["completions", "rewards"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "shared_prompt,data_name,max_length",
     [(False, "hh", 80), (True, "hh", 80), (True, "vicuna", 256)],
@@ -177,6 +178,7 @@ def test_first_steps_equal_dpo_trainer(
 # --------------------------------------------------------------------------------------------------- training on real data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls,config_cls", [(NCATrainer, NCAConfig), (InfoNCATrainer, InfoNCAConfig)])
 def test_training_on_vicuna_rated(cls, config_cls, tiny_mistral, vicuna, tmp_path):
     # Prompts whose four rewards all differ, and sharp targets: the loss can fall well below its start
@@ -198,6 +200,7 @@ def test_training_on_vicuna_rated(cls, config_cls, tiny_mistral, vicuna, tmp_pat
         assert key in logged, key
 
 
+@pytest.mark.slow
 def test_training_on_hh_preference(tiny_mistral, hh, tmp_path):
     # The whole (small) dataset in every step, so that successive losses are comparable
     args = make_args(
@@ -221,6 +224,7 @@ def test_training_on_hh_preference(tiny_mistral, hh, tmp_path):
 # --------------------------------------------------------------------------------------------------- ragged K, precompute
 
 
+@pytest.mark.slow
 def test_ragged_batch_equals_each_prompt_alone(tiny_mistral, tiny_mistral_ref, vicuna, tmp_path):
     rows = vicuna.select(range(3)).to_list()
     for row, k in zip(rows, (2, 3, 4)):
@@ -240,6 +244,7 @@ def test_ragged_batch_equals_each_prompt_alone(tiny_mistral, tiny_mistral_ref, v
     assert len(set(round(a, 4) for a in alone)) == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls,config_cls", [(NCATrainer, NCAConfig), (InfoNCATrainer, InfoNCAConfig)])
 def test_precomputed_reference_equals_live(cls, config_cls, tiny_mistral, tiny_mistral_ref, vicuna, tmp_path):
     data = vicuna.select(range(6))
@@ -260,6 +265,7 @@ def test_precomputed_reference_equals_live(cls, config_cls, tiny_mistral, tiny_m
 # --------------------------------------------------------------------------------------------------- PEFT, eval, save
 
 
+@pytest.mark.slow
 def test_peft_lora_reference_is_adapter_disabled(tiny_mistral, vicuna, tmp_path):
     from peft import LoraConfig
 
@@ -291,6 +297,7 @@ def test_peft_lora_reference_is_adapter_disabled(tiny_mistral, vicuna, tmp_path)
     assert not torch.allclose(policy_logps, base_logps, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_evaluate_save_reload_and_model_card(tiny_mistral, vicuna, tmp_path):
     args = make_args(InfoNCAConfig, tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2, max_length=64)
     trainer = InfoNCATrainer(
@@ -336,6 +343,7 @@ def test_conversational_rated_with_chat_template(tiny_mistral, tokenizer, vicuna
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
 
 
+@pytest.mark.slow
 def test_tiny_mixtral_router_aux_loss(tiny_mixtral, vicuna, tmp_path):
     args = make_args(NCAConfig, tmp_path, max_steps=2, max_length=64)
     trainer = NCATrainer(model=tiny_mixtral, args=args, train_dataset=vicuna.select(range(4)))
@@ -394,6 +402,7 @@ def test_streaming_dataset_and_implicit_prompt_pairs(tiny_mistral, hh, tmp_path)
         trainer.train()  # a stream is validated row by row as it is read
 
 
+@pytest.mark.slow
 def test_accuracy_ignores_completions_tied_with_the_best(tiny_mistral, tiny_mistral_ref, vicuna, tmp_path):
     """With rewards (5, 5, 1, 1) the best completion (first of the tie) must beat the two worse ones, not its tie."""
     from nca_trl.trainer import to_slots
