@@ -25,6 +25,7 @@ import pytest
 import torch
 from datasets import load_dataset
 from safetensors.torch import load_file
+from test_trainer import make_args as trainer_args
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from nca_trl import NCAConfig, NCATrainer, ref_cache
@@ -37,24 +38,8 @@ MARKER = "nca_trl_complete.json"
 
 
 def make_args(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=2,
-        per_device_eval_batch_size=2,
-        max_length=64,
-        learning_rate=1e-3,
-        logging_steps=1,
-        max_steps=3,
-        report_to="none",
-        save_strategy="no",
-        bf16=False,
-        use_cpu=True,
-        activation_checkpointing=False,
-        dataloader_num_workers=0,
-        seed=0,
-    )
-    defaults.update(kwargs)
-    return NCAConfig(**defaults)
+    """`test_trainer.make_args` for `NCAConfig`, with 64-token sequences."""
+    return trainer_args(NCAConfig, tmp_path, **{"max_length": 64, **kwargs})
 
 
 def rated_rows(n=4):
