@@ -120,20 +120,15 @@ def _evaluation_sets(train_dataset, eval_dataset, report_train_prompts: int, tra
     return sets
 
 
-_SET_LABELS = {"train_prompts": "training prompts", "heldout": "held-out"}
-
-
 def _learning_table(log_history: list[dict], final: dict | None) -> str | None:
     """Start (the step-0 evaluation, `eval_on_start`) against end (the final evaluation) for each evaluation set."""
-    from .report import learning_table
+    from .report import eval_set_prefixes, learning_table
 
     # Each evaluation set logs its own entry: merge the step-0 ones
     start = {k: v for e in log_history if e.get("step") == 0 for k, v in e.items() if k.startswith("eval_")}
     if not start or not final:
         return None
-    prefixes = {"held-out": "eval_"} if "eval_loss" in final else {
-        label: f"eval_{name}_" for name, label in _SET_LABELS.items() if f"eval_{name}_loss" in final
-    }
+    prefixes = eval_set_prefixes(final)
 
     def strip(metrics, prefix):
         return {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}

@@ -15,7 +15,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["LEARNING_METRICS", "learning_table", "plot_training_curves", "run_info", "print_summary", "versions"]
+__all__ = ["LEARNING_METRICS", "eval_set_prefixes", "learning_table", "plot_training_curves", "run_info", "print_summary", "versions"]
 
 # (metric, label) rows of the learning table and panels of the PNG
 LEARNING_METRICS = (
@@ -37,6 +37,18 @@ def versions() -> dict:
         except metadata.PackageNotFoundError:
             found[name] = None
     return found
+
+
+_SET_LABELS = {"train_prompts": "training prompts", "heldout": "held-out"}
+
+
+def eval_set_prefixes(keys) -> dict[str, str]:
+    """`{label: metric prefix}` of the evaluation sets among metric `keys`: `eval_` for a single set (label
+    "held-out"), `eval_<name>_` for each set of an eval dict (e.g. `report_train_prompts`'s two)."""
+    order = [f"eval_{name}_" for name in _SET_LABELS]  # training prompts first, then held-out, then any other
+    prefixes = sorted({k[: -len("loss")] for k in keys if k.startswith("eval_") and k.endswith("_loss")},
+                      key=lambda p: (order.index(p) if p in order else len(order), p))
+    return {"held-out" if p == "eval_" else _SET_LABELS.get(p[5:-1], p[5:-1].replace("_", " ")): p for p in prefixes}
 
 
 def learning_table(before: dict[str, dict], after: dict[str, dict]) -> str:
@@ -72,14 +84,12 @@ def plot_training_curves(log_history: list[dict], path: str | os.PathLike) -> st
     import matplotlib.pyplot as plt
 
     train = [e for e in log_history if "loss" in e and "step" in e]
-    # Evaluation sets: "eval_" (one set) or "eval_<name>_" (several, e.g. report_train_prompts)
-    prefixes = sorted({k[: -len("loss")] for e in log_history for k in e if k.startswith("eval_") and k.endswith("_loss")})
+    prefixes = eval_set_prefixes(k for e in log_history for k in e)
     if not train and not prefixes:
         return None
     series = [(train, "", "-", "train (per batch)")] + [
-        ([e for e in log_history if prefix + "loss" in e and "step" in e], prefix, "o--",
-         prefix[len("eval_"):].rstrip("_").replace("_", " ") or "eval")
-        for prefix in prefixes
+        ([e for e in log_history if prefix + "loss" in e and "step" in e], prefix, "o--", label)
+        for label, prefix in prefixes.items()
     ]
     panels = [("loss", "loss"), ("rewards/margins", "reward margin"), ("rewards/ranking_accuracy", "ranking accuracy")]
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
