@@ -1,4 +1,4 @@
-"""The `nca-trl` command line: `train` and `make-tiny-model`.
+"""The `nca-trl` command line: `train`, `generate`, `score`, `iterate` and `make-tiny-model`.
 
 ```bash
 nca-trl make-tiny-model outputs/tiny-mistral                 # tiny random Mistral + the real Mistral tokenizer
@@ -192,6 +192,9 @@ commands:
   make-tiny-model   build a tiny random model + the Mistral tokenizer:  nca-trl make-tiny-model OUT_DIR [--arch mixtral]
   generate          sample K completions per prompt:  nca-trl generate --model_name_or_path M --dataset_name PROMPTS
                     --output OUT.jsonl [--num_completions 4 ...]   (`nca-trl generate --help` lists the fields)
+  score             add rewards from a reward model and/or reward functions:  nca-trl score --dataset_name OUT.jsonl
+                    --reward_funcs my_module:my_reward --output RATED.jsonl   (`nca-trl score --help`)
+  iterate           rounds of generate -> score -> train:  nca-trl iterate --config RECIPE.yaml [--rounds N]
 
 `nca-trl train --help` lists every recipe field.
 """
@@ -220,6 +223,24 @@ def main(argv: list[str] | None = None) -> int:
             make_generate_parser().print_help()
             return 0
         generate(rest)
+        return 0
+    if command == "score":
+        from .scoring import score
+        from .scoring.arguments import make_score_parser
+
+        if rest and rest[0] in ("-h", "--help"):
+            make_score_parser().print_help()
+            return 0
+        score(rest)
+        return 0
+    if command == "iterate":
+        from .iterate import iterate
+        from .iterate.arguments import make_iterate_parser
+
+        if rest and rest[0] in ("-h", "--help"):
+            make_iterate_parser().print_help()
+            return 0
+        iterate(rest)
         return 0
     if command in ("make-tiny-model", "make_tiny_model"):
         make_tiny_model_main(rest)
