@@ -98,6 +98,15 @@ class ScriptArguments:
             "can size a Hub model without downloading anything. Training ignores it."
         },
     )
+    ref_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "The reference model, a local folder or Hub id loaded like the policy (`model_init_kwargs`: "
+            "dtype, attention implementation, revision). Default: none, the reference is the initial policy "
+            "(`model_name_or_path`, or the policy with its adapter disabled under PEFT). `nca-trl iterate` sets it to "
+            "the initial model when later rounds start from a trained policy."
+        },
+    )
     report_train_prompts: int = field(
         default=0,
         metadata={

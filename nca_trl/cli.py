@@ -71,6 +71,7 @@ def _train(args, callbacks: list | None) -> dict:
     started = time.time()
     trainer = trainer_for_loss(script_args.loss)(
         model=model_args.model_name_or_path,
+        ref_model=_reference_model(script_args.ref_model_name_or_path, training_args),
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_sets,
@@ -99,6 +100,20 @@ def _train(args, callbacks: list | None) -> dict:
     trainer.accelerator.wait_for_everyone()
     trainer.end()  # finish the trackers, destroy the process group
     return info
+
+
+def _reference_model(path: str | None, training_args):
+    """`ref_model_name_or_path` loaded the way `trl.DPOTrainer` loads the implicit reference (the policy's
+    `model_init_kwargs`, whole model per process under DDP / DeepSpeed); None leaves the reference to the trainer."""
+    if path is None:
+        return None
+    from trl.trainer.utils import create_model_from_path
+
+    kwargs = dict(training_args.model_init_kwargs or {})
+    if training_args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+        kwargs["device_map"] = None
+    kwargs.setdefault("trust_remote_code", training_args.trust_remote_code)
+    return create_model_from_path(path, **kwargs)
 
 
 def _evaluation_sets(train_dataset, eval_dataset, report_train_prompts: int, training_args):

@@ -1,0 +1,14 @@
+"""`nca-trl iterate`: rounds of generate -> score -> train from your own prompts (DESIGN §5, the rated-data loop).
+
+- `arguments`: `IterateArguments`, parsed with `trl.TrlParser` (a recipe `--config X.yaml` and overrides);
+- `layout`: the run's files and the per-round stage status that makes a killed run resumable;
+- `stages`: each stage as the command a user would run (`generate`, `score`, `train`), and `loss: dpo`;
+- `evaluate`: held-out reward, best-of-K reward, KL proxy to the initial model, completion length;
+- `report`: the table and the plot;
+- `loop`: the command.
+"""
+
+from .arguments import IterateArguments, parse_iterate_args
+from .loop import iterate, plan_rounds
+
+__all__ = ["IterateArguments", "iterate", "parse_iterate_args", "plan_rounds"]

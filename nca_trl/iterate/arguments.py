@@ -1,0 +1,155 @@
+"""Arguments of `nca-trl iterate`: one dataclass parsed with `trl.TrlParser` (a recipe `--config X.yaml`, any field
+overridden on the command line, e.g. `--rounds 5`).
+
+The trainer's own settings (learning rate, beta, epochs, batch size, max_length, ...) go under `training:`, a mapping of
+the fields `nca-trl train` takes (`NCAConfig` / `InfoNCAConfig` and `trl.ModelConfig`), or of `trl.DPOConfig` for
+`loss: dpo`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+
+__all__ = ["LOSSES", "REFERENCES", "IterateArguments", "make_iterate_parser", "parse_iterate_args"]
+
+LOSSES = ("nca", "infonca", "dpo")
+REFERENCES = ("initial", "previous")
+# Set by `iterate` itself for every round: a `training:` mapping that sets them is refused
+_OWNED_TRAINING_KEYS = ("model_name_or_path", "ref_model_name_or_path", "dataset_name", "output_dir", "loss",
+                        "resume_from_checkpoint", "dataset_format", "dataset_train_split", "datasets")
+
+
+@dataclass
+class IterateArguments:
+    """`nca-trl iterate`: R rounds of generate -> score -> train, each round sampling from the previous round's policy.
+
+    Round r (1..R) samples `num_completions` completions for each prompt of its own slice of the prompts
+    (`prompts_per_round` prompts, in order) from the policy of round r-1 (round 0: `model_name_or_path`), scores them,
+    and trains that policy on them with `loss`. After each round (and before the first) the policy is evaluated on
+    `heldout_prompts` prompts that no round trains on: mean and best-of-K reward of its samples, KL proxy to the
+    initial model, completion length.
+    """
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "The initial policy (round 0): a local folder or a Hub model id."}
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "The prompts: a Hub dataset id, a data file or a folder, with a `prompt` column (string or "
+                  "chat messages); other columns are carried to the reward functions."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to read the prompts from."})
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": "Everything of the run: `round-0/eval/`, `round-r/{prompts,samples,rated}.jsonl`, "
+                  "`round-r/model/`, `round-r/eval/`, `iterate.json` (settings), `iterate_results.json` and "
+                  "`iterate_curves.png`. Rerunning the same command resumes where a stopped run stopped."},
+    )
+    rounds: int = field(default=3, metadata={"help": "R, the number of rounds. A finished run rerun with a larger "
+                                                      "`--rounds` continues with the next round."})
+    prompts_per_round: int | None = field(
+        default=None,
+        metadata={"help": "Prompts sampled and trained on per round (round r takes the r-th slice, in order). Default: "
+                  "the prompts left after the held-out ones, divided evenly among the rounds."},
+    )
+    heldout_prompts: int = field(
+        default=64, metadata={"help": "The last N prompts of the split: never trained on, used for the evaluation."}
+    )
+    loss: str = field(
+        default="nca",
+        metadata={"help": "`nca` or `infonca` (all K rated completions, `nca-trl train`), or `dpo`: `trl.DPOTrainer` on "
+                  "the best-vs-worst pair of each prompt (prompts whose completions all have the same reward have no "
+                  "pair and are dropped, counted), the usual iterative-DPO baseline.", "choices": LOSSES},
+    )
+    reference: str = field(
+        default="initial",
+        metadata={"help": "The reference model of round r's loss: `initial` (the round-0 model, default) or `previous` "
+                  "(round r-1's policy, the model the round starts from).", "choices": REFERENCES},
+    )
+    # Generation (`nca-trl generate`)
+    num_completions: int = field(default=4, metadata={"help": "K completions sampled per prompt (training and eval)."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Longest completion, in tokens."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (> 0)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0: off)."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
+    generation_batch_size: int = field(default=8, metadata={"help": "Prompts per generation batch."})
+    generation_dtype: str = field(default="auto", metadata={"help": "dtype of the sampling model (`auto`, "
+                                                                     "`bfloat16`, `float16`, `float32`)."})
+    seed: int = field(
+        default=0,
+        metadata={"help": "Round r samples its training prompts with seed `seed + r`; every evaluation samples the "
+                  "held-out prompts with the same seed `seed` (common random numbers: rounds differ by the policy "
+                  "only). Also the training seed unless `training:` sets `seed`."},
+    )
+    # Scoring (`nca-trl score`)
+    reward_model: str | None = field(
+        default=None, metadata={"help": "A reward model (`AutoModelForSequenceClassification`, num_labels=1)."}
+    )
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={"help": "Reward functions `module:function` (or `path/file.py:function`), TRL's GRPO convention "
+                  "`f(prompts, completions, **columns) -> list[float | None]`."},
+    )
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per source (reward model first, then reward_funcs); default 1."}
+    )
+    scoring_batch_size: int = field(default=8, metadata={"help": "Reward-model forward batch."})
+    # Training
+    training: dict | str | None = field(
+        default=None,
+        metadata={"help": "The trainer's settings, a mapping (a JSON object on the command line): any field of "
+                  "`nca-trl train` (NCAConfig / InfoNCAConfig, trl.ModelConfig), or of trl.DPOConfig for `loss: "
+                  "dpo`. `iterate` sets the model, reference, data and output_dir of each round itself."},
+    )
+    eval_batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass of the KL-proxy evaluation."})
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"`loss` must be one of {LOSSES}, got {self.loss!r}.")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"`reference` must be one of {REFERENCES}, got {self.reference!r}.")
+        for name in ("rounds", "num_completions", "max_new_tokens", "generation_batch_size", "scoring_batch_size",
+                     "heldout_prompts", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+        if self.num_completions < 2:
+            raise ValueError(f"`num_completions` must be at least 2 (a ranking needs two), got {self.num_completions}.")
+        if self.prompts_per_round is not None and self.prompts_per_round < 1:
+            raise ValueError(f"`prompts_per_round` must be at least 1, got {self.prompts_per_round}.")
+        if not self.reward_model and not self.reward_funcs:
+            raise ValueError("Give a reward: `reward_model` and/or `reward_funcs` (module:function).")
+        if isinstance(self.training, str):
+            try:
+                self.training = json.loads(self.training)
+            except ValueError as e:
+                raise ValueError(f"`training` must be a mapping (a JSON object on the command line): {e}") from e
+        self.training = dict(self.training or {})
+        owned = [key for key in self.training if key in _OWNED_TRAINING_KEYS]
+        if owned:
+            raise ValueError(f"`training` sets {owned}: `nca-trl iterate` sets them for each round (use the top-level "
+                             "`model_name_or_path`, `dataset_name`, `output_dir`, `loss` and `reference`).")
+        if self.training.get("use_peft"):
+            raise ValueError("`training.use_peft` is not supported by `nca-trl iterate` yet: each round samples from "
+                             "the previous round's full model. Train full weights, or run the rounds by hand.")
+
+
+def make_iterate_parser():
+    from trl import TrlParser
+
+    return TrlParser((IterateArguments,), prog="nca-trl iterate")
+
+
+def parse_iterate_args(argv: list[str] | None = None) -> IterateArguments:
+    from ..generation.arguments import _check_config_keys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_iterate_parser()
+    _check_config_keys(argv, parser)
+    (args,) = parser.parse_args_and_config(argv, fail_with_unknown_args=True)
+    missing = [name for name in ("model_name_or_path", "dataset_name", "output_dir") if getattr(args, name) is None]
+    if missing:
+        raise ValueError(f"`nca-trl iterate` needs {', '.join(f'`{m}`' for m in missing)}.")
+    return args

@@ -1,0 +1,176 @@
+"""`nca-trl iterate`: R rounds of generate -> score -> train from your own prompts, keeping all K rated completions.
+
+```bash
+nca-trl make-tiny-model outputs/tiny-mistral
+nca-trl iterate --config recipes/tiny/iterate_nca.yaml              # 2 rounds on a CPU, a few minutes
+nca-trl iterate --config recipes/tiny/iterate_nca.yaml --rounds 3   # the same run, one more round
+```
+
+Round r: sample K completions for each prompt of round r's slice from round r-1's policy, score them, train round
+r-1's policy on them (reference: the initial model, or with `reference: previous` round r-1's policy) into
+`round-r/model`, then evaluate it on the held-out prompts. The files are listed in `nca_trl.iterate.layout`; a killed
+run restarted with the same command skips the stages `round-r/status.json` lists as done and continues the stage it
+was in (`generate` from its chunks, `train` from its last complete checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from types import SimpleNamespace
+
+from .arguments import IterateArguments, parse_iterate_args
+from .layout import RunLayout, read_jsonl, write_json, write_jsonl
+from .stages import _log, run_generate, run_score, run_train
+
+__all__ = ["iterate", "plan_rounds"]
+
+# Settings a restart may change: they change no sample, reward or update
+_RESTARTABLE = ("rounds", "generation_batch_size", "scoring_batch_size", "eval_batch_size")
+
+
+def plan_rounds(num_prompts: int, args: IterateArguments) -> tuple[int, range]:
+    """(prompts per round, the rows of the held-out prompts); refuses a split too small for the rounds asked."""
+    train_pool = num_prompts - args.heldout_prompts
+    if train_pool < 1:
+        raise ValueError(f"{args.dataset_name} has {num_prompts} prompts: none left for training after "
+                         f"`heldout_prompts={args.heldout_prompts}`.")
+    per_round = args.prompts_per_round or train_pool // args.rounds
+    if per_round < 1 or per_round * args.rounds > train_pool:
+        raise ValueError(
+            f"{args.rounds} rounds x {per_round} prompts need {args.rounds * max(per_round, 1)} training prompts, but "
+            f"{args.dataset_name} has {num_prompts} prompts, {args.heldout_prompts} of them held out "
+            f"(`heldout_prompts`): lower `rounds`, `prompts_per_round` or `heldout_prompts`, or add prompts."
+        )
+    return per_round, range(num_prompts - args.heldout_prompts, num_prompts)
+
+
+def _check_manifest(layout: RunLayout, settings: dict) -> None:
+    """First run: write the settings. Restart: they must match, except the ones in `_RESTARTABLE`."""
+    if not layout.manifest.exists():
+        write_json(layout.manifest, settings)
+        return
+    before = json.loads(layout.manifest.read_text())
+    changed = sorted(k for k in set(before) | set(settings)
+                     if k not in _RESTARTABLE and before.get(k) != settings.get(k))
+    if changed:
+        details = "; ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+        raise ValueError(f"{layout.root} holds a run with other settings ({details}). Restart with the same settings "
+                         "(only `rounds` and batch sizes may change), or use another `output_dir`.")
+    write_json(layout.manifest, settings)
+
+
+def _rows(dataset, indices) -> list[dict]:
+    return [dataset[i] for i in indices]
+
+
+def _evaluate(args, layout: RunLayout, r: int, policy: str, main: bool) -> dict:
+    """Sample the held-out prompts from `policy` (every process), score and measure them (main process)."""
+    from transformers import AutoTokenizer
+
+    from .evaluate import kl_to_initial, round_metrics
+
+    folder = layout.eval_dir(r)
+    samples, rated = folder / "samples.jsonl", folder / "rated.jsonl"
+    run_generate(args, policy, layout.heldout, samples, seed=args.seed)
+    if not main:
+        return {}
+    run_score(args, samples, rated)
+    samples_rows, rated_rows = read_jsonl(samples), read_jsonl(rated)
+    kl = 0.0 if r == 0 else kl_to_initial(samples_rows, policy, args.model_name_or_path, args.generation_dtype,
+                                          args.eval_batch_size)
+    metrics = {"round": r, **round_metrics(samples_rows, rated_rows, AutoTokenizer.from_pretrained(policy), kl)}
+    write_json(folder / "metrics.json", metrics)
+    return metrics
+
+
+def _state():
+    from ..generation.run import _distributed_state
+
+    return _distributed_state()
+
+
+def iterate(argv: list[str] | None = None) -> dict | None:
+    """`nca-trl iterate`: returns the results (`iterate_results.json`) on the main process, None on the others."""
+    from ..generation import load_prompts
+    from ..output_dir import claim_output_dir
+    from .report import plot_rounds, rounds_table
+
+    args = parse_iterate_args(argv)
+    state = _state()
+    layout = RunLayout(args.output_dir)
+    main = state.is_main_process
+    lock_args = SimpleNamespace(output_dir=str(layout.root), distributed_state=state,
+                                process_index=state.process_index, local_process_index=state.local_process_index,
+                                world_size=state.num_processes, should_save=main)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with claim_output_dir(lock_args):
+        dataset = load_prompts(SimpleNamespace(dataset_name=args.dataset_name, dataset_config=args.dataset_config,
+                                               dataset_split=args.dataset_split, max_prompts=None))
+        per_round, heldout = plan_rounds(len(dataset), args)
+        settings = {k: v for k, v in asdict(args).items()}
+        settings.update(num_prompts=len(dataset), prompts_per_round=per_round)
+        if main:
+            _check_manifest(layout, settings)
+            if not layout.heldout.exists():
+                write_jsonl(layout.heldout, _rows(dataset, heldout))
+        state.wait_for_everyone()
+        _log(f"{args.rounds} round(s) x {per_round} prompts x {args.num_completions} completions, loss {args.loss}, "
+             f"reference {args.reference}; {len(heldout)} held-out prompts; output in {layout.root}")
+
+        results = []
+        for r in range(0, args.rounds + 1):
+            results.append(_round(args, layout, r, per_round, dataset, state))
+            if main:
+                summary = {"rounds": results, "settings": settings}
+                write_json(layout.results, summary)
+                plot_rounds(results, layout.curves, title=f"nca-trl iterate ({args.loss})")
+        if main:
+            print(rounds_table(results), flush=True)
+            _log(f"results: {layout.results}; plot: {layout.curves}; final policy: "
+                 f"{layout.model(args.rounds) if args.rounds else args.model_name_or_path}")
+            return summary
+        return None
+
+
+def _round(args, layout: RunLayout, r: int, per_round: int, dataset, state) -> dict:
+    """Run what is left of round r (round 0: the initial model's evaluation only); returns its metrics. Sampling and
+    training run on every process; scoring, the evaluation numbers and the files on the main process."""
+    from ..generation.run import _broadcast
+
+    main = state.is_main_process
+    status = _broadcast(state, layout.status(r) if main else None)
+    if "eval" in status:
+        _log(f"round {r}: done (round-{r}/status.json), skipping")
+        return status["eval"]
+    policy = args.model_name_or_path if r <= 1 else str(layout.model(r - 1))
+    if r > 0:
+        if main and not layout.prompts(r).exists():
+            write_jsonl(layout.prompts(r), _rows(dataset, range((r - 1) * per_round, r * per_round)))
+        state.wait_for_everyone()
+        if "generate" not in status:
+            _log(f"round {r}: sampling {per_round} prompts from {policy}")
+            sidecar = run_generate(args, policy, layout.prompts(r), layout.samples(r), seed=args.seed + r)
+            if main:
+                layout.mark_done(r, "generate", sidecar["stats"])
+        if "score" not in status:
+            if main:
+                layout.mark_done(r, "score", run_score(args, layout.samples(r), layout.rated(r)).get("stats", {}))
+            state.wait_for_everyone()
+        if "train" not in status:
+            reference = args.model_name_or_path if r > 1 and args.reference == "initial" else None
+            info = run_train(args, r, policy, reference, layout.rated(r), layout.model(r))
+            if main:
+                layout.mark_done(r, "train", info)
+        policy = str(layout.model(r))
+        state.wait_for_everyone()
+    metrics = _evaluate(args, layout, r, policy, main)
+    if main:
+        train = layout.status(r).get("train", {})
+        metrics.update(train_prompts=train.get("train_prompts", 0), train_loss=train.get("train_loss"))
+        layout.mark_done(r, "eval", metrics)
+        _log(f"round {r}: held-out reward {metrics['reward_mean']:.4f} (best of {args.num_completions} "
+             f"{metrics['reward_best_of_k']:.4f}), KL to initial {metrics['kl_to_initial']:.3f}, "
+             f"length {metrics['length_mean']:.1f}")
+    state.wait_for_everyone()
+    return metrics
