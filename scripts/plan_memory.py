@@ -5,6 +5,7 @@
 python scripts/plan_memory.py recipes/mixtral-8x7b/nca.yaml                    # the hardware the recipe states
 python scripts/plan_memory.py recipes/mixtral-8x7b/nca.yaml --gpus 8 --gpu-mem 80 --nodes 1   # what if
 python scripts/plan_memory.py recipes/mistral-7b/*.yaml recipes/mixtral-8x7b/*.yaml --markdown
+python scripts/plan_memory.py recipes/mistral-7b/iterate_nca.yaml                # an `nca-trl iterate` recipe: its rounds' training
 ```
 
 Nothing is downloaded and no weights are created: the architecture is built on the meta device from the recipe's
@@ -31,10 +32,12 @@ DeepSpeed's CPU estimate).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -180,6 +183,27 @@ def _qlora_states(model, model_args, dtype_bytes: int) -> tuple[float, int]:
     return quantized * (bits / 8 + const) + rest * dtype_bytes, lora
 
 
+@contextlib.contextmanager
+def _train_recipe(recipe: str):
+    """(a train recipe, K): the recipe itself, or for an `nca-trl iterate` recipe (a `training:` mapping) the train
+    recipe one of its rounds runs (a temporary file) and its `num_completions` (2 for `loss: dpo`, which trains pairs;
+    planned as NCA on K=2, the same sequences per micro-batch)."""
+    with open(recipe) as f:
+        content = yaml.safe_load(f) or {}
+    if "training" not in content:
+        yield recipe, None
+        return
+    loss = content.get("loss", "nca")
+    train = {"loss": "nca" if loss == "dpo" else loss, "model_name_or_path": content["model_name_or_path"],
+             "dataset_name": "rated.jsonl", **content["training"]}
+    k = 2 if loss == "dpo" else content.get("num_completions", 4)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "train.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(train, f)
+        yield path, k
+
+
 def plan(recipe: str, gpus: int | None = None, gpu_mem: float | None = None, nodes: int | None = None,
          cpu_mem: float | None = None, completions: int | None = None) -> dict:
     """The memory plan of one recipe (bytes, per GPU unless stated)."""
@@ -188,9 +212,11 @@ def plan(recipe: str, gpus: int | None = None, gpu_mem: float | None = None, nod
 
     from nca_trl.arguments import parse_train_args
 
-    args = parse_train_args(["--config", recipe], dry_run=True)
-    script_args, training_args, model_args = args.script, args.training, args.model
     recipe_dir = Path(recipe).resolve().parent
+    with _train_recipe(recipe) as (train_recipe, iterate_k):
+        args = parse_train_args(["--config", train_recipe], dry_run=True)
+    completions = completions or iterate_k
+    script_args, training_args, model_args = args.script, args.training, args.model
     stated = parse_hardware(script_args.hardware) if script_args.hardware else {}
     nodes = nodes or stated.get("nodes", 1)
     gpus = gpus or stated.get("gpus_per_node", 1)

@@ -90,6 +90,40 @@ def run_train(args, r: int, policy: str, reference: str | None, rated: Path, out
             "train_loss": (info or {}).get("train_metrics", {}).get("train_loss")}
 
 
+def _dpo_fields(training: dict) -> dict:
+    """The `training:` mapping of an NCA recipe as `trl.DPOConfig` fields, so that `--loss dpo` runs the same recipe:
+    model loading fields (dtype, attention, revision) go to `model_init_kwargs`; the NCA-only fields (alpha, ...) and
+    the launch metadata of `nca-trl train` are left out, and said so."""
+    from dataclasses import fields
+
+    from trl import DPOConfig
+
+    from ..config import NCAConfig
+
+    dpo = {f.name for f in fields(DPOConfig)}
+    model_keys = {"dtype": "dtype", "attn_implementation": "attn_implementation", "model_revision": "revision"}
+    out, init, ignored = {}, {}, []
+    for key, value in training.items():
+        if key in dpo:
+            out[key] = value
+        elif key in model_keys:
+            init[model_keys[key]] = value
+        else:
+            ignored.append(key)
+    if init:
+        out["model_init_kwargs"] = {**init, **(out.get("model_init_kwargs") or {})}
+    unknown = [k for k in ignored if k not in {f.name for f in fields(NCAConfig)} and k not in _TRAIN_SCRIPT_KEYS]
+    if unknown:
+        raise ValueError(f"`training` has {unknown}: not fields of trl.DPOConfig nor of `nca-trl train`.")
+    if ignored:
+        _log(f"dpo: ignoring the training field(s) {ignored} (NCA / nca-trl train only)")
+    return out
+
+
+_TRAIN_SCRIPT_KEYS = ("accelerate_config", "hardware", "model_config_file", "report_train_prompts", "eval_fraction",
+                      "max_train_samples", "max_eval_samples", "dataset_test_split", "dataset_format_kwargs")
+
+
 def _train_dpo(policy: str, reference: str | None, rated: Path, output_dir: Path, training: dict) -> dict:
     from datasets import Dataset
     from transformers.trainer_utils import get_last_checkpoint
@@ -101,7 +135,7 @@ def _train_dpo(policy: str, reference: str | None, rated: Path, output_dir: Path
              "left out")
     if not pairs:
         raise ValueError(f"dpo: no prompt of {rated} has two completions with different rewards: nothing to train on.")
-    config = DPOConfig(output_dir=str(output_dir), **training)
+    config = DPOConfig(output_dir=str(output_dir), **_dpo_fields(training))
     ref_model = None
     if reference is not None:
         from trl.trainer.utils import create_model_from_path
