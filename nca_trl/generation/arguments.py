@@ -92,8 +92,9 @@ def make_generate_parser():
     return TrlParser((GenerateArguments,), prog="nca-trl generate")
 
 
-def _check_config_keys(argv: list[str], parser) -> None:
-    """Unknown keys of a `--config` YAML are errors that name them (TrlParser would ignore them)."""
+def _check_config_keys(argv: list[str], parser, command: str = "generate") -> None:
+    """Unknown keys of a `--config` YAML are errors that name them (TrlParser would ignore them); `command` is the
+    `nca-trl` command whose `--help` the message points to."""
     import yaml
 
     from ..arguments import _peek
@@ -112,7 +113,7 @@ def _check_config_keys(argv: list[str], parser) -> None:
         for key in unknown:
             close = difflib.get_close_matches(key, sorted(known), n=3)
             hints.append(f"'{key}'" + (f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""))
-        raise ValueError(f"Unknown key(s) in {path}: {'; '.join(hints)}; see `nca-trl generate --help`.")
+        raise ValueError(f"Unknown key(s) in {path}: {'; '.join(hints)}; see `nca-trl {command} --help`.")
 
 
 def parse_generate_args(argv: list[str] | None = None) -> GenerateArguments:

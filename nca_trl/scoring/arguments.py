@@ -1,0 +1,166 @@
+"""Arguments of `nca-trl score`: one dataclass parsed with `trl.TrlParser` (command line and/or `--config X.yaml`)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..generation.arguments import DTYPES, OUTPUT_SUFFIXES, _check_config_keys
+
+__all__ = ["ScoreArguments", "make_score_parser", "parse_score_args"]
+
+_REPEATABLE = ("reward_funcs", "reward_weights")
+
+
+@dataclass
+class ScoreArguments:
+    """`nca-trl score`: add `rewards` to {prompt, completions} rows, from a reward model and/or reward functions."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "The rows to score: a data file (.jsonl, .json, .parquet, .csv, .arrow), a folder of data files, a "
+            "`save_to_disk` folder or a Hub dataset id, with `prompt` and `completions` columns (what `nca-trl "
+            "generate` writes). Pass generate's output *file*: its folder also holds the `<stem>.generation.json` "
+            "sidecar. Other columns are carried through and passed to the reward functions."
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to read the rows from."})
+    output: str | None = field(
+        default=None,
+        metadata={
+            "help": "Output file, `.jsonl` or `.parquet`: rows {prompt, completions, rewards, ...carried columns} that "
+            "`nca-trl train --dataset_name OUTPUT` reads as they are. Written atomically; settings, per-source "
+            "statistics and dropped counts go to `<output stem>.scoring.json`."
+        },
+    )
+    reward_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "A reward model: an `AutoModelForSequenceClassification` with num_labels=1 (local folder or Hub "
+            "id), scored with its own tokenizer and chat template. The first reward source."
+        },
+    )
+    reward_model_revision: str = field(default="main", metadata={"help": "Reward model revision (Hub branch, tag or "
+                                                                         "commit)."})
+    reward_funcs: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Reward functions in TRL's GRPOTrainer convention, `f(prompts, completions, **columns) -> "
+            "list[float | None]` (None: the completion is unusable and dropped): `module:function`, "
+            "`module.function`, `path/to/file.py:function`, or a bundled name (`sorted_digits`, `ascii_letters`, "
+            "TRL's `accuracy_reward`, `reasoning_accuracy_reward`, `think_format_reward`). Several: list them "
+            "(`--reward_funcs a:f b:g`) or repeat the flag."
+        },
+    )
+    reward_weights: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "One weight per reward source, the reward model first, then `reward_funcs` in order; reward = "
+            "sum of weight x source. Default: all 1.0."
+        },
+    )
+    batch_size: int = field(default=8, metadata={"help": "Sequences per reward-model forward pass."})
+    chunk_size: int = field(
+        default=64, metadata={"help": "Rows per call of a reward function (each call gets all their completions)."}
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Reward-model input length in tokens; longer prompt + completion sequences are truncated (on the "
+            "tokenizer's `truncation_side`), counted and warned about. Default: the tokenizer's `model_max_length` "
+            "when set, else the model's `max_position_embeddings`."
+        },
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Reward-model dtype: `auto` (bfloat16 on a CUDA GPU that supports it, else float32), "
+                          "`bfloat16`, `float16` or `float32`.", "choices": DTYPES},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow the reward model's own modelling code."})
+    max_rows: int | None = field(default=None, metadata={"help": "Score only the first N rows of the split."})
+
+    @property
+    def num_sources(self) -> int:
+        return int(self.reward_model is not None) + len(self.reward_funcs)
+
+    def __post_init__(self):
+        if self.output is not None and Path(self.output).suffix.lower() not in OUTPUT_SUFFIXES:
+            raise ValueError(f"`output` must end with one of {OUTPUT_SUFFIXES}, got {self.output!r}.")
+        self.reward_funcs = list(self.reward_funcs or [])
+        empty = [spec for spec in self.reward_funcs if not str(spec).strip()]
+        if empty:
+            raise ValueError("`reward_funcs` has an empty entry: give each as `module:function` or "
+                             "`path/to/file.py:function`.")
+        if self.num_sources == 0:
+            raise ValueError(
+                "`nca-trl score` needs at least one reward source: `--reward_model PATH` (a sequence-classification "
+                "model with num_labels=1) and/or `--reward_funcs module:function` (repeatable)."
+            )
+        if self.reward_weights is not None:
+            self.reward_weights = [float(w) for w in self.reward_weights]
+            if len(self.reward_weights) != self.num_sources:
+                names = (["reward_model"] if self.reward_model is not None else []) + list(self.reward_funcs)
+                raise ValueError(
+                    f"`reward_weights` has {len(self.reward_weights)} value(s) but there are {self.num_sources} reward "
+                    f"source(s) ({', '.join(names)}, in this order: the reward model first, then `reward_funcs`): give "
+                    "one weight per source, or none for all 1.0."
+                )
+            bad = [w for w in self.reward_weights if not math.isfinite(w)]
+            if bad:
+                raise ValueError(f"`reward_weights` must be finite numbers, got {self.reward_weights}.")
+        for name in ("batch_size", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"`max_length` must be at least 1 (or unset: the tokenizer's), got {self.max_length}.")
+        if self.max_rows is not None and self.max_rows < 0:
+            raise ValueError(f"`max_rows` must be >= 0, got {self.max_rows}.")
+
+    @property
+    def weights(self) -> list[float]:
+        """One weight per source (reward model first), 1.0 where `reward_weights` is unset."""
+        return list(self.reward_weights) if self.reward_weights is not None else [1.0] * self.num_sources
+
+
+def make_score_parser():
+    from trl import TrlParser
+
+    return TrlParser((ScoreArguments,), prog="nca-trl score")
+
+
+def _merge_repeated(argv: list[str], names=_REPEATABLE) -> list[str]:
+    """`--reward_funcs a --reward_funcs b c` -> `--reward_funcs a b c` (argparse would keep only the last flag's)."""
+    rest: list[str] = []
+    values: dict[str, list[str]] = {}
+    i = 0
+    while i < len(argv):
+        flag, eq, inline = argv[i].partition("=")
+        name = flag[2:].replace("-", "_") if flag.startswith("--") else None
+        i += 1
+        if name not in names:
+            rest.append(argv[i - 1])
+            continue
+        found = values.setdefault(name, [])
+        if eq:
+            found.append(inline)
+        while i < len(argv) and not (argv[i].startswith("--") or argv[i][:1] == "-" and argv[i][1:2].isalpha()):
+            found.append(argv[i])  # values, negative numbers included (`--reward_weights 1 -0.5`)
+            i += 1
+    for name, found in values.items():
+        rest += [f"--{name}", *found]
+    return rest
+
+
+def parse_score_args(argv: list[str] | None = None) -> ScoreArguments:
+    argv = _merge_repeated(list(sys.argv[1:] if argv is None else argv))
+    parser = make_score_parser()
+    _check_config_keys(argv, parser, command="score")
+    (args,) = parser.parse_args_and_config(argv, fail_with_unknown_args=True)
+    missing = [name for name in ("dataset_name", "output") if getattr(args, name) is None]
+    if missing:
+        raise ValueError(f"`nca-trl score` needs {', '.join(f'`{m}`' for m in missing)}.")
+    return args

@@ -1,0 +1,280 @@
+"""[`score_rows`]: call the reward sources on {prompt, completions} rows and combine them into `rewards`.
+
+What each source gets (TRL's `GRPOTrainer` convention, flattened over a chunk of rows): `prompts` (each row's prompt,
+repeated once per completion), `completions` (one per entry), every other column of the rows repeated per completion
+as a keyword argument (not `prompt`, `completions` and an earlier `rewards`), and `log_metric(name, value)` (the
+values are averaged into the sidecar's `metrics`) and `log_extra(column, values)` (accepted and discarded). GRPO's
+`completion_ids` and `trainer_state` do not exist here and are not passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import numbers
+from collections.abc import Mapping
+
+__all__ = ["is_empty_completion", "score_rows"]
+
+_NOT_COLUMNS = ("prompt", "completions", "rewards", "completion", "completion_ids")
+
+
+def _log(message: str) -> None:
+    print(f"[nca-trl score] {message}", flush=True)
+
+
+def is_empty_completion(completion) -> bool:
+    """`""`, an empty message list, or a message with empty content (and no tool calls): `nca-trl train` refuses
+    them."""
+    if isinstance(completion, str):
+        return completion == ""
+    if isinstance(completion, (list, tuple)):
+        return not completion or any(
+            isinstance(m, Mapping) and m.get("content") in ("", None) and not m.get("tool_calls") for m in completion
+        )
+    return False
+
+
+def _named(sources) -> dict:
+    if isinstance(sources, Mapping):
+        return dict(sources)
+    named: dict = {}
+    for source in sources:
+        if isinstance(source, tuple):
+            name, source = source
+        else:
+            name = getattr(source, "__name__", None) or type(source).__name__
+        base, n = name, 1
+        while name in named:
+            n += 1
+            name = f"{base}#{n}"
+        named[name] = source
+    return named
+
+
+def _summary(values: list[float]) -> dict:
+    if not values:
+        return {"count": 0, "mean": None, "std": None, "min": None, "max": None}
+    mean = math.fsum(values) / len(values)
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / len(values))
+    return {"count": len(values), "mean": mean, "std": std, "min": min(values), "max": max(values)}
+
+
+def _where(owners, row_ids, j) -> str:
+    position, k = owners[j]
+    return f"row {row_ids[position]}, completion {k}"
+
+
+def _call(name: str, source, kwargs: dict, expected: int, owners, row_ids) -> list:
+    """One call of a source, its return checked: `expected` values, each a real number or None, finite."""
+    try:
+        inspect.signature(source).bind(**kwargs)
+    except TypeError as e:
+        rows = f"rows {row_ids[owners[0][0]]}-{row_ids[owners[-1][0]]}"
+        raise TypeError(
+            f"reward source {name!r} cannot take the arguments `nca-trl score` passes ({e}; {rows}): "
+            f"{', '.join(sorted(kwargs))}. Write it as `f(prompts, completions, **kwargs)`."
+        ) from None
+    except ValueError:  # no signature (some builtins): call it and see
+        pass
+    result = source(**kwargs)
+    if inspect.isawaitable(result):
+        result = asyncio.run(result) if inspect.iscoroutine(result) else asyncio.run(_await(result))
+    if hasattr(result, "tolist") and not isinstance(result, (list, tuple)):
+        result = result.tolist()  # a tensor or an array of rewards
+    rows = f"rows {row_ids[owners[0][0]]}-{row_ids[owners[-1][0]]}" if owners else "no rows"
+    if not isinstance(result, (list, tuple)):
+        raise TypeError(f"reward source {name!r} returned {type(result).__name__} for {rows}, expected a list of "
+                        f"{expected} rewards (float or None), one per completion.")
+    if len(result) != expected:
+        raise ValueError(f"reward source {name!r} returned {len(result)} rewards for {rows}, expected {expected}: one "
+                         "per completion, in the order of `completions`.")
+    values: list = []
+    for j, value in enumerate(result):
+        if value is not None and not isinstance(value, (int, float)) and hasattr(value, "item"):
+            try:
+                value = value.item()  # numpy scalars, 0-d tensors
+            except (ValueError, RuntimeError):
+                pass
+        if value is None:
+            values.append(None)
+            continue
+        if isinstance(value, bool) or type(value).__name__ in ("bool_", "bool8") or not isinstance(value,
+                                                                                                   numbers.Real):
+            raise TypeError(f"reward source {name!r} returned {value!r} ({type(value).__name__}) for "
+                            f"{_where(owners, row_ids, j)}: expected a real number or None.")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"reward source {name!r} returned {value} for {_where(owners, row_ids, j)}: rewards must "
+                             "be finite (return None to drop a completion).")
+        values.append(value)
+    return values
+
+
+async def _await(awaitable):
+    return await awaitable
+
+
+def score_rows(rows: list[dict], sources, weights: list[float] | None = None, *, chunk_size: int = 64,
+               row_ids: list[int] | None = None, log=_log, progress: bool = True) -> tuple[list[dict], dict]:
+    """Score {prompt, completions} rows: `(scored_rows, stats)`.
+
+    Args:
+        rows: dicts with `prompt` and `completions` (K strings, or K message lists); other keys are carried through
+            and passed to the reward functions. An existing `rewards` is replaced.
+        sources: `{name: callable}`, or a list of callables (named by `__name__`), each in GRPO's convention
+            (`load_sources` builds them from specs and a reward model path).
+        weights: one per source (default all 1.0): reward = sum of weight x value.
+        chunk_size: rows per call of a source.
+        row_ids: how errors and logs name the rows (default: their positions in `rows`).
+
+    Empty completions are dropped before scoring; a completion that any source scores None is dropped; a row left
+    with fewer than 2 completions is dropped. Each output row is checked as `nca-trl train` checks it.
+
+    Returns:
+        The scored rows `{"prompt", "completions", "rewards", ...carried}` and the statistics: `rows_in`,
+        `rows_out`, `completions_in`, `completions_out`, `dropped` (`empty_completions`, `none_rewards`,
+        `rows_fewer_than_2_completions`, `completions_in_dropped_rows`), `none_by_source`, `sources` (per source:
+        weight, count, none, mean, std, min, max of its values), `rewards` (the same of the combined rewards),
+        `replaced_rewards` (rows that had a `rewards` column), `metrics` (the means of `log_metric` values).
+    """
+    from ..data.validation import validate_example
+
+    sources = _named(sources)
+    if not sources:
+        raise ValueError("score_rows needs at least one reward source.")
+    names = list(sources)
+    weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(names):
+        raise ValueError(f"{len(weights)} weight(s) for {len(names)} reward source(s) ({', '.join(names)}).")
+    row_ids = list(range(len(rows))) if row_ids is None else list(row_ids)
+    columns = list(dict.fromkeys(k for row in rows for k in row if k not in _NOT_COLUMNS))
+    metrics: dict[str, list[float]] = {}
+
+    def log_metric(name, value):
+        metrics.setdefault(str(name), []).append(float(value))
+
+    def log_extra(column, values):
+        return None
+
+    dropped = {"empty_completions": 0, "none_rewards": 0, "rows_fewer_than_2_completions": 0,
+               "completions_in_dropped_rows": 0}
+    none_by_source = dict.fromkeys(names, 0)
+    values_by_source: dict[str, list[float]] = {name: [] for name in names}
+    replaced = sum(1 for row in rows if row.get("rewards") is not None)
+    if replaced:
+        log(f"{replaced} row(s) already have `rewards`: they are replaced by the new scores")
+    scored: list[dict] = []
+    completions_in = 0
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(rows), unit="row", desc="scoring", dynamic_ncols=True,
+               **({} if progress else {"disable": True}))  # TQDM_DISABLE=1 in the environment also switches it off
+    for start in range(0, len(rows), chunk_size):
+        todo = []  # (position, [(completion index, completion)]) of the rows worth scoring
+        for position in range(start, min(start + chunk_size, len(rows))):
+            row = rows[position]
+            for key in ("prompt", "completions"):
+                if key not in row:
+                    raise ValueError(f"row {row_ids[position]} has no `{key}` (it has {sorted(row)}): `nca-trl score` "
+                                     "needs {prompt, completions} rows, as `nca-trl generate` writes.")
+            completions = row["completions"]
+            if isinstance(completions, (str, bytes)) or not isinstance(completions, (list, tuple)):
+                raise TypeError(f"row {row_ids[position]}: `completions` is {type(completions).__name__}, expected a "
+                                "list of completions.")
+            completions_in += len(completions)
+            kept = [(k, c) for k, c in enumerate(completions) if not is_empty_completion(c)]
+            dropped["empty_completions"] += len(completions) - len(kept)
+            if len(kept) < 2:
+                dropped["rows_fewer_than_2_completions"] += 1
+                dropped["completions_in_dropped_rows"] += len(kept)
+                continue
+            check = {**row, "completions": [c for _, c in kept], "rewards": [0.0] * len(kept)}
+            validate_example(check, row_ids[position], "input")  # the row's shape, before any model runs
+            todo.append((position, kept))
+        if todo:
+            owners = [(position, k) for position, kept in todo for k, _ in kept]
+            kwargs = {
+                "prompts": [rows[position]["prompt"] for position, kept in todo for _ in kept],
+                "completions": [c for _, kept in todo for _, c in kept],
+                **{col: [rows[position].get(col) for position, kept in todo for _ in kept] for col in columns},
+            }
+            kwargs.setdefault("log_metric", log_metric)
+            kwargs.setdefault("log_extra", log_extra)
+            per_source = []
+            for name in names:
+                source = sources[name]
+                call = kwargs if _takes_extras(source) else {k: v for k, v in kwargs.items()
+                                                             if k not in ("log_metric", "log_extra")}
+                values = _call(name, source, call, len(owners), owners, row_ids)
+                none_by_source[name] += sum(v is None for v in values)
+                values_by_source[name].extend(v for v in values if v is not None)
+                per_source.append(values)
+            j = 0
+            for position, kept in todo:
+                out_completions, out_rewards = [], []
+                for _, completion in kept:
+                    values = [per_source[s][j] for s in range(len(names))]
+                    j += 1
+                    if any(v is None for v in values):
+                        dropped["none_rewards"] += 1
+                        continue
+                    out_completions.append(completion)
+                    out_rewards.append(math.fsum(w * v for w, v in zip(weights, values)))
+                if len(out_completions) < 2:
+                    dropped["rows_fewer_than_2_completions"] += 1
+                    dropped["completions_in_dropped_rows"] += len(out_completions)
+                    continue
+                row = rows[position]
+                out = {"prompt": row["prompt"], "completions": out_completions, "rewards": out_rewards,
+                       **{k: v for k, v in row.items() if k not in ("prompt", "completions", "rewards")}}
+                validate_example(out, row_ids[position], "scored")  # what `nca-trl train` will check
+                scored.append(out)
+        bar.update(min(start + chunk_size, len(rows)) - start)
+    bar.close()
+
+    completions_out = sum(len(row["completions"]) for row in scored)
+    stats = {
+        "rows_in": len(rows),
+        "rows_out": len(scored),
+        "completions_in": completions_in,
+        "completions_out": completions_out,
+        "dropped": dropped,
+        "none_by_source": none_by_source,
+        "sources": {name: {"weight": w, **_summary(values_by_source[name]), "none": none_by_source[name]}
+                    for name, w in zip(names, weights)},
+        "rewards": _summary([r for row in scored for r in row["rewards"]]),
+        "replaced_rewards": replaced,
+        "metrics": {name: math.fsum(v) / len(v) for name, v in metrics.items()},
+    }
+    _log_stats(stats, log)
+    return scored, stats
+
+
+def _log_stats(stats: dict, log) -> None:
+    dropped = stats["dropped"]
+    log(f"{stats['rows_out']} of {stats['rows_in']} rows kept, {stats['completions_out']} of "
+        f"{stats['completions_in']} completions")
+    if dropped["empty_completions"]:
+        log(f"dropped {dropped['empty_completions']} empty completion(s) (`nca-trl train` refuses them)")
+    if dropped["none_rewards"]:
+        by = ", ".join(f"{name}: {n}" for name, n in stats["none_by_source"].items() if n)
+        log(f"dropped {dropped['none_rewards']} completion(s) that a source scored None ({by})")
+    if dropped["rows_fewer_than_2_completions"]:
+        log(f"dropped {dropped['rows_fewer_than_2_completions']} row(s) left with fewer than 2 completions (with "
+            f"their {dropped['completions_in_dropped_rows']} other completion(s))")
+    for name, s in stats["sources"].items():
+        if s["count"]:
+            log(f"{name} (weight {s['weight']:g}): mean {s['mean']:.4g}, std {s['std']:.4g}, min {s['min']:.4g}, "
+                f"max {s['max']:.4g} over {s['count']} completions")
+
+
+def _takes_extras(source) -> bool:
+    """Whether a source accepts `log_metric` / `log_extra` (a `**kwargs` or parameters of those names)."""
+    try:
+        parameters = inspect.signature(source).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind is p.VAR_KEYWORD or p.name in ("log_metric", "log_extra") for p in parameters)

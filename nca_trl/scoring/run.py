@@ -1,0 +1,127 @@
+"""`nca-trl score`: read {prompt, completions} rows, score them, write rated rows and the sidecar."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+
+from .arguments import ScoreArguments, parse_score_args
+from .combine import _log, score_rows
+from .sources import load_sources
+
+__all__ = ["load_rows", "score", "scoring_sidecar_path", "write_rows"]
+
+
+def scoring_sidecar_path(output: str | os.PathLike) -> Path:
+    """`out/rated.jsonl` -> `out/rated.scoring.json`."""
+    output = Path(output)
+    return output.with_name(output.stem + ".scoring.json")
+
+
+def load_rows(args: ScoreArguments) -> list[dict]:
+    """The rows to score: split `dataset_split` of `dataset_name` (read as `train` and `generate` read data), its
+    first `max_rows` rows."""
+    from ..data.loading import load_raw
+
+    raw = load_raw(args, SimpleNamespace(datasets=None))
+    if args.dataset_split not in raw:
+        raise ValueError(f"Split {args.dataset_split!r} not found; the data has splits {list(raw)} (`dataset_split`).")
+    dataset = raw[args.dataset_split]
+    missing = [c for c in ("prompt", "completions") if c not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"{args.dataset_name} has no {' and no '.join(f'`{c}`' for c in missing)} column (it has "
+            f"{dataset.column_names}): `nca-trl score` reads {{prompt, completions}} rows, as `nca-trl generate` "
+            "writes them. For a folder written by generate, pass the output file itself."
+        )
+    if args.max_rows is not None and args.max_rows < len(dataset):
+        dataset = dataset.select(range(args.max_rows))
+    return dataset.to_list()
+
+
+def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Write rows to a `.jsonl` or `.parquet` file atomically (a temporary file renamed into place), as `nca-trl
+    generate` writes its output."""
+    from ..generation.output import _json_default, _write_atomic
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            pq.write_table(pa.Table.from_pylist(rows), tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    _write_atomic(path, "".join(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n" for row in rows))
+
+
+def _check_single_process(environ=None) -> None:
+    environ = os.environ if environ is None else environ
+    if int(environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise RuntimeError(
+            "`nca-trl score` runs as one process (each launched process would score every row and write the same "
+            "file): run it without `accelerate launch` / torchrun."
+        )
+
+
+def score(argv: list[str] | None = None) -> dict:
+    """`nca-trl score`: returns the sidecar written to `<output stem>.scoring.json`. Raises (never exits) on errors."""
+    args = parse_score_args(argv)
+    _check_single_process()
+    started = time.time()
+    rows = load_rows(args)
+    _log(f"{len(rows)} rows from {args.dataset_name} (split {args.dataset_split})")
+    sources = load_sources(args.reward_model, args.reward_funcs, revision=args.reward_model_revision,
+                           batch_size=args.batch_size, max_length=args.max_length, dtype=args.dtype,
+                           trust_remote_code=args.trust_remote_code)
+    weights = args.weights
+    _log("reward = " + " + ".join(f"{w:g} x {name}" for name, w in zip(sources, weights)))
+    scored, stats = score_rows(rows, sources, weights, chunk_size=args.chunk_size)
+    described = []
+    for (name, source), weight in zip(sources.items(), weights):
+        entry = {"name": name, "kind": "reward_model" if hasattr(source, "describe") else "reward_function",
+                 "weight": weight}
+        if hasattr(source, "describe"):
+            entry.update(source.describe())
+            if source.truncated:
+                _log(f"warning: {source.truncated} of {source.sequences} reward-model sequence(s) were longer than "
+                     f"max_length={source.max_length} tokens and truncated ({source.tokenizer.truncation_side} side); "
+                     "raise `max_length` to score them whole")
+        described.append(entry)
+    if not scored:
+        raise ValueError(
+            f"Every row was dropped ({stats['rows_in']} rows: {stats['dropped']}; None by source: "
+            f"{stats['none_by_source']}), nothing to write to {args.output}. Check that the reward functions fit "
+            "these rows (a None drops a completion; a row needs 2 completions left)."
+        )
+    if stats["replaced_rewards"]:
+        _log(f"replaced the earlier `rewards` of {stats['replaced_rewards']} row(s)")
+    from ..generation.output import _write_atomic, versions
+
+    sidecar = {
+        "output": str(args.output),
+        "dataset_name": args.dataset_name,
+        "dataset_split": args.dataset_split,
+        "sources": described,
+        "weights": weights,
+        "stats": stats,
+        "arguments": asdict(args),
+        "seconds": round(time.time() - started, 3),
+        "versions": versions(),
+    }
+    sidecar_file = scoring_sidecar_path(args.output)
+    sidecar_file.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(sidecar_file, json.dumps(sidecar, indent=2, default=str) + "\n")
+    write_rows(args.output, scored)
+    _log(f"{len(scored)} rated rows -> {args.output} (train on it: `nca-trl train --dataset_name {args.output}`); "
+         f"settings and statistics in {sidecar_file}")
+    return sidecar

@@ -1,0 +1,345 @@
+"""`nca-trl score`: rewards from a reward model and from reward functions (GRPO's convention), combined, written as
+rated rows that `nca-trl train` reads."""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nca_trl.scoring import parse_score_args, score, score_rows
+from nca_trl.scoring.functions import ascii_letters, sorted_digits
+
+THIS = Path(__file__).resolve()
+REPO = THIS.parents[1]
+
+
+# ------------------------------------------------------------------------------- reward functions used by the tests
+def length_reward(prompts, completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+def constant_two(prompts, completions, **kwargs):
+    return [2.0] * len(completions)
+
+
+def none_for_x(prompts, completions, **kwargs):
+    return [None if "x" in c else 1.0 for c in completions]
+
+
+def matches_answer(prompts, completions, answer, **kwargs):
+    return [float(c == a) for c, a in zip(completions, answer)]
+
+
+def wrong_length(prompts, completions, **kwargs):
+    return [1.0] * (len(completions) - 1)
+
+
+def a_string(prompts, completions, **kwargs):
+    return ["high" if c == "b" else 1.0 for c in completions]
+
+
+def nan_for_bad(prompts, completions, **kwargs):
+    return [float("nan") if c == "bad" else 0.0 for c in completions]
+
+
+NOT_CALLABLE = 3
+
+
+def spec(name: str) -> str:
+    return f"{THIS}:{name}"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------------- a reward model
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory):
+    """A tiny random `MistralForSequenceClassification` (num_labels=1) with the Mistral tokenizer and chat template."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from nca_trl.tiny import model_config, save_mistral_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-rm")
+    tokenizer = save_mistral_tokenizer(path)
+    config = model_config(tokenizer)
+    config.num_labels = 1
+    config.pad_token_id = tokenizer.eos_token_id
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    torch.nn.init.normal_(model.score.weight, std=1.0)  # rewards of order 1: differences well above 1e-5
+    model.save_pretrained(path)
+    return str(path)
+
+
+STANDARD = [
+    {"prompt": "Q: 2+2?\nA:", "completions": [" 4", " four, obviously", " 5 or so, I think, give or take"], "id": 0},
+    {"prompt": "Name a colour:", "completions": [" red", " a very dark shade of blue"], "id": 1},
+    {"prompt": "Hi", "completions": [" there, how are you doing today?", "!", " hello"], "id": 2},
+]
+CHAT = [
+    {"prompt": [{"role": "user", "content": "Say hi"}],
+     "completions": [[{"role": "assistant", "content": "hi"}], [{"role": "assistant", "content": "Hello there, friend"}],
+                     [{"role": "assistant", "content": "hey!"}]], "id": 0},
+    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],
+     "completions": [[{"role": "assistant", "content": "Red"}], [{"role": "assistant", "content": "A deep blue."}]],
+     "id": 1},
+]
+
+
+def direct_rewards(path, rows):
+    """One forward pass per sequence: the text (or chat) tokenized by hand, `logits[:, 0]`."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    out = []
+    for row in rows:
+        rewards = []
+        for completion in row["completions"]:
+            if isinstance(row["prompt"], str):
+                ids = tokenizer(row["prompt"] + completion + tokenizer.eos_token)["input_ids"]
+            else:
+                ids = tokenizer.apply_chat_template(row["prompt"] + completion, tokenize=True, return_dict=True)[
+                    "input_ids"]
+            with torch.no_grad():
+                rewards.append(model(input_ids=torch.tensor([ids])).logits[0, 0].item())
+        out.append(rewards)
+    return out
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_reward_model_scores_equal_a_direct_forward_pass(reward_model, tmp_path, batch_size):
+    for name, rows, suffix in (("standard", STANDARD, ".jsonl"), ("chat", CHAT, ".parquet")):
+        data = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+        output = tmp_path / f"{name}-rated{suffix}"
+        sidecar = score(["--dataset_name", data, "--reward_model", reward_model, "--output", str(output),
+                         "--batch_size", str(batch_size), "--dtype", "auto"])
+        if suffix == ".parquet":
+            import datasets
+
+            scored = datasets.load_dataset("parquet", data_files=str(output), split="train").to_list()
+        else:
+            scored = read_jsonl(output)
+        expected = direct_rewards(reward_model, rows)
+        assert [r["id"] for r in scored] == [r["id"] for r in rows]
+        assert [r["completions"] for r in scored] == [r["completions"] for r in rows]
+        for got, want in zip(scored, expected):
+            assert got["rewards"] == pytest.approx(want, abs=1e-5)
+        assert len({round(r, 3) for row in expected for r in row}) > 3  # the rewards differ: the check has teeth
+        (source,) = sidecar["sources"]
+        assert source["kind"] == "reward_model" and source["dtype"] == "float32" and source["batch_size"] == batch_size
+        assert source["truncated_sequences"] == 0 and source["sequences"] == sum(len(r["completions"]) for r in rows)
+        assert json.loads((tmp_path / f"{name}-rated.scoring.json").read_text())["stats"]["rows_out"] == len(rows)
+
+
+def test_reward_model_truncation_is_counted(reward_model, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "rows.jsonl", STANDARD)
+    sidecar = score(["--dataset_name", data, "--reward_model", reward_model, "--output", str(tmp_path / "o.jsonl"),
+                     "--max_length", "6"])
+    (source,) = sidecar["sources"]
+    assert source["max_length"] == 6 and 0 < source["truncated_sequences"] <= source["sequences"] == 8
+    assert "were longer than max_length=6 tokens and truncated" in capsys.readouterr().out
+
+
+def test_a_reward_model_needs_one_label(reward_model, tmp_path):
+    import shutil
+
+    two = tmp_path / "two-labels"
+    shutil.copytree(reward_model, two)
+    config = json.loads((two / "config.json").read_text())
+    config["id2label"] = {"0": "LABEL_0", "1": "LABEL_1"}
+    config["label2id"] = {"LABEL_0": 0, "LABEL_1": 1}
+    (two / "config.json").write_text(json.dumps(config))
+    data = write_jsonl(tmp_path / "rows.jsonl", STANDARD)
+    with pytest.raises(ValueError, match="has num_labels=2"):
+        score(["--dataset_name", data, "--reward_model", str(two), "--output", str(tmp_path / "o.jsonl")])
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------------------------- reward functions
+def test_none_drops_the_completion_and_then_the_row_with_counts_in_the_sidecar(tmp_path):
+    rows = [
+        {"prompt": "p0", "completions": ["a", "xb", "cc"], "tag": "keep"},    # xb: None -> 2 left, kept
+        {"prompt": "p1", "completions": ["xa", "xb", "c"], "tag": "drop"},    # 1 left -> row dropped
+        {"prompt": "p2", "completions": ["a", "", "bbb"], "tag": "empty"},   # "" dropped, 2 left, kept
+        {"prompt": "p3", "completions": ["", "x", "a"], "tag": "drop2"},     # "" and x dropped -> row dropped
+        {"prompt": "p4", "completions": ["a", "bb"], "rewards": [9.0, 9.0], "tag": "old"},  # rewards replaced
+    ]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    output = tmp_path / "out" / "rated.jsonl"
+    sidecar = score(["--dataset_name", data, "--reward_funcs", spec("none_for_x"), "--reward_funcs",
+                     spec("length_reward"), "--output", str(output), "--chunk_size", "2"])
+    scored = read_jsonl(output)
+    assert [r["tag"] for r in scored] == ["keep", "empty", "old"]
+    assert [r["completions"] for r in scored] == [["a", "cc"], ["a", "bbb"], ["a", "bb"]]
+    assert [r["rewards"] for r in scored] == [[2.0, 3.0], [2.0, 4.0], [2.0, 3.0]]
+    assert list(scored[0]) == ["prompt", "completions", "rewards", "tag"]
+    stats = sidecar["stats"]
+    assert stats["dropped"] == {"empty_completions": 2, "none_rewards": 4, "rows_fewer_than_2_completions": 2,
+                                "completions_in_dropped_rows": 2}
+    assert stats["none_by_source"] == {spec("none_for_x"): 4, spec("length_reward"): 0}
+    assert (stats["rows_in"], stats["rows_out"], stats["completions_in"], stats["completions_out"]) == (5, 3, 14, 6)
+    assert stats["replaced_rewards"] == 1
+    lengths = [1, 2, 2, 2, 2, 1, 1, 3, 1, 1, 1, 2]  # every non-empty completion is scored, kept or not
+    assert stats["sources"][spec("length_reward")] == {
+        "weight": 1.0, "count": 12, "mean": pytest.approx(19 / 12), "std": pytest.approx(statistics.pstdev(lengths)),
+        "min": 1.0, "max": 3.0, "none": 0}
+    written = json.loads((tmp_path / "out" / "rated.scoring.json").read_text())
+    assert written["stats"] == json.loads(json.dumps(stats)) and written["weights"] == [1.0, 1.0]
+    assert {"torch", "transformers", "trl", "nca-trl"} <= set(written["versions"])
+    assert [s["kind"] for s in written["sources"]] == ["reward_function"] * 2
+
+
+def test_two_sources_with_weights_give_the_weighted_sum(tmp_path, monkeypatch):
+    # a module of the current folder, named `module:function` and `module.function`
+    (tmp_path / "my_rewards.py").write_text(
+        "def length(prompts, completions, **kwargs):\n    return [float(len(c)) for c in completions]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    rows = [{"prompt": "p", "completions": ["a", "bbb", "cc"]}, {"prompt": "q", "completions": ["dddd", "e"]}]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    sidecar = score(["--dataset_name", data, "--reward_funcs", "my_rewards:length", spec("constant_two"),
+                     "my_rewards.length", "--reward_weights", "0.5", "-1.5", "0.25", "--output", "rated.parquet"])
+    import datasets
+
+    scored = datasets.load_dataset("parquet", data_files=str(tmp_path / "rated.parquet"), split="train").to_list()
+    assert [r["rewards"] for r in scored] == [[0.75 * n - 3.0 for n in (1, 3, 2)], [0.75 * n - 3.0 for n in (4, 1)]]
+    assert sidecar["weights"] == [0.5, -1.5, 0.25]
+    assert [s["name"] for s in sidecar["sources"]] == ["my_rewards:length", spec("constant_two"), "my_rewards.length"]
+    assert sidecar["stats"]["rewards"]["min"] == -2.25 and sidecar["stats"]["rewards"]["max"] == 0.0
+
+
+def test_reward_functions_get_grpo_style_flattened_arguments():
+    calls = []
+
+    def recorder(prompts, completions, **kwargs):
+        calls.append({"prompts": prompts, "completions": completions, **kwargs})
+        kwargs["log_metric"]("seen", len(completions))
+        return [0.0] * len(completions)
+
+    rows = [{"prompt": "p0", "completions": ["a", "b"], "answer": "b", "meta": {"k": 1}},
+            {"prompt": "p1", "completions": ["c", "d", "e"], "answer": "e", "meta": {"k": 2}},
+            {"prompt": "p2", "completions": ["f", "g"], "answer": "f", "meta": None}]
+    scored, stats = score_rows(rows, {"rec": recorder, "match": matches_answer}, [0.0, 1.0], chunk_size=2,
+                               progress=False)
+    assert [r["rewards"] for r in scored] == [[0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 0.0]]
+    assert [set(c) for c in calls] == [{"prompts", "completions", "answer", "meta", "log_metric", "log_extra"}] * 2
+    assert calls[0]["prompts"] == ["p0", "p0", "p1", "p1", "p1"] and calls[1]["prompts"] == ["p2", "p2"]
+    assert calls[0]["completions"] == ["a", "b", "c", "d", "e"]
+    assert calls[0]["answer"] == ["b", "b", "e", "e", "e"] and calls[0]["meta"] == [{"k": 1}] * 2 + [{"k": 2}] * 3
+    assert stats["metrics"] == {"seen": 3.5} and stats["sources"]["rec"]["weight"] == 0.0
+
+
+@pytest.mark.parametrize("func, match", [
+    ("wrong_length", r"returned 6 rewards for rows 0-2, expected 7"),
+    ("a_string", r"returned 'high' \(str\) for row 0, completion 1: expected a real number"),
+    ("nan_for_bad", r"returned nan for row 2, completion 1: rewards must be finite"),
+    ("NOT_CALLABLE", r"is a int, not callable"),
+    ("no_such_function", r"has no attribute 'no_such_function'"),
+])
+def test_bad_reward_functions_are_errors_naming_the_source_and_the_row(tmp_path, func, match):
+    rows = [{"prompt": "p", "completions": ["a", "b"]}, {"prompt": "q", "completions": ["a", "c", "d"]},
+            {"prompt": "r", "completions": ["a", "bad"]}]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    with pytest.raises((ValueError, TypeError), match=match) as error:
+        score(["--dataset_name", data, "--reward_funcs", spec(func), "--output", str(tmp_path / "o.jsonl")])
+    assert spec(func) in str(error.value)
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.scoring.json").exists()
+
+
+def test_arguments_and_sources_are_checked(tmp_path):
+    base = ["--dataset_name", "d.jsonl", "--output", "o.jsonl"]
+    with pytest.raises(ValueError, match=r"`reward_weights` has 1 value\(s\) but there are 2 reward source\(s\)"):
+        parse_score_args([*base, "--reward_model", "rm", "--reward_funcs", "m:f", "--reward_weights", "1"])
+    with pytest.raises(ValueError, match="at least one reward source"):
+        parse_score_args(base)
+    with pytest.raises(ValueError, match="finite"):
+        parse_score_args([*base, "--reward_funcs", "m:f", "--reward_weights", "nan"])
+    with pytest.raises(ValueError, match="`output` must end with one of"):
+        parse_score_args(["--dataset_name", "d", "--output", "o.csv", "--reward_funcs", "m:f"])
+    with pytest.raises(ValueError, match="needs `output`"):
+        parse_score_args(["--dataset_name", "d", "--reward_funcs", "m:f"])
+    args = parse_score_args([*base, "--reward_funcs", "a:f", "--batch_size", "2", "--reward_funcs", "b:g", "c:h"])
+    assert args.reward_funcs == ["a:f", "b:g", "c:h"] and args.weights == [1.0, 1.0, 1.0]
+    config = tmp_path / "s.yaml"
+    config.write_text("reward_func: [a:f]\n")
+    with pytest.raises(ValueError, match="did you mean 'reward_funcs'.*nca-trl score --help"):
+        parse_score_args([*base, "--config", str(config)])
+    config.write_text("reward_funcs: [a:f, b:g]\nreward_weights: [2, 3]\n")
+    assert parse_score_args([*base, "--config", str(config)]).weights == [2.0, 3.0]
+
+    out = str(tmp_path / "o.jsonl")
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "p", "completions": ["a", "xb"]}])
+    with pytest.raises(ValueError, match="no module named 'no_such_module_xyz'"):
+        score(["--dataset_name", rows, "--reward_funcs", "no_such_module_xyz:f", "--output", out])
+    with pytest.raises(ValueError, match="does not exist"):
+        score(["--dataset_name", rows, "--reward_funcs", str(tmp_path / "nope.py:f"), "--output", out])
+    with pytest.raises(ValueError, match="Every row was dropped"):
+        score(["--dataset_name", rows, "--reward_funcs", spec("none_for_x"), "--output", out])
+    assert not (tmp_path / "o.jsonl").exists()
+    no_completions = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "p"}])
+    with pytest.raises(ValueError, match="no `completions` column"):
+        score(["--dataset_name", no_completions, "--reward_funcs", "ascii_letters", "--output", out])
+
+
+def test_bundled_reward_functions():
+    prompts = ["31415>", "<s>31415>", "31415>", "31415>", "Sort: 907>", "hello", "hi>"]
+    completions = ["11345", " 11345\n", "11354", "1134", "079", "x", "x"]
+    assert sorted_digits(prompts, completions) == [1.0, 1.0, 3 / 5, 4 / 5, 1.0, None, None]
+    chat_prompt = [{"role": "user", "content": "2210>"}]
+    assert sorted_digits([chat_prompt], [[{"role": "assistant", "content": "0122"}]]) == [1.0]
+    assert sorted_digits(["12>"], ["123"]) == [2 / 3]  # an extra character counts as wrong
+    assert ascii_letters(["p"] * 5, ["Hello world", "Hi 42!", "", "éé a", [{"role": "assistant", "content": "ok."}]]) \
+        == [1.0, 0.5, None, 0.5, 2 / 3]
+    # through the command's names
+    rows = [{"prompt": "321>", "completions": ["123", "132", "1"]}]
+    scored, _ = score_rows(rows, {"sorted_digits": sorted_digits}, progress=False)
+    assert scored[0]["rewards"] == [1.0, 1 / 3, 1 / 3]
+
+
+# -------------------------------------------------------------------------------------------------------- pipeline
+@pytest.mark.slow
+def test_cli_generate_then_score_then_train(tiny_mistral, tmp_path, hh):
+    """`nca-trl generate ... && nca-trl score ... && nca-trl train --dataset_name <scored file>`, in subprocesses."""
+    prompts = [{"prompt": row["prompt"], "source": "hh"} for row in hh if len(row["prompt"]) < 160][:6]
+    data = write_jsonl(tmp_path / "prompts.jsonl", prompts)
+    samples, rated, out = tmp_path / "gen" / "samples.jsonl", tmp_path / "gen" / "rated.jsonl", tmp_path / "trained"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+
+    def run(*argv):
+        done = subprocess.run([sys.executable, "-m", "nca_trl.cli", *argv], check=False, capture_output=True,
+                              text=True, env=env, cwd=REPO, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    run("generate", "--model_name_or_path", tiny_mistral, "--dataset_name", data, "--output", str(samples),
+        "--num_completions", "3", "--max_new_tokens", "8")
+    printed = run("score", "--dataset_name", str(samples), "--reward_funcs", "nca_trl.scoring.functions:ascii_letters",
+                  "--output", str(rated))
+    assert "[nca-trl score]" in printed
+    scored = read_jsonl(rated)
+    assert 1 <= len(scored) <= 6 and all(row["source"] == "hh" for row in scored)
+    for row in scored:
+        assert 2 <= len(row["completions"]) == len(row["rewards"]) <= 3
+        assert row["rewards"] == ascii_letters([row["prompt"]] * len(row["completions"]), row["completions"])
+    assert json.loads((tmp_path / "gen" / "rated.scoring.json").read_text())["stats"]["rows_out"] == len(scored)
+    run("train", "--model_name_or_path", tiny_mistral, "--dataset_name", str(rated), "--output_dir", str(out),
+        "--max_steps", "2", "--per_device_train_batch_size", "2", "--max_length", "64", "--report_to", "none",
+        "--use_cpu", "true", "--bf16", "false", "--activation_checkpointing", "false", "--save_strategy", "no",
+        "--logging_steps", "1", "--dtype", "float32")
+    assert (out / "config.json").exists() and any(out.glob("*.safetensors"))
+    assert json.loads((out / "run_info.json").read_text())["global_step"] == 2
