@@ -46,6 +46,10 @@ def nan_for_bad(prompts, completions, **kwargs):
     return [float("nan") if c == "bad" else 0.0 for c in completions]
 
 
+def raises(prompts, completions, **kwargs):
+    return [kwargs["solution"] for _ in completions]
+
+
 NOT_CALLABLE = 3
 
 
@@ -143,6 +147,17 @@ def test_reward_model_scores_equal_a_direct_forward_pass(reward_model, tmp_path,
         assert source["kind"] == "reward_model" and source["dtype"] == "float32" and source["batch_size"] == batch_size
         assert source["truncated_sequences"] == 0 and source["sequences"] == sum(len(r["completions"]) for r in rows)
         assert json.loads((tmp_path / f"{name}-rated.scoring.json").read_text())["stats"]["rows_out"] == len(rows)
+
+
+def test_reward_model_first_then_functions_weighted(reward_model, tmp_path):
+    data = write_jsonl(tmp_path / "rows.jsonl", STANDARD)
+    sidecar = score(["--dataset_name", data, "--reward_funcs", spec("length_reward"), "--reward_model", reward_model,
+                     "--reward_weights", "2", "0.5", "--output", str(tmp_path / "o.jsonl")])
+    expected = direct_rewards(reward_model, STANDARD)
+    for got, row, model in zip(read_jsonl(tmp_path / "o.jsonl"), STANDARD, expected):
+        assert got["rewards"] == pytest.approx([2 * m + 0.5 * len(c) for m, c in zip(model, row["completions"])],
+                                               abs=1e-5)
+    assert [(s["kind"], s["weight"]) for s in sidecar["sources"]] == [("reward_model", 2.0), ("reward_function", 0.5)]
 
 
 def test_reward_model_truncation_is_counted(reward_model, tmp_path, capsys):
@@ -247,6 +262,7 @@ def test_reward_functions_get_grpo_style_flattened_arguments():
     ("wrong_length", r"returned 6 rewards for rows 0-2, expected 7"),
     ("a_string", r"returned 'high' \(str\) for row 0, completion 1: expected a real number"),
     ("nan_for_bad", r"returned nan for row 2, completion 1: rewards must be finite"),
+    ("raises", r"failed on rows 0-2: KeyError: 'solution'"),
     ("NOT_CALLABLE", r"is a int, not callable"),
     ("no_such_function", r"has no attribute 'no_such_function'"),
 ])
@@ -254,7 +270,7 @@ def test_bad_reward_functions_are_errors_naming_the_source_and_the_row(tmp_path,
     rows = [{"prompt": "p", "completions": ["a", "b"]}, {"prompt": "q", "completions": ["a", "c", "d"]},
             {"prompt": "r", "completions": ["a", "bad"]}]
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
-    with pytest.raises((ValueError, TypeError), match=match) as error:
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match) as error:
         score(["--dataset_name", data, "--reward_funcs", spec(func), "--output", str(tmp_path / "o.jsonl")])
     assert spec(func) in str(error.value)
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.scoring.json").exists()

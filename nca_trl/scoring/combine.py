@@ -78,12 +78,15 @@ def _call(name: str, source, kwargs: dict, expected: int, owners, row_ids) -> li
         ) from None
     except ValueError:  # no signature (some builtins): call it and see
         pass
-    result = source(**kwargs)
-    if inspect.isawaitable(result):
-        result = asyncio.run(result) if inspect.iscoroutine(result) else asyncio.run(_await(result))
+    rows = f"rows {row_ids[owners[0][0]]}-{row_ids[owners[-1][0]]}"
+    try:
+        result = source(**kwargs)
+        if inspect.isawaitable(result):  # an async reward function (GRPO accepts them too)
+            result = asyncio.run(result) if inspect.iscoroutine(result) else asyncio.run(_await(result))
+    except Exception as e:
+        raise RuntimeError(f"reward source {name!r} failed on {rows}: {type(e).__name__}: {e}") from e
     if hasattr(result, "tolist") and not isinstance(result, (list, tuple)):
         result = result.tolist()  # a tensor or an array of rewards
-    rows = f"rows {row_ids[owners[0][0]]}-{row_ids[owners[-1][0]]}" if owners else "no rows"
     if not isinstance(result, (list, tuple)):
         raise TypeError(f"reward source {name!r} returned {type(result).__name__} for {rows}, expected a list of "
                         f"{expected} rewards (float or None), one per completion.")

@@ -103,8 +103,6 @@ def score(argv: list[str] | None = None) -> dict:
             f"{stats['none_by_source']}), nothing to write to {args.output}. Check that the reward functions fit "
             "these rows (a None drops a completion; a row needs 2 completions left)."
         )
-    if stats["replaced_rewards"]:
-        _log(f"replaced the earlier `rewards` of {stats['replaced_rewards']} row(s)")
     from ..generation.output import _write_atomic, versions
 
     sidecar = {
