@@ -193,9 +193,14 @@ def make_tiny_model_main(argv: list[str]) -> str:
     parser.add_argument("--arch", choices=("mistral", "mixtral"), default="mistral")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--vocab", choices=("mistral", "digits"), default="mistral",
+                        help="the real Mistral-7B tokenizer, or 14 character tokens for the sorting task "
+                        "(recipes/tiny/iterate_nca.yaml)")
     ns = parser.parse_args(argv)
-    path = build_tiny_model(ns.out_dir, arch=ns.arch, seed=ns.seed, size=ns.size)
-    print(f"[nca-trl] tiny {ns.arch} ({ns.size}, seed {ns.seed}) written to {os.path.abspath(path)}")
+    path = build_tiny_model(ns.out_dir, arch=ns.arch, seed=ns.seed, size=ns.size, vocab=ns.vocab,
+                            max_position_embeddings=64 if ns.vocab == "digits" else 4096)
+    print(f"[nca-trl] tiny {ns.arch} ({ns.size}, {ns.vocab} vocabulary, seed {ns.seed}) written to "
+          f"{os.path.abspath(path)}")
     return path
 
 

@@ -84,6 +84,37 @@ def save_mistral_tokenizer(out_dir: str | os.PathLike):
     return AutoTokenizer.from_pretrained(out_dir)
 
 
+DIGITS_VOCAB = list("0123456789>")
+
+
+def save_tokenizer(core, out_dir: str | os.PathLike):
+    """Give a `tokenizers.Tokenizer` Mistral's special tokens and BOS rule (`<s>` first; EOS and pad `</s>`), save it
+    to `out_dir` and load it back as the HF tokenizer the trainers take as processing_class."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", core.token_to_id("<s>"))]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
+    tok.save_pretrained(out_dir)
+    return AutoTokenizer.from_pretrained(out_dir)
+
+
+def save_digits_tokenizer(out_dir: str | os.PathLike):
+    """A character-level tokenizer over the digits and `>` (plus `<unk>`, `<s>`, `</s>`: 14 tokens), for the sorting
+    task (`"31415>"` -> `"11345"`, `nca_trl.scoring.functions.sorted_digits`), saved to `out_dir` and loaded back."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *DIGITS_VOCAB])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return save_tokenizer(core, out_dir)
+
+
 def model_config(tokenizer, arch: str = "mistral", size="tiny", max_position_embeddings: int = 4096):
     """A `MistralConfig` / `MixtralConfig` of the given size over `tokenizer`'s vocabulary and special tokens."""
     from transformers import MistralConfig, MixtralConfig
@@ -117,6 +148,7 @@ def build_tiny_model(
     seed: int = 0,
     size: str | tuple[int, int, int, int, int] = "tiny",
     max_position_embeddings: int = 4096,
+    vocab: str = "mistral",
 ) -> str:
     """Build a random-weight causal LM of the Mistral or Mixtral architecture with the Mistral-7B tokenizer.
 
@@ -125,6 +157,8 @@ def build_tiny_model(
         arch: `"mistral"` or `"mixtral"` (4 experts, top-2, router aux loss coefficient 0.02).
         seed: weight initialisation seed; two different seeds give two different models.
         size: a key of `SIZES` or a tuple `(hidden, intermediate, layers, heads, kv_heads)`.
+        vocab: `"mistral"` (the real Mistral-7B tokenizer) or `"digits"` (`save_digits_tokenizer`, 14 tokens: the
+            sorting task of `recipes/tiny/iterate_nca.yaml`, which a tiny model learns in a minute on a CPU).
 
     Returns:
         `str(out_dir)`, loadable with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`.
@@ -132,7 +166,9 @@ def build_tiny_model(
     import torch
     from transformers import AutoModelForCausalLM
 
-    tokenizer = save_mistral_tokenizer(out_dir)
+    if vocab not in ("mistral", "digits"):
+        raise ValueError(f"vocab must be 'mistral' or 'digits', got {vocab!r}")
+    tokenizer = save_mistral_tokenizer(out_dir) if vocab == "mistral" else save_digits_tokenizer(out_dir)
     config = model_config(tokenizer, arch, size, max_position_embeddings)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

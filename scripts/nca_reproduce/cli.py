@@ -1,6 +1,6 @@
 """The command line: `python scripts/reproduce.py [--out DIR] [--quick] [--experiments ...] [--set EXP.KEY=VALUE ...]`.
 
-Runs the chosen experiments in order (identity, trend, reward), then writes results.json, summary.md and the figures
+Runs the chosen experiments in order (identity, trend, reward, iterative), then writes results.json, summary.md and the figures
 to `--out`."""
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from . import __doc__ as OVERVIEW
 from .common import quiet_libraries
 from .ground_truth import run_reward
 from .identity import run_identity
-from .report import plot_reward, plot_reward_grid, plot_trend, summary_markdown
+from .iterative import run_iterative
+from .report import plot_iterative, plot_reward, plot_reward_grid, plot_trend, summary_markdown
 from .settings import load_settings
 from .trend import run_trend
 
-EXPERIMENTS = {"identity": run_identity, "trend": run_trend, "reward": run_reward}
+EXPERIMENTS = {"identity": run_identity, "trend": run_trend, "reward": run_reward, "iterative": run_iterative}
 
 
 def parse_args(argv=None):
@@ -100,6 +101,8 @@ def main(argv=None):
     if "reward" in results:
         plot_reward(results["reward"], settings["reward"], out / "ground_truth_reward.png")
         plot_reward_grid(results["reward"], out / "ground_truth_sensitivity.png")
+    if "iterative" in results:
+        plot_iterative(results["iterative"], out / "iterative_reward.png")
     (out / "summary.md").write_text(summary_markdown(results))
     (out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False))
     print(summary_markdown(results))

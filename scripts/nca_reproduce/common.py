@@ -129,19 +129,11 @@ def build_model(out_dir, tok, seed, size, max_position_embeddings):
 
 
 def save_tokenizer(core, out_dir):
-    """Give a `tokenizers.Tokenizer` Mistral's special tokens and BOS rule (`<s>` first; EOS and pad `</s>`), save it
-    to `out_dir` and load it back as the HF tokenizer the trainers take as processing_class."""
-    from tokenizers import processors
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    """`nca_trl.tiny.save_tokenizer`: Mistral's special tokens and BOS rule on a `tokenizers.Tokenizer`, saved and
+    loaded back (imported here, after the environment above is set)."""
+    from nca_trl.tiny import save_tokenizer as save
 
-    core.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", core.token_to_id("<s>"))]
-    )
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
-    )
-    tok.save_pretrained(out_dir)
-    return AutoTokenizer.from_pretrained(out_dir)
+    return save(core, out_dir)
 
 
 # ----------------------------------------------------------------------------------------------------- trainers

@@ -17,28 +17,16 @@ from .common import (
     build_model,
     make_pref_trainer,
     mean_std,
-    save_tokenizer,
     seed_everything,
     sft,
     train_metric_history,
 )
 
-CHAR_VOCAB = list("0123456789>")
-
-
-def setting_key(lr, beta):
-    return f"lr={lr:g},beta={beta:g}"
-
-
 def build_char_tokenizer(out_dir):
-    """A character-level tokenizer (digits, '>', BOS/EOS) in the HF format the trainers take as processing_class."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    """The character-level tokenizer (digits, '>', BOS/EOS) of `nca_trl.tiny.save_digits_tokenizer`."""
+    from nca_trl.tiny import save_digits_tokenizer
 
-    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *CHAR_VOCAB])}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    return save_tokenizer(core, out_dir)
+    return save_digits_tokenizer(out_dir)
 
 
 def build_char_model(out_dir, seed, size):

@@ -51,6 +51,24 @@ FULL = {
         # sensitivity: every method is also trained at each of these (lr, beta), same SFT model and samples
         "grid": {"lr": [1e-4, 5e-4], "beta": [0.01, 0.1, 1.0]},
     },
+    "iterative": {
+        "num_digits": 5,
+        "model_size": [128, 256, 2, 4, 2],
+        "num_demos": 128,
+        "sft_steps": 100,
+        "sft_batch_size": 32,
+        "sft_lr": 3e-3,
+        "rounds": 3,
+        "prompts_per_round": 160,  # round r trains on its own 160 prompts; `NCA offline` on all 480 at once
+        "num_heldout": 200,
+        "k": 4,
+        "epochs": 3,  # per round: 30 steps of 16 prompts (offline: 90 steps, the same total)
+        "batch_size": 16,
+        "lr": 1e-4,
+        "beta": 0.1,
+        "alpha": 0.1,
+        "reference": "initial",
+    },
 }
 QUICK = {
     "seeds": [0],
@@ -76,6 +94,17 @@ QUICK = {
         "steps": 4,
         "batch_size": 8,
         "grid": {"lr": [1e-4], "beta": [0.1]},
+    },
+    "iterative": {
+        **FULL["iterative"],
+        "model_size": [32, 64, 1, 2, 1],
+        "num_demos": 64,
+        "sft_steps": 20,
+        "rounds": 2,
+        "prompts_per_round": 16,
+        "num_heldout": 16,
+        "epochs": 1,
+        "batch_size": 8,
     },
 }
 
