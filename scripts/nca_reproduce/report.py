@@ -192,8 +192,7 @@ def summary_markdown(results):
 def iterative_markdown(it):
     """Per method and round, the held-out true reward of the policy's samples (mean ± std over seeds, per seed)."""
     lines = ["### Iterative training (nca-trl iterate) on the sorting task: held-out true reward of the policy's "
-             "samples per round
-", "| method | round | prompts trained on | mean reward | best of K | KL to SFT | "
+             "samples per round\n", "| method | round | prompts trained on | mean reward | best of K | KL to SFT | "
              "per-seed mean reward |", "|---|---|---|---|---|---|---|"]
     first_seed = next(iter(it["per_seed"].values()))["rounds"]
     for name, rows in it["summary"].items():
