@@ -98,3 +98,115 @@ def test_completion_logps_equal_one_sequence_at_a_time(tiny_mistral):
     ids = torch.tensor([prompt + completion])
     logps = model(ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None]).squeeze(1)
     assert alone[1] == pytest.approx(logps[len(prompt) - 1:].sum().item(), abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- the loop, end to end
+SORT_PROMPTS = REPO / "data" / "sort_prompts.jsonl"
+
+
+@pytest.fixture(scope="module")
+def digits_model(tmp_path_factory):
+    """A random tiny Mistral over the 14-token digits vocabulary (the sorting task of the tiny iterate recipe)."""
+    from nca_trl.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("digits"), seed=0, max_position_embeddings=64, vocab="digits")
+
+
+def _recipe(tmp_path, model, out, **overrides):
+    """The tiny iterate recipe, made smaller: 2 rounds x 16 prompts, 8 held out."""
+    recipe = yaml.safe_load((REPO / "recipes" / "tiny" / "iterate_nca.yaml").read_text())
+    recipe.update(model_name_or_path=str(model), dataset_name=str(SORT_PROMPTS), output_dir=str(out), rounds=2,
+                  prompts_per_round=16, heldout_prompts=8)
+    recipe["training"].update(num_train_epochs=1, per_device_train_batch_size=4, use_cpu=True, disable_tqdm=True)
+    for key, value in overrides.items():
+        if key == "training":
+            recipe["training"].update(value)
+        else:
+            recipe[key] = value
+    path = tmp_path / f"{Path(out).name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _iterate_process(recipe, out, *extra):
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "nca_trl.cli", "iterate", "--config", str(recipe), *extra],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _status(out, r):
+    path = Path(out) / f"round-{r}" / "status.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+@pytest.mark.slow
+def test_two_round_iterate_resumes_after_a_kill_in_round_two(digits_model, tmp_path):
+    """Run 1 is killed (SIGKILL: nothing gets to clean up) in round 2, once its training has written a complete
+    checkpoint; run 2, the same command, skips round 0 and 1 (their files untouched), does not sample or score round 2
+    again, resumes round 2's training from the checkpoint and finishes with the table and the plot."""
+    out = tmp_path / "run"
+    recipe = _recipe(tmp_path, digits_model, out, training={"save_strategy": "steps", "save_steps": 1})
+
+    proc = _iterate_process(recipe, out)
+    deadline = time.time() + 400
+    while proc.poll() is None and time.time() < deadline:
+        if list((out / "round-2" / "model").glob("checkpoint-*/nca_trl_complete.json")):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    log1 = proc.communicate(timeout=60)[0]
+    assert proc.returncode == -signal.SIGKILL, log1[-3000:]
+    assert set(_status(out, 1)) == {"generate", "score", "train", "eval"}
+    assert set(_status(out, 2)) == {"generate", "score"}, "the kill came after round 2's training had finished"
+    done = {p: p.stat().st_mtime_ns for p in (*(out / "round-0").rglob("*"), *(out / "round-1").rglob("*"),
+                                              out / "round-2" / "samples.jsonl", out / "round-2" / "rated.jsonl")
+            if p.is_file()}
+
+    proc = _iterate_process(recipe, out)
+    log2 = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, log2[-3000:]
+    assert "round 0: done" in log2 and "round 1: done" in log2 and "--resume_from_checkpoint true" in log2
+    assert "round-2/samples.jsonl" not in log2.split("nca-trl generate")[1].split("\n")[0]  # only the eval sampled
+    assert "round-2/rated.jsonl" not in log2  # round 2's samples were not scored again
+    assert {p: p.stat().st_mtime_ns for p in done} == done
+    info = json.loads((out / "round-2" / "model" / "run_info.json").read_text())
+    assert info["global_step"] == 4  # 16 prompts / 4 per step, one epoch: the resumed run finished the same steps
+    results = json.loads((out / "iterate_results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
+    assert results["rounds"][0]["kl_to_initial"] == 0 and results["rounds"][2]["kl_to_initial"] != 0
+    assert all(0 <= r["reward_mean"] <= r["reward_best_of_k"] <= 1 for r in results["rounds"])
+    # Round 2 starts from round 1's policy, against the initial model as its reference (`reference: initial`)
+    train2 = yaml.safe_load((out / "round-2" / "train.yaml").read_text())
+    assert train2["model_name_or_path"] == str(out / "round-1" / "model")
+    assert train2["ref_model_name_or_path"] == str(digits_model)
+    assert (out / "iterate_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| round | trained on | mean reward | best-of-K | KL to initial | length (tokens) |" in log2
+
+    # Settings that change samples or updates cannot be changed on a restart
+    from nca_trl.iterate import iterate
+
+    with pytest.raises(ValueError, match="other settings.*seed: 0 -> 5"):
+        iterate(["--config", str(recipe), "--seed", "5"])
+
+
+@pytest.mark.slow
+def test_iterate_with_the_dpo_baseline_trains_trl_dpo_on_best_vs_worst(digits_model, tmp_path):
+    """`loss: dpo` runs trl.DPOTrainer on each prompt's best-vs-worst pair (ties left out, counted) in the same loop,
+    with `reference: previous`; the NCA-only `alpha` of the recipe is ignored and said so."""
+    from transformers import AutoModelForCausalLM
+
+    from nca_trl.iterate import iterate
+
+    out = tmp_path / "dpo"
+    summary = iterate(["--config", str(_recipe(tmp_path, digits_model, out, rounds=1, loss="dpo",
+                                               reference="previous"))])
+    status = _status(out, 1)
+    assert status["train"]["loss"] == "dpo"
+    rated = [json.loads(line) for line in (out / "round-1" / "rated.jsonl").read_text().splitlines()]
+    ties = sum(max(r["rewards"]) == min(r["rewards"]) for r in rated)
+    assert status["train"]["ties_left_out"] == ties and status["train"]["train_prompts"] == len(rated) - ties
+    assert not (out / "round-1" / "train.yaml").exists()  # not nca-trl train
+    trained = AutoModelForCausalLM.from_pretrained(out / "round-1" / "model")
+    initial = AutoModelForCausalLM.from_pretrained(digits_model)
+    assert any((a != b).any() for a, b in zip(trained.state_dict().values(), initial.state_dict().values()))
+    assert [r["round"] for r in summary["rounds"]] == [0, 1]
