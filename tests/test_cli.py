@@ -17,7 +17,9 @@ from nca_trl.data.loading import load_datasets
 
 REPO = Path(__file__).resolve().parents[1]
 VICUNA = REPO / "data" / "vicuna_rated.jsonl"
-RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "accelerate_configs" not in p.parts)
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml")
+                 if "accelerate_configs" not in p.parts and not p.name.startswith("iterate"))  # train recipes
+# `nca-trl iterate` recipes (recipes/*/iterate_*.yaml) are checked in tests/test_iterate.py
 BIG = [p for p in RECIPES if p.parent.name in ("mistral-7b", "mixtral-8x7b")]
 TINY = [p for p in RECIPES if p.parent.name == "tiny"]
 
