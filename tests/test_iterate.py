@@ -210,3 +210,35 @@ def test_iterate_with_the_dpo_baseline_trains_trl_dpo_on_best_vs_worst(digits_mo
     initial = AutoModelForCausalLM.from_pretrained(digits_model)
     assert any((a != b).any() for a, b in zip(trained.state_dict().values(), initial.state_dict().values()))
     assert [r["round"] for r in summary["rounds"]] == [0, 1]
+
+
+def test_iterate_recipes_parse_and_their_training_fits():
+    """Both shipped iterate recipes parse; each round's `nca-trl train` recipe parses with the real parser; the
+    Mistral-7B recipe's training stage fits its 8 x 80 GB with K=4 (scripts/plan_memory.py)."""
+    import importlib.util
+
+    from nca_trl.arguments import parse_train_args
+    from nca_trl.iterate import parse_iterate_args
+
+    tiny = parse_iterate_args(["--config", str(REPO / "recipes/tiny/iterate_nca.yaml")])
+    assert tiny.model_name_or_path == "outputs/tiny-digits" and (REPO / tiny.dataset_name).exists()
+    assert tiny.reward_funcs == ["nca_trl.scoring.functions:sorted_digits"]
+    assert plan_rounds(200, tiny) == (48, range(168, 200))
+    big = parse_iterate_args(["--config", str(REPO / "recipes/mistral-7b/iterate_nca.yaml")])
+    assert big.reward_model and big.num_completions == 4 and big.loss == "nca" and big.reference == "initial"
+    for args in (tiny, big):
+        recipe = {"loss": args.loss, "model_name_or_path": args.model_name_or_path, "dataset_name": "x.jsonl",
+                  **args.training}
+        path = REPO / "outputs" / "test-iterate-recipe.yaml"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(yaml.safe_dump(recipe))
+        try:
+            parsed = parse_train_args(["--config", str(path)], dry_run=True)
+        finally:
+            path.unlink()
+        assert parsed.script.loss == args.loss
+    spec = importlib.util.spec_from_file_location("plan_memory", REPO / "scripts" / "plan_memory.py")
+    plan_memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan_memory)
+    plan = plan_memory.plan(str(REPO / "recipes/mistral-7b/iterate_nca.yaml"))
+    assert plan["fits"] and plan["completions"] == 4 and plan["strategy"] == "ZeRO-3" and plan["gpu_mem_gb"] == 80

@@ -147,7 +147,7 @@ def parse_iterate_args(argv: list[str] | None = None) -> IterateArguments:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_iterate_parser()
-    _check_config_keys(argv, parser)
+    _check_config_keys(argv, parser, command="iterate")
     (args,) = parser.parse_args_and_config(argv, fail_with_unknown_args=True)
     missing = [name for name in ("model_name_or_path", "dataset_name", "output_dir") if getattr(args, name) is None]
     if missing:
