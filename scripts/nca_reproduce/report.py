@@ -189,45 +189,54 @@ def summary_markdown(results):
     return "\n".join(lines)
 
 
+def _gains(it, name):
+    """Per round, the held-out reward minus the same seed's SFT reward (round 0): mean_std over seeds."""
+    from .common import mean_std
+
+    runs = [seed["rounds"][name] for seed in it["per_seed"].values()]
+    return [mean_std([run[i]["reward_mean"] - run[0]["reward_mean"] for run in runs]) for i in range(len(runs[0]))]
+
+
 def iterative_markdown(it):
     """Per method and round, the held-out true reward of the policy's samples (mean ± std over seeds, per seed)."""
     lines = ["### Iterative training (nca-trl iterate) on the sorting task: held-out true reward of the policy's "
-             "samples per round\n", "| method | round | prompts trained on | mean reward | best of K | KL to SFT | "
-             "per-seed mean reward |", "|---|---|---|---|---|---|---|"]
+             "samples per round\n", "| method | round | prompts trained on | mean reward | gain over SFT (paired) | "
+             "best of K | KL to SFT | per-seed mean reward |", "|---|---|---|---|---|---|---|---|"]
     first_seed = next(iter(it["per_seed"].values()))["rounds"]
     for name, rows in it["summary"].items():
-        for i, row in enumerate(rows):
+        for i, (row, gain) in enumerate(zip(rows, _gains(it, name))):
             trained = first_seed[name][i]["train_prompts"]
             r, b, kl = row["reward_mean"], row["reward_best_of_k"], row["kl_to_initial"]
             lines.append(f"| {name} | {row['round']} | {trained} | {r['mean']:.3f} ± {r['std']:.3f} | "
-                         f"{b['mean']:.3f} ± {b['std']:.3f} | {kl['mean']:.2f} ± {kl['std']:.2f} | "
-                         f"{', '.join(f'{v:.3f}' for v in r['values'])} |")
+                         f"{gain['mean']:+.3f} ± {gain['std']:.3f} | {b['mean']:.3f} ± {b['std']:.3f} | "
+                         f"{kl['mean']:.2f} ± {kl['std']:.2f} | {', '.join(f'{v:.3f}' for v in r['values'])} |")
     lines += ["", "Final round minus iterative DPO's final round, paired by seed (mean ± std): " + "; ".join(
         f"{name} {d['mean']:+.3f} ± {d['std']:.3f}" for name, d in it["paired_final_vs_DPO"].items()), ""]
     return lines
 
 
 def plot_iterative(it, path):
-    """Held-out true reward (mean over seeds, std as a band) against the round, one line per method."""
+    """Against the round: the held-out true reward gain over the seed's SFT model (paired by seed), and the KL proxy
+    to the SFT model; mean over seeds, std as a band, one line per method."""
     import numpy as np
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, label in zip(axes, ("reward_mean", "kl_to_initial"),
-                              ("held-out true reward of samples", "KL proxy to the SFT model (nats)")):
+    last = max(row["round"] for row in it["summary"]["NCA"])
+    for ax, label in zip(axes, ("held-out true reward gain over SFT", "KL proxy to the SFT model (nats)")):
         for name, rows in it["summary"].items():
             offline = name.endswith("offline")
-            rounds = [row["round"] for row in rows]
-            if offline:  # one round on all the prompts: drawn at the last round, where it has seen as many
-                rounds = [0, max(r["round"] for r in it["summary"]["NCA"])]
-            mean = np.array([row[key]["mean"] for row in rows])
-            std = np.array([row[key]["std"] for row in rows])
+            # one round on all the prompts: drawn at the last round, where the others have seen as many prompts
+            rounds = [0, last] if offline else [row["round"] for row in rows]
+            series = _gains(it, name) if ax is axes[0] else [row["kl_to_initial"] for row in rows]
+            mean = np.array([v["mean"] for v in series])
+            std = np.array([v["std"] for v in series])
             ax.plot(rounds, mean, "s--" if offline else "o-", color=COLORS.get(name), label=name)
-            ax.fill_between(rounds, mean - std, mean + std, color=COLORS.get(name), alpha=0.15)
+            ax.fill_between(rounds, mean - std, mean + std, color=COLORS.get(name), alpha=0.12)
         ax.set_xlabel("round (prompts seen)")
+        ax.set_xticks(range(last + 1))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle(f"Iterative training, sorting task: mean ± std over {len(it['per_seed'])} seed(s)", fontsize=10)
     save(fig, path, 110)
-
