@@ -34,10 +34,11 @@ def trainer_for_loss(loss: str):
     return next(t for t in (NCATrainer, InfoNCATrainer) if t._config_class is config_class)
 
 
-def train(argv: list[str] | None = None, callbacks: list | None = None) -> dict | None:
+def train(argv: list[str] | None = None, callbacks: list | None = None, keep_process_group: bool = False) -> dict | None:
     """`nca-trl train`: parse, load and convert the data, train, save, report. Extra `callbacks` go to the trainer.
 
-    Returns the run info (on every process), or None for `--dry_run`.
+    Returns the run info (on every process), or None for `--dry_run`. The distributed process group is destroyed at
+    the end unless `keep_process_group` (a caller with more collective work, like `nca-trl iterate`, keeps it).
     """
     args = parse_train_args(argv)
     if args.script.dry_run:
@@ -51,10 +52,10 @@ def train(argv: list[str] | None = None, callbacks: list | None = None) -> dict 
     check_world_size(args.training.distributed_state)
     # output_dir checked writable and locked for the whole run, before anything is loaded (`nca_trl.safety`)
     with claim_output_dir(args.training):
-        return _train(args, callbacks)
+        return _train(args, callbacks, keep_process_group)
 
 
-def _train(args, callbacks: list | None) -> dict:
+def _train(args, callbacks: list | None, keep_process_group: bool = False) -> dict:
     script_args, training_args, model_args = args.script, args.training, args.model
     from trl import get_peft_config, get_quantization_config
 
@@ -98,7 +99,11 @@ def _train(args, callbacks: list | None) -> dict:
     if trainer.accelerator.is_main_process:
         _report(info, training_args.output_dir)
     trainer.accelerator.wait_for_everyone()
-    trainer.end()  # finish the trackers, destroy the process group
+    if keep_process_group:
+        for tracker in trainer.accelerator.trackers:
+            tracker.finish()
+    else:
+        trainer.end()  # finish the trackers, destroy the process group
     return info
 
 

@@ -242,3 +242,35 @@ def test_iterate_recipes_parse_and_their_training_fits():
     spec.loader.exec_module(plan_memory)
     plan = plan_memory.plan(str(REPO / "recipes/mistral-7b/iterate_nca.yaml"))
     assert plan["fits"] and plan["completions"] == 4 and plan["strategy"] == "ZeRO-3" and plan["gpu_mem_gb"] == 80
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_iterate_under_a_two_process_launch(digits_model, tmp_path, launch_env):
+    """`accelerate launch` with 2 CPU processes: both sample their share and train (DDP over gloo), the main process
+    scores and evaluates; the held-out samples are the ones one process draws (seeded per completion)."""
+    from launching import cpu_config, free_port, launch_cmd
+
+    from nca_trl.generation import generate
+
+    out = tmp_path / "launched"
+    recipe = _recipe(tmp_path, digits_model, out, rounds=1, training={"ddp_backend": "gloo"})
+    accel = cpu_config(tmp_path / "ddp_cpu.yaml")
+    cmd = launch_cmd(accel, free_port(), ("--num_processes", "2"), ("-m", "nca_trl.cli", "iterate", "--config",
+                                                                    str(recipe)))
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("round 1: held-out reward") == 1  # printed by the main process only
+    info = json.loads((out / "round-1" / "model" / "run_info.json").read_text())
+    assert info["world_size"] == 2 and info["distributed_type"] == "MULTI_CPU"
+    stats = json.loads((out / "round-1" / "samples.generation.json").read_text())
+    assert stats["num_processes"] == 2
+    results = json.loads((out / "iterate_results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [0, 1] and results["rounds"][1]["kl_to_initial"] != 0
+
+    alone = tmp_path / "alone.jsonl"
+    args = yaml.safe_load(recipe.read_text())
+    generate(["--model_name_or_path", str(digits_model), "--dataset_name", str(out / "heldout_prompts.jsonl"),
+              "--output", str(alone), "--num_completions", str(args["num_completions"]), "--max_new_tokens",
+              str(args["max_new_tokens"]), "--seed", str(args["seed"])])
+    assert alone.read_text() == (out / "round-0" / "eval" / "samples.jsonl").read_text()

@@ -129,8 +129,9 @@ def iterate(argv: list[str] | None = None) -> dict | None:
             print(rounds_table(results), flush=True)
             _log(f"results: {layout.results}; plot: {layout.curves}; final policy: "
                  f"{layout.model(args.rounds) if args.rounds else args.model_name_or_path}")
-            return summary
-        return None
+    state.wait_for_everyone()
+    state.destroy_process_group()
+    return summary if main else None
 
 
 def _round(args, layout: RunLayout, r: int, per_round: int, dataset, state) -> dict:

@@ -4,6 +4,7 @@ which trains `trl.DPOTrainer` on the best-vs-worst pair of each prompt."""
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
@@ -15,7 +16,9 @@ __all__ = ["best_worst_pairs", "run_generate", "run_score", "run_train"]
 
 
 def _log(message: str) -> None:
-    print(f"[nca-trl iterate] {message}", flush=True)
+    """Print on the main process of a launch (`RANK` 0) only."""
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(f"[nca-trl iterate] {message}", flush=True)
 
 
 def _show(command: str, argv: list[str]) -> None:
@@ -35,8 +38,10 @@ def run_generate(args, model: str, prompts: Path, output: Path, seed: int) -> di
 
 
 def run_score(args, samples: Path, output: Path) -> dict:
-    """`nca-trl score` of `samples` with the run's reward model and/or reward functions."""
-    from ..scoring import score
+    """`nca-trl score` of `samples` with the run's reward model and/or reward functions, in this process (the main
+    one of a launch)."""
+    from ..scoring import score_file
+    from ..scoring.arguments import parse_score_args
 
     argv = ["--dataset_name", str(samples), "--output", str(output), "--batch_size", str(args.scoring_batch_size)]
     if args.reward_model:
@@ -46,7 +51,7 @@ def run_score(args, samples: Path, output: Path) -> dict:
     if args.reward_weights:
         argv += ["--reward_weights", *map(str, args.reward_weights)]
     _show("score", argv)
-    return score(argv)
+    return score_file(parse_score_args(argv))
 
 
 def best_worst_pairs(rows: list[dict]) -> tuple[list[dict], int]:
@@ -85,7 +90,7 @@ def run_train(args, r: int, policy: str, reference: str | None, rated: Path, out
     if last_complete_checkpoint(str(output_dir), warn=False) is not None:
         argv += ["--resume_from_checkpoint", "true"]
     _show("train", argv)
-    info = train(argv)
+    info = train(argv, keep_process_group=True)
     return {"loss": args.loss, "train_prompts": len(read_jsonl(rated)), "config": str(config),
             "train_loss": (info or {}).get("train_metrics", {}).get("train_loss")}
 

@@ -31,7 +31,7 @@ rows and the statistics (`rows_in`, `rows_out`, `completions_in`, `completions_o
 from .arguments import ScoreArguments, make_score_parser, parse_score_args
 from .combine import is_empty_completion, score_rows
 from .functions import ascii_letters, sorted_digits
-from .run import load_rows, score, scoring_sidecar_path, write_rows
+from .run import load_rows, score, score_file, scoring_sidecar_path, write_rows
 from .sources import RewardModelScorer, load_reward_function, load_sources
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "make_score_parser",
     "parse_score_args",
     "score",
+    "score_file",
     "score_rows",
     "scoring_sidecar_path",
     "sorted_digits",

@@ -77,6 +77,12 @@ def score(argv: list[str] | None = None) -> dict:
     """`nca-trl score`: returns the sidecar written to `<output stem>.scoring.json`. Raises (never exits) on errors."""
     args = parse_score_args(argv)
     _check_single_process()
+    return score_file(args)
+
+
+def score_file(args: ScoreArguments) -> dict:
+    """Score `args.dataset_name` into `args.output` in this process (`score` without its one-process check: the main
+    process of an `nca-trl iterate` launch scores while the others wait). Returns the sidecar."""
     started = time.time()
     rows = load_rows(args)
     _log(f"{len(rows)} rows from {args.dataset_name} (split {args.dataset_split})")
