@@ -32,13 +32,10 @@ def _json_default(value):
 
 
 def _atomic(path: Path, text: str) -> None:
+    from ..generation.output import _write_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _write_atomic(path, text)
 
 
 def write_json(path: str | os.PathLike, value) -> None:

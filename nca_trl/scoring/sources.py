@@ -238,16 +238,11 @@ def load_sources(reward_model: str | None = None, reward_funcs=(), *, revision: 
                  max_length: int | None = None, dtype: str = "auto", trust_remote_code: bool = False) -> dict:
     """`{name: source}` in source order: the reward model (named `reward_model:PATH`) first, then each reward
     function (named by its spec; a repeated spec gets `#2`, `#3`). Functions are imported before the model loads."""
+    from .combine import _named
+
     funcs = [(str(spec).strip(), load_reward_function(spec)) for spec in reward_funcs]
-    sources: dict = {}
     if reward_model is not None:
         scorer = RewardModelScorer(reward_model, revision=revision, batch_size=batch_size, max_length=max_length,
                                    dtype=dtype, trust_remote_code=trust_remote_code)
-        sources[scorer.__name__] = scorer
-    for spec, func in funcs:
-        name, n = spec, 1
-        while name in sources:
-            n += 1
-            name = f"{spec}#{n}"
-        sources[name] = func
-    return sources
+        funcs.insert(0, (scorer.__name__, scorer))
+    return _named(funcs)
