@@ -211,6 +211,12 @@ def test_iterate_with_the_dpo_baseline_trains_trl_dpo_on_best_vs_worst(digits_mo
     assert any((a != b).any() for a, b in zip(trained.state_dict().values(), initial.state_dict().values()))
     assert [r["round"] for r in summary["rounds"]] == [0, 1]
 
+    # The finished run, one more round: round 1 is kept as it is, round 2 starts from its policy
+    kept = {p: p.stat().st_mtime_ns for p in (out / "round-1").rglob("*") if p.is_file()}
+    summary = iterate(["--config", str(out.parent / "dpo.yaml"), "--rounds", "2"])
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2] and _status(out, 2)["train"]["loss"] == "dpo"
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+
 
 def test_iterate_recipes_parse_and_their_training_fits():
     """Both shipped iterate recipes parse; each round's `nca-trl train` recipe parses with the real parser; the
