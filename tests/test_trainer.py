@@ -126,6 +126,13 @@ def best_worst_pairs(rated):
     return rated.map(pair, remove_columns=["completions", "rewards"])
 
 
+@pytest.fixture(scope="module")
+def dpo_runs():
+    """DPOTrainer's step losses and logged metrics, per (DPO loss, data, max_length): the same DPO run is the reference
+    of both layouts (it has no layout setting), so the plain and shared-prompt tests train it once between them."""
+    return {}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "shared_prompt,data_name,max_length",
@@ -137,23 +144,27 @@ def best_worst_pairs(rated):
 )
 def test_first_steps_equal_dpo_trainer(
     cls, config_cls, dpo_loss, shared_prompt, data_name, max_length, tiny_mistral, tiny_mistral_ref, hh, vicuna,
-    tmp_path,
+    dpo_runs, tmp_path,
 ):
     """alpha=0 on preference pairs, explicit reference model that differs from the policy: the losses of the first
     three steps equal DPOTrainer's with the matching loss, in both layouts, also on long (256-token) sequences whose
     log-prob sums float32 resolves to ~1e-4 only (the shared-prompt layout sums them in DPOTrainer's order)."""
-    data = short_prompts(hh, 8) if data_name == "hh" else best_worst_pairs(vicuna.select(range(8)))
-    common = dict(beta=0.1, max_steps=3, per_device_train_batch_size=4, max_length=max_length, learning_rate=2e-4)
+    data = short_prompts(hh, 4) if data_name == "hh" else best_worst_pairs(vicuna.select(range(4)))
+    common = dict(beta=0.1, max_steps=3, per_device_train_batch_size=2, max_length=max_length, learning_rate=2e-4)
 
-    ref = AutoModelForCausalLM.from_pretrained(tiny_mistral_ref)
-    dpo = DPOTrainer(
-        model=tiny_mistral,
-        ref_model=ref,
-        args=make_args(DPOConfig, tmp_path, loss_type=[dpo_loss], **common),
-        train_dataset=data,
-    )
-    dpo_losses = record_losses(dpo)
-    dpo.train()
+    run = (dpo_loss, data_name, max_length)
+    if run not in dpo_runs:
+        ref = AutoModelForCausalLM.from_pretrained(tiny_mistral_ref)
+        dpo = DPOTrainer(
+            model=tiny_mistral,
+            ref_model=ref,
+            args=make_args(DPOConfig, tmp_path / "dpo", loss_type=[dpo_loss], **common),
+            train_dataset=data,
+        )
+        dpo_losses = record_losses(dpo)
+        dpo.train()
+        dpo_runs[run] = dpo_losses, [h for h in dpo.state.log_history if "rewards/chosen" in h]
+    dpo_losses, dpo_logs = dpo_runs[run]
 
     ref = AutoModelForCausalLM.from_pretrained(tiny_mistral_ref)
     args = make_args(config_cls, tmp_path, alpha=0.0, shared_prompt=shared_prompt, **common)
@@ -166,10 +177,9 @@ def test_first_steps_equal_dpo_trainer(
     # Not the trivial constant of an implicit reference at step 0
     assert abs(dpo_losses[0] - (math.log(2) if dpo_loss == "sigmoid" else 2 * math.log(2))) > 1e-3
     assert our_losses == pytest.approx(dpo_losses, abs=1e-5)
-    # The updates changed the model: step 3 sees the first 4 rows again (8 rows, batch 4), with another loss
+    # The updates changed the model: step 3 starts the second pass over the 4 rows (batch 2), with another loss
     assert abs(dpo_losses[2] - dpo_losses[0]) > 1e-3
     # The same metrics, too
-    dpo_logs = [h for h in dpo.state.log_history if "rewards/chosen" in h]
     our_logs = [h for h in ours.state.log_history if "rewards/chosen" in h]
     for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "rewards/margins"):
         assert [h[key] for h in our_logs] == pytest.approx([h[key] for h in dpo_logs], rel=1e-6, abs=1e-4)
