@@ -215,6 +215,7 @@ commands:
   train             train NCA / InfoNCA from a recipe:  nca-trl train --config RECIPE.yaml [--field value ...]
                     (distributed: accelerate launch --config_file ACCEL.yaml -m nca_trl.cli train --config RECIPE.yaml)
   make-tiny-model   build a tiny random model + the Mistral tokenizer:  nca-trl make-tiny-model OUT_DIR [--arch mixtral]
+                    (or 14 digit tokens for the sorting task: --vocab digits)
   generate          sample K completions per prompt:  nca-trl generate --model_name_or_path M --dataset_name PROMPTS
                     --output OUT.jsonl [--num_completions 4 ...]   (`nca-trl generate --help` lists the fields)
   score             add rewards from a reward model and/or reward functions:  nca-trl score --dataset_name OUT.jsonl
