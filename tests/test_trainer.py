@@ -194,7 +194,7 @@ def test_training_on_vicuna_rated(cls, config_cls, tiny_mistral, vicuna, tmp_pat
     # Prompts whose four rewards all differ, and sharp targets: the loss can fall well below its start
     data = vicuna.filter(lambda row: len(set(row["rewards"])) == 4).select(range(4))
     args = make_args(
-        config_cls, tmp_path, alpha=0.1, beta=0.1, learning_rate=3e-3, max_steps=12, num_train_epochs=6, max_length=64
+        config_cls, tmp_path, alpha=0.1, beta=0.1, learning_rate=3e-3, max_steps=6, num_train_epochs=3, max_length=64
     )
     trainer = cls(model=tiny_mistral, args=args, train_dataset=data)
     losses = record_losses(trainer)
@@ -214,7 +214,7 @@ def test_training_on_vicuna_rated(cls, config_cls, tiny_mistral, vicuna, tmp_pat
 def test_training_on_hh_preference(tiny_mistral, hh, tmp_path):
     # The whole (small) dataset in every step, so that successive losses are comparable
     args = make_args(
-        NCAConfig, tmp_path, beta=0.1, learning_rate=1e-3, max_steps=8, num_train_epochs=8, max_length=96,
+        NCAConfig, tmp_path, beta=0.1, learning_rate=1e-3, max_steps=5, num_train_epochs=5, max_length=96,
         per_device_train_batch_size=4,
     )
     trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=short_prompts(hh, 4))
