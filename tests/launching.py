@@ -26,10 +26,13 @@ PROBE = Path(__file__).resolve().parent / "launch_probe.py"
 LAUNCH_TIMEOUT = 300  # seconds; first DeepSpeed launch compiles a small C++ op (~35 s)
 
 
-def common_args(model, recipe: str = "nca.yaml", dataset=VICUNA, config=None) -> list[str]:
+def common_args(model, recipe: str = "nca.yaml", dataset=VICUNA, config=None, evaluate: bool = False) -> list[str]:
     """Tiny, fast, and with a learning rate large enough that the step losses move apart from step 2 on.
 
     `recipe` names a file of recipes/tiny; `config` (a path, relative to the launch's cwd or absolute) replaces it.
+    Without `evaluate` nothing is evaluated (the recipe's start and end evaluations cost more than the 4 training steps,
+    and do not change the step losses); with it, 2 training and 2 held-out prompts (one per process) are evaluated at
+    the start and the end, and the run reports its learning table, as the recipe does on all its prompts.
     """
     return [
         "--config", str(config if config is not None else REPO / "recipes" / "tiny" / recipe),
@@ -49,6 +52,8 @@ def common_args(model, recipe: str = "nca.yaml", dataset=VICUNA, config=None) ->
         "--learning_rate", "5e-3",
         "--report_to", "none",
         "--seed", "42",
+        "--report_train_prompts", "2" if evaluate else "0",
+        "--max_eval_samples", "2",
     ]
 
 
