@@ -229,7 +229,7 @@ def test_iterate_recipes_parse_and_their_training_fits():
     tiny = parse_iterate_args(["--config", str(REPO / "recipes/tiny/iterate_nca.yaml")])
     assert tiny.model_name_or_path == "outputs/tiny-digits" and (REPO / tiny.dataset_name).exists()
     assert tiny.reward_funcs == ["nca_trl.scoring.functions:sorted_digits"]
-    assert plan_rounds(200, tiny) == (48, range(168, 200))
+    assert plan_rounds(200, tiny) == (40, range(168, 200))
     big = parse_iterate_args(["--config", str(REPO / "recipes/mistral-7b/iterate_nca.yaml")])
     assert big.reward_model and big.num_completions == 4 and big.loss == "nca" and big.reference == "initial"
     for args in (tiny, big):
