@@ -206,34 +206,42 @@ def test_cli_end_to_end_single_process(tmp_path, capsys):
     """`nca-trl make-tiny-model` then `nca-trl train` on the tiny recipe: trains, evaluates, saves a loadable model."""
     from transformers import AutoModelForCausalLM
 
-    console = subprocess.run([Path(sys.executable).parent / "nca-trl", "--help"], capture_output=True, text=True)
-    assert console.returncode == 0 and "make-tiny-model" in console.stdout
+    # The console script starts first and runs alongside the in-process run (it is mostly imports, on one core)
+    with subprocess.Popen(
+        [Path(sys.executable).parent / "nca-trl", "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as console:
+        model_dir = tmp_path / "tiny-mistral"
+        assert main(["make-tiny-model", str(model_dir), "--seed", "3"]) == 0
+        out = tmp_path / "run"
+        argv = [
+            "train", "--config", str(REPO / "recipes/tiny/nca.yaml"), "--model_name_or_path", str(model_dir),
+            "--dataset_name", str(VICUNA), "--output_dir", str(out), "--max_steps", "3", "--max_length", "64",
+            "--max_train_samples", "6", "--max_eval_samples", "2", "--report_train_prompts", "2", "--use_cpu", "true",
+            "--logging_steps", "1",
+        ]
+        assert main(argv) == 0
+        printed = capsys.readouterr().out
+        assert "nca-trl: NCATrainer finished" in printed and "world size       : 1 (NO" in printed
+        # The learning table: report_train_prompts (the recipe's 72, 2 here) evaluates training and held-out prompts at
+        # both ends
+        table = "| metric | training prompts: start | training prompts: end | held-out: start | held-out: end |"
+        assert table in printed
+        assert "| ranking accuracy | 0.000 |" in printed  # at the start the policy is its reference: nothing ranked
+        curves = out / "training_curves.png"
+        assert f"training curves  : {curves}" in printed and curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    model_dir = tmp_path / "tiny-mistral"
-    assert main(["make-tiny-model", str(model_dir), "--seed", "3"]) == 0
-    out = tmp_path / "run"
-    argv = [
-        "train", "--config", str(REPO / "recipes/tiny/nca.yaml"), "--model_name_or_path", str(model_dir),
-        "--dataset_name", str(VICUNA), "--output_dir", str(out), "--max_steps", "3", "--max_length", "64",
-        "--max_train_samples", "6", "--max_eval_samples", "2", "--use_cpu", "true", "--logging_steps", "1",
-    ]
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "nca-trl: NCATrainer finished" in printed and "world size       : 1 (NO" in printed
-    # The learning table: the recipe's report_train_prompts evaluates training and held-out prompts at both ends
-    assert "| metric | training prompts: start | training prompts: end | held-out: start | held-out: end |" in printed
-    assert "| ranking accuracy | 0.000 |" in printed  # at the start the policy is its reference: nothing ranked
-    curves = out / "training_curves.png"
-    assert f"training curves  : {curves}" in printed and curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        info = json.loads((out / "run_info.json").read_text())
+        assert info["world_size"] == 1 and info["distributed_type"] == "NO" and info["global_step"] == 3
+        assert [s["step"] for s in info["step_losses"]] == [1, 2, 3]
+        assert info["versions"]["trl"] and info["versions"]["nca-trl"] and "processes" not in info  # user-facing only
+        # one key per eval set
+        assert info["eval_metrics"]["eval_heldout_loss"] > 0 and "train_loss" in info["train_metrics"]
+        trained = AutoModelForCausalLM.from_pretrained(out)
+        initial = AutoModelForCausalLM.from_pretrained(model_dir)
+        assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), initial.state_dict().values()))
 
-    info = json.loads((out / "run_info.json").read_text())
-    assert info["world_size"] == 1 and info["distributed_type"] == "NO" and info["global_step"] == 3
-    assert [s["step"] for s in info["step_losses"]] == [1, 2, 3]
-    assert info["versions"]["trl"] and info["versions"]["nca-trl"] and "processes" not in info  # user-facing only
-    assert info["eval_metrics"]["eval_heldout_loss"] > 0 and "train_loss" in info["train_metrics"]  # one key per eval set
-    trained = AutoModelForCausalLM.from_pretrained(out)
-    initial = AutoModelForCausalLM.from_pretrained(model_dir)
-    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), initial.state_dict().values()))
+        stdout, _ = console.communicate(timeout=300)
+        assert console.returncode == 0 and "make-tiny-model" in stdout
 
 
 def test_launch_traps_fail_loudly():
