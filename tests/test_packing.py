@@ -138,10 +138,10 @@ def test_packed_training_with_peft_and_precompute_matches_plain(tiny_mistral, vi
     for shared in (False, True):
         peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
         args = make_args(
-            NCAConfig, tmp_path, max_steps=3, learning_rate=1e-2, max_length=96, beta=0.1,
+            NCAConfig, tmp_path, max_steps=2, learning_rate=1e-2, max_length=96, beta=0.1,
             shared_prompt=shared, precompute_ref_log_probs=True,
-        )
-        trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=ragged(vicuna, 6), peft_config=peft_config)
+        )  # one pass over 4 ragged rows (K = 2, 3, 4, 2) in batches of 2
+        trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=ragged(vicuna, 4), peft_config=peft_config)
         assert trainer.data_collator.shared_prompt == shared
         runs[shared] = (trainer.train_dataset["ref_logps"], record_losses(trainer))
         trainer.train()
