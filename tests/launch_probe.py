@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-import nca_trl.cli as cli
+from nca_trl import training
 from nca_trl.distributed import count_z3_leaf_modules
 
 
@@ -80,7 +80,7 @@ def param_checksums(trainer) -> dict:
 def main(argv: list[str]) -> int:
     checksums = "--probe_checksums" in argv
     argv = [a for a in argv if a != "--probe_checksums"]
-    original = cli.trainer_for_loss
+    original = training.trainer_for_loss
 
     def probed_trainer_for_loss(loss):
         base = original(loss)
@@ -93,8 +93,8 @@ def main(argv: list[str]) -> int:
         Probed.__name__ = Probed.__qualname__ = base.__name__
         return Probed
 
-    cli.trainer_for_loss = probed_trainer_for_loss
-    cli.train(argv)
+    training.trainer_for_loss = probed_trainer_for_loss
+    training.train(argv)
     return 0
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, VICUNA
 
 from nca_trl.cli import main
@@ -264,7 +263,7 @@ def test_iterate_under_a_two_process_launch(digits_model, tmp_path, launch_env):
     accel = cpu_config(tmp_path / "ddp_cpu.yaml")
     cmd = launch_cmd(accel, free_port(), ("--num_processes", "2"), ("-m", "nca_trl.cli", "iterate", "--config",
                                                                     str(recipe)))
-    proc = subprocess.run(cmd, cwd=REPO, env=launch_env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("round 1: held-out reward") == 1  # printed by the main process only
     info = json.loads((out / "round-1" / "model" / "run_info.json").read_text())

@@ -119,7 +119,7 @@ def iterate(argv: list[str] | None = None) -> dict | None:
              f"reference {args.reference}; {len(heldout)} held-out prompts; output in {layout.root}")
 
         results = []
-        for r in range(0, args.rounds + 1):
+        for r in range(args.rounds + 1):
             results.append(_round(args, layout, r, per_round, dataset, state))
             if main:
                 summary = {"rounds": results, "settings": settings}

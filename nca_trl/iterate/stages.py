@@ -78,7 +78,7 @@ def run_train(args, r: int, policy: str, reference: str | None, rated: Path, out
     if args.loss == "dpo":
         return _train_dpo(policy, reference, rated, output_dir, training)
     from ..checkpoints import last_complete_checkpoint
-    from ..cli import train
+    from ..training import train
 
     recipe = {"loss": args.loss, "model_name_or_path": policy, "dataset_name": str(rated), "dataset_format": "rated",
               "output_dir": str(output_dir), **training}

@@ -22,6 +22,11 @@ from .common import (
     train_metric_history,
 )
 
+
+def setting_key(lr, beta):
+    return f"lr={lr:g},beta={beta:g}"
+
+
 def build_char_tokenizer(out_dir):
     """The character-level tokenizer (digits, '>', BOS/EOS) of `nca_trl.tiny.save_digits_tokenizer`."""
     from nca_trl.tiny import save_digits_tokenizer

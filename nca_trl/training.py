@@ -1,0 +1,174 @@
+"""`nca-trl train` as a function: parse, load the data, build the trainer, train, save, report.
+
+It has the shape of TRL's `scripts/dpo.py`: parse (`nca_trl.arguments`), load the data (`nca_trl.data.loading`),
+build the trainer, train, save; then it writes `run_info.json`, the training curves PNG and prints what changed
+(`nca_trl.report`). `nca_trl.cli` runs it as `nca-trl train`; `nca_trl.iterate` runs it once per round.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from .arguments import parse_train_args, print_dry_run
+
+__all__ = ["train", "trainer_for_loss"]
+
+
+def trainer_for_loss(loss: str):
+    """The trainer class whose config class has `loss` (`NCAConfig.loss` -> `NCATrainer`, ...)."""
+    from .config import config_for_loss
+    from .trainer import InfoNCATrainer, NCATrainer
+
+    config_class = config_for_loss(loss)
+    return next(t for t in (NCATrainer, InfoNCATrainer) if t._config_class is config_class)
+
+
+def train(argv: list[str] | None = None, callbacks: list | None = None, keep_process_group: bool = False) -> dict | None:
+    """`nca-trl train`: parse, load and convert the data, train, save, report. Extra `callbacks` go to the trainer.
+
+    Returns the run info (on every process), or None for `--dry_run`. The distributed process group is destroyed at
+    the end unless `keep_process_group` (a caller with more collective work, like `nca-trl iterate`, keeps it).
+    """
+    args = parse_train_args(argv)
+    if args.script.dry_run:
+        print_dry_run(args)
+        return None
+
+    from .launch import check_launch_environment, check_world_size
+    from .safety import claim_output_dir
+
+    check_launch_environment(args.training)
+    check_world_size(args.training.distributed_state)
+    # output_dir checked writable and locked for the whole run, before anything is loaded (`nca_trl.safety`)
+    with claim_output_dir(args.training):
+        return _train(args, callbacks, keep_process_group)
+
+
+def _train(args, callbacks: list | None, keep_process_group: bool = False) -> dict:
+    script_args, training_args, model_args = args.script, args.training, args.model
+    from trl import get_peft_config, get_quantization_config
+
+    from .data.loading import load_datasets
+    from .launch import distributed_summary
+    from .preflight import check_before_training
+    from .report import run_info
+
+    with training_args.main_process_first(desc="loading and converting the data"):
+        train_dataset, eval_dataset = load_datasets(script_args, args.mixture, training_args)
+    eval_sets = _evaluation_sets(train_dataset, eval_dataset, script_args.report_train_prompts, training_args)
+    check_before_training(args, train_dataset, eval_sets)  # before any model: loads the tokenizer only
+
+    started = time.time()
+    trainer = trainer_for_loss(script_args.loss)(
+        model=model_args.model_name_or_path,
+        ref_model=_reference_model(script_args.ref_model_name_or_path, training_args),
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_sets,
+        peft_config=get_peft_config(model_args),
+        quantization_config=get_quantization_config(model_args),
+        callbacks=callbacks,
+    )
+    distributed = distributed_summary(trainer)
+    _print_start(trainer, script_args.loss, train_dataset, eval_sets, distributed)
+    result = trainer.train(resume_from_checkpoint=_resume_value(training_args.resume_from_checkpoint))
+
+    metrics = {**result.metrics, "train_samples": len(train_dataset)}
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    eval_metrics = None
+    if eval_sets is not None:
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+    trainer.save_model(training_args.output_dir)
+
+    info = run_info(trainer, script_args, model_args, metrics, eval_metrics, started, distributed)
+    if trainer.accelerator.is_main_process:
+        _report(info, training_args.output_dir)
+    trainer.accelerator.wait_for_everyone()
+    if keep_process_group:
+        for tracker in trainer.accelerator.trackers:
+            tracker.finish()
+    else:
+        trainer.end()  # finish the trackers, destroy the process group
+    return info
+
+
+def _reference_model(path: str | None, training_args):
+    """`ref_model_name_or_path` loaded the way `trl.DPOTrainer` loads the implicit reference (the policy's
+    `model_init_kwargs`, whole model per process under DDP / DeepSpeed); None leaves the reference to the trainer."""
+    if path is None:
+        return None
+    from trl.trainer.utils import create_model_from_path
+
+    kwargs = dict(training_args.model_init_kwargs or {})
+    if training_args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+        kwargs["device_map"] = None
+    kwargs.setdefault("trust_remote_code", training_args.trust_remote_code)
+    return create_model_from_path(path, **kwargs)
+
+
+def _evaluation_sets(train_dataset, eval_dataset, report_train_prompts: int, training_args):
+    """What the trainer evaluates: the held-out set, and with `report_train_prompts` > 0 also that many training
+    prompts, evaluated at the start (`eval_on_start`) and the end so the report can show what changed."""
+    if eval_dataset is not None and training_args.eval_strategy == "no" and not report_train_prompts:
+        return None
+    if eval_dataset is None and training_args.eval_strategy != "no":
+        raise ValueError(
+            f"`eval_strategy={training_args.eval_strategy.value!r}` needs evaluation data: set `dataset_test_split` or "
+            "`eval_fraction`, or `eval_strategy: no`."
+        )
+    if not report_train_prompts:
+        return eval_dataset
+    training_args.eval_on_start = True
+    sets = {"train_prompts": train_dataset.select(range(min(report_train_prompts, len(train_dataset))))}
+    if eval_dataset is not None:
+        sets["heldout"] = eval_dataset
+    return sets
+
+
+def _learning_table(log_history: list[dict], final: dict | None) -> str | None:
+    """Start (the step-0 evaluation, `eval_on_start`) against end (the final evaluation) for each evaluation set."""
+    from .report import eval_set_prefixes, learning_table
+
+    # Each evaluation set logs its own entry: merge the step-0 ones
+    start = {k: v for e in log_history if e.get("step") == 0 for k, v in e.items() if k.startswith("eval_")}
+    if not start or not final:
+        return None
+    prefixes = eval_set_prefixes(final)
+
+    def strip(metrics, prefix):
+        return {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+
+    return learning_table({n: strip(start, p) for n, p in prefixes.items()}, {n: strip(final, p) for n, p in prefixes.items()})
+
+
+def _report(info: dict, output_dir: str) -> None:
+    from .report import plot_training_curves, print_summary, write_run_info
+
+    write_run_info(info, output_dir)
+    curves = plot_training_curves(info["log_history"], os.path.join(output_dir, "training_curves.png"))
+    print_summary(info, _learning_table(info["log_history"], info["eval_metrics"]), curves)
+
+
+def _print_start(trainer, loss, train_dataset, eval_sets, distributed) -> None:
+    sizes = {"train": len(train_dataset)}
+    if eval_sets is not None:
+        sizes.update({k: len(v) for k, v in eval_sets.items()} if isinstance(eval_sets, dict) else {"eval": len(eval_sets)})
+    trainer.accelerator.print(
+        f"[nca-trl] {loss}: " + ", ".join(f"{n} {k} prompts" for k, n in sizes.items())
+        + f"; world size {distributed['world_size']} ({distributed['distributed_type']}"
+        + (f", ZeRO-{distributed['zero_stage']}" if distributed["zero_stage"] is not None else "")
+        + f", backend {distributed['backend']}, device {distributed['device']})"
+    )
+
+
+def _resume_value(value):
+    if value is None:
+        return None
+    if str(value).lower() in ("true", "last", "latest"):
+        return True
+    return value
