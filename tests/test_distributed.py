@@ -6,8 +6,8 @@ it, because a broken launch can look green: a MULTI_CPU accelerate config silent
 without `use_cpu` starts two independent single-process trainings. Launches share one DeepSpeed extension cache
 (TORCH_EXTENSIONS_DIR, or a temporary folder) and each gets its own free port; a timeout fails the test (a hang is a
 failure). The launch helpers are in tests/launching.py, the environment in the `launch_env` fixture (conftest.py).
-Budget: 6 launches of a tiny model for 4 steps of 8 prompts x 4 completions x 64 tokens; the ZeRO-3 ones (not the
-Mixtral one) also evaluate 2 + 2 prompts at the start and the end.
+Budget: 6 launches of a tiny model for 4 steps of 8 prompts x 4 completions x 64 tokens; the first ZeRO-3 run and
+the two-machine run also evaluate 2 + 2 prompts at the start and the end (about a third of a launch's time).
 """
 
 import math
@@ -72,7 +72,7 @@ def zero2(tiny_mistral, runs_dir, launch_env):
 @pytest.fixture(scope="module")
 def zero3(tiny_mistral, runs_dir, launch_env):
     """ZeRO-3, checkpoint every 2 steps, final weights' checksums gathered across the shards; evaluated at the start
-    and the end (the other DDP and ZeRO-2 runs are not: evaluation leaves the step losses as they are)."""
+    and the end (the DDP, ZeRO-2 and resumed runs are not: evaluation leaves the step losses as they are)."""
     args = common_args(tiny_mistral, evaluate=True) + [
         "--ddp_backend", "gloo", "--save_strategy", "steps", "--save_steps", "2", "--probe_checksums",
     ]
@@ -139,9 +139,7 @@ def test_zero3_checkpoint_loads_and_equals_gathered_weights(zero3, tiny_mistral)
 @pytest.mark.distributed
 def test_zero3_resume_reproduces_later_losses(zero3, tiny_mistral, runs_dir, launch_env):
     checkpoint = Path(zero3["output_dir"]) / "checkpoint-2"
-    args = common_args(tiny_mistral, evaluate=True) + [
-        "--ddp_backend", "gloo", "--resume_from_checkpoint", str(checkpoint),
-    ]
+    args = common_args(tiny_mistral) + ["--ddp_backend", "gloo", "--resume_from_checkpoint", str(checkpoint)]
     resumed = launch(launch_env, ACCEL / "deepspeed_zero3.yaml", args, runs_dir / "zero3_resumed")
     assert_two_processes(resumed, "DEEPSPEED", zero_stage=3)
     assert resumed["start_step"] == 2 and resumed["steps_logged_this_run"] == [3, 4]

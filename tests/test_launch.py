@@ -100,7 +100,7 @@ def test_installed_package_launches_outside_the_repository(pipeline, launch_env)
     assert not (pipeline / "nca_trl").exists()
 
     info = launch(
-        env, cpu_config(pipeline / "ddp_cpu.yaml"), common_args(**RELATIVE, evaluate=True) + list(DDP_CPU_ARGS), pipeline / "run",
+        env, cpu_config(pipeline / "ddp_cpu.yaml"), common_args(**RELATIVE) + list(DDP_CPU_ARGS), pipeline / "run",
         target=INSTALLED_CLI, cwd=pipeline,
     )
     assert_world_of_two(info, "MULTI_CPU")
