@@ -87,7 +87,7 @@ def test_outputs_exist_and_are_pngs(quick_run):
 def test_results_json_well_formed(quick_run):
     out, stdout = quick_run
     results = json.loads((out / "results.json").read_text())
-    for key in ("command", "settings", "versions", "seconds", "identity", "trend", "reward"):
+    for key in ("command", "settings", "versions", "seconds", "identity", "trend", "reward", "iterative"):
         assert key in results, key
     bad = [(p, v) for p, v in numbers(results) if not math.isfinite(v)]
     assert not bad, bad
@@ -137,3 +137,19 @@ def test_results_json_well_formed(quick_run):
         assert 0 < samples["num_used"] <= samples["num_prompts"]
         assert samples["mean_worst_reward"] <= samples["mean_sample_reward"] <= samples["mean_best_reward"]
     assert "[identity]" in stdout and "[trend]" in stdout and "[reward]" in stdout
+
+    # Iterative training through `nca-trl iterate`: every method starts at the same SFT evaluation (round 0); the
+    # iterative ones run every round on their own slices, the offline one a single round on all of them
+    iterative = results["iterative"]
+    rounds = results["settings"]["iterative"]["rounds"]
+    for seed in seeds:
+        runs = iterative["per_seed"][seed]["rounds"]
+        assert len({json.dumps(run[0], sort_keys=True) for run in runs.values()}) == 1
+        for name, run in runs.items():
+            assert [r["round"] for r in run] == list(range(2 if name == "NCA offline" else rounds + 1))
+            assert all(0 <= r["reward_mean"] <= r["reward_best_of_k"] <= 1 for r in run)
+            assert run[0]["kl_to_initial"] == 0 and run[-1]["kl_to_initial"] != 0
+        assert runs["NCA offline"][1]["train_prompts"] == sum(r["train_prompts"] for r in runs["NCA"])
+    assert set(iterative["paired_final_vs_DPO"]) == {"InfoNCA", "NCA", "NCA offline"}
+    assert "[iterative]" in stdout and "Iterative training" in (out / "summary.md").read_text()
+    assert (out / "iterative_reward.png").read_bytes()[:8] == PNG_MAGIC
