@@ -32,9 +32,8 @@ def common_args(model, recipe: str = "nca.yaml", dataset=VICUNA, config=None, ev
     `recipe` names a file of recipes/tiny; `config` (a path, relative to the launch's cwd or absolute) replaces it.
     Without `evaluate` nothing is evaluated (the recipe's start and end evaluations cost more than the 4 training steps,
     and do not change the step losses); with it, 2 training and 2 held-out prompts (one per process) are evaluated at
-    the start and the end, and the run reports its learning table, as the recipe does on all its prompts. Launches
-    evaluate in the first ZeRO-3 run (live reference) and the two-machine run (precomputed reference) of
-    tests/test_distributed.py.
+    the start and the end, and the run reports its learning table, as the recipe does on all its prompts (the
+    two-machine ZeRO-3 run of tests/test_distributed.py evaluates; tests/test_cli.py evaluates in one process).
     """
     return [
         "--config", str(config if config is not None else REPO / "recipes" / "tiny" / recipe),

@@ -6,8 +6,9 @@ it, because a broken launch can look green: a MULTI_CPU accelerate config silent
 without `use_cpu` starts two independent single-process trainings. Launches share one DeepSpeed extension cache
 (TORCH_EXTENSIONS_DIR, or a temporary folder) and each gets its own free port; a timeout fails the test (a hang is a
 failure). The launch helpers are in tests/launching.py, the environment in the `launch_env` fixture (conftest.py).
-Budget: 6 launches of a tiny model for 4 steps of 8 prompts x 4 completions x 64 tokens; the first ZeRO-3 run and
-the two-machine run also evaluate 2 + 2 prompts at the start and the end (about a third of a launch's time).
+Budget: 6 launches of a tiny model for 4 steps of 8 prompts x 4 completions x 64 tokens; the two-machine ZeRO-3 run
+also evaluates 2 + 2 prompts at the start and the end (the others do not: evaluation takes about a third of a
+launch's time and leaves the step losses as they are).
 """
 
 import math
@@ -71,9 +72,8 @@ def zero2(tiny_mistral, runs_dir, launch_env):
 
 @pytest.fixture(scope="module")
 def zero3(tiny_mistral, runs_dir, launch_env):
-    """ZeRO-3, checkpoint every 2 steps, final weights' checksums gathered across the shards; evaluated at the start
-    and the end (the DDP, ZeRO-2 and resumed runs are not: evaluation leaves the step losses as they are)."""
-    args = common_args(tiny_mistral, evaluate=True) + [
+    """ZeRO-3, checkpoint every 2 steps, final weights' checksums gathered across the shards."""
+    args = common_args(tiny_mistral) + [
         "--ddp_backend", "gloo", "--save_strategy", "steps", "--save_steps", "2", "--probe_checksums",
     ]
     return launch(launch_env, ACCEL / "deepspeed_zero3.yaml", args, runs_dir / "zero3")
@@ -166,7 +166,8 @@ def test_tiny_mixtral_zero3_moe_blocks_are_leaves(tiny_mixtral, runs_dir, launch
 def test_two_machines_on_localhost_infonca_precomputed_reference(tiny_mistral, runs_dir, launch_env):
     """Two `accelerate launch` commands, --num_machines 2, machine rank 0 / 1, one process each, same master address
     and port, InfoNCA with precomputed reference log-probs under ZeRO-3: one world of size 2 whose losses equal a
-    single process's with the live reference on the same global batch."""
+    single process's with the live reference on the same global batch. The one launch that evaluates (ZeRO-3, and the
+    evaluation sets' reference log-probs precomputed too)."""
     out = runs_dir / "two_machines"
     out.mkdir()
     port = free_port()
@@ -186,6 +187,12 @@ def test_two_machines_on_localhost_infonca_precomputed_reference(tiny_mistral, r
     assert info["num_machines"] == 2 and [p["local_process_index"] for p in info["processes"]] == [0, 0]
     assert info["trainer"] == "InfoNCATrainer" and info["z3_leaf_modules"]["reference"] is None  # no live reference
     assert losses(info)[0] == pytest.approx(math.log(4), abs=1e-6)
+    # Both evaluation sets ran at the start, against their own precomputed reference log-probs (the policy's then),
+    # and at the end
+    at_start = {k: v for e in info["log_history"] if e["step"] == 0 for k, v in e.items() if k.endswith("_loss")}
+    assert sorted(at_start) == ["eval_heldout_loss", "eval_train_prompts_loss"]
+    assert all(v == pytest.approx(math.log(4), abs=1e-6) for v in at_start.values())
+    assert {"eval_heldout_loss", "eval_train_prompts_loss"} <= set(info["eval_metrics"])
 
     live = train_main(
         common_args(tiny_mistral, "infonca.yaml")
