@@ -16,7 +16,7 @@ def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [
         sys.executable, str(REPO / "scripts" / "benchmark.py"), "--size", "tiny", "--steps", "1", "--warmup", "0",
-        "--workloads", "long", "--batch", "2", "--max-length", "96", "--context-chars", "150", "--json", str(out),
+        "--workloads", "long", "--batch", "2", "--max-length", "160", "--context-chars", "300", "--json", str(out),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
