@@ -33,7 +33,6 @@ def completion_logps(model, items: list[tuple[list[int], list[int]]], pad_id: in
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out: list[float] = []
     order = sorted(range(len(items)), key=lambda i: -len(items[i][0]) - len(items[i][1]))
     values: dict[int, float] = {}
     with torch.no_grad():

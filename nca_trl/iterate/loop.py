@@ -1,9 +1,9 @@
 """`nca-trl iterate`: R rounds of generate -> score -> train from your own prompts, keeping all K rated completions.
 
 ```bash
-nca-trl make-tiny-model outputs/tiny-mistral
-nca-trl iterate --config recipes/tiny/iterate_nca.yaml              # 2 rounds on a CPU, a few minutes
-nca-trl iterate --config recipes/tiny/iterate_nca.yaml --rounds 3   # the same run, one more round
+nca-trl make-tiny-model outputs/tiny-digits --vocab digits
+nca-trl iterate --config recipes/tiny/iterate_nca.yaml              # 3 rounds on a CPU, about 2 minutes
+nca-trl iterate --config recipes/tiny/iterate_nca.yaml --rounds 4   # the same run, one more round
 ```
 
 Round r: sample K completions for each prompt of round r's slice from round r-1's policy, score them, train round
