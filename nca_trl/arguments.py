@@ -14,7 +14,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-from .config import RATED_CONFIGS, config_for_loss, relaxed_hardware_checks
+from .config import RATED_CONFIGS, config_for_loss, relaxed_hardware_checks, reward_temperature
 from .data.formats import DATASET_FORMATS
 
 __all__ = ["ScriptArguments", "TrainArgs", "make_parser", "parse_train_args", "print_dry_run"]
@@ -273,7 +273,7 @@ def print_dry_run(args: TrainArgs) -> None:
     if args.mixture.datasets:
         print("  mixture:", json.dumps(asdict(args.mixture), default=str))
     print(
-        f"  training: beta={t.beta} alpha={t.alpha} lr={t.learning_rate} scheduler={getattr(t.lr_scheduler_type, 'value', t.lr_scheduler_type)} "
+        f"  training: beta={t.beta} alpha={reward_temperature(t)}{'' if t.alpha is not None else ' (default)'} lr={t.learning_rate} scheduler={getattr(t.lr_scheduler_type, 'value', t.lr_scheduler_type)} "
         f"warmup_steps={t.warmup_steps} epochs={t.num_train_epochs} "
         f"max_steps={t.max_steps} max_length={t.max_length} bf16={t.bf16} "
         f"activation_checkpointing={t.activation_checkpointing} model_init_kwargs={t.model_init_kwargs}"

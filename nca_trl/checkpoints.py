@@ -34,6 +34,40 @@ def is_complete(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, COMPLETE_MARKER))
 
 
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+            "adapter_model.safetensors", "adapter_model.bin")
+
+
+def written_by_another_trainer(folder: str) -> bool:
+    """Whether `folder`, without our marker, is a complete checkpoint of another `transformers.Trainer` (such as
+    `trl.DPOTrainer`): its `trainer_state.json`, which `Trainer._save_checkpoint` writes last, parses and names the
+    folder's step, and the model weights are there. A checkpoint nca-trl stopped writing has no `trainer_state.json`
+    (or a torn one)."""
+    match = _CHECKPOINT.match(os.path.basename(os.path.normpath(folder)))
+    try:
+        with open(os.path.join(folder, "trainer_state.json")) as f:
+            step = json.load(f).get("global_step")
+    except (OSError, ValueError, AttributeError):
+        return False
+    has_weights = any(os.path.isfile(os.path.join(folder, name)) for name in _WEIGHTS) or any(
+        name.startswith("global_step") for name in os.listdir(folder)  # DeepSpeed's own checkpoint folder
+    )
+    return has_weights and (match is None or step == int(match.group(1)))
+
+
+def _foreign_checkpoint_message(path: str) -> str:
+    return (
+        f"Checkpoint {path!r} looks complete (its trainer_state.json, written last, and its model weights are there) "
+        f"but has no {COMPLETE_MARKER}: it was most likely written by another trainer, such as trl.DPOTrainer (an "
+        "output_dir shared with an earlier DPO run, e.g. the alignment-handbook's get_last_checkpoint()), not by "
+        "nca-trl (whose checkpoints get that file right after trainer_state.json). "
+        "Resuming from it would continue that run's optimizer, schedule and step count under a different loss. To "
+        "start this run afresh, use another output_dir (or pass resume_from_checkpoint=None and remove that run's "
+        f"checkpoints); to continue from it on purpose, create {os.path.join(path, COMPLETE_MARKER)} (e.g. with "
+        "'{\"complete\": true}') and resume again."
+    )
+
+
 def _write_marker(folder: str, **info) -> None:
     """fsync the files of `folder`, then write the marker atomically (temporary file renamed), fsynced."""
     for root, _, files in os.walk(folder):
@@ -85,6 +119,10 @@ def resolve_resume(args, resume_from_checkpoint):
         last = last_complete_checkpoint(args.output_dir)
         if last is None:
             found = _checkpoints(args.output_dir)
+            foreign = [folder for folder in found if written_by_another_trainer(folder)]
+            if foreign:
+                raise ValueError(f"No checkpoint of nca-trl in output_dir {args.output_dir!r}. "
+                                 + _foreign_checkpoint_message(foreign[0]))
             raise ValueError(
                 f"No complete checkpoint in output_dir {args.output_dir!r}"
                 + (f" (incomplete: {', '.join(found)}; a checkpoint counts once it has {COMPLETE_MARKER}, written "
@@ -95,6 +133,8 @@ def resolve_resume(args, resume_from_checkpoint):
         return last
     path = str(resume_from_checkpoint)
     if os.path.isdir(path) and _CHECKPOINT.match(os.path.basename(os.path.normpath(path))) and not is_complete(path):
+        if written_by_another_trainer(path):
+            raise ValueError(_foreign_checkpoint_message(path))
         last = last_complete_checkpoint(os.path.dirname(os.path.normpath(path)), warn=False)
         raise ValueError(
             f"Checkpoint {path!r} is incomplete (it has no {COMPLETE_MARKER}, written last): the run that wrote it "

@@ -9,8 +9,19 @@ from typing import ClassVar
 from trl import DPOConfig
 
 __all__ = [
-    "NCAConfig", "InfoNCAConfig", "RATED_CONFIGS", "config_for_loss", "check_rated_config", "relaxed_hardware_checks"
+    "NCAConfig", "InfoNCAConfig", "RATED_CONFIGS", "DEFAULT_ALPHA", "config_for_loss", "check_rated_config",
+    "relaxed_hardware_checks", "reward_temperature",
 ]
+
+#: The reward temperature of rated completions when `alpha` is not set (also for a plain `DPOConfig`).
+DEFAULT_ALPHA = 1.0
+
+
+def reward_temperature(args) -> float:
+    """The `alpha` applied to rated completions: the config's, or `DEFAULT_ALPHA` when unset (or a plain `DPOConfig`).
+    Preference pairs never use it: their targets are one-hot on the chosen completion."""
+    alpha = getattr(args, "alpha", None)
+    return DEFAULT_ALPHA if alpha is None else alpha
 
 # `relaxed_hardware_checks()` turns the checks of what this machine can run off (`nca-trl train --dry_run`)
 _HARDWARE_CHECKS = {"relaxed": False}
@@ -146,28 +157,29 @@ def _check_inherited_switches(args: DPOConfig) -> None:
 def check_rated_config(args: DPOConfig, config_class: type[_RatedCompletionsConfig]) -> None:
     """Raise a `ValueError` if `args` sets a DPO-only loss field or an invalid NCA field.
 
-    `config_class` (`NCAConfig` or `InfoNCAConfig`) names the loss the trainer trains. Works on an
-    `NCAConfig`/`InfoNCAConfig` as well as on a plain `trl.DPOConfig` (whose new fields are absent and take the NCA
-    defaults).
+    `config_class` (`NCAConfig` or `InfoNCAConfig`) names the loss the trainer trains; messages name that loss, not
+    the class of `args`. Works on an `NCAConfig`/`InfoNCAConfig`, on a pipeline's subclass of either, and on a plain
+    `trl.DPOConfig` (whose new fields are absent and take the NCA defaults).
     """
     name = config_class.display_name()
     accepted = config_class.accepted_loss_types()
     loss_type = args.loss_type if isinstance(args.loss_type, list) else [args.loss_type]
     if len(loss_type) != 1 or loss_type[0] not in accepted:
         raise ValueError(
-            f"`loss_type={args.loss_type!r}` cannot be used with the {name} trainer, which always trains the {name} "
-            f"loss. Leave `loss_type` unset (accepted values: {list(accepted)}); to train another DPO loss "
-            "use `trl.DPOTrainer`."
+            f"`loss_type={args.loss_type!r}` cannot be used to train {name} (loss {config_class.loss!r}): its trainer "
+            f"always trains the {name} loss. Leave `loss_type` unset (accepted values: {list(accepted)}); to train "
+            "another DPO loss use `trl.DPOTrainer`."
         )
     for field_name, (default, why) in _UNSUPPORTED_DPO_FIELDS.items():
         value = getattr(args, field_name, default)
         if value != default:
             raise ValueError(
-                f"`{field_name}={value!r}` has no meaning for {name}: {why}. Remove it from the config (default "
+                f"`{field_name}={value!r}` has no meaning for {name} (loss {config_class.loss!r}): {why}. Remove it "
+                f"from the config (default "
                 f"{default!r})."
             )
-    alpha = getattr(args, "alpha", 0.0)
-    if alpha is None or alpha < 0:
+    alpha = getattr(args, "alpha", None)
+    if alpha is not None and not alpha >= 0:
         raise ValueError(f"`alpha` (reward temperature) must be >= 0, got {alpha!r}; 0 means one-hot on the best.")
     if not args.beta > 0:
         raise ValueError(f"`beta` must be > 0, got {args.beta!r}.")
@@ -178,8 +190,11 @@ def check_rated_config(args: DPOConfig, config_class: type[_RatedCompletionsConf
 
 
 _ALPHA_HELP = (
-    "Reward temperature: the targets are p = softmax(rewards / alpha) over each prompt's completions. 0 means the "
-    "limit alpha -> 0 (one-hot on the highest reward, ties split evenly). It is the authors' `temperature_alpha` "
+    "Reward temperature of rated completions: the targets are p = softmax(rewards / alpha) over each prompt's "
+    "completions. None (the default) means 1.0. 0 means the limit alpha -> 0 (one-hot on the highest reward, ties "
+    "split evenly). Rows given as chosen/rejected pairs always have one-hot targets on the chosen (the paper's "
+    "pairwise case): alpha does not apply to them, also in a dataset mixing pairs and rated rows. It is the authors' "
+    "`temperature_alpha` "
     "(a divisor of the raw scores): their released 1e-4 on UltraFeedback's 1-10 scores puts weight exp(-0.5/1e-4) "
     "~ 0 on a completion even half a point below the best, i.e. one-hot. Scaling all rewards by c is the same as "
     "dividing alpha by c."
@@ -213,7 +228,7 @@ class _RatedCompletionsConfig(DPOConfig):
         default=0.01,
         metadata={"help": "KL coefficient: g_i = beta * (log pi(y_i|x) - log pi_ref(y_i|x)). The paper uses 0.01."},
     )
-    alpha: float = field(default=1.0, metadata={"help": _ALPHA_HELP})
+    alpha: float | None = field(default=None, metadata={"help": _ALPHA_HELP})
     max_completions: int | None = field(default=None, metadata={"help": _MAX_COMPLETIONS_HELP})
     shared_prompt: bool | None = field(default=None, metadata={"help": _SHARED_PROMPT_HELP})
     padding_free: bool = field(default=False, metadata={"help": _PADDING_FREE_HELP})
@@ -248,10 +263,13 @@ class _RatedCompletionsConfig(DPOConfig):
     # `pairwise_loss_type` the TRL `loss_type` that is the same loss on K = 2 pairs.
     loss: ClassVar[str] = ""
     pairwise_loss_type: ClassVar[str] = ""
+    loss_title: ClassVar[str] = ""  # how messages and the model card write the loss's name
 
     @classmethod
     def display_name(cls) -> str:
-        return cls.__name__.removesuffix("Config")
+        """The loss's name as written ("NCA", "InfoNCA"): a pipeline's subclass (`class DPOConfig(NCAConfig)`) keeps
+        it, whatever the subclass is called."""
+        return cls.loss_title
 
     @classmethod
     def accepted_loss_types(cls) -> tuple[str, ...]:
@@ -269,6 +287,8 @@ class _RatedCompletionsConfig(DPOConfig):
         if self.dataloader_pin_memory and (self.use_cpu or not _accelerator_available()):
             self.dataloader_pin_memory = False  # no effect without an accelerator, and torch warns on every run
         check_rated_config(self, type(self))
+        # The saved arguments say what is trained: an accepted alias (DPOConfig's default, TRL's K=2 name) becomes it
+        self.loss_type = [self.loss]
 
 
 @dataclass
@@ -279,10 +299,13 @@ class NCAConfig(_RatedCompletionsConfig):
     Args:
         beta (`float`, *optional*, defaults to `0.01`):
             KL coefficient, `g_i = beta * (log pi(y_i|x) - log pi_ref(y_i|x))`. The NCA paper uses 0.01.
-        alpha (`float`, *optional*, defaults to `1.0`):
-            Reward temperature: targets `p = softmax(rewards / alpha)` over each prompt's completions; `0` means
-            one-hot on the best completion (ties split evenly). The authors' `temperature_alpha` is the same divisor
-            of the raw scores; their released `1e-4` on 1-10 scores is effectively one-hot.
+        alpha (`float`, *optional*, defaults to `None`, i.e. `1.0`):
+            Reward temperature of rated completions: targets `p = softmax(rewards / alpha)` over each prompt's
+            completions; `0` means one-hot on the best completion (ties split evenly). Rows given as chosen/rejected
+            pairs always have one-hot targets on the chosen: `alpha` does not apply to them (also in a dataset
+            mixing both kinds), so on pairs `NCATrainer` trains TRL's `nca_pair` loss. The authors'
+            `temperature_alpha` is the same divisor of the raw scores; their released `1e-4` on 1-10 scores is
+            effectively one-hot.
         max_completions (`int`, *optional*):
             Cap on K per prompt, keeping the best, the worst and an even spread of reward ranks between.
         shared_prompt (`bool`, *optional*):
@@ -291,7 +314,8 @@ class NCAConfig(_RatedCompletionsConfig):
             only (on a GPU the plain layout is faster, see the README's "On a GPU"); `True` forces it.
         loss_type (`list[str]`, *optional*):
             Always the NCA loss. Leave unset; `NCAConfig.accepted_loss_types()` lists the values accepted (the loss's
-            own name, TRL's name of its K=2 case, and DPOConfig's default, so that a plain `DPOConfig` works).
+            own name, TRL's name of its K=2 case, and DPOConfig's default, so that a plain `DPOConfig` works); any of
+            them is stored as `["nca"]`, the loss trained.
 
         padding_free (`bool`, *optional*, defaults to `False`):
             `True` requires the shared-prompt layout (an error where it cannot run, no fallback); `True` with
@@ -315,6 +339,7 @@ class NCAConfig(_RatedCompletionsConfig):
 
     loss: ClassVar[str] = "nca"
     pairwise_loss_type: ClassVar[str] = "nca_pair"
+    loss_title: ClassVar[str] = "NCA"
 
 
 @dataclass
@@ -325,8 +350,9 @@ class InfoNCAConfig(_RatedCompletionsConfig):
     Args:
         beta (`float`, *optional*, defaults to `0.01`):
             KL coefficient, `g_i = beta * (log pi(y_i|x) - log pi_ref(y_i|x))`. The NCA paper uses 0.01.
-        alpha (`float`, *optional*, defaults to `1.0`):
-            Reward temperature, as in [`NCAConfig`]. With K=2 and `alpha=0` InfoNCA is exactly DPO's sigmoid loss.
+        alpha (`float`, *optional*, defaults to `None`, i.e. `1.0`):
+            Reward temperature of rated completions, as in [`NCAConfig`]. Chosen/rejected pairs always have one-hot
+            targets, so on pairs `InfoNCATrainer` trains exactly DPO's sigmoid loss.
         max_completions (`int`, *optional*):
             Cap on K per prompt, keeping the best, the worst and an even spread of reward ranks between.
         shared_prompt (`bool`, *optional*):
@@ -335,7 +361,7 @@ class InfoNCAConfig(_RatedCompletionsConfig):
             `True` requires the shared-prompt layout, as in [`NCAConfig`].
         loss_type (`list[str]`, *optional*):
             Always the InfoNCA loss. Leave unset; `InfoNCAConfig.accepted_loss_types()` lists the values accepted
-            (its own name, and DPOConfig's default, which is its K=2 case: DPO).
+            (its own name, and DPOConfig's default, which is its K=2 case: DPO); stored as `["infonca"]`.
 
     Example:
     ```python
@@ -346,6 +372,7 @@ class InfoNCAConfig(_RatedCompletionsConfig):
 
     loss: ClassVar[str] = "infonca"
     pairwise_loss_type: ClassVar[str] = "sigmoid"
+    loss_title: ClassVar[str] = "InfoNCA"
 
 
 RATED_CONFIGS = (NCAConfig, InfoNCAConfig)

@@ -9,7 +9,9 @@ For a prompt with K completions, log-ratios `l_i = log pi_theta(y_i|x) - log pi_
     NCA     = - sum_i p_i log sigmoid(g_i) - (1/K) sum_i log sigmoid(-g_i)
 
 Batches are `[B, K]` tensors; `mask[b, i]` is True where prompt b has a completion i, so prompts with different K
-share one batch. Everything is computed in float32 whatever the input dtype; values in masked slots never matter.
+share one batch. `alpha` is one float or one value per prompt (`[B]`): preference pairs have one-hot targets (the
+paper's K = 2 case, alpha -> 0) while rated rows of the same batch keep the configured temperature. Everything is
+computed in float32 whatever the input dtype; values in masked slots never matter.
 """
 
 from __future__ import annotations
@@ -20,15 +22,23 @@ import torch.nn.functional as F
 __all__ = ["reward_targets", "infonca_loss", "nca_loss"]
 
 
+Alpha = float | torch.Tensor  # one reward temperature, or one per prompt `[B]`
+
+
 def _check(
     rewards: torch.Tensor,
     mask: torch.Tensor | None,
-    alpha: float,
+    alpha: Alpha,
     logratios: torch.Tensor | None = None,
     beta: float | None = None,
 ) -> torch.Tensor:
     """Validate the arguments and return the boolean mask `[B, K]` (all True when `mask` is None)."""
-    if alpha < 0:
+    if isinstance(alpha, torch.Tensor):
+        if alpha.shape not in ((), (rewards.shape[0],)):
+            raise ValueError(f"alpha must be a float or have shape [B] = [{rewards.shape[0]}], got {tuple(alpha.shape)}.")
+        if (alpha < 0).any():
+            raise ValueError(f"alpha must be >= 0 (0 means one-hot targets on the best completion), got {alpha}.")
+    elif alpha < 0:
         raise ValueError(f"alpha must be >= 0 (0 means one-hot targets on the best completion), got {alpha}.")
     if beta is not None and not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}.")
@@ -53,13 +63,13 @@ def _check(
     return mask
 
 
-def reward_targets(rewards: torch.Tensor, alpha: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+def reward_targets(rewards: torch.Tensor, alpha: Alpha, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Target weights `p = softmax(rewards / alpha)` over each row's valid completions.
 
     Args:
         rewards (`torch.Tensor` of shape `[B, K]`): raw scalar rewards, any scale and dtype.
-        alpha (`float`): reward temperature, >= 0. `0` is the limit alpha -> 0: all mass on the highest reward,
-            shared evenly between ties.
+        alpha (`float` or `torch.Tensor` of shape `[B]`): reward temperature, >= 0, for all rows or per row. `0` is the
+            limit alpha -> 0: all mass on the highest reward, shared evenly between ties.
         mask (`torch.Tensor` of shape `[B, K]`, *optional*): True where the completion exists.
 
     Returns:
@@ -69,23 +79,32 @@ def reward_targets(rewards: torch.Tensor, alpha: float, mask: torch.Tensor | Non
     ```python
     >>> reward_targets(torch.tensor([[3.0, 3.0, 1.0]]), alpha=0.0)
     tensor([[0.5000, 0.5000, 0.0000]])
+    >>> reward_targets(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), alpha=torch.tensor([0.0, 1.0]))  # a pair, a rated row
+    tensor([[1.0000, 0.0000],
+            [0.7311, 0.2689]])
     ```
     """
     mask = _check(rewards, mask, alpha)
     r = rewards.float().masked_fill(~mask, float("-inf"))
-    if alpha == 0:
-        best = (r == r.max(dim=1, keepdim=True).values) & mask
-        return best.float() / best.sum(dim=1, keepdim=True)
-    # Subtract the row max before dividing, so that no r / alpha overflows whatever the scale of r and alpha
-    shifted = (r - r.max(dim=1, keepdim=True).values) / alpha
-    return torch.softmax(shifted, dim=1).masked_fill(~mask, 0.0)
+    top = r.max(dim=1, keepdim=True).values
+    best = (r == top) & mask
+    one_hot = best.float() / best.sum(dim=1, keepdim=True)
+    if not isinstance(alpha, torch.Tensor):
+        if alpha == 0:
+            return one_hot
+        # Subtract the row max before dividing, so that no r / alpha overflows whatever the scale of r and alpha
+        return torch.softmax((r - top) / alpha, dim=1).masked_fill(~mask, 0.0)
+    alpha = alpha.to(device=r.device, dtype=torch.float32).expand(r.shape[0]).unsqueeze(1)
+    soft_rows = alpha > 0
+    soft = torch.softmax((r - top) / torch.where(soft_rows, alpha, 1.0), dim=1).masked_fill(~mask, 0.0)
+    return torch.where(soft_rows, soft, one_hot)
 
 
 def infonca_loss(
     logratios: torch.Tensor,
     rewards: torch.Tensor,
     beta: float,
-    alpha: float,
+    alpha: Alpha,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCA: soft-label K-way cross-entropy between `softmax(beta * logratios)` and `reward_targets`.
@@ -97,7 +116,7 @@ def infonca_loss(
         logratios (`torch.Tensor` of shape `[B, K]`): `log pi_theta(y|x) - log pi_ref(y|x)`, not multiplied by beta.
         rewards (`torch.Tensor` of shape `[B, K]`): raw rewards.
         beta (`float`): KL coefficient, > 0.
-        alpha (`float`): reward temperature, >= 0.
+        alpha (`float` or `torch.Tensor` of shape `[B]`): reward temperature, >= 0 (per row if a tensor).
         mask (`torch.Tensor` of shape `[B, K]`, *optional*): True where the completion exists.
 
     Returns:
@@ -114,7 +133,7 @@ def nca_loss(
     logratios: torch.Tensor,
     rewards: torch.Tensor,
     beta: float,
-    alpha: float,
+    alpha: Alpha,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """NCA: each completion is a binary real-vs-noise decision, weighted by the reward targets.
@@ -126,7 +145,7 @@ def nca_loss(
         logratios (`torch.Tensor` of shape `[B, K]`): `log pi_theta(y|x) - log pi_ref(y|x)`, not multiplied by beta.
         rewards (`torch.Tensor` of shape `[B, K]`): raw rewards.
         beta (`float`): KL coefficient, > 0.
-        alpha (`float`): reward temperature, >= 0.
+        alpha (`float` or `torch.Tensor` of shape `[B]`): reward temperature, >= 0 (per row if a tensor).
         mask (`torch.Tensor` of shape `[B, K]`, *optional*): True where the completion exists.
 
     Returns:

@@ -116,13 +116,14 @@ def plot_training_curves(log_history: list[dict], path: str | os.PathLike) -> st
     return str(path)
 
 
-def run_info(trainer, script_args, model_args, train_metrics: dict, eval_metrics: dict | None, started: float,
+def run_info(trainer, model_args, train_metrics: dict, eval_metrics: dict | None, started: float,
              distributed: dict) -> dict:
     """The content of `run_info.json`: what ran, where, with which versions, and what it logged."""
     history = trainer.state.log_history
     return {
         **distributed,
-        "loss": script_args.loss,
+        "loss": trainer.loss_name,  # the loss trained, as the trainer's saved arguments say (`loss_type`)
+        "loss_type": list(trainer.args.loss_type),
         "trainer": type(trainer).__name__,
         "model_name_or_path": model_args.model_name_or_path,
         "output_dir": os.path.abspath(trainer.args.output_dir),

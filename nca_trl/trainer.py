@@ -9,6 +9,7 @@ per prompt, live or precomputed and cached) and the loss.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import textwrap
 import warnings
@@ -35,8 +36,10 @@ from .config import (
     NCAConfig,
     _RatedCompletionsConfig,
     check_rated_config,
+    reward_temperature,
 )
 from .data.collator import DataCollatorForRatedCompletions
+from .data.formats import PAIR_COLUMN
 from .data.tokenize import prepare_rated_dataset
 from .losses import infonca_loss, nca_loss
 from .metrics import best_slots, from_slots, sequence_metrics, to_slots
@@ -120,9 +123,10 @@ class _RatedCompletionsTrainer(RunSafetyMixin, DPOTrainer):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        # The loss's name comes from its config class alone (model card tags, default output_dir)
+        # The loss's name comes from its config class alone (model card tags, default output_dir, run_info.json)
         cls._name = cls._config_class.display_name()
-        cls._tag_names = ["trl", cls._config_class.loss, "nca-trl"]
+        cls.loss_name = cls._config_class.loss
+        cls._tag_names = ["trl", cls.loss_name, "nca-trl"]
 
     def __init__(
         self,
@@ -149,8 +153,10 @@ class _RatedCompletionsTrainer(RunSafetyMixin, DPOTrainer):
             args = self._config_class(f"{model_name.split('/')[-1]}-{self._name}")
         check_rated_config(args, self._config_class)
         check_output_dir(args)  # writable, before anything is loaded
-        # A plain DPOConfig has no `alpha` / `max_completions`: they take the NCA defaults
-        self.alpha = getattr(args, "alpha", 1.0)
+        args = self._say_what_is_trained(args)
+        # A plain DPOConfig has no `alpha` / `max_completions`: they take the NCA defaults. `alpha` applies to rated
+        # completions only: preference pairs are one-hot on the chosen (`_compute_loss`)
+        self.alpha = reward_temperature(args)
         self.max_completions = getattr(args, "max_completions", None)
 
         _refuse_images(self, train_dataset, "train")
@@ -202,6 +208,36 @@ class _RatedCompletionsTrainer(RunSafetyMixin, DPOTrainer):
         self._setup_layout()
         # DPOTrainer's flag, here whether the batches are padding-free (the shared-prompt layout runs)
         self.padding_free = bool(getattr(self.data_collator, "shared_prompt", False))
+        self._say_if_alpha_unused(args)
+
+    def _say_what_is_trained(self, args):
+        """A config that is not ours (a plain `trl.DPOConfig`, or a pipeline's subclass of it) names another loss in
+        `loss_type`: log once what is trained, and train with a copy of `args` whose `loss_type` names it, so that the
+        logs and the saved `training_args.bin` say what was trained (the caller's object is left as it is)."""
+        trained = [self.loss_name]
+        if list(args.loss_type if isinstance(args.loss_type, list) else [args.loss_type]) == trained:
+            return args
+        logger.warning(
+            "%s trains the %s loss (loss_type %s; on chosen/rejected pairs it equals TRL's %r), not the given %s's "
+            "loss_type=%s: the trainer's arguments, its saved training_args.bin and its model card say %s.",
+            type(self).__name__, self._name, trained, self._config_class.pairwise_loss_type, type(args).__name__,
+            args.loss_type, trained,
+        )
+        args = copy.copy(args)
+        args.loss_type = trained
+        return args
+
+    def _say_if_alpha_unused(self, args) -> None:
+        """`alpha` set explicitly while every training row is a chosen/rejected pair: say once that it does not apply."""
+        if getattr(args, "alpha", None) is None or not isinstance(self.train_dataset, Dataset):
+            return
+        if PAIR_COLUMN in self.train_dataset.column_names and all(self.train_dataset[PAIR_COLUMN]):
+            logger.warning(
+                "alpha=%s does not apply here: every row of the train dataset is a chosen/rejected pair, whose targets "
+                "are one-hot on the chosen completion whatever alpha is (alpha is the reward temperature of rated "
+                "completions). %s trains TRL's %r loss on these pairs.",
+                args.alpha, type(self).__name__, self._config_class.pairwise_loss_type,
+            )
 
     @contextlib.contextmanager
     def _zero3_moe_leaves(self, args):
@@ -275,7 +311,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, DPOTrainer):
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = ["prompt_ids", "completion_ids", "rewards", "ref_logps", "row_index"]
+            self._signature_columns = ["prompt_ids", "completion_ids", "rewards", PAIR_COLUMN, "ref_logps", "row_index"]
 
     # ------------------------------------------------------------------------------------------------ log-probs
     def _sequence_logps(self, model, inputs, **model_kwargs):
@@ -369,7 +405,10 @@ class _RatedCompletionsTrainer(RunSafetyMixin, DPOTrainer):
             ref_logps = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
         logratios = logps.float() - ref_logps.float()
 
-        row_losses = self._loss_fn(logratios, rewards, self.beta, self.alpha, slots)
+        # Per prompt: the reward temperature for rated completions, one-hot (0) for a chosen/rejected pair
+        pairs = inputs.get(PAIR_COLUMN)  # absent from a collator of the user's own that does not set it: all rated
+        alpha = self.alpha if pairs is None else torch.where(pairs, 0.0, self.alpha)
+        row_losses = self._loss_fn(logratios, rewards, self.beta, alpha, slots)
         self._row_losses = row_losses.detach()  # which rows are not finite, if the loss is not (`nca_trl.safety`)
         loss = row_losses.mean()
         if self.aux_loss_enabled:
@@ -450,9 +489,10 @@ class NCATrainer(_RatedCompletionsTrainer):
     Trainer for Noise Contrastive Alignment (NCA), [Chen et al. 2024](https://huggingface.co/papers/2402.05369).
 
     A drop-in [`trl.DPOTrainer`] (same constructor) whose dataset holds, per prompt, K >= 2 completions with scalar
-    rewards (`{"prompt", "completions", "rewards"}`), or TRL preference pairs (K = 2, rewards (1, 0)). Each completion
-    is a binary real-vs-noise decision weighted by `softmax(rewards / alpha)`, which keeps the likelihood of good
-    completions from falling (see `nca_trl.losses.nca_loss`). `per_device_train_batch_size` counts prompts.
+    rewards (`{"prompt", "completions", "rewards"}`), or TRL preference pairs (K = 2, one-hot on the chosen: TRL's
+    `nca_pair` loss, whatever `alpha` is). Each completion is a binary real-vs-noise decision weighted by
+    `softmax(rewards / alpha)`, which keeps the likelihood of good completions from falling (see
+    `nca_trl.losses.nca_loss`). `per_device_train_batch_size` counts prompts.
 
     Example:
     ```python
@@ -475,7 +515,7 @@ class InfoNCATrainer(_RatedCompletionsTrainer):
 
     A drop-in [`trl.DPOTrainer`] (same constructor) on K >= 2 rated completions per prompt: a K-way soft-label
     classification of which completion is best, with targets `softmax(rewards / alpha)` (see
-    `nca_trl.losses.infonca_loss`). With K = 2 and `alpha = 0` it is exactly DPO.
+    `nca_trl.losses.infonca_loss`). On chosen/rejected pairs (one-hot targets, whatever `alpha` is) it is exactly DPO.
 
     Example:
     ```python

@@ -85,7 +85,7 @@ def _train(args, callbacks: list | None, keep_process_group: bool = False) -> di
         trainer.save_metrics("eval", eval_metrics)
     trainer.save_model(training_args.output_dir)
 
-    info = run_info(trainer, script_args, model_args, metrics, eval_metrics, started, distributed)
+    info = run_info(trainer, model_args, metrics, eval_metrics, started, distributed)
     if trainer.accelerator.is_main_process:
         _report(info, training_args.output_dir)
     trainer.accelerator.wait_for_everyone()

@@ -15,10 +15,19 @@ def examples():
     ]
 
 
+def test_preference_pair_flag_per_prompt():
+    rows = examples()
+    rows[1]["preference_pair"] = True  # came as a chosen/rejected pair: one-hot targets in the loss
+    for shared_prompt in (False, True):
+        batch = DataCollatorForRatedCompletions(pad_token_id=0, shared_prompt=shared_prompt)(rows)
+        assert batch["preference_pair"].tolist() == [False, True]
+
+
 def test_slot_major_padded_layout():
     batch = DataCollatorForRatedCompletions(pad_token_id=0)(examples())
     assert set(batch) == {"input_ids", "attention_mask", "completion_mask", "rewards", "completion_slots",
-                          "sequence_tokens"}
+                          "sequence_tokens", "preference_pair"}
+    assert batch["preference_pair"].tolist() == [False, False]  # no flag: rated rows
     # N = 3 + 2 = 5 sequences, slot-major: (p0, c0), (p1, c0), (p0, c1), (p1, c1), (p0, c2); L = 4 (longest)
     assert batch["input_ids"].tolist() == [
         [1, 2, 3, 0],
@@ -95,7 +104,7 @@ def test_shared_prompt_output():
     batch = DataCollatorForRatedCompletions(pad_token_id=0, shared_prompt=True)(rows)
     assert set(batch) == {
         "input_ids", "position_ids", "shift_labels", "token_sequence", "token_column", "plain_width", *LAYOUT_KEYS,
-        "rewards", "completion_slots", "sequence_tokens", "ref_logps",
+        "rewards", "completion_slots", "sequence_tokens", "ref_logps", "preference_pair",
     }
     # One flat row: prompt 0's prefix [1], then its last prompt token 2 before each completion; prompt 1 likewise
     assert batch["input_ids"].tolist() == [[1, 2, 3, 2, 4, 5, 2, 6, 7, 8, 9, 7, 10]]

@@ -15,6 +15,8 @@ from nca_trl.data import (
     PREFERENCE,
     PREFERENCE_IMPLICIT,
     RATED,
+    MIXED,
+    PAIR_COLUMN,
     DataValidationError,
     ValidationReport,
     columns_to_rated,
@@ -260,20 +262,42 @@ def test_validate_dataset_mixed_styles_across_rows():
 
 
 def test_validate_dataset_mixed_formats_across_rows():
-    with pytest.raises(DataValidationError, match="row 0 is in the 'rated' format") as info:
-        validate_dataset([rated(), rated(), pref()])
-    assert info.value.row == 2 and info.value.field == "completions"
+    # Rated rows and preference rows (explicit prompt) may share a dataset: each row keeps its own targets
+    report = validate_dataset([rated(), rated(), pref()])
+    assert report.format == MIXED and report.num_pairs == 1 and report.k_histogram == {2: 1, 3: 2}
+    assert "1 preference pairs (one-hot targets on the chosen; alpha does not apply)" in report.summary()
+    # Arrow fills absent columns with None: the preference row has completions=None, the rated row chosen=None
+    arrow = lambda rows: Dataset.from_list(  # noqa: E731 - every row with every column, as Arrow stores a mixture
+        [{"prompt": None, "completions": None, "rewards": None, "chosen": None, "rejected": None, **r} for r in rows])
+    report = validate_dataset(arrow([pref(), rated()]))
+    assert report.format == MIXED and report.num_pairs == 1 and report.num_rows == 2
+    # A bad row of the other kind is still found
+    with pytest.raises(DataValidationError, match="reward at position 1 is NaN") as info:
+        validate_dataset(arrow([rated(), pref(), rated(rewards=[1.0, float("nan"), 0.0])]))
+    assert info.value.row == 2 and info.value.field == "rewards"
+    # Implicit-prompt pairs have no prompt to share: they cannot be mixed with either
+    with pytest.raises(DataValidationError, match="only rated rows and preference rows with a 'prompt'") as info:
+        validate_dataset([rated(), implicit()])
+    assert info.value.row == 1 and info.value.field == "prompt"
     with pytest.raises(DataValidationError) as info:
         validate_dataset([pref(), implicit()])
     assert info.value.row == 1 and info.value.field == "prompt"
     with pytest.raises(DataValidationError) as info:
         validate_dataset([implicit(), pref(chosen="Q: x A: 1", rejected="Q: x A: 2")])
     assert info.value.row == 1 and info.value.field == "prompt"
-    # Arrow fills absent columns with None: the preference row has completions=None
-    ds = Dataset.from_list([rated(), pref()])
-    with pytest.raises(DataValidationError) as info:
-        validate_dataset(ds)
-    assert info.value.row == 1 and info.value.field == "completions"
+
+
+def test_pair_flag_survives_conversion_and_is_checked():
+    # to_rated marks pairs, so a dataset converted before training keeps one-hot targets on its pairs
+    converted = [to_rated(pref()), to_rated(rated())]
+    assert [row[PAIR_COLUMN] for row in converted] == [True, False]
+    assert validate_dataset(converted).num_pairs == 1
+    assert to_rated(converted[0]) == converted[0]  # converting twice keeps the flag
+    with pytest.raises(DataValidationError, match="'preference_pair' is True") as info:
+        validate_dataset([rated(**{PAIR_COLUMN: True})])  # K = 3 is no pair
+    assert info.value.row == 0 and info.value.field == PAIR_COLUMN
+    with pytest.raises(DataValidationError, match="expected True or False"):
+        validate_example(rated(completions=["a", "b"], rewards=[1.0, 0.0], **{PAIR_COLUMN: "yes"}), 0)
 
 
 def test_validate_dataset_reports_the_global_row_index_of_a_late_bad_row():
@@ -328,9 +352,10 @@ def test_conversational_rated_and_preference_datasets():
         "prompt": [user("Capital of France?")],
         "completions": [[assistant("Paris")], [assistant("Lyon")]],
         "rewards": [1.0, 0.0],
+        PAIR_COLUMN: True,
     }
     converted = convert_dataset(Dataset.from_list(prefs))
-    assert converted.column_names == ["prompt", "completions", "rewards"]
+    assert converted.column_names == ["prompt", "completions", "rewards", PAIR_COLUMN]
     assert converted[1]["completions"] == [[assistant("Paris")], [assistant("Lyon")]]
     assert validate_dataset(converted).conversational
 
@@ -362,10 +387,10 @@ def test_vicuna_rated_file(caplog):
     assert validate_dataset(rows).num_all_equal_rewards == 6
     # rated rows pass through to_rated / convert_dataset
     out = to_rated(rows[0])
-    assert set(out) == {"prompt", "completions", "rewards"}
+    assert set(out) == {"prompt", "completions", "rewards", PAIR_COLUMN} and out[PAIR_COLUMN] is False
     assert all(isinstance(r, float) for r in out["rewards"])
     converted = convert_dataset(ds)
-    assert converted.column_names == ["prompt", "completions", "rewards"] and len(converted) == 80
+    assert converted.column_names == ["prompt", "completions", "rewards", PAIR_COLUMN] and len(converted) == 80
 
 
 def _hh_rows():
@@ -389,9 +414,10 @@ def test_hh_preference_file():
     assert report.num_all_equal_rewards == 0
     for row in rows[:50]:
         out = to_rated(row)
-        assert out == {"prompt": row["prompt"], "completions": [row["chosen"], row["rejected"]], "rewards": [1.0, 0.0]}
+        assert out == {"prompt": row["prompt"], "completions": [row["chosen"], row["rejected"]], "rewards": [1.0, 0.0],
+                       PAIR_COLUMN: True}
     converted = convert_dataset(ds.select(range(200)))
-    assert converted.column_names == ["prompt", "completions", "rewards"]
+    assert converted.column_names == ["prompt", "completions", "rewards", PAIR_COLUMN] and all(converted[PAIR_COLUMN])
     assert converted[0]["rewards"] == [1.0, 0.0] and len(converted[0]["completions"]) == 2
 
 
@@ -419,7 +445,7 @@ def test_hh_implicit_prompt_converts_via_extract_prompt():
             shared += 1
         if shared <= 1 or row["rejected"].strip() == "":  # the replies differ right after the leading space
             assert out == {"prompt": row["prompt"], "completions": [row["chosen"], row["rejected"]],
-                           "rewards": [1.0, 0.0]}
+                           "rewards": [1.0, 0.0], PAIR_COLUMN: True}
             exact += 1
     # Most rows split exactly: 161 of the slice's 200 rows with distinct replies (1,915 of the full sample's 2,350),
     # counted over the rows that have a prompt to extract (the 2 identical-reply rows are refused above)
@@ -685,7 +711,8 @@ def test_convert_dataset_columns_conversations():
 
 def test_to_rated_rated_rows_floats_and_checks():
     out = to_rated({**rated(rewards=[1, 2, 3]), "id": 7})
-    assert out == {"prompt": "What is 2+2?", "completions": ["4", "5", "22"], "rewards": [1.0, 2.0, 3.0]}
+    assert out == {"prompt": "What is 2+2?", "completions": ["4", "5", "22"], "rewards": [1.0, 2.0, 3.0],
+                   PAIR_COLUMN: False}
     assert all(type(r) is float for r in out["rewards"])
     with pytest.raises(DataValidationError, match="numeric strings") as info:
         to_rated(rated(rewards=[1, "2", 3]), 4)

@@ -709,3 +709,36 @@ def test_error_fewer_than_two_valid(fn):
     # K = 1 without a mask
     with pytest.raises(ValueError, match="(?i)(2|two)"):
         fn(torch.zeros(2, 1), torch.zeros(2, 1), beta=0.1, alpha=1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-row alpha: preference pairs (alpha 0, one-hot) and rated rows (alpha > 0) in one batch
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss_fn", [nca_loss, infonca_loss])
+def test_per_row_alpha_equals_each_row_alone(loss_fn):
+    torch.manual_seed(0)
+    logratios, rewards = torch.randn(4, 3), torch.randn(4, 3)
+    mask = torch.tensor([[True, True, False], [True, True, True], [True, True, False], [True, True, True]])
+    alpha = torch.tensor([0.0, 0.7, 0.0, 2.0])
+    batched = loss_fn(logratios, rewards, beta=0.5, alpha=alpha, mask=mask)
+    for b in range(4):
+        alone = loss_fn(logratios[b : b + 1], rewards[b : b + 1], beta=0.5, alpha=float(alpha[b]), mask=mask[b : b + 1])
+        torch.testing.assert_close(batched[b : b + 1], alone, rtol=0, atol=1e-6)
+    # A pair's loss does not move with alpha (one-hot), a rated row's does
+    other = loss_fn(logratios, rewards, beta=0.5, alpha=torch.tensor([0.0, 5.0, 0.0, 0.01]), mask=mask)
+    assert torch.equal(other[[0, 2]], batched[[0, 2]]) and not torch.allclose(other[[1, 3]], batched[[1, 3]])
+    # Gradients flow through the per-row targets' rows only where they should: finite everywhere
+    lr = logratios.clone().requires_grad_(True)
+    loss_fn(lr, rewards, beta=0.5, alpha=alpha, mask=mask).sum().backward()
+    assert torch.isfinite(lr.grad).all()
+
+
+def test_per_row_alpha_targets_and_checks():
+    p = reward_targets(_t([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(p, _t([[1.0, 0.0], [1 / (1 + math.exp(-1)), 1 / (1 + math.exp(1))]]), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="shape"):
+        reward_targets(_t([[1.0, 0.0]]), torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match=">= 0"):
+        reward_targets(_t([[1.0, 0.0]]), torch.tensor([-1.0]))

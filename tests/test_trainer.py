@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from nca_trl import InfoNCAConfig, InfoNCATrainer, NCAConfig, NCATrainer
@@ -75,6 +75,17 @@ def params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+class GradientRecorder(TrainerCallback):
+    """Every optimizer step's full gradient (all parameters, flattened, before clipping)."""
+
+    def __init__(self):
+        self.grads = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads.append(torch.cat([p.grad.detach().reshape(-1).clone() for p in model.parameters()
+                                     if p.grad is not None]))
+
+
 # --------------------------------------------------------------------------------------------------- API
 
 
@@ -89,7 +100,10 @@ def test_public_api_and_signature():
 
 def test_config_defaults_and_rejected_dpo_fields(tmp_path):
     args = NCAConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False)
-    assert args.beta == 0.01 and args.alpha == 1.0 and args.max_completions is None and args.loss_type == ["nca"]
+    assert args.beta == 0.01 and args.alpha is None and args.max_completions is None and args.loss_type == ["nca"]
+    # An accepted alias is stored as the loss trained
+    assert NCAConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, loss_type="nca_pair").loss_type == ["nca"]
+    assert InfoNCAConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, loss_type="sigmoid").loss_type == ["infonca"]
     assert InfoNCAConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False).loss_type == ["infonca"]
     for field, value in [
         ("label_smoothing", 0.1),
@@ -105,10 +119,16 @@ def test_config_defaults_and_rejected_dpo_fields(tmp_path):
             NCAConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, **{field: value})
 
 
-def test_plain_dpo_config_accepted_and_dpo_fields_rejected(tiny_mistral, vicuna, tmp_path):
+def test_plain_dpo_config_accepted_and_dpo_fields_rejected(tiny_mistral, vicuna, tmp_path, caplog):
     args = make_args(DPOConfig, tmp_path, beta=0.05)
-    trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=vicuna.select(range(4)))
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=vicuna.select(range(4)))
     assert trainer.alpha == 1.0 and trainer.beta == 0.05
+    # What is trained is said once, and the trainer's arguments (saved as training_args.bin) name it; the caller's
+    # config object is left as it was
+    said = [r.getMessage() for r in caplog.records if "trains the NCA loss" in r.getMessage()]
+    assert len(said) == 1 and "loss_type=['sigmoid']" in said[0] and "DPOConfig" in said[0], caplog.text
+    assert trainer.args.loss_type == ["nca"] and args.loss_type == ["sigmoid"] and trainer.args.beta == 0.05
     with pytest.raises(ValueError, match="label_smoothing"):
         NCATrainer(model=tiny_mistral, args=make_args(DPOConfig, tmp_path, label_smoothing=0.1), train_dataset=vicuna)
     with pytest.raises(ValueError, match="loss_type"):
@@ -133,43 +153,65 @@ def dpo_runs():
     return {}
 
 
+def pair_config(config, config_cls, dpo_loss, tmp_path, shared_prompt, **common):
+    """The config a user of each kind passes on pairs: `NCAConfig()` / `InfoNCAConfig()` with `alpha` left unset, or a
+    plain `trl.DPOConfig` with the matching TRL `loss_type` (DPOConfig's default for InfoNCA). A plain DPOConfig has no
+    `shared_prompt`: its layout is the automatic one (shared-prompt on a CPU), or the plain one with padded shapes."""
+    if config == "default":
+        return make_args(config_cls, tmp_path, shared_prompt=shared_prompt, **common)
+    loss_type = {"loss_type": [dpo_loss]} if dpo_loss != "sigmoid" else {}
+    padded = {} if shared_prompt else {"pad_to_multiple_of": 8}
+    return make_args(DPOConfig, tmp_path, **loss_type, **padded, **common)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "shared_prompt,data_name,max_length",
-    [(False, "hh", 80), (True, "hh", 80), (True, "vicuna", 256)],
-    ids=["plain-hh", "shared_prompt-hh", "shared_prompt-vicuna-long"],
+    "config,shared_prompt,data_name,max_length",
+    [
+        ("default", False, "hh", 80),
+        ("default", True, "hh", 80),
+        ("default", True, "vicuna", 256),
+        ("DPOConfig", False, "hh", 80),
+        ("DPOConfig", True, "hh", 80),
+    ],
+    ids=["plain-hh", "shared_prompt-hh", "shared_prompt-vicuna-long", "DPOConfig-plain-hh", "DPOConfig-shared-hh"],
 )
 @pytest.mark.parametrize(
     "cls,config_cls,dpo_loss", [(InfoNCATrainer, InfoNCAConfig, "sigmoid"), (NCATrainer, NCAConfig, "nca_pair")]
 )
-def test_first_steps_equal_dpo_trainer(
-    cls, config_cls, dpo_loss, shared_prompt, data_name, max_length, tiny_mistral, tiny_mistral_ref, hh, vicuna,
-    dpo_runs, tmp_path,
+def test_pairs_train_the_dpo_trainer_loss_by_default(
+    cls, config_cls, dpo_loss, config, shared_prompt, data_name, max_length, tiny_mistral, tiny_mistral_ref, hh,
+    vicuna, dpo_runs, tmp_path,
 ):
-    """alpha=0 on preference pairs, explicit reference model that differs from the policy: the losses of the first
-    three steps equal DPOTrainer's with the matching loss, in both layouts, also on long (256-token) sequences whose
-    log-prob sums float32 resolves to ~1e-4 only (the shared-prompt layout sums them in DPOTrainer's order)."""
+    """The drop-in on preference pairs, with the configs users start from (alpha unset, or a plain DPOConfig) and an
+    explicit reference model that differs from the policy: three steps with the same losses, gradient norms, metrics
+    and final weights as trl.DPOTrainer with the matching loss (NCA: `nca_pair`, InfoNCA: `sigmoid`), in both layouts,
+    also on long (256-token) sequences whose log-prob sums float32 resolves to ~1e-4 only."""
     data = short_prompts(hh, 4) if data_name == "hh" else best_worst_pairs(vicuna.select(range(4)))
     common = dict(beta=0.1, max_steps=3, per_device_train_batch_size=2, max_length=max_length, learning_rate=2e-4)
 
     run = (dpo_loss, data_name, max_length)
     if run not in dpo_runs:
         ref = AutoModelForCausalLM.from_pretrained(tiny_mistral_ref)
+        dpo_grads = GradientRecorder()
         dpo = DPOTrainer(
             model=tiny_mistral,
             ref_model=ref,
             args=make_args(DPOConfig, tmp_path / "dpo", loss_type=[dpo_loss], **common),
             train_dataset=data,
+            callbacks=[dpo_grads],
         )
         dpo_losses = record_losses(dpo)
         dpo.train()
-        dpo_runs[run] = dpo_losses, [h for h in dpo.state.log_history if "rewards/chosen" in h]
-    dpo_losses, dpo_logs = dpo_runs[run]
+        dpo_runs[run] = dpo_losses, [h for h in dpo.state.log_history if "rewards/chosen" in h], dpo_grads.grads
+    dpo_losses, dpo_logs, dpo_grads = dpo_runs[run]
 
     ref = AutoModelForCausalLM.from_pretrained(tiny_mistral_ref)
-    args = make_args(config_cls, tmp_path, alpha=0.0, shared_prompt=shared_prompt, **common)
-    ours = cls(model=tiny_mistral, ref_model=ref, args=args, train_dataset=data)
+    args = pair_config(config, config_cls, dpo_loss, tmp_path, shared_prompt, **common)
+    our_grads = GradientRecorder()
+    ours = cls(model=tiny_mistral, ref_model=ref, args=args, train_dataset=data, callbacks=[our_grads])
     assert ours.data_collator.shared_prompt == shared_prompt
+    assert ours.args.loss_type == [config_cls.loss]  # the saved arguments say what is trained
     our_losses = record_losses(ours)
     ours.train()
 
@@ -179,10 +221,64 @@ def test_first_steps_equal_dpo_trainer(
     assert our_losses == pytest.approx(dpo_losses, abs=1e-5)
     # The updates changed the model: step 3 starts the second pass over the 4 rows (batch 2), with another loss
     assert abs(dpo_losses[2] - dpo_losses[0]) > 1e-3
-    # The same metrics, too
+    # The same gradients, step by step (every parameter's), and the same metrics
+    assert len(our_grads.grads) == len(dpo_grads) == 3
+    for step, (g, expected) in enumerate(zip(our_grads.grads, dpo_grads)):
+        relative_error = ((g - expected).norm() / expected.norm()).item()  # soft targets on pairs: ~0.5
+        assert relative_error < 1e-3, f"step {step + 1}: relative gradient error {relative_error:.2e}"
     our_logs = [h for h in ours.state.log_history if "rewards/chosen" in h]
-    for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "rewards/margins"):
-        assert [h[key] for h in our_logs] == pytest.approx([h[key] for h in dpo_logs], rel=1e-6, abs=1e-4)
+    for key in ("grad_norm", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "rewards/margins"):
+        assert [h[key] for h in our_logs] == pytest.approx([h[key] for h in dpo_logs], rel=1e-5, abs=1e-4), key
+
+
+@pytest.mark.slow
+def test_mixed_dataset_one_hot_for_pairs_only(tiny_mistral, tiny_mistral_ref, vicuna, hh, tmp_path, caplog):
+    """A dataset mixing rated rows and chosen/rejected pairs: each pair's loss is NCA with one-hot targets, each rated
+    row's NCA with softmax(rewards / alpha), in one batch; alpha changes the rated rows' losses, never the pairs'."""
+    from nca_trl.losses import nca_loss
+    from nca_trl.metrics import to_slots
+
+    pairs = short_prompts(hh, 2)
+    rows = [{"prompt": r["prompt"], "completions": r["completions"], "rewards": r["rewards"], "chosen": None,
+             "rejected": None} for r in vicuna.filter(lambda r: len(set(r["rewards"])) == 4).select(range(2))]
+    rows += [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"], "completions": None,
+              "rewards": None} for r in pairs]
+    data = Dataset.from_list([rows[0], rows[2], rows[1], rows[3]])  # rated, pair, rated, pair
+    losses = {}
+    for alpha in (0.5, 3.0):
+        ref = AutoModelForCausalLM.from_pretrained(tiny_mistral_ref)
+        args = make_args(NCAConfig, tmp_path, alpha=alpha, beta=0.5, max_length=64, per_device_eval_batch_size=4)
+        with caplog.at_level(logging.INFO, logger="nca_trl"):
+            trainer = NCATrainer(model=tiny_mistral, ref_model=ref, args=args, train_dataset=data)
+        assert "rows, rated+preference" in caplog.text and "2 preference pairs" in caplog.text
+        assert trainer.train_dataset["preference_pair"] == [False, True, False, True]
+        batch = trainer._prepare_inputs(next(iter(trainer.get_eval_dataloader(trainer.train_dataset))))  # in order
+        assert batch["preference_pair"].tolist() == [False, True, False, True]
+        with torch.no_grad():
+            trainer.compute_loss(trainer.model, batch)
+            logps = to_slots(trainer._sequence_logps(trainer.model, batch)[-1], batch["completion_slots"])
+            ref_logps = trainer.compute_ref_log_probs(trainer.ref_model, batch)
+        logratios, slots, rewards = logps - ref_logps, batch["completion_slots"], batch["rewards"]
+        assert not torch.allclose(logratios[slots], torch.zeros(()))
+        for b, expected_alpha in enumerate([alpha, 0.0, alpha, 0.0]):
+            one = slice(b, b + 1)
+            expected = nca_loss(logratios[one], rewards[one], beta=0.5, alpha=expected_alpha, mask=slots[one])
+            torch.testing.assert_close(trainer._row_losses[one], expected, rtol=1e-6, atol=1e-6)
+        losses[alpha] = trainer._row_losses
+    assert torch.equal(losses[0.5][[1, 3]], losses[3.0][[1, 3]])
+    assert (losses[0.5][[0, 2]] - losses[3.0][[0, 2]]).abs().min() > 1e-4
+
+
+def test_alpha_on_pairs_only_is_said_once(tiny_mistral, hh, tmp_path, caplog):
+    data = short_prompts(hh, 2)
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        NCATrainer(model=tiny_mistral, args=make_args(NCAConfig, tmp_path, alpha=0.5), train_dataset=data)
+    said = [r.getMessage() for r in caplog.records if "does not apply" in r.getMessage()]
+    assert len(said) == 1 and "alpha=0.5" in said[0] and "'nca_pair'" in said[0], caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):  # unset: nothing to say
+        NCATrainer(model=tiny_mistral, args=make_args(NCAConfig, tmp_path), train_dataset=data)
+    assert not [r for r in caplog.records if "does not apply" in r.getMessage()]
 
 
 # --------------------------------------------------------------------------------------------------- training on real data

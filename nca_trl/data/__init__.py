@@ -11,6 +11,8 @@ from .collator import DataCollatorForRatedCompletions
 from .converters import columns_to_rated, convert_dataset, ultrafeedback_to_rated
 from .formats import (
     DATASET_FORMATS,
+    MIXED,
+    PAIR_COLUMN,
     PREFERENCE,
     PREFERENCE_IMPLICIT,
     RATED,
@@ -29,6 +31,8 @@ __all__ = [
     "tokenize_rated_example",
     "DATASET_FORMATS",
     "DataValidationError",
+    "MIXED",
+    "PAIR_COLUMN",
     "PREFERENCE",
     "PREFERENCE_IMPLICIT",
     "RATED",

@@ -10,6 +10,7 @@ from transformers.data.data_collator import DataCollatorMixin
 from trl.trainer.utils import pad
 
 from ..packing import build_shared_prompt_batch
+from .formats import PAIR_COLUMN
 
 __all__ = ["DataCollatorForRatedCompletions"]
 
@@ -32,6 +33,8 @@ class DataCollatorForRatedCompletions(DataCollatorMixin):
           adding a constant to a prompt's rewards changes nothing however large it is), 0 in empty slots;
         - `completion_slots`: `[B, Kmax]` bool, True where prompt b has completion i; `completion_slots.T` flattened
           (slot-major) lists the N sequences in order;
+        - `preference_pair`: `[B]` bool, True for a prompt that came as a chosen/rejected pair (its targets are
+          one-hot on the chosen whatever `alpha` is); False where an example has no `"preference_pair"`;
         - `ref_logps`: `[B, Kmax]` float32, when the examples carry them.
 
     Example:
@@ -83,6 +86,7 @@ class DataCollatorForRatedCompletions(DataCollatorMixin):
             row = torch.tensor(example["rewards"], dtype=torch.float64)
             rewards[b, :k] = row - row.max()
         output["rewards"], output["completion_slots"] = rewards, slots
+        output[PAIR_COLUMN] = torch.tensor([example.get(PAIR_COLUMN) is True for example in examples])
         # Tokens of the plain layout (prompt repeated per completion, no padding): the `num_tokens` metric counts these
         output["sequence_tokens"] = torch.tensor(
             sum(len((e["prompt_ids"] + c)[window]) for e in examples for c in e["completion_ids"])

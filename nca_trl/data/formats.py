@@ -4,11 +4,14 @@
 Three layouts are accepted (see `DESIGN.md` §2):
 
 - **rated** (`RATED`): `{"prompt", "completions": [c_1..c_K], "rewards": [r_1..r_K]}`, K >= 2, K may vary by row.
-- **preference** (`PREFERENCE`): TRL's `{"prompt", "chosen", "rejected"}`, treated as K = 2 with rewards (1, 0).
+- **preference** (`PREFERENCE`): TRL's `{"prompt", "chosen", "rejected"}`, treated as K = 2 with one-hot targets on
+  the chosen completion (the paper's pairwise case): the reward temperature `alpha` never applies to a pair.
 - **implicit-prompt preference** (`PREFERENCE_IMPLICIT`): TRL's `{"chosen", "rejected"}` as full texts or
   conversations; the shared prefix is the prompt (`trl.data_utils.extract_prompt`).
 
 Each can be *standard* (strings) or *conversational* (lists of `{"role", "content"}` messages), one style per dataset.
+One dataset may mix rated rows and preference rows (`MIXED`; Arrow fills the columns a row lacks with `None`): each
+row keeps its own targets, `softmax(rewards / alpha)` for a rated row and one-hot on the chosen for a pair.
 
 Rewards follow one rule (`REWARD_RULE`): every reward is a finite `int` or `float` (not a `bool`), and strings are
 refused, numeric ones such as `"4.5"` included, so cast such a column first, e.g.
@@ -34,6 +37,10 @@ from typing import Any
 RATED = "rated"
 PREFERENCE = "preference"
 PREFERENCE_IMPLICIT = "preference_implicit"
+#: A dataset whose rows are rated and preference (explicit prompt) rows: `ValidationReport.format`, never a row's.
+MIXED = "rated+preference"
+#: Column the trainers add to a prepared dataset: True for a row that came as a preference pair (one-hot targets).
+PAIR_COLUMN = "preference_pair"
 
 #: The columns each format needs, in the order they are reported when missing.
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {

@@ -19,6 +19,8 @@ from trl.data_utils import common_prefix_length, extract_prompt
 
 from .formats import (
     _MAX_REPORTED_ROWS,
+    MIXED,
+    PAIR_COLUMN,
     _STYLE_FIX,
     PREFERENCE,
     PREFERENCE_IMPLICIT,
@@ -122,6 +124,25 @@ def _validate_rated(example, index, dataset_name):
             completion, f"completion {i}", "completions", style, "the prompt", index, dataset_name
         )
     check_rewards(rewards, index, dataset_name)
+    _check_pair_flag(example, completions, rewards, index, dataset_name)
+
+
+def _check_pair_flag(example, completions, rewards, index, dataset_name):
+    """A rated row converted from a pair (`to_rated`) carries `preference_pair=True`: K = 2, chosen first and better."""
+    flag = example.get(PAIR_COLUMN)
+    if flag is None or flag is False:
+        return
+    fix = (f"'{PAIR_COLUMN}' is set by `to_rated` on rows that came as chosen/rejected pairs: leave it to nca-trl, "
+           "or remove the column")
+    if flag is not True:
+        raise DataValidationError(f"'{PAIR_COLUMN}' is {_kind(flag)}, expected True or False", fix,
+                                  row=index, field=PAIR_COLUMN, dataset_name=dataset_name)
+    if len(completions) != 2 or not float(rewards[0]) > float(rewards[1]):
+        raise DataValidationError(
+            f"'{PAIR_COLUMN}' is True (a chosen/rejected pair, one-hot on the chosen) but the row has "
+            f"{len(completions)} completions with rewards {list(rewards)}, not a chosen completion followed by a "
+            "worse rejected one", fix, row=index, field=PAIR_COLUMN, dataset_name=dataset_name,
+        )
 
 
 def _check_implicit(example, index, dataset_name):
@@ -205,12 +226,14 @@ class ValidationReport:
 
     Args:
         dataset_name (`str`): Dataset name.
-        format (`str`): `"rated"`, `"preference"` or `"preference_implicit"`.
+        format (`str`): `"rated"`, `"preference"`, `"preference_implicit"`, or `"rated+preference"` (`MIXED`) for a
+            dataset mixing rated rows and preference rows.
         conversational (`bool`): Whether the rows are conversational.
         num_rows (`int`): Number of rows checked (all of them).
         num_all_equal_rewards (`int`): Rows whose rewards are all equal (legal: their targets are uniform).
         all_equal_rows (`list[int]`): The first (up to 20) of those rows.
         k_histogram (`dict[int, int]`): K (completions per prompt) -> number of rows.
+        num_pairs (`int`): Rows that are preference pairs (one-hot targets on the chosen, whatever `alpha` is).
     """
 
     dataset_name: str
@@ -220,12 +243,15 @@ class ValidationReport:
     num_all_equal_rewards: int = 0
     all_equal_rows: list[int] = dataclass_field(default_factory=list)
     k_histogram: dict[int, int] = dataclass_field(default_factory=dict)
+    num_pairs: int = 0
 
     def summary(self) -> str:
         """One human-readable line, e.g. `train dataset: 80 rows, rated (standard), K=4: 80 rows; 6 rows with ...`."""
         style = "conversational" if self.conversational else "standard"
         ks = ", ".join(f"K={k}: {n} rows" for k, n in sorted(self.k_histogram.items()))
         line = f"{self.dataset_name} dataset: {self.num_rows} rows, {self.format} ({style}), {ks or 'no rows'}"
+        if self.num_pairs:
+            line += f"; {self.num_pairs} preference pairs (one-hot targets on the chosen; alpha does not apply)"
         if self.num_all_equal_rewards:
             more = "..." if self.num_all_equal_rewards > len(self.all_equal_rows) else ""
             rows = ", ".join(map(str, self.all_equal_rows))
@@ -271,7 +297,8 @@ def validate_dataset(dataset, dataset_name: str = "train") -> ValidationReport:
     Validates every row of a dataset before training and summarises it.
 
     The format and the style (standard / conversational) are read from row 0; every row must be in the same format and
-    style and pass [`validate_example`]. Rows whose rewards are all equal are legal (uniform targets) but counted,
+    style and pass [`validate_example`], except that rated rows and preference rows (explicit prompt) may be mixed
+    (reported as `"rated+preference"`: each pair keeps one-hot targets, each rated row `softmax(rewards / alpha)`). Rows whose rewards are all equal are legal (uniform targets) but counted,
     and a warning with their number is logged on the `"nca_trl"` logger.
 
     A `datasets.Dataset` is read column-wise in Arrow batches (about 1 s per 100k rows of K = 4 on one core); any other
@@ -307,15 +334,22 @@ def validate_dataset(dataset, dataset_name: str = "train") -> ValidationReport:
     fmt = detect_format(first, 0, dataset_name)
     style = _row_style(first, fmt)  # compared from row 1 on: row 0 is validated first, in the loop
     required = REQUIRED_COLUMNS[fmt]
-    # Only the format's own columns are read (a rated dataset with "chosen"/"rejected" too is still read as rated).
-    columns = list(required) if fmt != PREFERENCE_IMPLICIT else ["chosen", "rejected", "prompt"]
+    # Only the formats' own columns are read (a rated dataset with "chosen"/"rejected" too is still read as rated).
+    mixable = (RATED, PREFERENCE)
+    if fmt == PREFERENCE_IMPLICIT:
+        columns = ["chosen", "rejected", "prompt"]
+    else:
+        columns = list(dict.fromkeys(REQUIRED_COLUMNS[RATED] + REQUIRED_COLUMNS[PREFERENCE] + (PAIR_COLUMN,)))
+    formats_seen = {fmt}
 
     report = ValidationReport(dataset_name=dataset_name, format=fmt, conversational=style == "conversational",
                               num_rows=0)
     k_hist: dict[int, int] = {}
     for index, row in enumerate(_iter_rows(dataset, columns)):
         row_fmt = detect_format(row, index, dataset_name)
-        if row_fmt != fmt:
+        if row_fmt != fmt and fmt in mixable and row_fmt in mixable:
+            formats_seen.add(row_fmt)
+        elif row_fmt != fmt:
             missing = [c for c in required if not _present(row, c)]
             if missing:
                 bad, detail = missing[0], f" (missing column(s) {missing})"
@@ -324,7 +358,8 @@ def validate_dataset(dataset, dataset_name: str = "train") -> ValidationReport:
                 detail = f" (it has the '{bad}' column of the '{row_fmt}' format)"
             raise DataValidationError(
                 f"this row is in the '{row_fmt}' format but row 0 is in the '{fmt}' format" + detail,
-                "use one format for the whole dataset (convert the odd rows, or drop them)",
+                "use one format for the whole dataset (convert the odd rows, or drop them); only rated rows and "
+                "preference rows with a 'prompt' column can be mixed",
                 row=index,
                 field=bad,
                 dataset_name=dataset_name,
@@ -341,19 +376,23 @@ def validate_dataset(dataset, dataset_name: str = "train") -> ValidationReport:
                 field=lead,
                 dataset_name=dataset_name,
             )
-        if fmt == RATED:
+        if row_fmt == RATED:
             rewards = _as_list(row["rewards"])
             k = len(rewards)
+            report.num_pairs += row.get(PAIR_COLUMN) is True
             if all(r == rewards[0] for r in rewards[1:]):
                 report.num_all_equal_rewards += 1
                 if len(report.all_equal_rows) < _MAX_REPORTED_ROWS:
                     report.all_equal_rows.append(index)
         else:
             k = 2
+            report.num_pairs += 1
         k_hist[k] = k_hist.get(k, 0) + 1
         report.num_rows += 1
 
     report.k_histogram = dict(sorted(k_hist.items()))
+    if len(formats_seen) > 1:
+        report.format = MIXED
     if report.num_all_equal_rewards:
         logger.warning(
             "%s dataset: %d of %d rows have all-equal rewards (legal: their targets are uniform over the "
@@ -374,10 +413,12 @@ def to_rated(example: dict, index: int | None = None, dataset_name: str = "train
     Converts a row of any accepted format to the rated format, checking what the conversion relies on.
 
     - rated rows pass through, with rewards checked ([`check_rewards`]) and as `float`;
-    - preference rows become `{"prompt": p, "completions": [chosen, rejected], "rewards": [1.0, 0.0]}`;
+    - preference rows become `{"prompt": p, "completions": [chosen, rejected], "rewards": [1.0, 0.0],
+      "preference_pair": True}`: the flag keeps their targets one-hot on the chosen whatever `alpha` is (the paper's
+      pairwise case), also after the conversion;
     - implicit-prompt rows are split with `trl.data_utils.extract_prompt` first (as `DPOTrainer` does), then as above.
 
-    Only the three keys are returned (`datasets.map` keeps the other columns unless removed). Rows that already passed
+    Only these four keys are returned (`datasets.map` keeps the other columns unless removed). Rows that already passed
     [`validate_example`] are converted without a second check by [`to_rated_unchecked`].
 
     Args:
@@ -389,7 +430,7 @@ def to_rated(example: dict, index: int | None = None, dataset_name: str = "train
             Dataset name, for error messages.
 
     Returns:
-        `dict`: `{"prompt", "completions", "rewards"}`.
+        `dict`: `{"prompt", "completions", "rewards", "preference_pair"}`.
 
     Raises:
         `DataValidationError`: for unusable rewards, or an implicit-prompt row with no extractable prompt.
@@ -398,14 +439,18 @@ def to_rated(example: dict, index: int | None = None, dataset_name: str = "train
 
     ```python
     >>> to_rated({"prompt": "2+2=", "chosen": "4", "rejected": "5"})
-    {'prompt': '2+2=', 'completions': ['4', '5'], 'rewards': [1.0, 0.0]}
+    {'prompt': '2+2=', 'completions': ['4', '5'], 'rewards': [1.0, 0.0], 'preference_pair': True}
     >>> to_rated({"chosen": "2+2= 4", "rejected": "2+2= 5"})
-    {'prompt': '2+2=', 'completions': [' 4', ' 5'], 'rewards': [1.0, 0.0]}
+    {'prompt': '2+2=', 'completions': [' 4', ' 5'], 'rewards': [1.0, 0.0], 'preference_pair': True}
+    >>> to_rated({"prompt": "2+2=", "completions": ["4", "5"], "rewards": [1, 0]})
+    {'prompt': '2+2=', 'completions': ['4', '5'], 'rewards': [1.0, 0.0], 'preference_pair': False}
     ```
     """
     fmt = detect_format(example, index, dataset_name)
     if fmt == RATED:
-        check_rewards(_rewards_list(example, index, dataset_name), index, dataset_name)
+        rewards = _rewards_list(example, index, dataset_name)
+        check_rewards(rewards, index, dataset_name)
+        _check_pair_flag(example, _as_list(example["completions"]), rewards, index, dataset_name)
     elif fmt == PREFERENCE_IMPLICIT:
         _check_implicit(example, index, dataset_name)
     return to_rated_unchecked(example, fmt)
@@ -413,14 +458,17 @@ def to_rated(example: dict, index: int | None = None, dataset_name: str = "train
 
 def to_rated_unchecked(example: dict, fmt: str | None = None) -> dict:
     """[`to_rated`] for a row that passed [`validate_example`]: nothing is checked again. Rewards become `float`
-    here, the one cast on the way to the collator (tokenization passes them through)."""
-    fmt = fmt or detect_format(example)
+    here, the one cast on the way to the collator (tokenization passes them through). `fmt`: the row's format, or
+    None (or `MIXED`) to detect it."""
+    fmt = detect_format(example) if fmt in (None, MIXED) else fmt
     if fmt == RATED:
         return {
             "prompt": example["prompt"],
             "completions": list(_as_list(example["completions"])),
             "rewards": [float(r) for r in _as_list(example["rewards"])],
+            PAIR_COLUMN: example.get(PAIR_COLUMN) is True,
         }
     if fmt == PREFERENCE_IMPLICIT:
         example = extract_prompt({"chosen": example["chosen"], "rejected": example["rejected"]})
-    return {"prompt": example["prompt"], "completions": [example["chosen"], example["rejected"]], "rewards": [1.0, 0.0]}
+    return {"prompt": example["prompt"], "completions": [example["chosen"], example["rejected"]],
+            "rewards": [1.0, 0.0], PAIR_COLUMN: True}
