@@ -159,10 +159,12 @@ def test_data_sources_splits_and_mixtures(tmp_path):
 
     for source in (str(tmp_path / "v.parquet"), str(tmp_path / "folder"), str(tmp_path / "saved")):
         train, evaluation = load("--dataset_name", source, "--eval_fraction", "0.25", "--max_train_samples", "10")
-        assert train.column_names == ["prompt", "completions", "rewards"] and len(train) == 10
+        assert train.column_names == ["prompt", "completions", "rewards", "preference_pair"] and len(train) == 10
+        assert not any(train["preference_pair"])
         assert len(evaluation) == 5 and not set(evaluation["prompt"]) & set(train["prompt"])
     train, evaluation = load("--dataset_name", str(pairs), "--dataset_format", "preference")
     assert evaluation is None and train[0]["completions"] == ["good", "bad"] and train[0]["rewards"] == [1.0, 0.0]
+    assert all(train["preference_pair"])  # converted pairs stay one-hot in training
     with pytest.raises(ValueError, match="Split 'test' not found"):
         load("--dataset_name", str(pairs), "--dataset_test_split", "test")
 

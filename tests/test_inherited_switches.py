@@ -159,7 +159,7 @@ def test_liger_switches_refused_where_they_cannot_work(tiny_mistral, vicuna, tmp
         NCAConfig(use_liger_loss=True, **common)
     dpo_args = DPOConfig(**common)
     dpo_args.use_liger_loss = True
-    with pytest.raises(ValueError, match=r"`use_liger_loss=True` has no meaning for NCA: .*pairwise"):
+    with pytest.raises(ValueError, match=r"`use_liger_loss=True` has no meaning for NCA \(loss .nca.\): .*pairwise"):
         check_rated_config(dpo_args, NCAConfig)
 
 
