@@ -41,14 +41,17 @@ _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.
 def written_by_another_trainer(folder: str) -> bool:
     """Whether `folder`, without our marker, is a complete checkpoint of another `transformers.Trainer` (such as
     `trl.DPOTrainer`): its `trainer_state.json`, which `Trainer._save_checkpoint` writes last, parses and names the
-    folder's step, and the model weights are there. A checkpoint nca-trl stopped writing has no `trainer_state.json`
-    (or a torn one)."""
+    folder's step, the model weights are there, and its log history has none of the metrics only nca-trl logs. A
+    checkpoint nca-trl stopped writing has no `trainer_state.json` (or a torn one), or nca-trl's metrics in it."""
     match = _CHECKPOINT.match(os.path.basename(os.path.normpath(folder)))
     try:
         with open(os.path.join(folder, "trainer_state.json")) as f:
-            step = json.load(f).get("global_step")
+            state = json.load(f)
+        step, history = state.get("global_step"), state.get("log_history") or []
     except (OSError, ValueError, AttributeError):
         return False
+    if any(isinstance(entry, dict) and "rewards/ranking_accuracy" in entry for entry in history):
+        return False  # logged by NCATrainer / InfoNCATrainer only
     has_weights = any(os.path.isfile(os.path.join(folder, name)) for name in _WEIGHTS) or any(
         name.startswith("global_step") for name in os.listdir(folder)  # DeepSpeed's own checkpoint folder
     )
