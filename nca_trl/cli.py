@@ -9,45 +9,27 @@ accelerate launch --config_file recipes/accelerate_configs/deepspeed_zero3.yaml 
 nca-trl train --config recipes/mistral-7b/nca_ultrafeedback.yaml --dry_run   # parse and print, load nothing
 ```
 
-Each command lives in its own module: `train` in `nca_trl.training` (the shape of TRL's `scripts/dpo.py`),
-`generate` in `nca_trl.generation`, `score` in `nca_trl.scoring`, `iterate` in `nca_trl.iterate`; this module only
-dispatches.
+Each command lives in its own package, shaped alike (arguments dataclass, run module): `train` in `nca_trl.train`
+(the shape of TRL's `scripts/dpo.py`), `generate` in `nca_trl.generation`, `score` in `nca_trl.scoring`, `iterate` in
+`nca_trl.iterate`, `make-tiny-model` in `nca_trl.tiny`. This module only dispatches.
 """
 
 from __future__ import annotations
 
-import os
+import importlib
 import sys
 
-from .training import train, trainer_for_loss
+__all__ = ["COMMANDS", "main"]
 
-__all__ = ["main", "train", "trainer_for_loss"]
-
-
-# ---------------------------------------------------------------------------------------------------------- tiny model
-def make_tiny_model_main(argv: list[str]) -> str:
-    import argparse
-
-    from .tiny import SIZES, build_tiny_model
-
-    parser = argparse.ArgumentParser(
-        prog="nca-trl make-tiny-model",
-        description="Build a tiny random-weight Mistral or Mixtral with the real Mistral-7B tokenizer (offline).",
-    )
-    parser.add_argument("out_dir")
-    parser.add_argument("--arch", choices=("mistral", "mixtral"), default="mistral")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    parser.add_argument("--vocab", choices=("mistral", "digits"), default="mistral",
-                        help="the real Mistral-7B tokenizer, or 14 character tokens for the sorting task "
-                        "(recipes/tiny/iterate_nca.yaml)")
-    ns = parser.parse_args(argv)
-    path = build_tiny_model(ns.out_dir, arch=ns.arch, seed=ns.seed, size=ns.size, vocab=ns.vocab,
-                            max_position_embeddings=64 if ns.vocab == "digits" else 4096)
-    print(f"[nca-trl] tiny {ns.arch} ({ns.size}, {ns.vocab} vocabulary, seed {ns.seed}) written to "
-          f"{os.path.abspath(path)}")
-    return path
-
+#: command -> (its package, the function of the package that runs it on argv); a command package's `arguments`
+#: module has `print_help(argv)` for `--help`
+COMMANDS = {
+    "train": ("nca_trl.train", "train"),
+    "generate": ("nca_trl.generation", "generate"),
+    "score": ("nca_trl.scoring", "score"),
+    "iterate": ("nca_trl.iterate", "iterate"),
+    "make-tiny-model": ("nca_trl.tiny", "main"),
+}
 
 _USAGE = """usage: nca-trl <command> [options]
 
@@ -62,57 +44,26 @@ commands:
                     --reward_funcs my_module:my_reward --output RATED.jsonl   (`nca-trl score --help`)
   iterate           rounds of generate -> score -> train:  nca-trl iterate --config RECIPE.yaml [--rounds N]
 
-`nca-trl train --help` lists every recipe field.
+`nca-trl <command> --help` lists the fields of each command.
 """
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `nca-trl` console script, of `python -m nca_trl.cli` and of `scripts/train.py`."""
-    from .arguments import ScriptArguments, _peek, make_parser
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_USAGE)
         return 0
-    command, rest = argv[0], argv[1:]
-    if command == "train":
-        if rest and rest[0] in ("-h", "--help"):
-            make_parser(_peek(rest, "loss") or ScriptArguments.loss).print_help()
-            return 0
-        train(rest)
+    command, rest = ("make-tiny-model" if argv[0] == "make_tiny_model" else argv[0]), argv[1:]
+    if command not in COMMANDS:
+        print(f"nca-trl: unknown command {command!r}\n\n{_USAGE}", file=sys.stderr)
+        return 2
+    package, run = COMMANDS[command]
+    if rest and rest[0] in ("-h", "--help") and command != "make-tiny-model":  # argparse prints that one's help
+        importlib.import_module(f"{package}.arguments").print_help(rest)
         return 0
-    if command == "generate":
-        from .generation import generate
-        from .generation.arguments import make_generate_parser
-
-        if rest and rest[0] in ("-h", "--help"):
-            make_generate_parser().print_help()
-            return 0
-        generate(rest)
-        return 0
-    if command == "score":
-        from .scoring import score
-        from .scoring.arguments import make_score_parser
-
-        if rest and rest[0] in ("-h", "--help"):
-            make_score_parser().print_help()
-            return 0
-        score(rest)
-        return 0
-    if command == "iterate":
-        from .iterate import iterate
-        from .iterate.arguments import make_iterate_parser
-
-        if rest and rest[0] in ("-h", "--help"):
-            make_iterate_parser().print_help()
-            return 0
-        iterate(rest)
-        return 0
-    if command in ("make-tiny-model", "make_tiny_model"):
-        make_tiny_model_main(rest)
-        return 0
-    print(f"nca-trl: unknown command {command!r}\n\n{_USAGE}", file=sys.stderr)
-    return 2
+    getattr(importlib.import_module(package), run)(rest)
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -251,7 +251,7 @@ class _RatedCompletionsConfig(DPOConfig):
         metadata={
             "help": "Under DeepSpeed ZeRO-3: module class names to mark as ZeRO-3 leaf modules in the policy, the "
             "reference and the precompute engine. Default: every sparse Mixture-of-Experts block of the model (e.g. "
-            "MixtralSparseMoeBlock), see `nca_trl.distributed`."
+            "MixtralSparseMoeBlock), see `nca_trl.runtime.distributed`."
         },
     )
     loss_type: list[str] | None = field(

@@ -174,3 +174,26 @@ def build_tiny_model(
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(out_dir)
     return str(out_dir)
+
+
+def main(argv: list[str] | None = None) -> str:
+    """`nca-trl make-tiny-model OUT_DIR [--arch mixtral] [--vocab digits]`: build and save; returns the path."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="nca-trl make-tiny-model",
+        description="Build a tiny random-weight Mistral or Mixtral with the real Mistral-7B tokenizer (offline).",
+    )
+    parser.add_argument("out_dir")
+    parser.add_argument("--arch", choices=("mistral", "mixtral"), default="mistral")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--vocab", choices=("mistral", "digits"), default="mistral",
+                        help="the real Mistral-7B tokenizer, or 14 character tokens for the sorting task "
+                        "(recipes/tiny/iterate_nca.yaml)")
+    ns = parser.parse_args(argv)
+    path = build_tiny_model(ns.out_dir, arch=ns.arch, seed=ns.seed, size=ns.size, vocab=ns.vocab,
+                            max_position_embeddings=64 if ns.vocab == "digits" else 4096)
+    print(f"[nca-trl] tiny {ns.arch} ({ns.size}, {ns.vocab} vocabulary, seed {ns.seed}) written to "
+          f"{os.path.abspath(path)}")
+    return path

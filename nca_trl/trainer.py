@@ -40,14 +40,15 @@ from .config import (
 )
 from .data.collator import DataCollatorForRatedCompletions
 from .data.formats import PAIR_COLUMN
-from .data.tokenize import prepare_rated_dataset
+from .data.tokenize import prepare_rated_dataset, with_row_index
 from .losses import infonca_loss, nca_loss
 from .metrics import best_slots, from_slots, sequence_metrics, to_slots
 from .packing import LAYOUT_KEYS, enable_shared_prompt, is_shared_prompt_enabled
 from .ref_cache import precompute_ref_logps
-from .safety import RowIndexedCollator, RunSafetyMixin, check_output_dir, with_row_index
+from .runtime.output_dir import check_output_dir
+from .runtime.safety import RunSafetyMixin
 
-__all__ = ["NCATrainer", "InfoNCATrainer"]
+__all__ = ["NCATrainer", "InfoNCATrainer", "trainer_for_loss"]
 
 logger = logging.getLogger("nca_trl")
 
@@ -112,7 +113,7 @@ def _refuse_images(trainer, dataset, name: str) -> None:
 
 class _RatedCompletionsTrainer(RunSafetyMixin, DPOTrainer):
     """Shared K-completion machinery; a subclass sets its config class (which names the loss) and its loss function.
-    `RunSafetyMixin` (`nca_trl.safety`): non-finite stops, the output_dir lock, complete checkpoints and saves."""
+    `RunSafetyMixin` (`nca_trl.runtime.safety`): non-finite stops, the output_dir lock, complete checkpoints and saves."""
 
     _config_class: type[_RatedCompletionsConfig]
     _paper = _NCA_PAPER
@@ -181,7 +182,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, DPOTrainer):
             if pad_token not in tokenizer.get_vocab():
                 raise ValueError(f"The pad token {pad_token!r} is not in the vocabulary of the processing class.")
             tokenizer.pad_token = pad_token
-            data_collator = RowIndexedCollator(  # DataCollatorForRatedCompletions passing `row_index` through
+            data_collator = DataCollatorForRatedCompletions(
                 pad_token_id=tokenizer.pad_token_id,
                 max_length=args.max_length,
                 truncation_mode=args.truncation_mode,
@@ -243,14 +244,14 @@ class _RatedCompletionsTrainer(RunSafetyMixin, DPOTrainer):
     def _zero3_moe_leaves(self, args):
         """Under DeepSpeed ZeRO-3, every engine built in the block (the reference model and the precompute engine in
         `__init__`, the policy in `train`) gets its sparse MoE blocks marked as ZeRO-3 leaves first
-        (`nca_trl.distributed`). `self.z3_leaves_marked` gets, per engine, the number of blocks marked."""
+        (`nca_trl.runtime.distributed`). `self.z3_leaves_marked` gets, per engine, the number of blocks marked."""
         if not hasattr(self, "z3_leaves_marked"):
             self.z3_leaves_marked: list[int] = []
         plugin = getattr(args, "deepspeed_plugin", None)
         if plugin is None or plugin.zero_stage != 3:
             yield
             return
-        from .distributed import zero3_moe_leaf_guard
+        from .runtime.distributed import zero3_moe_leaf_guard
 
         with zero3_moe_leaf_guard(getattr(args, "zero3_leaf_modules", None), marked=self.z3_leaves_marked):
             yield
@@ -306,7 +307,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, DPOTrainer):
 
     # ------------------------------------------------------------------------------------------------ data
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        # `row_index`: each row's position in the given dataset, for the errors that name rows (`nca_trl.safety`)
+        # `row_index`: each row's position in the given dataset, for the errors that name rows (`nca_trl.runtime.safety`)
         return prepare_rated_dataset(with_row_index(dataset), processing_class, args, dataset_name, self.max_completions)
 
     def _set_signature_columns_if_needed(self):
@@ -409,7 +410,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, DPOTrainer):
         pairs = inputs.get(PAIR_COLUMN)  # absent from a collator of the user's own that does not set it: all rated
         alpha = self.alpha if pairs is None else torch.where(pairs, 0.0, self.alpha)
         row_losses = self._loss_fn(logratios, rewards, self.beta, alpha, slots)
-        self._row_losses = row_losses.detach()  # which rows are not finite, if the loss is not (`nca_trl.safety`)
+        self._row_losses = row_losses.detach()  # which rows are not finite, if the loss is not (`nca_trl.runtime.safety`)
         loss = row_losses.mean()
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
@@ -528,3 +529,12 @@ class InfoNCATrainer(_RatedCompletionsTrainer):
 
     _config_class = InfoNCAConfig
     _loss_fn = staticmethod(infonca_loss)
+
+
+def trainer_for_loss(loss: str) -> type[_RatedCompletionsTrainer]:
+    """The trainer class of a loss: `"nca"` -> `NCATrainer`, `"infonca"` -> `InfoNCATrainer` (`nca-trl train --loss`,
+    a pipeline that reads the loss from its recipe)."""
+    from .config import config_for_loss
+
+    config_class = config_for_loss(loss)
+    return next(t for t in (NCATrainer, InfoNCATrainer) if t._config_class is config_class)

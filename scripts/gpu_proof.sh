@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-run GPU proof (issue 11), for a machine with a CUDA GPU whose Python lacks trl / datasets / mistral-common.
+# The one-run GPU proof, for a machine with a CUDA GPU whose Python lacks trl / datasets / mistral-common.
 #
 #   bash scripts/gpu_proof.sh OUT_DIR [WHEEL_DIR]
 #

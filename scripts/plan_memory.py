@@ -120,7 +120,7 @@ def _accelerate_strategy(script_args, recipe_dir: Path) -> dict:
 
 def _count(model):
     """Total parameters, the largest unit ZeRO-3 gathers at once, and the model's MoE block classes."""
-    from nca_trl.distributed import find_moe_block_classes
+    from nca_trl.runtime.distributed import find_moe_block_classes
 
     moe = tuple(find_moe_block_classes(model))
     total = sum(p.numel() for p in model.parameters())
@@ -210,7 +210,7 @@ def plan(recipe: str, gpus: int | None = None, gpu_mem: float | None = None, nod
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    from nca_trl.arguments import parse_train_args
+    from nca_trl.train.arguments import parse_train_args
 
     recipe_dir = Path(recipe).resolve().parent
     with _train_recipe(recipe) as (train_recipe, iterate_k):

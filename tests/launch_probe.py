@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from nca_trl import training
-from nca_trl.distributed import count_z3_leaf_modules
+from nca_trl import trainer as trainer_module
+from nca_trl.train import train
+from nca_trl.runtime.distributed import count_z3_leaf_modules
 
 
 class Probe(TrainerCallback):
@@ -80,7 +81,7 @@ def param_checksums(trainer) -> dict:
 def main(argv: list[str]) -> int:
     checksums = "--probe_checksums" in argv
     argv = [a for a in argv if a != "--probe_checksums"]
-    original = training.trainer_for_loss
+    original = trainer_module.trainer_for_loss
 
     def probed_trainer_for_loss(loss):
         base = original(loss)
@@ -93,8 +94,8 @@ def main(argv: list[str]) -> int:
         Probed.__name__ = Probed.__qualname__ = base.__name__
         return Probed
 
-    training.trainer_for_loss = probed_trainer_for_loss
-    training.train(argv)
+    trainer_module.trainer_for_loss = probed_trainer_for_loss  # `nca-trl train` looks it up when it runs
+    train(argv)
     return 0
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from nca_trl.arguments import parse_train_args
+from nca_trl.train.arguments import parse_train_args
 from nca_trl.cli import main
 from nca_trl.data.loading import load_datasets
 
@@ -250,7 +250,7 @@ def test_launch_traps_fail_loudly():
     """The settings that make a broken launch look green raise before anything is loaded."""
     from types import SimpleNamespace
 
-    from nca_trl.launch import check_launch_environment, check_world_size
+    from nca_trl.runtime.launch import check_launch_environment, check_world_size
 
     alone = SimpleNamespace(num_processes=1, distributed_type="NO")
     with pytest.raises(RuntimeError, match="2 independent trainings"):

@@ -31,7 +31,7 @@ from launching import (
     start,
     wait,
 )
-from nca_trl.cli import train as train_main
+from nca_trl.train import train as train_main
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -207,7 +207,7 @@ def test_moe_leaf_marking_and_initialize_guard(tiny_mixtral, tiny_mistral, monke
     import deepspeed
     from transformers import AutoModelForCausalLM
 
-    from nca_trl.distributed import (
+    from nca_trl.runtime.distributed import (
         count_z3_leaf_modules,
         find_moe_block_classes,
         mark_moe_leaf_modules,

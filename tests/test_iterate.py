@@ -222,7 +222,7 @@ def test_iterate_recipes_parse_and_their_training_fits():
     Mistral-7B recipe's training stage fits its 8 x 80 GB with K=4 (scripts/plan_memory.py)."""
     import importlib.util
 
-    from nca_trl.arguments import parse_train_args
+    from nca_trl.train.arguments import parse_train_args
     from nca_trl.iterate import parse_iterate_args
 
     tiny = parse_iterate_args(["--config", str(REPO / "recipes/tiny/iterate_nca.yaml")])

@@ -15,7 +15,7 @@ import trl
 from trl import DPOTrainer, ModelConfig, ScriptArguments, TrlParser
 
 from nca_trl import InfoNCAConfig, InfoNCATrainer, NCAConfig, NCATrainer
-from nca_trl.checkpoints import COMPLETE_MARKER
+from nca_trl.runtime.checkpoints import COMPLETE_MARKER
 
 
 # The handbook's own config class (alignment/configs.py), as pipelines write it: trl.DPOConfig plus its own fields

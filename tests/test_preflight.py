@@ -1,6 +1,6 @@
-"""Config errors are found before any model is loaded (issue 9, item 5): batch sizes < 1 and fp16 / bf16 where this
+"""Config errors are found before any model is loaded: batch sizes < 1 and fp16 / bf16 where this
 device cannot run them when the config is built (`nca_trl.config`), every row dropped by `max_length` by the preflight
-of `nca-trl train` (`nca_trl.preflight`, tokenizer only). And `dataloader_pin_memory` is off where it has no effect."""
+of `nca-trl train` (`nca_trl.train.preflight`, tokenizer only). And `dataloader_pin_memory` is off where it has no effect."""
 
 import json
 import warnings
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from nca_trl import InfoNCAConfig, NCAConfig
-from nca_trl.arguments import parse_train_args
+from nca_trl.train.arguments import parse_train_args
 from nca_trl.cli import main
-from nca_trl.preflight import check_max_length
+from nca_trl.train.preflight import check_max_length
 
 REPO = Path(__file__).resolve().parents[1]
 VICUNA = REPO / "data" / "vicuna_rated.jsonl"
@@ -132,7 +132,7 @@ def test_empty_dataset_fails_before_the_model(tmp_path):
 
     from datasets import Dataset
 
-    from nca_trl.preflight import check_before_training
+    from nca_trl.train.preflight import check_before_training
 
     args = SimpleNamespace(
         training=NCAConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, max_length=64),

@@ -3,7 +3,7 @@
 - The reference log-prob cache (`nca_trl.ref_cache`) is reused only when nothing that changes its values changed, and
   an interrupted precompute leaves nothing a later run reuses.
 - A non-finite loss or gradient stops the run naming the step and the batch's rows, before the optimizer step and
-  before any save (`nca_trl.safety`).
+  before any save (`nca_trl.runtime.safety`).
 - `output_dir`: checked writable before anything is loaded, locked for the whole run, checkpoints and the final model
   count only once complete.
 """
@@ -29,7 +29,7 @@ from test_trainer import make_args as trainer_args
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from nca_trl import NCAConfig, NCATrainer, ref_cache
-from nca_trl.cli import train as cli_train
+from nca_trl.train import train as cli_train
 
 REPO = Path(__file__).resolve().parents[1]
 VICUNA = REPO / "data" / "vicuna_rated.jsonl"
@@ -281,7 +281,7 @@ def test_cli_nan_run_raises_and_keeps_the_good_model(tiny_mistral, tmp_path):
 @pytest.mark.slow
 def test_console_script_exits_nonzero_on_a_diverging_run(tiny_mistral, tmp_path):
     """A learning rate of 1e30 overflows the weights at step 1: step 2's loss is NaN. The console script used to log the
-    loss as 0 and exit 0 (issue 9); it stops at step 2 with a non-zero exit status."""
+    loss as 0 and exit 0; it stops at step 2 with a non-zero exit status."""
     out = tmp_path / "run"
     argv = cli_argv(tiny_mistral, out, "--max_steps", "3", "--learning_rate", "1e30")
     proc = subprocess.run(

@@ -10,7 +10,7 @@ from transformers.data.data_collator import DataCollatorMixin
 from trl.trainer.utils import pad
 
 from ..packing import build_shared_prompt_batch
-from .formats import PAIR_COLUMN
+from .formats import PAIR_COLUMN, ROW_INDEX
 
 __all__ = ["DataCollatorForRatedCompletions"]
 
@@ -35,7 +35,9 @@ class DataCollatorForRatedCompletions(DataCollatorMixin):
           (slot-major) lists the N sequences in order;
         - `preference_pair`: `[B]` bool, True for a prompt that came as a chosen/rejected pair (its targets are
           one-hot on the chosen whatever `alpha` is); False where an example has no `"preference_pair"`;
-        - `ref_logps`: `[B, Kmax]` float32, when the examples carry them.
+        - `ref_logps`: `[B, Kmax]` float32, when the examples carry them;
+        - `row_index`: `[B]`, each prompt's row in the dataset given to the trainer, when the examples carry it (the
+          trainers' errors name these rows).
 
     Example:
     ```python
@@ -96,6 +98,8 @@ class DataCollatorForRatedCompletions(DataCollatorMixin):
             for b, example in enumerate(examples):
                 ref_logps[b, : len(example["ref_logps"])] = torch.tensor(example["ref_logps"], dtype=torch.float32)
             output["ref_logps"] = ref_logps
+        if all(ROW_INDEX in example for example in examples):
+            output[ROW_INDEX] = torch.tensor([int(example[ROW_INDEX]) for example in examples])
         return output
 
     def _padded(self, examples, k_max, window):

@@ -1,7 +1,7 @@
 # Copyright 2025 The nca-trl authors. Licensed under the Apache License, Version 2.0.
 """Data formats accepted by the NCA / InfoNCA trainers, and how a row's format and style are detected.
 
-Three layouts are accepted (see `DESIGN.md` §2):
+Three layouts are accepted (the "Data formats" section of docs/trainers.md):
 
 - **rated** (`RATED`): `{"prompt", "completions": [c_1..c_K], "rewards": [r_1..r_K]}`, K >= 2, K may vary by row.
 - **preference** (`PREFERENCE`): TRL's `{"prompt", "chosen", "rejected"}`, treated as K = 2 with one-hot targets on
@@ -41,6 +41,8 @@ PREFERENCE_IMPLICIT = "preference_implicit"
 MIXED = "rated+preference"
 #: Column the trainers add to a prepared dataset: True for a row that came as a preference pair (one-hot targets).
 PAIR_COLUMN = "preference_pair"
+#: Column the trainers add to a given dataset: each row's position in it, so that errors name the user's rows.
+ROW_INDEX = "row_index"
 
 #: The columns each format needs, in the order they are reported when missing.
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {

@@ -34,7 +34,7 @@ import datasets
 
 from . import convert_dataset
 
-__all__ = ["load_raw", "load_datasets", "FILE_BUILDERS", "DataFileError", "check_data_file", "folder_data_files"]
+__all__ = ["load_raw", "load_split", "split_of", "load_datasets", "FILE_BUILDERS", "DataFileError", "check_data_file", "folder_data_files"]
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
@@ -87,21 +87,38 @@ def load_raw(script_args, mixture):
     return datasets.load_dataset(name, name=script_args.dataset_config)
 
 
+def split_of(raw, split: str, field: str):
+    """`raw[split]`, or an error naming the splits there are and the field that asked for it."""
+    if split not in raw:
+        raise ValueError(f"Split {split!r} not found; the data has splits {list(raw)} (`{field}`).")
+    return raw[split]
+
+
+def load_split(args, split_field: str = "dataset_split", limit: int | None = None):
+    """One split of `args.dataset_name` (`args.dataset_config`), as every command reads data, and its first `limit`
+    rows: the rows of `nca-trl generate` (prompts) and `nca-trl score` (completions)."""
+    from types import SimpleNamespace
+
+    dataset = split_of(load_raw(args, SimpleNamespace(datasets=None)), getattr(args, split_field), split_field)
+    if limit is not None and limit < len(dataset):
+        dataset = dataset.select(range(limit))
+    return dataset
+
+
 def load_datasets(script_args, mixture, training_args):
     """(train, eval or None) in the rated format, following the script arguments."""
     raw = load_raw(script_args, mixture)
-    train_split = "train" if mixture.datasets else script_args.dataset_train_split
-    if train_split not in raw:
-        raise ValueError(f"Split {train_split!r} not found; the data has splits {list(raw)} (`dataset_train_split`).")
+    if mixture.datasets:
+        train_raw = split_of(raw, "train", "datasets")
+    else:
+        train_raw = split_of(raw, script_args.dataset_train_split, "dataset_train_split")
     eval_raw = None
     test_split = "test" if mixture.datasets and mixture.test_split_size else script_args.dataset_test_split
     if test_split is not None:
-        if test_split not in raw:
-            raise ValueError(f"Split {test_split!r} not found; the data has splits {list(raw)} (`dataset_test_split`).")
-        eval_raw = raw[test_split]
+        eval_raw = split_of(raw, test_split, "dataset_test_split")
 
     kwargs = script_args.dataset_format_kwargs or {}
-    train = convert_dataset(raw[train_split], script_args.dataset_format, dataset_name="train", **kwargs)
+    train = convert_dataset(train_raw, script_args.dataset_format, dataset_name="train", **kwargs)
     evaluation = None
     if eval_raw is not None:
         evaluation = convert_dataset(eval_raw, script_args.dataset_format, dataset_name="eval", **kwargs)

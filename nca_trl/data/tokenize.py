@@ -17,14 +17,33 @@ from datasets import Dataset, IterableDataset
 from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 from trl.trainer.utils import global_then_local_main_first
 
-from .formats import DataValidationError
+from .formats import ROW_INDEX, DataValidationError
 from .validation import to_rated_unchecked, validate_dataset, validate_example
 
 logger = logging.getLogger("nca_trl")
 
-__all__ = ["select_completions", "tokenize_rated_example", "prepare_rated_dataset"]
+__all__ = ["select_completions", "tokenize_rated_example", "prepare_rated_dataset", "with_row_index"]
 
 _warned = {"boundary": False}  # warnings shown once per process, like TRL's `warning_once`
+
+
+def with_row_index(dataset):
+    """`dataset` with a `row_index` column: each row's position in the dataset given to the trainer (kept through
+    preparation, which may drop rows, so that errors name the user's rows). A dataset that has one keeps it."""
+    columns = getattr(dataset, "column_names", None)
+    if dataset is None or (columns is not None and ROW_INDEX in columns):
+        return dataset
+    if isinstance(dataset, Dataset):  # map-style: an added in-memory column, no copy of the data
+        import numpy as np
+        from datasets.fingerprint import Hasher
+
+        fingerprint = Hasher.hash((dataset._fingerprint, "nca-trl", ROW_INDEX))
+        return dataset.add_column(ROW_INDEX, np.arange(len(dataset)), new_fingerprint=fingerprint)
+    return dataset.map(_index_row, with_indices=True)  # a stream: counted as it is read
+
+
+def _index_row(_, index):
+    return {ROW_INDEX: index}
 
 
 def select_completions(rewards: list[float], max_completions: int | None) -> list[int]:

@@ -1,4 +1,4 @@
-"""`nca-trl generate`: K sampled completions per prompt (DESIGN §5, the first step of the rated-data loop).
+"""`nca-trl generate`: K sampled completions per prompt (the first step of the rated-data loop).
 
 - `arguments`: `GenerateArguments`, parsed with `trl.TrlParser` (command line and `--config X.yaml`);
 - `sampling`: prefill once + expanded KV cache, per-completion seeded sampling;

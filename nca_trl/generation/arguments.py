@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import difflib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["DTYPES", "OUTPUT_SUFFIXES", "GenerateArguments", "make_generate_parser", "parse_generate_args"]
+from ..runtime.recipes import DTYPES, OUTPUT_SUFFIXES, check_config_keys
 
-OUTPUT_SUFFIXES = (".jsonl", ".parquet")
-DTYPES = ("auto", "bfloat16", "float16", "float32")
+__all__ = ["GenerateArguments", "make_generate_parser", "parse_generate_args", "print_help"]
+
 
 
 @dataclass
@@ -92,34 +91,15 @@ def make_generate_parser():
     return TrlParser((GenerateArguments,), prog="nca-trl generate")
 
 
-def _check_config_keys(argv: list[str], parser, command: str = "generate") -> None:
-    """Unknown keys of a `--config` YAML are errors that name them (TrlParser would ignore them); `command` is the
-    `nca-trl` command whose `--help` the message points to."""
-    import yaml
-
-    from ..arguments import _peek
-
-    path = _peek(argv, "config")
-    if path is None:
-        return
-    with open(path) as f:
-        config = yaml.safe_load(f) or {}
-    if not isinstance(config, dict):
-        raise ValueError(f"The config {path} must hold a YAML mapping of field: value, got {type(config).__name__}.")
-    known = {action.dest for action in parser._actions} | {"env"}
-    unknown = [key for key in config if key not in known]
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, sorted(known), n=3)
-            hints.append(f"'{key}'" + (f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""))
-        raise ValueError(f"Unknown key(s) in {path}: {'; '.join(hints)}; see `nca-trl {command} --help`.")
+def print_help(argv: list[str] | None = None) -> None:
+    """`nca-trl generate --help`: every field."""
+    make_generate_parser().print_help()
 
 
 def parse_generate_args(argv: list[str] | None = None) -> GenerateArguments:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_generate_parser()
-    _check_config_keys(argv, parser)
+    check_config_keys(argv, parser, "generate")
     (args,) = parser.parse_args_and_config(argv, fail_with_unknown_args=True)
     missing = [name for name in ("model_name_or_path", "dataset_name", "output") if getattr(args, name) is None]
     if missing:

@@ -13,53 +13,21 @@ one rename too; the sidecar is renamed into place just before it, and the parts 
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import shutil
 import time
 from pathlib import Path
 
-__all__ = ["ChunkStore", "sidecar_path", "versions"]
+from ..runtime.files import json_default, write_atomic
+
+__all__ = ["ChunkStore", "sidecar_path"]
 
 
 def sidecar_path(output: str | os.PathLike) -> Path:
     """`out/gen.jsonl` -> `out/gen.generation.json`."""
     output = Path(output)
     return output.with_name(output.stem + ".generation.json")
-
-
-def versions() -> dict:
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"python": platform.python_version()}
-    for name in ("nca-trl", "torch", "transformers", "trl", "accelerate", "datasets"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
-
-
-def _json_default(value):
-    """Carried columns that JSON has no type for (timestamps, bytes, numpy values) are written as text / numbers."""
-    if isinstance(value, (datetime.date, datetime.datetime, datetime.time)):
-        return value.isoformat()
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class ChunkStore:
@@ -114,7 +82,7 @@ class ChunkStore:
             for stale in self.parts.glob(".*.tmp-*"):  # files being written when the run stopped
                 stale.unlink()
         self.parts.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.parts / "manifest.json", json.dumps(self.settings, indent=2, sort_keys=True))
+        write_atomic(self.parts / "manifest.json", json.dumps(self.settings, indent=2, sort_keys=True))
         if complete:
             return "merge"
         return "resume" if self.done_chunks() else "new"
@@ -143,9 +111,9 @@ class ChunkStore:
         expected = len(self.chunk_range(chunk))
         if len(rows) != expected:
             raise RuntimeError(f"chunk {chunk} has {len(rows)} rows, expected {expected}")
-        _write_atomic(self._stats_path(chunk), json.dumps(stats))
-        text = "".join(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n" for row in rows)
-        _write_atomic(self.chunk_path(chunk), text)
+        write_atomic(self._stats_path(chunk), json.dumps(stats))
+        text = "".join(json.dumps(row, ensure_ascii=False, default=json_default) + "\n" for row in rows)
+        write_atomic(self.chunk_path(chunk), text)
 
     def wait_for_chunks(self, poll_s: float = 2.0, log=None) -> None:
         """Block until every chunk exists (other processes write theirs). Files, not a collective: no timeout."""
@@ -190,6 +158,6 @@ class ChunkStore:
                         shutil.copyfileobj(f, out)
                 out.flush()
                 os.fsync(out.fileno())
-        _write_atomic(self.sidecar, json.dumps(sidecar, indent=2, default=str) + "\n")
+        write_atomic(self.sidecar, json.dumps(sidecar, indent=2, default=json_default) + "\n")
         os.replace(tmp, self.output)
         shutil.rmtree(self.parts)

@@ -18,10 +18,10 @@ import hashlib
 import json
 import time
 from dataclasses import asdict
-from types import SimpleNamespace
 
 from .arguments import GenerateArguments, parse_generate_args
-from .output import ChunkStore, sidecar_path, versions
+from ..runtime.environment import broadcast, distributed_state, versions
+from .output import ChunkStore, sidecar_path
 
 __all__ = ["SAMPLER", "generate", "generation_settings", "load_prompts"]
 
@@ -36,19 +36,14 @@ def _log(message: str) -> None:
 def load_prompts(args: GenerateArguments):
     """The prompt rows: the split `dataset_split` of `dataset_name`, its first `max_prompts` rows, without the columns
     of earlier completions (`completions`, `rewards`, `chosen`, `rejected`)."""
-    from ..data.loading import load_raw
+    from ..data.loading import load_split
 
-    raw = load_raw(args, SimpleNamespace(datasets=None))
-    if args.dataset_split not in raw:
-        raise ValueError(f"Split {args.dataset_split!r} not found; the data has splits {list(raw)} (`dataset_split`).")
-    dataset = raw[args.dataset_split]
+    dataset = load_split(args, limit=args.max_prompts)
     if "prompt" not in dataset.column_names:
         raise ValueError(
             f"The prompts need a `prompt` column (a string, or a list of chat messages); {args.dataset_name} has the "
             f"columns {dataset.column_names}."
         )
-    if args.max_prompts is not None and args.max_prompts < len(dataset):
-        dataset = dataset.select(range(args.max_prompts))
     dropped = [c for c in _DROPPED if c in dataset.column_names]
     if dropped:
         _log(f"dropping the column(s) {dropped}: they describe earlier completions, not the ones sampled now")
@@ -136,46 +131,18 @@ class _Progress:
         self.bar.close()
 
 
-def _broadcast(state, value):
-    if state.num_processes == 1:
-        return value
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([value], from_process=0)[0]
-
-
-def _distributed_state(environ=None):
-    """accelerate's `PartialState`; processes of a launch without GPUs join one gloo group (`cpu=True`), and a launch
-    whose processes do not form one group is refused (each would sample every prompt into the same chunk files)."""
-    import os
-
-    import torch
-    from accelerate import PartialState
-
-    environ = os.environ if environ is None else environ
-    launched = int(environ.get("WORLD_SIZE", "1") or 1)
-    on_cpu = launched > 1 and not torch.cuda.is_available()
-    state = PartialState(cpu=True, backend="gloo") if on_cpu else PartialState()
-    if launched != state.num_processes:
-        raise RuntimeError(
-            f"The launcher started {launched} processes (WORLD_SIZE) but this one is in a group of "
-            f"{state.num_processes} ({state.distributed_type}): they would each sample every prompt."
-        )
-    return state
-
-
 def generate(argv: list[str] | None = None) -> dict | None:
     """`nca-trl generate`: returns the sidecar (main process) or None (other processes)."""
     args = parse_generate_args(argv)
-    state = _distributed_state()
+    state = distributed_state()
     with state.main_process_first():
         dataset = load_prompts(args)
     settings = generation_settings(args, dataset)
     store = ChunkStore(args.output, settings, len(dataset), args.chunk_size)
 
     status = store.open() if state.is_main_process else None
-    status = _broadcast(state, status)
-    todo = _broadcast(state, [] if status in ("done", "merge") else store.missing_chunks())
+    status = broadcast(state, status)
+    todo = broadcast(state, [] if status in ("done", "merge") else store.missing_chunks())
     if status == "done":
         if state.is_main_process:
             _log(f"{args.output} already holds these {len(dataset)} prompts (settings match): nothing to do")

@@ -1,6 +1,6 @@
 """K sampled completions per prompt: one prefill per prompt, a KV cache expanded to K rows, seeded per completion.
 
-Prefill once (DESIGN §5): the left-padded prompts minus their last token run through the model once into a
+Prefill once: the left-padded prompts minus their last token run through the model once into a
 `DynamicCache`, `cache.batch_repeat_interleave(K)` copies each prompt's keys and values to its K rows, and
 `model.generate` continues from the last prompt token (`num_return_sequences=K` would prefill every prompt K times).
 

@@ -1,4 +1,4 @@
-"""`nca-trl iterate`: rounds of generate -> score -> train from your own prompts (DESIGN §5, the rated-data loop).
+"""`nca-trl iterate`: rounds of generate -> score -> train from your own prompts (the rated-data loop).
 
 - `arguments`: `IterateArguments`, parsed with `trl.TrlParser` (a recipe `--config X.yaml` and overrides);
 - `layout`: the run's files and the per-round stage status that makes a killed run resumable;

@@ -12,7 +12,9 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-__all__ = ["LOSSES", "REFERENCES", "IterateArguments", "make_iterate_parser", "parse_iterate_args"]
+from ..runtime.recipes import check_config_keys
+
+__all__ = ["LOSSES", "REFERENCES", "IterateArguments", "make_iterate_parser", "parse_iterate_args", "print_help"]
 
 LOSSES = ("nca", "infonca", "dpo")
 REFERENCES = ("initial", "previous")
@@ -142,12 +144,16 @@ def make_iterate_parser():
     return TrlParser((IterateArguments,), prog="nca-trl iterate")
 
 
+def print_help(argv: list[str] | None = None) -> None:
+    """`nca-trl iterate --help`: every field."""
+    make_iterate_parser().print_help()
+
+
 def parse_iterate_args(argv: list[str] | None = None) -> IterateArguments:
-    from ..generation.arguments import _check_config_keys
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_iterate_parser()
-    _check_config_keys(argv, parser, command="iterate")
+    check_config_keys(argv, parser, "iterate")
     (args,) = parser.parse_args_and_config(argv, fail_with_unknown_args=True)
     missing = [name for name in ("model_name_or_path", "dataset_name", "output_dir") if getattr(args, name) is None]
     if missing:

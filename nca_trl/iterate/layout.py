@@ -22,28 +22,17 @@ import json
 import os
 from pathlib import Path
 
+from ..runtime.files import json_default, write_atomic
+
 __all__ = ["RunLayout", "read_jsonl", "write_json", "write_jsonl"]
 
 
-def _json_default(value):
-    from ..generation.output import _json_default as default
-
-    return default(value)
-
-
-def _atomic(path: Path, text: str) -> None:
-    from ..generation.output import _write_atomic
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, text)
-
-
 def write_json(path: str | os.PathLike, value) -> None:
-    _atomic(Path(path), json.dumps(value, indent=1, ensure_ascii=False, default=_json_default, allow_nan=False) + "\n")
+    write_atomic(path, json.dumps(value, indent=1, ensure_ascii=False, default=json_default, allow_nan=False) + "\n")
 
 
 def write_jsonl(path: str | os.PathLike, rows) -> None:
-    _atomic(Path(path), "".join(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n" for r in rows))
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False, default=json_default) + "\n" for r in rows))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

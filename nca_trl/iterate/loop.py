@@ -85,15 +85,15 @@ def _evaluate(args, layout: RunLayout, r: int, policy: str, main: bool) -> dict:
 
 
 def _state():
-    from ..generation.run import _distributed_state
+    from ..runtime.environment import distributed_state
 
-    return _distributed_state()
+    return distributed_state()
 
 
 def iterate(argv: list[str] | None = None) -> dict | None:
     """`nca-trl iterate`: returns the results (`iterate_results.json`) on the main process, None on the others."""
     from ..generation import load_prompts
-    from ..output_dir import claim_output_dir
+    from ..runtime.output_dir import claim_output_dir
     from .report import plot_rounds, rounds_table
 
     args = parse_iterate_args(argv)
@@ -137,10 +137,10 @@ def iterate(argv: list[str] | None = None) -> dict | None:
 def _round(args, layout: RunLayout, r: int, per_round: int, dataset, state) -> dict:
     """Run what is left of round r (round 0: the initial model's evaluation only); returns its metrics. Sampling and
     training run on every process; scoring, the evaluation numbers and the files on the main process."""
-    from ..generation.run import _broadcast
+    from ..runtime.environment import broadcast
 
     main = state.is_main_process
-    status = _broadcast(state, layout.status(r) if main else None)
+    status = broadcast(state, layout.status(r) if main else None)
     if "eval" in status:
         _log(f"round {r}: done (round-{r}/status.json), skipping")
         return status["eval"]

@@ -77,8 +77,8 @@ def run_train(args, r: int, policy: str, reference: str | None, rated: Path, out
     training = {"seed": args.seed, **args.training}
     if args.loss == "dpo":
         return _train_dpo(policy, reference, rated, output_dir, training)
-    from ..checkpoints import last_complete_checkpoint
-    from ..training import train
+    from ..runtime.checkpoints import last_complete_checkpoint
+    from ..train import train
 
     recipe = {"loss": args.loss, "model_name_or_path": policy, "dataset_name": str(rated), "dataset_format": "rated",
               "output_dir": str(output_dir), **training}

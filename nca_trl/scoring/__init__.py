@@ -1,4 +1,4 @@
-"""`nca-trl score`: add `rewards` to {prompt, completions} rows (DESIGN §5, the second step of the rated-data loop).
+"""`nca-trl score`: add `rewards` to {prompt, completions} rows (the second step of the rated-data loop).
 
 ```bash
 nca-trl score --dataset_name samples.jsonl --reward_model path/to/rm --output rated.jsonl

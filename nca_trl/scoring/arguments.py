@@ -7,9 +7,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..generation.arguments import DTYPES, OUTPUT_SUFFIXES, _check_config_keys
+from ..runtime.recipes import DTYPES, OUTPUT_SUFFIXES, check_config_keys
 
-__all__ = ["ScoreArguments", "make_score_parser", "parse_score_args"]
+__all__ = ["ScoreArguments", "make_score_parser", "parse_score_args", "print_help"]
 
 _REPEATABLE = ("reward_funcs", "reward_weights")
 
@@ -132,6 +132,11 @@ def make_score_parser():
     return TrlParser((ScoreArguments,), prog="nca-trl score")
 
 
+def print_help(argv: list[str] | None = None) -> None:
+    """`nca-trl score --help`: every field."""
+    make_score_parser().print_help()
+
+
 def _merge_repeated(argv: list[str], names=_REPEATABLE) -> list[str]:
     """`--reward_funcs a --reward_funcs b c` -> `--reward_funcs a b c` (argparse would keep only the last flag's)."""
     rest: list[str] = []
@@ -158,7 +163,7 @@ def _merge_repeated(argv: list[str], names=_REPEATABLE) -> list[str]:
 def parse_score_args(argv: list[str] | None = None) -> ScoreArguments:
     argv = _merge_repeated(list(sys.argv[1:] if argv is None else argv))
     parser = make_score_parser()
-    _check_config_keys(argv, parser, command="score")
+    check_config_keys(argv, parser, "score")
     (args,) = parser.parse_args_and_config(argv, fail_with_unknown_args=True)
     missing = [name for name in ("dataset_name", "output") if getattr(args, name) is None]
     if missing:

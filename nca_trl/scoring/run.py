@@ -7,8 +7,9 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 
+from ..runtime.environment import versions
+from ..runtime.files import json_default, write_atomic
 from .arguments import ScoreArguments, parse_score_args
 from .combine import _log, score_rows
 from .sources import load_sources
@@ -25,12 +26,9 @@ def scoring_sidecar_path(output: str | os.PathLike) -> Path:
 def load_rows(args: ScoreArguments) -> list[dict]:
     """The rows to score: split `dataset_split` of `dataset_name` (read as `train` and `generate` read data), its
     first `max_rows` rows."""
-    from ..data.loading import load_raw
+    from ..data.loading import load_split
 
-    raw = load_raw(args, SimpleNamespace(datasets=None))
-    if args.dataset_split not in raw:
-        raise ValueError(f"Split {args.dataset_split!r} not found; the data has splits {list(raw)} (`dataset_split`).")
-    dataset = raw[args.dataset_split]
+    dataset = load_split(args, limit=args.max_rows)
     missing = [c for c in ("prompt", "completions") if c not in dataset.column_names]
     if missing:
         raise ValueError(
@@ -38,15 +36,12 @@ def load_rows(args: ScoreArguments) -> list[dict]:
             f"{dataset.column_names}): `nca-trl score` reads {{prompt, completions}} rows, as `nca-trl generate` "
             "writes them. For a folder written by generate, pass the output file itself."
         )
-    if args.max_rows is not None and args.max_rows < len(dataset):
-        dataset = dataset.select(range(args.max_rows))
     return dataset.to_list()
 
 
 def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
     """Write rows to a `.jsonl` or `.parquet` file atomically (a temporary file renamed into place), as `nca-trl
     generate` writes its output."""
-    from ..generation.output import _json_default, _write_atomic
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,7 +56,7 @@ def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
         finally:
             tmp.unlink(missing_ok=True)
         return
-    _write_atomic(path, "".join(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n" for row in rows))
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False, default=json_default) + "\n" for row in rows))
 
 
 def _check_single_process(environ=None) -> None:
@@ -109,7 +104,6 @@ def score_file(args: ScoreArguments) -> dict:
             f"{stats['none_by_source']}), nothing to write to {args.output}. Check that the reward functions fit "
             "these rows (a None drops a completion; a row needs 2 completions left)."
         )
-    from ..generation.output import _write_atomic, versions
 
     sidecar = {
         "output": str(args.output),
@@ -124,7 +118,7 @@ def score_file(args: ScoreArguments) -> dict:
     }
     sidecar_file = scoring_sidecar_path(args.output)
     sidecar_file.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(sidecar_file, json.dumps(sidecar, indent=2, default=str) + "\n")
+    write_atomic(sidecar_file, json.dumps(sidecar, indent=2, default=json_default) + "\n")
     write_rows(args.output, scored)
     _log(f"{len(scored)} rated rows -> {args.output} (train on it: `nca-trl train --dataset_name {args.output}`); "
          f"settings and statistics in {sidecar_file}")

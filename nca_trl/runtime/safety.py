@@ -1,12 +1,15 @@
-"""Run safety (issue 9): no silent wrong result, no lost run.
+"""Run safety of the trainers: no silent wrong result, no lost run.
 
 - **Non-finite loss or gradient.** `check_loss` runs on every training micro-batch before its backward pass (under
   DeepSpeed the optimizer step happens inside the backward, so this is the check that covers DeepSpeed) and
   `check_grad_norm` on the gradient norm the Trainer computes before each optimizer step. Either raises
   `NonFiniteError` on every process, naming the step and the dataset rows of the batch (the `row_index` column,
-  `with_row_index`): nothing is logged as 0.0, the optimizer never applies the update, and nothing is saved after the
+  `nca_trl.data.tokenize.with_row_index`): nothing is logged as 0.0, the optimizer never applies the update, and nothing is saved after the
   last good checkpoint. With fp16 loss scaling an infinite gradient norm is the scaler's business (it skips the step
   and lowers the scale), so only the loss is checked there.
+The output_dir checks and lock live in `nca_trl.runtime.output_dir`, the checkpoint marker in
+`nca_trl.runtime.checkpoints`; this module puts them to work in the trainer:
+
 - **output_dir writable.** `check_output_dir_writable` creates and deletes a probe file (a real write, which also
   refuses root on a read-only mount), before the model is loaded.
 - **output_dir lock.** `claim_output_dir` holds `fcntl.flock` on `output_dir/.nca-trl.lock` (body: pid, host, start,
@@ -27,82 +30,21 @@ from __future__ import annotations
 import logging
 import math
 
-import numpy as np
 import torch
-from datasets import Dataset
 
-from .checkpoints import (  # noqa: F401 - re-exported
-    COMPLETE_MARKER,
-    STAGING_DIR,
-    is_complete,
-    last_complete_checkpoint,
-    resolve_resume,
-    save_checkpoint,
-    save_final_model,
-)
-from .data.collator import DataCollatorForRatedCompletions
-from .output_dir import (  # noqa: F401 - re-exported
-    LOCK_NAME,
-    OutputDirError,
-    OutputDirLockedError,
-    check_output_dir,
-    check_output_dir_writable,
-    claim_output_dir,
-)
+from ..data.formats import ROW_INDEX
+from .checkpoints import last_complete_checkpoint, resolve_resume, save_checkpoint, save_final_model
+from .output_dir import claim_output_dir
 
 logger = logging.getLogger("nca_trl")
 
-__all__ = [
-    "COMPLETE_MARKER",
-    "LOCK_NAME",
-    "NonFiniteError",
-    "OutputDirError",
-    "OutputDirLockedError",
-    "RowIndexedCollator",
-    "RunSafetyMixin",
-    "check_output_dir_writable",
-    "claim_output_dir",
-    "is_complete",
-    "last_complete_checkpoint",
-    "with_row_index",
-]
-
-ROW_INDEX = "row_index"
+__all__ = ["NonFiniteError", "RunSafetyMixin", "check_grad_norm", "check_loss"]
 
 
 class NonFiniteError(RuntimeError):
     """A training loss or gradient norm that is NaN or infinite."""
 
 
-
-
-# ------------------------------------------------------------------------------------------------ row indices
-def with_row_index(dataset):
-    """`dataset` with a `row_index` column: each row's position in the dataset given to the trainer (kept through
-    preparation, which may drop rows, so that errors name the user's rows). A dataset that has one keeps it."""
-    columns = getattr(dataset, "column_names", None)
-    if dataset is None or (columns is not None and ROW_INDEX in columns):
-        return dataset
-    if isinstance(dataset, Dataset):  # map-style: an added in-memory column, no copy of the data
-        from datasets.fingerprint import Hasher
-
-        fingerprint = Hasher.hash((dataset._fingerprint, "nca-trl", ROW_INDEX))
-        return dataset.add_column(ROW_INDEX, np.arange(len(dataset)), new_fingerprint=fingerprint)
-    return dataset.map(_index_row, with_indices=True)  # a stream: counted as it is read
-
-
-def _index_row(_, index):
-    return {ROW_INDEX: index}
-
-
-class RowIndexedCollator(DataCollatorForRatedCompletions):
-    """`DataCollatorForRatedCompletions` that passes the examples' `row_index` through as a `[B]` tensor."""
-
-    def torch_call(self, examples):
-        output = super().torch_call(examples)
-        if ROW_INDEX not in output and all(ROW_INDEX in e for e in examples):
-            output[ROW_INDEX] = torch.tensor([int(e[ROW_INDEX]) for e in examples])
-        return output
 
 
 def _gathered_rows(trainer, rows: torch.Tensor | None) -> list[int] | None:

@@ -1,4 +1,4 @@
-"""`output_dir` checked writable before anything is loaded, and locked for the whole run (issue 9).
+"""`output_dir` checked writable before anything is loaded, and locked for the whole run.
 
 `check_output_dir_writable` creates and deletes a probe file (a real write, which also refuses root on a read-only
 mount). `claim_output_dir` holds `fcntl.flock` on `output_dir/.nca-trl.lock` (body: pid, host, start, command) for

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import time
-from importlib import metadata
 from pathlib import Path
 
-__all__ = ["LEARNING_METRICS", "eval_set_prefixes", "learning_table", "plot_training_curves", "run_info", "print_summary", "versions"]
+from ..runtime.environment import versions
+from ..runtime.files import json_default, write_atomic
+
+__all__ = ["LEARNING_METRICS", "eval_set_prefixes", "learning_table", "plot_training_curves", "run_info", "print_summary",
+           "write_run_info"]
 
 # (metric, label) rows of the learning table and panels of the PNG
 LEARNING_METRICS = (
@@ -25,20 +27,6 @@ LEARNING_METRICS = (
     ("logps/chosen", "logps/chosen (best completion)"),
     ("logps/rejected", "logps/rejected (others)"),
 )
-_PACKAGES = ("nca-trl", "torch", "transformers", "trl", "datasets", "accelerate", "peft", "deepspeed")
-
-
-def versions() -> dict:
-    """Installed versions of the packages a run depends on (None where absent), and Python's."""
-    found = {"python": platform.python_version()}
-    for name in _PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
 _SET_LABELS = {"train_prompts": "training prompts", "heldout": "held-out"}
 
 
@@ -140,8 +128,7 @@ def run_info(trainer, model_args, train_metrics: dict, eval_metrics: dict | None
 
 def write_run_info(info: dict, output_dir: str | os.PathLike) -> Path:
     path = Path(output_dir) / "run_info.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(info, indent=1, default=str))
+    write_atomic(path, json.dumps(info, indent=1, default=json_default))
     return path
 
 

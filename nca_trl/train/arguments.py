@@ -9,15 +9,15 @@ belongs to none of them is an error that names it.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import json
 import sys
 from dataclasses import dataclass, field
 
-from .config import RATED_CONFIGS, config_for_loss, relaxed_hardware_checks, reward_temperature
-from .data.formats import DATASET_FORMATS
+from ..config import RATED_CONFIGS, config_for_loss, relaxed_hardware_checks, reward_temperature
+from ..data.formats import DATASET_FORMATS
+from ..runtime.recipes import check_recipe_keys, load_recipe, peek
 
-__all__ = ["ScriptArguments", "TrainArgs", "make_parser", "parse_train_args", "print_dry_run"]
+__all__ = ["ScriptArguments", "TrainArgs", "make_parser", "parse_train_args", "print_dry_run", "print_help"]
 
 LOSSES = tuple(config_class.loss for config_class in RATED_CONFIGS)
 
@@ -168,53 +168,20 @@ def make_parser(loss: str = LOSSES[0]):
     return TrlParser((ScriptArguments, config_for_loss(loss), ModelConfig, DatasetMixtureConfig), prog="nca-trl train")
 
 
-def _peek(argv: list[str], name: str) -> str | None:
-    """Value of `--name X` / `--name=X` in argv (the last one wins), else None."""
-    value = None
-    flags = {f"--{name}", f"--{name.replace('_', '-')}"}  # HfArgumentParser accepts both spellings
-    for i, arg in enumerate(argv):
-        if arg in flags:
-            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else "true"
-        elif "=" in arg and arg.split("=", 1)[0] in flags:
-            value = arg.split("=", 1)[1]
-    return value
-
-
 def _truthy(value) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes", "y", "on")
 
 
-def _load_recipe(argv: list[str]) -> tuple[dict, str | None]:
-    import yaml
-
-    path = _peek(argv, "config")
-    if path is None:
-        return {}, None
-    with open(path) as f:
-        recipe = yaml.safe_load(f) or {}
-    if not isinstance(recipe, dict):
-        raise ValueError(f"The recipe {path} must hold a YAML mapping of field: value, got {type(recipe).__name__}.")
-    return recipe, path
-
-
-def _check_recipe_keys(recipe: dict, path: str, parser) -> None:
-    """Fail on recipe keys that no dataclass of the parser knows, naming each key and the closest known ones."""
-    known = {action.dest for action in parser._actions} | {"env"}
-    unknown = [key for key in recipe if key not in known]
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, sorted(known), n=3)
-            hints.append(f"'{key}'" + (f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""))
-        raise ValueError(
-            f"Unknown key(s) in the recipe {path}: {'; '.join(hints)}. Every key must be a field of ScriptArguments "
-            "(nca-trl), NCAConfig/InfoNCAConfig (trl.DPOConfig, transformers.TrainingArguments), trl.ModelConfig or "
-            "trl.DatasetMixtureConfig; see `nca-trl train --help`."
-        )
-
+_RECIPE_FIELDS = ("ScriptArguments (nca-trl), NCAConfig/InfoNCAConfig (trl.DPOConfig, transformers.TrainingArguments), "
+                  "trl.ModelConfig or trl.DatasetMixtureConfig")
 
 # Accept `bf16=True` without a bf16 GPU and `fp16=True` on the CPU (for `--dry_run` of a GPU recipe on any machine)
 _relaxed_hardware_checks = relaxed_hardware_checks
+
+
+def print_help(argv: list[str]) -> None:
+    """`nca-trl train --help [--loss infonca]`: every field of the recipe for that loss."""
+    make_parser(peek(argv, "loss") or ScriptArguments.loss).print_help()
 
 
 def parse_train_args(argv: list[str] | None = None, dry_run: bool | None = None) -> TrainArgs:
@@ -224,14 +191,14 @@ def parse_train_args(argv: list[str] | None = None, dry_run: bool | None = None)
     GPU, fp16 on the CPU), so a GPU recipe can be validated anywhere.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    recipe, path = _load_recipe(argv)
-    loss = _peek(argv, "loss") or recipe.get("loss", ScriptArguments.loss)
+    recipe, path = load_recipe(argv)
+    loss = peek(argv, "loss") or recipe.get("loss", ScriptArguments.loss)
     config_for_loss(loss)  # raises on an unknown loss, naming the choices
     if dry_run is None:
-        dry_run = _truthy(_peek(argv, "dry_run") or recipe.get("dry_run", False))
+        dry_run = _truthy(peek(argv, "dry_run") or recipe.get("dry_run", False))
     parser = make_parser(loss)
     if path is not None:
-        _check_recipe_keys(recipe, path, parser)
+        check_recipe_keys(recipe, path, parser, "train", fields=_RECIPE_FIELDS)
     with _relaxed_hardware_checks() if dry_run else contextlib.nullcontext():
         script_args, training_args, model_args, mixture = parser.parse_args_and_config(argv, fail_with_unknown_args=True)
     script_args.dry_run = script_args.dry_run or dry_run

@@ -54,8 +54,8 @@ def check_max_length(dataset, processing_class, args, dataset_name: str = "train
     """
     if dataset is None or args.max_length is None or args.truncation_mode != "keep_start":
         return
-    from .data.tokenize import select_completions, tokenize_rated_example
-    from .data.validation import to_rated_unchecked, validate_example
+    from ..data.tokenize import select_completions, tokenize_rated_example
+    from ..data.validation import to_rated_unchecked, validate_example
 
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     max_completions = getattr(args, "max_completions", None)

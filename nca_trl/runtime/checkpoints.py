@@ -1,4 +1,4 @@
-"""Checkpoints and the final model count only once complete (issue 9).
+"""Checkpoints and the final model count only once complete.
 
 `save_checkpoint` writes `nca_trl_complete.json` into `checkpoint-N` last, after every process wrote its part, and
 rotates old checkpoints only then. `resolve_resume` makes `resume_from_checkpoint=True` pick the last complete
@@ -18,6 +18,8 @@ import shutil
 import time
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from .files import fsync_tree, write_atomic
 
 
 logger = logging.getLogger("nca_trl")
@@ -73,20 +75,8 @@ def _foreign_checkpoint_message(path: str) -> str:
 
 def _write_marker(folder: str, **info) -> None:
     """fsync the files of `folder`, then write the marker atomically (temporary file renamed), fsynced."""
-    for root, _, files in os.walk(folder):
-        for name in files:
-            with contextlib.suppress(OSError):
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-    tmp = os.path.join(folder, f".{COMPLETE_MARKER}.tmp")
-    with open(tmp, "w") as f:
-        json.dump({"complete": True, "time": time.time(), **info}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(folder, COMPLETE_MARKER))
+    fsync_tree(folder)
+    write_atomic(os.path.join(folder, COMPLETE_MARKER), json.dumps({"complete": True, "time": time.time(), **info}))
 
 
 def _checkpoints(output_dir: str) -> list[str]:
@@ -190,13 +180,7 @@ def save_final_model(trainer, parent_save_model, output_dir: str | None) -> None
     if collective:
         trainer.accelerator.wait_for_everyone()
     if args.should_save and os.path.isdir(staging):
-        for root, _, files in os.walk(staging):
-            for name in files:
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+        fsync_tree(staging)
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(output_dir, COMPLETE_MARKER))
         for name in os.listdir(staging):

@@ -1,8 +1,9 @@
 """`nca-trl train` as a function: parse, load the data, build the trainer, train, save, report.
 
-It has the shape of TRL's `scripts/dpo.py`: parse (`nca_trl.arguments`), load the data (`nca_trl.data.loading`),
-build the trainer, train, save; then it writes `run_info.json`, the training curves PNG and prints what changed
-(`nca_trl.report`). `nca_trl.cli` runs it as `nca-trl train`; `nca_trl.iterate` runs it once per round.
+It has the shape of TRL's `scripts/dpo.py`: parse (`nca_trl.train.arguments`), load the data
+(`nca_trl.data.loading`), check it (`nca_trl.train.preflight`), build the trainer, train, save; then it writes
+`run_info.json`, the training curves PNG and prints what changed (`nca_trl.train.report`). `nca_trl.cli` runs it as
+`nca-trl train`; `nca_trl.iterate` runs it once per round.
 """
 
 from __future__ import annotations
@@ -12,16 +13,7 @@ import time
 
 from .arguments import parse_train_args, print_dry_run
 
-__all__ = ["train", "trainer_for_loss"]
-
-
-def trainer_for_loss(loss: str):
-    """The trainer class whose config class has `loss` (`NCAConfig.loss` -> `NCATrainer`, ...)."""
-    from .config import config_for_loss
-    from .trainer import InfoNCATrainer, NCATrainer
-
-    config_class = config_for_loss(loss)
-    return next(t for t in (NCATrainer, InfoNCATrainer) if t._config_class is config_class)
+__all__ = ["train"]
 
 
 def train(argv: list[str] | None = None, callbacks: list | None = None, keep_process_group: bool = False) -> dict | None:
@@ -35,12 +27,12 @@ def train(argv: list[str] | None = None, callbacks: list | None = None, keep_pro
         print_dry_run(args)
         return None
 
-    from .launch import check_launch_environment, check_world_size
-    from .safety import claim_output_dir
+    from ..runtime.launch import check_launch_environment, check_world_size
+    from ..runtime.output_dir import claim_output_dir
 
     check_launch_environment(args.training)
     check_world_size(args.training.distributed_state)
-    # output_dir checked writable and locked for the whole run, before anything is loaded (`nca_trl.safety`)
+    # output_dir checked writable and locked for the whole run, before anything is loaded (`nca_trl.runtime.output_dir`)
     with claim_output_dir(args.training):
         return _train(args, callbacks, keep_process_group)
 
@@ -49,8 +41,9 @@ def _train(args, callbacks: list | None, keep_process_group: bool = False) -> di
     script_args, training_args, model_args = args.script, args.training, args.model
     from trl import get_peft_config, get_quantization_config
 
-    from .data.loading import load_datasets
-    from .launch import distributed_summary
+    from ..data.loading import load_datasets
+    from ..runtime.launch import distributed_summary
+    from ..trainer import trainer_for_loss
     from .preflight import check_before_training
     from .report import run_info
 

@@ -1,0 +1,14 @@
+"""What every command and the trainers share at run time, one home per job.
+
+- `files`: atomic writes, fsync of a folder, JSON for any column (`write_atomic`, `fsync_tree`, `json_default`);
+- `environment`: versions of the stack, the process group under `accelerate launch` (`versions`,
+  `distributed_state`, `broadcast`);
+- `recipes`: `--config RECIPE.yaml` reading and its unknown-key check, shared value sets (`DTYPES`, `OUTPUT_SUFFIXES`);
+- `output_dir`: the writable check and the lock that keeps two runs out of one `output_dir`;
+- `checkpoints`: checkpoints and final models that count only once complete (their marker written last);
+- `safety`: the trainers' run safety (non-finite stops naming step and rows, the lock, complete saves);
+- `launch`: checks of an `accelerate launch` before anything is loaded, and the summary of the process group;
+- `distributed`: DeepSpeed ZeRO-3 leaf marking of Mixture-of-Experts blocks.
+
+Nothing here imports a command package (`train`, `generation`, `scoring`, `iterate`) or the data package.
+"""

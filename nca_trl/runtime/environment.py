@@ -1,0 +1,50 @@
+"""What a run records about where it ran, and the process group of a command run under `accelerate launch`."""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+
+__all__ = ["PACKAGES", "broadcast", "distributed_state", "versions"]
+
+#: The packages a run depends on, in the order `versions()` lists them.
+PACKAGES = ("nca-trl", "torch", "transformers", "trl", "datasets", "accelerate", "peft", "deepspeed")
+
+
+def versions() -> dict:
+    """Installed versions of `PACKAGES` (None where absent), and Python's: recorded by every command's output."""
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def distributed_state(environ=None):
+    """accelerate's `PartialState`; processes of a launch without GPUs join one gloo group (`cpu=True`), and a launch
+    whose processes do not form one group is refused (each would do all of the work, into the same files)."""
+    import torch
+    from accelerate import PartialState
+
+    environ = os.environ if environ is None else environ
+    launched = int(environ.get("WORLD_SIZE", "1") or 1)
+    on_cpu = launched > 1 and not torch.cuda.is_available()
+    state = PartialState(cpu=True, backend="gloo") if on_cpu else PartialState()
+    if launched != state.num_processes:
+        raise RuntimeError(
+            f"The launcher started {launched} processes (WORLD_SIZE) but this one is in a group of "
+            f"{state.num_processes} ({state.distributed_type}): they would each do all of the work."
+        )
+    return state
+
+
+def broadcast(state, value):
+    """`value` of the main process, on every process of `state` (a picklable object)."""
+    if state.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]

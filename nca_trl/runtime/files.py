@@ -1,0 +1,52 @@
+"""Durable writes, one home each: a file that exists completely or not at all, fsynced folders, JSON for any column.
+
+Every writer of the package uses these: the output_dir lock and the checkpoint marker (`runtime`), the chunk files of
+`nca-trl generate`, the output of `nca-trl score`, the round files of `nca-trl iterate`, `run_info.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from pathlib import Path
+
+__all__ = ["fsync_tree", "json_default", "write_atomic"]
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder, fsynced, then renamed over `path`: a
+    reader sees the old file or the new one, never half of one. The folder is created if missing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file below `folder` (before a marker says the folder is complete). Files that vanish meanwhile
+    are skipped."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+
+def json_default(value):
+    """`json.dumps(default=...)` for carried columns JSON has no type for: timestamps and dates as ISO text, bytes as
+    text, numpy / torch values as numbers or lists, anything else as its `str`."""
+    if isinstance(value, (datetime.date, datetime.datetime, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)

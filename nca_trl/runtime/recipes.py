@@ -1,0 +1,61 @@
+"""What every command's arguments share: reading `--config RECIPE.yaml`, refusing its unknown keys by name, and the
+value sets of the fields that more than one command has (model dtypes, output file types)."""
+
+from __future__ import annotations
+
+import difflib
+
+__all__ = ["DTYPES", "OUTPUT_SUFFIXES", "check_config_keys", "check_recipe_keys", "load_recipe", "peek"]
+
+#: Accepted `dtype` values of the commands that load a model for inference (`generate`, `score`, `iterate`).
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+#: File types the commands write rows to.
+OUTPUT_SUFFIXES = (".jsonl", ".parquet")
+
+
+def peek(argv: list[str], name: str) -> str | None:
+    """Value of `--name X` / `--name=X` in argv (the last one wins; a flag with no value reads "true"), else None."""
+    value = None
+    flags = {f"--{name}", f"--{name.replace('_', '-')}"}  # HfArgumentParser accepts both spellings
+    for i, arg in enumerate(argv):
+        if arg in flags:
+            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else "true"
+        elif "=" in arg and arg.split("=", 1)[0] in flags:
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def load_recipe(argv: list[str]) -> tuple[dict, str | None]:
+    """`(the YAML mapping of --config, its path)`, or `({}, None)` without `--config`."""
+    import yaml
+
+    path = peek(argv, "config")
+    if path is None:
+        return {}, None
+    with open(path) as f:
+        recipe = yaml.safe_load(f) or {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f"The config {path} must hold a YAML mapping of field: value, got {type(recipe).__name__}.")
+    return recipe, path
+
+
+def check_recipe_keys(recipe: dict, path: str, parser, command: str, fields: str = "") -> None:
+    """Fail on keys of `recipe` that no dataclass of `parser` knows (TrlParser would ignore them), naming each key and
+    the closest known ones; `fields` says which classes the keys come from, `command` whose `--help` lists them."""
+    known = {action.dest for action in parser._actions} | {"env"}
+    unknown = [key for key in recipe if key not in known]
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(known), n=3)
+        hints.append(f"'{key}'" + (f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""))
+    where = f" Every key must be a field of {fields};" if fields else ""
+    raise ValueError(f"Unknown key(s) in {path}: {'; '.join(hints)}.{where} see `nca-trl {command} --help`.")
+
+
+def check_config_keys(argv: list[str], parser, command: str) -> None:
+    """`check_recipe_keys` on the `--config` YAML of argv, if any (`nca-trl generate`, `score`, `iterate`)."""
+    recipe, path = load_recipe(argv)
+    if path is not None:
+        check_recipe_keys(recipe, path, parser, command)

@@ -1,0 +1,13 @@
+"""`nca-trl train`: a recipe (or command-line fields) to a trained, saved and reported model.
+
+- `arguments`: `ScriptArguments` (data, loss, evaluation) beside `NCAConfig`/`InfoNCAConfig`, `trl.ModelConfig` and
+  `trl.DatasetMixtureConfig`, parsed by `trl.TrlParser` (`parse_train_args`, `--dry_run`);
+- `run`: the command (`train`): parse, load the data, check it, build the trainer, train, save, report;
+- `preflight`: checks between loading the data and loading any model (every row dropped by `max_length`, empty sets);
+- `report`: what the run tells at the end (`run_info.json`, the before/after learning table, the training curves).
+"""
+
+from .arguments import ScriptArguments, parse_train_args
+from .run import train
+
+__all__ = ["ScriptArguments", "parse_train_args", "train"]
