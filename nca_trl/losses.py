@@ -84,7 +84,11 @@ def reward_targets(rewards: torch.Tensor, alpha: Alpha, mask: torch.Tensor | Non
             [0.7311, 0.2689]])
     ```
     """
-    mask = _check(rewards, mask, alpha)
+    return _targets(rewards, alpha, _check(rewards, mask, alpha))
+
+
+def _targets(rewards: torch.Tensor, alpha: Alpha, mask: torch.Tensor) -> torch.Tensor:
+    """`reward_targets` on arguments that `_check` passed (each loss checks its arguments once)."""
     r = rewards.float().masked_fill(~mask, float("-inf"))
     top = r.max(dim=1, keepdim=True).values
     best = (r == top) & mask
@@ -123,7 +127,7 @@ def infonca_loss(
         `torch.Tensor` of shape `[B]`, float32: the loss of each prompt.
     """
     mask = _check(rewards, mask, alpha, logratios, beta)
-    p = reward_targets(rewards, alpha, mask)
+    p = _targets(rewards, alpha, mask)
     g = (beta * logratios.float()).masked_fill(~mask, float("-inf"))
     log_q = torch.log_softmax(g, dim=1).masked_fill(~mask, 0.0)
     return -(p * log_q).sum(dim=1)
@@ -152,7 +156,7 @@ def nca_loss(
         `torch.Tensor` of shape `[B]`, float32: the loss of each prompt.
     """
     mask = _check(rewards, mask, alpha, logratios, beta)
-    p = reward_targets(rewards, alpha, mask)
+    p = _targets(rewards, alpha, mask)
     g = (beta * logratios.float()).masked_fill(~mask, 0.0)
     k = mask.sum(dim=1, keepdim=True).float()
     positive = -(p * F.logsigmoid(g)).sum(dim=1)

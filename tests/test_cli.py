@@ -141,6 +141,37 @@ def test_loss_picks_the_config_and_command_line_overrides(tmp_path):
         parse_train_args(["--config", str(REPO / "recipes/tiny/nca.yaml"), "--loss", "dpo"])
 
 
+def test_train_path_checks_each_rows_rewards_once(tiny_mistral, tmp_path, monkeypatch):
+    """`nca-trl train` on rated data: every row's rewards are checked exactly once between the file and the loss (by
+    the trainer's validation), and a bad row still fails before training, naming the row and the field."""
+    from nca_trl.data import rewards, validation
+    from nca_trl.train import train
+
+    rows = [json.loads(line) for line in VICUNA.read_text().splitlines()[:6]]
+    data = tmp_path / "rated.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    calls = []
+    original = rewards.check_rewards
+
+    def counted(values, row=None, *args, **kwargs):
+        calls.append(row)
+        return original(values, row, *args, **kwargs)
+
+    monkeypatch.setattr(validation, "check_rewards", counted)
+    argv = ["--model_name_or_path", str(tiny_mistral), "--dataset_name", str(data), "--output_dir",
+            str(tmp_path / "out"), "--max_steps", "1", "--per_device_train_batch_size", "2", "--max_length", "64",
+            "--bf16", "false", "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no",
+            "--report_train_prompts", "0", "--activation_checkpointing", "false"]
+    train(argv)
+    assert sorted(calls) == list(range(6))  # once per row
+
+    rows[3]["rewards"][1] = float("nan")
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(Exception, match=r"row 3, field 'rewards': reward at position 1 is NaN"):
+        train(argv[:5] + [str(tmp_path / "out2")] + argv[6:])
+    assert not (tmp_path / "out2" / "model.safetensors").exists()
+
+
 def test_data_sources_splits_and_mixtures(tmp_path):
     """Local jsonl / parquet / folder / save_to_disk, a held-out fraction, sample caps, a mixture with fractions."""
     from datasets import load_dataset
@@ -159,12 +190,11 @@ def test_data_sources_splits_and_mixtures(tmp_path):
 
     for source in (str(tmp_path / "v.parquet"), str(tmp_path / "folder"), str(tmp_path / "saved")):
         train, evaluation = load("--dataset_name", source, "--eval_fraction", "0.25", "--max_train_samples", "10")
-        assert train.column_names == ["prompt", "completions", "rewards", "preference_pair"] and len(train) == 10
-        assert not any(train["preference_pair"])
+        # Rated rows reach the trainer as loaded: it validates every row once, then converts
+        assert {"prompt", "completions", "rewards"} <= set(train.column_names) and len(train) == 10
         assert len(evaluation) == 5 and not set(evaluation["prompt"]) & set(train["prompt"])
     train, evaluation = load("--dataset_name", str(pairs), "--dataset_format", "preference")
-    assert evaluation is None and train[0]["completions"] == ["good", "bad"] and train[0]["rewards"] == [1.0, 0.0]
-    assert all(train["preference_pair"])  # converted pairs stay one-hot in training
+    assert evaluation is None and train.column_names == ["prompt", "chosen", "rejected"] and len(train) == 10
     with pytest.raises(ValueError, match="Split 'test' not found"):
         load("--dataset_name", str(pairs), "--dataset_test_split", "test")
 

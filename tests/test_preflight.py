@@ -12,7 +12,7 @@ import torch
 from nca_trl import InfoNCAConfig, NCAConfig
 from nca_trl.train.arguments import parse_train_args
 from nca_trl.cli import main
-from nca_trl.train.preflight import check_max_length
+from nca_trl.data.tokenize import prepare_rated_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 VICUNA = REPO / "data" / "vicuna_rated.jsonl"
@@ -82,6 +82,11 @@ def test_bf16_without_a_bf16_gpu_says_what_to_do(tmp_path):
 # ---------------------------------------------------------------------------------------------------------- max_length
 def rows(n):
     return [json.loads(line) for line in VICUNA.read_text().splitlines()[:n]]
+
+
+def check_max_length(dataset, tokenizer, args, name="train"):
+    """The trainers' dataset preparation, which refuses a dataset whose every prompt fills max_length."""
+    return prepare_rated_dataset(dataset, tokenizer, args, name, getattr(args, "max_completions", None))
 
 
 def test_check_max_length_names_the_shortest_prompt(tokenizer):

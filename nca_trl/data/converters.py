@@ -43,7 +43,7 @@ from .validation import to_rated
 logger = logging.getLogger("nca_trl")
 
 __all__ = ["ULTRAFEEDBACK_ASPECTS", "ULTRAFEEDBACK_SCORE_FIELDS", "columns_to_rated", "convert_dataset",
-           "ultrafeedback_to_rated"]
+           "resolve_format", "ultrafeedback_to_rated"]
 
 #: UltraFeedback's four annotation aspects (their `Rating` is a string such as "4" or "N/A").
 ULTRAFEEDBACK_ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")
@@ -376,6 +376,36 @@ def _standard_features(with_dropped: bool):
     return datasets.Features(features)
 
 
+def resolve_format(dataset, dataset_format: str = "auto", dataset_name: str = "train") -> str:
+    """The layout of `dataset` (`"rated"`, `"preference"`, `"ultrafeedback"` or `"columns"`), read from row 0: the
+    detected one for `"auto"`, else `dataset_format` once row 0 is checked to be in it. Rows are not validated here.
+    Raises a `DataValidationError` for an empty dataset or a row 0 in another layout than the one asked for."""
+    if dataset_format not in DATASET_FORMATS:
+        raise ValueError(f"dataset_format={dataset_format!r} is not one of {list(DATASET_FORMATS)}")
+    if not isinstance(dataset, datasets.Dataset):
+        raise TypeError(f"a datasets.Dataset or a list of dicts is needed, got {type(dataset).__name__}")
+    if len(dataset) == 0:
+        raise DataValidationError("the dataset has no rows", "pass a dataset with at least one row",
+                                  dataset_name=dataset_name)
+    first = dataset.with_format(None)[0]
+    detected = _detect_raw_format(first, dataset_name)
+    fmt = detected if dataset_format == "auto" else dataset_format
+    if fmt in ("rated", "preference"):
+        row_fmt = detect_format(first, 0, dataset_name)
+        if (fmt == "rated") != (row_fmt == RATED):
+            raise DataValidationError(
+                f"dataset_format={fmt!r} was asked for but row 0 is in the '{row_fmt}' format",
+                "pass dataset_format='auto' or the format the data is in", row=0, field="", dataset_name=dataset_name,
+            )
+    elif fmt == "ultrafeedback" and not _looks_like_ultrafeedback(first):
+        raise DataValidationError(
+            "dataset_format='ultrafeedback' was asked for but row 0 has no 'instruction' + 'completions' of dicts",
+            "pass dataset_format='auto' or the format the data is in", row=0, field="completions",
+            dataset_name=dataset_name,
+        )
+    return fmt
+
+
 def convert_dataset(
     dataset,
     dataset_format: str = "auto",
@@ -414,33 +444,13 @@ def convert_dataset(
     ['prompt', 'completions', 'rewards']
     ```
     """
-    if dataset_format not in DATASET_FORMATS:
-        raise ValueError(f"dataset_format={dataset_format!r} is not one of {list(DATASET_FORMATS)}")
     if isinstance(dataset, (list, tuple)):
         dataset = datasets.Dataset.from_list(list(dataset))
-    if not isinstance(dataset, datasets.Dataset):
-        raise TypeError(f"convert_dataset needs a datasets.Dataset or a list of dicts, got {type(dataset).__name__}")
-    if len(dataset) == 0:
-        raise DataValidationError("the dataset has no rows", "pass a dataset with at least one row",
-                                  dataset_name=dataset_name)
+    fmt = resolve_format(dataset, dataset_format, dataset_name)
     first = dataset.with_format(None)[0]
-    detected = _detect_raw_format(first, dataset_name)
-    fmt = detected if dataset_format == "auto" else dataset_format
     if fmt in ("rated", "preference"):
-        row_fmt = detect_format(first, 0, dataset_name)
-        if (fmt == "rated") != (row_fmt == RATED):
-            raise DataValidationError(
-                f"dataset_format={fmt!r} was asked for but row 0 is in the '{row_fmt}' format",
-                "pass dataset_format='auto' or the format the data is in", row=0, field="", dataset_name=dataset_name,
-            )
         converter = to_rated
     elif fmt == "ultrafeedback":
-        if not _looks_like_ultrafeedback(first):
-            raise DataValidationError(
-                "dataset_format='ultrafeedback' was asked for but row 0 has no 'instruction' + 'completions' of dicts",
-                "pass dataset_format='auto' or the format the data is in", row=0, field="completions",
-                dataset_name=dataset_name,
-            )
         converter = ultrafeedback_to_rated
         # Fail on bad keyword arguments now rather than inside `map`.
         ultrafeedback_to_rated(first, 0, dataset_name=dataset_name, **converter_kwargs)

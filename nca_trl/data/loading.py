@@ -32,7 +32,7 @@ from pathlib import Path
 
 import datasets
 
-from . import convert_dataset
+from .converters import convert_dataset, resolve_format
 
 __all__ = ["load_raw", "load_split", "split_of", "load_datasets", "FILE_BUILDERS", "DataFileError", "check_data_file", "folder_data_files"]
 
@@ -105,8 +105,21 @@ def load_split(args, split_field: str = "dataset_split", limit: int | None = Non
     return dataset
 
 
+def _trainer_rows(dataset, script_args, name: str):
+    """Rated and preference rows go to the trainer as they are: it validates every row once, then converts. Raw
+    layouts (UltraFeedback, columns) are converted here, their ratings parsed and checked as they are read."""
+    kwargs = script_args.dataset_format_kwargs or {}
+    fmt = resolve_format(dataset, script_args.dataset_format, name)
+    if fmt in ("rated", "preference"):
+        if kwargs:
+            raise TypeError(f"`dataset_format_kwargs` apply to the raw layouts only, not to {fmt} rows: {sorted(kwargs)}")
+        return dataset
+    return convert_dataset(dataset, fmt, dataset_name=name, **kwargs)
+
+
 def load_datasets(script_args, mixture, training_args):
-    """(train, eval or None) in the rated format, following the script arguments."""
+    """(train, eval or None), following the script arguments: rated or preference rows as loaded (the trainer
+    validates and converts them), raw layouts converted to rated rows."""
     raw = load_raw(script_args, mixture)
     if mixture.datasets:
         train_raw = split_of(raw, "train", "datasets")
@@ -117,11 +130,8 @@ def load_datasets(script_args, mixture, training_args):
     if test_split is not None:
         eval_raw = split_of(raw, test_split, "dataset_test_split")
 
-    kwargs = script_args.dataset_format_kwargs or {}
-    train = convert_dataset(train_raw, script_args.dataset_format, dataset_name="train", **kwargs)
-    evaluation = None
-    if eval_raw is not None:
-        evaluation = convert_dataset(eval_raw, script_args.dataset_format, dataset_name="eval", **kwargs)
+    train = _trainer_rows(train_raw, script_args, "train")
+    evaluation = _trainer_rows(eval_raw, script_args, "eval") if eval_raw is not None else None
     if script_args.eval_fraction is not None:
         split = train.train_test_split(test_size=script_args.eval_fraction, seed=training_args.seed)
         train, evaluation = split["train"], split["test"]

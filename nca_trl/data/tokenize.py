@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 
 from datasets import Dataset, IterableDataset
 from trl.data_utils import _tokenize, common_prefix_length, is_conversational
@@ -22,9 +23,24 @@ from .validation import to_rated_unchecked, validate_dataset, validate_example
 
 logger = logging.getLogger("nca_trl")
 
-__all__ = ["select_completions", "tokenize_rated_example", "prepare_rated_dataset", "with_row_index"]
+__all__ = ["prepare_rated_dataset", "prompt_length_error", "select_completions", "tokenize_rated_example",
+           "with_row_index"]
 
 _warned = {"boundary": False}  # warnings shown once per process, like TRL's `warning_once`
+
+
+def prompt_length_error(dataset_name: str, lengths: list[int], max_length: int, shortest_row: int | None = None):
+    """The `ValueError` for a dataset whose every prompt fills `max_length` (`lengths`: each row's prompt length in
+    tokens). Raised by `prepare_rated_dataset`."""
+    shortest = min(lengths)
+    where = f" (row {shortest_row})" if shortest_row is not None else ""
+    return ValueError(
+        f"{dataset_name} dataset: every one of its {len(lengths)} rows would be dropped, since each prompt alone fills "
+        f"max_length={max_length} tokens and leaves no room for a completion. Prompt lengths: shortest "
+        f"{shortest}{where}, median {int(statistics.median(lengths))}, longest {max(lengths)} tokens. Fix: raise "
+        f"`max_length` above {shortest} (prompt plus completion tokens; rows whose prompt is still longer are "
+        "dropped with a warning), shorten the prompts, or set `truncation_mode: keep_end`."
+    )
 
 
 def with_row_index(dataset):
@@ -207,6 +223,8 @@ def _prepare(dataset, first, processing_class, args, dataset_name, max_completio
     if args.max_length is not None and args.truncation_mode == "keep_start" and isinstance(dataset, Dataset):
         lengths = [len(ids) for ids in dataset["prompt_ids"]]
         too_long = [i for i, n in enumerate(lengths) if n >= args.max_length]
+        if lengths and len(too_long) == len(lengths):
+            raise prompt_length_error(dataset_name, lengths, args.max_length, shortest_row=lengths.index(min(lengths)))
         if too_long:
             logger.warning(
                 "%s dataset: dropped %d of %d rows whose prompt alone fills max_length=%d, leaving no completion token "

@@ -1,10 +1,15 @@
 # Copyright 2025 The nca-trl authors. Licensed under the Apache License, Version 2.0.
 """Up-front validation of the rows the trainers accept, and their conversion to rated completions (`to_rated`).
 
-A row is validated once, here, before training: [`validate_dataset`] (every row of a `datasets.Dataset`, with a
-[`ValidationReport`]) or [`validate_example`] (one row, as a stream is read). Tokenization and the collator trust the
-rows that passed. A reward is checked in exactly one function, `nca_trl.data.rewards.check_rewards`, which states the
-rule. See `nca_trl.data.formats` for the layouts.
+This is where a row is validated, once, on the way to training: the trainers' dataset preparation
+(`nca_trl.data.tokenize.prepare_rated_dataset`) calls [`validate_dataset`] (every row of a `datasets.Dataset`: one
+format detection and one reward check per row, with a [`ValidationReport`]) or [`validate_example`] (each row of a
+stream as it is read), then converts with [`to_rated_unchecked`], which checks nothing again and takes the format
+from the report (only a dataset mixing rated rows and pairs is read row by row for which kind each row is).
+Tokenization and the collator trust the rows that passed. `nca-trl train` hands rated and preference rows to the
+trainer as loaded, so this is their one check too; raw layouts (UltraFeedback, columns) are parsed by their
+converters, which check each rating as they parse it. A reward is checked in exactly one function,
+`nca_trl.data.rewards.check_rewards`, which states the rule. See `nca_trl.data.formats` for the layouts.
 """
 
 from __future__ import annotations

@@ -49,8 +49,9 @@ def _train(args, callbacks: list | None, keep_process_group: bool = False) -> di
 
     with training_args.main_process_first(desc="loading and converting the data"):
         train_dataset, eval_dataset = load_datasets(script_args, args.mixture, training_args)
+    # Before any model: loads the tokenizer only, validates every row once and tokenizes, as the trainer would
+    train_dataset, eval_dataset = check_before_training(args, train_dataset, eval_dataset)
     eval_sets = _evaluation_sets(train_dataset, eval_dataset, script_args.report_train_prompts, training_args)
-    check_before_training(args, train_dataset, eval_sets)  # before any model: loads the tokenizer only
 
     started = time.time()
     trainer = trainer_for_loss(script_args.loss)(
