@@ -222,26 +222,33 @@ def test_iterate_recipes_parse_and_their_training_fits():
     Mistral-7B recipe's training stage fits its 8 x 80 GB with K=4 (scripts/plan_memory.py)."""
     import importlib.util
 
-    from nca_trl.train.arguments import parse_train_args
+    from trl import DPOConfig
+
     from nca_trl.iterate import parse_iterate_args
+    from nca_trl.train.arguments import TrainArgs
 
     tiny = parse_iterate_args(["--config", str(REPO / "recipes/tiny/iterate_nca.yaml")])
     assert tiny.model_name_or_path == "outputs/tiny-digits" and (REPO / tiny.dataset_name).exists()
     assert tiny.reward_funcs == ["nca_trl.scoring.functions:sorted_digits"]
     assert plan_rounds(200, tiny) == (40, range(168, 200))
-    big = parse_iterate_args(["--config", str(REPO / "recipes/mistral-7b/iterate_nca.yaml")])
+    # A GPU recipe fails here at parse time, before anything is written (no bf16 GPU), unless in a dry run
+    with pytest.raises(ValueError, match="bf16"):
+        parse_iterate_args(["--config", str(REPO / "recipes/mistral-7b/iterate_nca.yaml")])
+    big = parse_iterate_args(["--config", str(REPO / "recipes/mistral-7b/iterate_nca.yaml")], dry_run=True)
     assert big.reward_model and big.num_completions == 4 and big.loss == "nca" and big.reference == "initial"
+    # Every stage's arguments are built once, as objects, from the recipe
     for args in (tiny, big):
-        recipe = {"loss": args.loss, "model_name_or_path": args.model_name_or_path, "dataset_name": "x.jsonl",
-                  **args.training}
-        path = REPO / "outputs" / "test-iterate-recipe.yaml"
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(yaml.safe_dump(recipe))
-        try:
-            parsed = parse_train_args(["--config", str(path)], dry_run=True)
-        finally:
-            path.unlink()
-        assert parsed.script.loss == args.loss
+        stages = args.stages
+        assert isinstance(stages.train, TrainArgs) and stages.train.script.loss == args.loss
+        assert type(stages.train.training).loss == args.loss and stages.train.training.seed == args.training.get("seed", args.seed)
+        assert stages.generate.num_completions == args.num_completions and stages.generate.seed == args.seed
+        assert stages.score.reward_funcs == list(args.reward_funcs or []) and stages.score.reward_model == args.reward_model
+    dpo = parse_iterate_args(["--config", str(REPO / "recipes/tiny/iterate_nca.yaml"), "--loss", "dpo"])
+    assert type(dpo.stages.train) is DPOConfig and "alpha" not in vars(dpo.stages.train)
+    # A bad training field fails at parse time, naming it
+    with pytest.raises(ValueError, match="learnig_rate"):
+        parse_iterate_args(["--config", str(REPO / "recipes/tiny/iterate_nca.yaml"), "--training",
+                            '{"learnig_rate": 1e-4}'])
     spec = importlib.util.spec_from_file_location("plan_memory", REPO / "scripts" / "plan_memory.py")
     plan_memory = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plan_memory)

@@ -131,9 +131,10 @@ class _Progress:
         self.bar.close()
 
 
-def generate(argv: list[str] | None = None) -> dict | None:
-    """`nca-trl generate`: returns the sidecar (main process) or None (other processes)."""
-    args = parse_generate_args(argv)
+def generate(argv: "list[str] | GenerateArguments | None" = None) -> dict | None:
+    """`nca-trl generate` on a command line, or on arguments already built (`GenerateArguments`): returns the
+    sidecar (main process) or None (other processes)."""
+    args = argv if isinstance(argv, GenerateArguments) else parse_generate_args(argv)
     state = distributed_state()
     with state.main_process_first():
         dataset = load_prompts(args)

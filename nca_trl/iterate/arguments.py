@@ -8,13 +8,18 @@ the fields `nca-trl train` takes (`NCAConfig` / `InfoNCAConfig` and `trl.ModelCo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import dataclass, field
 
+from pathlib import Path
+
+from ..config import relaxed_hardware_checks
 from ..runtime.recipes import check_config_keys
 
-__all__ = ["LOSSES", "REFERENCES", "IterateArguments", "make_iterate_parser", "parse_iterate_args", "print_help"]
+__all__ = ["LOSSES", "REFERENCES", "IterateArguments", "StageArguments", "build_stage_arguments", "dpo_fields",
+           "make_iterate_parser", "parse_iterate_args", "print_help"]
 
 LOSSES = ("nca", "infonca", "dpo")
 REFERENCES = ("initial", "previous")
@@ -138,6 +143,88 @@ class IterateArguments:
                              "the previous round's full model. Train full weights, or run the rounds by hand.")
 
 
+def dpo_fields(training: dict) -> tuple[dict, list[str]]:
+    """The `training:` mapping of an NCA recipe as `trl.DPOConfig` fields, so that `--loss dpo` runs the same recipe:
+    model loading fields (dtype, attention, revision) go to `model_init_kwargs`; the NCA-only fields (alpha, ...) and
+    the launch metadata of `nca-trl train` are left out and returned (`(fields, left out)`), for the log."""
+    from dataclasses import fields
+
+    from trl import DPOConfig
+
+    from ..config import NCAConfig
+
+    dpo = {f.name for f in fields(DPOConfig)}
+    model_keys = {"dtype": "dtype", "attn_implementation": "attn_implementation", "model_revision": "revision"}
+    out, init, ignored = {}, {}, []
+    for key, value in training.items():
+        if key in dpo:
+            out[key] = value
+        elif key in model_keys:
+            init[model_keys[key]] = value
+        else:
+            ignored.append(key)
+    if init:
+        out["model_init_kwargs"] = {**init, **(out.get("model_init_kwargs") or {})}
+    unknown = [k for k in ignored if k not in {f.name for f in fields(NCAConfig)} and k not in _TRAIN_SCRIPT_KEYS]
+    if unknown:
+        raise ValueError(f"`training` has {unknown}: not fields of trl.DPOConfig nor of `nca-trl train`.")
+    return out, ignored
+
+
+_TRAIN_SCRIPT_KEYS = ("accelerate_config", "hardware", "model_config_file", "report_train_prompts", "eval_fraction",
+                      "max_train_samples", "max_eval_samples", "dataset_test_split", "dataset_format_kwargs")
+
+
+@dataclass
+class StageArguments:
+    """The arguments of every round's stages, built once per run from `IterateArguments` (by `parse_iterate_args`):
+    a round replaces only its own fields (the model sampled from or trained, the prompts and files, the seed), so a
+    bad setting of any stage fails before the run writes or loads anything.
+
+    Args:
+        generate (`GenerateArguments`): `nca-trl generate` of each round's prompts and of the held-out prompts.
+        score (`ScoreArguments`): `nca-trl score` of each round's samples.
+        train (`TrainArgs` or `trl.DPOConfig`): `nca-trl train` of each round (`TrainArgs` of the `training:` mapping),
+            or the `trl.DPOConfig` of `loss: dpo`.
+        ignored_training_fields (`list[str]`): `training:` fields that `loss: dpo` leaves out (NCA-only).
+    """
+
+    generate: "GenerateArguments"  # noqa: F821
+    score: "ScoreArguments"  # noqa: F821
+    train: object
+    ignored_training_fields: list[str] = field(default_factory=list)
+
+
+def build_stage_arguments(args: IterateArguments) -> StageArguments:
+    """`StageArguments` of the run, with round 1's paths under `output_dir` (the rounds replace them)."""
+    from ..generation.arguments import GenerateArguments
+    from ..scoring.arguments import ScoreArguments
+
+    first = Path(args.output_dir) / "round-1"
+    generate = GenerateArguments(
+        model_name_or_path=args.model_name_or_path, dataset_name=str(first / "prompts.jsonl"),
+        output=str(first / "samples.jsonl"), num_completions=args.num_completions,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, batch_size=args.generation_batch_size, dtype=args.generation_dtype,
+    )
+    score = ScoreArguments(
+        dataset_name=str(first / "samples.jsonl"), output=str(first / "rated.jsonl"),
+        batch_size=args.scoring_batch_size, reward_model=args.reward_model, reward_funcs=list(args.reward_funcs or []),
+        reward_weights=args.reward_weights,
+    )
+    training = {"seed": args.seed, **args.training}
+    if args.loss == "dpo":
+        from trl import DPOConfig
+
+        fields_, ignored = dpo_fields(training)
+        return StageArguments(generate, score, DPOConfig(output_dir=str(first / "model"), **fields_), ignored)
+    from ..train.arguments import train_args_from_recipe
+
+    recipe = {"loss": args.loss, "model_name_or_path": args.model_name_or_path, "dataset_name": str(first / "rated.jsonl"),
+              "dataset_format": "rated", "output_dir": str(first / "model"), **training}
+    return StageArguments(generate, score, train_args_from_recipe(recipe, "the `training:` mapping of the iterate run"))
+
+
 def make_iterate_parser():
     from trl import TrlParser
 
@@ -149,7 +236,10 @@ def print_help(argv: list[str] | None = None) -> None:
     make_iterate_parser().print_help()
 
 
-def parse_iterate_args(argv: list[str] | None = None) -> IterateArguments:
+def parse_iterate_args(argv: list[str] | None = None, dry_run: bool = False) -> IterateArguments:
+    """Parse `nca-trl iterate` (a recipe `--config X.yaml` and overrides) and build the arguments of every stage
+    (`args.stages`), so that any bad setting fails here. `dry_run=True` skips the checks of what this machine can run
+    (bf16 without a bf16 GPU), to validate a GPU recipe anywhere."""
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_iterate_parser()
@@ -158,4 +248,6 @@ def parse_iterate_args(argv: list[str] | None = None) -> IterateArguments:
     missing = [name for name in ("model_name_or_path", "dataset_name", "output_dir") if getattr(args, name) is None]
     if missing:
         raise ValueError(f"`nca-trl iterate` needs {', '.join(f'`{m}`' for m in missing)}.")
+    with relaxed_hardware_checks() if dry_run else contextlib.nullcontext():
+        args.stages = build_stage_arguments(args)
     return args

@@ -24,7 +24,13 @@ from pathlib import Path
 
 from ..runtime.files import json_default, write_atomic
 
-__all__ = ["RunLayout", "read_jsonl", "write_json", "write_jsonl"]
+__all__ = ["RunLayout", "log", "read_jsonl", "write_json", "write_jsonl"]
+
+
+def log(message: str) -> None:
+    """Print on the main process of a launch (`RANK` 0) only."""
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(f"[nca-trl iterate] {message}", flush=True)
 
 
 def write_json(path: str | os.PathLike, value) -> None:

@@ -20,8 +20,8 @@ from dataclasses import asdict
 from types import SimpleNamespace
 
 from .arguments import IterateArguments, parse_iterate_args
-from .layout import RunLayout, read_jsonl, write_json, write_jsonl
-from .stages import _log, run_generate, run_score, run_train
+from .layout import RunLayout, log, read_jsonl, write_json, write_jsonl
+from .stages import run_generate, run_score, run_train
 
 __all__ = ["iterate", "plan_rounds"]
 
@@ -115,8 +115,11 @@ def iterate(argv: list[str] | None = None) -> dict | None:
             if not layout.heldout.exists():
                 write_jsonl(layout.heldout, _rows(dataset, heldout))
         state.wait_for_everyone()
-        _log(f"{args.rounds} round(s) x {per_round} prompts x {args.num_completions} completions, loss {args.loss}, "
+        log(f"{args.rounds} round(s) x {per_round} prompts x {args.num_completions} completions, loss {args.loss}, "
              f"reference {args.reference}; {len(heldout)} held-out prompts; output in {layout.root}")
+        if args.stages.ignored_training_fields:
+            log(f"dpo: ignoring the training field(s) {args.stages.ignored_training_fields} (NCA / nca-trl train "
+                "only)")
 
         results = []
         for r in range(args.rounds + 1):
@@ -127,7 +130,7 @@ def iterate(argv: list[str] | None = None) -> dict | None:
                 plot_rounds(results, layout.curves, title=f"nca-trl iterate ({args.loss})")
         if main:
             print(rounds_table(results), flush=True)
-            _log(f"results: {layout.results}; plot: {layout.curves}; final policy: "
+            log(f"results: {layout.results}; plot: {layout.curves}; final policy: "
                  f"{layout.model(args.rounds) if args.rounds else args.model_name_or_path}")
     state.wait_for_everyone()
     state.destroy_process_group()
@@ -142,7 +145,7 @@ def _round(args, layout: RunLayout, r: int, per_round: int, dataset, state) -> d
     main = state.is_main_process
     status = broadcast(state, layout.status(r) if main else None)
     if "eval" in status:
-        _log(f"round {r}: done (round-{r}/status.json), skipping")
+        log(f"round {r}: done (round-{r}/status.json), skipping")
         return status["eval"]
     policy = args.model_name_or_path if r <= 1 else str(layout.model(r - 1))
     if r > 0:
@@ -150,7 +153,7 @@ def _round(args, layout: RunLayout, r: int, per_round: int, dataset, state) -> d
             write_jsonl(layout.prompts(r), _rows(dataset, range((r - 1) * per_round, r * per_round)))
         state.wait_for_everyone()
         if "generate" not in status:
-            _log(f"round {r}: sampling {per_round} prompts from {policy}")
+            log(f"round {r}: sampling {per_round} prompts from {policy}")
             sidecar = run_generate(args, policy, layout.prompts(r), layout.samples(r), seed=args.seed + r)
             if main:
                 layout.mark_done(r, "generate", sidecar["stats"])
@@ -170,7 +173,7 @@ def _round(args, layout: RunLayout, r: int, per_round: int, dataset, state) -> d
         train = layout.status(r).get("train", {})
         metrics.update(train_prompts=train.get("train_prompts", 0), train_loss=train.get("train_loss"))
         layout.mark_done(r, "eval", metrics)
-        _log(f"round {r}: held-out reward {metrics['reward_mean']:.4f} (best of {args.num_completions} "
+        log(f"round {r}: held-out reward {metrics['reward_mean']:.4f} (best of {args.num_completions} "
              f"{metrics['reward_best_of_k']:.4f}), KL to initial {metrics['kl_to_initial']:.3f}, "
              f"length {metrics['length_mean']:.1f}")
     state.wait_for_everyone()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import difflib
 
-__all__ = ["DTYPES", "OUTPUT_SUFFIXES", "check_config_keys", "check_recipe_keys", "load_recipe", "peek"]
+__all__ = ["DTYPES", "OUTPUT_SUFFIXES", "as_argv", "check_config_keys", "check_recipe_keys", "load_recipe", "peek"]
 
 #: Accepted `dtype` values of the commands that load a model for inference (`generate`, `score`, `iterate`).
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -59,3 +59,21 @@ def check_config_keys(argv: list[str], parser, command: str) -> None:
     recipe, path = load_recipe(argv)
     if path is not None:
         check_recipe_keys(recipe, path, parser, command)
+
+
+def as_argv(arguments) -> list[str]:
+    """The command line equivalent to an arguments dataclass: `--field value` for every field that differs from its
+    default (lists as repeated values), in field order. What `nca-trl iterate` prints for each stage it runs."""
+    import dataclasses
+
+    argv = []
+    for f in dataclasses.fields(arguments):
+        if not f.init:
+            continue
+        value = getattr(arguments, f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if value == default or (value in (None, []) and default in (None, [])):
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        argv += [f"--{f.name}", *map(str, values)]
+    return argv

@@ -17,7 +17,8 @@ from ..config import RATED_CONFIGS, config_for_loss, relaxed_hardware_checks, re
 from ..data.formats import DATASET_FORMATS
 from ..runtime.recipes import check_recipe_keys, load_recipe, peek
 
-__all__ = ["ScriptArguments", "TrainArgs", "make_parser", "parse_train_args", "print_dry_run", "print_help"]
+__all__ = ["ScriptArguments", "TrainArgs", "make_parser", "parse_train_args", "print_dry_run", "print_help",
+           "train_args_from_recipe"]
 
 LOSSES = tuple(config_class.loss for config_class in RATED_CONFIGS)
 
@@ -201,6 +202,23 @@ def parse_train_args(argv: list[str] | None = None, dry_run: bool | None = None)
         check_recipe_keys(recipe, path, parser, "train", fields=_RECIPE_FIELDS)
     with _relaxed_hardware_checks() if dry_run else contextlib.nullcontext():
         script_args, training_args, model_args, mixture = parser.parse_args_and_config(argv, fail_with_unknown_args=True)
+    return _checked(script_args, training_args, model_args, mixture, recipe, dry_run)
+
+
+def train_args_from_recipe(recipe: dict, where: str = "the recipe") -> TrainArgs:
+    """`TrainArgs` from a recipe mapping (what `--config RECIPE.yaml` holds), with the checks of `parse_train_args`:
+    for a caller that builds the recipe itself (`nca-trl iterate`, once per run). `where` names it in errors."""
+    loss = recipe.get("loss", ScriptArguments.loss)
+    config_for_loss(loss)
+    parser = make_parser(loss)
+    check_recipe_keys(recipe, where, parser, "train", fields=_RECIPE_FIELDS)
+    dry_run = _truthy(recipe.get("dry_run", False))
+    with _relaxed_hardware_checks() if dry_run else contextlib.nullcontext():
+        script_args, training_args, model_args, mixture = parser.parse_dict(recipe)
+    return _checked(script_args, training_args, model_args, mixture, dict(recipe), dry_run)
+
+
+def _checked(script_args, training_args, model_args, mixture, recipe: dict, dry_run: bool) -> TrainArgs:
     script_args.dry_run = script_args.dry_run or dry_run
     if mixture.streaming:
         raise ValueError("`streaming: true` is not supported by `nca-trl train`: the data is converted and validated.")

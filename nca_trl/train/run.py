@@ -11,18 +11,21 @@ from __future__ import annotations
 import os
 import time
 
-from .arguments import parse_train_args, print_dry_run
+from .arguments import TrainArgs, parse_train_args, print_dry_run
 
 __all__ = ["train"]
 
 
-def train(argv: list[str] | None = None, callbacks: list | None = None, keep_process_group: bool = False) -> dict | None:
+def train(argv: "list[str] | TrainArgs | None" = None, callbacks: list | None = None,
+          keep_process_group: bool = False) -> dict | None:
     """`nca-trl train`: parse, load and convert the data, train, save, report. Extra `callbacks` go to the trainer.
 
-    Returns the run info (on every process), or None for `--dry_run`. The distributed process group is destroyed at
-    the end unless `keep_process_group` (a caller with more collective work, like `nca-trl iterate`, keeps it).
+    `argv` is the command line (`--config RECIPE.yaml`, overrides), or arguments already built (`TrainArgs`, e.g. by
+    `train_args_from_recipe`). Returns the run info (on every process), or None for `--dry_run`. The distributed
+    process group is destroyed at the end unless `keep_process_group` (a caller with more collective work, like
+    `nca-trl iterate`, keeps it).
     """
-    args = parse_train_args(argv)
+    args = argv if isinstance(argv, TrainArgs) else parse_train_args(argv)
     if args.script.dry_run:
         print_dry_run(args)
         return None
