@@ -83,3 +83,11 @@ def test_no_import_cycle_between_packages():
 
     cycles = [(a, b) for a in edges for b in edges[a] if reaches(b, a)]
     assert not cycles, cycles
+
+
+def test_runtime_imports_no_command_package():
+    commands = {("nca_trl", name) for name in ("train", "generation", "scoring", "iterate")}
+    found = [f"{path.relative_to(PACKAGE.parent)} imports {'.'.join(target)}"
+             for path, name, is_package in _modules() if name[:2] == ("nca_trl", "runtime")
+             for target, _ in _imports(path, name, is_package) if target[:2] in commands]
+    assert not found, found

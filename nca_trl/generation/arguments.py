@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..runtime.recipes import DTYPES, OUTPUT_SUFFIXES, check_config_keys
+from ..runtime.recipes import DTYPES, OUTPUT_SUFFIXES, parse_command
 
 __all__ = ["GenerateArguments", "make_generate_parser", "parse_generate_args", "print_help"]
 
@@ -98,10 +98,6 @@ def print_help(argv: list[str] | None = None) -> None:
 
 def parse_generate_args(argv: list[str] | None = None) -> GenerateArguments:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = make_generate_parser()
-    check_config_keys(argv, parser, "generate")
-    (args,) = parser.parse_args_and_config(argv, fail_with_unknown_args=True)
-    missing = [name for name in ("model_name_or_path", "dataset_name", "output") if getattr(args, name) is None]
-    if missing:
-        raise ValueError(f"`nca-trl generate` needs {', '.join(f'`{m}`' for m in missing)}.")
+    args = parse_command(make_generate_parser(), argv, "generate",
+                         required=("model_name_or_path", "dataset_name", "output"))
     return args

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import relaxed_hardware_checks
-from ..runtime.recipes import check_config_keys
+from ..runtime.recipes import parse_command
 
 __all__ = ["LOSSES", "REFERENCES", "IterateArguments", "StageArguments", "build_stage_arguments", "dpo_fields",
            "make_iterate_parser", "parse_iterate_args", "print_help"]
@@ -242,12 +242,8 @@ def parse_iterate_args(argv: list[str] | None = None, dry_run: bool = False) -> 
     (bf16 without a bf16 GPU), to validate a GPU recipe anywhere."""
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = make_iterate_parser()
-    check_config_keys(argv, parser, "iterate")
-    (args,) = parser.parse_args_and_config(argv, fail_with_unknown_args=True)
-    missing = [name for name in ("model_name_or_path", "dataset_name", "output_dir") if getattr(args, name) is None]
-    if missing:
-        raise ValueError(f"`nca-trl iterate` needs {', '.join(f'`{m}`' for m in missing)}.")
+    args = parse_command(make_iterate_parser(), argv, "iterate",
+                         required=("model_name_or_path", "dataset_name", "output_dir"))
     with relaxed_hardware_checks() if dry_run else contextlib.nullcontext():
         args.stages = build_stage_arguments(args)
     return args

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import difflib
 
-__all__ = ["DTYPES", "OUTPUT_SUFFIXES", "as_argv", "check_config_keys", "check_recipe_keys", "load_recipe", "peek"]
+__all__ = ["DTYPES", "OUTPUT_SUFFIXES", "as_argv", "check_config_keys", "check_recipe_keys", "load_recipe",
+           "parse_command", "peek"]
 
 #: Accepted `dtype` values of the commands that load a model for inference (`generate`, `score`, `iterate`).
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -59,6 +60,17 @@ def check_config_keys(argv: list[str], parser, command: str) -> None:
     recipe, path = load_recipe(argv)
     if path is not None:
         check_recipe_keys(recipe, path, parser, command)
+
+
+def parse_command(parser, argv: list[str], command: str, required: tuple[str, ...] = ()):
+    """The one arguments dataclass of `nca-trl <command>` from argv (`--config X.yaml` and overrides): unknown recipe
+    keys refused by name, then each of `required` must be set."""
+    check_config_keys(argv, parser, command)
+    (args,) = parser.parse_args_and_config(argv, fail_with_unknown_args=True)
+    missing = [name for name in required if getattr(args, name) is None]
+    if missing:
+        raise ValueError(f"`nca-trl {command}` needs {', '.join(f'`{m}`' for m in missing)}.")
+    return args
 
 
 def as_argv(arguments) -> list[str]:

@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..runtime.recipes import DTYPES, OUTPUT_SUFFIXES, check_config_keys
+from ..runtime.recipes import DTYPES, OUTPUT_SUFFIXES, parse_command
 
 __all__ = ["ScoreArguments", "make_score_parser", "parse_score_args", "print_help"]
 
@@ -162,10 +162,5 @@ def _merge_repeated(argv: list[str], names=_REPEATABLE) -> list[str]:
 
 def parse_score_args(argv: list[str] | None = None) -> ScoreArguments:
     argv = _merge_repeated(list(sys.argv[1:] if argv is None else argv))
-    parser = make_score_parser()
-    check_config_keys(argv, parser, "score")
-    (args,) = parser.parse_args_and_config(argv, fail_with_unknown_args=True)
-    missing = [name for name in ("dataset_name", "output") if getattr(args, name) is None]
-    if missing:
-        raise ValueError(f"`nca-trl score` needs {', '.join(f'`{m}`' for m in missing)}.")
+    args = parse_command(make_score_parser(), argv, "score", required=("dataset_name", "output"))
     return args
