@@ -1,20 +1,22 @@
-"""nca-trl: Noise Contrastive Alignment (NCA, InfoNCA) for TRL, on K rated completions per prompt."""
+"""nca-trl: Noise Contrastive Alignment (NCA, InfoNCA) for TRL, on K rated completions per prompt.
+
+`NCATrainer` / `InfoNCATrainer` (`nca_trl.trainer`), `NCAConfig` / `InfoNCAConfig` (`nca_trl.config`) and the pure
+losses (`nca_trl.losses`) are imported on first use, so that `nca-trl --help` imports neither torch nor TRL.
+"""
 
 __version__ = "0.1.0"
 
-from .losses import infonca_loss, nca_loss, reward_targets  # noqa: E402
+from .runtime.lazy import lazy_exports
 
-__all__ = ["infonca_loss", "nca_loss", "reward_targets", "NCAConfig", "InfoNCAConfig", "NCATrainer", "InfoNCATrainer"]
-
-
-def __getattr__(name):
-    # The trainers pull in transformers and TRL: import them only when asked for
-    if name in ("NCAConfig", "InfoNCAConfig"):
-        from . import config
-
-        return getattr(config, name)
-    if name in ("NCATrainer", "InfoNCATrainer"):
-        from . import trainer
-
-        return getattr(trainer, name)
-    raise AttributeError(f"module 'nca_trl' has no attribute {name!r}")
+# public name -> the module that defines it
+_EXPORTS = {
+    "infonca_loss": "losses",
+    "nca_loss": "losses",
+    "reward_targets": "losses",
+    "NCAConfig": "config",
+    "InfoNCAConfig": "config",
+    "NCATrainer": "trainer",
+    "InfoNCATrainer": "trainer",
+}
+__all__ = list(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

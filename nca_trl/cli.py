@@ -21,14 +21,21 @@ import sys
 
 __all__ = ["COMMANDS", "main"]
 
-#: command -> (its package, the function of the package that runs it on argv); a command package's `arguments`
-#: module has `print_help(argv)` for `--help`
+#: command -> (its package, the function of the package that runs it on argv)
 COMMANDS = {
     "train": ("nca_trl.train", "train"),
     "generate": ("nca_trl.generation", "generate"),
     "score": ("nca_trl.scoring", "score"),
     "iterate": ("nca_trl.iterate", "iterate"),
     "make-tiny-model": ("nca_trl.tiny", "main"),
+}
+#: command -> the module with its `print_help(argv)` and `check_argv(argv)`, which import nothing heavy: `--help`, a
+#: command with nothing to run and an unknown flag are answered before torch, transformers or TRL are imported
+ARGUMENTS = {
+    "train": "nca_trl.train.help",
+    "generate": "nca_trl.generation.arguments",
+    "score": "nca_trl.scoring.arguments",
+    "iterate": "nca_trl.iterate.arguments",
 }
 
 _USAGE = """usage: nca-trl <command> [options]
@@ -59,9 +66,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nca-trl: unknown command {command!r}\n\n{_USAGE}", file=sys.stderr)
         return 2
     package, run = COMMANDS[command]
-    if rest and rest[0] in ("-h", "--help") and command != "make-tiny-model":  # argparse prints that one's help
-        importlib.import_module(f"{package}.arguments").print_help(rest)
-        return 0
+    if command in ARGUMENTS:  # make-tiny-model: argparse, light already
+        arguments = importlib.import_module(ARGUMENTS[command])
+        if any(arg in ("-h", "--help") for arg in rest):
+            arguments.print_help(rest)
+            return 0
+        try:
+            arguments.check_argv(rest)
+        except ValueError as error:
+            print(f"nca-trl {command}: error: {error}", file=sys.stderr)
+            return 2
     getattr(importlib.import_module(package), run)(rest)
     return 0
 

@@ -10,7 +10,8 @@ from trl import DPOConfig
 
 __all__ = [
     "NCAConfig", "InfoNCAConfig", "RATED_CONFIGS", "DEFAULT_ALPHA", "config_for_loss", "check_rated_config",
-    "relaxed_hardware_checks", "reward_temperature",
+    "relaxed_hardware_checks", "reward_temperature", "auto_bf16", "command_line_spelling", "setting",
+    "UNSUPPORTED_DPO_FIELDS",
 ]
 
 #: The reward temperature of rated completions when `alpha` is not set (also for a plain `DPOConfig`).
@@ -25,6 +26,42 @@ def reward_temperature(args) -> float:
 
 # `relaxed_hardware_checks()` turns the checks of what this machine can run off (`nca-trl train --dry_run`)
 _HARDWARE_CHECKS = {"relaxed": False}
+# How messages write a setting: `name=value` from Python, the recipe key and flag from the command line
+_SPELLING = {"command_line": False}
+
+
+@contextlib.contextmanager
+def command_line_spelling():
+    """Within the block, config errors write settings as recipe keys and flags (`bf16: false` / `--bf16 false`),
+    as the command line takes them; outside it as Python arguments (`bf16=False`). `nca-trl train` builds its configs
+    inside one."""
+    before, _SPELLING["command_line"] = _SPELLING["command_line"], True
+    try:
+        yield
+    finally:
+        _SPELLING["command_line"] = before
+
+
+def setting(name: str, value) -> str:
+    """`name` set to `value`, written as the user who made the config writes it (see `command_line_spelling`)."""
+    if not _SPELLING["command_line"]:
+        return f"`{name}={value!r}`"
+    text = {True: "true", False: "false", None: "null"}.get(value, value) if isinstance(value, (bool, type(None))) \
+        else value
+    return f"`{name}: {text}` in the recipe (or `--{name} {text}`)"
+
+
+def auto_bf16(args) -> bool:
+    """What `bf16=None` (automatic, the default of our configs) resolves to: bfloat16 mixed precision where the device
+    training runs on supports it (an NVIDIA Ampere or newer GPU, an XPU / NPU with bf16, a TPU), float32 on a CPU
+    (also with `use_cpu=True`) or a GPU without bfloat16. Always the real machine's answer, also within
+    `relaxed_hardware_checks()`."""
+    import transformers.training_args as ta
+
+    if getattr(args, "use_cpu", False) or getattr(args, "fp16", False):
+        return False
+    bf16_gpu = _HARDWARE_CHECKS.get("bf16_gpu_check") or ta.is_torch_bf16_gpu_available
+    return bool(bf16_gpu() or ta.is_torch_xla_available())
 
 
 @contextlib.contextmanager
@@ -35,12 +72,12 @@ def relaxed_hardware_checks():
 
     original, relaxed = ta.is_torch_bf16_gpu_available, _HARDWARE_CHECKS["relaxed"]
     ta.is_torch_bf16_gpu_available = lambda *a, **k: True
-    _HARDWARE_CHECKS["relaxed"] = True
+    _HARDWARE_CHECKS.update(relaxed=True, bf16_gpu_check=original)
     try:
         yield
     finally:
         ta.is_torch_bf16_gpu_available = original
-        _HARDWARE_CHECKS["relaxed"] = relaxed
+        _HARDWARE_CHECKS.update(relaxed=relaxed, bf16_gpu_check=None)
 
 
 def _accelerator_available() -> bool:
@@ -72,26 +109,25 @@ def _check_batch_sizes(args) -> None:
 
 
 def _check_precision(args) -> None:
-    """bf16 / fp16 where this machine cannot run them, before transformers' own bf16 check (same condition, a message
-    that says what to do). Skipped within `relaxed_hardware_checks()`."""
+    """bf16 set explicitly where this machine cannot run it, before transformers' own bf16 check (same condition, a
+    message that says what to do). Skipped within `relaxed_hardware_checks()`. An unset `bf16` is automatic and never
+    gets here (`auto_bf16`)."""
     import transformers.training_args as ta
 
     if _HARDWARE_CHECKS["relaxed"]:
         return
-    bf16 = (not args.fp16) if args.bf16 is None else args.bf16  # TRL's default: bf16 unless fp16
-    if (bf16 or args.bf16_full_eval) and not args.use_cpu:
+    if (args.bf16 or args.bf16_full_eval) and not args.use_cpu:
         if not ta.is_torch_bf16_gpu_available() and not ta.is_torch_xla_available():
             import torch
 
-            which = "`bf16_full_eval=True`" if not bf16 else "`bf16=True`"
-            if args.bf16 is None:
-                which += " (TRL's default when neither `bf16` nor `fp16` is set)"
+            which = setting("bf16_full_eval" if not args.bf16 else "bf16", True)
             gpu = (" CUDA is available, but its GPU has no bfloat16 (it needs an NVIDIA Ampere or newer GPU, CUDA >= "
                    "11).") if torch.cuda.is_available() else ""
             raise ValueError(
-                f"{which} needs a GPU with bfloat16 support, and this machine has none.{gpu} Set `bf16: false` to "
-                "train in float32 here, or `use_cpu: true` for bfloat16 autocast on the CPU; `nca-trl train "
-                "--dry_run` skips this check to validate a GPU recipe on any machine."
+                f"{which} needs a GPU with bfloat16 support, and this machine has none.{gpu} Leave `bf16` unset "
+                f"(automatic: bfloat16 where the device supports it, float32 here) or set {setting('bf16', False)} "
+                f"to train in float32, or add {setting('use_cpu', True)} for bfloat16 autocast on the CPU; `nca-trl "
+                "train --dry_run` skips this check to validate a GPU recipe on any machine."
             )
 
 
@@ -100,19 +136,19 @@ def _check_fp16_device(args) -> None:
     scaler), so the run would train in float32 while the config says fp16."""
     if _HARDWARE_CHECKS["relaxed"] or not args.fp16 or args.device.type != "cpu":
         return
-    why = "`use_cpu=True`" if args.use_cpu else "no GPU or other accelerator is available"
+    why = setting("use_cpu", True) if args.use_cpu else "no GPU or other accelerator is available"
     raise ValueError(
-        f"`fp16=True` cannot run here: training runs on the CPU ({why}), where accelerate's fp16 mixed precision "
-        "needs a CUDA, XPU, NPU, MLU, MUSA, HPU or MPS device and is otherwise switched off without a word (the run "
-        "would train in float32). Remove `fp16` (float32), or use `bf16: true` with `use_cpu: true` for bfloat16 "
-        "autocast on the CPU."
+        f"{setting('fp16', True)} cannot run here: training runs on the CPU ({why}), where accelerate's fp16 mixed "
+        "precision needs a CUDA, XPU, NPU, MLU, MUSA, HPU or MPS device and is otherwise switched off without a word "
+        "(the run would train in float32). Remove `fp16` (float32), or use "
+        f"{setting('bf16', True)} with {setting('use_cpu', True)} for bfloat16 autocast on the CPU."
     )
 
 # DPOConfig's default `loss_type`: accepted by every trainer here so that a plain `DPOConfig` works unchanged.
 _DPO_DEFAULT_LOSS = "sigmoid"
 
 # DPOConfig fields that only shape DPO-family pairwise losses: anything but the default is an error, never ignored.
-_UNSUPPORTED_DPO_FIELDS = {
+UNSUPPORTED_DPO_FIELDS = {
     "loss_weights": (None, "it weights a combination of DPO `loss_type`s; NCA/InfoNCA is a single loss"),
     "ld_alpha": (None, "LD-DPO down-weights the tail of the longer of two completions; there is no pair here"),
     "f_divergence_type": ("reverse_kl", "the f-DPO reparameterisation only cancels in a chosen-rejected difference"),
@@ -166,17 +202,16 @@ def check_rated_config(args: DPOConfig, config_class: type[_RatedCompletionsConf
     loss_type = args.loss_type if isinstance(args.loss_type, list) else [args.loss_type]
     if len(loss_type) != 1 or loss_type[0] not in accepted:
         raise ValueError(
-            f"`loss_type={args.loss_type!r}` cannot be used to train {name} (loss {config_class.loss!r}): its trainer "
+            f"{setting('loss_type', args.loss_type)} cannot be used to train {name} (loss {config_class.loss!r}): its trainer "
             f"always trains the {name} loss. Leave `loss_type` unset (accepted values: {list(accepted)}); to train "
             "another DPO loss use `trl.DPOTrainer`."
         )
-    for field_name, (default, why) in _UNSUPPORTED_DPO_FIELDS.items():
+    for field_name, (default, why) in UNSUPPORTED_DPO_FIELDS.items():
         value = getattr(args, field_name, default)
         if value != default:
             raise ValueError(
-                f"`{field_name}={value!r}` has no meaning for {name} (loss {config_class.loss!r}): {why}. Remove it "
-                f"from the config (default "
-                f"{default!r})."
+                f"{setting(field_name, value)} has no meaning for {name} (loss {config_class.loss!r}): {why}. Remove "
+                f"it from the config (default {default!r})."
             )
     alpha = getattr(args, "alpha", None)
     if alpha is not None and not alpha >= 0:
@@ -232,6 +267,13 @@ class _RatedCompletionsConfig(DPOConfig):
     max_completions: int | None = field(default=None, metadata={"help": _MAX_COMPLETIONS_HELP})
     shared_prompt: bool | None = field(default=None, metadata={"help": _SHARED_PROMPT_HELP})
     padding_free: bool = field(default=False, metadata={"help": _PADDING_FREE_HELP})
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bfloat16 mixed precision. None (default): automatic, on where the device training runs on "
+                  "supports it (an NVIDIA Ampere or newer GPU, XPU, NPU, TPU) and off (float32) on a CPU; DPOConfig's "
+                  "own default is on everywhere, which fails on a CPU. True where the device has no bfloat16 is "
+                  "refused, unless `use_cpu` (bfloat16 autocast on the CPU)."},
+    )
     dataloader_pin_memory: bool = field(
         default=True,
         metadata={"help": "Pin the batches' memory for faster copies to the accelerator. Turned off (silently) where "
@@ -281,6 +323,9 @@ class _RatedCompletionsConfig(DPOConfig):
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = True  # DPOConfig's default, under transformers 5's name (no warning)
         _check_batch_sizes(self)
+        self.bf16_is_automatic = self.bf16 is None  # for the dry run and run_info.json
+        if self.bf16 is None:
+            self.bf16 = auto_bf16(self)  # before TRL's __post_init__, whose default is bf16 unless fp16
         _check_precision(self)
         super().__post_init__()
         _check_fp16_device(self)
@@ -326,9 +371,9 @@ class NCAConfig(_RatedCompletionsConfig):
     `use_liger_kernel` needs `liger-kernel` and a GPU, `activation_offloading` an accelerator: on CPU both raise a
     `ValueError` at config time. So do batch sizes below 1 (`per_device_train_batch_size`,
     `per_device_eval_batch_size`, `gradient_accumulation_steps`, `precompute_ref_batch_size`), `fp16=True` where
-    training runs on the CPU (accelerate would switch it off silently), and `bf16=True` (TRL's default) without a
-    bf16 GPU unless `use_cpu=True` (CPU bfloat16 autocast); `relaxed_hardware_checks()` (`nca-trl train --dry_run`)
-    skips the last two. `dataloader_pin_memory` is turned off where it has no effect (no accelerator, `use_cpu`).
+    training runs on the CPU (accelerate would switch it off silently), and an explicit `bf16=True` without a bf16
+    GPU unless `use_cpu=True` (CPU bfloat16 autocast); `relaxed_hardware_checks()` (`nca-trl train --dry_run`)
+    skips the last two. `bf16` left unset is automatic: on where the device supports it, off on a CPU. `dataloader_pin_memory` is turned off where it has no effect (no accelerator, `use_cpu`).
 
     Example:
     ```python

@@ -245,7 +245,7 @@ def test_a_killed_run_resumes_with_no_prompt_lost_or_duplicated(tiny_mistral, tm
     assert generated == [[0, 1], [2, 3], [4, 5]]
 
     # Other sampling settings cannot continue these chunks
-    with pytest.raises(ValueError, match="seed: 3 then, 4 now"):
+    with pytest.raises(ValueError, match="unfinished generate run with other settings .*seed: 3 -> 4"):
         run.generate([*common, "--seed", "4", "--output", str(output)])
 
     monkeypatch.setattr(ChunkStore, "write_chunk", original_write)
@@ -261,8 +261,15 @@ def test_a_killed_run_resumes_with_no_prompt_lost_or_duplicated(tiny_mistral, tm
     generated.clear()
     assert run.generate([*common, "--output", str(output)])["settings"] == sidecar["settings"]
     assert generated == []
-    with pytest.raises(FileExistsError, match="num_completions: 2 then, 3 now"):
+    with pytest.raises(ValueError, match="finished generate run with other settings .*num_completions: 2 -> 3.*"
+                       "--overwrite_output true"):
         run.generate([*common, "--num_completions", "3", "--output", str(output)])
+    assert _read_jsonl(output) == rows  # untouched
+    # ... unless replaced on purpose
+    generated.clear()
+    replaced = run.generate([*common, "--num_completions", "3", "--output", str(output), "--overwrite_output", "true"])
+    assert replaced["settings"]["num_completions"] == 3 and generated == [[0, 1], [2, 3], [4, 5]]
+    assert all(len(r["completions"]) == 3 for r in _read_jsonl(output))
 
 
 # ------------------------------------------------------------------------------------------------ (c): end to end

@@ -58,7 +58,7 @@ def test_fp16_on_the_cpu_is_refused(tmp_path):
     for use_cpu in (False, True):
         with pytest.raises(ValueError, match=r"`fp16=True` cannot run here: training runs on the CPU"):
             NCAConfig(output_dir=str(tmp_path), fp16=True, bf16=False, use_cpu=use_cpu)
-    with pytest.raises(ValueError, match="`fp16=True` cannot run here"):
+    with pytest.raises(ValueError, match=r"`fp16: true` in the recipe \(or `--fp16 true`\) cannot run here"):
         main(train_argv(tmp_path, tmp_path / "no-such-model", "--fp16", "true"))
     # --dry_run validates a GPU recipe on any machine: the hardware checks are relaxed
     assert main(train_argv(tmp_path, tmp_path / "no-such-model", "--fp16", "true", "--dry_run")) == 0
@@ -69,14 +69,25 @@ def test_fp16_on_the_cpu_is_refused(tmp_path):
 
 
 @cpu_only
-def test_bf16_without_a_bf16_gpu_says_what_to_do(tmp_path):
-    """Before: transformers' "Your setup doesn't support bf16/gpu. You need to assign use_cpu ...", also for TRL's
-    default (bf16 when neither bf16 nor fp16 is set). bf16 on the CPU with `use_cpu=True` runs (CPU autocast)."""
-    with pytest.raises(ValueError, match=r"`bf16=True` \(TRL's default .*\) needs a GPU with bfloat16 support.*`bf16: false`"):
-        NCAConfig(output_dir=str(tmp_path))
-    with pytest.raises(ValueError, match=r"^`bf16=True` needs a GPU with bfloat16 support.*--dry_run"):
+def test_bf16_is_automatic_and_an_explicit_bf16_without_a_bf16_gpu_says_what_to_do(tmp_path):
+    """Before: our configs inherited TRL's default (bf16 unless fp16), so `NCAConfig(output_dir=...)`, the README's
+    Python example, was refused on a CPU with a hint in recipe syntax. Now an unset `bf16` is automatic (off here), an
+    explicit `bf16=True` is still refused, in the words of whoever set it: Python arguments from Python, recipe keys
+    and flags from the command line. bf16 on the CPU with `use_cpu=True` runs (CPU autocast)."""
+    for config_class in (NCAConfig, InfoNCAConfig):
+        args = config_class(output_dir=str(tmp_path))
+        assert args.bf16 is False and args.bf16_is_automatic
+    with pytest.raises(ValueError, match=r"^`bf16=True` needs a GPU with bfloat16 support.*Leave `bf16` unset.*"
+                       r"`bf16=False`.*`use_cpu=True`.*--dry_run") as python:
         NCAConfig(output_dir=str(tmp_path), bf16=True)
+    assert "bf16: " not in str(python.value)
+    with pytest.raises(ValueError, match=r"^`bf16: true` in the recipe \(or `--bf16 true`\) needs a GPU with "
+                       r"bfloat16.*`bf16: false` in the recipe \(or `--bf16 false`\)") as cli:
+        main(train_argv(tmp_path, tmp_path / "no-such-model", "--bf16", "true"))
+    assert "bf16=" not in str(cli.value)
     assert NCAConfig(output_dir=str(tmp_path), bf16=True, use_cpu=True).bf16
+    # --dry_run of a GPU recipe says what bf16 resolves to on this machine, the real one
+    assert parse_train_args(train_argv(tmp_path, "m")[1:], dry_run=True).training.bf16 is False
 
 
 # ---------------------------------------------------------------------------------------------------------- max_length

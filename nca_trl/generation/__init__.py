@@ -8,20 +8,20 @@
 - `benchmark`: prefill-once against `num_return_sequences`, in generated tokens per second.
 """
 
-from .arguments import GenerateArguments, parse_generate_args
-from .rows import completion_rows, decode_completion, tokenize_prompt
-from .run import generate, load_prompts
-from .sampling import SeededSampler, completion_seed, sample_completions
+from ..runtime.lazy import lazy_exports
 
-__all__ = [
-    "GenerateArguments",
-    "SeededSampler",
-    "completion_rows",
-    "completion_seed",
-    "decode_completion",
-    "generate",
-    "load_prompts",
-    "parse_generate_args",
-    "sample_completions",
-    "tokenize_prompt",
-]
+# public name -> the module that defines it, imported on first use (`--help` stays light)
+_EXPORTS = {
+    "GenerateArguments": "arguments",
+    "parse_generate_args": "arguments",
+    "completion_rows": "rows",
+    "decode_completion": "rows",
+    "tokenize_prompt": "rows",
+    "generate": "run",
+    "load_prompts": "run",
+    "SeededSampler": "sampling",
+    "completion_seed": "sampling",
+    "sample_completions": "sampling",
+}
+__all__ = list(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -6,9 +6,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..runtime.help import check_command_argv, command_help
 from ..runtime.recipes import DTYPES, OUTPUT_SUFFIXES, parse_command
 
-__all__ = ["GenerateArguments", "make_generate_parser", "parse_generate_args", "print_help"]
+__all__ = ["GenerateArguments", "make_generate_parser", "parse_generate_args", "print_help", "check_argv"]
 
 
 
@@ -59,6 +60,12 @@ class GenerateArguments:
         metadata={"help": "Prompts per written chunk: the unit of resumption and of the work split across processes."},
     )
     max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts of the split."})
+    overwrite_output: bool = field(
+        default=False,
+        metadata={"help": "Replace an `output` (or its unfinished `.parts/`) generated with other settings: they are "
+                  "removed first. Without it they are refused, naming the changed settings; the same settings "
+                  "continue a stopped run or find it done."},
+    )
     dtype: str = field(
         default="auto",
         metadata={"help": "Model weights dtype: `auto` (the checkpoint's), `bfloat16`, `float16` or `float32`.",
@@ -91,13 +98,23 @@ def make_generate_parser():
     return TrlParser((GenerateArguments,), prog="nca-trl generate")
 
 
+#: what `nca-trl generate --help` shows first, and the fields it needs when no recipe gives them
+USAGE = "--model_name_or_path M --dataset_name PROMPTS --output OUT.jsonl [--field value ...]"
+REQUIRED = ("model_name_or_path", "dataset_name", "output")
+
+
 def print_help(argv: list[str] | None = None) -> None:
-    """`nca-trl generate --help`: every field."""
-    make_generate_parser().print_help()
+    """`nca-trl generate --help`: every field (imports nothing heavy)."""
+    print(command_help("generate", USAGE, GenerateArguments), end="")
+
+
+def check_argv(argv: list[str]) -> None:
+    """What `nca-trl generate` checks before importing anything heavy: something to run, known flags."""
+    check_command_argv(argv, GenerateArguments, "generate", required=REQUIRED)
 
 
 def parse_generate_args(argv: list[str] | None = None) -> GenerateArguments:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_command(make_generate_parser(), argv, "generate",
-                         required=("model_name_or_path", "dataset_name", "output"))
+                         required=REQUIRED)
     return args

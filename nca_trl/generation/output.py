@@ -53,31 +53,27 @@ class ChunkStore:
         return self.parts / f"chunk-{chunk:0{self._digits}d}.stats.json"
 
     # ------------------------------------------------------------------------------------------------ lifecycle
-    def open(self) -> str:
+    def open(self, overwrite: bool = False) -> str:
         """Prepare the parts folder (main process only, before any chunk is written).
 
         Returns `"done"` when the output already holds this run (stale parts are removed), `"merge"` when every
         chunk of this run exists (a run stopped during its merge: merged again), `"resume"` when some chunks of this
-        run exist, `"new"` otherwise. Raises when the output or the parts belong to other settings.
+        run exist, `"new"` otherwise. Raises a `FinishedRunError` when the output or the parts belong to other
+        settings, unless `overwrite` (`--overwrite_output true`), which removes them first.
         """
         manifest = self._read_json(self.parts / "manifest.json") if self.parts.exists() else None
         if manifest is not None and manifest != self.settings:
-            raise ValueError(
-                f"{self.parts} holds chunks generated with other settings ({self._differences(manifest)}). Rerun "
-                "with the same settings to continue that run, or delete the folder to start again."
-            )
+            self._refuse_or_remove(self.parts, "the chunks of an unfinished generate run", manifest, overwrite)
+            manifest = None
         complete = manifest is not None and not self.missing_chunks()
         if self.output.exists() and not complete:
             recorded = (self._read_json(self.sidecar) or {}).get("settings")
             if recorded != self.settings:
-                raise FileExistsError(
-                    f"{self.output} exists and was not generated with these settings"
-                    + (f" ({self._differences(recorded)})" if isinstance(recorded, dict) else "")
-                    + ": remove it, or choose another `output`."
-                )
-            if self.parts.exists():
-                shutil.rmtree(self.parts)
-            return "done"
+                self._refuse_or_remove(self.output, "a finished generate run", recorded, overwrite)
+            else:
+                if self.parts.exists():
+                    shutil.rmtree(self.parts)
+                return "done"
         if self.parts.exists():
             for stale in self.parts.glob(".*.tmp-*"):  # files being written when the run stopped
                 stale.unlink()
@@ -87,11 +83,29 @@ class ChunkStore:
             return "merge"
         return "resume" if self.done_chunks() else "new"
 
-    def _differences(self, recorded: dict) -> str:
-        keys = sorted(set(recorded) | set(self.settings))
-        diff = [f"{k}: {recorded.get(k)!r} then, {self.settings.get(k)!r} now" for k in keys
-                if recorded.get(k) != self.settings.get(k)]
-        return "; ".join(diff) or "no recorded settings"
+    def _refuse_or_remove(self, where: Path, what: str, recorded, overwrite: bool) -> None:
+        from ..runtime.output_dir import FinishedRunError, finished_run_message
+
+        if not overwrite:
+            raise FinishedRunError(finished_run_message(
+                str(where), what, self._differences(recorded), "--overwrite_output",
+                "`output`; or rerun with the same settings to continue it"))
+        print(f"[nca-trl generate] --overwrite_output: removing {where} ({'; '.join(self._differences(recorded)[:3])})")
+        self.remove()
+
+    def _differences(self, recorded) -> list[str]:
+        from ..runtime.output_dir import changed_settings
+
+        if not isinstance(recorded, dict):
+            return [f"no settings recorded in {self.sidecar.name}"]
+        return changed_settings(recorded, self.settings)
+
+    def remove(self) -> None:
+        """Remove the output, its sidecar and its parts (`--overwrite_output true`)."""
+        if self.parts.exists():
+            shutil.rmtree(self.parts)
+        for path in (self.output, self.sidecar):
+            path.unlink(missing_ok=True)
 
     @staticmethod
     def _read_json(path: Path):

@@ -141,7 +141,7 @@ def generate(argv: "list[str] | GenerateArguments | None" = None) -> dict | None
     settings = generation_settings(args, dataset)
     store = ChunkStore(args.output, settings, len(dataset), args.chunk_size)
 
-    status = store.open() if state.is_main_process else None
+    status = store.open(args.overwrite_output) if state.is_main_process else None
     status = broadcast(state, status)
     todo = broadcast(state, [] if status in ("done", "merge") else store.missing_chunks())
     if status == "done":

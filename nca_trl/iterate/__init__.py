@@ -8,7 +8,14 @@
 - `loop`: the command.
 """
 
-from .arguments import IterateArguments, parse_iterate_args
-from .loop import iterate, plan_rounds
+from ..runtime.lazy import lazy_exports
 
-__all__ = ["IterateArguments", "iterate", "parse_iterate_args", "plan_rounds"]
+# public name -> the module that defines it, imported on first use (`--help` stays light)
+_EXPORTS = {
+    "IterateArguments": "arguments",
+    "parse_iterate_args": "arguments",
+    "iterate": "loop",
+    "plan_rounds": "loop",
+}
+__all__ = list(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

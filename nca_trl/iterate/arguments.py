@@ -12,14 +12,13 @@ import contextlib
 import json
 import sys
 from dataclasses import dataclass, field
-
 from pathlib import Path
 
-from ..config import relaxed_hardware_checks
+from ..runtime.help import check_command_argv, command_help
 from ..runtime.recipes import parse_command
 
 __all__ = ["LOSSES", "REFERENCES", "IterateArguments", "StageArguments", "build_stage_arguments", "dpo_fields",
-           "make_iterate_parser", "parse_iterate_args", "print_help"]
+           "make_iterate_parser", "parse_iterate_args", "print_help", "check_argv"]
 
 LOSSES = ("nca", "infonca", "dpo")
 REFERENCES = ("initial", "previous")
@@ -54,6 +53,12 @@ class IterateArguments:
         metadata={"help": "Everything of the run: `round-0/eval/`, `round-r/{prompts,samples,rated}.jsonl`, "
                   "`round-r/model/`, `round-r/eval/`, `iterate.json` (settings), `iterate_results.json` and "
                   "`iterate_curves.png`. Rerunning the same command resumes where a stopped run stopped."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace a run of other settings in `output_dir` (its `iterate.json` says what it was): its "
+                  "rounds, results and settings are removed first. Without it such a run is refused, naming the "
+                  "changed settings, before any model loads; a rerun with the same settings continues the run."},
     )
     rounds: int = field(default=3, metadata={"help": "R, the number of rounds. A finished run rerun with a larger "
                                                       "`--rounds` continues with the next round."})
@@ -189,8 +194,8 @@ class StageArguments:
         ignored_training_fields (`list[str]`): `training:` fields that `loss: dpo` leaves out (NCA-only).
     """
 
-    generate: "GenerateArguments"  # noqa: F821
-    score: "ScoreArguments"  # noqa: F821
+    generate: "GenerateArguments"
+    score: "ScoreArguments"
     train: object
     ignored_training_fields: list[str] = field(default_factory=list)
 
@@ -216,7 +221,14 @@ def build_stage_arguments(args: IterateArguments) -> StageArguments:
     if args.loss == "dpo":
         from trl import DPOConfig
 
+        from types import SimpleNamespace
+
+        from ..config import auto_bf16
+
         fields_, ignored = dpo_fields(training)
+        if fields_.get("bf16") is None:  # automatic, as in our configs (DPOConfig's own default is on everywhere)
+            fields_["bf16"] = auto_bf16(SimpleNamespace(use_cpu=fields_.get("use_cpu", False),
+                                                        fp16=fields_.get("fp16", False)))
         return StageArguments(generate, score, DPOConfig(output_dir=str(first / "model"), **fields_), ignored)
     from ..train.arguments import train_args_from_recipe
 
@@ -231,9 +243,19 @@ def make_iterate_parser():
     return TrlParser((IterateArguments,), prog="nca-trl iterate")
 
 
+#: what `nca-trl iterate --help` shows first, and the fields it needs when no recipe gives them
+USAGE = "--config RECIPE.yaml [--rounds N] [--field value ...]"
+REQUIRED = ("model_name_or_path", "dataset_name", "output_dir")
+
+
 def print_help(argv: list[str] | None = None) -> None:
-    """`nca-trl iterate --help`: every field."""
-    make_iterate_parser().print_help()
+    """`nca-trl iterate --help`: every field (imports nothing heavy)."""
+    print(command_help("iterate", USAGE, IterateArguments), end="")
+
+
+def check_argv(argv: list[str]) -> None:
+    """What `nca-trl iterate` checks before importing anything heavy: something to run, known flags."""
+    check_command_argv(argv, IterateArguments, "iterate", required=REQUIRED)
 
 
 def parse_iterate_args(argv: list[str] | None = None, dry_run: bool = False) -> IterateArguments:
@@ -243,7 +265,9 @@ def parse_iterate_args(argv: list[str] | None = None, dry_run: bool = False) -> 
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_command(make_iterate_parser(), argv, "iterate",
-                         required=("model_name_or_path", "dataset_name", "output_dir"))
+                         required=REQUIRED)
+    from ..config import relaxed_hardware_checks
+
     with relaxed_hardware_checks() if dry_run else contextlib.nullcontext():
         args.stages = build_stage_arguments(args)
     return args

@@ -16,6 +16,7 @@ was in (`generate` from its chunks, `train` from its last complete checkpoint).
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict
 from types import SimpleNamespace
 
@@ -26,7 +27,7 @@ from .stages import run_generate, run_score, run_train
 __all__ = ["iterate", "plan_rounds"]
 
 # Settings a restart may change: they change no sample, reward or update
-_RESTARTABLE = ("rounds", "generation_batch_size", "scoring_batch_size", "eval_batch_size")
+_RESTARTABLE = ("rounds", "generation_batch_size", "scoring_batch_size", "eval_batch_size", "overwrite_output_dir")
 
 
 def plan_rounds(num_prompts: int, args: IterateArguments) -> tuple[int, range]:
@@ -45,18 +46,27 @@ def plan_rounds(num_prompts: int, args: IterateArguments) -> tuple[int, range]:
     return per_round, range(num_prompts - args.heldout_prompts, num_prompts)
 
 
-def _check_manifest(layout: RunLayout, settings: dict) -> None:
-    """First run: write the settings. Restart: they must match, except the ones in `_RESTARTABLE`."""
+def _check_manifest(layout: RunLayout, settings: dict, overwrite: bool = False) -> None:
+    """First run: write the settings. Restart: they must match, except the ones in `_RESTARTABLE`; with `overwrite`
+    (`--overwrite_output_dir true`) a run of other settings is removed first (its rounds, results and settings)."""
+    from ..runtime.output_dir import FinishedRunError, changed_settings, finished_run_message
+
     if not layout.manifest.exists():
         write_json(layout.manifest, settings)
         return
-    before = json.loads(layout.manifest.read_text())
-    changed = sorted(k for k in set(before) | set(settings)
-                     if k not in _RESTARTABLE and before.get(k) != settings.get(k))
+    changed = changed_settings(json.loads(layout.manifest.read_text()), settings, ignore=_RESTARTABLE)
+    if changed and not overwrite:
+        raise FinishedRunError(finished_run_message(
+            str(layout.root), "an iterate run (iterate.json)", changed, "--overwrite_output_dir",
+            "`output_dir`; or restart with the same settings (only `rounds` and batch sizes may change) to continue "
+            "it"))
     if changed:
-        details = "; ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-        raise ValueError(f"{layout.root} holds a run with other settings ({details}). Restart with the same settings "
-                         "(only `rounds` and batch sizes may change), or use another `output_dir`.")
+        log(f"--overwrite_output_dir: removing the run of other settings in {layout.root} ({'; '.join(changed[:3])})")
+        for path in [*layout.root.glob("round-*"), layout.heldout, layout.results, layout.curves, layout.manifest]:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
     write_json(layout.manifest, settings)
 
 
@@ -111,7 +121,7 @@ def iterate(argv: list[str] | None = None) -> dict | None:
         settings = {k: v for k, v in asdict(args).items()}
         settings.update(num_prompts=len(dataset), prompts_per_round=per_round)
         if main:
-            _check_manifest(layout, settings)
+            _check_manifest(layout, settings, args.overwrite_output_dir)
             if not layout.heldout.exists():
                 write_jsonl(layout.heldout, _rows(dataset, heldout))
         state.wait_for_everyone()

@@ -17,14 +17,13 @@ import sys
 import tempfile
 import time
 
-
+from .checkpoints import COMPLETE_MARKER
+from .files import json_default
 
 logger = logging.getLogger("nca_trl")
 
-from .checkpoints import COMPLETE_MARKER
-
-__all__ = ["LOCK_NAME", "OutputDirError", "OutputDirLockedError", "check_output_dir", "check_output_dir_writable",
-           "claim_output_dir"]
+__all__ = ["LOCK_NAME", "FinishedRunError", "OutputDirError", "OutputDirLockedError", "changed_settings",
+           "check_output_dir", "check_output_dir_writable", "claim_output_dir", "finished_run_message"]
 
 LOCK_NAME = ".nca-trl.lock"
 
@@ -35,6 +34,25 @@ class OutputDirError(OSError):
 
 class OutputDirLockedError(RuntimeError):
     """Another run holds `output_dir`."""
+
+
+class FinishedRunError(ValueError):
+    """The output holds a finished run of other settings, and the command did not say to replace it."""
+
+
+def changed_settings(before: dict, now: dict, ignore=()) -> list[str]:
+    """`key: before -> now` for every setting that differs between two settings mappings, keys of `ignore` left out;
+    values compared as JSON (what a record on disk holds)."""
+    before, now = (json.loads(json.dumps(d, default=json_default, sort_keys=True)) for d in (before, now))
+    return [f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(before) | set(now))
+            if key not in ignore and before.get(key) != now.get(key)]
+
+
+def finished_run_message(where: str, what: str, changes: list[str], option: str, another: str) -> str:
+    """Why a command refuses to write over a finished run of other settings, and the two ways out."""
+    shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+    return (f"{where} holds {what} with other settings ({shown}). Nothing was loaded or written. Write to another "
+            f"{another}, or replace that run on purpose with `{option} true`.")
 
 
 

@@ -42,8 +42,9 @@ def load_recipe(argv: list[str]) -> tuple[dict, str | None]:
 
 def check_recipe_keys(recipe: dict, path: str, parser, command: str, fields: str = "") -> None:
     """Fail on keys of `recipe` that no dataclass of `parser` knows (TrlParser would ignore them), naming each key and
-    the closest known ones; `fields` says which classes the keys come from, `command` whose `--help` lists them."""
-    known = {action.dest for action in parser._actions} | {"env"}
+    the closest known ones; `fields` says which classes the keys come from, `command` whose `--help` lists them.
+    `parser` may also be the set of known keys (`nca-trl train`'s check before anything heavy is imported)."""
+    known = ({action.dest for action in parser._actions} if hasattr(parser, "_actions") else set(parser)) | {"env"}
     unknown = [key for key in recipe if key not in known]
     if not unknown:
         return

@@ -28,26 +28,25 @@ rows and the statistics (`rows_in`, `rows_out`, `completions_in`, `completions_o
 `sources`, `rewards`, `replaced_rewards`, `metrics`); `sources` is `{name: callable}` or a list of callables.
 """
 
-from .arguments import ScoreArguments, make_score_parser, parse_score_args
-from .combine import is_empty_completion, score_rows
-from .functions import ascii_letters, sorted_digits
-from .run import load_rows, score, score_file, scoring_sidecar_path, write_rows
-from .sources import RewardModelScorer, load_reward_function, load_sources
+from ..runtime.lazy import lazy_exports
 
-__all__ = [
-    "RewardModelScorer",
-    "ScoreArguments",
-    "ascii_letters",
-    "is_empty_completion",
-    "load_reward_function",
-    "load_rows",
-    "load_sources",
-    "make_score_parser",
-    "parse_score_args",
-    "score",
-    "score_file",
-    "score_rows",
-    "scoring_sidecar_path",
-    "sorted_digits",
-    "write_rows",
-]
+# public name -> the module that defines it, imported on first use (`--help` stays light)
+_EXPORTS = {
+    "ScoreArguments": "arguments",
+    "make_score_parser": "arguments",
+    "parse_score_args": "arguments",
+    "is_empty_completion": "combine",
+    "score_rows": "combine",
+    "ascii_letters": "functions",
+    "sorted_digits": "functions",
+    "load_rows": "run",
+    "score": "run",
+    "score_file": "run",
+    "scoring_sidecar_path": "run",
+    "write_rows": "run",
+    "RewardModelScorer": "sources",
+    "load_reward_function": "sources",
+    "load_sources": "sources",
+}
+__all__ = list(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -7,9 +7,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..runtime.help import check_command_argv, command_help
 from ..runtime.recipes import DTYPES, OUTPUT_SUFFIXES, parse_command
 
-__all__ = ["ScoreArguments", "make_score_parser", "parse_score_args", "print_help"]
+__all__ = ["ScoreArguments", "make_score_parser", "parse_score_args", "print_help", "check_argv"]
 
 _REPEATABLE = ("reward_funcs", "reward_weights")
 
@@ -132,9 +133,20 @@ def make_score_parser():
     return TrlParser((ScoreArguments,), prog="nca-trl score")
 
 
+#: what `nca-trl score --help` shows first, and the fields it needs when no recipe gives them
+USAGE = ("--dataset_name SAMPLES.jsonl (--reward_model RM | --reward_funcs F ...) --output RATED.jsonl "
+         "[--field value ...]")
+REQUIRED = ("dataset_name", "output")
+
+
 def print_help(argv: list[str] | None = None) -> None:
-    """`nca-trl score --help`: every field."""
-    make_score_parser().print_help()
+    """`nca-trl score --help`: every field (imports nothing heavy)."""
+    print(command_help("score", USAGE, ScoreArguments), end="")
+
+
+def check_argv(argv: list[str]) -> None:
+    """What `nca-trl score` checks before importing anything heavy: something to run, known flags."""
+    check_command_argv(argv, ScoreArguments, "score", required=REQUIRED)
 
 
 def _merge_repeated(argv: list[str], names=_REPEATABLE) -> list[str]:
@@ -162,5 +174,5 @@ def _merge_repeated(argv: list[str], names=_REPEATABLE) -> list[str]:
 
 def parse_score_args(argv: list[str] | None = None) -> ScoreArguments:
     argv = _merge_repeated(list(sys.argv[1:] if argv is None else argv))
-    args = parse_command(make_score_parser(), argv, "score", required=("dataset_name", "output"))
+    args = parse_command(make_score_parser(), argv, "score", required=REQUIRED)
     return args

@@ -7,7 +7,13 @@
 - `report`: what the run tells at the end (`run_info.json`, the before/after learning table, the training curves).
 """
 
-from .arguments import ScriptArguments, parse_train_args
-from .run import train
+from ..runtime.lazy import lazy_exports
 
-__all__ = ["ScriptArguments", "parse_train_args", "train"]
+# public name -> the module that defines it, imported on first use (`--help` stays light)
+_EXPORTS = {
+    "ScriptArguments": "arguments",
+    "parse_train_args": "arguments",
+    "train": "run",
+}
+__all__ = list(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

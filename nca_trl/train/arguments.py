@@ -13,14 +13,19 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-from ..config import RATED_CONFIGS, config_for_loss, relaxed_hardware_checks, reward_temperature
+from ..config import (
+    command_line_spelling,
+    config_for_loss,
+    relaxed_hardware_checks,
+    reward_temperature,
+)
 from ..data.formats import DATASET_FORMATS
 from ..runtime.recipes import check_recipe_keys, load_recipe, peek
+from .help import LOSSES
 
-__all__ = ["ScriptArguments", "TrainArgs", "make_parser", "parse_train_args", "print_dry_run", "print_help",
+__all__ = ["ScriptArguments", "TrainArgs", "make_parser", "parse_train_args", "print_dry_run", "run_settings",
            "train_args_from_recipe"]
 
-LOSSES = tuple(config_class.loss for config_class in RATED_CONFIGS)
 
 
 @dataclass
@@ -118,6 +123,15 @@ class ScriptArguments:
         },
     )
     # Run control
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace a finished run of other settings in `output_dir` (its `run_info.json` says what it was): "
+            "its checkpoints and `run_info.json` are removed before training, and the new model is saved over it. "
+            "Without it such a run is refused before anything is loaded. Resuming (`resume_from_checkpoint`) and "
+            "rerunning the same settings need no flag."
+        },
+    )
     dry_run: bool = field(
         default=False,
         metadata={
@@ -155,9 +169,9 @@ class ScriptArguments:
 @dataclass
 class TrainArgs:
     script: ScriptArguments
-    training: "NCAConfig | InfoNCAConfig"  # noqa: F821
-    model: "ModelConfig"  # noqa: F821
-    mixture: "DatasetMixtureConfig"  # noqa: F821
+    training: "NCAConfig | InfoNCAConfig"
+    model: "ModelConfig"
+    mixture: "DatasetMixtureConfig"
     recipe: dict
 
 
@@ -180,11 +194,6 @@ _RECIPE_FIELDS = ("ScriptArguments (nca-trl), NCAConfig/InfoNCAConfig (trl.DPOCo
 _relaxed_hardware_checks = relaxed_hardware_checks
 
 
-def print_help(argv: list[str]) -> None:
-    """`nca-trl train --help [--loss infonca]`: every field of the recipe for that loss."""
-    make_parser(peek(argv, "loss") or ScriptArguments.loss).print_help()
-
-
 def parse_train_args(argv: list[str] | None = None, dry_run: bool | None = None) -> TrainArgs:
     """Parse `nca-trl train` arguments (`--config RECIPE.yaml` and `--field value` overrides).
 
@@ -200,8 +209,9 @@ def parse_train_args(argv: list[str] | None = None, dry_run: bool | None = None)
     parser = make_parser(loss)
     if path is not None:
         check_recipe_keys(recipe, path, parser, "train", fields=_RECIPE_FIELDS)
-    with _relaxed_hardware_checks() if dry_run else contextlib.nullcontext():
-        script_args, training_args, model_args, mixture = parser.parse_args_and_config(argv, fail_with_unknown_args=True)
+    with _relaxed_hardware_checks() if dry_run else contextlib.nullcontext(), command_line_spelling():
+        script_args, training_args, model_args, mixture = parser.parse_args_and_config(
+            argv, fail_with_unknown_args=True)
     return _checked(script_args, training_args, model_args, mixture, recipe, dry_run)
 
 
@@ -213,7 +223,7 @@ def train_args_from_recipe(recipe: dict, where: str = "the recipe") -> TrainArgs
     parser = make_parser(loss)
     check_recipe_keys(recipe, where, parser, "train", fields=_RECIPE_FIELDS)
     dry_run = _truthy(recipe.get("dry_run", False))
-    with _relaxed_hardware_checks() if dry_run else contextlib.nullcontext():
+    with _relaxed_hardware_checks() if dry_run else contextlib.nullcontext(), command_line_spelling():
         script_args, training_args, model_args, mixture = parser.parse_dict(recipe)
     return _checked(script_args, training_args, model_args, mixture, dict(recipe), dry_run)
 
@@ -228,6 +238,24 @@ def _checked(script_args, training_args, model_args, mixture, recipe: dict, dry_
         raise ValueError("Give the data: `dataset_name` (Hub id, file or folder) or `datasets` (a mixture).")
     _set_model_init_kwargs(training_args, model_args)
     return TrainArgs(script_args, training_args, model_args, mixture, recipe)
+
+
+# Fields that say where and how a run is written or watched, not what it trains: a change of them is the same run
+_NOT_SETTINGS = ("output_dir", "logging_dir", "resume_from_checkpoint", "run_name", "report_to", "overwrite_output_dir",
+                 "dry_run", "hub_token", "disable_tqdm", "dataloader_num_workers", "logging_steps", "save_steps",
+                 "save_total_limit", "accelerate_config", "hardware", "model_config_file")
+
+
+def run_settings(args: TrainArgs) -> dict:
+    """What a run trains, as recorded in `run_info.json` (`settings`) and compared by a later run into the same
+    `output_dir`: the loss, the data, the model and every training field, less where the run is written and how it is
+    watched (`output_dir`, logging, reporting)."""
+    from dataclasses import asdict
+
+    fields = {"loss": args.script.loss}
+    for group in (asdict(args.script), asdict(args.model), asdict(args.mixture), args.training.to_dict()):
+        fields.update({k: v for k, v in group.items() if k not in _NOT_SETTINGS})
+    return fields
 
 
 def _set_model_init_kwargs(training_args, model_args) -> None:
@@ -260,7 +288,8 @@ def print_dry_run(args: TrainArgs) -> None:
     print(
         f"  training: beta={t.beta} alpha={reward_temperature(t)}{'' if t.alpha is not None else ' (default)'} lr={t.learning_rate} scheduler={getattr(t.lr_scheduler_type, 'value', t.lr_scheduler_type)} "
         f"warmup_steps={t.warmup_steps} epochs={t.num_train_epochs} "
-        f"max_steps={t.max_steps} max_length={t.max_length} bf16={t.bf16} "
+        f"max_steps={t.max_steps} max_length={t.max_length} bf16={t.bf16}"
+        f"{' (automatic on this machine)' if getattr(t, 'bf16_is_automatic', False) else ''} "
         f"activation_checkpointing={t.activation_checkpointing} model_init_kwargs={t.model_init_kwargs}"
     )
     print("  batch :", f"{per_step} prompts per process per optimizer step (scripts/plan_memory.py: global batch, memory)")

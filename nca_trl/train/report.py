@@ -105,10 +105,12 @@ def plot_training_curves(log_history: list[dict], path: str | os.PathLike) -> st
 
 
 def run_info(trainer, model_args, train_metrics: dict, eval_metrics: dict | None, started: float,
-             distributed: dict) -> dict:
-    """The content of `run_info.json`: what ran, where, with which versions, and what it logged."""
+             distributed: dict, settings: dict | None = None) -> dict:
+    """The content of `run_info.json`: what ran (`settings`: `nca_trl.train.arguments.run_settings`), where, with
+    which versions, and what it logged."""
     history = trainer.state.log_history
     return {
+        "settings": settings,
         **distributed,
         "loss": trainer.loss_name,  # the loss trained, as the trainer's saved arguments say (`loss_type`)
         "loss_type": list(trainer.args.loss_type),

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import time
 
-from .arguments import TrainArgs, parse_train_args, print_dry_run
+from .arguments import TrainArgs, parse_train_args, print_dry_run, run_settings
 
-__all__ = ["train"]
+__all__ = ["check_finished_run", "train"]
 
 
 def train(argv: "list[str] | TrainArgs | None" = None, callbacks: list | None = None,
@@ -37,7 +37,46 @@ def train(argv: "list[str] | TrainArgs | None" = None, callbacks: list | None = 
     check_world_size(args.training.distributed_state)
     # output_dir checked writable and locked for the whole run, before anything is loaded (`nca_trl.runtime.output_dir`)
     with claim_output_dir(args.training):
+        check_finished_run(args)
         return _train(args, callbacks, keep_process_group)
+
+
+def check_finished_run(args: TrainArgs) -> None:
+    """A finished run in `output_dir` (its `run_info.json`) of other settings is refused, before anything loads, unless
+    `overwrite_output_dir` (then its checkpoints and `run_info.json` are removed, so that nothing resumes from them) or
+    `resume_from_checkpoint` (continuing it on purpose). The same settings run again."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from ..runtime.output_dir import FinishedRunError, changed_settings, finished_run_message
+
+    output_dir = Path(args.training.output_dir)
+    record = output_dir / "run_info.json"
+    if not record.is_file() or args.training.resume_from_checkpoint is not None:
+        return
+    try:
+        recorded = json.loads(record.read_text())
+    except ValueError:
+        recorded = {}
+    previous = recorded.get("settings")
+    changes = (changed_settings(previous, run_settings(args)) if isinstance(previous, dict)
+               else ["the run's settings were not recorded (written by an older nca-trl or another program)"])
+    if not changes:
+        print(f"[nca-trl] {output_dir} holds a finished run of these settings: training it again over it")
+        return
+    if not args.script.overwrite_output_dir:
+        raise FinishedRunError(finished_run_message(
+            str(output_dir), f"a finished {recorded.get('loss', 'training')} run (run_info.json)", changes,
+            "--overwrite_output_dir", "`output_dir` (`--output_dir PATH`)"))
+    state = args.training.distributed_state
+    if state.is_main_process:
+        for checkpoint in output_dir.glob("checkpoint-*"):
+            shutil.rmtree(checkpoint)
+        record.unlink()
+    state.wait_for_everyone()
+    print(f"[nca-trl] --overwrite_output_dir: replacing the finished run in {output_dir} ({'; '.join(changes[:3])}"
+          f"{'; ...' if len(changes) > 3 else ''})")
 
 
 def _train(args, callbacks: list | None, keep_process_group: bool = False) -> dict:
@@ -82,7 +121,7 @@ def _train(args, callbacks: list | None, keep_process_group: bool = False) -> di
         trainer.save_metrics("eval", eval_metrics)
     trainer.save_model(training_args.output_dir)
 
-    info = run_info(trainer, model_args, metrics, eval_metrics, started, distributed)
+    info = run_info(trainer, model_args, metrics, eval_metrics, started, distributed, run_settings(args))
     if trainer.accelerator.is_main_process:
         _report(info, training_args.output_dir)
     trainer.accelerator.wait_for_everyone()
