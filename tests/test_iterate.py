@@ -286,3 +286,25 @@ def test_iterate_under_a_two_process_launch(digits_model, tmp_path, launch_env):
               "--output", str(alone), "--num_completions", str(args["num_completions"]), "--max_new_tokens",
               str(args["max_new_tokens"]), "--seed", str(args["seed"])])
     assert alone.read_text() == (out / "round-0" / "eval" / "samples.jsonl").read_text()
+
+
+def test_a_run_of_other_settings_is_refused_or_replaced_on_purpose(tmp_path):
+    """`iterate.json` of other settings: refused naming the change and the two ways out, nothing touched; with
+    `--overwrite_output_dir true` the old run's rounds, results and settings are removed, other files kept."""
+    from nca_trl.iterate.layout import RunLayout
+    from nca_trl.iterate.loop import _check_manifest
+
+    layout = RunLayout(tmp_path / "run")
+    layout.root.mkdir()
+    _check_manifest(layout, {"seed": 0, "rounds": 2, "loss": "nca"})
+    (layout.root / "round-1" / "model").mkdir(parents=True)
+    layout.results.write_text("{}")
+    (layout.root / "notes.txt").write_text("mine")
+    _check_manifest(layout, {"seed": 0, "rounds": 3, "loss": "nca"})  # more rounds: the same run, extended
+    with pytest.raises(ValueError, match=r"holds an iterate run \(iterate.json\) with other settings \(loss: 'nca' -> "
+                       r"'dpo'\).*`--overwrite_output_dir true`"):
+        _check_manifest(layout, {"seed": 0, "rounds": 3, "loss": "dpo"})
+    assert (layout.root / "round-1" / "model").is_dir() and layout.results.exists()
+    _check_manifest(layout, {"seed": 0, "rounds": 3, "loss": "dpo"}, overwrite=True)
+    assert not (layout.root / "round-1").exists() and not layout.results.exists()
+    assert json.loads(layout.manifest.read_text())["loss"] == "dpo" and (layout.root / "notes.txt").exists()

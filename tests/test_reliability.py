@@ -488,3 +488,37 @@ def test_ddp_launch_on_a_locked_output_dir_is_refused_by_every_process(tmp_path,
         holder.wait()
     assert status != 0
     assert f"pid {holder.pid}" in log and "The main process refused to start" in log, log[-4000:]
+
+
+# ------------------------------------------------------------------------------------------------ finished runs
+def test_a_finished_run_of_other_settings_is_refused_before_loading_anything(tiny_mistral, tmp_path, monkeypatch):
+    """Before: a second `nca-trl train` into a finished `output_dir` (e.g. the docs' chain reusing the quick start's
+    folder) trained over it without a word. Now other settings are refused before the data or any model loads, naming
+    the changed settings and the two ways out; `--overwrite_output_dir true` replaces the run on purpose (its
+    checkpoints go, so nothing resumes from them); the same settings, and an explicit resume, still run."""
+    import nca_trl.data.loading as loading
+
+    out = tmp_path / "run"
+    argv = cli_argv(tiny_mistral, out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1")
+    first = cli_train(argv)
+    assert first["settings"]["beta"] == 0.1 and first["settings"]["max_steps"] == 2  # the recipe's
+    model = file_digest(out / "model.safetensors")
+
+    loads = []
+    original = loading.load_datasets
+    monkeypatch.setattr(loading, "load_datasets", lambda *a, **k: loads.append(1) or original(*a, **k))
+    with pytest.raises(ValueError, match=r"holds a finished nca run \(run_info.json\) with other settings \(beta: "
+                       r"0.1 -> 0.2\)\. Nothing was loaded or written\. Write to another `output_dir` .*"
+                       r"`--overwrite_output_dir true`"):
+        cli_train([*argv, "--beta", "0.2"])
+    assert loads == [] and file_digest(out / "model.safetensors") == model
+    assert json.loads((out / "run_info.json").read_text())["settings"]["beta"] == 0.1
+    assert not (out / LOCK).exists()  # a refused start leaves nothing that blocks the corrected command
+
+    # Where the run is written and how it is watched are not settings: the same run again
+    again = cli_train([*argv, "--logging_steps", "1"])
+    assert again["global_step"] == 2 and loads == [1]
+
+    replaced = cli_train([*argv, "--beta", "0.2", "--overwrite_output_dir", "true", "--save_strategy", "no"])
+    assert replaced["settings"]["beta"] == 0.2 and replaced["global_step"] == 2 and replaced["resumed_from"] is None
+    assert not list(out.glob("checkpoint-*")) and file_digest(out / "model.safetensors") != model
