@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             print(f"nca-trl {command}: error: {error}", file=sys.stderr)
             return 2
+    from .runtime.environment import quiet_deepspeed_cpu_notice
+
+    quiet_deepspeed_cpu_notice()
     getattr(importlib.import_module(package), run)(rest)
     return 0
 

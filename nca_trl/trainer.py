@@ -46,6 +46,7 @@ from .metrics import best_slots, from_slots, sequence_metrics, to_slots
 from .packing import LAYOUT_KEYS, enable_shared_prompt, is_shared_prompt_enabled
 from .ref_cache import precompute_ref_logps
 from .runtime.output_dir import check_output_dir
+from .runtime.progress import use_readable_progress
 from .runtime.safety import RunSafetyMixin
 
 __all__ = ["NCATrainer", "InfoNCATrainer", "trainer_for_loss"]
@@ -207,6 +208,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, DPOTrainer):
                 peft_config=peft_config,
             )
         self._setup_layout()
+        use_readable_progress(self)  # log lines without quoted strings, no nested evaluation bar in a log file
         # DPOTrainer's flag, here whether the batches are padding-free (the shared-prompt layout runs)
         self.padding_free = bool(getattr(self.data_collator, "shared_prompt", False))
         self._say_if_alpha_unused(args)

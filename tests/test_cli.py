@@ -252,8 +252,13 @@ def test_cli_end_to_end_single_process(tmp_path, capsys):
             "--logging_steps", "1",
         ]
         assert main(argv) == 0
-        printed = capsys.readouterr().out
+        captured = capsys.readouterr()
+        printed = captured.out
         assert "nca-trl: NCATrainer finished" in printed and "world size       : 1 (NO" in printed
+        # Log lines read as text (they were dicts of quoted strings), and the evaluation at step 0 draws no bar nested
+        # in the training bar (the escape codes of nested bars filled log files)
+        assert "\nstep 1/3  loss " in printed and "step 0/3  eval_heldout_loss " in printed
+        assert "{'loss'" not in printed and "\x1b[A" not in captured.err
         # The learning table: report_train_prompts (the recipe's 72, 2 here) evaluates training and held-out prompts at
         # both ends
         table = "| metric | training prompts: start | training prompts: end | held-out: start | held-out: end |"
@@ -385,3 +390,24 @@ def test_every_shipped_recipe_and_documented_flag_passes_the_quick_check():
                 "--bf16=false", "--lora_r", "8", "--datasets", "[]", "--overwrite_output_dir", "true"])
     with pytest.raises(ValueError, match="Unknown key"):
         check_argv(["--config", str(REPO / "recipes/tiny/iterate_nca.yaml")])  # an iterate recipe is not a train one
+
+
+def test_progress_log_line_is_plain_text():
+    from nca_trl.runtime.progress import format_log_line
+
+    line = format_log_line(5, 90, {"loss": 1.3862943, "learning_rate": 3e-3, "total_flos": 1e9, "epoch": 0.25})
+    assert line == "step 5/90  loss 1.386  learning_rate 0.003  epoch 0.25"
+
+
+def test_deepspeed_cpu_notice_only_where_deepspeed_is_used(tmp_path):
+    """accelerate imports DeepSpeed whenever it is installed: every command printed "Setting accelerator to CPU. If
+    you have GPU or other accelerator, we were unable to detect it.", also without DeepSpeed."""
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)}
+    code = "import sys\nfrom nca_trl.cli import main\nsys.exit(main(sys.argv[1:]))"
+    plain = subprocess.run([sys.executable, "-c", code, "make-tiny-model", str(tmp_path / "m")], capture_output=True,
+                           text=True, timeout=300, env=env)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    assert "Setting accelerator to CPU" not in plain.stdout + plain.stderr
+    launched = subprocess.run([sys.executable, "-c", code, "make-tiny-model", str(tmp_path / "m2")],
+                              capture_output=True, text=True, timeout=300, env={**env, "ACCELERATE_USE_DEEPSPEED": "true"})
+    assert launched.returncode == 0 and "Setting accelerator to CPU" in launched.stdout + launched.stderr

@@ -6,7 +6,7 @@ import os
 import platform
 from importlib import metadata
 
-__all__ = ["PACKAGES", "broadcast", "distributed_state", "versions"]
+__all__ = ["PACKAGES", "broadcast", "distributed_state", "quiet_deepspeed_cpu_notice", "versions"]
 
 #: The packages a run depends on, in the order `versions()` lists them.
 PACKAGES = ("nca-trl", "torch", "transformers", "trl", "datasets", "accelerate", "peft", "deepspeed")
@@ -48,3 +48,24 @@ def broadcast(state, value):
     from accelerate.utils import broadcast_object_list
 
     return broadcast_object_list([value], from_process=0)[0]
+
+
+class _DeepSpeedCPUNotice:
+    """Drops DeepSpeed's "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect
+    it." where DeepSpeed is not used: accelerate imports DeepSpeed whenever it is installed (to unwrap a model before
+    saving), so every command printed it, also for users who never use DeepSpeed."""
+
+    def filter(self, record) -> bool:
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            return True  # a DeepSpeed launch: the notice says something
+        return "Setting accelerator to CPU" not in record.getMessage()
+
+
+def quiet_deepspeed_cpu_notice() -> None:
+    """Install `_DeepSpeedCPUNotice` on DeepSpeed's logger (before DeepSpeed is imported: its logger keeps filters)."""
+    import logging
+
+    logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DeepSpeedCPUNotice) for f in logger.filters):
+        logger.addFilter(_DeepSpeedCPUNotice())
+
