@@ -163,13 +163,26 @@ def test_liger_switches_refused_where_they_cannot_work(tiny_mistral, vicuna, tmp
         check_rated_config(dpo_args, NCAConfig)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("kernels") is not None, reason="the `kernels` package is installed")
-def test_use_kernels_without_the_kernels_package(tiny_mistral, vicuna, tmp_path):
-    """`use_kernels` is a `from_pretrained` option (in `model_init_kwargs`), not a DPOConfig field: without the
-    `kernels` package, transformers refuses it when the trainer loads the model."""
-    args = make_args(NCAConfig, tmp_path, model_init_kwargs={"use_kernels": True})
+def test_use_kernels_with_and_without_the_kernels_package(tiny_mistral, vicuna, tmp_path, monkeypatch):
+    """`use_kernels` is a `from_pretrained` option (in `model_init_kwargs`), not a DPOConfig field. With the `kernels`
+    package (transformers installs it, so the README's install has it) the trainer loads the model with it and trains
+    the same loss and gradients on a CPU (no hub kernel applies here, nothing downloads); without the package
+    transformers refuses it when the trainer loads the model (simulated: before, this test was skipped wherever the
+    package was installed, i.e. always)."""
+    import transformers.modeling_utils as modeling_utils
+
+    data = vicuna.select(range(2))
+    plain = NCATrainer(model=tiny_mistral, args=make_args(NCAConfig, tmp_path / "plain"), train_dataset=data)
+    kernels = NCATrainer(model=tiny_mistral, args=make_args(NCAConfig, tmp_path / "kernels", model_init_kwargs={
+        "use_kernels": True}), train_dataset=data)
+    batch = plain.data_collator([plain.train_dataset[i] for i in range(2)])
+    (loss_a, grads_a), (loss_b, grads_b) = (training_step_and_grads(t, batch) for t in (plain, kernels))
+    assert torch.equal(loss_a, loss_b) and all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+
+    monkeypatch.setattr(modeling_utils, "is_kernels_available", lambda: False)
+    args = make_args(NCAConfig, tmp_path / "missing", model_init_kwargs={"use_kernels": True})
     with pytest.raises(ValueError, match="Kernels are not available"):
-        NCATrainer(model=tiny_mistral, args=args, train_dataset=vicuna.select(range(2)))
+        NCATrainer(model=tiny_mistral, args=args, train_dataset=data)
 
 
 # ------------------------------------------------------------------------------ activation_offloading
