@@ -176,6 +176,9 @@ def test_use_kernels_with_and_without_the_kernels_package(tiny_mistral, vicuna, 
     kernels = NCATrainer(model=tiny_mistral, args=make_args(NCAConfig, tmp_path / "kernels", model_init_kwargs={
         "use_kernels": True}), train_dataset=data)
     batch = plain.data_collator([plain.train_dataset[i] for i in range(2)])
+    for trainer in (plain, kernels):
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1
     (loss_a, grads_a), (loss_b, grads_b) = (training_step_and_grads(t, batch) for t in (plain, kernels))
     assert torch.equal(loss_a, loss_b) and all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
 
