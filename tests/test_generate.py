@@ -390,3 +390,47 @@ def test_benchmark_runs_every_method_on_the_same_number_of_tokens(model_and_toke
     results = benchmark_generate(model, tokenizer, PROMPTS[:2], num_completions=2, max_new_tokens=2, repeats=1)
     assert {m: results[m]["tokens"] for m in METHODS} == dict.fromkeys(METHODS, 2 * 2 * 2)
     assert all(results[m]["tokens_per_s"] > 0 for m in METHODS)
+
+
+# ------------------------------------------------------------------------------------------------ refused up front
+def test_inputs_the_next_step_would_refuse_are_refused_before_anything_is_written(tiny_mistral, tmp_path,
+                                                                                   monkeypatch):
+    """Before: K = 1, a null or an empty prompt were sampled (or failed inside transformers after the model loaded,
+    naming no row) and exit 0, and `score` / `train` refused them later; a missing local model was the Hub's "Repo id
+    must be in the form ..." after `<output>.parts/` was written. Now each is refused first, naming file, row and
+    field, and nothing is written."""
+    from nca_trl.generation import run
+    from nca_trl.generation.arguments import GenerateArguments
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    output = tmp_path / "outputs" / "samples.jsonl"
+    common = dict(model_name_or_path=str(tiny_mistral), output=str(output), max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"`num_completions` must be at least 2, got 1: `nca-trl train`"):
+        GenerateArguments(dataset_name="p.jsonl", num_completions=1, **common)
+    with pytest.raises(ValueError, match=r"^no such folder: outputs/no-model \(`model_name_or_path`\)"):
+        GenerateArguments(**{**common, "model_name_or_path": "outputs/no-model"}, dataset_name="p.jsonl")
+    GenerateArguments(**{**common, "model_name_or_path": "org/model"}, dataset_name="p.jsonl")  # may be a Hub id
+    with pytest.raises(ValueError, match=r"^no such file or folder: outputs/none.jsonl \(`dataset_name`\)"):
+        run.generate(GenerateArguments(dataset_name="outputs/none.jsonl", **common))
+    for prompt, what in ((None, "null"), ("  ", "empty"), ([], "empty")):
+        data = tmp_path / "prompts.jsonl"
+        data.write_text(json.dumps({"prompt": "Sort 3 1 2"}) + "\n" + json.dumps({"prompt": prompt}) + "\n")
+        with pytest.raises(ValueError, match=rf"prompts.jsonl, row 1, field 'prompt': the prompt is {what}"):
+            run.generate(GenerateArguments(dataset_name=str(data), **common))
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == []
+
+
+def test_chat_prompts_need_a_chat_template_and_long_prompts_are_counted(tokenizer):
+    import copy
+
+    from nca_trl.generation.rows import check_prompts
+
+    rows = [{"prompt": "short"}, {"prompt": "word " * 40}, {"prompt": [{"role": "user", "content": "hi"}]}]
+    no_template = copy.copy(tokenizer)
+    no_template.chat_template = None
+    with pytest.raises(ValueError, match=r"p.jsonl, row 2, field 'prompt': a list of chat messages, but the tokenizer "
+                       r"of tiny has no chat template"):
+        check_prompts(rows, no_template, "p.jsonl", "tiny")
+    found = check_prompts(rows[:2], tokenizer, "p.jsonl", "tiny", context=32, max_new_tokens=8)
+    assert found == {"context": 32, "count": 1, "rows": [1]}

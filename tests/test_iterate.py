@@ -308,3 +308,26 @@ def test_a_run_of_other_settings_is_refused_or_replaced_on_purpose(tmp_path):
     _check_manifest(layout, {"seed": 0, "rounds": 3, "loss": "dpo"}, overwrite=True)
     assert not (layout.root / "round-1").exists() and not layout.results.exists()
     assert json.loads(layout.manifest.read_text())["loss"] == "dpo" and (layout.root / "notes.txt").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"temperature": -1}, "`temperature` must be > 0"),
+    ({"reward_funcs": ["nca_trl.scoring.functions:sorted_digitz"]}, "has no attribute 'sorted_digitz' \\(did you mean "
+                                                                     "sorted_digits"),
+    ({"training": {"warmup_stepz": 0}}, "'warmup_stepz' \\(did you mean 'warmup_steps'"),
+    ({"reward_model": "outputs/no-such-rm"}, "no such folder: outputs/no-such-rm \\(`reward_model`\\)"),
+], ids=["temperature", "reward function", "training key", "reward model path"])
+def test_a_bad_setting_fails_before_anything_is_written(digits_model, tmp_path, monkeypatch, override, message):
+    """Before: a misspelled reward function (and a bad `reward_model` path) failed when the score stage ran, after
+    `iterate.json`, the held-out prompts and round 0's evaluation were written, and the corrected rerun was refused
+    as "a run with other settings". Now every stage's settings are checked first: nothing is written, and the
+    corrected command just runs (checked here up to its parse; the full runs are the slow tests above)."""
+    from nca_trl.iterate import iterate, parse_iterate_args
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        iterate(["--config", str(_recipe(tmp_path, digits_model, out, **override))])
+    assert not out.exists()
+    assert parse_iterate_args(["--config", str(_recipe(tmp_path, digits_model, out))]).stages is not None

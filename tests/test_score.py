@@ -286,15 +286,19 @@ def test_arguments_and_sources_are_checked(tmp_path):
         parse_score_args([*base, "--reward_funcs", "m:f", "--reward_weights", "nan"])
     with pytest.raises(ValueError, match="`output` must end with one of"):
         parse_score_args(["--dataset_name", "d", "--output", "o.csv", "--reward_funcs", "m:f"])
+    # Reward functions are imported when the arguments are built: a misspelled one fails before anything is read
+    with pytest.raises(ValueError, match=r"Reward function 'm:f': no module named 'm'"):
+        parse_score_args([*base, "--reward_funcs", "m:f"])
     with pytest.raises(ValueError, match="needs `output`"):
-        parse_score_args(["--dataset_name", "d", "--reward_funcs", "m:f"])
-    args = parse_score_args([*base, "--reward_funcs", "a:f", "--batch_size", "2", "--reward_funcs", "b:g", "c:h"])
-    assert args.reward_funcs == ["a:f", "b:g", "c:h"] and args.weights == [1.0, 1.0, 1.0]
+        parse_score_args(["--dataset_name", "d", "--reward_funcs", "ascii_letters"])
+    funcs = ["sorted_digits", "ascii_letters", "nca_trl.scoring.functions:ascii_letters"]
+    args = parse_score_args([*base, "--reward_funcs", funcs[0], "--batch_size", "2", "--reward_funcs", *funcs[1:]])
+    assert args.reward_funcs == funcs and args.weights == [1.0, 1.0, 1.0]
     config = tmp_path / "s.yaml"
-    config.write_text("reward_func: [a:f]\n")
+    config.write_text("reward_func: [ascii_letters]\n")
     with pytest.raises(ValueError, match="did you mean 'reward_funcs'.*nca-trl score --help"):
         parse_score_args([*base, "--config", str(config)])
-    config.write_text("reward_funcs: [a:f, b:g]\nreward_weights: [2, 3]\n")
+    config.write_text("reward_funcs: [sorted_digits, ascii_letters]\nreward_weights: [2, 3]\n")
     assert parse_score_args([*base, "--config", str(config)]).weights == [2.0, 3.0]
 
     out = str(tmp_path / "o.jsonl")

@@ -6,6 +6,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..runtime.files import check_local_path
 from ..runtime.help import check_command_argv, command_help
 from ..runtime.recipes import DTYPES, OUTPUT_SUFFIXES, parse_command
 
@@ -82,6 +83,10 @@ class GenerateArguments:
         for name in ("num_completions", "max_new_tokens", "batch_size", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+        if self.num_completions < 2:
+            raise ValueError(f"`num_completions` must be at least 2, got {self.num_completions}: `nca-trl train` "
+                             "compares each prompt's completions (K >= 2), and refuses rows with fewer.")
+        check_local_path(self.model_name_or_path, "model_name_or_path")
         if self.max_prompts is not None and self.max_prompts < 0:
             raise ValueError(f"`max_prompts` must be >= 0, got {self.max_prompts}.")
         if not self.temperature > 0:

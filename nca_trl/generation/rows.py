@@ -10,7 +10,7 @@ import json
 
 from trl.data_utils import _tokenize, is_conversational
 
-__all__ = ["completion_rows", "decode_completion", "tokenize_prompt"]
+__all__ = ["check_prompts", "completion_rows", "decode_completion", "tokenize_prompt"]
 
 
 def tokenize_prompt(example: dict, tokenizer) -> list[int]:
@@ -26,6 +26,33 @@ def tokenize_prompt(example: dict, tokenizer) -> list[int]:
     if not isinstance(prompt, str):
         raise TypeError(f"A prompt must be a string or a list of chat messages, got {type(prompt).__name__}.")
     return list(_tokenize(tokenizer, prompt)["input_ids"])
+
+
+def check_prompts(rows, tokenizer, source: str, model: str, context: int | None = None,
+                  max_new_tokens: int = 0) -> dict:
+    """Refuse what `nca-trl score` / `train` would refuse later, before anything is sampled: a `null` or empty
+    prompt, and chat prompts for a tokenizer without a chat template (each naming `source`, the row and the field).
+    Returns the prompts that with `max_new_tokens` overrun the model's `context` (`{"context", "count", "rows"}`,
+    the first 20 rows), for the log and the sidecar."""
+    long_rows, count = [], 0
+    for i, row in enumerate(rows):
+        prompt = row["prompt"]
+        if prompt is None or (isinstance(prompt, (str, list)) and not (prompt.strip() if isinstance(prompt, str)
+                                                                       else prompt)):
+            what = "null" if prompt is None else "empty"
+            raise ValueError(f"{source}, row {i}, field 'prompt': the prompt is {what}. Give the row a prompt or "
+                             "remove it.")
+        if is_conversational({"prompt": prompt}) and getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                f"{source}, row {i}, field 'prompt': a list of chat messages, but the tokenizer of {model} has no chat "
+                "template to render it. Use a chat (instruct) model, set `tokenizer.chat_template` in the model "
+                "folder's tokenizer_config.json, or give plain-text prompts."
+            )
+        if context is not None and len(tokenize_prompt(row, tokenizer)) + max_new_tokens > context:
+            count += 1
+            if len(long_rows) < 20:
+                long_rows.append(i)
+    return {"context": context, "count": count, "rows": long_rows}
 
 
 def decode_completion(tokenizer, prompt_ids: list[int], completion_ids: list[int]) -> str:

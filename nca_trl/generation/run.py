@@ -37,7 +37,9 @@ def load_prompts(args: GenerateArguments):
     """The prompt rows: the split `dataset_split` of `dataset_name`, its first `max_prompts` rows, without the columns
     of earlier completions (`completions`, `rewards`, `chosen`, `rejected`)."""
     from ..data.loading import load_split
+    from ..runtime.files import check_local_path
 
+    check_local_path(args.dataset_name, "dataset_name", "file or folder")  # not the Hub's error for a missing file
     dataset = load_split(args, limit=args.max_prompts)
     if "prompt" not in dataset.column_names:
         raise ValueError(
@@ -66,6 +68,25 @@ def generation_settings(args: GenerateArguments, dataset) -> dict:
     settings = {key: getattr(args, key) for key in keys}
     settings.update(num_prompts=len(dataset), prompts_sha256=_prompts_digest(dataset), sampler=SAMPLER)
     return settings
+
+
+def _check_prompts(args: GenerateArguments, dataset, main: bool) -> dict:
+    """`rows.check_prompts` with the model's tokenizer and context length (config `max_position_embeddings`), before
+    any output or part file exists; the prompts that overrun the context are said once, by the main process."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .rows import check_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.model_revision)
+    config = AutoConfig.from_pretrained(args.model_name_or_path, revision=args.model_revision)
+    context = getattr(config, "max_position_embeddings", None)
+    found = check_prompts(dataset, tokenizer, args.dataset_name, args.model_name_or_path, context,
+                          args.max_new_tokens)
+    if found["count"] and main:
+        _log(f"{found['count']} prompt(s) of {args.dataset_name} and their {args.max_new_tokens} new tokens overrun "
+             f"the model's context of {context} tokens (rows {found['rows']}{', ...' if found['count'] > 20 else ''}): "
+             "they are sampled as the model can; shorten them or lower `max_new_tokens`")
+    return found
 
 
 def _load_model(args: GenerateArguments, device):
@@ -138,6 +159,7 @@ def generate(argv: "list[str] | GenerateArguments | None" = None) -> dict | None
     state = distributed_state()
     with state.main_process_first():
         dataset = load_prompts(args)
+    long_prompts = _check_prompts(args, dataset, state.is_main_process)
     settings = generation_settings(args, dataset)
     store = ChunkStore(args.output, settings, len(dataset), args.chunk_size)
 
@@ -182,6 +204,7 @@ def generate(argv: "list[str] | GenerateArguments | None" = None) -> dict | None
         "num_prompts": len(dataset),
         "num_completions": args.num_completions,
         "settings": settings,
+        "long_prompts": long_prompts,
         "arguments": asdict(args),
         "stats": stats,
         "num_processes": state.num_processes,

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..runtime.files import check_local_path
 from ..runtime.help import check_command_argv, command_help
 from ..runtime.recipes import parse_command
 
@@ -119,6 +120,8 @@ class IterateArguments:
     eval_batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass of the KL-proxy evaluation."})
 
     def __post_init__(self):
+        check_local_path(self.model_name_or_path, "model_name_or_path")
+        check_local_path(self.dataset_name, "dataset_name", "file or folder")
         if self.loss not in LOSSES:
             raise ValueError(f"`loss` must be one of {LOSSES}, got {self.loss!r}.")
         if self.reference not in REFERENCES:

@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..runtime.files import check_local_path
 from ..runtime.help import check_command_argv, command_help
 from ..runtime.recipes import DTYPES, OUTPUT_SUFFIXES, parse_command
 
@@ -120,6 +121,11 @@ class ScoreArguments:
             raise ValueError(f"`max_length` must be at least 1 (or unset: the tokenizer's), got {self.max_length}.")
         if self.max_rows is not None and self.max_rows < 0:
             raise ValueError(f"`max_rows` must be >= 0, got {self.max_rows}.")
+        check_local_path(self.reward_model, "reward_model")
+        from .sources import load_reward_function
+
+        for spec in self.reward_funcs:  # imported now, so that a misspelled one fails before anything is written
+            load_reward_function(spec)
 
     @property
     def weights(self) -> list[float]:

@@ -46,8 +46,9 @@ def render(loss: str) -> str:
     from trl import DatasetMixtureConfig, DPOConfig, ModelConfig
 
     from ..config import UNSUPPORTED_DPO_FIELDS, config_for_loss
-    from .arguments import ScriptArguments
+    from .arguments import ScriptArguments, make_parser
 
+    make_parser(loss)  # HfArgumentParser rewrites some fields' types (`dict | str` -> `str`): list them as it parses
     config = config_for_loss(loss)
     dpo = {f.name: f for f in fields(DPOConfig)}
     own = [f for f in fields(config) if f.name not in dpo or f.metadata.get("help") != dpo[f.name].metadata.get("help")
