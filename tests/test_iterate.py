@@ -331,3 +331,34 @@ def test_a_bad_setting_fails_before_anything_is_written(digits_model, tmp_path, 
         iterate(["--config", str(_recipe(tmp_path, digits_model, out, **override))])
     assert not out.exists()
     assert parse_iterate_args(["--config", str(_recipe(tmp_path, digits_model, out))]).stages is not None
+
+
+def test_dpo_rounds_mark_their_checkpoints_and_resume_from_a_complete_one(digits_model, tmp_path, capsys):
+    """Before: `loss: dpo` resumed with transformers' `get_last_checkpoint`, so a checkpoint killed while it was
+    written (no marker) was picked. Now trl.DPOTrainer in `iterate` marks complete checkpoints as our trainers do,
+    and a resume skips an incomplete one, naming it."""
+    import shutil
+
+    from trl import DPOConfig
+
+    from nca_trl.iterate.stages import _train_dpo
+
+    rated = tmp_path / "rated.jsonl"
+    rows = [{"prompt": f"{p}>", "completions": ["".join(sorted(p)), p[::-1]], "rewards": [1.0, 0.2]}
+            for p in ("31415", "27182", "16180", "14142")]
+    rated.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "model"
+
+    def config(steps):
+        return DPOConfig(output_dir=str(out), max_steps=steps, save_strategy="steps", save_steps=1, bf16=False,
+                         use_cpu=True, per_device_train_batch_size=2, report_to="none", disable_tqdm=True,
+                         gradient_checkpointing=False, learning_rate=1e-3)
+
+    _train_dpo(str(digits_model), None, rated, out, config(2))
+    assert all((out / f"checkpoint-{n}" / "nca_trl_complete.json").exists() for n in (1, 2))
+    (out / "checkpoint-2" / "nca_trl_complete.json").unlink()  # as if killed while checkpoint-2 was written
+    shutil.rmtree(out / "checkpoint-2" / "optimizer.pt", ignore_errors=True)
+    capsys.readouterr()
+    _train_dpo(str(digits_model), None, rated, out, config(3))
+    assert f"resuming from {out / 'checkpoint-1'}\n" in capsys.readouterr().out
+    assert all((out / f"checkpoint-{n}" / "nca_trl_complete.json").exists() for n in (2, 3))  # written again, whole

@@ -14,7 +14,7 @@ import yaml
 from ..runtime.recipes import as_argv
 from .layout import log, read_jsonl
 
-__all__ = ["best_worst_pairs", "run_generate", "run_score", "run_train"]
+__all__ = ["best_worst_pairs", "marked_dpo_trainer", "run_generate", "run_score", "run_train"]
 
 
 def _show(command: str, argv: list[str]) -> None:
@@ -93,8 +93,8 @@ def run_train(args, r: int, policy: str, reference: str | None, rated: Path, out
 def _train_dpo(policy: str, reference: str | None, rated: Path, output_dir: Path, config) -> dict:
     """`trl.DPOTrainer` with `config` (the run's DPOConfig, this round's output_dir) on best-vs-worst pairs."""
     from datasets import Dataset
-    from transformers.trainer_utils import get_last_checkpoint
-    from trl import DPOTrainer
+
+    from ..runtime.checkpoints import last_complete_checkpoint
 
     pairs, ties = best_worst_pairs(read_jsonl(rated))
     if ties:
@@ -109,11 +109,27 @@ def _train_dpo(policy: str, reference: str | None, rated: Path, output_dir: Path
         kwargs = dict(config.model_init_kwargs or {})
         kwargs.setdefault("trust_remote_code", config.trust_remote_code)
         ref_model = create_model_from_path(reference, **kwargs)
-    trainer = DPOTrainer(model=policy, ref_model=ref_model, args=config, train_dataset=Dataset.from_list(pairs))
-    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    trainer = marked_dpo_trainer()(model=policy, ref_model=ref_model, args=config,
+                                   train_dataset=Dataset.from_list(pairs))
+    last = last_complete_checkpoint(str(output_dir))  # never one killed while it was written
     log(f"dpo: trl.DPOTrainer on {len(pairs)} best-vs-worst pairs" + (f", resuming from {last}" if last else ""))
     result = trainer.train(resume_from_checkpoint=last)
     trainer.save_model(str(output_dir))
     trainer.accelerator.wait_for_everyone()
     return {"loss": "dpo", "train_prompts": len(pairs), "ties_left_out": ties,
             "train_loss": result.metrics.get("train_loss")}
+
+
+def marked_dpo_trainer():
+    """`trl.DPOTrainer` whose checkpoints get nca-trl's completeness marker once fully written (as `NCATrainer`'s do),
+    so that resuming a killed `loss: dpo` round never picks a checkpoint that was being written."""
+    from trl import DPOTrainer
+
+    from ..runtime.checkpoints import save_checkpoint
+
+    class MarkedDPOTrainer(DPOTrainer):
+        def _save_checkpoint(self, model, trial):
+            save_checkpoint(self, super()._save_checkpoint, model, trial)
+
+    return MarkedDPOTrainer
+
