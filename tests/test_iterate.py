@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import REPO, VICUNA
 
@@ -67,8 +68,9 @@ def test_iterate_arguments_are_checked():
         _args(loss="ipo")
     with pytest.raises(ValueError, match=r"`training` sets \['output_dir'\]"):
         _args(training={"output_dir": "x"})
-    with pytest.raises(ValueError, match="use_peft"):
-        _args(training={"use_peft": True})
+    with pytest.raises(ValueError, match="`training.use_peft` with `loss: dpo` is not supported"):
+        _args(training={"use_peft": True}, loss="dpo")
+    assert _args(training={"use_peft": True}).training["use_peft"]
     assert _args(training='{"beta": 0.5}').training == {"beta": 0.5}
     with pytest.raises(ValueError, match="num_completions"):
         _args(num_completions=1)
@@ -362,3 +364,30 @@ def test_dpo_rounds_mark_their_checkpoints_and_resume_from_a_complete_one(digits
     _train_dpo(str(digits_model), None, rated, out, config(3))
     assert f"resuming from {out / 'checkpoint-1'}\n" in capsys.readouterr().out
     assert all((out / f"checkpoint-{n}" / "nca_trl_complete.json").exists() for n in (2, 3))  # written again, whole
+
+
+def test_train_continues_a_lora_adapter_against_either_reference(tiny_mistral, tmp_path):
+    """`nca-trl train --use_peft` on an adapter folder (a LoRA run's output, as `iterate` passes the previous round's)
+    trains that adapter further on its base instead of a fresh one; the reference is the adapter as loaded (TRL's
+    frozen copy: `reference: previous`), or the base with the adapter disabled when `ref_model_name_or_path` names
+    the base (`reference: initial`), with no second model."""
+    from safetensors.torch import load_file
+
+    from nca_trl.train import train
+
+    lora = {"use_peft": "true", "lora_r": "4", "lora_alpha": "8", "lora_target_modules": "all-linear"}
+    first = train(_train_argv(tiny_mistral, tmp_path / "r1", **lora, learning_rate="0.01", max_steps="2")[1:])
+    adapter = tmp_path / "r1" / "adapter_model.safetensors"
+    assert adapter.exists() and not (tmp_path / "r1" / "model.safetensors").exists() and first["global_step"] == 2
+    before = load_file(adapter)
+
+    # learning rate 0: the adapter comes out as it went in (a fresh adapter would be another, random one)
+    previous = train(_train_argv(tmp_path / "r1", tmp_path / "r2", **lora, learning_rate="0")[1:])
+    after = load_file(tmp_path / "r2" / "adapter_model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    # the reference is the adapter as loaded: at the first step policy = reference, every implicit reward 0
+    assert previous["log_history"][0]["rewards/margins"] == 0.0
+
+    initial = train(_train_argv(tmp_path / "r1", tmp_path / "r3", **lora, learning_rate="0",
+                                ref_model_name_or_path=str(tiny_mistral))[1:])
+    assert initial["log_history"][0]["rewards/margins"] != 0.0  # the base differs from the trained adapter

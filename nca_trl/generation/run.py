@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 import time
 from dataclasses import asdict
 
@@ -78,7 +79,9 @@ def _check_prompts(args: GenerateArguments, dataset, main: bool) -> dict:
     from .rows import check_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.model_revision)
-    config = AutoConfig.from_pretrained(args.model_name_or_path, revision=args.model_revision)
+    adapter = Path(args.model_name_or_path) / "adapter_config.json"  # a LoRA adapter: its base has the config
+    base = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file() else args.model_name_or_path
+    config = AutoConfig.from_pretrained(base, revision=args.model_revision if base == args.model_name_or_path else None)
     context = getattr(config, "max_position_embeddings", None)
     found = check_prompts(dataset, tokenizer, args.dataset_name, args.model_name_or_path, context,
                           args.max_new_tokens)

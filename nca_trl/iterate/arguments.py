@@ -146,9 +146,10 @@ class IterateArguments:
         if owned:
             raise ValueError(f"`training` sets {owned}: `nca-trl iterate` sets them for each round (use the top-level "
                              "`model_name_or_path`, `dataset_name`, `output_dir`, `loss` and `reference`).")
-        if self.training.get("use_peft"):
-            raise ValueError("`training.use_peft` is not supported by `nca-trl iterate` yet: each round samples from "
-                             "the previous round's full model. Train full weights, or run the rounds by hand.")
+        if self.training.get("use_peft") and self.loss == "dpo":
+            raise ValueError("`training.use_peft` with `loss: dpo` is not supported: the DPO baseline of `nca-trl "
+                             "iterate` trains full weights (trl.DPOTrainer on a DPOConfig). Use `loss: nca` or "
+                             "`infonca` for LoRA rounds, or leave `use_peft` out.")
 
 
 def dpo_fields(training: dict) -> tuple[dict, list[str]]:

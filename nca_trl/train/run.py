@@ -13,7 +13,7 @@ import time
 
 from .arguments import TrainArgs, parse_train_args, print_dry_run, run_settings
 
-__all__ = ["check_finished_run", "train"]
+__all__ = ["check_finished_run", "continued_adapter", "train"]
 
 
 def train(argv: "list[str] | TrainArgs | None" = None, callbacks: list | None = None,
@@ -96,16 +96,20 @@ def _train(args, callbacks: list | None, keep_process_group: bool = False) -> di
     eval_sets = _evaluation_sets(train_dataset, eval_dataset, script_args.report_train_prompts, training_args)
 
     started = time.time()
+    adapter = continued_adapter(model_args, training_args)
+    base_reference = adapter is not None and _same_path(script_args.ref_model_name_or_path, _adapter_base(adapter))
     trainer = trainer_for_loss(script_args.loss)(
-        model=model_args.model_name_or_path,
-        ref_model=_reference_model(script_args.ref_model_name_or_path, training_args),
+        model=model_args.model_name_or_path if adapter is None else adapter,
+        ref_model=None if base_reference else _reference_model(script_args.ref_model_name_or_path, training_args),
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_sets,
-        peft_config=get_peft_config(model_args),
-        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args) if adapter is None else None,
+        quantization_config=get_quantization_config(model_args) if adapter is None else None,
         callbacks=callbacks,
     )
+    if base_reference:  # the reference is the adapter's base: the adapter disabled, no second model
+        trainer.accelerator.unwrap_model(trainer.model).delete_adapter("ref")
     distributed = distributed_summary(trainer)
     _print_start(trainer, script_args.loss, train_dataset, eval_sets, distributed)
     result = trainer.train(resume_from_checkpoint=_resume_value(training_args.resume_from_checkpoint))
@@ -131,6 +135,40 @@ def _train(args, callbacks: list | None, keep_process_group: bool = False) -> di
     else:
         trainer.end()  # finish the trackers, destroy the process group
     return info
+
+
+def continued_adapter(model_args, training_args):
+    """With `use_peft`, a `model_name_or_path` that is a PEFT adapter folder (a LoRA run's output, e.g. the previous
+    round of `nca-trl iterate`) is trained further: its base loaded as the policy is (`model_init_kwargs`, the QLoRA
+    quantization), the adapter on it, trainable. The reference is then the adapter as it was loaded (TRL's frozen
+    copy, "ref"), or, when `ref_model_name_or_path` names the adapter's base, the base itself (the adapter disabled).
+    None for any other model."""
+    import os
+
+    path = model_args.model_name_or_path
+    if not model_args.use_peft or not os.path.isfile(os.path.join(str(path), "adapter_config.json")):
+        return None
+    from peft import PeftConfig, PeftModel
+    from trl import get_quantization_config
+    from trl.trainer.utils import create_model_from_path
+
+    kwargs = dict(training_args.model_init_kwargs or {})
+    quantization = get_quantization_config(model_args)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    base = create_model_from_path(PeftConfig.from_pretrained(path).base_model_name_or_path, **kwargs)
+    training_args.model_init_kwargs = None  # used above; TRL warns when given with a model object
+    return PeftModel.from_pretrained(base, path, is_trainable=True)
+
+
+def _adapter_base(adapter) -> str:
+    return adapter.peft_config["default"].base_model_name_or_path
+
+
+def _same_path(a: str | None, b: str | None) -> bool:
+    import os
+
+    return a is not None and b is not None and (a == b or os.path.realpath(a) == os.path.realpath(b))
 
 
 def _reference_model(path: str | None, training_args):
