@@ -113,9 +113,9 @@ def digits_model(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("digits"), seed=0, max_position_embeddings=64, vocab="digits")
 
 
-def _recipe(tmp_path, model, out, **overrides):
-    """The tiny iterate recipe, made smaller: 2 rounds x 16 prompts, 8 held out."""
-    recipe = yaml.safe_load((REPO / "recipes" / "tiny" / "iterate_nca.yaml").read_text())
+def _recipe(tmp_path, model, out, name="iterate_nca.yaml", **overrides):
+    """The tiny iterate recipe `name`, made smaller: 2 rounds x 16 prompts, 8 held out."""
+    recipe = yaml.safe_load((REPO / "recipes" / "tiny" / name).read_text())
     recipe.update(model_name_or_path=str(model), dataset_name=str(SORT_PROMPTS), output_dir=str(out), rounds=2,
                   prompts_per_round=16, heldout_prompts=8)
     recipe["training"].update(num_train_epochs=1, per_device_train_batch_size=4, use_cpu=True, disable_tqdm=True)
@@ -256,6 +256,13 @@ def test_iterate_recipes_parse_and_their_training_fits():
     spec.loader.exec_module(plan_memory)
     plan = plan_memory.plan(str(REPO / "recipes/mistral-7b/iterate_nca.yaml"))
     assert plan["fits"] and plan["completions"] == 4 and plan["strategy"] == "ZeRO-3" and plan["gpu_mem_gb"] == 80
+    # The LoRA recipes: the tiny one runs here (below); the Mistral-7B QLoRA one fits one 24 GB GPU
+    lora = parse_iterate_args(["--config", str(REPO / "recipes/tiny/iterate_nca_lora.yaml")])
+    assert lora.stages.train.model.use_peft and lora.reference == "initial"
+    qlora = parse_iterate_args(["--config", str(REPO / "recipes/mistral-7b/iterate_nca_qlora.yaml")], dry_run=True)
+    assert qlora.stages.train.model.load_in_4bit and qlora.stages.train.model.use_peft
+    plan = plan_memory.plan(str(REPO / "recipes/mistral-7b/iterate_nca_qlora.yaml"))
+    assert plan["fits"] and plan["gpu_mem_gb"] == 24 and plan["strategy"].startswith("QLoRA")
 
 
 @pytest.mark.slow
@@ -391,3 +398,46 @@ def test_train_continues_a_lora_adapter_against_either_reference(tiny_mistral, t
     initial = train(_train_argv(tmp_path / "r1", tmp_path / "r3", **lora, learning_rate="0",
                                 ref_model_name_or_path=str(tiny_mistral))[1:])
     assert initial["log_history"][0]["rewards/margins"] != 0.0  # the base differs from the trained adapter
+
+
+
+@pytest.mark.slow
+def test_lora_rounds_resume_after_a_kill_with_the_same_adapter(digits_model, tmp_path):
+    """`training.use_peft`: each round trains one adapter carried from the previous round, saves the adapter only,
+    samples and evaluates from it. A run killed (SIGKILL) during round 2's training, once a checkpoint is complete,
+    resumes with the same command and ends with exactly the adapter weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    training = {"save_strategy": "steps", "save_steps": 1}
+    whole = tmp_path / "whole"
+    proc = _iterate_process(_recipe(tmp_path, digits_model, whole, "iterate_nca_lora.yaml", training=training), whole)
+    log = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, log[-3000:]
+    for r in (1, 2):
+        model = whole / f"round-{r}" / "model"
+        assert (model / "adapter_model.safetensors").exists() and not (model / "model.safetensors").exists()
+    assert f"--model_name_or_path {whole / 'round-1' / 'model'}" in log  # round 2 samples from round 1's adapter
+    train2 = yaml.safe_load((whole / "round-2" / "train.yaml").read_text())
+    assert train2["model_name_or_path"] == str(whole / "round-1" / "model") and train2["use_peft"]
+    results = json.loads((whole / "iterate_results.json").read_text())["rounds"]
+    assert results[0]["kl_to_initial"] == 0 and results[2]["kl_to_initial"] != 0
+
+    out = tmp_path / "killed"
+    recipe = _recipe(tmp_path, digits_model, out, "iterate_nca_lora.yaml", training=training)
+    proc = _iterate_process(recipe, out)
+    deadline = time.time() + 400
+    while proc.poll() is None and time.time() < deadline:
+        if list((out / "round-2" / "model").glob("checkpoint-*/nca_trl_complete.json")):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    log1 = proc.communicate(timeout=60)[0]
+    assert proc.returncode == -signal.SIGKILL, log1[-3000:]
+    assert set(_status(out, 2)) == {"generate", "score"}, "the kill came after round 2's training had finished"
+    proc = _iterate_process(recipe, out)
+    log2 = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0 and "--resume_from_checkpoint true" in log2, log2[-3000:]
+    for r in (1, 2):
+        a = load_file(whole / f"round-{r}" / "model" / "adapter_model.safetensors")
+        b = load_file(out / f"round-{r}" / "model" / "adapter_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"round {r}"
