@@ -218,6 +218,10 @@ def check_rated_config(args: DPOConfig, config_class: type[_RatedCompletionsConf
         raise ValueError(f"`alpha` (reward temperature) must be >= 0, got {alpha!r}; 0 means one-hot on the best.")
     if not args.beta > 0:
         raise ValueError(f"`beta` must be > 0, got {args.beta!r}.")
+    ties = getattr(args, "ties", "keep")
+    if ties not in ("keep", "drop"):
+        raise ValueError(f"{setting('ties', ties)} is not a choice: `keep` (train tied prompts, uniform targets) or "
+                         "`drop` (leave them out, counted).")
     max_completions = getattr(args, "max_completions", None)
     if max_completions is not None and max_completions < 2:
         raise ValueError(f"`max_completions` must be None or >= 2, got {max_completions!r}.")
@@ -267,6 +271,14 @@ class _RatedCompletionsConfig(DPOConfig):
     max_completions: int | None = field(default=None, metadata={"help": _MAX_COMPLETIONS_HELP})
     shared_prompt: bool | None = field(default=None, metadata={"help": _SHARED_PROMPT_HELP})
     padding_free: bool = field(default=False, metadata={"help": _PADDING_FREE_HELP})
+    ties: str = field(
+        default="keep",
+        metadata={"help": "Prompts whose rewards all tie (equal within `math.isclose(rel_tol=1e-9, abs_tol=1e-12)`): "
+                  "`keep` trains them with uniform targets (for NCA this pulls every completion's log-ratio toward "
+                  "0, i.e. toward the reference), `drop` leaves them out, counted in the log and in `run_info.json`. "
+                  "Chosen/rejected pairs never tie. DPO (and `nca-trl iterate --loss dpo`) has no pair for them.",
+                  "choices": ["keep", "drop"]},
+    )
     bf16: bool | None = field(
         default=None,
         metadata={"help": "bfloat16 mixed precision. None (default): automatic, on where the device training runs on "

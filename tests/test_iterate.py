@@ -408,7 +408,7 @@ def test_lora_rounds_resume_after_a_kill_with_the_same_adapter(digits_model, tmp
     resumes with the same command and ends with exactly the adapter weights of an uninterrupted run."""
     from safetensors.torch import load_file
 
-    training = {"save_strategy": "steps", "save_steps": 1}
+    training = {"save_strategy": "steps", "save_steps": 1, "ties": "drop"}
     whole = tmp_path / "whole"
     proc = _iterate_process(_recipe(tmp_path, digits_model, whole, "iterate_nca_lora.yaml", training=training), whole)
     log = proc.communicate(timeout=600)[0]
@@ -421,6 +421,12 @@ def test_lora_rounds_resume_after_a_kill_with_the_same_adapter(digits_model, tmp
     assert train2["model_name_or_path"] == str(whole / "round-1" / "model") and train2["use_peft"]
     results = json.loads((whole / "iterate_results.json").read_text())["rounds"]
     assert results[0]["kl_to_initial"] == 0 and results[2]["kl_to_initial"] != 0
+    # `ties: drop`: each round's prompts whose K rewards all tie are left out and counted
+    for r in (1, 2):
+        rated = [json.loads(line) for line in (whole / f"round-{r}" / "rated.jsonl").read_text().splitlines()]
+        tied = sum(max(row["rewards"]) == min(row["rewards"]) for row in rated)
+        assert _status(whole, r)["train"]["ties_dropped"] == tied == results[r]["ties_dropped"]
+        assert _status(whole, r)["train"]["train_prompts"] == len(rated) - tied
 
     out = tmp_path / "killed"
     recipe = _recipe(tmp_path, digits_model, out, "iterate_nca_lora.yaml", training=training)

@@ -181,3 +181,31 @@ def test_pin_memory_off_without_an_accelerator_and_no_warning(tiny_mistral, tmp_
         warnings.simplefilter("always")
         trainer.train()
     assert not [w for w in caught if "pin_memory" in str(w.message)]
+
+
+# ---------------------------------------------------------------------------------------------------------- ties
+def test_ties_keep_or_drop_tied_prompts_counted(tiny_mistral, tmp_path):
+    """`ties`: prompts whose rewards all tie are trained (uniform targets, `keep`, the default) or left out and
+    counted (`drop`), in the log and in `run_info.json`; a dataset of ties only, dropped, is an error."""
+    from nca_trl.train import train
+
+    data = rows(6)
+    data[1]["rewards"] = [3.0] * len(data[1]["rewards"])
+    data[4]["rewards"] = [2.5] * len(data[4]["rewards"])
+    path = tmp_path / "ties.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in data))
+    argv = ["--model_name_or_path", str(tiny_mistral), "--dataset_name", str(path), "--max_steps", "1",
+            "--per_device_train_batch_size", "2", "--max_length", "64", "--use_cpu", "true", "--report_to", "none",
+            "--save_strategy", "no", "--activation_checkpointing", "false"]
+    tied_before = sum(len(set(r["rewards"])) == 1 for r in data)
+    kept = train([*argv, "--output_dir", str(tmp_path / "keep")])
+    assert kept["dropped"]["train"] == {"ties_dropped": 0, "too_long_dropped": 0}
+    dropped = train([*argv, "--output_dir", str(tmp_path / "drop"), "--ties", "drop"])
+    assert dropped["dropped"]["train"]["ties_dropped"] == tied_before >= 2
+    assert json.loads((tmp_path / "drop" / "run_info.json").read_text())["dropped"]["train"]["ties_dropped"] == \
+        tied_before
+    with pytest.raises(ValueError, match="`ties='maybe'` is not a choice"):
+        NCAConfig(output_dir=str(tmp_path / "x"), ties="maybe")
+    path.write_text("".join(json.dumps({**r, "rewards": [1.0] * len(r["rewards"])}) + "\n" for r in data))
+    with pytest.raises(ValueError, match="every one of its 6 prompts tie"):
+        train([*argv, "--output_dir", str(tmp_path / "all"), "--ties", "drop"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
 
 from datasets import Dataset, IterableDataset
@@ -23,7 +24,7 @@ from .validation import to_rated_unchecked, validate_dataset, validate_example
 
 logger = logging.getLogger("nca_trl")
 
-__all__ = ["prepare_rated_dataset", "prompt_length_error", "select_completions", "tokenize_rated_example",
+__all__ = ["prepare_rated_dataset", "prompt_length_error", "rewards_tie", "select_completions", "tokenize_rated_example",
            "with_row_index"]
 
 _warned = {"boundary": False}  # warnings shown once per process, like TRL's `warning_once`
@@ -130,8 +131,10 @@ def prepare_rated_dataset(
     args,
     dataset_name: str,
     max_completions: int | None = None,
+    stats: dict | None = None,
 ) -> Dataset | IterableDataset:
-    """Validate, convert to rated completions, cap K, tokenize and drop rows with no room for a completion.
+    """Validate, convert to rated completions, drop tied prompts if `args.ties == "drop"`, cap K, tokenize and drop
+    rows with no room for a completion.
 
     Each row is validated once, up front (every row of a `Dataset`; each row of a stream as it is read), and trusted
     from then on.
@@ -144,16 +147,50 @@ def prepare_rated_dataset(
         args: a `DPOConfig` (reads `max_length`, `truncation_mode`, `dataset_num_proc`).
         dataset_name: used in messages ("train", "eval", ...).
         max_completions: optional cap on K per prompt (see `select_completions`).
+        stats: if given, filled with what was dropped: `ties_dropped` (prompts whose rewards all tie, with
+            `ties="drop"`; None for a stream, which cannot be counted) and `too_long_dropped`.
     """
     first = next(iter(dataset))
     if "completion_ids" in first:
         return dataset
     # The global main process maps (and caches) first, then each node's main, then the others read the cache
     with global_then_local_main_first():
-        return _prepare(dataset, first, processing_class, args, dataset_name, max_completions)
+        return _prepare(dataset, first, processing_class, args, dataset_name, max_completions,
+                        stats if stats is not None else {})
 
 
-def _prepare(dataset, first, processing_class, args, dataset_name, max_completions):
+def rewards_tie(rewards) -> bool:
+    """Whether every reward of a prompt is the same, within `math.isclose(rel_tol=1e-9, abs_tol=1e-12)` of the
+    highest: such a prompt carries no preference (DPO has no pair for it; NCA / InfoNCA targets are uniform)."""
+    return all(math.isclose(r, max(rewards), rel_tol=1e-9, abs_tol=1e-12) for r in rewards)
+
+
+def _drop_ties(dataset, args, dataset_name, stats):
+    ties = getattr(args, "ties", "keep") or "keep"
+    stats["ties_dropped"] = 0
+    if ties != "drop":
+        return dataset
+    if not isinstance(dataset, Dataset):
+        stats["ties_dropped"] = None
+        logger.warning("%s dataset is streamed: prompts whose rewards all tie are dropped as they come (ties='drop'), "
+                       "without a count.", dataset_name)
+        return dataset.filter(lambda example: not rewards_tie(example["rewards"]))
+    tied = [i for i, rewards in enumerate(dataset["rewards"]) if rewards_tie(rewards)]
+    stats["ties_dropped"] = len(tied)
+    if tied:
+        if len(tied) == len(dataset):
+            raise ValueError(f"{dataset_name} dataset: the rewards of every one of its {len(dataset)} prompts tie, and "
+                             "`ties='drop'` drops them all: nothing to train on. Use `ties='keep'`, or rate the "
+                             "completions apart.")
+        logger.warning("%s dataset: dropped %d of %d prompts whose rewards all tie (ties='drop'; rows %s%s).",
+                       dataset_name, len(tied), len(dataset), ", ".join(map(str, tied[:10])),
+                       ", ..." if len(tied) > 10 else "")
+        dropped = set(tied)
+        dataset = dataset.select([i for i in range(len(dataset)) if i not in dropped])
+    return dataset
+
+
+def _prepare(dataset, first, processing_class, args, dataset_name, max_completions, stats):
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
     columns = list(first.keys())
@@ -172,6 +209,7 @@ def _prepare(dataset, first, processing_class, args, dataset_name, max_completio
             return to_rated_unchecked(example)
 
         dataset = dataset.map(validated, with_indices=True, remove_columns=preference_columns)
+    dataset = _drop_ties(dataset, args, dataset_name, stats)
 
     if max_completions is not None:
 
@@ -234,6 +272,7 @@ def _prepare(dataset, first, processing_class, args, dataset_name, max_completio
             )
             dropped = set(too_long)
             dataset = dataset.select([i for i in range(len(lengths)) if i not in dropped])
+        stats["too_long_dropped"] = len(too_long)
     elif args.max_length is not None and args.truncation_mode == "keep_start":
         dataset = dataset.filter(lambda example: len(example["prompt_ids"]) < args.max_length)
         logger.warning(

@@ -85,9 +85,11 @@ def run_train(args, r: int, policy: str, reference: str | None, rated: Path, out
     config = output_dir.parent / "train.yaml"
     config.write_text(yaml.safe_dump(stage.recipe, sort_keys=False))
     _show("train", ["--config", str(config)] + (["--resume_from_checkpoint", "true"] if resume else []))
-    info = train(stage, keep_process_group=True)
-    return {"loss": args.loss, "train_prompts": len(read_jsonl(rated)), "config": str(config),
-            "train_loss": (info or {}).get("train_metrics", {}).get("train_loss")}
+    info = train(stage, keep_process_group=True) or {}
+    ties = info.get("dropped", {}).get("train", {}).get("ties_dropped", 0)
+    return {"loss": args.loss, "train_prompts": len(read_jsonl(rated)) - (ties or 0), "ties_dropped": ties,
+            "ties": getattr(stage.training, "ties", "keep"), "config": str(config),
+            "train_loss": info.get("train_metrics", {}).get("train_loss")}
 
 
 def _train_dpo(policy: str, reference: str | None, rated: Path, output_dir: Path, config) -> dict:

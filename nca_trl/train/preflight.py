@@ -27,12 +27,13 @@ def check_not_empty(dataset, dataset_name: str = "train") -> None:
         )
 
 
-def check_before_training(args, train_dataset, eval_dataset):
+def check_before_training(args, train_dataset, eval_dataset, stats: dict | None = None):
     """`nca-trl train`'s data work between loading the data and building the trainer (`args`: the parsed `TrainArgs`;
     `eval_dataset`: None, a dataset or a dict of them). Loads the tokenizer only, then prepares every dataset exactly as
     the trainer would (`nca_trl.data.tokenize.prepare_rated_dataset`: every row validated once, converted, tokenized,
     rows without room for a completion dropped with a count, an error if that is every row). Returns
-    `(train, eval)` prepared, which the trainer takes as they are."""
+    `(train, eval)` prepared, which the trainer takes as they are; what was dropped from each goes into `stats`
+    (`{dataset name: {"ties_dropped": ..., "too_long_dropped": ...}}`) when given."""
     from transformers import AutoProcessor
 
     from ..data.tokenize import prepare_rated_dataset, with_row_index
@@ -53,7 +54,9 @@ def check_before_training(args, train_dataset, eval_dataset):
     def prepare(dataset, name):
         if dataset is None:
             return None
-        return prepare_rated_dataset(with_row_index(dataset), processing_class, training, name, max_completions)
+        dropped = {} if stats is None else stats.setdefault(name, {})
+        return prepare_rated_dataset(with_row_index(dataset), processing_class, training, name, max_completions,
+                                     dropped)
 
     train = prepare(train_dataset, "train")
     prepared = {name: prepare(dataset, names[name]) for name, dataset in eval_sets.items()}

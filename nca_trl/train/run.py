@@ -92,7 +92,8 @@ def _train(args, callbacks: list | None, keep_process_group: bool = False) -> di
     with training_args.main_process_first(desc="loading and converting the data"):
         train_dataset, eval_dataset = load_datasets(script_args, args.mixture, training_args)
     # Before any model: loads the tokenizer only, validates every row once and tokenizes, as the trainer would
-    train_dataset, eval_dataset = check_before_training(args, train_dataset, eval_dataset)
+    dropped: dict = {}  # per dataset: prompts left out (tied rewards with `ties: drop`, prompts filling max_length)
+    train_dataset, eval_dataset = check_before_training(args, train_dataset, eval_dataset, dropped)
     eval_sets = _evaluation_sets(train_dataset, eval_dataset, script_args.report_train_prompts, training_args)
 
     started = time.time()
@@ -126,6 +127,7 @@ def _train(args, callbacks: list | None, keep_process_group: bool = False) -> di
     trainer.save_model(training_args.output_dir)
 
     info = run_info(trainer, model_args, metrics, eval_metrics, started, distributed, run_settings(args))
+    info["dropped"] = dropped
     if trainer.accelerator.is_main_process:
         _report(info, training_args.output_dir)
     trainer.accelerator.wait_for_everyone()
