@@ -153,3 +153,89 @@ def test_results_json_well_formed(quick_run):
     assert set(iterative["paired_final_vs_DPO"]) == {"InfoNCA", "NCA", "NCA offline"}
     assert "[iterative]" in stdout and "Iterative training" in (out / "summary.md").read_text()
     assert (out / "iterative_reward.png").read_bytes()[:8] == PNG_MAGIC
+
+
+# ----------------------------------------------------------------------------------------------------- ablation
+def _ablation_module():
+    """scripts/nca_reproduce/ablation.py, imported as the package's module (the package lives under scripts/)."""
+    import importlib
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        return importlib.import_module("nca_reproduce.ablation")
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+
+
+def test_ablation_interval_and_verdict():
+    ab = _ablation_module()
+    d = ab.paired_interval([0.01, 0.02, 0.03, 0.04, 0.05])  # mean 0.03, std 0.0158, t(4) = 2.776
+    assert d["mean"] == pytest.approx(0.03)
+    assert d["ci95"] == pytest.approx([0.03 - 2.776 * 0.0158114 / 5**0.5, 0.03 + 2.776 * 0.0158114 / 5**0.5], abs=1e-5)
+    assert ab.verdict(d) == "better"
+    assert ab.verdict(ab.paired_interval([-0.02, -0.021, -0.019])) == "worse"
+    assert ab.verdict(ab.paired_interval([-0.02, -0.03, -0.01])) == "no detectable difference"  # t(2) = 4.303
+    assert ab.verdict(ab.paired_interval([-0.02, 0.03, 0.0])) == "no detectable difference"
+    assert ab.paired_interval([0.5])["ci95"] is None and ab.verdict(ab.paired_interval([0.5])) is None
+
+
+def test_ablation_decisions_follow_the_plan():
+    """decide() on synthetic results: dropping ties wins on every seed -> `ties: drop`; reference previous is noise ->
+    `initial` stays; an arm better than both main DPO baselines is listed, one better than only one is not."""
+    ab = _ablation_module()
+    seeds = [0, 1, 2, 3, 4]
+    noise = [0.004, -0.003, 0.001, -0.002, 0.0]
+    final = {name: 0.70 for name in ab.ARMS}
+    per_seed = {}
+    for i, s in enumerate(seeds):
+        rewards = dict(final)
+        for name in ("NCA ties dropped", "InfoNCA ties dropped", "hard: NCA ties dropped", "hard: InfoNCA ties dropped"):
+            rewards[name] = 0.75 + noise[i]
+        rewards["NCA reference previous"] = 0.70 + 10 * noise[i]
+        rewards["DPO beta=1"] = 0.74 + noise[(i + 1) % 5]  # the strong DPO: ties dropped still beat it (0.75)
+        per_seed[str(s)] = {"rounds": {n: [{"round": 0, "reward_mean": 0.6}, {"round": 1, "reward_mean": r}]
+                                       for n, r in rewards.items()}}
+    d = ab.decide(per_seed, seeds)
+    assert d["ties"]["verdict"] == "better" and d["ties"]["default"] == "drop"
+    assert d["reference"]["verdict"] == "no detectable difference" and d["reference"]["default"] == "initial"
+    assert d["all_k_vs_best_vs_worst"]["NCA"]["DPO beta=1"]["verdict"] == "worse"
+    assert d["all_k_arms_that_beat_every_dpo_baseline"] == [
+        "InfoNCA ties dropped", "NCA ties dropped", "hard: InfoNCA ties dropped", "hard: NCA ties dropped"]
+    flat = ab.decide({str(s): {"rounds": {n: [{"round": 0, "reward_mean": 0.6}, {"round": 1, "reward_mean": 0.7 + e}]
+                                          for n in ab.ARMS}} for s, e in zip(seeds, noise)}, seeds)
+    assert flat["ties"]["default"] == "keep" and flat["all_k_arms_that_beat_every_dpo_baseline"] == []
+
+
+@pytest.mark.slow
+def test_ablation_quick_mode(tmp_path):
+    """`--experiments ablation --quick`: every arm of the plan and both seeds in results.json, the same SFT start per
+    task and seed, ties dropped only where asked, DPO matched steps taking NCA's steps, the table and the figure."""
+    ab = _ablation_module()
+    proc = run_script("--quick", "--experiments", "ablation", "--out", str(tmp_path), "--work-dir",
+                      str(tmp_path / "work"), timeout=900)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results) >= ["command"] and "iterative" not in results and results["seeds"] == [0, 1]
+    out = results["ablation"]
+    assert set(out["per_seed"]) == {"0", "1"}
+    bad = [(p, v) for p, v in numbers(results) if not math.isfinite(v)]
+    assert not bad, bad
+    for seed, entry in out["per_seed"].items():
+        runs = entry["rounds"]
+        assert set(runs) == set(ab.ARMS)
+        for task in ("main", "hard"):
+            starts = {json.dumps(run[0]) for name, run in runs.items() if ab.ARMS[name][0] == task}
+            assert len(starts) == 1, (seed, task, starts)
+        cfg = results["settings"]["ablation"]
+        assert runs["DPO matched steps"][1]["train_steps"] == cfg["epochs"] * math.ceil(
+            cfg["prompts_per_round"] / cfg["batch_size"]) == runs["NCA"][1]["train_steps"]
+        for name, run in runs.items():
+            assert len(run) == (2 if ab.ARMS[name][2] else cfg["rounds"] + 1), name
+            if "ties dropped" not in name and ab.ARMS[name][1] != "dpo":
+                assert all(r["ties_dropped"] == 0 for r in run), name
+    assert set(out["paired_vs_DPO"]) == set(ab.ARMS) - {"DPO", "hard: DPO"}
+    assert all(row["ci95"] is not None for rows in out["paired_vs_DPO"].values() for row in rows)
+    assert out["decisions"]["ties"]["default"] in ("keep", "drop")
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Ablation (pre-registered" in summary and "Decisions" in summary and "hard: InfoNCA ties dropped" in summary
+    assert (tmp_path / "ablation_reward.png").read_bytes()[:8] == PNG_MAGIC

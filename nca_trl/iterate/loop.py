@@ -182,7 +182,7 @@ def _round(args, layout: RunLayout, r: int, per_round: int, dataset, state) -> d
     if main:
         train = layout.status(r).get("train", {})
         metrics.update(train_prompts=train.get("train_prompts", 0), train_loss=train.get("train_loss"),
-                       ties_dropped=train.get("ties_dropped", train.get("ties_left_out", 0)))
+                       train_steps=train.get("train_steps", 0), ties_dropped=train.get("ties_dropped", train.get("ties_left_out", 0)))
         layout.mark_done(r, "eval", metrics)
         log(f"round {r}: held-out reward {metrics['reward_mean']:.4f} (best of {args.num_completions} "
              f"{metrics['reward_best_of_k']:.4f}), KL to initial {metrics['kl_to_initial']:.3f}, "

@@ -89,7 +89,7 @@ def run_train(args, r: int, policy: str, reference: str | None, rated: Path, out
     ties = info.get("dropped", {}).get("train", {}).get("ties_dropped", 0)
     return {"loss": args.loss, "train_prompts": len(read_jsonl(rated)) - (ties or 0), "ties_dropped": ties,
             "ties": getattr(stage.training, "ties", "keep"), "config": str(config),
-            "train_loss": info.get("train_metrics", {}).get("train_loss")}
+            "train_loss": info.get("train_metrics", {}).get("train_loss"), "train_steps": info.get("global_step")}
 
 
 def _train_dpo(policy: str, reference: str | None, rated: Path, output_dir: Path, config) -> dict:
@@ -119,7 +119,7 @@ def _train_dpo(policy: str, reference: str | None, rated: Path, output_dir: Path
     trainer.save_model(str(output_dir))
     trainer.accelerator.wait_for_everyone()
     return {"loss": "dpo", "train_prompts": len(pairs), "ties_left_out": ties,
-            "train_loss": result.metrics.get("train_loss")}
+            "train_loss": result.metrics.get("train_loss"), "train_steps": result.global_step}
 
 
 def marked_dpo_trainer():

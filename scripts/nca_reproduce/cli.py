@@ -1,7 +1,7 @@
 """The command line: `python scripts/reproduce.py [--out DIR] [--quick] [--experiments ...] [--set EXP.KEY=VALUE ...]`.
 
-Runs the chosen experiments in order (identity, trend, reward, iterative), then writes results.json, summary.md and the figures
-to `--out`."""
+Runs the chosen experiments in order (identity, trend, reward, iterative; the pre-registered `ablation` only when named),
+then writes results.json, summary.md and the figures to `--out`."""
 
 from __future__ import annotations
 
@@ -16,15 +16,25 @@ import time
 from pathlib import Path
 
 from . import __doc__ as OVERVIEW
+from .ablation import run_ablation
 from .common import quiet_libraries
 from .ground_truth import run_reward
 from .identity import run_identity
 from .iterative import run_iterative
-from .report import plot_iterative, plot_reward, plot_reward_grid, plot_trend, summary_markdown
+from .report import (
+    plot_ablation,
+    plot_iterative,
+    plot_reward,
+    plot_reward_grid,
+    plot_trend,
+    summary_markdown,
+)
 from .settings import load_settings
 from .trend import run_trend
 
-EXPERIMENTS = {"identity": run_identity, "trend": run_trend, "reward": run_reward, "iterative": run_iterative}
+EXPERIMENTS = {"identity": run_identity, "trend": run_trend, "reward": run_reward, "iterative": run_iterative,
+               "ablation": run_ablation}
+DEFAULT = ["identity", "trend", "reward", "iterative"]  # `ablation` (5 seeds, about an hour) runs when named
 
 
 def parse_args(argv=None):
@@ -34,8 +44,10 @@ def parse_args(argv=None):
     )
     parser.add_argument("--out", default="results", help="output folder (created)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, few steps, one seed (~1 min)")
-    parser.add_argument("--experiments", nargs="+", choices=list(EXPERIMENTS), default=list(EXPERIMENTS))
-    parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds (default: 0 1 2; --quick: 0)")
+    parser.add_argument("--experiments", nargs="+", choices=list(EXPERIMENTS), default=DEFAULT,
+                        help=f"default: {' '.join(DEFAULT)}")
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help="override the seeds (default: 0 1 2, --quick: 0; ablation: 0-4, --quick: 0 1)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: results do not depend on the core count)")
     parser.add_argument("--set", nargs="+", default=[], metavar="EXP.KEY=VALUE",
@@ -77,6 +89,7 @@ def main(argv=None):
                      "python": platform.python_version()},
         "machine": {"cpus": os.cpu_count(), "threads": args.threads, "loadavg_start": loadavg()},
         "seconds": {},
+        "seeds_by_experiment": {},
     }
     start = time.time()
     try:
@@ -84,13 +97,16 @@ def main(argv=None):
             if name not in args.experiments:
                 continue
             t0 = time.time()
-            results[name] = run(settings[name], seeds, work)
+            own = args.seeds if args.seeds else settings[name].get("seeds", seeds)  # the ablation's plan: 5 seeds
+            results[name] = run(settings[name], own, work)
+            results["seeds_by_experiment"][name] = own
             results["seconds"][name] = time.time() - t0
             print(f"[{name}] done in {results['seconds'][name]:.0f}s", flush=True)
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
     results["seconds"]["total"] = time.time() - start
+    results["seeds"] = sorted({s for used in results["seeds_by_experiment"].values() for s in used})
     results["machine"]["loadavg_end"] = loadavg()
 
     if "trend" in results:
@@ -103,6 +119,8 @@ def main(argv=None):
         plot_reward_grid(results["reward"], out / "ground_truth_sensitivity.png")
     if "iterative" in results:
         plot_iterative(results["iterative"], out / "iterative_reward.png")
+    if "ablation" in results:
+        plot_ablation(results["ablation"], out / "ablation_reward.png")
     (out / "summary.md").write_text(summary_markdown(results))
     (out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False))
     print(summary_markdown(results))

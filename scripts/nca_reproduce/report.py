@@ -186,6 +186,8 @@ def summary_markdown(results):
         lines.append("")
     if "iterative" in results:
         lines += iterative_markdown(results["iterative"])
+    if "ablation" in results:
+        lines += ablation_markdown(results["ablation"])
     return "\n".join(lines)
 
 
@@ -240,3 +242,77 @@ def plot_iterative(it, path):
     axes[0].legend()
     fig.suptitle(f"Iterative training, sorting task: mean ± std over {len(it['per_seed'])} seed(s)", fontsize=10)
     save(fig, path, 110)
+
+
+def _ci(d):
+    ci = d.get("ci95")
+    return f"{d['mean']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else f"{d['mean']:+.3f}"
+
+
+def ablation_markdown(ab):
+    """Per arm and round: held-out true reward (mean ± std), the paired difference to the task's iterative DPO with
+    its 95% interval, prompts and optimizer steps trained on; then the decisions of the plan."""
+    n = len(ab["per_seed"])
+    title = (f"### Ablation (pre-registered: {ab['plan']}): held-out true reward of the policy's samples per round, "
+             f"{n} seed(s)\n")
+    header = ("| arm | task | round | mean reward | minus the task's DPO, paired [95% interval] | best of K | "
+              "KL to SFT | prompts trained on | optimizer steps | tied prompts dropped |")
+    tasks = "Tasks: " + "; ".join(f"`{t}`: {d}" for t, d in ab["tasks"].items()) + "\n"
+    lines = [title, tasks, header, "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, rows in ab["summary"].items():
+        task = ab["arms"][name]["task"]
+        for i, row in enumerate(rows):
+            diff = ab["paired_vs_DPO"].get(name, [None] * len(rows))[i]
+            r, b, kl = row["reward_mean"], row["reward_best_of_k"], row["kl_to_initial"]
+            lines.append(f"| {name} | {task} | {row['round']} | {r['mean']:.3f} ± {r['std']:.3f} | "
+                         f"{_ci(diff) if diff else 'baseline'} | {b['mean']:.3f} ± {b['std']:.3f} | "
+                         f"{kl['mean']:.2f} ± {kl['std']:.2f} | {row['train_prompts']['mean']:.0f} | "
+                         f"{row['train_steps']['mean']:.0f} | {row['ties_dropped']['mean']:.0f} |")
+    d = ab["decisions"]
+    ties, ref, steps = d["ties"], d["reference"], d["dpo_matched_steps_minus_dpo"]
+    lines += ["", "Decisions (final round, paired by seed, 95% interval):", "",
+              (f"- ties: dropped minus kept (mean of NCA and InfoNCA on both tasks) {_ci(ties['dropped_minus_kept'])} "
+               f"-> {ties['verdict']}; default `ties: {ties['default']}`"),
+              (f"- reference: previous minus initial (NCA, main) {_ci(ref['previous_minus_initial'])} -> "
+               f"{ref['verdict']}; default `reference: {ref['default']}`"),
+              f"- DPO with NCA's optimizer steps minus DPO {_ci(steps)} -> {steps['verdict']}"]
+    for name, by in d["all_k_vs_best_vs_worst"].items():
+        lines.append(f"- {name} vs " + "; vs ".join(f"{b}: {_ci(v)} -> {v['verdict']}" for b, v in by.items()))
+    beats = d["all_k_arms_that_beat_every_dpo_baseline"]
+    lines += [f"- all-K arms that beat every best-vs-worst baseline of their task: {', '.join(beats) or 'none'}", ""]
+    return lines
+
+
+def plot_ablation(ab, path):
+    """One panel per task: each arm's held-out reward minus the task's iterative DPO, paired by seed, per round
+    (offline arms: at the last round, the same prompts seen), mean with its 95% interval; zero is DPO."""
+    plt = pyplot()
+    tasks = list(ab["tasks"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), sharey=True, squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    bases = list(dict.fromkeys(n.removeprefix("hard: ") for n in ab["paired_vs_DPO"]))  # one colour per arm kind
+    handles = {}
+    for ax, task in zip(axes[0], tasks):
+        arms = [n for n in ab["paired_vs_DPO"] if ab["arms"][n]["task"] == task]
+        last = max(r["round"] for r in ab["summary"][next(iter(arms))])
+        for j, name in enumerate(arms):
+            rows = ab["paired_vs_DPO"][name]
+            x = [r["against_round"] + (j - len(arms) / 2) * 0.03 for r in rows]
+            y = [r["mean"] for r in rows]
+            err = [[r["mean"] - r["ci95"][0] for r in rows], [r["ci95"][1] - r["mean"] for r in rows]] \
+                if all(r["ci95"] for r in rows) else None
+            offline = ab["arms"][name]["offline"]
+            h = ax.errorbar(x, y, yerr=err, fmt="s" if offline else "o", ls="none" if offline else "-",
+                            color=cmap(bases.index(name.removeprefix("hard: ")) % 10), capsize=3, ms=5, label=name.removeprefix("hard: "))
+            handles.setdefault(task, []).append(h)
+        ax.axhline(0, color="k", lw=1, ls="--")
+        ax.set_xticks(range(last + 1))
+        ax.set_xlabel("round (offline arms: one round on all the prompts, drawn at the last)")
+        ax.set_title(f"task `{task}`: {ab['tasks'][task]}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(handles=handles[task], fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.18), ncol=2)
+    axes[0][0].set_ylabel("held-out true reward minus the task's DPO\n(fraction of positions right; 0 = DPO)")
+    fig.suptitle(f"Ablation: paired difference to iterative DPO, mean and 95% interval over "
+                 f"{len(ab['per_seed'])} seed(s)", fontsize=10)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    pyplot().close(fig)

@@ -70,6 +70,12 @@ FULL = {
         "reference": "initial",
     },
 }
+# The pre-registered ablation (results/ablation/PLAN.md): the `iterative` setting, 5 seeds, two tasks
+FULL["ablation"] = {
+    **FULL["iterative"],
+    "seeds": [0, 1, 2, 3, 4],
+    "tasks": {"main": {}, "hard": {"num_digits": 8, "num_demos": 64, "sft_steps": 60}},
+}
 QUICK = {
     "seeds": [0],
     "identity": {"num_pairs": 4, "betas": [0.1], "model_size": [32, 64, 1, 2, 1], "max_length": 96},
@@ -106,6 +112,13 @@ QUICK = {
         "epochs": 1,
         "batch_size": 8,
     },
+}
+QUICK["ablation"] = {
+    **QUICK["iterative"],
+    "seeds": [0, 1],
+    "prompts_per_round": 8,
+    "num_heldout": 8,
+    "tasks": {"main": {}, "hard": {"num_digits": 8, "num_demos": 32, "sft_steps": 10}},
 }
 
 
