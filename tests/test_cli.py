@@ -411,3 +411,18 @@ def test_deepspeed_cpu_notice_only_where_deepspeed_is_used(tmp_path):
     launched = subprocess.run([sys.executable, "-c", code, "make-tiny-model", str(tmp_path / "m2")],
                               capture_output=True, text=True, timeout=300, env={**env, "ACCELERATE_USE_DEEPSPEED": "true"})
     assert launched.returncode == 0 and "Setting accelerator to CPU" in launched.stdout + launched.stderr
+
+
+@pytest.mark.parametrize("loss", ["nca", "infonca"])
+def test_paper_recipe_uses_the_papers_one_hot_targets(loss):
+    """The recipe that claims the paper's setup has the authors' released behaviour (temperature_alpha 1e-4 on 1-10
+    scores: the one-hot limit, alpha 0); the graded-target variant is its own recipe, otherwise the same run."""
+    paper_path = REPO / "recipes" / "mistral-7b" / f"{loss}_ultrafeedback.yaml"
+    graded_path = REPO / "recipes" / "mistral-7b" / f"{loss}_ultrafeedback_graded.yaml"
+    assert "the paper's setup" in paper_path.read_text().splitlines()[0]
+    assert "not the paper's setting" in graded_path.read_text()
+    paper, graded = (yaml.safe_load(p.read_text()) for p in (paper_path, graded_path))
+    assert paper["alpha"] == 0.0 and graded["alpha"] == 1.0
+    assert graded["output_dir"] != paper["output_dir"]
+    same = {k: v for k, v in paper.items() if k not in ("alpha", "output_dir")}
+    assert same == {k: v for k, v in graded.items() if k not in ("alpha", "output_dir")}
