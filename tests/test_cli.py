@@ -399,6 +399,24 @@ def test_progress_log_line_is_plain_text():
     assert line == "step 5/90  loss 1.386  learning_rate 0.003  epoch 0.25"
 
 
+def test_disable_tqdm_logs_plain_lines_too(capsys):
+    """With `disable_tqdm` transformers prints each log as a dict of quoted strings (PrinterCallback): swapped for the
+    same plain lines as the progress bar's."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerState, TrainingArguments
+    from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, PrinterCallback, TrainerControl
+
+    from nca_trl.runtime.progress import ReadablePrinterCallback, use_readable_progress
+
+    handler = CallbackHandler([DefaultFlowCallback, PrinterCallback], None, None, None, None)
+    use_readable_progress(SimpleNamespace(callback_handler=handler))
+    assert [type(cb) for cb in handler.callbacks] == [DefaultFlowCallback, ReadablePrinterCallback]
+    state = TrainerState(global_step=5, max_steps=90)
+    handler.on_log(TrainingArguments("unused", report_to="none"), state, TrainerControl(), {"loss": 1.3862943})
+    assert capsys.readouterr().out == "step 5/90  loss 1.386\n"
+
+
 def test_deepspeed_cpu_notice_only_where_deepspeed_is_used(tmp_path):
     """accelerate imports DeepSpeed whenever it is installed: every command printed "Setting accelerator to CPU. If
     you have GPU or other accelerator, we were unable to detect it.", also without DeepSpeed."""

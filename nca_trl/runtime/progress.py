@@ -4,16 +4,17 @@ transformers' `ProgressCallback`, with three changes: a log line is `step 5/90  
 (not a dict of quoted strings); an evaluation during training gets no bar nested in the training bar where the
 output is not a terminal (a log file showed both bars interleaved, with escape codes; its log line, with its
 `*_runtime`, says it ran); and the training bar's clock restarts after the evaluation at step 0 (`eval_on_start`), whose time made the first ETA
-read over an hour.
+read over an hour. With `disable_tqdm` (no bars), transformers' `PrinterCallback` printed the same dicts: its
+replacement prints the same log lines.
 """
 
 from __future__ import annotations
 
 import sys
 
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-__all__ = ["ReadableProgressCallback", "format_log_line", "use_readable_progress"]
+__all__ = ["ReadablePrinterCallback", "ReadableProgressCallback", "format_log_line", "use_readable_progress"]
 
 
 def format_log_line(step: int, max_steps: int, logs: dict) -> str:
@@ -51,9 +52,19 @@ class ReadableProgressCallback(ProgressCallback):
             self.training_bar.write(format_log_line(state.global_step, state.max_steps, logs))
 
 
+class ReadablePrinterCallback(PrinterCallback):
+    """`PrinterCallback` (used with `disable_tqdm`) printing `format_log_line` lines instead of dicts."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_local_process_zero and logs:
+            print(format_log_line(state.global_step, state.max_steps, logs), flush=True)
+
+
 def use_readable_progress(trainer) -> None:
-    """Swap transformers' `ProgressCallback` of `trainer` (present unless `disable_tqdm`) for the readable one."""
+    """Swap transformers' `ProgressCallback` of `trainer` (present unless `disable_tqdm`), or its `PrinterCallback`
+    (with `disable_tqdm`), for the readable one."""
     handler = trainer.callback_handler
-    if any(type(cb) is ProgressCallback for cb in handler.callbacks):
-        handler.remove_callback(ProgressCallback)
-        handler.add_callback(ReadableProgressCallback())
+    for old, new in ((ProgressCallback, ReadableProgressCallback), (PrinterCallback, ReadablePrinterCallback)):
+        if any(type(cb) is old for cb in handler.callbacks):
+            handler.remove_callback(old)
+            handler.add_callback(new())
