@@ -12,10 +12,15 @@ so the rotary embeddings see the same positions as in the plain layout.
 
 Attention: a completion attends to the shared prompt prefix and causally to its own tokens, never to the other
 completions or to other prompts. The model's linear layers (most of the FLOPs) run on the `T` real tokens only; the
-attention itself is computed per *segment* (a prompt prefix, or one completion with its prompt as context) by a
-function registered in transformers' `AttentionInterface`, which gathers each segment's queries and keys into a
-small padded batch and runs `torch.nn.functional.scaled_dot_product_attention` on it. Models that do not dispatch
-their attention through that interface fall back to the plain layout (see `enable_shared_prompt`).
+attention is one variable-length call per layer (`nca_trl.varlen`): each *segment* (a prompt prefix, or one
+completion) is one sequence of the call, its queries in place in the row and its keys gathered as
+`[its prompt's prefix; its own tokens]`, with causal masking aligned bottom-right. The function doing it is
+registered in transformers' `AttentionInterface` under `nca_shared_prompt|<implementation>` and hands every other
+call (plain batches, generation) to the model's own implementation. Models that do not dispatch their attention
+through that interface keep the plain layout (see `enable_shared_prompt`).
+
+On a GPU the layout pays only where the prompts are long and a fused varlen kernel runs it: `shared_prompt_pays` is
+the rule `shared_prompt=None` applies per batch there (its constants and the measurements they rest on are below).
 """
 
 from __future__ import annotations
@@ -24,24 +29,67 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from .varlen import VarlenLayout, select_kernel, varlen_attention
 
 logger = logging.getLogger("nca_trl")
 
 __all__ = [
+    "GPU_AUTO_MIN_PROMPT_TOKENS",
+    "GPU_AUTO_MIN_TOKEN_RATIO",
+    "LAYOUT_KEYS",
     "build_shared_prompt_batch",
     "enable_shared_prompt",
+    "is_shared_prompt_batch",
     "is_shared_prompt_enabled",
+    "original_attention_implementation",
     "shared_prompt_attention",
-    "LAYOUT_KEYS",
+    "shared_prompt_pays",
 ]
 
-# Batch keys of the shared-prompt layout that the attention function reads (passed to the model as `nca_layout`)
-LAYOUT_KEYS = ("segment_q_index", "segment_kv_index", "segment_mask", "segment_q_real")
+# Batch keys of the shared-prompt layout that the attention reads (passed to the model as `nca_layout`)
+LAYOUT_KEYS = VarlenLayout.KEYS
 _PREFIX = "nca_shared_prompt|"
+# Attention implementations whose models can take the layout (the attention itself is always `nca_trl.varlen`'s)
+_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+
+# The GPU rule of `shared_prompt=None` (`shared_prompt_pays`), per batch, once a fused CUDA varlen kernel is there.
+# No GPU measurement of this project's varlen path exists yet: until one does, the thresholds are those where the
+# published measurement of the same design gained in every setting. li-plus/flash-preference, tests/perf.csv
+# (Qwen2.5-7B, FlashAttention-2 varlen, one A800, K = 2, 81 prompt x response lengths from 64 to 16k): in the 39
+# settings with prompts of at least 512 tokens and a token ratio of at least 1.25 the step was 1.22-1.88x faster;
+# outside them, 1.00-1.43x (prompts of 64-128 tokens: 1.00-1.13x). The token ratio is what the layout saves:
+# plain-layout real tokens (each prompt K times) over shared-layout tokens.
+GPU_AUTO_MIN_PROMPT_TOKENS = 512
+GPU_AUTO_MIN_TOKEN_RATIO = 1.25
 
 
-def build_shared_prompt_batch(examples: list[dict], max_length: int | None) -> dict[str, torch.Tensor]:
+def is_shared_prompt_batch(batch) -> bool:
+    """Whether a collated batch is in the shared-prompt layout (else the plain padded one)."""
+    return "cu_seqlens_q" in batch
+
+
+def _layout_lengths(example: dict, max_length: int | None) -> tuple[int, list[int]]:
+    """A prompt's length and its completions' lengths as the shared-prompt layout keeps them."""
+    p = len(example["prompt_ids"])
+    cap = max(max_length - p, 0) if max_length is not None else None
+    return p, [len(c) if cap is None else min(len(c), cap) for c in example["completion_ids"]]
+
+
+def shared_prompt_pays(examples: list[dict], max_length: int | None) -> bool:
+    """The GPU rule of `shared_prompt=None`: True where the batch's mean prompt length is at least
+    `GPU_AUTO_MIN_PROMPT_TOKENS` and the plain layout would process at least `GPU_AUTO_MIN_TOKEN_RATIO` times the
+    shared-prompt layout's tokens (real tokens, padding not counted)."""
+    prompt_tokens = plain = shared = 0
+    for example in examples:
+        p, completions = _layout_lengths(example, max_length)
+        prompt_tokens += p
+        plain += sum(min(p + c, max_length) if max_length is not None else p + c for c in completions)
+        shared += p - 1 + sum(1 + c for c in completions)
+    return prompt_tokens >= GPU_AUTO_MIN_PROMPT_TOKENS * len(examples) and plain >= GPU_AUTO_MIN_TOKEN_RATIO * shared
+
+
+def build_shared_prompt_batch(examples: list[dict], max_length: int | None) -> dict[str, torch.Tensor | int]:
     """Lay out a batch of tokenized rated examples as one flat row (see the module docstring).
 
     Args:
@@ -53,13 +101,13 @@ def build_shared_prompt_batch(examples: list[dict], max_length: int | None) -> d
         - `token_sequence`: `[T]`, the sequence index (slot-major, as in the plain layout) a scored token belongs to,
           -1 elsewhere; `token_column` `[T]` and `plain_width` (scalar): the column of the token's log-prob in the plain
           layout's `[N, L - 1]` per-token tensor, and `L - 1`, so that sequence sums can be taken in the same order;
-        - per group of attention segments (the prompt prefixes, then the completions, each padded on its own), lists
-          of `segment_q_index` `[S, Lq]`, `segment_kv_index` `[S, Lkv]`: token positions of each segment's queries
-          and keys (padded with 0), `segment_mask` `[S, 1, Lq, Lkv]`: True where a query attends to a key,
-          `segment_q_real` `[S, Lq]`: True for the real (not padded) queries.
+        - the attention segments, in row order (each prompt's prefix if it has one, then its completions), as one
+          varlen call takes them (`nca_trl.varlen.VarlenLayout`): `cu_seqlens_q` `[S + 1]` and `cu_seqlens_k`
+          `[S + 1]` (int32), `kv_index` `[T_k]` (int64, the row position of each segment's keys: its prompt's prefix,
+          then its own tokens), `max_seqlen_q` and `max_seqlen_k` (Python ints).
     """
     ids, pos, labels, seq, column = [], [], [], [], []
-    segments = []  # (query positions, key positions, number of context keys before the segment's own tokens)
+    segments = []  # (start in the row, number of queries, key positions), in row order
     k_max = max(len(e["completion_ids"]) for e in examples)
     # Sequence numbers in slot-major order: completion i of prompt b is sequence seq_no[b][i]
     seq_no, n = [[None] * len(e["completion_ids"]) for e in examples], 0
@@ -73,7 +121,10 @@ def build_shared_prompt_batch(examples: list[dict], max_length: int | None) -> d
         prompt = e["prompt_ids"]
         p = len(prompt)
         if p == 0:
-            raise ValueError("the shared-prompt layout needs at least one prompt token (e.g. BOS) per example")
+            raise ValueError(
+                f"example {b} of the batch has an empty prompt: the shared-prompt layout needs at least one prompt "
+                "token (e.g. BOS) per example. Add a BOS token to the prompts, or set shared_prompt=False."
+            )
         start = len(ids)
         prefix = list(range(start, start + p - 1))
         ids += prompt[:-1]
@@ -82,7 +133,7 @@ def build_shared_prompt_batch(examples: list[dict], max_length: int | None) -> d
         seq += [-1] * (p - 1)
         column += [-1] * (p - 1)
         if prefix:
-            segments.append((prefix, prefix, 0))
+            segments.append((start, len(prefix), prefix))
         for i, completion in enumerate(e["completion_ids"]):
             if max_length is not None:
                 completion = completion[: max(max_length - p, 0)]
@@ -95,13 +146,9 @@ def build_shared_prompt_batch(examples: list[dict], max_length: int | None) -> d
             # Where the plain layout keeps this token's log-prob: column p - 1 + j of its [N, L - 1] per-token row
             column += list(range(p - 1, p - 1 + len(completion))) + [-1]
             plain_width = max(plain_width, p + len(completion) - 1)
-            own_positions = list(range(first, first + len(own)))
-            segments.append((own_positions, prefix + own_positions, len(prefix)))
+            segments.append((first, len(own), prefix + list(range(first, first + len(own)))))
 
-    # Prompt prefixes and completions have very different lengths: each kind is its own padded attention batch
-    groups = [g for g in ([x for x in segments if x[2] == 0], [x for x in segments if x[2] > 0]) if g]
-    tensors = [_segment_tensors(group) for group in groups]
-
+    layout = VarlenLayout.from_segments(segments)
     return {
         "input_ids": torch.tensor([ids]),
         "position_ids": torch.tensor([pos]),
@@ -109,59 +156,43 @@ def build_shared_prompt_batch(examples: list[dict], max_length: int | None) -> d
         "token_sequence": torch.tensor(seq),
         "token_column": torch.tensor(column),
         "plain_width": torch.tensor(plain_width),
-        **{key: [t[i] for t in tensors] for i, key in enumerate(LAYOUT_KEYS)},
+        **{key: getattr(layout, key) for key in LAYOUT_KEYS},
     }
 
 
-def _segment_tensors(segments: list[tuple[list[int], list[int], int]]) -> tuple[torch.Tensor, ...]:
-    """Padded index and mask tensors of a group of attention segments (query positions, key positions, context)."""
-    lq = max(len(q) for q, _, _ in segments)
-    lkv = max(len(kv) for _, kv, _ in segments)
-    q_index = torch.zeros(len(segments), lq, dtype=torch.long)
-    kv_index = torch.zeros(len(segments), lkv, dtype=torch.long)
-    for s, (q, kv, _) in enumerate(segments):
-        q_index[s, : len(q)] = torch.tensor(q)
-        kv_index[s, : len(kv)] = torch.tensor(kv)
-    q_len = torch.tensor([len(q) for q, _, _ in segments]).view(-1, 1, 1)
-    kv_ctx = torch.tensor([c for _, _, c in segments]).view(-1, 1, 1)
-    kv_len = torch.tensor([len(kv) for _, kv, _ in segments]).view(-1, 1, 1)
-    # Query j of a segment sees the context and its own keys 0..j; padded queries see key 0 only (no NaN rows)
-    qj = torch.arange(lq).view(1, lq, 1)
-    kj = torch.arange(lkv).view(1, 1, lkv)
-    mask = (kj < kv_len) & (kj <= kv_ctx + qj)
-    mask |= (qj >= q_len) & (kj == 0)
-    return q_index, kv_index, mask.unsqueeze(1), torch.arange(lq).view(1, lq) < q_len.view(-1, 1)
-
-
 def shared_prompt_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention over the segments of a shared-prompt row; any other call goes to the original implementation.
+    """Attention over the segments of a shared-prompt row in one varlen call (`nca_trl.varlen`); any other call goes
+    to the model's own implementation.
 
     `query` is `[1, H, T, D]`, `key`/`value` `[1, H_kv, T, D]`; returns `[1, T, H, D]` like transformers' kernels.
+    The row's `VarlenLayout` comes as the `nca_layout` keyword; `attention_mask` is not read.
     """
     layout = kwargs.pop("nca_layout", None)
+    original = module.config._attn_implementation[len(_PREFIX) :]
     if layout is None:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-        original = module.config._attn_implementation[len(_PREFIX) :]
         if original == "eager":
             from transformers.models.llama.modeling_llama import eager_attention_forward as original_fn
         else:
             original_fn = ALL_ATTENTION_FUNCTIONS[original]
         return original_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    _, heads, t, d = query.shape
-    final = torch.empty(t, heads, d, dtype=query.dtype, device=query.device)
-    for q_index, kv_index, mask, q_real in zip(*(layout[k] for k in LAYOUT_KEYS)):
-        if kwargs.get("sliding_window") is not None and kv_index.size(1) > kwargs["sliding_window"]:
-            raise ValueError("a segment is longer than the model's sliding window: use the plain layout")
-        q = query[0][:, q_index].transpose(0, 1)  # [S, H, Lq, D]
-        k = key[0][:, kv_index].transpose(0, 1)  # [S, H_kv, Lkv, D]
-        v = value[0][:, kv_index].transpose(0, 1)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=k.size(1) != heads
-        )  # [S, H, Lq, D]
-        # Scatter the segments' real queries back to their token positions (every token is the query of one segment)
-        final = final.index_copy(0, q_index[q_real], out.transpose(1, 2)[q_real].to(final.dtype))
-    return final.unsqueeze(0), None
+    if query.size(0) != 1:
+        raise ValueError(f"a shared-prompt batch is one row, got a batch of {query.size(0)} rows")
+    window = kwargs.get("sliding_window")
+    if window is not None and layout.max_seqlen_k > window:
+        raise ValueError(
+            f"a segment has {layout.max_seqlen_k} keys (its prompt and completion), more than the model's sliding "
+            f"window of {window}: set shared_prompt=False for the plain layout, or a max_length within the window"
+        )
+    for name in ("softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"the shared-prompt attention does not implement `{name}`: set shared_prompt=False")
+    kernel = select_kernel(query.device, query.dtype, original)
+    out = varlen_attention(
+        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), layout, kernel, scaling, dropout
+    )  # [T, H, D], row order
+    return out.unsqueeze(0), None
 
 
 def _register(original: str) -> str:
@@ -170,6 +201,8 @@ def _register(original: str) -> str:
 
     name = _PREFIX + original
     ALL_ATTENTION_FUNCTIONS.register(name, shared_prompt_attention)
+    # Plain batches and generation build the original's mask; a shared-prompt batch passes a prepared [1, 1, 1, T]
+    # mask, which transformers returns as is (no T x T mask is built for it)
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
     return name
 
@@ -183,9 +216,10 @@ class SharedPromptSupport:
 def enable_shared_prompt(model) -> SharedPromptSupport:
     """Route `model`'s attention through `shared_prompt_attention` if it can take the layout.
 
-    Supported: decoder-only models whose attention modules dispatch through transformers' `AttentionInterface` with
-    the `eager` or `sdpa` implementation, without sliding-window layers shorter than the sequences (checked per
-    batch). Anything else returns `enabled=False` and the reason, and the caller keeps the plain layout.
+    Supported: decoder-only models whose attention modules dispatch through transformers' `AttentionInterface`, loaded
+    with `eager`, `sdpa`, `flash_attention_2/3/4` or a hub flash-attention kernel, without sliding-window layers
+    shorter than the segments (checked per batch). Anything else returns `enabled=False` and the reason, and the
+    caller keeps the plain layout.
     """
     config = model.config.get_text_config()
     implementation = config._attn_implementation or "eager"
@@ -194,8 +228,11 @@ def enable_shared_prompt(model) -> SharedPromptSupport:
     peft_config = getattr(model, "peft_config", None)
     if peft_config and any(c.is_prompt_learning for c in peft_config.values()):
         return SharedPromptSupport(False, "prompt-learning PEFT adds virtual tokens to every sequence")
-    if implementation not in ("eager", "sdpa"):
-        return SharedPromptSupport(False, f"attention implementation {implementation!r} is not eager or sdpa")
+    if implementation not in _IMPLEMENTATIONS and "/" not in implementation:
+        return SharedPromptSupport(
+            False, f"attention implementation {implementation!r} is not one of {', '.join(_IMPLEMENTATIONS)} or a "
+            "hub flash-attention kernel"
+        )
     if config is not model.config:
         return SharedPromptSupport(False, "multimodal models are not supported")
     module_names = {type(m).__module__ for m in model.modules() if type(m).__name__.endswith("Attention")}
@@ -208,6 +245,12 @@ def enable_shared_prompt(model) -> SharedPromptSupport:
 def is_shared_prompt_enabled(model) -> bool:
     """Whether `model`'s attention was routed through `shared_prompt_attention` by `enable_shared_prompt`."""
     return (model.config.get_text_config()._attn_implementation or "").startswith(_PREFIX)
+
+
+def original_attention_implementation(model) -> str:
+    """The attention implementation `model` was loaded with (before `enable_shared_prompt`)."""
+    implementation = model.config.get_text_config()._attn_implementation or "eager"
+    return implementation[len(_PREFIX) :] if implementation.startswith(_PREFIX) else implementation
 
 
 def _uses_attention_interface(module_name: str) -> bool:

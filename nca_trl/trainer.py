@@ -43,11 +43,19 @@ from .data.formats import PAIR_COLUMN
 from .data.tokenize import prepare_rated_dataset, with_row_index
 from .losses import infonca_loss, nca_loss
 from .metrics import best_slots, from_slots, sequence_metrics, to_slots
-from .packing import LAYOUT_KEYS, enable_shared_prompt, is_shared_prompt_enabled
+from .packing import (
+    GPU_AUTO_MIN_PROMPT_TOKENS,
+    GPU_AUTO_MIN_TOKEN_RATIO,
+    enable_shared_prompt,
+    is_shared_prompt_batch,
+    is_shared_prompt_enabled,
+    original_attention_implementation,
+)
 from .ref_cache import precompute_ref_logps
 from .runtime.output_dir import check_output_dir
 from .runtime.progress import use_readable_progress
 from .runtime.safety import RunSafetyMixin
+from .varlen import VarlenLayout, cuda_varlen_kernel
 
 __all__ = ["NCATrainer", "InfoNCATrainer", "trainer_for_loss"]
 
@@ -264,7 +272,10 @@ class _RatedCompletionsTrainer(RunSafetyMixin, DPOTrainer):
 
     def _setup_layout(self):
         """Switch the collator to the shared-prompt layout if the config asks for it and the policy and reference
-        models can take it; otherwise keep the plain layout and log why. Idempotent."""
+        models can take it; otherwise keep the plain layout and log why. Idempotent.
+
+        `shared_prompt=None` (automatic): on a CPU, every batch; on a CUDA GPU with a fused varlen kernel, in float16 or
+        bfloat16, the batches whose prompts are long enough (`nca_trl.packing.shared_prompt_pays`); else plain."""
         if getattr(self, "_layout_checked", False):
             return
         self._layout_checked = True
@@ -279,12 +290,11 @@ class _RatedCompletionsTrainer(RunSafetyMixin, DPOTrainer):
         requested = getattr(self.args, "shared_prompt", None)  # None: automatic
         if requested is False:
             return
-        if requested is None and not self._padding_free and self.accelerator.device.type != "cpu":
-            # Measured on an H200 (results/gpu_results.json): the per-segment attention of this layout makes a step
-            # 3.5-5x slower than the plain layout on a GPU, while it is 1.2-2.4x faster on a CPU
-            logger.info("Plain padded layout on %s (shared_prompt=None, automatic): the shared-prompt layout is slower "
-                        "on GPUs. Set shared_prompt=True to force it.", self.accelerator.device.type)
-            return
+        automatic_on_gpu = requested is None and not self._padding_free and self.accelerator.device.type != "cpu"
+        if automatic_on_gpu:
+            kernel_name = self._gpu_varlen_kernel()
+            if kernel_name is None:
+                return
         reason = ""
         if self.args.truncation_mode != "keep_start":
             reason = f"truncation_mode={self.args.truncation_mode!r} cuts each sequence's prompt differently"
@@ -306,6 +316,36 @@ class _RatedCompletionsTrainer(RunSafetyMixin, DPOTrainer):
             logger.warning("Shared-prompt layout disabled, using the plain padded layout: %s.", reason)
             return
         collator.shared_prompt = True
+        if automatic_on_gpu:
+            collator.auto_layout = True
+            logger.info(
+                "Shared-prompt layout (shared_prompt=None, automatic) on %s with %s, for the batches whose mean prompt "
+                "length is at least %d tokens and whose plain layout would take at least %.2fx the tokens; the plain "
+                "padded layout for the others. Set shared_prompt=True or False to fix the layout.",
+                self.accelerator.device.type, kernel_name, GPU_AUTO_MIN_PROMPT_TOKENS, GPU_AUTO_MIN_TOKEN_RATIO,
+            )
+
+    def _gpu_varlen_kernel(self) -> str | None:
+        """For `shared_prompt=None` on an accelerator: the fused varlen kernel the shared-prompt layout would run with,
+        or None (logged: the plain layout stays) where there is none or training is not in float16/bfloat16."""
+        device = self.accelerator.device
+        model = self.accelerator.unwrap_model(self.model)
+        half = self.args.bf16 or self.args.fp16 or getattr(model, "dtype", None) in (torch.float16, torch.bfloat16)
+        if device.type != "cuda":
+            kernel, why = None, f"nca-trl has no fused varlen kernel for {device.type}"
+        else:
+            kernel, why = cuda_varlen_kernel(original_attention_implementation(model), device)
+            if kernel is not None and not half:
+                kernel, why = None, "training runs in float32, and the fused varlen kernels take float16/bfloat16"
+        if kernel is None:
+            # Measured on an H200 (results/gpu_results.json): without a fused varlen kernel, the masked SDPA path
+            # made a step 3.5-5x slower than the plain layout
+            logger.info(
+                "Plain padded layout on %s (shared_prompt=None, automatic): %s. Set shared_prompt=True to force the "
+                "shared-prompt layout.", device.type, why,
+            )
+            return None
+        return kernel.name
 
     # ------------------------------------------------------------------------------------------------ data
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -324,7 +364,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, DPOTrainer):
         (`log_probs`, `entropy`, ...) at the M scored completion tokens, `token_sequence` `[M]` gives each scored
         token's sequence, and `logps` `[N]` is each sequence's summed log-prob (slot-major order).
         """
-        if "segment_q_index" in inputs:  # shared-prompt layout: one flat row
+        if is_shared_prompt_batch(inputs):  # shared-prompt layout: one flat row
             if not is_shared_prompt_enabled(self.accelerator.unwrap_model(model)):
                 raise RuntimeError("A shared-prompt batch reached a model whose attention was not set up for it.")
             input_ids = inputs["input_ids"]
@@ -335,7 +375,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, DPOTrainer):
                 # attention pattern); as [1, 1, 1, T] ones it also tells the MoE aux loss that every token is real
                 attention_mask=torch.ones(1, 1, 1, input_ids.size(1), dtype=torch.bool, device=input_ids.device),
                 shift_labels=inputs["shift_labels"],
-                nca_layout={key: inputs[key] for key in LAYOUT_KEYS},
+                nca_layout=VarlenLayout.from_batch(inputs),
                 use_cache=False,
                 fused_lm_head=True,
                 **model_kwargs,
@@ -427,7 +467,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, DPOTrainer):
                 FutureWarning,
                 stacklevel=2,
             )
-            if "segment_q_index" in inputs:
+            if is_shared_prompt_batch(inputs):
                 raise ValueError("`return_outputs=True` (logits for compute_metrics) needs `shared_prompt=False`.")
             with torch.no_grad():
                 outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])

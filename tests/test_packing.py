@@ -43,21 +43,13 @@ def test_layout_structure():
     assert batch["shift_labels"].tolist() == [[-100, -100, 4, 5, -100, 6, -100, 8, -100, 9, 10, -100, 11, -100]]
     # Sequences are numbered slot-major like the plain layout: (b0,c0)=0 (b1,c0)=1 (b0,c1)=2 (b1,c1)=3 (b1,c2)=4
     assert batch["token_sequence"].tolist() == [-1, -1, 0, 0, -1, 2, -1, 1, -1, 3, 3, -1, 4, -1]
-    # Two attention groups, each padded on its own: segments without context (prompt 0's prefix [1, 2], and the 3
-    # completions of prompt 1, whose prompt is its last token only), then prompt 0's 2 completions
-    assert [q.shape[0] for q in batch["segment_q_index"]] == [4, 2]
-    # Every token is the query of exactly one segment
-    q = torch.cat([q[real] for q, real in zip(batch["segment_q_index"], batch["segment_q_real"])])
-    assert sorted(q.tolist()) == list(range(14))
-    # The second completion of prompt 0 (tokens 5, 6) sees the prefix (0, 1) and itself, never the first completion
-    (q_index, kv_index, mask), = [
-        (q, kv, m) for q, kv, m in zip(batch["segment_q_index"], batch["segment_kv_index"], batch["segment_mask"])
-        if 5 in q.tolist() or any(5 in row for row in q.tolist())
-    ]
-    s = next(i for i, row in enumerate(q_index.tolist()) if row[:2] == [5, 6])
-    keys = kv_index[s]
-    seen = {int(keys[j]) for j in range(keys.numel()) if mask[s, 0, 1, j]}
-    assert seen == {0, 1, 5, 6}
+    # Attention segments in row order, one varlen call: prompt 0's prefix [1, 2] (keys: itself), its completions
+    # (keys: the prefix, then their own tokens), then prompt 1's completions (its prefix is empty: own tokens only)
+    assert batch["cu_seqlens_q"].tolist() == [0, 2, 5, 7, 9, 12, 14]
+    assert batch["cu_seqlens_k"].tolist() == [0, 2, 7, 11, 13, 16, 18]
+    assert batch["kv_index"].tolist() == [0, 1, 0, 1, 2, 3, 4, 0, 1, 5, 6, 7, 8, 9, 10, 11, 12, 13]
+    assert batch["cu_seqlens_q"].dtype == batch["cu_seqlens_k"].dtype == torch.int32
+    assert (batch["max_seqlen_q"], batch["max_seqlen_k"]) == (3, 5) and isinstance(batch["max_seqlen_q"], int)
 
 
 @pytest.mark.slow

@@ -1,0 +1,256 @@
+"""The shared-prompt attention as one varlen call (`nca_trl.varlen`): gather, boundaries and bottom-right causal masking
+against a dense T x T mask, its gradients, the kernels' signatures, and the whole path in a model."""
+
+import inspect
+import logging
+import random
+
+import pytest
+import torch
+from torch.nn.attention.bias import causal_lower_right
+
+from nca_trl import varlen
+from nca_trl.packing import build_shared_prompt_batch, shared_prompt_pays
+from nca_trl.varlen import (
+    VarlenLayout,
+    flash_attn_kernel,
+    padded_varlen,
+    reference_varlen,
+    select_kernel,
+    torch_varlen_kernel,
+    varlen_attention,
+)
+
+KERNELS = {"reference": reference_varlen, "padded": padded_varlen}
+
+
+def random_examples(rng: random.Random, n: int) -> list[dict]:
+    """Ragged K (1-4), prompts of 1-6 tokens (1: no prefix segment), completions of 0-5 tokens (0 or 1: segments of
+    one or two tokens)."""
+    return [
+        {
+            "prompt_ids": [rng.randrange(100) for _ in range(rng.randint(1, 6))],
+            "completion_ids": [[rng.randrange(100) for _ in range(rng.randint(0, 5))] for _ in range(rng.randint(1, 4))],
+        }
+        for _ in range(n)
+    ]
+
+
+def dense_mask(examples: list[dict]) -> torch.Tensor:
+    """`[T, T]` True where a token of the row may attend to another, written from the examples alone: a prompt token
+    sees its prompt's earlier tokens; a completion's tokens (with the repeated last prompt token in front) see their
+    whole prompt prefix and their own earlier tokens."""
+    owners = []  # per row position: (prompt, completion or -1 for the prefix)
+    for b, e in enumerate(examples):
+        owners += [(b, -1)] * (len(e["prompt_ids"]) - 1)
+        for i, c in enumerate(e["completion_ids"]):
+            owners += [(b, i)] * (1 + len(c))
+    t = len(owners)
+    mask = torch.zeros(t, t, dtype=torch.bool)
+    for q, (bq, iq) in enumerate(owners):
+        for k, (bk, ik) in enumerate(owners):
+            mask[q, k] = bq == bk and ((ik == -1 and (iq != -1 or k <= q)) or (ik == iq and k <= q))
+    return mask
+
+
+def dense_attention(q, k, v, mask, scale):
+    """`[T, H, D]` queries over `[T, H_kv, D]` keys with a `[T, T]` boolean mask, by hand."""
+    n_rep = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    return torch.einsum("hqk,khd->qhd", scores.masked_fill(~mask, float("-inf")).softmax(-1), v)
+
+
+def qkv(t, heads, kv_heads, dim, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(t, h, dim, generator=g, dtype=dtype, requires_grad=True) for h in (heads, kv_heads, kv_heads)]
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_varlen_forward_and_gradients_equal_dense_mask(kernel):
+    """float64, random layouts: output and dQ/dK/dV of gather + one varlen call equal dense attention over T x T."""
+    fn = varlen.VarlenKernel(kernel, KERNELS[kernel])
+    rng = random.Random(0)
+    for trial, kv_heads in enumerate((1, 2, 4, 1, 2, 4)):
+        examples = random_examples(rng, rng.randint(1, 4))
+        if trial == 0:  # always covered: a prompt of one token, one-token segments, ragged K
+            examples[0] = {"prompt_ids": [5], "completion_ids": [[], [7], [1, 2, 3]]}
+        batch = build_shared_prompt_batch(examples, max_length=None)
+        layout = VarlenLayout.from_batch(batch)
+        t = batch["input_ids"].size(1)
+        q, k, v = qkv(t, 4, kv_heads, 8, seed=trial)
+        grad_out = torch.randn(t, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(99))
+        results = []
+        for f in (lambda: varlen_attention(q, k, v, layout, fn, 0.3),
+                  lambda: dense_attention(q, k, v, dense_mask(examples), 0.3)):
+            out = f()
+            grads = torch.autograd.grad(out, (q, k, v), grad_out)
+            results.append((out, *grads))
+        for name, got, want in zip(("out", "dq", "dk", "dv"), *results):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=f"trial {trial} {name}")
+
+
+def test_varlen_gradcheck():
+    examples = [{"prompt_ids": [1, 2, 3], "completion_ids": [[4], [5, 6]]}, {"prompt_ids": [7], "completion_ids": [[8]]}]
+    layout = VarlenLayout.from_batch(build_shared_prompt_batch(examples, max_length=None))
+    q, k, v = qkv(layout.cu_seqlens_q[-1].item(), 2, 1, 3, seed=1)
+    for name, fn in KERNELS.items():
+        kernel = varlen.VarlenKernel(name, fn)
+        assert torch.autograd.gradcheck(
+            lambda q, k, v: varlen_attention(q, k, v, layout, kernel), (q, k, v), fast_mode=True
+        ), name
+
+
+def test_layout_integers_and_truncation():
+    examples = [{"prompt_ids": [1, 2, 3, 4], "completion_ids": [[5, 6, 7, 8], [9]]}]
+    batch = build_shared_prompt_batch(examples, max_length=6)  # completions cut to 6 - 4 = 2 tokens
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 4, 9]]
+    assert batch["cu_seqlens_q"].tolist() == [0, 3, 6, 8] and batch["cu_seqlens_q"].dtype == torch.int32
+    assert batch["cu_seqlens_k"].tolist() == [0, 3, 9, 14] and batch["cu_seqlens_k"].dtype == torch.int32
+    assert batch["kv_index"].tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5, 0, 1, 2, 6, 7]
+    assert (batch["max_seqlen_q"], batch["max_seqlen_k"]) == (3, 6)
+    assert type(batch["max_seqlen_q"]) is int and type(batch["max_seqlen_k"]) is int
+
+
+# ------------------------------------------------------------------------------------------------ CUDA kernels
+def _fake(causal_of, gqa_of=lambda kw: False, scale_of=lambda kw: None, calls=None):
+    """A stand-in for a CUDA kernel: checks what it is given, then computes with causal bottom-right masking only if
+    `causal_of(kwargs)` says so (no masking at all otherwise, which the test's comparison would catch)."""
+
+    def run(q, k, v, cu_q, cu_k, max_q, max_k, kwargs):
+        assert cu_q.dtype == cu_k.dtype == torch.int32
+        assert type(max_q) is int and type(max_k) is int
+        assert max_q == int((cu_q[1:] - cu_q[:-1]).max()) and max_k == int((cu_k[1:] - cu_k[:-1]).max())
+        if k.size(1) != q.size(1):
+            assert gqa_of(kwargs), "fewer key/value heads without GQA"
+            k, v = k.repeat_interleave(q.size(1) // k.size(1), 1), v.repeat_interleave(q.size(1) // k.size(1), 1)
+        calls.append(kwargs)
+        if causal_of(kwargs):
+            return reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale_of(kwargs))
+        bq, bk = cu_q.tolist(), cu_k.tolist()
+        return torch.cat([
+            torch.nn.functional.scaled_dot_product_attention(
+                q[bq[s]:bq[s + 1]].transpose(0, 1), k[bk[s]:bk[s + 1]].transpose(0, 1), v[bk[s]:bk[s + 1]].transpose(0, 1),
+                scale=scale_of(kwargs),
+            ).transpose(0, 1) for s in range(len(bq) - 1)
+        ])
+
+    return run
+
+
+def signatures(calls):
+    """Kernels in every signature `nca_trl.varlen` supports, as (kind, function)."""
+    torch_29 = _fake(lambda kw: kw["is_causal"] is True, calls=calls)
+    torch_210 = _fake(lambda kw: tuple(kw["window_size"]) == (-1, 0), scale_of=lambda kw: kw["scale"], calls=calls)
+    torch_213 = _fake(
+        lambda kw: tuple(kw["window_size"]) == (-1, 0), gqa_of=lambda kw: kw["enable_gqa"],
+        scale_of=lambda kw: kw["scale"], calls=calls,
+    )
+    flash = _fake(lambda kw: kw["causal"] is True, gqa_of=lambda kw: True, scale_of=lambda kw: kw["softmax_scale"],
+                  calls=calls)
+
+    def varlen_attn_2_9(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        return torch_29(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, {"is_causal": is_causal})
+
+    def varlen_attn_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                         window_size=(-1, -1), k_cache=None, v_cache=None, cache_seqlens=None, page_table=None):
+        return torch_210(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, {"scale": scale, "window_size": window_size})
+
+    def varlen_attn_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                         window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+        return torch_213(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
+                         {"scale": scale, "window_size": window_size, "enable_gqa": enable_gqa})
+
+    def flash_attn_2(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                     deterministic=False, return_attn_probs=False, block_table=None):
+        return flash(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                     {"causal": causal, "softmax_scale": softmax_scale, "dropout_p": dropout_p})
+
+    def flash_attn_3(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q=None, seqused_k=None,
+                     softmax_scale=None, causal=False, qv=None, window_size=(-1, -1), deterministic=False):
+        out = flash(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                    {"causal": causal, "softmax_scale": softmax_scale})
+        return out, torch.zeros(1)  # (out, softmax_lse)
+
+    return [
+        ("torch 2.9", torch_varlen_kernel(varlen_attn_2_9)),
+        ("torch 2.10", torch_varlen_kernel(varlen_attn_2_10)),
+        ("torch 2.13", torch_varlen_kernel(varlen_attn_2_13)),
+        ("flash_attn 2", flash_attn_kernel(flash_attn_2, "flash_attn_2")),
+        ("flash_attn 3", flash_attn_kernel(flash_attn_3, "flash_attn_3")),
+    ]
+
+
+def test_cuda_kernels_get_int32_boundaries_integer_maxima_and_causal_bottom_right():
+    calls = []
+    examples = [{"prompt_ids": [1, 2, 3, 4], "completion_ids": [[5, 6], [7], []]}, {"prompt_ids": [8], "completion_ids": [[9]]}]
+    layout = VarlenLayout.from_batch(build_shared_prompt_batch(examples, max_length=None))
+    t = layout.cu_seqlens_q[-1].item()
+    want = {}
+    for kv_heads in (1, 4):
+        q, k, v = qkv(t, 4, kv_heads, 8, seed=kv_heads)
+        want[kv_heads] = dense_attention(q, k, v, dense_mask(examples), 0.2).detach()
+    for kind, kernel in signatures(calls):
+        assert kernel.cuda
+        for kv_heads in (1, 4):
+            q, k, v = qkv(t, 4, kv_heads, 8, seed=kv_heads)
+            calls.clear()
+            out = varlen_attention(q, k, v, layout, kernel, scale=0.2)
+            assert len(calls) == 1, kind  # one call per layer
+            torch.testing.assert_close(out.detach(), want[kv_heads], rtol=1e-10, atol=1e-10, msg=kind)
+        if kind == "torch 2.9":  # no `scale`: the queries were pre-scaled so that its 1/sqrt(D) gives 0.2
+            assert "scale" not in calls[-1]
+
+
+def test_kernel_order_on_cuda(monkeypatch, caplog):
+    """On CUDA in bf16: the model's flash implementation (via transformers' lazy import), then the flash_attn package,
+    then torch's varlen_attn; float32 or no kernel: the padded SDPA path; the CPU: `CPU_KERNEL`. Logged once."""
+    import torch.nn.attention.varlen as torch_varlen
+    import transformers.modeling_flash_attention_utils as fa_utils
+
+    calls = []
+    kinds = dict(signatures(calls))
+    flash_fn = inspect.unwrap(kinds["flash_attn 2"].fn)  # any function with flash_attn's signature will do
+
+    def fake_flash(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                   softmax_scale=None, causal=False):
+        return flash_fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, 0.0)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(fa_utils, "flash_attn_supports_top_left_mask", lambda: False)
+    monkeypatch.setattr(fa_utils, "lazy_import_flash_attention", lambda impl: ((None, fake_flash, None, None, None), None))
+    monkeypatch.setattr(varlen, "_selected", {})
+    cuda = torch.device("cuda")
+    with caplog.at_level(logging.INFO, logger="nca_trl"):
+        assert select_kernel(cuda, torch.bfloat16, "flash_attention_2").name == "flash_attn_varlen_func (flash_attention_2)"
+        select_kernel(cuda, torch.bfloat16, "flash_attention_2")
+    assert caplog.text.count("Shared-prompt attention on cuda (bfloat16): flash_attn_varlen_func") == 1
+    # sdpa model, no flash_attn package: torch's varlen_attn, in this torch's signature
+    monkeypatch.setattr("transformers.utils.is_flash_attn_2_available", lambda: False)
+    kernel = select_kernel(cuda, torch.bfloat16, "sdpa")
+    assert kernel.name == "torch.nn.attention.varlen.varlen_attn" and kernel.cuda
+    # float32 on CUDA, an old GPU, or the CPU: the PyTorch paths
+    assert select_kernel(cuda, torch.float32, "sdpa").fn is padded_varlen
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert select_kernel(cuda, torch.float16, "sdpa").fn is padded_varlen
+    assert select_kernel(torch.device("cpu"), torch.float32, "flash_attention_2").fn is KERNELS[varlen.CPU_KERNEL]
+    monkeypatch.delattr(torch_varlen, "varlen_attn")
+    assert varlen.cuda_varlen_kernel("sdpa")[0] is None
+    monkeypatch.setenv(varlen.KERNEL_ENV, "padded")
+    assert select_kernel(torch.device("cpu"), torch.float32, "sdpa").fn is padded_varlen
+    monkeypatch.setenv(varlen.KERNEL_ENV, "nope")
+    with pytest.raises(ValueError, match="NCA_TRL_VARLEN_KERNEL='nope'"):
+        select_kernel(torch.device("cpu"), torch.float32, "sdpa")
+
+
+def test_gpu_rule_needs_long_prompts():
+    def batch(p, c, k=4):
+        return [{"prompt_ids": [1] * p, "completion_ids": [[2] * c] * k}] * 2
+
+    assert shared_prompt_pays(batch(600, 300), max_length=None)
+    assert not shared_prompt_pays(batch(300, 100), max_length=None)  # prompts too short
+    assert not shared_prompt_pays(batch(600, 3000, k=2), max_length=None)  # completions dominate: ratio < 1.25
+    # Counted as the layouts keep them: cut to max_length, the long completions leave the prompts most of the tokens
+    assert shared_prompt_pays(batch(600, 3000, k=2), max_length=1000)
