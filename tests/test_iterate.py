@@ -237,7 +237,7 @@ def test_iterate_recipes_parse_and_their_training_fits():
     with pytest.raises(ValueError, match="bf16"):
         parse_iterate_args(["--config", str(REPO / "recipes/mistral-7b/iterate_nca.yaml")])
     big = parse_iterate_args(["--config", str(REPO / "recipes/mistral-7b/iterate_nca.yaml")], dry_run=True)
-    assert big.reward_model and big.num_completions == 4 and big.loss == "nca" and big.reference == "initial"
+    assert big.reward_model and big.num_completions == 4 and big.loss == "nca" and big.reference == "previous"
     # Every stage's arguments are built once, as objects, from the recipe
     for args in (tiny, big):
         stages = args.stages

@@ -239,3 +239,20 @@ def test_ablation_quick_mode(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "Ablation (pre-registered" in summary and "Decisions" in summary and "hard: InfoNCA ties dropped" in summary
     assert (tmp_path / "ablation_reward.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_defaults_are_the_ablations_decisions():
+    """The defaults of `ties` (train) and `reference` (iterate) are what the committed, pre-registered ablation
+    decided (results/ablation/results.json); rerunning it with another outcome fails here until the default follows."""
+    import dataclasses
+
+    from nca_trl import InfoNCAConfig, NCAConfig
+    from nca_trl.iterate.arguments import IterateArguments
+
+    decisions = json.loads((REPO / "results" / "ablation" / "results.json").read_text())["ablation"]["decisions"]
+    defaults = {f.name: f.default for f in dataclasses.fields(IterateArguments)}
+    assert defaults["reference"] == decisions["reference"]["default"]
+    for config in (NCAConfig, InfoNCAConfig):
+        assert {f.name: f.default for f in dataclasses.fields(config)}["ties"] == decisions["ties"]["default"]
+    plan = (REPO / "results" / "ablation" / "PLAN.md").read_text()
+    assert "Written and committed before any of its results were run" in plan

@@ -7,7 +7,7 @@ nca-trl iterate --config recipes/tiny/iterate_nca.yaml --rounds 4   # the same r
 ```
 
 Round r: sample K completions for each prompt of round r's slice from round r-1's policy, score them, train round
-r-1's policy on them (reference: the initial model, or with `reference: previous` round r-1's policy) into
+r-1's policy on them (reference: round r-1's policy, the default, or with `reference: initial` the initial model) into
 `round-r/model`, then evaluate it on the held-out prompts. The files are listed in `nca_trl.iterate.layout`; a killed
 run restarted with the same command skips the stages `round-r/status.json` lists as done and continues the stage it
 was in (`generate` from its chunks, `train` from its last complete checkpoint).
