@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from nca_trl.train.arguments import parse_train_args
 from nca_trl.cli import main
 from nca_trl.data.loading import load_datasets
+from nca_trl.train.arguments import parse_train_args
 
 REPO = Path(__file__).resolve().parents[1]
 VICUNA = REPO / "data" / "vicuna_rated.jsonl"
@@ -405,7 +405,12 @@ def test_disable_tqdm_logs_plain_lines_too(capsys):
     from types import SimpleNamespace
 
     from transformers import TrainerState, TrainingArguments
-    from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, PrinterCallback, TrainerControl
+    from transformers.trainer_callback import (
+        CallbackHandler,
+        DefaultFlowCallback,
+        PrinterCallback,
+        TrainerControl,
+    )
 
     from nca_trl.runtime.progress import ReadablePrinterCallback, use_readable_progress
 

@@ -140,6 +140,19 @@ def _status(out, r):
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def _kill_in_round_two_training(recipe, out):
+    """Run the recipe and SIGKILL it (nothing gets to clean up) once round 2's training wrote a complete checkpoint."""
+    proc = _iterate_process(recipe, out)
+    deadline = time.time() + 400
+    while proc.poll() is None and time.time() < deadline:
+        if list((out / "round-2" / "model").glob("checkpoint-*/nca_trl_complete.json")):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    log = proc.communicate(timeout=60)[0]
+    assert proc.returncode == -signal.SIGKILL, log[-3000:]
+
+
 @pytest.mark.slow
 def test_two_round_iterate_resumes_after_a_kill_in_round_two(digits_model, tmp_path):
     """Run 1 is killed (SIGKILL: nothing gets to clean up) in round 2, once its training has written a complete
@@ -148,15 +161,7 @@ def test_two_round_iterate_resumes_after_a_kill_in_round_two(digits_model, tmp_p
     out = tmp_path / "run"
     recipe = _recipe(tmp_path, digits_model, out, training={"save_strategy": "steps", "save_steps": 1})
 
-    proc = _iterate_process(recipe, out)
-    deadline = time.time() + 400
-    while proc.poll() is None and time.time() < deadline:
-        if list((out / "round-2" / "model").glob("checkpoint-*/nca_trl_complete.json")):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    log1 = proc.communicate(timeout=60)[0]
-    assert proc.returncode == -signal.SIGKILL, log1[-3000:]
+    _kill_in_round_two_training(recipe, out)
     assert set(_status(out, 1)) == {"generate", "score", "train", "eval"}
     assert set(_status(out, 2)) == {"generate", "score"}, "the kill came after round 2's training had finished"
     done = {p: p.stat().st_mtime_ns for p in (*(out / "round-0").rglob("*"), *(out / "round-1").rglob("*"),
@@ -430,15 +435,7 @@ def test_lora_rounds_resume_after_a_kill_with_the_same_adapter(digits_model, tmp
 
     out = tmp_path / "killed"
     recipe = _recipe(tmp_path, digits_model, out, "iterate_nca_lora.yaml", training=training)
-    proc = _iterate_process(recipe, out)
-    deadline = time.time() + 400
-    while proc.poll() is None and time.time() < deadline:
-        if list((out / "round-2" / "model").glob("checkpoint-*/nca_trl_complete.json")):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    log1 = proc.communicate(timeout=60)[0]
-    assert proc.returncode == -signal.SIGKILL, log1[-3000:]
+    _kill_in_round_two_training(recipe, out)
     assert set(_status(out, 2)) == {"generate", "score"}, "the kill came after round 2's training had finished"
     proc = _iterate_process(recipe, out)
     log2 = proc.communicate(timeout=600)[0]

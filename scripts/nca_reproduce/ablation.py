@@ -14,13 +14,11 @@ iterative DPO with a 95% t-interval. `decide()` applies the plan's decision rule
 
 from __future__ import annotations
 
-import json
 import math
 import time
 
-from .common import mean_std, seed_everything, sft
-from .ground_truth import build_char_model
-from .iterative import _prompts, _recipe
+from .common import mean_std
+from .iterative import _recipe, sft_start
 
 METRICS = ("reward_mean", "reward_best_of_k", "kl_to_initial", "train_prompts", "train_steps", "ties_dropped")
 PRIMARY = "reward_mean"
@@ -95,7 +93,6 @@ def arm_recipe(cfg, task, name, seed, model, prompts_file, out):
 def run_ablation(cfg, seeds, work):
     """Every arm of `ARMS` for every seed; the `ablation` part of results.json."""
     import yaml
-    from transformers import AutoTokenizer
 
     from nca_trl.iterate import iterate
 
@@ -109,16 +106,7 @@ def run_ablation(cfg, seeds, work):
         t0 = time.time()
         per_arm = {}
         for task in cfg["tasks"]:
-            tcfg = task_settings(cfg, task)
-            demos, prompts = _prompts(tcfg, seed)
-            init = build_char_model(work / f"abl-{task}-init-{seed}", seed, tuple(tcfg["model_size"]))
-            tok = AutoTokenizer.from_pretrained(init)
-            seed_everything(seed)
-            sft_path = work / f"abl-{task}-sft-{seed}"
-            sft(init, tok, [{"prompt": p, "completion": c} for p, c in demos], seed, work / f"abl-{task}-sft-{seed}-run",
-                str(sft_path), tcfg["sft_steps"], tcfg["sft_batch_size"], tcfg["sft_lr"], 32)
-            prompts_file = work / f"abl-{task}-prompts-{seed}.jsonl"
-            prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+            sft_path, prompts_file = sft_start(task_settings(cfg, task), seed, work, f"abl-{task}")
             for name in (n for n, a in ARMS.items() if a[0] == task):
                 slug = name.replace(":", "").replace(" ", "_").replace("=", "")
                 out, recipe = work / f"abl-{seed}-{slug}", work / f"abl-{seed}-{slug}.yaml"

@@ -39,6 +39,23 @@ def _prompts(cfg, seed):
     return demos, [p for p, _ in tasks[cfg["num_demos"]:]]
 
 
+def sft_start(cfg, seed, work, name):
+    """The seed's SFT checkpoint (`work/NAME-sft-SEED`, trained on the seed's demonstrations from a fresh
+    character-level model) and its training prompts (`work/NAME-prompts-SEED.jsonl`, one `{"prompt"}` per line)."""
+    from transformers import AutoTokenizer
+
+    demos, prompts = _prompts(cfg, seed)
+    init = build_char_model(work / f"{name}-init-{seed}", seed, tuple(cfg["model_size"]))
+    tok = AutoTokenizer.from_pretrained(init)
+    seed_everything(seed)
+    sft_path = work / f"{name}-sft-{seed}"
+    sft(init, tok, [{"prompt": p, "completion": c} for p, c in demos], seed, work / f"{name}-sft-{seed}-run",
+        str(sft_path), cfg["sft_steps"], cfg["sft_batch_size"], cfg["sft_lr"], 32)
+    prompts_file = work / f"{name}-prompts-{seed}.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return sft_path, prompts_file
+
+
 def _recipe(cfg, seed, model, prompts_file, out, loss, rounds, per_round):
     return {
         "model_name_or_path": str(model), "dataset_name": str(prompts_file), "output_dir": str(out),
@@ -59,7 +76,6 @@ def _recipe(cfg, seed, model, prompts_file, out, loss, rounds, per_round):
 def run_iterative(cfg, seeds, work):
     """The `iterative` experiment for every seed and method; its part of results.json."""
     import yaml
-    from transformers import AutoTokenizer
 
     from nca_trl.iterate import iterate
 
@@ -67,15 +83,7 @@ def run_iterative(cfg, seeds, work):
               "methods": list(METHODS), "per_seed": {}}
     for seed in seeds:
         t0 = time.time()
-        demos, prompts = _prompts(cfg, seed)
-        init = build_char_model(work / f"iter-init-{seed}", seed, tuple(cfg["model_size"]))
-        tok = AutoTokenizer.from_pretrained(init)
-        seed_everything(seed)
-        sft_path = work / f"iter-sft-{seed}"
-        sft(init, tok, [{"prompt": p, "completion": c} for p, c in demos], seed, work / f"iter-sft-{seed}-run",
-            str(sft_path), cfg["sft_steps"], cfg["sft_batch_size"], cfg["sft_lr"], 32)
-        prompts_file = work / f"iter-prompts-{seed}.jsonl"
-        prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+        sft_path, prompts_file = sft_start(cfg, seed, work, "iter")
 
         per_method = {}
         for name, (loss, offline) in METHODS.items():
