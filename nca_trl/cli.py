@@ -77,9 +77,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"nca-trl {command}: error: {error}", file=sys.stderr)
             return 2
     from .runtime.environment import quiet_deepspeed_cpu_notice
+    from .runtime.errors import SettingsError
 
     quiet_deepspeed_cpu_notice()
-    getattr(importlib.import_module(package), run)(rest)
+    try:
+        getattr(importlib.import_module(package), run)(rest)
+    except SettingsError as error:  # refused before anything was written or loaded: the message is the whole story
+        print(f"nca-trl {command}: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -449,3 +449,24 @@ def test_paper_recipe_uses_the_papers_one_hot_targets(loss):
     assert graded["output_dir"] != paper["output_dir"]
     same = {k: v for k, v in paper.items() if k not in ("alpha", "output_dir")}
     assert same == {k: v for k, v in graded.items() if k not in ("alpha", "output_dir")}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--config", "recipes/tiny/nca.yaml", "--beta", "-1"], "`beta` must be > 0, got -1.0."),
+    (["generate", "--model_name_or_path", "outputs/never", "--dataset_name", "data/sort_prompts.jsonl", "--output",
+      "outputs/never.jsonl", "--num_completions", "1"], "`num_completions` must be at least 2, got 1"),
+    (["score", "--dataset_name", "data/vicuna_rated.jsonl", "--output", "outputs/never.jsonl", "--reward_funcs",
+      "no_such_module:f"], "Reward function 'no_such_module:f': no module named 'no_such_module'"),
+    (["iterate", "--config", "recipes/tiny/iterate_nca.yaml", "--training", '{"learnig_rate": 1}'],
+     "'learnig_rate' (did you mean 'learning_rate'?)"),
+], ids=["train", "generate", "score", "iterate"])
+def test_a_refused_setting_is_one_line_and_exit_2(argv, message, capsys, monkeypatch):
+    """A setting refused while the arguments are parsed (after the fast flag check, before anything is written or
+    loaded) is `nca-trl CMD: error: MESSAGE` and exit 2, not a traceback through the parser."""
+    from nca_trl.cli import main
+
+    monkeypatch.chdir(REPO)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"nca-trl {argv[0]}: error: ") and message in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1

@@ -6,6 +6,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..runtime.errors import settings_errors
 from ..runtime.files import check_local_path
 from ..runtime.help import check_command_argv, command_help
 from ..runtime.recipes import DTYPES, OUTPUT_SUFFIXES, parse_command
@@ -118,6 +119,7 @@ def check_argv(argv: list[str]) -> None:
     check_command_argv(argv, GenerateArguments, "generate", required=REQUIRED)
 
 
+@settings_errors
 def parse_generate_args(argv: list[str] | None = None) -> GenerateArguments:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_command(make_generate_parser(), argv, "generate",

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..runtime.errors import settings_errors
 from ..runtime.files import check_local_path
 from ..runtime.help import check_command_argv, command_help
 from ..runtime.recipes import parse_command
@@ -264,6 +265,7 @@ def check_argv(argv: list[str]) -> None:
     check_command_argv(argv, IterateArguments, "iterate", required=REQUIRED)
 
 
+@settings_errors
 def parse_iterate_args(argv: list[str] | None = None, dry_run: bool = False) -> IterateArguments:
     """Parse `nca-trl iterate` (a recipe `--config X.yaml` and overrides) and build the arguments of every stage
     (`args.stages`), so that any bad setting fails here. `dry_run=True` skips the checks of what this machine can run

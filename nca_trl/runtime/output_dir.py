@@ -18,6 +18,7 @@ import tempfile
 import time
 
 from .checkpoints import COMPLETE_MARKER
+from .errors import SettingsError
 from .files import json_default
 
 logger = logging.getLogger("nca_trl")
@@ -36,7 +37,7 @@ class OutputDirLockedError(RuntimeError):
     """Another run holds `output_dir`."""
 
 
-class FinishedRunError(ValueError):
+class FinishedRunError(SettingsError):
     """The output holds a finished run of other settings, and the command did not say to replace it."""
 
 

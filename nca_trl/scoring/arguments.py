@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..runtime.errors import settings_errors
 from ..runtime.files import check_local_path
 from ..runtime.help import check_command_argv, command_help
 from ..runtime.recipes import DTYPES, OUTPUT_SUFFIXES, parse_command
@@ -178,6 +179,7 @@ def _merge_repeated(argv: list[str], names=_REPEATABLE) -> list[str]:
     return rest
 
 
+@settings_errors
 def parse_score_args(argv: list[str] | None = None) -> ScoreArguments:
     argv = _merge_repeated(list(sys.argv[1:] if argv is None else argv))
     args = parse_command(make_score_parser(), argv, "score", required=REQUIRED)

@@ -20,6 +20,7 @@ from ..config import (
     reward_temperature,
 )
 from ..data.formats import DATASET_FORMATS
+from ..runtime.errors import settings_errors
 from ..runtime.recipes import check_recipe_keys, load_recipe, peek
 from .help import LOSSES
 
@@ -194,6 +195,7 @@ _RECIPE_FIELDS = ("ScriptArguments (nca-trl), NCAConfig/InfoNCAConfig (trl.DPOCo
 _relaxed_hardware_checks = relaxed_hardware_checks
 
 
+@settings_errors
 def parse_train_args(argv: list[str] | None = None, dry_run: bool | None = None) -> TrainArgs:
     """Parse `nca-trl train` arguments (`--config RECIPE.yaml` and `--field value` overrides).
 
@@ -215,6 +217,7 @@ def parse_train_args(argv: list[str] | None = None, dry_run: bool | None = None)
     return _checked(script_args, training_args, model_args, mixture, recipe, dry_run)
 
 
+@settings_errors
 def train_args_from_recipe(recipe: dict, where: str = "the recipe") -> TrainArgs:
     """`TrainArgs` from a recipe mapping (what `--config RECIPE.yaml` holds), with the checks of `parse_train_args`:
     for a caller that builds the recipe itself (`nca-trl iterate`, once per run). `where` names it in errors."""

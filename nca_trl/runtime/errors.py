@@ -1,0 +1,33 @@
+"""Errors in what the user asked for, told as one line.
+
+A `SettingsError` is a setting (a flag, a recipe key, a value, an output folder that holds another run) refused
+before anything is written or loaded. The command line prints its message alone, `nca-trl CMD: error: MESSAGE`, and
+exits 2, as argparse does for an unknown flag: the message names the setting and the fix, and a traceback through the
+parser would only hide it. From Python it is a `ValueError` like any other.
+"""
+
+from __future__ import annotations
+
+import functools
+
+__all__ = ["SettingsError", "settings_errors"]
+
+
+class SettingsError(ValueError):
+    """A setting refused before anything is written or loaded (its message names the setting and the fix)."""
+
+
+def settings_errors(parse):
+    """Decorate a command's argument parser: every `ValueError` it raises becomes a `SettingsError` (same message,
+    the original chained as its cause)."""
+
+    @functools.wraps(parse)
+    def wrapper(*args, **kwargs):
+        try:
+            return parse(*args, **kwargs)
+        except SettingsError:
+            raise
+        except ValueError as error:
+            raise SettingsError(str(error)) from error
+
+    return wrapper
