@@ -9,7 +9,7 @@ quick start cites that file; regenerate it with this command instead of typing a
 
 Usage:
     python scripts/time_quickstart.py --out results/quickstart_cpu.json
-    python scripts/time_quickstart.py --out /tmp/q.json --max_steps 2     # smoke run (tests/test_docs.py)
+    python scripts/time_quickstart.py --out /tmp/q.json --max_steps 2     # a smoke run of the script
 """
 
 from __future__ import annotations

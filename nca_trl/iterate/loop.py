@@ -2,7 +2,7 @@
 
 ```bash
 nca-trl make-tiny-model outputs/tiny-digits --vocab digits
-nca-trl iterate --config recipes/tiny/iterate_nca.yaml              # 3 rounds on a CPU, about 2 minutes
+nca-trl iterate --config recipes/tiny/iterate_nca.yaml              # 3 rounds, on a CPU too
 nca-trl iterate --config recipes/tiny/iterate_nca.yaml --rounds 4   # the same run, one more round
 ```
 
