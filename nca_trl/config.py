@@ -243,12 +243,16 @@ _MAX_COMPLETIONS_HELP = (
     "between them (ranks by reward). The number of prompts capped is logged."
 )
 _SHARED_PROMPT_HELP = (
-    "Shared-prompt, padding-free layout: each prompt is encoded once and followed by its K completions, and the "
-    "whole batch is one row of real tokens (see `nca_trl.packing`). Log-probs equal the plain padded layout's. Where "
-    "the model, its attention implementation or the config cannot take it, the trainer falls back to the plain "
-    "layout and logs why. None (the default) is automatic: the shared-prompt layout on a CPU, where it is faster, and "
-    "the plain layout on a GPU, where its per-segment attention measured 3.5-5x slower (results/gpu_results.json). "
-    "True forces it wherever it can run, False forces the plain layout."
+    "Shared-prompt, padding-free layout: each prompt is encoded once and followed by its K completions, the whole "
+    "batch is one row of real tokens, and its attention is one variable-length call per layer (see `nca_trl.packing` "
+    "and `nca_trl.varlen`). Log-probs equal the plain padded layout's. Where the model, its attention implementation "
+    "or the config cannot take it, the trainer falls back to the plain layout and logs why. None (the default) is "
+    "automatic: on a CPU the shared-prompt layout, where it is faster; on a CUDA GPU with a fused varlen kernel "
+    "(flash-attn, or torch's varlen_attn) and bf16/fp16 training, the shared-prompt layout for each batch whose "
+    "prompts average at least 512 tokens and whose plain layout would take at least 1.25x the tokens, the plain "
+    "layout for the others; on a GPU without such a kernel the plain layout (the shared-prompt layout measured "
+    "3.5-5x slower there, results/gpu_results.json). True forces it wherever it can run, False forces the plain "
+    "layout."
 )
 
 _PADDING_FREE_HELP = (
@@ -366,9 +370,10 @@ class NCAConfig(_RatedCompletionsConfig):
         max_completions (`int`, *optional*):
             Cap on K per prompt, keeping the best, the worst and an even spread of reward ranks between.
         shared_prompt (`bool`, *optional*):
-            Encode each prompt once, followed by its K completions, padding-free (falls back to the plain padded
-            layout, with a logged reason, where the model cannot take it). `None` (default): automatic, on a CPU
-            only (on a GPU the plain layout is faster, see the README's "On a GPU"); `True` forces it.
+            Encode each prompt once, followed by its K completions, padding-free, with one varlen attention call per
+            layer (falls back to the plain padded layout, with a logged reason, where the model cannot take it).
+            `None` (default): automatic, on a CPU always, on a CUDA GPU with a fused varlen kernel for the batches
+            whose prompts are long (`nca_trl.packing.shared_prompt_pays`), else plain; `True` forces it.
         loss_type (`list[str]`, *optional*):
             Always the NCA loss. Leave unset; `NCAConfig.accepted_loss_types()` lists the values accepted (the loss's
             own name, TRL's name of its K=2 case, and DPOConfig's default, so that a plain `DPOConfig` works); any of

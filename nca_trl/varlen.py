@@ -24,9 +24,10 @@ Kernels, in the order they are tried (the one chosen is logged once per device a
    signature differs between torch versions and is read with `inspect.signature`; the key/value heads are repeated
    where it has no `enable_gqa`, the queries pre-scaled where it has no `scale`);
 3. anywhere else: a PyTorch path that runs the same gather and boundaries: `reference_varlen` (per segment, SDPA with
-   `torch.nn.attention.bias.causal_lower_right`, key/value heads repeated) or `padded_varlen` (the segments padded
-   into one batch, one masked SDPA call with repeated key/value heads). `CPU_KERNEL` is the CPU default, the faster of
-   the two in `results/benchmark_layouts_cpu.json`; CUDA without a varlen kernel (or in float32) uses `padded_varlen`.
+   `torch.nn.attention.bias.causal_lower_right`, key/value heads repeated) or `padded_varlen` (the prompt prefixes
+   padded into one causal SDPA call, the completions into one masked SDPA call with repeated key/value heads).
+   `CPU_KERNEL` is the CPU default, the faster of the two in `results/benchmark_layouts_cpu.json`; CUDA without a
+   varlen kernel (or in float32) uses `padded_varlen`.
 
 `NCA_TRL_VARLEN_KERNEL` (`flash_attn`, `torch`, `reference` or `padded`) forces one of them.
 """
@@ -54,7 +55,9 @@ __all__ = [
     "flash_attn_kernel",
     "padded_varlen",
     "reference_varlen",
+    "reset_kernel_choices",
     "select_kernel",
+    "selected_kernels",
     "torch_varlen_kernel",
     "varlen_attention",
 ]
@@ -170,30 +173,46 @@ def reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
 
 def padded_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=None, dropout=0.0):
-    """All segments padded into one `[S, H, max_q, D]` batch and one SDPA call with a boolean bottom-right causal
-    mask; the key/value heads are repeated (masked SDPA with `enable_gqa=True` has no fused CUDA kernel and falls back
-    to the float32 "math" kernel). No host sync: everything is computed from the boundaries on their device."""
-    heads, device = q.size(1), q.device
-    s = cu_seqlens_q.numel() - 1
-    lq = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()  # [S]
-    lk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
-    jq = torch.arange(max_seqlen_q, device=device)
-    jk = torch.arange(max_seqlen_k, device=device)
-    q_real, k_real = jq < lq[:, None], jk < lk[:, None]  # [S, max_q], [S, max_k]
-    q_rows = torch.where(q_real, cu_seqlens_q[:-1, None].long() + jq, 0)
-    k_rows = torch.where(k_real, cu_seqlens_k[:-1, None].long() + jk, 0)
-    qs = q[q_rows].transpose(1, 2)  # [S, H, max_q, D]
-    ks = _repeat_kv(k[k_rows].flatten(0, 1), heads).view(s, max_seqlen_k, heads, -1).transpose(1, 2)
-    vs = _repeat_kv(v[k_rows].flatten(0, 1), heads).view(s, max_seqlen_k, heads, -1).transpose(1, 2)
-    # Query j of segment s sees keys 0 .. lk - lq + j (bottom-right); padded queries see key 0 only (no NaN rows)
-    mask = k_real[:, None, :] & (jk[None, None, :] <= (lk - lq)[:, None, None] + jq[None, :, None])
-    mask |= ~q_real[:, :, None] & (jk == 0)[None, None, :]
-    out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask[:, None], dropout_p=dropout, scale=scale)
-    # Back to row order: the real query j of segment s is row cu_seqlens_q[s] + j, i.e. flat row s * max_q + j
-    token = torch.arange(q.size(0), device=device)
-    segment = torch.repeat_interleave(torch.arange(s, device=device), lq, output_size=q.size(0))
-    flat = segment * max_seqlen_q + token - cu_seqlens_q[:-1].long()[segment]
-    return out.transpose(1, 2).reshape(s * max_seqlen_q, heads, -1).index_select(0, flat)
+    """The segments padded into two batches, one SDPA call each: the segments with as many keys as queries (prompt
+    prefixes) with `is_causal=True` and no mask (padding comes last, so no real query sees it), the others
+    (completions after their prompt) with a boolean bottom-right causal mask and the key/value heads repeated
+    (masked SDPA with `enable_gqa=True` has no fused CUDA kernel and falls back to the float32 "math" kernel). The
+    old per-segment-kind attention of this layout, fed from the varlen boundaries; reads them on the host."""
+    heads, dim = q.size(1), q.size(2)
+    bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    lq = [b - a for a, b in zip(bq, bq[1:])]
+    lk = [b - a for a, b in zip(bk, bk[1:])]
+    outputs, rows = [], []
+    for square in (True, False):
+        segments = [s for s in range(len(lq)) if (lq[s] == lk[s]) is square]
+        if not segments:
+            continue
+        n_q = torch.tensor([lq[s] for s in segments]).view(-1, 1)
+        n_k = torch.tensor([lk[s] for s in segments]).view(-1, 1)
+        jq, jk = torch.arange(int(n_q.max())), torch.arange(int(n_k.max()))
+        q_real, k_real = jq < n_q, jk < n_k  # [S_g, Lq], [S_g, Lk]
+        q_rows = torch.where(q_real, torch.tensor([bq[s] for s in segments]).view(-1, 1) + jq, 0).to(q.device)
+        k_rows = torch.where(k_real, torch.tensor([bk[s] for s in segments]).view(-1, 1) + jk, 0).to(q.device)
+        qs = q[q_rows].transpose(1, 2)  # [S_g, H, Lq, D]
+        ks, vs = k[k_rows].transpose(1, 2), v[k_rows].transpose(1, 2)  # [S_g, H_kv, Lk, D]
+        if square:
+            out = F.scaled_dot_product_attention(
+                qs, ks, vs, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=ks.size(1) != heads
+            )
+        else:
+            n_rep = heads // ks.size(1)
+            ks, vs = ks.repeat_interleave(n_rep, dim=1), vs.repeat_interleave(n_rep, dim=1)
+            # Query j sees keys 0 .. n_k - n_q + j (bottom-right); padded queries see key 0 only (no NaN rows)
+            mask = k_real[:, None, :] & (jk[None, None, :] <= (n_k - n_q)[:, :, None] + jq[None, :, None])
+            mask |= ~q_real[:, :, None] & (jk == 0)[None, None, :]
+            out = F.scaled_dot_product_attention(
+                qs, ks, vs, attn_mask=mask[:, None].to(q.device), dropout_p=dropout, scale=scale
+            )
+        real = q_real.flatten().nonzero().squeeze(1).to(q.device)
+        outputs.append(out.transpose(1, 2).reshape(-1, heads, dim).index_select(0, real))
+        rows.append(q_rows.flatten().index_select(0, real))
+    # Both groups' real queries, back in row order
+    return torch.cat(outputs).index_select(0, torch.cat(rows).argsort())
 
 
 # ------------------------------------------------------------------------------------------------ CUDA kernels
@@ -257,7 +276,7 @@ def torch_varlen_kernel(fn: Callable, name: str = "torch.nn.attention.varlen.var
 
 _PYTORCH_PATHS = {
     "reference": VarlenKernel("reference_varlen (per-segment SDPA, causal_lower_right)", reference_varlen),
-    "padded": VarlenKernel("padded_varlen (one masked SDPA, key/value heads repeated)", padded_varlen),
+    "padded": VarlenKernel("padded_varlen (causal SDPA on the prompts, masked SDPA on the completions)", padded_varlen),
 }
 
 
@@ -322,6 +341,16 @@ def cuda_varlen_kernel(
 
 
 _selected: dict[tuple, VarlenKernel] = {}
+
+
+def selected_kernels() -> list[str]:
+    """The names of the kernels `select_kernel` has chosen in this process, since `reset_kernel_choices`."""
+    return sorted({kernel.name for kernel in _selected.values()})
+
+
+def reset_kernel_choices() -> None:
+    """Forget the kernels chosen so far: the next call of `select_kernel` chooses (and logs) again."""
+    _selected.clear()
 
 
 def select_kernel(device: torch.device, dtype: torch.dtype, implementation: str = "sdpa") -> VarlenKernel:

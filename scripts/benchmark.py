@@ -19,10 +19,18 @@ RSS while the system ran, and model FLOP utilisation against this machine's fp32
 the reference forward; LM head on scored tokens only; attention scores over real keys), `mfu_8nt` is the common
 `8 x parameters x plain-layout tokens` estimate (embeddings included).
 
+`--layouts` is the layout report: the plain layout (c) against the shared-prompt layout (d) with each attention
+kernel of `--kernels` (`auto`: the one `nca_trl.varlen` picks here; `reference`, `padded`: the PyTorch paths;
+`flash_attn`, `torch`: the fused CUDA kernels), on the `long` workload with prompts of three reference answers, at
+max_length 2048 unless given. Each system says which kernel ran (`kernel`). `--size 7b-2l` is Mistral-7B's width
+(hidden 4096, MLP 14336, 32 query / 8 key-value heads) with 2 layers; `--layers N` sets the layers of any size.
+
 Usage:
     python scripts/benchmark.py                       # 50M-parameter Mistral, both workloads, prints a table
     python scripts/benchmark.py --json bench.json     # also writes the numbers
     python scripts/benchmark.py --size tiny --steps 1 --warmup 0   # smoke run
+    python scripts/benchmark.py --layouts --size 7b-2l --bf16 --json layouts.json   # the GPU layout report
+    python scripts/benchmark.py --layouts --size small --kernels reference,padded   # the CPU paths compared
 """
 
 from __future__ import annotations
@@ -55,6 +63,9 @@ SYSTEMS = {
     "c": "NCATrainer, K=4, plain padded",
     "d": "NCATrainer, K=4, shared-prompt packed",
 }
+# `--size` values beyond nca_trl.tiny.SIZES: (hidden, intermediate, layers, heads, kv heads)
+EXTRA_SIZES = {"7b-2l": (4096, 14336, 2, 32, 8)}  # Mistral-7B-v0.1's width, 2 layers
+KERNELS = ("auto", "flash_attn", "torch", "reference", "padded")
 
 
 # ------------------------------------------------------------------------------------------------ workloads
@@ -62,11 +73,12 @@ def rated_rows(path: str) -> list[dict]:
     return load_dataset("json", data_files=str(path), split="train").to_list()
 
 
-def long_context_rows(rows: list[dict], context_chars: int) -> list[dict]:
-    """Each question preceded by another prompt's real answer as a reference document (RAG-style long prompt)."""
+def long_context_rows(rows: list[dict], context_chars: int, answers: int = 1) -> list[dict]:
+    """Each question preceded by the real answers of the next `answers` prompts as a reference document (RAG-style
+    long prompt), cut to `context_chars` characters."""
     out = []
     for i, row in enumerate(rows):
-        doc = rows[(i + 1) % len(rows)]["completions"][0][:context_chars]
+        doc = "\n\n".join(rows[(i + j) % len(rows)]["completions"][0] for j in range(1, answers + 1))[:context_chars]
         prompt = f"Reference document:\n{doc}\n\nUsing the document where it helps, answer the question.\n{row['prompt']}"
         out.append({"prompt": prompt, "completions": row["completions"], "rewards": row["rewards"]})
     return out
@@ -157,11 +169,10 @@ def forward_flops(config, tokens: int, scored: int, attention_pairs: int) -> flo
 
 def batch_work(batch: dict) -> dict:
     """Tokens processed, scored tokens, attention pairs and plain-layout tokens of one collated batch."""
-    if "segment_q_index" in batch:  # shared-prompt layout
-        pairs = sum(
-            int((mask[:, 0] & real.unsqueeze(-1)).sum())
-            for mask, real in zip(batch["segment_mask"], batch["segment_q_real"])
-        )
+    if "cu_seqlens_q" in batch:  # shared-prompt layout: segment s has lq queries over lk keys, causal bottom-right
+        lq = (batch["cu_seqlens_q"][1:] - batch["cu_seqlens_q"][:-1]).long()
+        lk = (batch["cu_seqlens_k"][1:] - batch["cu_seqlens_k"][:-1]).long()
+        pairs = int((lq * (lk - lq) + lq * (lq + 1) // 2).sum())
         return {
             "tokens": batch["input_ids"].numel(),
             "scored": int((batch["token_sequence"] >= 0).sum()),
@@ -193,9 +204,17 @@ def record_work(trainer) -> list[dict]:
 
 
 def run_system(system: str, model_path: str, rated: list[dict], args, out_dir: str, peak: float) -> dict:
+    """Train `system` (a key of SYSTEMS, `d` optionally as `d:<kernel>`) for warm-up + timed steps; its numbers."""
     from trl import DPOConfig, DPOTrainer
 
     from nca_trl import NCAConfig, NCATrainer
+    from nca_trl.varlen import KERNEL_ENV, reset_kernel_choices, selected_kernels
+
+    system, _, kernel = system.partition(":")
+    os.environ.pop(KERNEL_ENV, None)
+    if kernel and kernel != "auto":
+        os.environ[KERNEL_ENV] = kernel
+    reset_kernel_choices()
 
     common = dict(
         output_dir=out_dir,
@@ -242,7 +261,8 @@ def run_system(system: str, model_path: str, rated: list[dict], args, out_dir: s
     )  # policy fwd + bwd (= 3 forwards) + reference forward
     plain_tokens = sum(w["plain_tokens"] for w in work)
     result = {
-        "name": SYSTEMS[system],
+        "name": SYSTEMS[system] + (f" ({kernel} kernel)" if kernel else ""),
+        "kernel": ", ".join(selected_kernels()) if system == "d" else None,
         "step_seconds_median": statistics.median(times),
         "step_seconds_min": min(times),
         "step_seconds_max": max(times),
@@ -258,21 +278,24 @@ def run_system(system: str, model_path: str, rated: list[dict], args, out_dir: s
     if args.cuda:
         result["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     del trainer
+    os.environ.pop(KERNEL_ENV, None)
     return result
 
 
 def table(workload: str, systems: dict, ratios: dict) -> str:
     lines = [
         f"\n### {workload}\n",
-        "| system | step s (median, min-max) | seq tokens/s | s/prompt | peak RSS MB | peak GPU MB | MFU | MFU 8NT |",
-        "|---|---|---|---|---|---|---|---|",
+        "| system | step s (median, min-max) | seq tokens/s | s/prompt | peak RSS MB | peak GPU MB | MFU | MFU 8NT "
+        "| attention kernel |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in systems.items():
         gpu = f"{r['peak_gpu_memory_mb']:.0f}" if "peak_gpu_memory_mb" in r else "-"
         lines.append(
             f"| {key}: {r['name']} | {r['step_seconds_median']:.2f} ({r['step_seconds_min']:.2f}-"
             f"{r['step_seconds_max']:.2f}) | {r['tokens_per_second']:.0f} | {r['seconds_per_prompt']:.3f} | "
-            f"{r['peak_rss_mb']:.0f} | {gpu} | {100 * r['mfu']:.1f}% | {100 * r['mfu_8nt']:.1f}% |"
+            f"{r['peak_rss_mb']:.0f} | {gpu} | {100 * r['mfu']:.1f}% | {100 * r['mfu_8nt']:.1f}% | "
+            f"{r.get('kernel') or '-'} |"
         )
     lines.append("\n" + ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items()) + " (ratios of seq tokens/s)")
     return "\n".join(lines)
@@ -280,26 +303,50 @@ def table(workload: str, systems: dict, ratios: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="50m", help="nca_trl.tiny.SIZES key (tiny, small, 50m)")
+    parser.add_argument("--size", default="50m", help="nca_trl.tiny.SIZES key (tiny, small, 50m) or 7b-2l")
+    parser.add_argument("--layers", type=int, help="number of layers (default: the size's)")
     parser.add_argument("--arch", default="mistral", choices=["mistral", "mixtral"])
-    parser.add_argument("--workloads", default="vicuna,long", help="comma-separated: vicuna, long")
+    parser.add_argument("--workloads", help="comma-separated: vicuna, long (default: both; long with --layouts)")
     parser.add_argument("--data", help="benchmark this rated-completions file (json/jsonl) instead")
-    parser.add_argument("--systems", default="a,b,c,d")
+    parser.add_argument("--systems", help="comma-separated keys of SYSTEMS (default: a,b,c,d; c,d with --layouts)")
+    parser.add_argument("--layouts", action="store_true", help="the layout report: plain (c) against shared-prompt "
+                        "(d) with each of --kernels, long workload, max_length 2048")
+    parser.add_argument("--kernels", default="auto", help=f"with --layouts, comma-separated: {', '.join(KERNELS)}")
     parser.add_argument("--batch", type=int, default=4, help="prompts per step")
-    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--max-length", type=int, help="default 512; 2048 with --layouts")
     parser.add_argument("--steps", type=int, default=6, help="timed steps (after warm-up)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--context-chars", type=int, default=1800, help="reference document size, long workload")
+    parser.add_argument("--context-chars", type=int, help="reference document size, long workload (default 1800; "
+                        "6000 with --layouts)")
+    parser.add_argument("--context-answers", type=int, help="answers in the reference document, long workload "
+                        "(default 1; 3 with --layouts)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--bf16", action="store_true", help="bf16 training (on a GPU; MFU against the bf16 peak)")
     args = parser.parse_args(argv)
+    layouts = args.layouts
+    for name, default, layouts_default in (
+        ("workloads", "vicuna,long", "long"), ("systems", "a,b,c,d", None), ("max_length", 512, 2048),
+        ("context_chars", 1800, 6000), ("context_answers", 1, 3),
+    ):
+        if getattr(args, name) is None:
+            setattr(args, name, layouts_default if layouts and layouts_default is not None else default)
+    kernels = args.kernels.split(",")
+    if unknown := [k for k in kernels if k not in KERNELS]:
+        parser.error(f"--kernels: unknown {unknown}, expected some of {', '.join(KERNELS)}")
+    if layouts:
+        args.systems = ",".join(["c"] + [f"d:{k}" for k in kernels])
     args.cuda = torch.cuda.is_available()
     hf_logging.set_verbosity_error()
 
-    from nca_trl.tiny import build_tiny_model
+    from nca_trl.tiny import SIZES, build_tiny_model
 
+    shape = EXTRA_SIZES.get(args.size) or SIZES.get(args.size)
+    if shape is None:
+        parser.error(f"--size {args.size!r}: expected one of {', '.join([*SIZES, *EXTRA_SIZES])}")
+    if args.layers is not None:
+        shape = (*shape[:2], args.layers, *shape[3:])
     tmp = tempfile.mkdtemp(prefix="nca-bench-")
-    model_path = build_tiny_model(Path(tmp) / "model", args.arch, seed=0, size=args.size)
+    model_path = build_tiny_model(Path(tmp) / "model", args.arch, seed=0, size=shape)
     n_params = sum(
         p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model_path).parameters()
     )
@@ -321,20 +368,26 @@ def main(argv=None):
     if args.data:
         workloads = {Path(args.data).name: rated_rows(args.data)}
     else:
-        available = {"vicuna": vicuna, "long": long_context_rows(vicuna, args.context_chars)}
+        available = {"vicuna": vicuna, "long": long_context_rows(vicuna, args.context_chars, args.context_answers)}
         workloads = {name: available[name] for name in args.workloads.split(",")}
 
-    results = {"machine": machine, "model": {"arch": args.arch, "size": args.size, "parameters": n_params},
+    results = {"command": " ".join(["python", "scripts/benchmark.py", *(sys.argv[1:] if argv is None else argv)]),
+               "machine": machine,
+               "model": {"arch": args.arch, "size": args.size, "shape": dict(zip(
+                   ("hidden", "intermediate", "layers", "heads", "kv_heads"), shape)), "parameters": n_params},
                "settings": vars(args), "workloads": {}}
     report = []
     for workload, rows in workloads.items():
         systems = {}
         for system in args.systems.split(","):
-            print(f"[{workload}] system {system}: {SYSTEMS[system]} ...", flush=True)
-            systems[system] = run_system(system, model_path, rows, args, str(Path(tmp) / f"out-{system}"), peak)
-            print(f"    {systems[system]['tokens_per_second']:.0f} seq tokens/s", flush=True)
+            print(f"[{workload}] system {system}: {SYSTEMS[system.partition(':')[0]]} ...", flush=True)
+            out_dir = str(Path(tmp) / f"out-{system.replace(':', '-')}")
+            systems[system] = run_system(system, model_path, rows, args, out_dir, peak)
+            print(f"    {systems[system]['tokens_per_second']:.0f} seq tokens/s"
+                  f"{', kernel ' + systems[system]['kernel'] if systems[system]['kernel'] else ''}", flush=True)
         tps = {k: v["tokens_per_second"] for k, v in systems.items()}
-        ratios = {f"{x}/{y}": tps[x] / tps[y] for x, y in (("b", "a"), ("d", "c"), ("d", "a")) if x in tps and y in tps}
+        pairs = [("b", "a"), ("d", "c"), ("d", "a")] + [(k, "c") for k in tps if k.startswith("d:")]
+        ratios = {f"{x}/{y}": tps[x] / tps[y] for x, y in pairs if x in tps and y in tps}
         results["workloads"][workload] = {"systems": systems, "ratios": ratios}
         report.append(table(workload, systems, ratios))
 

@@ -32,3 +32,56 @@ def test_benchmark_smoke(tmp_path):
     c, d = workload["systems"]["c"], workload["systems"]["d"]
     assert c["plain_tokens_per_step"] == d["plain_tokens_per_step"]
     assert d["processed_tokens_per_step"] < c["processed_tokens_per_step"]
+
+
+def _benchmark_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nca_benchmark", REPO / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_7b_width_size_is_mistral_7b():
+    """`--size 7b-2l` is Mistral-7B-v0.1's width (recipes/model_configs) with 2 layers."""
+    config = json.loads((REPO / "recipes" / "model_configs" / "mistral-7b-v0.1.json").read_text())
+    hidden, intermediate, layers, heads, kv_heads = _benchmark_module().EXTRA_SIZES["7b-2l"]
+    assert (hidden, intermediate, heads, kv_heads) == (
+        config["hidden_size"], config["intermediate_size"], config["num_attention_heads"], config["num_key_value_heads"]
+    )
+    assert layers == 2
+
+
+def test_shared_layout_work_counts_attention_pairs():
+    """The benchmark's FLOP count of a shared-prompt batch: per segment, every query sees its prompt's keys and,
+    causally, its own."""
+    from nca_trl.data import DataCollatorForRatedCompletions
+
+    rows = [{"prompt_ids": [1, 2, 3], "completion_ids": [[4, 5], [6]], "rewards": [1.0, 0.0]}]
+    work = _benchmark_module().batch_work(DataCollatorForRatedCompletions(0, shared_prompt=True)(rows))
+    # prefix [1, 2]: 1 + 2 pairs; [3 4 5] after 2 prompt keys: 3 * 2 + 6; [3 6]: 2 * 2 + 3
+    assert work["pairs"] == 3 + 12 + 7 and work["tokens"] == 7 and work["scored"] == 3
+
+
+@pytest.mark.slow
+def test_layout_report_names_the_kernels(tmp_path):
+    """`--layouts`: the plain layout against the shared-prompt layout with each kernel asked for, which the JSON names,
+    with the command that made it; at a tiny size with one layer (the 7B width runs the same code on a GPU)."""
+    out = tmp_path / "layouts.json"
+    cmd = [
+        sys.executable, str(REPO / "scripts" / "benchmark.py"), "--layouts", "--size", "tiny", "--layers", "1",
+        "--kernels", "auto,padded", "--steps", "1", "--warmup", "0", "--batch", "2", "--max-length", "160",
+        "--context-chars", "300", "--json", str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["command"].startswith("python scripts/benchmark.py --layouts --size tiny --layers 1")
+    assert results["model"]["shape"]["layers"] == 1 and results["settings"]["context_answers"] == 3
+    systems = results["workloads"]["long"]["systems"]
+    assert set(systems) == {"c", "d:auto", "d:padded"}
+    assert systems["c"]["kernel"] is None
+    assert systems["d:auto"]["kernel"].startswith("reference_varlen")  # the CPU default
+    assert systems["d:padded"]["kernel"].startswith("padded_varlen")
+    assert set(results["workloads"]["long"]["ratios"]) == {"d:auto/c", "d:padded/c"}

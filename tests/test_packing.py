@@ -11,6 +11,7 @@ from trl.trainer.utils import add_fused_lm_head
 from nca_trl import InfoNCAConfig, InfoNCATrainer, NCAConfig, NCATrainer
 from nca_trl.data import DataCollatorForRatedCompletions
 from nca_trl.packing import build_shared_prompt_batch, enable_shared_prompt
+from nca_trl.varlen import KERNEL_ENV
 
 from test_trainer import make_args, record_losses
 
@@ -53,9 +54,15 @@ def test_layout_structure():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_fixture", ["tiny_mistral", "tiny_mixtral"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_logps_equal_plain_layout_on_real_data(model_fixture, attn, request, vicuna, hh, tokenizer):
+@pytest.mark.parametrize(
+    "model_fixture,attn,kernel",
+    [(m, a, None) for m in ("tiny_mistral", "tiny_mixtral") for a in ("sdpa", "eager")]
+    + [("tiny_mistral", "sdpa", "padded"), ("tiny_mistral", "sdpa", "reference")],
+)
+def test_logps_equal_plain_layout_on_real_data(model_fixture, attn, kernel, request, vicuna, hh, tokenizer, monkeypatch):
+    """Each CPU varlen path (None: the default) through a real model, on real ragged data."""
+    if kernel is not None:
+        monkeypatch.setenv(KERNEL_ENV, kernel)
     path = request.getfixturevalue(model_fixture)
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn).eval()
     add_fused_lm_head(model)
@@ -163,17 +170,66 @@ def test_fallback_says_why(tiny_mistral, vicuna, tmp_path, caplog):
     assert not trainer.data_collator.shared_prompt and "flex_attention" in caplog.text
 
 
-def test_automatic_layout_is_plain_on_a_gpu(tiny_mistral, vicuna, tmp_path, monkeypatch):
-    """Found on an H200 (results/gpu_results.json): the shared-prompt layout is 3.5-5x slower than the plain one on a
-    GPU. `shared_prompt=None` (the default) picks it on a CPU only; `True` still forces it."""
+def test_automatic_layout_on_a_gpu_needs_a_varlen_kernel(tiny_mistral, vicuna, tmp_path, caplog):
+    """Found on an H200 (results/gpu_results.json): without a fused varlen kernel the shared-prompt layout is 3.5-5x
+    slower than the plain one. `shared_prompt=None` (the default) picks it on a CPU; on a CUDA GPU only with a fused
+    varlen kernel in bf16/fp16, and then per batch, for long prompts (`shared_prompt_pays`); `True` forces it."""
     from unittest.mock import PropertyMock, patch
 
-    for requested, on_cpu, on_gpu in ((None, True, False), (True, True, True), (False, False, False)):
+    from nca_trl.varlen import VarlenKernel
+
+    fused = VarlenKernel("a fused varlen kernel", lambda *args: None, cuda=True)
+    cases = [  # shared_prompt, bf16, kernel present -> layout on the CPU, on the GPU, auto_layout on the GPU
+        (None, False, False, True, False, False),
+        (None, True, True, True, True, True),
+        (None, False, True, True, False, False),  # float32 on the GPU: the fused kernels do not run
+        (True, False, False, True, True, False),
+        (False, True, True, False, False, False),
+    ]
+    for requested, bf16, present, on_cpu, on_gpu, auto in cases:
         args = make_args(NCAConfig, tmp_path, max_length=64, shared_prompt=requested)
         trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=vicuna.select(range(2)))
-        assert trainer.data_collator.shared_prompt is on_cpu, requested
+        assert trainer.data_collator.shared_prompt is on_cpu and not trainer.data_collator.auto_layout, requested
         trainer._layout_checked, trainer.data_collator.shared_prompt = False, False
-        with patch.object(type(trainer.accelerator), "device", new_callable=PropertyMock) as device:
+        trainer.args.bf16 = bf16
+        caplog.clear()
+        with (
+            patch.object(type(trainer.accelerator), "device", new_callable=PropertyMock) as device,
+            patch("nca_trl.trainer.cuda_varlen_kernel", return_value=(fused if present else None, "none here")),
+            caplog.at_level(logging.INFO, logger="nca_trl"),
+        ):
             device.return_value = torch.device("cuda")
             trainer._setup_layout()
-        assert trainer.data_collator.shared_prompt is on_gpu, requested
+        case = (requested, bf16, present)
+        assert trainer.data_collator.shared_prompt is on_gpu and trainer.data_collator.auto_layout is auto, case
+        if requested is None:
+            assert ("with a fused varlen kernel" in caplog.text) is auto, case
+            assert ("Plain padded layout on cuda" in caplog.text) is (not auto), case
+
+
+def test_flash_attention_2_takes_the_shared_prompt_layout(tiny_mistral, vicuna, tmp_path, monkeypatch):
+    """`attn_implementation: flash_attention_2` gets the shared-prompt layout, not a fallback: here, with no CUDA, the
+    same varlen path runs on the CPU stand-in, and gives the plain layout's log-probs. No T x T mask is built."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    model, ref = (AutoModelForCausalLM.from_pretrained(tiny_mistral) for _ in range(2))
+    for m in (model, ref):
+        m.config._attn_implementation = "flash_attention_2"  # what loading with flash-attn installed sets
+    args = make_args(NCAConfig, tmp_path, max_length=48, shared_prompt=True)
+    trainer = NCATrainer(model=model, ref_model=ref, args=args, train_dataset=ragged(vicuna, 3))
+    assert trainer.data_collator.shared_prompt
+    for m in (trainer.model, trainer.ref_model):
+        assert m.config._attn_implementation == "nca_shared_prompt|flash_attention_2"
+    examples = [trainer.train_dataset[i] for i in range(3)]
+    plain, packed = both_layouts(trainer, examples)
+
+    def no_mask(*args, **kwargs):
+        raise AssertionError("a mask was built for a shared-prompt batch")
+
+    monkeypatch.setitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "nca_shared_prompt|flash_attention_2", no_mask)
+    with torch.no_grad():
+        packed_logps = trainer._sequence_logps(trainer.model, packed)[-1]
+        reference = AutoModelForCausalLM.from_pretrained(tiny_mistral, attn_implementation="sdpa")
+        add_fused_lm_head(reference)
+        plain_logps = trainer._sequence_logps(reference, plain)[-1]
+    assert packed_logps == pytest.approx(plain_logps, abs=2e-4, rel=1e-6)

@@ -254,3 +254,14 @@ def test_gpu_rule_needs_long_prompts():
     assert not shared_prompt_pays(batch(600, 3000, k=2), max_length=None)  # completions dominate: ratio < 1.25
     # Counted as the layouts keep them: cut to max_length, the long completions leave the prompts most of the tokens
     assert shared_prompt_pays(batch(600, 3000, k=2), max_length=1000)
+
+
+def test_shared_prompt_help_states_the_gpu_rule():
+    from dataclasses import fields
+
+    from nca_trl import NCAConfig
+    from nca_trl.packing import GPU_AUTO_MIN_PROMPT_TOKENS, GPU_AUTO_MIN_TOKEN_RATIO
+
+    help_text = next(f for f in fields(NCAConfig) if f.name == "shared_prompt").metadata["help"]
+    assert f"at least {GPU_AUTO_MIN_PROMPT_TOKENS} tokens" in help_text
+    assert f"at least {GPU_AUTO_MIN_TOKEN_RATIO}x the tokens" in help_text
