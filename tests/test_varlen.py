@@ -156,6 +156,10 @@ def signatures(calls):
                          window_size=(-1, -1), k_cache=None, v_cache=None, cache_seqlens=None, page_table=None):
         return torch_210(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, {"scale": scale, "window_size": window_size})
 
+    def varlen_attn_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                         window_size=(-1, -1)):  # as read on an H200 with torch 2.11.0+cu130
+        return torch_210(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, {"scale": scale, "window_size": window_size})
+
     def varlen_attn_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                          window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
         return torch_213(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
@@ -176,6 +180,7 @@ def signatures(calls):
     return [
         ("torch 2.9", torch_varlen_kernel(varlen_attn_2_9)),
         ("torch 2.10", torch_varlen_kernel(varlen_attn_2_10)),
+        ("torch 2.11", torch_varlen_kernel(varlen_attn_2_11)),
         ("torch 2.13", torch_varlen_kernel(varlen_attn_2_13)),
         ("flash_attn 2", flash_attn_kernel(flash_attn_2, "flash_attn_2")),
         ("flash_attn 3", flash_attn_kernel(flash_attn_3, "flash_attn_3")),
