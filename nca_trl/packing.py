@@ -191,10 +191,11 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
     for name in ("softcap", "s_aux"):
         if kwargs.get(name) is not None:
             raise ValueError(f"the shared-prompt attention does not implement `{name}`: set shared_prompt=False")
-    if query.device.type == "cuda" and query.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
-        # Under autocast the rotary embedding leaves float32 queries and keys: take the autocast dtype, as SDPA's
-        # autocast rule and transformers' flash path (`fa_peft_integration_check`) do, so the fused kernels can run
-        dtype = torch.get_autocast_dtype("cuda")
+    if torch.is_autocast_enabled(query.device.type):
+        # Under autocast the rotary embedding leaves float32 queries and keys beside bfloat16 values: take the autocast
+        # dtype, as SDPA's autocast rule (the plain layout) and transformers' flash path (`fa_peft_integration_check`)
+        # do, so that the kernels get one dtype and the fused ones can run
+        dtype = torch.get_autocast_dtype(query.device.type)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     kernel = select_kernel(query.device, query.dtype, original)
     out = varlen_attention(

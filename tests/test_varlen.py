@@ -270,3 +270,23 @@ def test_shared_prompt_help_states_the_gpu_rule():
     help_text = next(f for f in fields(NCAConfig) if f.name == "shared_prompt").metadata["help"]
     assert f"at least {GPU_AUTO_MIN_PROMPT_TOKENS} tokens" in help_text
     assert f"at least {GPU_AUTO_MIN_TOKEN_RATIO}x the tokens" in help_text
+
+
+def test_autocast_gives_the_kernel_one_dtype():
+    """Under bf16 autocast the rotary embedding leaves float32 queries and keys beside bf16 values: the attention
+    takes the autocast dtype, as SDPA does in the plain layout."""
+    from types import SimpleNamespace
+
+    from nca_trl.packing import shared_prompt_attention
+
+    examples = [{"prompt_ids": [1, 2, 3], "completion_ids": [[4, 5], [6]]}]
+    layout = VarlenLayout.from_batch(build_shared_prompt_batch(examples, max_length=None))
+    q, k, v = (x.detach().float() for x in qkv(7, 4, 2, 8, seed=3))
+    module = SimpleNamespace(config=SimpleNamespace(_attn_implementation="nca_shared_prompt|sdpa"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = shared_prompt_attention(
+            module, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.bfloat16().transpose(0, 1)[None], None,
+            scaling=0.3, nca_layout=layout,
+        )
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 7, 4, 8)
+    torch.testing.assert_close(out[0].float(), dense_attention(q, k, v, dense_mask(examples), 0.3), rtol=0, atol=3e-2)
