@@ -35,11 +35,12 @@ Kernels, in the order they are tried (the one chosen is logged once per device a
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -87,11 +88,11 @@ class VarlenLayout:
     KEYS = ("cu_seqlens_q", "cu_seqlens_k", "kv_index", "max_seqlen_q", "max_seqlen_k")
 
     @classmethod
-    def from_batch(cls, batch) -> "VarlenLayout":
+    def from_batch(cls, batch) -> VarlenLayout:
         return cls(**{key: batch[key] for key in cls.KEYS})
 
     @classmethod
-    def from_segments(cls, segments: list[tuple[int, int, list[int]]]) -> "VarlenLayout":
+    def from_segments(cls, segments: list[tuple[int, int, list[int]]]) -> VarlenLayout:
         """From `(start, length, key positions)` of each segment, in row order (contiguous: each starts where the
         previous ends)."""
         cu_q, cu_k, kv = [0], [0], []
@@ -180,8 +181,8 @@ def padded_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     old per-segment-kind attention of this layout, fed from the varlen boundaries; reads them on the host."""
     heads, dim = q.size(1), q.size(2)
     bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    lq = [b - a for a, b in zip(bq, bq[1:])]
-    lk = [b - a for a, b in zip(bk, bk[1:])]
+    lq = [b - a for a, b in itertools.pairwise(bq)]
+    lk = [b - a for a, b in itertools.pairwise(bk)]
     outputs, rows = [], []
     for square in (True, False):
         segments = [s for s in range(len(lq)) if (lq[s] == lk[s]) is square]

@@ -7,7 +7,6 @@ import random
 
 import pytest
 import torch
-from torch.nn.attention.bias import causal_lower_right
 
 from nca_trl import varlen
 from nca_trl.packing import build_shared_prompt_batch, shared_prompt_pays
@@ -81,11 +80,8 @@ def test_varlen_forward_and_gradients_equal_dense_mask(kernel):
         q, k, v = qkv(t, 4, kv_heads, 8, seed=trial)
         grad_out = torch.randn(t, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(99))
         results = []
-        for f in (lambda: varlen_attention(q, k, v, layout, fn, 0.3),
-                  lambda: dense_attention(q, k, v, dense_mask(examples), 0.3)):
-            out = f()
-            grads = torch.autograd.grad(out, (q, k, v), grad_out)
-            results.append((out, *grads))
+        for out in (varlen_attention(q, k, v, layout, fn, 0.3), dense_attention(q, k, v, dense_mask(examples), 0.3)):
+            results.append((out, *torch.autograd.grad(out, (q, k, v), grad_out)))
         for name, got, want in zip(("out", "dq", "dk", "dv"), *results):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=f"trial {trial} {name}")
 
@@ -97,7 +93,7 @@ def test_varlen_gradcheck():
     for name, fn in KERNELS.items():
         kernel = varlen.VarlenKernel(name, fn)
         assert torch.autograd.gradcheck(
-            lambda q, k, v: varlen_attention(q, k, v, layout, kernel), (q, k, v), fast_mode=True
+            lambda q, k, v, kernel=kernel: varlen_attention(q, k, v, layout, kernel), (q, k, v), fast_mode=True
         ), name
 
 
