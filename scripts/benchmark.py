@@ -62,6 +62,7 @@ SYSTEMS = {
     "b": "NCATrainer, same pairs (K=2)",
     "c": "NCATrainer, K=4, plain padded",
     "d": "NCATrainer, K=4, shared-prompt packed",
+    "n": "NCATrainer, K=4, automatic layout (shared_prompt=None)",
 }
 # `--size` values beyond nca_trl.tiny.SIZES: (hidden, intermediate, layers, heads, kv heads)
 EXTRA_SIZES = {"7b-2l": (4096, 14336, 2, 32, 8)}  # Mistral-7B-v0.1's width, 2 layers
@@ -208,6 +209,7 @@ def run_system(system: str, model_path: str, rated: list[dict], args, out_dir: s
     from trl import DPOConfig, DPOTrainer
 
     from nca_trl import NCAConfig, NCATrainer
+    from nca_trl.packing import is_shared_prompt_batch
     from nca_trl.varlen import KERNEL_ENV, reset_kernel_choices, selected_kernels
 
     system, _, kernel = system.partition(":")
@@ -238,10 +240,20 @@ def run_system(system: str, model_path: str, rated: list[dict], args, out_dir: s
     elif system == "b":
         trainer = NCATrainer(model=model_path, args=NCAConfig(beta=0.1, **common), train_dataset=Dataset.from_list(pairs))
     else:
-        config = NCAConfig(beta=0.1, shared_prompt=(system == "d"), **common)
+        config = NCAConfig(beta=0.1, shared_prompt={"c": False, "d": True, "n": None}[system], **common)
         trainer = NCATrainer(model=model_path, args=config, train_dataset=Dataset.from_list(rated))
+    layouts = []  # per batch: the layout the collator chose (the automatic rule decides per batch)
     if system in "bcd":
         assert trainer.data_collator.shared_prompt == (system != "c"), "layout fell back: see the log"
+    if system != "a":  # the same collator object, its class extended to count
+
+        class CountingCollator(type(trainer.data_collator)):
+            def __call__(self, examples):
+                batch = super().__call__(examples)
+                layouts.append("shared" if is_shared_prompt_batch(batch) else "plain")
+                return batch
+
+        trainer.data_collator.__class__ = CountingCollator
 
     work = record_work(trainer)
     timer = StepTimer()
@@ -262,7 +274,8 @@ def run_system(system: str, model_path: str, rated: list[dict], args, out_dir: s
     plain_tokens = sum(w["plain_tokens"] for w in work)
     result = {
         "name": SYSTEMS[system] + (f" ({kernel} kernel)" if kernel else ""),
-        "kernel": ", ".join(selected_kernels()) if system == "d" else None,
+        "kernel": ", ".join(selected_kernels()) if "shared" in layouts else None,
+        "batch_layouts": {name: layouts.count(name) for name in ("shared", "plain") if name in layouts},
         "step_seconds_median": statistics.median(times),
         "step_seconds_min": min(times),
         "step_seconds_max": max(times),
@@ -308,7 +321,8 @@ def main(argv=None):
     parser.add_argument("--arch", default="mistral", choices=["mistral", "mixtral"])
     parser.add_argument("--workloads", help="comma-separated: vicuna, long (default: both; long with --layouts)")
     parser.add_argument("--data", help="benchmark this rated-completions file (json/jsonl) instead")
-    parser.add_argument("--systems", help="comma-separated keys of SYSTEMS (default: a,b,c,d; c,d with --layouts)")
+    parser.add_argument("--systems", help="comma-separated keys of SYSTEMS (default: a,b,c,d; with --layouts: c and d "
+                        "per kernel, with a / b first and n last where named)")
     parser.add_argument("--layouts", action="store_true", help="the layout report: plain (c) against shared-prompt "
                         "(d) with each of --kernels, long workload, max_length 2048")
     parser.add_argument("--kernels", default="auto", help=f"with --layouts, comma-separated: {', '.join(KERNELS)}")
@@ -324,6 +338,8 @@ def main(argv=None):
     parser.add_argument("--bf16", action="store_true", help="bf16 training (on a GPU; MFU against the bf16 peak)")
     args = parser.parse_args(argv)
     layouts = args.layouts
+    named = [] if args.systems is None else args.systems.split(",")
+    extra_systems = [x for x in named if x in ("a", "b")]
     for name, default, layouts_default in (
         ("workloads", "vicuna,long", "long"), ("systems", "a,b,c,d", None), ("max_length", 512, 2048),
         ("context_chars", 1800, 6000), ("context_answers", 1, 3),
@@ -333,8 +349,8 @@ def main(argv=None):
     kernels = args.kernels.split(",")
     if unknown := [k for k in kernels if k not in KERNELS]:
         parser.error(f"--kernels: unknown {unknown}, expected some of {', '.join(KERNELS)}")
-    if layouts:
-        args.systems = ",".join(["c"] + [f"d:{k}" for k in kernels])
+    if layouts:  # plain against shared-prompt per kernel, after the baselines asked for (`--systems a,n`)
+        args.systems = ",".join(extra_systems + ["c"] + [f"d:{k}" for k in kernels] + (["n"] if "n" in named else []))
     args.cuda = torch.cuda.is_available()
     hf_logging.set_verbosity_error()
 
@@ -386,10 +402,13 @@ def main(argv=None):
             print(f"    {systems[system]['tokens_per_second']:.0f} seq tokens/s"
                   f"{', kernel ' + systems[system]['kernel'] if systems[system]['kernel'] else ''}", flush=True)
         tps = {k: v["tokens_per_second"] for k, v in systems.items()}
-        pairs = [("b", "a"), ("d", "c"), ("d", "a")] + [(k, "c") for k in tps if k.startswith("d:")]
+        pairs = [("b", "a"), ("d", "c"), ("d", "a"), ("c", "a"), ("n", "c"), ("n", "a")] + [
+            (k, y) for k in tps if k.startswith("d:") for y in "ca"]
         ratios = {f"{x}/{y}": tps[x] / tps[y] for x, y in pairs if x in tps and y in tps}
         results["workloads"][workload] = {"systems": systems, "ratios": ratios}
         report.append(table(workload, systems, ratios))
+        if args.json:  # after every workload: a run stopped later keeps what it measured
+            Path(args.json).write_text(json.dumps(results, indent=2))
 
     print(f"\nMachine: {machine['processor']}, {machine['cpu_count']} CPUs, torch {machine['torch']} "
           f"({machine['torch_threads']} threads), {machine['device']}, {machine['matmul_dtype']} matmul peak "

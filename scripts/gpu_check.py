@@ -107,8 +107,9 @@ def train(model_path: str, shared_prompt: bool, steps: int, max_length: int, bat
 
 
 def layout_agreement(model_path: str, rows: int = 4) -> dict:
-    """Per-completion log-probs of `rows` bundled prompts (K = 4 each): shared-prompt vs plain layout in bf16, and
-    both against a float32 plain-layout reference."""
+    """Per-completion log-probs of `rows` bundled prompts (K = 4 each) and the gradients of their sum w.r.t. every
+    parameter: shared-prompt vs plain layout in bf16, and both against a float32 plain-layout reference, so that the
+    bf16 difference has a scale (bf16 keeps 8 significant bits: its own rounding is the tolerance)."""
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.trainer.utils import add_fused_lm_head
@@ -117,6 +118,7 @@ def layout_agreement(model_path: str, rows: int = 4) -> dict:
     from nca_trl.data.tokenize import tokenize_rated_example
     from nca_trl.packing import enable_shared_prompt
     from nca_trl.trainer import NCATrainer
+    from nca_trl.varlen import selected_kernels
 
     device = _device()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -125,31 +127,45 @@ def layout_agreement(model_path: str, rows: int = 4) -> dict:
     shim = NCATrainer.__new__(NCATrainer)
     shim.accelerator = Accelerator(cpu=device == "cpu")
 
-    def logps(dtype, shared):
+    def logps_and_grads(dtype, shared):
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
         add_fused_lm_head(model)
         if shared:
             assert enable_shared_prompt(model).enabled
         batch = DataCollatorForRatedCompletions(tokenizer.eos_token_id, 512, shared_prompt=shared)(examples)
-        batch = {k: [t.to(device) for t in v] if isinstance(v, list) else v.to(device) for k, v in batch.items()}
-        with torch.no_grad():
-            out = shim._sequence_logps(model, batch)[-1].float().cpu()
+        batch = {k: [t.to(device) if hasattr(t, "to") else t for t in v] if isinstance(v, list)
+                 else v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+        logps = shim._sequence_logps(model, batch)[-1]
+        logps.float().sum().backward()
+        grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None]).cpu()
+        out = logps.detach().float().cpu()
         del model
-        return out
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return out, grads
 
-    plain, packed = logps(torch.bfloat16, False), logps(torch.bfloat16, True)
-    reference = logps(torch.float32, False)
+    (plain, g_plain), (packed, g_packed) = logps_and_grads(torch.bfloat16, False), logps_and_grads(torch.bfloat16, True)
+    reference, g_reference = logps_and_grads(torch.float32, False)
 
     def rel(a, b):
         return ((a - b).abs() / b.abs()).max().item()
 
+    def rel_norm(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
     return {
         "completions": int(plain.numel()),
+        "kernels": selected_kernels(),
         "mean_sequence_logp_fp32": reference.mean().item(),
         "max_relative_difference_shared_vs_plain_bf16": rel(packed, plain),
         "max_abs_difference_shared_vs_plain_bf16": (packed - plain).abs().max().item(),
         "max_relative_difference_plain_bf16_vs_fp32": rel(plain, reference),
         "max_relative_difference_shared_bf16_vs_fp32": rel(packed, reference),
+        "gradient_relative_difference_shared_vs_plain_bf16": rel_norm(g_packed, g_plain),
+        "gradient_relative_difference_plain_bf16_vs_fp32": rel_norm(g_plain, g_reference),
+        "gradient_relative_difference_shared_bf16_vs_fp32": rel_norm(g_packed, g_reference),
+        "tolerance": "the shared-prompt layout in bf16 is as close to the fp32 reference as the plain layout in bf16: "
+                     "its difference at most 2x the plain layout's (bf16 rounding, 2^-8 relative per value)",
     }
 
 
@@ -176,7 +192,12 @@ def main(argv=None):
     parser.add_argument("--out", default="gpu_check.json")
     parser.add_argument("--steps", type=int, default=6, help="training steps of the Mistral-7B-shaped model")
     parser.add_argument("--smoke", action="store_true", help="tiny models and 2 steps on any device (CI smoke test)")
+    parser.add_argument("--stages", default="all", help="comma-separated: environment, tiny_recipe, layout_agreement,"
+                        " training (default all)")
+    parser.add_argument("--layers", type=int, default=2, help="layers of the Mistral-7B-shaped model")
     args = parser.parse_args(argv)
+    wanted = set(args.stages.split(",")) if args.stages != "all" else {"environment", "tiny_recipe",
+                                                                        "layout_agreement", "training"}
     if not (torch.cuda.is_available() or args.smoke):
         sys.exit("gpu_check.py needs a CUDA GPU (or --smoke)")
 
@@ -213,24 +234,27 @@ def main(argv=None):
             "matmul_dtype": str(dtype),
         }
 
-    stage("environment", environment)
+    stage("environment", environment)  # always: the versions and the measured peak
     peak = report["environment"].get("matmul_peak_tflops", float("nan")) * 1e12
     tiny = build_tiny_model(tmp / "tiny", "mistral", seed=0)
-    stage("tiny_recipe", lambda: train(tiny, True, steps=4 if args.smoke else 20, max_length=128, batch=2,
-                                       checkpointing=False))
+    if "tiny_recipe" in wanted:
+        stage("tiny_recipe", lambda: train(tiny, True, steps=4 if args.smoke else 20, max_length=128, batch=2,
+                                           checkpointing=False))
     if args.smoke:
         big, steps, max_length = tiny, 2, 256
-    else:
-        big, steps, max_length = build_mistral_7b_shape(tmp / "mistral-7b-2layers", layers=2), args.steps, 1024
-    stage("layout_agreement_bf16", lambda: layout_agreement(big))
-    for shared in (True, False):
+    elif wanted & {"layout_agreement", "training"}:
+        big, steps, max_length = (build_mistral_7b_shape(tmp / "mistral-7b", layers=args.layers), args.steps, 1024)
+    name = f"mistral7b_{args.layers}layers"
+    if "layout_agreement" in wanted:
+        stage("layout_agreement_bf16", lambda: layout_agreement(big))
+    for shared in (True, False) if "training" in wanted else ():
         def run(shared=shared):
             result = train(big, shared, steps=steps, max_length=max_length, batch=2, checkpointing=True)
             result["mfu"] = result["flops_per_second"] / peak
             return result
 
-        stage(f"mistral7b_2layers_{'shared_prompt' if shared else 'plain'}", run)
-    s, p = report.get("mistral7b_2layers_shared_prompt", {}), report.get("mistral7b_2layers_plain", {})
+        stage(f"{name}_{'shared_prompt' if shared else 'plain'}", run)
+    s, p = report.get(f"{name}_shared_prompt", {}), report.get(f"{name}_plain", {})
     if "tokens_per_second" in s and "tokens_per_second" in p:
         report["shared_over_plain_tokens_per_second"] = s["tokens_per_second"] / p["tokens_per_second"]
     Path(args.out).write_text(json.dumps(report, indent=2))
