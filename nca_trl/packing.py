@@ -19,8 +19,9 @@ registered in transformers' `AttentionInterface` under `nca_shared_prompt|<imple
 call (plain batches, generation) to the model's own implementation. Models that do not dispatch their attention
 through that interface keep the plain layout (see `enable_shared_prompt`).
 
-On a GPU the layout pays only where the prompts are long and a fused varlen kernel runs it: `shared_prompt_pays` is
-the rule `shared_prompt=None` applies per batch there (its constants and the measurements they rest on are below).
+On a GPU the layout pays where a fused varlen kernel runs it (flash-attn, or torch's `varlen_attn`), in bf16/fp16:
+there `shared_prompt=None` takes it for every batch (the trainer's `_setup_layout`; the measurements in
+`results/gpu_layouts.json`), and without such a kernel the plain layout.
 """
 
 from __future__ import annotations
@@ -35,8 +36,6 @@ from .varlen import VarlenLayout, select_kernel, varlen_attention
 logger = logging.getLogger("nca_trl")
 
 __all__ = [
-    "GPU_AUTO_MIN_PROMPT_TOKENS",
-    "GPU_AUTO_MIN_TOKEN_RATIO",
     "LAYOUT_KEYS",
     "build_shared_prompt_batch",
     "enable_shared_prompt",
@@ -44,7 +43,6 @@ __all__ = [
     "is_shared_prompt_enabled",
     "original_attention_implementation",
     "shared_prompt_attention",
-    "shared_prompt_pays",
 ]
 
 # Batch keys of the shared-prompt layout that the attention reads (passed to the model as `nca_layout`)
@@ -53,43 +51,9 @@ _PREFIX = "nca_shared_prompt|"
 # Attention implementations whose models can take the layout (the attention itself is always `nca_trl.varlen`'s)
 _IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 
-# The GPU rule of `shared_prompt=None` (`shared_prompt_pays`), per batch, once a fused CUDA varlen kernel is there.
-# No GPU measurement of this project's varlen path exists yet: until one does, the thresholds are those where the
-# published measurement of the same design gained in every setting. li-plus/flash-preference, tests/perf.csv
-# (Qwen2.5-7B, FlashAttention-2 varlen, one A800, K = 2, 81 prompt x response lengths from 64 to 16k): in the 39
-# settings with prompts of at least 512 tokens and a token ratio of at least 1.25 the step was 1.22-1.88x faster;
-# outside them, 1.00-1.43x (prompts of 64-128 tokens: 1.00-1.13x). The token ratio is what the layout saves:
-# plain-layout real tokens (each prompt K times) over shared-layout tokens. This project's own GPU check so far is
-# below a training step (H200, torch 2.11's varlen_attn, Mistral-7B width with 2 layers, bf16, base model forward and
-# backward, 2 prompts x 4 completions of 150-500 tokens): the varlen layout took 1/1.5 of the plain layout's time with
-# 128-token prompts, 1/2.1 with 512, 1/2.9 with 1536. Lower the thresholds once a full training step confirms it.
-GPU_AUTO_MIN_PROMPT_TOKENS = 512
-GPU_AUTO_MIN_TOKEN_RATIO = 1.25
-
-
 def is_shared_prompt_batch(batch) -> bool:
     """Whether a collated batch is in the shared-prompt layout (else the plain padded one)."""
     return "cu_seqlens_q" in batch
-
-
-def _layout_lengths(example: dict, max_length: int | None) -> tuple[int, list[int]]:
-    """A prompt's length and its completions' lengths as the shared-prompt layout keeps them."""
-    p = len(example["prompt_ids"])
-    cap = max(max_length - p, 0) if max_length is not None else None
-    return p, [len(c) if cap is None else min(len(c), cap) for c in example["completion_ids"]]
-
-
-def shared_prompt_pays(examples: list[dict], max_length: int | None) -> bool:
-    """The GPU rule of `shared_prompt=None`: True where the batch's mean prompt length is at least
-    `GPU_AUTO_MIN_PROMPT_TOKENS` and the plain layout would process at least `GPU_AUTO_MIN_TOKEN_RATIO` times the
-    shared-prompt layout's tokens (real tokens, padding not counted)."""
-    prompt_tokens = plain = shared = 0
-    for example in examples:
-        p, completions = _layout_lengths(example, max_length)
-        prompt_tokens += p
-        plain += sum(min(p + c, max_length) if max_length is not None else p + c for c in completions)
-        shared += p - 1 + sum(1 + c for c in completions)
-    return prompt_tokens >= GPU_AUTO_MIN_PROMPT_TOKENS * len(examples) and plain >= GPU_AUTO_MIN_TOKEN_RATIO * shared
 
 
 def build_shared_prompt_batch(examples: list[dict], max_length: int | None) -> dict[str, torch.Tensor | int]:

@@ -44,8 +44,6 @@ from .data.tokenize import prepare_rated_dataset, with_row_index
 from .losses import infonca_loss, nca_loss
 from .metrics import best_slots, from_slots, sequence_metrics, to_slots
 from .packing import (
-    GPU_AUTO_MIN_PROMPT_TOKENS,
-    GPU_AUTO_MIN_TOKEN_RATIO,
     enable_shared_prompt,
     is_shared_prompt_batch,
     is_shared_prompt_enabled,
@@ -274,8 +272,8 @@ class _RatedCompletionsTrainer(RunSafetyMixin, DPOTrainer):
         """Switch the collator to the shared-prompt layout if the config asks for it and the policy and reference
         models can take it; otherwise keep the plain layout and log why. Idempotent.
 
-        `shared_prompt=None` (automatic): on a CPU, every batch; on a CUDA GPU with a fused varlen kernel, in float16 or
-        bfloat16, the batches whose prompts are long enough (`nca_trl.packing.shared_prompt_pays`); else plain."""
+        `shared_prompt=None` (automatic): the shared-prompt layout on a CPU, and on a CUDA GPU with a fused varlen kernel
+        in float16 or bfloat16 (where it measured 2.7-3.0x the plain layout: results/gpu_layouts.json); else plain."""
         if getattr(self, "_layout_checked", False):
             return
         self._layout_checked = True
@@ -317,13 +315,8 @@ class _RatedCompletionsTrainer(RunSafetyMixin, DPOTrainer):
             return
         collator.shared_prompt = True
         if automatic_on_gpu:
-            collator.auto_layout = True
-            logger.info(
-                "Shared-prompt layout (shared_prompt=None, automatic) on %s with %s, for the batches whose mean prompt "
-                "length is at least %d tokens and whose plain layout would take at least %.2fx the tokens; the plain "
-                "padded layout for the others. Set shared_prompt=True or False to fix the layout.",
-                self.accelerator.device.type, kernel_name, GPU_AUTO_MIN_PROMPT_TOKENS, GPU_AUTO_MIN_TOKEN_RATIO,
-            )
+            logger.info("Shared-prompt layout (shared_prompt=None, automatic) on %s with %s. Set shared_prompt=False for "
+                        "the plain padded layout.", self.accelerator.device.type, kernel_name)
 
     def _gpu_varlen_kernel(self) -> str | None:
         """For `shared_prompt=None` on an accelerator: the fused varlen kernel the shared-prompt layout would run with,

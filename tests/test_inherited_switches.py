@@ -19,6 +19,7 @@ from trl.trainer.callbacks import LogCompletionsCallback
 
 from nca_trl import NCAConfig, NCATrainer
 from nca_trl.config import check_rated_config
+from nca_trl.packing import is_shared_prompt_batch
 
 from test_trainer import make_args, record_losses, short_prompts
 
@@ -63,7 +64,7 @@ def test_padding_free_is_the_shared_prompt_layout(tiny_mistral, vicuna, hh, tmp_
     # The collator lays the batch out as one row of real tokens: each prompt once, then its completions, no padding
     examples = [trainer.train_dataset[i] for i in range(2)]
     batch = trainer.data_collator(examples)
-    assert "segment_q_index" in batch and batch["input_ids"].shape[0] == 1
+    assert is_shared_prompt_batch(batch) and batch["input_ids"].shape[0] == 1
     max_length = trainer.args.max_length
     expected = 0
     for e in examples:
@@ -211,7 +212,7 @@ def test_activation_offloading(tiny_mistral, vicuna, tmp_path):
     args = make_args(NCAConfig, tmp_path, max_length=48)
     trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=distinct_rewards(vicuna, 2))
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
-    assert "segment_q_index" in batch
+    assert is_shared_prompt_batch(batch)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
     loss, grads = training_step_and_grads(trainer, batch)

@@ -9,7 +9,7 @@ import torch
 from transformers.data.data_collator import DataCollatorMixin
 from trl.trainer.utils import pad
 
-from ..packing import build_shared_prompt_batch, shared_prompt_pays
+from ..packing import build_shared_prompt_batch
 from .formats import PAIR_COLUMN, ROW_INDEX
 
 __all__ = ["DataCollatorForRatedCompletions"]
@@ -41,9 +41,7 @@ class DataCollatorForRatedCompletions(DataCollatorMixin):
 
     With `shared_prompt=True` the sequences are laid out in one padding-free row instead (`nca_trl.packing`:
     `input_ids` `[1, T]`, `position_ids`, `shift_labels`, `token_sequence`, `token_column`, `plain_width` and the
-    varlen attention layout `cu_seqlens_q`, `cu_seqlens_k`, `kv_index`, `max_seqlen_q`, `max_seqlen_k`), with
-    `auto_layout=True` only for the batches where `nca_trl.packing.shared_prompt_pays` (the GPU rule of
-    `shared_prompt=None`), the others in the plain padded layout.
+    varlen attention layout `cu_seqlens_q`, `cu_seqlens_k`, `kv_index`, `max_seqlen_q`, `max_seqlen_k`).
 
     Example:
     ```python
@@ -70,7 +68,6 @@ class DataCollatorForRatedCompletions(DataCollatorMixin):
     pad_to_multiple_of: int | None = None
     return_tensors: str = "pt"
     shared_prompt: bool = False
-    auto_layout: bool = False
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         if self.truncation_mode == "keep_start":
@@ -81,7 +78,7 @@ class DataCollatorForRatedCompletions(DataCollatorMixin):
             raise ValueError(f"Unsupported truncation mode: {self.truncation_mode!r}, expected 'keep_start' or 'keep_end'")
 
         k_max = max(len(example["completion_ids"]) for example in examples)
-        if self.shared_prompt and (not self.auto_layout or shared_prompt_pays(examples, self.max_length)):
+        if self.shared_prompt:
             output = build_shared_prompt_batch(examples, self.max_length)
         else:
             output = self._padded(examples, k_max, window)
