@@ -219,7 +219,7 @@ def check_rated_config(args: DPOConfig, config_class: type[_RatedCompletionsConf
     if not args.beta > 0:
         raise ValueError(f"`beta` must be > 0, got {args.beta!r}.")
     ties = getattr(args, "ties", "keep")
-    if ties not in ("keep", "drop"):
+    if ties not in TIES:
         raise ValueError(f"{setting('ties', ties)} is not a choice: `keep` (train tied prompts, uniform targets) or "
                          "`drop` (leave them out, counted).")
     max_completions = getattr(args, "max_completions", None)
@@ -242,6 +242,8 @@ _MAX_COMPLETIONS_HELP = (
     "If set, prompts with more completions keep only this many: the best, the worst, and an even spread of ranks "
     "between them (ranks by reward). The number of prompts capped is logged."
 )
+# `ties`: what the trainers do with a prompt whose rewards all tie (`nca_trl.data.rewards.rewards_tie`)
+TIES = ("keep", "drop")
 _SHARED_PROMPT_HELP = (
     "Shared-prompt, padding-free layout: each prompt is encoded once and followed by its K completions, the whole "
     "batch is one row of real tokens, and its attention is one variable-length call per layer (see `nca_trl.packing` "
@@ -279,7 +281,7 @@ class _RatedCompletionsConfig(DPOConfig):
                   "`keep` trains them with uniform targets (for NCA this pulls every completion's log-ratio toward "
                   "0, i.e. toward the reference), `drop` leaves them out, counted in the log and in `run_info.json`. "
                   "Chosen/rejected pairs never tie. DPO (and `nca-trl iterate --loss dpo`) has no pair for them.",
-                  "choices": ["keep", "drop"]},
+                  "choices": list(TIES)},
     )
     bf16: bool | None = field(
         default=None,

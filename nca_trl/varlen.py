@@ -64,7 +64,7 @@ __all__ = [
 ]
 
 KERNEL_ENV = "NCA_TRL_VARLEN_KERNEL"
-# The CPU default: measured in results/benchmark_layouts_cpu.json (see README, "Shared-prompt attention kernels")
+# The CPU default, the faster PyTorch path in results/benchmark_layouts_cpu.json (docs/trainers.md lists the order)
 CPU_KERNEL = "reference"
 _FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
 
@@ -146,8 +146,8 @@ def varlen_attention(query, key, value, layout: VarlenLayout, kernel: VarlenKern
 
 
 def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """`[L, H_kv, D]` -> `[L, heads, D]`, query head h reading key/value head `h // (heads // H_kv)` (transformers'
-    `repeat_kv`)."""
+    """`[L, H_kv, D]` -> `[L, heads, D]` (or `[S, H_kv, L, D]` -> `[S, heads, L, D]`: the heads are dim 1), query head
+    h reading key/value head `h // (heads // H_kv)` (transformers' `repeat_kv`)."""
     n_rep = heads // x.size(1)
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
@@ -201,8 +201,7 @@ def padded_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
                 qs, ks, vs, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=ks.size(1) != heads
             )
         else:
-            n_rep = heads // ks.size(1)
-            ks, vs = ks.repeat_interleave(n_rep, dim=1), vs.repeat_interleave(n_rep, dim=1)
+            ks, vs = _repeat_kv(ks, heads), _repeat_kv(vs, heads)
             # Query j sees keys 0 .. n_k - n_q + j (bottom-right); padded queries see key 0 only (no NaN rows)
             mask = k_real[:, None, :] & (jk[None, None, :] <= (n_k - n_q)[:, :, None] + jq[None, :, None])
             mask |= ~q_real[:, :, None] & (jk == 0)[None, None, :]

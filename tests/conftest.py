@@ -15,6 +15,16 @@ VICUNA = REPO / "data" / "vicuna_rated.jsonl"
 HH = REPO / "tests" / "data" / "hh_helpful_test.jsonl"
 
 
+def load_script(name: str):
+    """A script of `scripts/` (not a package) imported as a module, e.g. `load_script("plan_memory")`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def tiny_mistral(tmp_path_factory):
     """Path of a tiny random Mistral (seed 0) with the real Mistral-7B tokenizer."""

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,19 +35,10 @@ def test_benchmark_smoke(tmp_path):
     assert d["processed_tokens_per_step"] < c["processed_tokens_per_step"]
 
 
-def _benchmark_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("nca_benchmark", REPO / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_7b_width_size_is_mistral_7b():
     """`--size 7b-2l` is Mistral-7B-v0.1's width (recipes/model_configs) with 2 layers."""
     config = json.loads((REPO / "recipes" / "model_configs" / "mistral-7b-v0.1.json").read_text())
-    hidden, intermediate, layers, heads, kv_heads = _benchmark_module().EXTRA_SIZES["7b-2l"]
+    hidden, intermediate, layers, heads, kv_heads = load_script("benchmark").EXTRA_SIZES["7b-2l"]
     assert (hidden, intermediate, heads, kv_heads) == (
         config["hidden_size"], config["intermediate_size"], config["num_attention_heads"], config["num_key_value_heads"]
     )
@@ -59,7 +51,7 @@ def test_shared_layout_work_counts_attention_pairs():
     from nca_trl.data import DataCollatorForRatedCompletions
 
     rows = [{"prompt_ids": [1, 2, 3], "completion_ids": [[4, 5], [6]], "rewards": [1.0, 0.0]}]
-    work = _benchmark_module().batch_work(DataCollatorForRatedCompletions(0, shared_prompt=True)(rows))
+    work = load_script("benchmark").batch_work(DataCollatorForRatedCompletions(0, shared_prompt=True)(rows))
     # prefix [1, 2]: 1 + 2 pairs; [3 4 5] after 2 prompt keys: 3 * 2 + 6; [3 6]: 2 * 2 + 3
     assert work["pairs"] == 3 + 12 + 7 and work["tokens"] == 7 and work["scored"] == 3
 

@@ -1,7 +1,6 @@
 """`nca-trl` CLI: every shipped recipe parses with the real parser, the big ones fit their hardware by the memory plan,
 unknown keys fail by name, the data options load what they say, and one end-to-end single-process run."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import load_script
 
 from nca_trl.cli import main
 from nca_trl.data.loading import load_datasets
@@ -26,13 +26,6 @@ TINY = [p for p in RECIPES if p.parent.name == "tiny"]
 
 def rel(p: Path) -> str:
     return str(p.relative_to(REPO))
-
-
-def load_plan_memory():
-    spec = importlib.util.spec_from_file_location("plan_memory", REPO / "scripts" / "plan_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_recipe_inventory():
@@ -77,7 +70,7 @@ def test_big_recipes_parse_with_paper_hyperparameters(recipe):
     assert t.warmup_steps == 0.1 and t.num_train_epochs == 1 and t.max_length == 1024
     assert t.bf16 and t.activation_checkpointing and m.dtype == "bfloat16"
     assert t.model_init_kwargs["dtype"] == "bfloat16"
-    hw = load_plan_memory().parse_hardware(s.hardware)
+    hw = load_script("plan_memory").parse_hardware(s.hardware)
     gpus = hw["nodes"] * hw["gpus_per_node"]
     assert t.per_device_train_batch_size * t.gradient_accumulation_steps * gpus == 32, "global batch of 32 prompts"
     assert (REPO / s.model_config_file).exists()
@@ -107,7 +100,7 @@ def test_dry_run_prints_the_plan_and_loads_nothing(capsys):
     assert main(["train", "--config", str(REPO / "recipes/mixtral-8x7b/nca.yaml"), "--dry_run"]) == 0
     assert "dry run" in capsys.readouterr().out
     # The global batch comes from the recipe's `hardware` launch metadata, which scripts/plan_memory.py parses
-    assert load_plan_memory().main([str(REPO / "recipes/mixtral-8x7b/nca.yaml")]) == 0
+    assert load_script("plan_memory").main([str(REPO / "recipes/mixtral-8x7b/nca.yaml")]) == 0
     assert "x 16 processes = 32 prompts (global batch)" in capsys.readouterr().out
 
 
@@ -216,7 +209,7 @@ def test_data_sources_splits_and_mixtures(tmp_path):
 
 
 def test_plan_memory_big_recipes_fit_their_hardware(capsys):
-    plan_memory = load_plan_memory()
+    plan_memory = load_script("plan_memory")
     plans = {rel(p): plan_memory.plan(str(p)) for p in BIG}
     for name, p in plans.items():
         assert p["fits"], f"{name} does not fit its stated hardware: {p}"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, VICUNA
+from conftest import REPO, VICUNA, load_script
 
 from nca_trl.cli import main
 from nca_trl.iterate import IterateArguments, plan_rounds
@@ -227,8 +227,7 @@ def test_iterate_with_the_dpo_baseline_trains_trl_dpo_on_best_vs_worst(digits_mo
 def test_iterate_recipes_parse_and_their_training_fits():
     """Both shipped iterate recipes parse; each round's `nca-trl train` recipe parses with the real parser; the
     Mistral-7B recipe's training stage fits its 8 x 80 GB with K=4 (scripts/plan_memory.py)."""
-    import importlib.util
-
+    
     from trl import DPOConfig
 
     from nca_trl.iterate import parse_iterate_args
@@ -256,9 +255,7 @@ def test_iterate_recipes_parse_and_their_training_fits():
     with pytest.raises(ValueError, match="learnig_rate"):
         parse_iterate_args(["--config", str(REPO / "recipes/tiny/iterate_nca.yaml"), "--training",
                             '{"learnig_rate": 1e-4}'])
-    spec = importlib.util.spec_from_file_location("plan_memory", REPO / "scripts" / "plan_memory.py")
-    plan_memory = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plan_memory)
+    plan_memory = load_script("plan_memory")
     plan = plan_memory.plan(str(REPO / "recipes/mistral-7b/iterate_nca.yaml"))
     assert plan["fits"] and plan["completions"] == 4 and plan["strategy"] == "ZeRO-3" and plan["gpu_mem_gb"] == 80
     # The LoRA recipes: the tiny one runs here (below); the Mistral-7B QLoRA one fits one 24 GB GPU

@@ -218,3 +218,22 @@ def test_ties_keep_or_drop_tied_prompts_counted(tiny_mistral, tmp_path):
     path.write_text("".join(json.dumps({**r, "rewards": [1.0] * len(r["rewards"])}) + "\n" for r in data))
     with pytest.raises(ValueError, match="every one of its 6 prompts tie"):
         train([*argv, "--output_dir", str(tmp_path / "all"), "--ties", "drop"])
+
+
+def test_one_tie_rule_for_validation_ties_drop_and_the_dpo_pairs():
+    """Before: validation counted exactly equal rewards, `ties: drop` dropped rewards equal within float rounding, and
+    iterate's DPO baseline paired any rewards not exactly equal: 0.3 and 0.1 + 0.2 were a tie for one and a preference
+    for the others. Now all three use `nca_trl.data.rewards.rewards_tie`."""
+    from datasets import Dataset
+
+    from nca_trl.data import validate_dataset
+    from nca_trl.data.rewards import rewards_tie
+    from nca_trl.iterate.stages import best_worst_pairs
+
+    rows = [{"prompt": "a", "completions": ["x", "y"], "rewards": [0.3, 0.1 + 0.2]},
+            {"prompt": "b", "completions": ["x", "y"], "rewards": [1.0, 0.0]}]
+    assert rewards_tie(rows[0]["rewards"]) and not rewards_tie(rows[1]["rewards"])
+    report = validate_dataset(Dataset.from_list(rows))
+    assert report.num_all_equal_rewards == 1 and report.all_equal_rows == [0]
+    pairs, ties = best_worst_pairs(rows)
+    assert ties == 1 and [p["prompt"] for p in pairs] == ["b"]

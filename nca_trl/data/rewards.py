@@ -1,5 +1,6 @@
 # Copyright 2025 The nca-trl authors. Licensed under the Apache License, Version 2.0.
-"""The one check of a reward, [`check_rewards`], used by validation (`nca_trl.data.validation`) and the converters.
+"""The one check of a reward, [`check_rewards`], used by validation (`nca_trl.data.validation`) and the converters,
+and the one test of a prompt whose rewards all tie, [`rewards_tie`].
 
 The rule: every reward is a finite `int` or `float` (not a `bool`); strings are refused, numeric ones such as `"4.5"`
 included, so cast such a column first, e.g. `ds.map(lambda r: {"rewards": [float(x) for x in r["rewards"]]})`
@@ -17,7 +18,7 @@ from typing import Any
 from .formats import FLOAT32_MAX, REWARD_RULE, DataValidationError, _is_bool, _kind, _short
 
 
-__all__ = ["check_rewards"]
+__all__ = ["check_rewards", "rewards_tie"]
 
 
 def _reward_problem(value: Any, field: str) -> tuple[str, str] | None:
@@ -43,6 +44,13 @@ def _reward_problem(value: Any, field: str) -> tuple[str, str] | None:
     if math.isinf(value):
         return f"is {'+' if value > 0 else '-'}inf", finite_fix
     return None
+
+
+def rewards_tie(rewards) -> bool:
+    """Whether every reward of a prompt is the same, within `math.isclose(rel_tol=1e-9, abs_tol=1e-12)` of the
+    highest: such a prompt carries no preference. Validation counts these rows, `ties: drop` leaves them out, and the
+    DPO baseline of `nca-trl iterate` has no pair for them (NCA / InfoNCA targets are uniform)."""
+    return all(math.isclose(r, max(rewards), rel_tol=1e-9, abs_tol=1e-12) for r in rewards)
 
 
 def check_rewards(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import statistics
 
 from datasets import Dataset, IterableDataset
@@ -20,11 +19,12 @@ from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 from trl.trainer.utils import global_then_local_main_first
 
 from .formats import ROW_INDEX, DataValidationError
+from .rewards import rewards_tie
 from .validation import to_rated_unchecked, validate_dataset, validate_example
 
 logger = logging.getLogger("nca_trl")
 
-__all__ = ["prepare_rated_dataset", "prompt_length_error", "rewards_tie", "select_completions", "tokenize_rated_example",
+__all__ = ["prepare_rated_dataset", "prompt_length_error", "select_completions", "tokenize_rated_example",
            "with_row_index"]
 
 _warned = {"boundary": False}  # warnings shown once per process, like TRL's `warning_once`
@@ -157,12 +157,6 @@ def prepare_rated_dataset(
     with global_then_local_main_first():
         return _prepare(dataset, first, processing_class, args, dataset_name, max_completions,
                         stats if stats is not None else {})
-
-
-def rewards_tie(rewards) -> bool:
-    """Whether every reward of a prompt is the same, within `math.isclose(rel_tol=1e-9, abs_tol=1e-12)` of the
-    highest: such a prompt carries no preference (DPO has no pair for it; NCA / InfoNCA targets are uniform)."""
-    return all(math.isclose(r, max(rewards), rel_tol=1e-9, abs_tol=1e-12) for r in rewards)
 
 
 def _drop_ties(dataset, args, dataset_name, stats):

@@ -42,7 +42,7 @@ from .formats import (
     _text_problem,
     detect_format,
 )
-from .rewards import check_rewards
+from .rewards import check_rewards, rewards_tie
 
 
 logger = logging.getLogger("nca_trl")
@@ -385,7 +385,7 @@ def validate_dataset(dataset, dataset_name: str = "train") -> ValidationReport:
             rewards = _as_list(row["rewards"])
             k = len(rewards)
             report.num_pairs += row.get(PAIR_COLUMN) is True
-            if all(r == rewards[0] for r in rewards[1:]):
+            if rewards_tie(rewards):
                 report.num_all_equal_rewards += 1
                 if len(report.all_equal_rows) < _MAX_REPORTED_ROWS:
                     report.all_equal_rows.append(index)

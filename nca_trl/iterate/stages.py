@@ -43,15 +43,18 @@ def run_score(args, samples: Path, output: Path) -> dict:
 
 def best_worst_pairs(rows: list[dict]) -> tuple[list[dict], int]:
     """`{"prompt", "chosen", "rejected"}` from each rated row's best and worst completion (the first of ties); rows
-    whose rewards are all equal have no preference and are left out. Returns (pairs, number left out)."""
+    whose rewards all tie (`nca_trl.data.rewards.rewards_tie`, the test of `ties: drop`) have no preference and are left
+    out. Returns (pairs, number left out)."""
+    from ..data.rewards import rewards_tie
+
     pairs, ties = [], 0
     for row in rows:
         rewards = row["rewards"]
-        best = max(range(len(rewards)), key=lambda i: (rewards[i], -i))
-        worst = min(range(len(rewards)), key=lambda i: (rewards[i], i))
-        if rewards[best] == rewards[worst]:
+        if rewards_tie(rewards):
             ties += 1
             continue
+        best = max(range(len(rewards)), key=lambda i: (rewards[i], -i))
+        worst = min(range(len(rewards)), key=lambda i: (rewards[i], i))
         extra = {k: v for k, v in row.items() if k in ("tools", "chat_template_kwargs")}
         pairs.append({"prompt": row["prompt"], "chosen": row["completions"][best],
                       "rejected": row["completions"][worst], **extra})

@@ -14,13 +14,13 @@ from pathlib import Path
 __all__ = ["check_local_path", "fsync_tree", "json_default", "write_atomic"]
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder, fsynced, then renamed over `path`: a
-    reader sees the old file or the new one, never half of one. The folder is created if missing."""
+def write_atomic(path: str | os.PathLike, text: str | bytes) -> None:
+    """Write `text` (UTF-8) or bytes to `path` through a temporary file in the same folder, fsynced, then renamed over
+    `path`: a reader sees the old file or the new one, never half of one. The folder is created if missing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(tmp, "wb") if isinstance(text, bytes) else open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

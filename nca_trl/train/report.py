@@ -113,10 +113,12 @@ def legend_columns(left: list, right: list) -> list:
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> str:
-    """Write `fig` as a PNG to `path` atomically (a reader never sees half a file)."""
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    os.replace(tmp, path)
+    """Write `fig` as a PNG to `path` atomically (`write_atomic`: a reader never sees half a file)."""
+    import io
+
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=dpi, bbox_inches="tight")
+    write_atomic(path, png.getvalue())
     return str(path)
 
 

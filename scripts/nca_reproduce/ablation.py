@@ -97,8 +97,8 @@ def run_ablation(cfg, seeds, work):
     from nca_trl.iterate import iterate
 
     result = {"plan": "results/ablation/PLAN.md", "primary_metric": PRIMARY,
-              "tasks": {t: f"sort {task_settings(cfg, t)['num_digits']} digits, {task_settings(cfg, t)['num_demos']} "
-                           f"SFT demonstrations, {task_settings(cfg, t)['sft_steps']} SFT steps" for t in cfg["tasks"]},
+              "tasks": {t: "sort {num_digits} digits, {num_demos} SFT demonstrations, {sft_steps} SFT steps".format(
+                  **task_settings(cfg, t)) for t in cfg["tasks"]},
               "arms": {name: {"task": a[0], "loss": a[1], "offline": a[2], "recipe": a[3], "training": a[4]}
                        for name, a in ARMS.items()},
               "per_seed": {}}
@@ -164,9 +164,8 @@ def decide(per_seed, seeds):
         if loss == "dpo":
             continue
         against = [BASELINE[task]] + (["DPO beta=1"] if task == "main" else [])
-        all_k[name] = {b: {**paired_interval(_final_difference(per_seed, seeds, name, b)),
-                           "verdict": verdict(paired_interval(_final_difference(per_seed, seeds, name, b)))}
-                       for b in against}
+        intervals = {b: paired_interval(_final_difference(per_seed, seeds, name, b)) for b in against}
+        all_k[name] = {b: {**interval, "verdict": verdict(interval)} for b, interval in intervals.items()}
     steps = paired_interval(_final_difference(per_seed, seeds, "DPO matched steps", "DPO"))
     beats = sorted(n for n, by in all_k.items() if by and all(v["verdict"] == "better" for v in by.values()))
     return {
