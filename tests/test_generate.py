@@ -408,10 +408,12 @@ def test_inputs_the_next_step_would_refuse_are_refused_before_anything_is_writte
     common = dict(model_name_or_path=str(tiny_mistral), output=str(output), max_new_tokens=4)
     with pytest.raises(ValueError, match=r"`num_completions` must be at least 2, got 1: `nca-trl train`"):
         GenerateArguments(dataset_name="p.jsonl", num_completions=1, **common)
-    with pytest.raises(ValueError, match=r"^no such folder: outputs/no-model \(`model_name_or_path`\)"):
+    with pytest.raises(ValueError, match=r"^no such file or folder: outputs/no-model \(model_name_or_path\)$"):
         GenerateArguments(**{**common, "model_name_or_path": "outputs/no-model"}, dataset_name="p.jsonl")
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
     GenerateArguments(**{**common, "model_name_or_path": "org/model"}, dataset_name="p.jsonl")  # may be a Hub id
-    with pytest.raises(ValueError, match=r"^no such file or folder: outputs/none.jsonl \(`dataset_name`\)"):
+    with pytest.raises(ValueError, match=r"^no such file or folder: outputs/none.jsonl \(dataset_name\)$"):
         run.generate(GenerateArguments(dataset_name="outputs/none.jsonl", **common))
     for prompt, what in ((None, "null"), ("  ", "empty"), ([], "empty")):
         data = tmp_path / "prompts.jsonl"

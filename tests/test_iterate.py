@@ -326,7 +326,7 @@ def test_a_run_of_other_settings_is_refused_or_replaced_on_purpose(tmp_path):
     ({"reward_funcs": ["nca_trl.scoring.functions:sorted_digitz"]}, "has no attribute 'sorted_digitz' \\(did you mean "
                                                                      "sorted_digits"),
     ({"training": {"warmup_stepz": 0}}, "'warmup_stepz' \\(did you mean 'warmup_steps'"),
-    ({"reward_model": "outputs/no-such-rm"}, "no such folder: outputs/no-such-rm \\(`reward_model`\\)"),
+    ({"reward_model": "outputs/no-such-rm"}, "no such file or folder: outputs/no-such-rm \\(reward_model\\)"),
 ], ids=["temperature", "reward function", "training key", "reward model path"])
 def test_a_bad_setting_fails_before_anything_is_written(digits_model, tmp_path, monkeypatch, override, message):
     """Before: a misspelled reward function (and a bad `reward_model` path) failed when the score stage ran, after

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..runtime.errors import settings_errors
-from ..runtime.files import check_local_path
+from ..runtime.paths import check_path
 from ..runtime.help import check_command_argv, command_help
 from ..runtime.recipes import DTYPES, OUTPUT_SUFFIXES, parse_command
 
@@ -87,7 +87,7 @@ class GenerateArguments:
         if self.num_completions < 2:
             raise ValueError(f"`num_completions` must be at least 2, got {self.num_completions}: `nca-trl train` "
                              "compares each prompt's completions (K >= 2), and refuses rows with fewer.")
-        check_local_path(self.model_name_or_path, "model_name_or_path")
+        check_path(self.model_name_or_path, "model_name_or_path", "model", hub=False)
         if self.max_prompts is not None and self.max_prompts < 0:
             raise ValueError(f"`max_prompts` must be >= 0, got {self.max_prompts}.")
         if not self.temperature > 0:

@@ -38,9 +38,9 @@ def load_prompts(args: GenerateArguments):
     """The prompt rows: the split `dataset_split` of `dataset_name`, its first `max_prompts` rows, without the columns
     of earlier completions (`completions`, `rewards`, `chosen`, `rejected`)."""
     from ..data.loading import load_split
-    from ..runtime.files import check_local_path
+    from ..runtime.paths import check_path
 
-    check_local_path(args.dataset_name, "dataset_name", "file or folder")  # not the Hub's error for a missing file
+    check_path(args.dataset_name, "dataset_name", "dataset")  # not the Hub's error for a missing file
     dataset = load_split(args, limit=args.max_prompts)
     if "prompt" not in dataset.column_names:
         raise ValueError(

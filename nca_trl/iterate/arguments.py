@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..runtime.errors import settings_errors
-from ..runtime.files import check_local_path
+from ..runtime.paths import check_path
 from ..runtime.help import check_command_argv, command_help
 from ..runtime.recipes import parse_command
 
@@ -123,8 +123,8 @@ class IterateArguments:
     eval_batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass of the KL-proxy evaluation."})
 
     def __post_init__(self):
-        check_local_path(self.model_name_or_path, "model_name_or_path")
-        check_local_path(self.dataset_name, "dataset_name", "file or folder")
+        check_path(self.model_name_or_path, "model_name_or_path", "model", hub=False)
+        check_path(self.dataset_name, "dataset_name", "dataset", hub=False)
         if self.loss not in LOSSES:
             raise ValueError(f"`loss` must be one of {LOSSES}, got {self.loss!r}.")
         if self.reference not in REFERENCES:

@@ -11,7 +11,7 @@ import datetime
 import os
 from pathlib import Path
 
-__all__ = ["check_local_path", "fsync_tree", "json_default", "write_atomic"]
+__all__ = ["fsync_tree", "json_default", "write_atomic"]
 
 
 def write_atomic(path: str | os.PathLike, text: str | bytes) -> None:
@@ -50,25 +50,3 @@ def json_default(value):
     if hasattr(value, "tolist"):
         return value.tolist()
     return str(value)
-
-
-_DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow", ".py", ".yaml", ".yml")
-
-
-def check_local_path(value: str | None, field: str, what: str = "folder") -> None:
-    """Raise a `ValueError` "no such folder: PATH" when `value` (of setting `field`) reads as a local path that does not
-    exist, instead of the Hub's "Repo id must be in the form ..." after a download attempt. A local path is absolute,
-    starts with `.` or `~`, has more than one `/`, ends with a data-file suffix, or its first folder exists here
-    (`outputs/model` beside an `outputs/` folder); anything else may be a Hub id (`org/name`) and is left to the Hub."""
-    if not value:
-        return
-    path = Path(os.path.expanduser(str(value)))
-    if path.exists():
-        return
-    text = str(value)
-    local = (text.startswith(("/", ".", "~")) or text.count("/") > 1 or path.suffix.lower() in _DATA_SUFFIXES
-             or (len(path.parts) > 1 and Path(path.parts[0]).is_dir()))
-    if local:
-        raise ValueError(f"no such {what}: {value} (`{field}`). Check the path, or give a Hugging Face Hub id "
-                         "(`org/name`).")
-

@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 
 __all__ = ["DTYPES", "OUTPUT_SUFFIXES", "as_argv", "check_config_keys", "check_recipe_keys", "load_recipe",
-           "parse_command", "peek"]
+           "parse_command", "peek", "peek_all"]
 
 #: Accepted `dtype` values of the commands that load a model for inference (`generate`, `score`, `iterate`).
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -24,6 +24,26 @@ def peek(argv: list[str], name: str) -> str | None:
         elif "=" in arg and arg.split("=", 1)[0] in flags:
             value = arg.split("=", 1)[1]
     return value
+
+
+def peek_all(argv: list[str], name: str) -> list[str] | None:
+    """The values of every `--name A B` / `--name=A` of argv, in order (a repeatable list field such as
+    `--reward_funcs`), else None."""
+    values = None
+    flags = {f"--{name}", f"--{name.replace('_', '-')}"}
+    for i, arg in enumerate(argv):
+        flag, eq, inline = arg.partition("=")
+        if flag not in flags:
+            continue
+        values = values if values is not None else []
+        if eq:
+            values.append(inline)
+            continue
+        for value in argv[i + 1:]:
+            if value.startswith("--"):
+                break
+            values.append(value)
+    return values
 
 
 def load_recipe(argv: list[str]) -> tuple[dict, str | None]:

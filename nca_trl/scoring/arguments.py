@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..runtime.errors import settings_errors
-from ..runtime.files import check_local_path
+from ..runtime.paths import check_path
 from ..runtime.help import check_command_argv, command_help
 from ..runtime.recipes import DTYPES, OUTPUT_SUFFIXES, parse_command
 
@@ -122,7 +122,7 @@ class ScoreArguments:
             raise ValueError(f"`max_length` must be at least 1 (or unset: the tokenizer's), got {self.max_length}.")
         if self.max_rows is not None and self.max_rows < 0:
             raise ValueError(f"`max_rows` must be >= 0, got {self.max_rows}.")
-        check_local_path(self.reward_model, "reward_model")
+        check_path(self.reward_model, "reward_model", "model", hub=False)
         from .sources import load_reward_function
 
         for spec in self.reward_funcs:  # imported now, so that a misspelled one fails before anything is written

@@ -27,9 +27,9 @@ def load_rows(args: ScoreArguments) -> list[dict]:
     """The rows to score: split `dataset_split` of `dataset_name` (read as `train` and `generate` read data), its
     first `max_rows` rows."""
     from ..data.loading import load_split
-    from ..runtime.files import check_local_path
+    from ..runtime.paths import check_path
 
-    check_local_path(args.dataset_name, "dataset_name", "file or folder")  # not the Hub's error for a missing file
+    check_path(args.dataset_name, "dataset_name", "dataset")  # not the Hub's error for a missing file
     dataset = load_split(args, limit=args.max_rows)
     missing = [c for c in ("prompt", "completions") if c not in dataset.column_names]
     if missing:

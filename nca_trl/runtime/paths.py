@@ -1,0 +1,131 @@
+"""Path settings checked first, one helper for every command: a missing local path is one line, not the Hub's error.
+
+A value of a path setting (`model_name_or_path`, `dataset_name`, `reward_model`, `--config`, ...) reads as a local
+path when it starts with `.`, `/` or `~`, has more than one `/`, ends with a file extension (`.jsonl`, `.yaml`, ...),
+or its first folder exists here (`outputs/model` beside an `outputs/` folder). Such a path that does not exist is
+refused at once, before any network call, model load or folder creation:
+
+    nca-trl train: error: no such file or folder: data/does_not_exist.jsonl (dataset_name)
+
+Anything else may be a Hugging Face Hub id (`org/name`): left to the Hub, except when the Hub cannot be reached
+because it is switched off (`HF_HUB_OFFLINE=1`, or `HF_DATASETS_OFFLINE=1` for a dataset) and the id is not in the
+local cache; that is one line too. Both are `SettingsError`s: `nca-trl CMD: error: MESSAGE`, exit 2, on the command
+line; a `ValueError` from Python.
+
+`check_path` checks one value; `check_path_settings` checks the path settings of a command's argv and recipe before
+anything heavy is imported (what each command's `check_argv` runs). Imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import SettingsError
+
+__all__ = ["FILE_SUFFIXES", "KINDS", "NOT_PATHS", "check_path", "check_path_settings", "hub_cached", "looks_local",
+           "reward_function_path"]
+
+#: Extensions that make a value a local file (data, recipes, code, weights, archives); a Hub id's last part may hold
+#: a dot followed by a digit (`Mistral-7B-v0.1`, `Qwen2.5-0.5B`), which is no extension
+FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".tsv", ".txt", ".arrow", ".py", ".yaml", ".yml", ".toml",
+                 ".bin", ".safetensors", ".pt", ".pth", ".gguf", ".gz", ".zip", ".tar", ".zst", ".xz", ".bz2")
+#: Values of a path setting that are not paths (`resume_from_checkpoint: true` resumes from the last checkpoint)
+NOT_PATHS = ("true", "false", "last", "latest", "none", "null")
+#: What a path setting names: `model` and `dataset` may be Hub ids (checked against that cache when offline); `file`
+#: and `folder` are local only (a `--config` recipe, a DeepSpeed JSON, a reward-function file, a checkpoint)
+KINDS = ("model", "dataset", "file", "folder")
+
+
+def looks_local(value: str) -> bool:
+    """Whether `value` reads as a local path rather than a Hub id (see the module docstring)."""
+    text = str(value)
+    path = Path(os.path.expanduser(text))
+    return (text.startswith(("/", ".", "~")) or text.count("/") > 1 or path.suffix.lower() in FILE_SUFFIXES
+            or (len(path.parts) > 1 and Path(path.parts[0]).is_dir()))
+
+
+def _offline(kind: str) -> str | None:
+    """The environment variable that switches the Hub off for `kind`, if one is set."""
+    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if kind == "dataset" else ("HF_HUB_OFFLINE",
+                                                                                 "TRANSFORMERS_OFFLINE")
+    for name in names:
+        if os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return name
+    return None
+
+
+def hub_cached(repo_id: str, kind: str) -> bool:
+    """Whether the Hub repo `repo_id` (a `model` or a `dataset`) has a copy in the local caches (the Hub's, and for a
+    dataset also the `datasets` library's)."""
+    from huggingface_hub import constants
+
+    prefix = "datasets" if kind == "dataset" else "models"
+    if (Path(constants.HF_HUB_CACHE) / f"{prefix}--{repo_id.replace('/', '--')}").is_dir():
+        return True
+    if kind == "dataset":
+        datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets")
+        return (datasets_cache / repo_id.replace("/", "___")).is_dir()
+    return False
+
+
+def check_path(value, setting: str, kind: str = "model", hub: bool = True) -> None:
+    """Refuse `value` of the path setting `setting` with a `SettingsError` when it reads as a local path that does not
+    exist (`no such file or folder: PATH (SETTING)`), or, for a `model` / `dataset` Hub id, when the Hub is switched
+    off and the id is not cached (unless `hub=False`: a dry run loads nothing). Unset values (None, "") and the
+    values of `NOT_PATHS` pass."""
+    if kind not in KINDS:
+        raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}.")
+    if value is None or str(value) == "" or str(value).strip().lower() in NOT_PATHS:
+        return
+    text = str(value)
+    if text.lstrip().startswith(("{", "[")):  # an inline JSON value (`--deepspeed '{...}'`), not a path
+        return
+    if Path(os.path.expanduser(text)).exists():
+        return
+    if kind in ("file", "folder") or looks_local(text):
+        raise SettingsError(f"no such file or folder: {text} ({setting})")
+    offline = _offline(kind) if hub else None
+    if offline and not hub_cached(text, kind):
+        raise SettingsError(f"{text} ({setting}) is neither a local path nor in the Hugging Face cache, and the Hub "
+                            f"cannot be reached offline ({offline}=1): download it once online, or give a local path.")
+
+
+def reward_function_path(spec: str) -> str | None:
+    """The file of a reward-function spec `path/to/file.py:function` (None for `module:function` or a bundled name)."""
+    module = str(spec).strip().rpartition(":")[0]
+    return module if module and (module.endswith(".py") or "/" in module or os.sep in module) else None
+
+
+def check_path_settings(argv: list[str], settings: dict[str, str], recipe: dict | None = None,
+                        hub: bool = True) -> dict:
+    """Check the path settings of a command before anything heavy is imported, and return its recipe: `--config`
+    first (a file), then, for each `setting: kind` of `settings`, its value on the command line (`--setting X`, the
+    last one wins) or else in the recipe (`recipe`, read from `--config` when not given). `reward_funcs` checks the
+    file of each `path/file.py:function` spec; `datasets` (a mixture) each entry's `path`."""
+    from .recipes import load_recipe, peek, peek_all
+
+    check_path(peek(argv, "config"), "config", "file")
+    if recipe is None:
+        recipe, _ = load_recipe(argv)
+    for setting, kind in settings.items():
+        if setting == "reward_funcs":
+            specs = peek_all(argv, setting)
+            if specs is None:
+                specs = recipe.get(setting) or []
+                specs = [specs] if isinstance(specs, str) else specs
+            for spec in specs:
+                check_path(reward_function_path(spec), setting, "file")
+            continue
+        if setting == "datasets":
+            entries = recipe.get("datasets") if peek(argv, "datasets") is None else None
+            for i, entry in enumerate(entries if isinstance(entries, list) else []):
+                if isinstance(entry, dict):
+                    check_path(entry.get("path"), f"datasets[{i}].path", kind, hub)
+            continue
+        value = peek(argv, setting)
+        if value is None:
+            value = recipe.get(setting)
+        if isinstance(value, str):
+            check_path(value, setting, kind, hub)
+    return recipe
