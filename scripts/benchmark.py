@@ -17,7 +17,9 @@ layout, prompt repeated per completion and no padding, so that layouts compare o
 RSS while the system ran, and model FLOP utilisation against this machine's fp32 matmul peak, measured here:
 `mfu` counts the matmul FLOPs each system really needs in its layout (policy forward + backward = 3 forwards, plus
 the reference forward; LM head on scored tokens only; attention scores over real keys), `mfu_8nt` is the common
-`8 x parameters x plain-layout tokens` estimate (embeddings included).
+`8 x parameters x plain-layout tokens` estimate (embeddings included). Per workload, `ratios` are seq tokens/s of
+one system over another on mean step times, `ratios_median` the same on median step times (`tokens_per_second_median`:
+tokens per step over the median step), which a few slow steps cannot move.
 
 `--layouts` is the layout report: the plain layout (c) against the shared-prompt layout (d) with each attention
 kernel of `--kernels` (`auto`: the one `nca_trl.varlen` picks here; `reference`, `padded`: the PyTorch paths;
@@ -280,6 +282,8 @@ def run_system(system: str, model_path: str, rated: list[dict], args, out_dir: s
         "step_seconds_min": min(times),
         "step_seconds_max": max(times),
         "tokens_per_second": plain_tokens / total,
+        # the same work per step over the median step time: robust to a few slow steps (allocator, first-call costs)
+        "tokens_per_second_median": plain_tokens / len(work) / statistics.median(times),
         "processed_tokens_per_step": sum(w["tokens"] for w in work) / len(work),
         "plain_tokens_per_step": plain_tokens / len(work),
         "computed_tokens_per_step": sum(w["computed_tokens"] for w in work) / len(work),
@@ -295,7 +299,14 @@ def run_system(system: str, model_path: str, rated: list[dict], args, out_dir: s
     return result
 
 
-def table(workload: str, systems: dict, ratios: dict) -> str:
+def median_ratios(systems: dict, ratios: dict) -> dict:
+    """`ratios` (`"x/y"`: seq tokens/s of x over y, on mean step times) recomputed on median step times: each system's
+    tokens per step over its median step, so that a few slow steps (a first call, an allocator stall) weigh nothing."""
+    tps = {key: r["tokens_per_second_median"] for key, r in systems.items()}
+    return {name: tps[x] / tps[y] for name in ratios for x, y in [name.split("/")]}
+
+
+def table(workload: str, systems: dict, ratios: dict, ratios_median: dict | None = None) -> str:
     lines = [
         f"\n### {workload}\n",
         "| system | step s (median, min-max) | seq tokens/s | s/prompt | peak RSS MB | peak GPU MB | MFU | MFU 8NT "
@@ -311,6 +322,8 @@ def table(workload: str, systems: dict, ratios: dict) -> str:
             f"{r.get('kernel') or '-'} |"
         )
     lines.append("\n" + ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items()) + " (ratios of seq tokens/s)")
+    if ratios_median:
+        lines.append(", ".join(f"{k} = {v:.2f}" for k, v in ratios_median.items()) + " (the same on median step times)")
     return "\n".join(lines)
 
 
@@ -405,8 +418,9 @@ def main(argv=None):
         pairs = [("b", "a"), ("d", "c"), ("d", "a"), ("c", "a"), ("n", "c"), ("n", "a")] + [
             (k, y) for k in tps if k.startswith("d:") for y in "ca"]
         ratios = {f"{x}/{y}": tps[x] / tps[y] for x, y in pairs if x in tps and y in tps}
-        results["workloads"][workload] = {"systems": systems, "ratios": ratios}
-        report.append(table(workload, systems, ratios))
+        ratios_median = median_ratios(systems, ratios)
+        results["workloads"][workload] = {"systems": systems, "ratios": ratios, "ratios_median": ratios_median}
+        report.append(table(workload, systems, ratios, ratios_median))
         if args.json:  # after every workload: a run stopped later keeps what it measured
             Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -26,6 +26,7 @@ def test_benchmark_smoke(tmp_path):
     workload = results["workloads"]["long"]
     assert set(workload["systems"]) == {"a", "b", "c", "d"}
     assert set(workload["ratios"]) == {"b/a", "d/c", "d/a", "c/a"}
+    assert set(workload["ratios_median"]) == set(workload["ratios"])
     for metrics in workload["systems"].values():
         for key in ("tokens_per_second", "peak_rss_mb", "mfu", "mfu_8nt", "seconds_per_prompt"):
             assert math.isfinite(metrics[key]) and metrics[key] > 0, key
@@ -33,6 +34,14 @@ def test_benchmark_smoke(tmp_path):
     c, d = workload["systems"]["c"], workload["systems"]["d"]
     assert c["plain_tokens_per_step"] == d["plain_tokens_per_step"]
     assert d["processed_tokens_per_step"] < c["processed_tokens_per_step"]
+
+
+def test_median_ratios_divide_tokens_per_median_step():
+    """`ratios_median` are the `ratios` (x over y) with each system's tokens per step over its median step time."""
+    systems = {"a": {"tokens_per_second_median": 100.0}, "c": {"tokens_per_second_median": 400.0},
+               "d:auto": {"tokens_per_second_median": 1000.0}}
+    ratios = {"c/a": 9.0, "d:auto/c": 9.0, "d:auto/a": 9.0}  # mean-step ratios: not used
+    assert load_script("benchmark").median_ratios(systems, ratios) == {"c/a": 4.0, "d:auto/c": 2.5, "d:auto/a": 10.0}
 
 
 def test_7b_width_size_is_mistral_7b():
