@@ -27,7 +27,9 @@ there `shared_prompt=None` takes it for every batch (the trainer's `_setup_layou
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import re
+import sys
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,11 +40,13 @@ logger = logging.getLogger("nca_trl")
 __all__ = [
     "LAYOUT_KEYS",
     "build_shared_prompt_batch",
+    "EXACT_FAMILIES",
     "enable_shared_prompt",
     "is_shared_prompt_batch",
     "is_shared_prompt_enabled",
     "original_attention_implementation",
     "shared_prompt_attention",
+    "shared_prompt_support",
 ]
 
 # Batch keys of the shared-prompt layout that the attention reads (passed to the model as `nca_layout`)
@@ -132,40 +136,49 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
     to the model's own implementation.
 
     `query` is `[1, H, T, D]`, `key`/`value` `[1, H_kv, T, D]`; returns `[1, T, H, D]` like transformers' kernels.
-    The row's `VarlenLayout` comes as the `nca_layout` keyword; `attention_mask` is not read.
+    The row's `VarlenLayout` comes as the `nca_layout` keyword; `attention_mask` is not read. The attention variants
+    the model passes (`sliding_window`, `softcap`, GPT-OSS's sinks `s_aux`) are applied as its own attention applies
+    them; `shared_prompt_support` admits only models whose variants are among these.
     """
     layout = kwargs.pop("nca_layout", None)
     original = module.config._attn_implementation[len(_PREFIX) :]
     if layout is None:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        if original == "eager":
-            from transformers.models.llama.modeling_llama import eager_attention_forward as original_fn
-        else:
-            original_fn = ALL_ATTENTION_FUNCTIONS[original]
-        return original_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return _original_attention(module, original)(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     if query.size(0) != 1:
         raise ValueError(f"a shared-prompt batch is one row, got a batch of {query.size(0)} rows")
-    window = kwargs.get("sliding_window")
-    if window is not None and layout.max_seqlen_k > window:
-        raise ValueError(
-            f"a segment has {layout.max_seqlen_k} keys (its prompt and completion), more than the model's sliding "
-            f"window of {window}: set shared_prompt=False for the plain layout, or a max_length within the window"
-        )
-    for name in ("softcap", "s_aux"):
-        if kwargs.get(name) is not None:
-            raise ValueError(f"the shared-prompt attention does not implement `{name}`: set shared_prompt=False")
+    window, softcap, sinks = kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux")
+    if original == "sdpa" and softcap is not None:
+        raise ValueError("the model passes `softcap`, which its own sdpa attention refuses: load it with eager")
     if torch.is_autocast_enabled(query.device.type):
         # Under autocast the rotary embedding leaves float32 queries and keys beside bfloat16 values: take the autocast
         # dtype, as SDPA's autocast rule (the plain layout) and transformers' flash path (`fa_peft_integration_check`)
         # do, so that the kernels get one dtype and the fused ones can run
         dtype = torch.get_autocast_dtype(query.device.type)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-    kernel = select_kernel(query.device, query.dtype, original)
+    if window is not None and window >= int(layout.max_seqlen_k):
+        window = None  # every segment's keys fit in the window
+    variants = (("sliding_window", window), ("softcap", softcap), ("sinks", sinks))
+    kernel = select_kernel(query.device, query.dtype, original, frozenset(n for n, v in variants if v is not None))
     out = varlen_attention(
-        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), layout, kernel, scaling, dropout
+        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), layout, kernel, scaling, dropout,
+        window=window, softcap=softcap, sinks=sinks,
     )  # [T, H, D], row order
     return out.unsqueeze(0), None
+
+
+def _original_attention(module, original: str):
+    """The attention function the model was loaded with: transformers' registered kernels, or the eager function of
+    the module's own modeling file (Gemma 2's applies softcapping, GPT-OSS's the sinks: Llama's would drop them)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if original != "eager":
+        return ALL_ATTENTION_FUNCTIONS[original]
+    own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if own is None:
+        from transformers.models.llama.modeling_llama import eager_attention_forward as own
+    return own
 
 
 def _register(original: str) -> str:
@@ -180,24 +193,46 @@ def _register(original: str) -> str:
     return name
 
 
+# ------------------------------------------------------------------------------------------------ which models
+# The model families whose every position-mixing layer is attention that the shared-prompt path implements (plain,
+# sliding-window, softcapped, with sinks), each tested against the plain layout (tests/test_model_families.py):
+# the text config's `model_type` -> transformers' package of its modeling code. A family not listed is plain
+# (DESIGN §7: SSM / Mamba state, short convolutions and linear attention carry one completion into the next).
+EXACT_FAMILIES = {
+    "llama": "llama", "mistral": "mistral", "ministral": "ministral", "mixtral": "mixtral", "qwen2": "qwen2",
+    "qwen2_moe": "qwen2_moe", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "phi3": "phi3", "gemma": "gemma",
+    "gemma2": "gemma2", "gemma3_text": "gemma3", "gpt_oss": "gpt_oss", "cohere2": "cohere2", "olmo2": "olmo2",
+    "olmo3": "olmo3", "granite": "granite", "starcoder2": "starcoder2",
+}
+# The layer kinds of `config.layer_types` that are attention
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+# Only to name the layer in the reason a family not listed is plain (the rule itself is the allow-list above)
+_MIXER_NAMES = re.compile(r"Mamba|Mixer|Conv|DeltaNet|LinearAttention|SSM|RWKV|Recurren", re.IGNORECASE)
+
+
 @dataclass
 class SharedPromptSupport:
+    """Whether a model can take the shared-prompt layout (else `reason`, naming the layer or setting), and the
+    attention variants (`nca_trl.varlen.FEATURES`) a kernel must implement for it."""
+
     enabled: bool
     reason: str = ""
+    needs: frozenset = field(default_factory=frozenset)
 
 
-def enable_shared_prompt(model) -> SharedPromptSupport:
-    """Route `model`'s attention through `shared_prompt_attention` if it can take the layout.
+def shared_prompt_support(model, max_length: int | None = None) -> SharedPromptSupport:
+    """Whether `model` computes the same log-probs in the shared-prompt layout as in the plain one, decided from its
+    config and modules by an allow-list (nothing is changed).
 
-    Supported: decoder-only models whose attention modules dispatch through transformers' `AttentionInterface`, loaded
-    with `eager`, `sdpa`, `flash_attention_2/3/4` or a hub flash-attention kernel, without sliding-window layers
-    shorter than the segments (checked per batch). Anything else returns `enabled=False` and the reason, and the
-    caller keeps the plain layout.
+    Exact: decoder-only models of `EXACT_FAMILIES` (transformers' own modeling code), every `config.layer_types` entry
+    in `ATTENTION_LAYER_TYPES`, attention dispatched through transformers' `AttentionInterface`, loaded with `eager`,
+    `sdpa`, `flash_attention_2/3/4` or a hub flash-attention kernel. `needs` holds the variants its attention uses:
+    `sliding_window` where a window is shorter than `max_length` (or `max_length` is None), `softcap`, `sinks`.
     """
     config = model.config.get_text_config()
     implementation = config._attn_implementation or "eager"
     if implementation.startswith(_PREFIX):
-        return SharedPromptSupport(True)
+        implementation = implementation[len(_PREFIX) :]
     peft_config = getattr(model, "peft_config", None)
     if peft_config and any(c.is_prompt_learning for c in peft_config.values()):
         return SharedPromptSupport(False, "prompt-learning PEFT adds virtual tokens to every sequence")
@@ -208,11 +243,54 @@ def enable_shared_prompt(model) -> SharedPromptSupport:
         )
     if config is not model.config:
         return SharedPromptSupport(False, "multimodal models are not supported")
-    module_names = {type(m).__module__ for m in model.modules() if type(m).__name__.endswith("Attention")}
-    if not module_names or not all(_uses_attention_interface(name) for name in module_names):
+    model_type = getattr(config, "model_type", None)
+    for i, kind in enumerate(getattr(config, "layer_types", None) or ()):
+        if kind not in ATTENTION_LAYER_TYPES:
+            return SharedPromptSupport(
+                False, f"layer {i} of {type(model).__name__} is {kind!r} (config.layer_types), not attention: the "
+                "layout is exact only where every position-mixing layer is attention"
+            )
+    package = EXACT_FAMILIES.get(model_type)
+    if package is None:
+        mixer = next((f"; its {n} ({type(m).__name__}) mixes positions outside attention"
+                      for n, m in model.named_modules() if _MIXER_NAMES.search(type(m).__name__)), "")
+        return SharedPromptSupport(
+            False, f"{type(model).__name__} (model type {model_type!r}) is not among the families tested exact with "
+            f"the shared-prompt layout (nca_trl.packing.EXACT_FAMILIES){mixer}"
+        )
+    own = f"transformers.models.{package}."
+    modules = {type(m).__module__: type(m).__name__ for m in model.modules()}
+    foreign = [f"{name} ({where})" for where, name in modules.items()
+               if where.startswith("transformers.models.") and not where.startswith(own)]
+    if foreign:
+        return SharedPromptSupport(False, f"module {foreign[0]} is not {model_type}'s own code")
+    attention = {type(m).__module__ for m in model.modules() if type(m).__name__.endswith("Attention")}
+    if not attention or not all(_uses_attention_interface(name) for name in attention):
         return SharedPromptSupport(False, f"{type(model).__name__} does not dispatch attention via AttentionInterface")
-    config._attn_implementation = _register(implementation)
-    return SharedPromptSupport(True)
+    needs = set()
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is not None and (max_length is None or window < max_length) and (
+        layer_types is None or "sliding_attention" in layer_types
+    ):
+        needs.add("sliding_window")
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        needs.add("softcap")
+    if any(getattr(m, "sinks", None) is not None for m in model.modules() if type(m).__name__.endswith("Attention")):
+        needs.add("sinks")
+    return SharedPromptSupport(True, needs=frozenset(needs))
+
+
+def enable_shared_prompt(model, max_length: int | None = None) -> SharedPromptSupport:
+    """Route `model`'s attention through `shared_prompt_attention` if `shared_prompt_support` admits it (idempotent);
+    otherwise change nothing and return the reason. The attention still hands plain batches to the model's own
+    implementation."""
+    support = shared_prompt_support(model, max_length)
+    if support.enabled:
+        config = model.config.get_text_config()
+        if not config._attn_implementation.startswith(_PREFIX):
+            config._attn_implementation = _register(config._attn_implementation or "eager")
+    return support
 
 
 def is_shared_prompt_enabled(model) -> bool:

@@ -30,6 +30,18 @@ Kernels, in the order they are tried (the one chosen is logged once per device a
    varlen kernel (or in float32) uses `padded_varlen`.
 
 `NCA_TRL_VARLEN_KERNEL` (`flash_attn`, `torch`, `reference` or `padded`) forces one of them.
+
+Attention variants (`VarlenKernel.features`), each applied exactly as the model's own attention applies it:
+
+- `sliding_window` w: a query sees its last w keys, itself included (transformers' `kv > q - w`; flash-attention's
+  `window_size=(w - 1, 0)`, bottom-right as the causal mask): every path but torch 2.9's `varlen_attn`;
+- `softcap` c: scores become `c * tanh(scores / c)` before the mask (Gemma 2): `flash_attn` kernels that take
+  `softcap`, and `reference_varlen`;
+- `sinks` (GPT-OSS's per-head `s_aux` logits): one more logit per head in every softmax, dropped afterwards:
+  `reference_varlen` only.
+
+A kernel is only chosen for what it implements (`select_kernel(..., needs=...)`); the trainer decides the layout at
+construction from the model (`nca_trl.packing.shared_prompt_support`).
 """
 
 from __future__ import annotations
@@ -49,6 +61,7 @@ logger = logging.getLogger("nca_trl")
 
 __all__ = [
     "CPU_KERNEL",
+    "FEATURES",
     "KERNEL_ENV",
     "VarlenKernel",
     "VarlenLayout",
@@ -67,6 +80,8 @@ KERNEL_ENV = "NCA_TRL_VARLEN_KERNEL"
 # The CPU default, the faster PyTorch path in results/benchmark_layouts_cpu.json (docs/trainers.md lists the order)
 CPU_KERNEL = "reference"
 _FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
+# The attention variants a kernel may implement (module docstring)
+FEATURES = ("sliding_window", "softcap", "sinks")
 
 
 @dataclass
@@ -115,25 +130,42 @@ class VarlenLayout:
 class VarlenKernel:
     """A varlen attention kernel behind one signature:
     `fn(q [T_q, H, D], k [T_k, H_kv, D], v [T_k, H_kv, D], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-    scale, dropout) -> [T_q, H, D]`, causal bottom-right within each segment, `H % H_kv == 0`."""
+    scale, dropout, window=None, softcap=None, sinks=None) -> [T_q, H, D]`, causal bottom-right within each segment,
+    `H % H_kv == 0`; `features` names the variants of `FEATURES` it implements (the others must be None)."""
 
     name: str
     fn: Callable
     cuda: bool = False  # a fused CUDA kernel (not one of the PyTorch paths)
+    features: frozenset = frozenset()
+
+    def lacks(self, needs) -> list[str]:
+        """The variants of `needs` this kernel does not implement, in `FEATURES` order."""
+        return [f for f in FEATURES if f in needs and f not in self.features]
 
 
-def varlen_attention(query, key, value, layout: VarlenLayout, kernel: VarlenKernel, scale=None, dropout=0.0):
+def varlen_attention(
+    query, key, value, layout: VarlenLayout, kernel: VarlenKernel, scale=None, dropout=0.0, window=None, softcap=None,
+    sinks=None,
+):
     """Attention over a shared-prompt row in one kernel call.
 
     Args:
         query: `[T, H, D]`, the row's queries in row order; key, value: `[T, H_kv, D]`.
         layout: the row's `VarlenLayout` (tensors on the query's device).
-        kernel: the kernel (`select_kernel`).
+        kernel: the kernel (`select_kernel`), implementing every variant given.
         scale: the softmax scale; None means `D ** -0.5`.
+        window: a sliding window of `window` keys (None: none; a window as long as the longest segment's keys is
+            none either, and is not passed on); softcap: logit softcapping; sinks: `[H]` sink logits.
 
     Returns:
         `[T, H, D]`, in row order.
     """
+    if window is not None and window >= int(layout.max_seqlen_k):
+        window = None  # every key of every segment is inside the window
+    variants = {n: v for n, v in (("window", window), ("softcap", softcap), ("sinks", sinks)) if v is not None}
+    lacking = kernel.lacks({"sliding_window" if n == "window" else n for n in variants})
+    if lacking:
+        raise ValueError(f"the varlen kernel {kernel.name} does not implement {', '.join(lacking)}")
     scale = query.size(-1) ** -0.5 if scale is None else scale
     # Each segment's keys: its prompt prefix's, then its own. The backward of index_select adds the gradients of a
     # prompt key over every completion that reads it
@@ -141,7 +173,7 @@ def varlen_attention(query, key, value, layout: VarlenLayout, kernel: VarlenKern
     v = value.index_select(0, layout.kv_index)
     return kernel.fn(
         query.contiguous(), k, v, layout.cu_seqlens_q, layout.cu_seqlens_k,
-        int(layout.max_seqlen_q), int(layout.max_seqlen_k), float(scale), float(dropout),
+        int(layout.max_seqlen_q), int(layout.max_seqlen_k), float(scale), float(dropout), **variants,
     )
 
 
@@ -153,32 +185,73 @@ def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ PyTorch paths
-def reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=None, dropout=0.0):
-    """Per segment: SDPA with `causal_lower_right(Lq, Lk)` and repeated key/value heads. Exact and differentiable (the
+def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Whether the key at position `k_pos` is visible to the query at `q_pos` (broadcast): causal, and within the
+    last `window` keys (transformers' sliding-window rule `kv > q - window`)."""
+    visible = k_pos <= q_pos
+    return visible if window is None else visible & (k_pos > q_pos - window)
+
+
+def _eager_segment(q, k, v, visible, scale, dropout, softcap, sinks):
+    """`[1, H, Lq, D]` attention by hand, as the eager attention of Gemma 2 (softcap) and GPT-OSS (sinks) computes it:
+    scores, softcapped, masked, a sink logit per head appended to each softmax and dropped after it."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~visible, float("-inf"))
+    if sinks is not None:
+        sink = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(1, -1, scores.size(2), 1)
+        scores = torch.cat([scores, sink], dim=-1)
+        scores = scores - scores.max(dim=-1, keepdim=True).values
+    probs = scores.softmax(dim=-1)
+    if sinks is not None:
+        probs = probs[..., :-1]
+    probs = F.dropout(probs, p=dropout, training=dropout > 0)
+    return torch.matmul(probs.to(v.dtype), v)
+
+
+def reference_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=None, dropout=0.0, window=None,
+    softcap=None, sinks=None,
+):
+    """Per segment: SDPA with `causal_lower_right(Lq, Lk)` (or the sliding-window mask) and repeated key/value heads;
+    with softcapping or sinks, the same attention written out (`_eager_segment`). Exact and differentiable (the
     stand-in for the CUDA kernels in the tests); reads the boundaries on the host."""
     from torch.nn.attention.bias import causal_lower_right
 
     heads = q.size(1)
+    scale = q.size(-1) ** -0.5 if scale is None else scale
     bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     out = []
     for s in range(len(bq) - 1):
         qs = q[bq[s] : bq[s + 1]].transpose(0, 1).unsqueeze(0)  # [1, H, Lq, D]
         ks = _repeat_kv(k[bk[s] : bk[s + 1]], heads).transpose(0, 1).unsqueeze(0)  # [1, H, Lk, D]
         vs = _repeat_kv(v[bk[s] : bk[s + 1]], heads).transpose(0, 1).unsqueeze(0)
-        if qs.size(2) > ks.size(2):
-            raise ValueError(f"segment {s} has {qs.size(2)} queries but only {ks.size(2)} keys")
-        mask = causal_lower_right(qs.size(2), ks.size(2))
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, dropout_p=dropout, scale=scale)
+        lq, lk = qs.size(2), ks.size(2)
+        if lq > lk:
+            raise ValueError(f"segment {s} has {lq} queries but only {lk} keys")
+        if window is None and softcap is None and sinks is None:
+            mask = causal_lower_right(lq, lk)
+        else:  # query j sits at key position lk - lq + j (bottom-right)
+            positions = torch.arange(lk, device=q.device)
+            mask = _visible(positions[lk - lq :, None], positions, window)
+        if softcap is None and sinks is None:
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, dropout_p=dropout, scale=scale)
+        else:
+            o = _eager_segment(qs, ks, vs, mask, scale, dropout, softcap, sinks)
         out.append(o[0].transpose(0, 1))
     return torch.cat(out)
 
 
-def padded_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=None, dropout=0.0):
+def padded_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=None, dropout=0.0, window=None,
+):
     """The segments padded into two batches, one SDPA call each: the segments with as many keys as queries (prompt
-    prefixes) with `is_causal=True` and no mask (padding comes last, so no real query sees it), the others
-    (completions after their prompt) with a boolean bottom-right causal mask and the key/value heads repeated
-    (masked SDPA with `enable_gqa=True` has no fused CUDA kernel and falls back to the float32 "math" kernel). The
-    old per-segment-kind attention of this layout, fed from the varlen boundaries; reads them on the host."""
+    prefixes) with `is_causal=True` and no mask (padding comes last, so no real query sees it; a sliding window makes
+    it a boolean mask), the others (completions after their prompt) with a boolean bottom-right causal mask and the
+    key/value heads repeated (masked SDPA with `enable_gqa=True` has no fused CUDA kernel and falls back to the float32
+    "math" kernel). The old per-segment-kind attention of this layout, fed from the varlen boundaries; reads them on
+    the host."""
     heads, dim = q.size(1), q.size(2)
     bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     lq = [b - a for a, b in itertools.pairwise(bq)]
@@ -196,15 +269,15 @@ def padded_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         k_rows = torch.where(k_real, torch.tensor([bk[s] for s in segments]).view(-1, 1) + jk, 0).to(q.device)
         qs = q[q_rows].transpose(1, 2)  # [S_g, H, Lq, D]
         ks, vs = k[k_rows].transpose(1, 2), v[k_rows].transpose(1, 2)  # [S_g, H_kv, Lk, D]
-        if square:
+        if square and window is None:
             out = F.scaled_dot_product_attention(
                 qs, ks, vs, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=ks.size(1) != heads
             )
         else:
             ks, vs = _repeat_kv(ks, heads), _repeat_kv(vs, heads)
-            # Query j sees keys 0 .. n_k - n_q + j (bottom-right); padded queries see key 0 only (no NaN rows)
-            mask = k_real[:, None, :] & (jk[None, None, :] <= (n_k - n_q)[:, :, None] + jq[None, :, None])
-            mask |= ~q_real[:, :, None] & (jk == 0)[None, None, :]
+            # Query j sits at key position n_k - n_q + j (bottom-right); padded queries see key 0 only (no NaN rows)
+            mask = k_real[:, None, :] & _visible((n_k - n_q)[:, :, None] + jq[None, :, None], jk[None, None, :], window)
+            mask = torch.where(q_real[:, :, None], mask, (jk == 0)[None, None, :])
             out = F.scaled_dot_product_attention(
                 qs, ks, vs, attn_mask=mask[:, None].to(q.device), dropout_p=dropout, scale=scale
             )
@@ -226,20 +299,25 @@ def flash_attn_kernel(fn: Callable, name: str) -> VarlenKernel:
     if missing:
         raise TypeError(f"{name} has no argument(s) {missing}: not a flash-attention varlen function")
     has_dropout = "dropout_p" in params
+    features = frozenset(f for f, arg in (("sliding_window", "window_size"), ("softcap", "softcap")) if arg in params)
 
-    def call(q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout=0.0):
+    def call(q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout=0.0, window=None, softcap=None):
         kwargs = {}
         if has_dropout:
             kwargs["dropout_p"] = dropout
         elif dropout:
             raise ValueError(f"{name} has no attention dropout: set the model's attention_dropout to 0")
+        if window is not None:
+            kwargs["window_size"] = (window - 1, 0)  # the last `window` keys, the query's own included
+        if softcap is not None:
+            kwargs["softcap"] = softcap
         out = fn(
             q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
             softmax_scale=scale, causal=True, **kwargs,
         )
         return out[0] if isinstance(out, tuple) else out  # FA3/FA4 versions that also return the log-sum-exp
 
-    return VarlenKernel(name, call, cuda=True)
+    return VarlenKernel(name, call, cuda=True, features=features)
 
 
 def torch_varlen_kernel(fn: Callable, name: str = "torch.nn.attention.varlen.varlen_attn") -> VarlenKernel:
@@ -254,11 +332,13 @@ def torch_varlen_kernel(fn: Callable, name: str = "torch.nn.attention.varlen.var
     else:
         raise TypeError(f"{name}{inspect.signature(fn)} takes neither is_causal nor window_size: causal unsupported")
     has_scale, has_gqa = "scale" in params, "enable_gqa" in params
+    has_window = "window_size" in params
 
-    def call(q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout=0.0):
+    def call(q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout=0.0, window=None):
         if dropout:
             raise ValueError(f"{name} has no attention dropout: set the model's attention_dropout to 0")
-        kwargs = dict(causal)
+        # A sliding window: the last `window` keys, the query's own included (flash-attention's window_size)
+        kwargs = dict(causal) if window is None else {"window_size": (window - 1, 0)}
         if has_scale:
             kwargs["scale"] = scale
         elif not math.isclose(scale, q.size(-1) ** -0.5, rel_tol=1e-6):
@@ -271,12 +351,17 @@ def torch_varlen_kernel(fn: Callable, name: str = "torch.nn.attention.varlen.var
         out = fn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
-    return VarlenKernel(name, call, cuda=True)
+    return VarlenKernel(name, call, cuda=True, features=frozenset({"sliding_window"} if has_window else ()))
 
 
 _PYTORCH_PATHS = {
-    "reference": VarlenKernel("reference_varlen (per-segment SDPA, causal_lower_right)", reference_varlen),
-    "padded": VarlenKernel("padded_varlen (causal SDPA on the prompts, masked SDPA on the completions)", padded_varlen),
+    "reference": VarlenKernel(
+        "reference_varlen (per-segment SDPA, causal_lower_right)", reference_varlen, features=frozenset(FEATURES)
+    ),
+    "padded": VarlenKernel(
+        "padded_varlen (causal SDPA on the prompts, masked SDPA on the completions)", padded_varlen,
+        features=frozenset({"sliding_window"}),
+    ),
 }
 
 
@@ -303,13 +388,25 @@ def _flash_candidates(implementation: str):
 
 
 def cuda_varlen_kernel(
-    implementation: str, device: torch.device | None = None, kinds: tuple[str, ...] = ("flash_attn", "torch")
+    implementation: str,
+    device: torch.device | None = None,
+    kinds: tuple[str, ...] = ("flash_attn", "torch"),
+    needs: frozenset = frozenset(),
 ) -> tuple[VarlenKernel | None, str]:
-    """The fused CUDA varlen kernel for a model of this attention implementation, in the module's order (of `kinds`:
-    `flash_attn` and/or `torch`), or None and why there is none."""
+    """The fused CUDA varlen kernel for a model of this attention implementation that implements every variant in
+    `needs` (`FEATURES`), in the module's order (of `kinds`: `flash_attn` and/or `torch`), or None and why there is
+    none."""
     if not torch.cuda.is_available():
         return None, "CUDA is not available"
     reasons = []
+
+    def usable(kernel: VarlenKernel):
+        lacking = kernel.lacks(needs)
+        if lacking:
+            reasons.append(f"{kernel.name}: does not implement {', '.join(lacking)}")
+            return None
+        return kernel
+
     for name, load in _flash_candidates(implementation) if "flash_attn" in kinds else ():
         try:
             from transformers.modeling_flash_attention_utils import flash_attn_supports_top_left_mask
@@ -319,9 +416,12 @@ def cuda_varlen_kernel(
             fn = load()
             if fn is None:
                 raise RuntimeError("it has no varlen function")
-            return flash_attn_kernel(fn, name), ""
+            kernel = flash_attn_kernel(fn, name)
         except Exception as e:  # noqa: BLE001 - any failure to load means: try the next kernel
             reasons.append(f"{name}: {e}")
+            continue
+        if usable(kernel):
+            return kernel, ""
     if "torch" not in kinds:
         return None, "; ".join(reasons)
     try:
@@ -334,9 +434,12 @@ def cuda_varlen_kernel(
             reasons.append("torch.nn.attention.varlen.varlen_attn: needs compute capability 8.0+")
         else:
             try:
-                return torch_varlen_kernel(varlen_attn), ""
+                kernel = torch_varlen_kernel(varlen_attn)
             except TypeError as e:
                 reasons.append(str(e))
+            else:
+                if usable(kernel):
+                    return kernel, ""
     return None, "; ".join(reasons)
 
 
@@ -353,11 +456,21 @@ def reset_kernel_choices() -> None:
     _selected.clear()
 
 
-def select_kernel(device: torch.device, dtype: torch.dtype, implementation: str = "sdpa") -> VarlenKernel:
-    """The varlen kernel for queries on `device` in `dtype`, for a model loaded with `implementation` (see the module
-    docstring for the order). Chosen once per (device type, dtype, implementation, override) and logged then."""
+def _pytorch_path(name: str, needs: frozenset) -> VarlenKernel:
+    """The PyTorch path `name`, or `reference_varlen` (which implements every variant) where it lacks one of `needs`."""
+    kernel = _PYTORCH_PATHS[name]
+    return _PYTORCH_PATHS["reference"] if kernel.lacks(needs) else kernel
+
+
+def select_kernel(
+    device: torch.device, dtype: torch.dtype, implementation: str = "sdpa", needs: frozenset = frozenset()
+) -> VarlenKernel:
+    """The varlen kernel for queries on `device` in `dtype`, for a model loaded with `implementation`, implementing
+    every attention variant in `needs` (see the module docstring for the order). Chosen once per (device type, dtype,
+    implementation, needs, override) and logged then."""
     forced = os.environ.get(KERNEL_ENV) or None
-    key = (device.type, dtype, implementation, forced)
+    needs = frozenset(needs)
+    key = (device.type, dtype, implementation, needs, forced)
     if key in _selected:
         return _selected[key]
     half = dtype in (torch.float16, torch.bfloat16)
@@ -368,21 +481,28 @@ def select_kernel(device: torch.device, dtype: torch.dtype, implementation: str 
         elif forced in ("flash_attn", "torch"):
             if device.type != "cuda" or not half:
                 raise ValueError(f"{KERNEL_ENV}={forced} needs CUDA and float16/bfloat16, got {device.type} {dtype}")
-            kernel, reason = cuda_varlen_kernel(implementation, device, kinds=(forced,))
+            kernel, reason = cuda_varlen_kernel(implementation, device, kinds=(forced,), needs=needs)
             if kernel is None:
                 raise ValueError(f"{KERNEL_ENV}={forced}: that kernel is not available here ({reason})")
         else:
             raise ValueError(f"{KERNEL_ENV}={forced!r}: expected one of flash_attn, torch, reference, padded")
+        if kernel.lacks(needs):
+            raise ValueError(
+                f"{KERNEL_ENV}={forced}: {kernel.name} does not implement {', '.join(kernel.lacks(needs))}, which this "
+                "model's attention uses: unset it (the reference path implements them)"
+            )
     elif device.type == "cuda" and half:
-        kernel, reason = cuda_varlen_kernel(implementation, device)
-        kernel = kernel or _PYTORCH_PATHS["padded"]
+        kernel, reason = cuda_varlen_kernel(implementation, device, needs=needs)
+        kernel = kernel or _pytorch_path("padded", needs)
     elif device.type == "cuda":
-        kernel, reason = _PYTORCH_PATHS["padded"], f"the fused kernels need float16/bfloat16, the queries are {dtype}"
+        kernel = _pytorch_path("padded", needs)
+        reason = f"the fused kernels need float16/bfloat16, the queries are {dtype}"
     else:
-        kernel = _PYTORCH_PATHS[CPU_KERNEL]
+        kernel = _pytorch_path(CPU_KERNEL, needs)
     _selected[key] = kernel
     logger.info(
-        "Shared-prompt attention on %s (%s): %s, one call per layer%s.",
-        device.type, str(dtype).replace("torch.", ""), kernel.name, f" (no fused kernel: {reason})" if reason else "",
+        "Shared-prompt attention on %s (%s%s): %s, one call per layer%s.",
+        device.type, str(dtype).replace("torch.", ""), "".join(f", {n}" for n in FEATURES if n in needs), kernel.name,
+        f" (no fused kernel: {reason})" if reason else "",
     )
     return kernel

@@ -57,7 +57,7 @@ def test_padding_free_is_the_shared_prompt_layout(tiny_mistral, vicuna, hh, tmp_
     with all_messages(caplog) as messages:
         args = make_args(DPOConfig, tmp_path, padding_free=True)
         trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=rows)
-    assert not [m for m in messages if "padding" in m.lower() or "Shared-prompt layout disabled" in m], messages
+    assert not [m for m in messages if "padding" in m.lower() or "Plain padded layout" in m], messages
     assert trainer.args.padding_free is True  # the user's value, hidden from DPOTrainer only during its __init__
     assert trainer.data_collator.shared_prompt and trainer.padding_free
 

@@ -156,7 +156,7 @@ def test_fallback_says_why(tiny_mistral, vicuna, tmp_path, caplog):
         args = make_args(NCAConfig, tmp_path, truncation_mode="keep_end", max_length=64)
         trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=vicuna.select(range(2)))
     assert not trainer.data_collator.shared_prompt
-    assert "Shared-prompt layout disabled" in caplog.text and "truncation_mode" in caplog.text
+    assert "Plain padded layout (shared_prompt=None, automatic)" in caplog.text and "truncation_mode" in caplog.text
 
     model = AutoModelForCausalLM.from_pretrained(tiny_mistral)
     model.config._attn_implementation = "flex_attention"  # an implementation the segment attention cannot replace
@@ -206,7 +206,7 @@ def test_automatic_layout_on_a_gpu_needs_a_varlen_kernel(tiny_mistral, vicuna, t
         assert trainer.data_collator.shared_prompt is on_gpu, case
         if requested is None:
             assert ("Shared-prompt layout (shared_prompt=None, automatic) on cuda with a fused" in caplog.text) is on_gpu, case
-            assert ("Plain padded layout on cuda" in caplog.text) is (not on_gpu), case
+            assert ("Plain padded layout (shared_prompt=None, automatic)" in caplog.text) is (not on_gpu), case
 
 
 def test_flash_attention_2_takes_the_shared_prompt_layout(tiny_mistral, vicuna, tmp_path, monkeypatch):

@@ -1,0 +1,78 @@
+"""Tiny random models of the decoder families a TRL user trains, built from transformers' own configs (no download).
+
+`FAMILIES` maps a name to `(model_type, config overrides)`: every model is 64 wide with 4 query and 2 key/value heads of
+16 dimensions, a 32768-token vocabulary (the Mistral tokenizer's), initial weights large enough (`initializer_range`
+0.1) that a leak between completions shows in the log-probs, and sliding windows of 8 tokens, shorter than the test's
+segments. Hybrid families get layers of each kind they have (attention and SSM / convolution / linear attention).
+"""
+
+from __future__ import annotations
+
+WIDTH = dict(
+    vocab_size=32768, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    initializer_range=0.1, max_position_embeddings=512, tie_word_embeddings=False,
+)
+WINDOW = 8
+_MAMBA = dict(mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1,
+              mamba_chunk_size=16)
+_MOE = dict(num_local_experts=4, num_experts_per_tok=2)
+
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama": ("llama", dict(num_hidden_layers=2)),
+    "mistral": ("mistral", dict(num_hidden_layers=2, sliding_window=WINDOW)),
+    "mixtral": ("mixtral", dict(num_hidden_layers=2, sliding_window=WINDOW, **_MOE)),
+    "qwen2": ("qwen2", dict(num_hidden_layers=2)),
+    "qwen3": ("qwen3", dict(num_hidden_layers=2)),
+    "qwen3_sliding": ("qwen3", dict(num_hidden_layers=2, use_sliding_window=True, sliding_window=WINDOW,
+                                    max_window_layers=1)),
+    "ministral": ("ministral", dict(num_hidden_layers=2, sliding_window=WINDOW,
+                                    layer_types=["sliding_attention", "full_attention"])),
+    "qwen2_moe": ("qwen2_moe", dict(num_hidden_layers=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                    num_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": ("qwen3_moe", dict(num_hidden_layers=2, moe_intermediate_size=32, num_experts=4,
+                                    num_experts_per_tok=2)),
+    "phi3": ("phi3", dict(num_hidden_layers=2, sliding_window=WINDOW)),
+    "gemma": ("gemma", dict(num_hidden_layers=2)),
+    "gemma2": ("gemma2", dict(num_hidden_layers=2, sliding_window=WINDOW)),
+    "gemma3": ("gemma3_text", dict(num_hidden_layers=2, sliding_window=WINDOW,
+                                   layer_types=["sliding_attention", "full_attention"])),
+    "gpt_oss": ("gpt_oss", dict(num_hidden_layers=2, sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2,
+                                layer_types=["sliding_attention", "full_attention"])),
+    "cohere2": ("cohere2", dict(num_hidden_layers=2, sliding_window=WINDOW,
+                                layer_types=["sliding_attention", "full_attention"])),
+    "olmo2": ("olmo2", dict(num_hidden_layers=2)),
+    "granite": ("granite", dict(num_hidden_layers=2, attention_multiplier=0.3, residual_multiplier=0.5)),
+    "starcoder2": ("starcoder2", dict(num_hidden_layers=2, sliding_window=WINDOW)),
+    "olmo3": ("olmo3", dict(num_hidden_layers=2, sliding_window=WINDOW,
+                            layer_types=["sliding_attention", "full_attention"])),
+    "lfm2": ("lfm2", dict(num_hidden_layers=2, layer_types=["conv", "full_attention"], conv_L_cache=3,
+                          block_auto_adjust_ff_dim=False)),
+    "nemotron_h": ("nemotron_h", dict(layers_block_type=["mamba", "attention", "mlp"], mamba_num_heads=8,
+                                      mamba_head_dim=16, ssm_state_size=8, n_groups=1, conv_kernel=4, chunk_size=16,
+                                      )),
+    "jamba": ("jamba", dict(num_hidden_layers=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                            expert_layer_offset=1, num_experts=4, num_experts_per_tok=2, mamba_dt_rank=8,
+                            **{k: v for k, v in _MAMBA.items() if k in ("mamba_d_state", "mamba_d_conv",
+                                                                        "mamba_expand")})),
+    "falcon_h1": ("falcon_h1", dict(num_hidden_layers=2, mamba_d_ssm=128, **_MAMBA)),
+    "granitemoehybrid": ("granitemoehybrid", dict(num_hidden_layers=2, layer_types=["mamba", "attention"],
+                                                  shared_intermediate_size=64, **_MOE, **_MAMBA)),
+    "bamba": ("bamba", dict(num_hidden_layers=2, attn_layer_indices=[1], **_MAMBA)),
+    "qwen3_next": ("qwen3_next", dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"],
+                                      linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                                      linear_num_key_heads=2, linear_num_value_heads=4, moe_intermediate_size=32,
+                                      shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2)),
+}
+
+
+def build_family(name: str, seed: int = 0, attn_implementation: str | None = None):
+    """A tiny random `AutoModelForCausalLM` of family `name` (float32, eval mode), or raise if this transformers
+    cannot build it (an unknown model type, a config that refuses the tiny sizes)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, overrides = FAMILIES[name]
+    config = AutoConfig.for_model(model_type, **{**WIDTH, **overrides})
+    torch.manual_seed(seed)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs).eval()

@@ -1,0 +1,159 @@
+"""The default layout is exact on every decoder family a TRL user trains (DESIGN §7): each family either takes the
+shared-prompt layout with the plain layout's per-completion log-probs, or stays plain and says why.
+
+Tiny random models of each family (`tests/model_families.py`, from transformers' configs, no download) go through the
+trainers' own log-prob path (`_sequence_logps`) on real rows, float32, with segments longer than their sliding
+windows: forward passes only, no training runs.
+"""
+
+import logging
+
+import pytest
+import torch
+from datasets import Dataset
+from model_families import FAMILIES, WINDOW, build_family
+from transformers import AutoModelForCausalLM
+from trl import DPOConfig
+
+from nca_trl import NCAConfig, NCATrainer
+from nca_trl.data import DataCollatorForRatedCompletions
+from nca_trl.packing import EXACT_FAMILIES, _register, shared_prompt_support
+
+from test_trainer import make_args
+
+# Families with position-mixing layers other than attention: SSM / Mamba state, short convolutions, linear attention
+HYBRID = {"lfm2", "nemotron_h", "jamba", "falcon_h1", "granitemoehybrid", "bamba", "qwen3_next"}
+MAX_LENGTH = 64
+
+
+def rows(vicuna) -> Dataset:
+    """Three real prompts with K = 4, 3, 2 rated completions: prompts and completions longer than `WINDOW` tokens."""
+    out = vicuna.select(range(3)).to_list()
+    for i, row in enumerate(out):
+        row["completions"], row["rewards"] = row["completions"][: 4 - i], row["rewards"][: 4 - i]
+    return Dataset.from_list(out)
+
+
+def build(family: str, seed: int = 0):
+    try:
+        return build_family(family, seed)
+    except (ValueError, ImportError, KeyError, TypeError) as e:  # a family this transformers does not ship
+        pytest.skip(f"this transformers cannot build {family}: {e}")
+
+
+def trainer_for(family, tokenizer, vicuna, tmp_path, config_cls=NCAConfig, **kwargs):
+    """An `NCATrainer` on `family` with a user's default settings (the layout left to `shared_prompt=None`)."""
+    args = config_cls(output_dir=str(tmp_path / "out"), report_to="none", max_length=MAX_LENGTH, use_cpu=True,
+                      per_device_train_batch_size=3, **kwargs)
+    return NCATrainer(model=build(family), ref_model=build(family), args=args, train_dataset=rows(vicuna),
+                      processing_class=tokenizer)
+
+
+def logps_both_layouts(trainer):
+    """(plain layout's, trainer's own layout's) per-completion log-probs `[N]` of the policy on the train rows."""
+    examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    collator = trainer.data_collator
+    plain = DataCollatorForRatedCompletions(collator.pad_token_id, collator.max_length)(examples)
+    own = collator(examples)
+    with torch.no_grad():
+        return trainer._sequence_logps(trainer.model, plain)[-1], trainer._sequence_logps(trainer.model, own)[-1], own
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_default_layout_is_exact(family, tokenizer, vicuna, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        trainer = trainer_for(family, tokenizer, vicuna, tmp_path)
+    shared = trainer.data_collator.shared_prompt
+    plain, own, batch = logps_both_layouts(trainer)
+    torch.testing.assert_close(own, plain, rtol=1e-5, atol=0)
+    if family in HYBRID:
+        assert not shared, family
+        assert "Plain padded layout (shared_prompt=None, automatic): policy model:" in caplog.text
+    else:
+        assert shared, f"{family}: {caplog.text}"  # every attention-only family takes the layout on a CPU
+        assert EXACT_FAMILIES[trainer.model.config.model_type]
+        assert int(batch["max_seqlen_k"]) > 2 * WINDOW  # segments reach past a sliding window
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["lfm2", "qwen3_next", "nemotron_h", "jamba"])
+def test_bypassing_the_allow_list_shows_the_leak(family, tokenizer, vicuna, tmp_path):
+    """The comparison above can fail: forced into the shared-prompt layout, a hybrid's convolution / SSM / linear
+    attention state carries one completion into the next."""
+    trainer = trainer_for(family, tokenizer, vicuna, tmp_path)
+    examples = [trainer.train_dataset[i] for i in range(3)]
+    plain = DataCollatorForRatedCompletions(trainer.data_collator.pad_token_id, MAX_LENGTH)(examples)
+    packed = DataCollatorForRatedCompletions(trainer.data_collator.pad_token_id, MAX_LENGTH, shared_prompt=True)(
+        examples
+    )
+    config = trainer.model.config
+    config._attn_implementation = _register(config._attn_implementation)  # what the allow-list refuses to do
+    with torch.no_grad():
+        a = trainer._sequence_logps(trainer.model, plain)[-1]
+        b = trainer._sequence_logps(trainer.model, packed)[-1]
+    assert ((a - b).abs() / a.abs()).max() > 1e-4, family
+
+
+@pytest.mark.parametrize("family", ["lfm2", "qwen3_next"])
+def test_explicit_shared_prompt_on_a_hybrid_is_refused_naming_the_layer(family, tokenizer, vicuna, tmp_path):
+    for setting in ({"shared_prompt": True}, {"padding_free": True}):
+        with pytest.raises(ValueError, match=r"would not be exact here: policy model: layer 0 of \w+ is '"):
+            trainer_for(family, tokenizer, vicuna, tmp_path, **setting)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_unknown_family_is_plain_and_says_why(tiny_mistral):
+    """The allow-list: a model type nobody tested is plain, whatever its layers look like."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral)
+    assert shared_prompt_support(model).enabled
+    model.config.model_type = "my_new_family"
+    support = shared_prompt_support(model)
+    assert not support.enabled and "'my_new_family') is not among the families tested exact" in support.reason
+
+
+def test_attention_variants_each_family_needs():
+    """What a kernel must implement for each family: windows only where one is shorter than max_length."""
+    needs = {f: shared_prompt_support(build(f), MAX_LENGTH).needs for f in ("llama", "mistral", "gemma2", "gpt_oss")}
+    assert needs == {
+        "llama": frozenset(), "mistral": {"sliding_window"}, "gemma2": {"sliding_window", "softcap"},
+        "gpt_oss": {"sliding_window", "sinks"},
+    }
+    assert shared_prompt_support(build("mistral"), max_length=WINDOW).needs == frozenset()  # the window never binds
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config_cls", [DPOConfig, NCAConfig])
+def test_compute_metrics_takes_the_plain_layout(config_cls, tiny_mistral, vicuna, tmp_path, caplog):
+    """`compute_metrics` gets padded logits (`return_outputs=True`): automatic -> plain, logged; it trains and
+    evaluates with a plain `DPOConfig`. An explicit `shared_prompt=True` with it is refused at construction."""
+    seen = []
+
+    def compute_metrics(prediction):
+        seen.append(prediction.predictions.shape)
+        return {"logit_mean": float(prediction.predictions.mean())}
+
+    args = make_args(config_cls, tmp_path, max_steps=2, max_length=64, eval_strategy="steps", eval_steps=2)
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=vicuna.select(range(4)),
+                             eval_dataset=vicuna.select(range(4, 6)), compute_metrics=compute_metrics)
+    assert not trainer.data_collator.shared_prompt
+    assert "compute_metrics takes each sequence's padded logits" in caplog.text
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert seen and "eval_logit_mean" in metrics and torch.isfinite(torch.tensor(metrics["eval_loss"]))
+
+    if config_cls is NCAConfig:
+        with pytest.raises(ValueError, match="`shared_prompt=True` .* compute_metrics takes each sequence's padded"):
+            NCATrainer(model=tiny_mistral, args=make_args(NCAConfig, tmp_path, shared_prompt=True),
+                       train_dataset=vicuna.select(range(4)), compute_metrics=compute_metrics)
+
+
+def test_predict_returns_padded_logits_from_a_shared_prompt_trainer(tiny_mistral, vicuna, tmp_path):
+    """`Trainer.predict` needs each sequence's logits too: its batches take the plain layout; training's stays."""
+    trainer = NCATrainer(model=tiny_mistral, args=make_args(NCAConfig, tmp_path, max_length=64),
+                         train_dataset=vicuna.select(range(4)))
+    assert trainer.data_collator.shared_prompt
+    output = trainer.predict(trainer.train_dataset.select(range(2)))
+    assert output.predictions.ndim == 3 and output.predictions.shape[-1] == trainer.model.config.vocab_size
+    assert trainer.data_collator.shared_prompt
