@@ -58,6 +58,9 @@ from datasets import Dataset, load_dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from nca_trl.runtime.errors import SettingsError  # noqa: E402
+from nca_trl.runtime.paths import check_path  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SYSTEMS = {
     "a": "DPOTrainer, best-vs-worst pairs",
@@ -350,6 +353,10 @@ def main(argv=None):
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--bf16", action="store_true", help="bf16 training (on a GPU; MFU against the bf16 peak)")
     args = parser.parse_args(argv)
+    try:  # a missing --data file: one line, exit 2, before the model is built
+        check_path(args.data, "--data", "file")
+    except SettingsError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     layouts = args.layouts
     named = [] if args.systems is None else args.systems.split(",")
     extra_systems = [x for x in named if x in ("a", "b")]

@@ -42,6 +42,9 @@ from pathlib import Path
 
 import yaml
 
+from nca_trl.runtime.errors import SettingsError
+from nca_trl.runtime.paths import check_path
+
 _HARDWARE_RE = re.compile(
     r"^\s*(\d+)\s*nodes?\s*x\s*(\d+)\s*GPUs?\s*x\s*(\d+(?:\.\d+)?)\s*GB(?:\s*,\s*(\d+(?:\.\d+)?)\s*GB\s*CPU)?\s*$",
     re.IGNORECASE,
@@ -352,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     parser.add_argument("--json", action="store_true", help="print the plans as JSON")
     ns = parser.parse_args(argv)
+    try:  # a missing recipe: one line, exit 2
+        for recipe in ns.recipes:
+            check_path(recipe, "recipes", "file")
+    except SettingsError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     plans = [
         plan(r, gpus=ns.gpus, gpu_mem=ns.gpu_mem, nodes=ns.nodes, cpu_mem=ns.cpu_mem, completions=ns.completions)

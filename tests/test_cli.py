@@ -361,7 +361,7 @@ def test_train_help_text_is_what_the_installed_stack_renders():
     (["train"], "`nca-trl train` needs a recipe or a model and data: `nca-trl train --config RECIPE.yaml`"),
     (["train", "--config", "recipes/tiny/nca.yaml", "--learning-rat", "1"],
      "has no option --learning_rat (did you mean --learning_rate"),
-    (["train", "--config", "recipes/tiny/no-such.yaml"], "no such recipe file: recipes/tiny/no-such.yaml"),
+    (["train", "--config", "recipes/tiny/no-such.yaml"], "no such file or folder: recipes/tiny/no-such.yaml (config)"),
     (["generate"], "`nca-trl generate` needs a recipe (`--config RECIPE.yaml`) or `--model_name_or_path`"),
     (["score", "--dataset_name", "x.jsonl", "--reward_func", "f"], "did you mean --reward_funcs"),
     (["iterate", "--round", "2"], "did you mean --rounds"),
@@ -373,9 +373,42 @@ def test_argument_errors_answer_before_anything_heavy(argv, message):
     assert message in result["err"] and "Traceback" not in result["err"]
 
 
-def test_every_shipped_recipe_and_documented_flag_passes_the_quick_check():
-    """The quick check must not refuse what the full parser takes: every recipe's keys, `--no_<bool>`, dashes."""
+def checkout(root: Path) -> Path:
+    """A folder laid out like a fresh clone after the quick start's first steps: `data/`, `recipes/`, `examples/` of the
+    repository, and the tiny model folders the recipes name (empty: the quick checks load nothing)."""
+    for name in ("data", "recipes", "examples"):
+        (root / name).symlink_to(REPO / name)
+    for model in ("tiny-mistral", "tiny-mixtral", "tiny-digits"):
+        (root / "outputs" / model).mkdir(parents=True)
+    return root
+
+
+def test_train_from_python_checks_paths_before_the_output_dir(tmp_path, monkeypatch):
+    """`train(argv)` from Python: a missing local path is refused when the arguments are parsed, a Hub id offline
+    when the run starts; both before `output_dir` is created (before: an empty `outputs/...` folder was left)."""
+    from nca_trl.runtime.errors import SettingsError
+    from nca_trl.train import train
+
+    monkeypatch.chdir(checkout(tmp_path))
+    base = ["--config", "recipes/tiny/nca.yaml", "--output_dir", "outputs/run"]
+    with pytest.raises(SettingsError, match=r"^no such file or folder: data/does_not_exist.jsonl \(dataset_name\)$"):
+        train([*base, "--dataset_name", "data/does_not_exist.jsonl"])
+    with pytest.raises(SettingsError, match=r"^no such file or folder: outputs/none/ref \(ref_model_name_or_path\)$"):
+        parse_train_args([*base, "--ref_model_name_or_path", "outputs/none/ref"])
+    with pytest.raises(SettingsError, match=r"^org/not-cached \(model_name_or_path\) is neither a local path nor"):
+        train([*base, "--model_name_or_path", "org/not-cached"])
+    assert parse_train_args([*base, "--model_name_or_path", "org/not-cached", "--dry_run"]).script.dry_run
+    assert not (tmp_path / "outputs" / "run").exists()
+
+
+def test_every_shipped_recipe_and_documented_flag_passes_the_quick_check(tmp_path, monkeypatch):
+    """The quick check must not refuse what the full parser takes: every recipe's keys, `--no_<bool>`, dashes (and,
+    online, the Hub ids of the GPU recipes; the local paths are there)."""
     from nca_trl.train.help import check_argv
+
+    monkeypatch.chdir(checkout(tmp_path))
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
 
     for recipe in RECIPES:
         check_argv(["--config", str(recipe)])
@@ -446,19 +479,19 @@ def test_paper_recipe_uses_the_papers_one_hot_targets(loss):
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--config", "recipes/tiny/nca.yaml", "--beta", "-1"], "`beta` must be > 0, got -1.0."),
-    (["generate", "--model_name_or_path", "outputs/never", "--dataset_name", "data/sort_prompts.jsonl", "--output",
+    (["generate", "--model_name_or_path", "outputs/tiny-mistral", "--dataset_name", "data/sort_prompts.jsonl", "--output",
       "outputs/never.jsonl", "--num_completions", "1"], "`num_completions` must be at least 2, got 1"),
     (["score", "--dataset_name", "data/vicuna_rated.jsonl", "--output", "outputs/never.jsonl", "--reward_funcs",
       "no_such_module:f"], "Reward function 'no_such_module:f': no module named 'no_such_module'"),
     (["iterate", "--config", "recipes/tiny/iterate_nca.yaml", "--training", '{"learnig_rate": 1}'],
      "'learnig_rate' (did you mean 'learning_rate'?)"),
 ], ids=["train", "generate", "score", "iterate"])
-def test_a_refused_setting_is_one_line_and_exit_2(argv, message, capsys, monkeypatch):
-    """A setting refused while the arguments are parsed (after the fast flag check, before anything is written or
-    loaded) is `nca-trl CMD: error: MESSAGE` and exit 2, not a traceback through the parser."""
+def test_a_refused_setting_is_one_line_and_exit_2(argv, message, capsys, monkeypatch, tmp_path):
+    """A setting refused while the arguments are parsed (after the fast flag and path checks, before anything is
+    written or loaded) is `nca-trl CMD: error: MESSAGE` and exit 2, not a traceback through the parser."""
     from nca_trl.cli import main
 
-    monkeypatch.chdir(REPO)
+    monkeypatch.chdir(checkout(tmp_path))
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"nca-trl {argv[0]}: error: ") and message in err and "Traceback" not in err, err

@@ -180,14 +180,15 @@ def test_load_datasets_reports_the_file(tmp_path):
 
 
 def test_cli_reports_a_data_error_before_loading_the_model(tmp_path):
-    """`nca-trl train` with a broken data file and a model path that does not exist: the data error comes first (the
-    data is loaded and checked before any model, tokenizer included)."""
+    """`nca-trl train` with a broken data file and an empty model folder: the data error comes first (the data is
+    loaded and checked before any model, tokenizer included)."""
     from nca_trl.cli import main
 
+    (tmp_path / "never-loaded").mkdir()
     path = tmp_path / "d.jsonl"
     path.write_bytes((GOOD + "\n").encode() + b'{"prompt": "caf\xe9"}\n')
     argv = [
-        "train", "--model_name_or_path", str(tmp_path / "no-such-model"), "--dataset_name", str(path),
+        "train", "--model_name_or_path", str(tmp_path / "never-loaded"), "--dataset_name", str(path),
         "--output_dir", str(tmp_path / "out"), "--bf16", "false", "--use_cpu", "true", "--report_to", "none",
     ]
     with pytest.raises(DataFileError, match=r"d\.jsonl, line 2: byte \d+ .* is not UTF-8"):

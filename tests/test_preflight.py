@@ -22,6 +22,12 @@ ACCELERATOR = torch.accelerator.is_available() if hasattr(torch, "accelerator") 
 cpu_only = pytest.mark.skipif(ACCELERATOR, reason="checks what a machine without an accelerator refuses")
 
 
+def never_loaded(tmp_path):
+    """A model folder that is never loaded (empty): the refusals below come before any model, the path check passes."""
+    (tmp_path / "never-loaded").mkdir(exist_ok=True)
+    return tmp_path / "never-loaded"
+
+
 def train_argv(tmp_path, model, *extra):
     return [
         "train", "--config", str(TINY), "--model_name_or_path", str(model), "--dataset_name", str(VICUNA),
@@ -54,8 +60,8 @@ def refused(argv, capsys) -> str:
 
 
 def test_cli_batch_size_zero_fails_before_the_model(tmp_path, capsys):
-    """The model path does not exist: the config error comes first."""
-    err = refused(train_argv(tmp_path, tmp_path / "no-such-model", "--per_device_train_batch_size", "0"), capsys)
+    """The model folder is empty (never loaded): the config error comes first."""
+    err = refused(train_argv(tmp_path, never_loaded(tmp_path), "--per_device_train_batch_size", "0"), capsys)
     assert re.search("`per_device_train_batch_size` .* got 0", err), err
 
 
@@ -67,10 +73,10 @@ def test_fp16_on_the_cpu_is_refused(tmp_path, capsys):
     for use_cpu in (False, True):
         with pytest.raises(ValueError, match=r"`fp16=True` cannot run here: training runs on the CPU"):
             NCAConfig(output_dir=str(tmp_path), fp16=True, bf16=False, use_cpu=use_cpu)
-    err = refused(train_argv(tmp_path, tmp_path / "no-such-model", "--fp16", "true"), capsys)
+    err = refused(train_argv(tmp_path, never_loaded(tmp_path), "--fp16", "true"), capsys)
     assert re.search(r"`fp16: true` in the recipe \(or `--fp16 true`\) cannot run here", err), err
     # --dry_run validates a GPU recipe on any machine: the hardware checks are relaxed
-    assert main(train_argv(tmp_path, tmp_path / "no-such-model", "--fp16", "true", "--dry_run")) == 0
+    assert main(train_argv(tmp_path, never_loaded(tmp_path), "--fp16", "true", "--dry_run")) == 0
     assert parse_train_args(train_argv(tmp_path, "m", "--bf16", "true")[1:], dry_run=True).training.bf16
     NCAConfig(output_dir=str(tmp_path), fp16=False, bf16=False)  # the relaxation does not outlive the dry run
     with pytest.raises(ValueError, match="`fp16=True` cannot run here"):
@@ -90,7 +96,7 @@ def test_bf16_is_automatic_and_an_explicit_bf16_without_a_bf16_gpu_says_what_to_
                        r"`bf16=False`.*`use_cpu=True`.*--dry_run") as python:
         NCAConfig(output_dir=str(tmp_path), bf16=True)
     assert "bf16: " not in str(python.value)
-    err = refused(train_argv(tmp_path, tmp_path / "no-such-model", "--bf16", "true"), capsys)
+    err = refused(train_argv(tmp_path, never_loaded(tmp_path), "--bf16", "true"), capsys)
     assert re.match(r"^`bf16: true` in the recipe \(or `--bf16 true`\) needs a GPU with "
                     r"bfloat16.*`bf16: false` in the recipe \(or `--bf16 false`\)", err), err
     assert "bf16=" not in err

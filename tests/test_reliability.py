@@ -298,16 +298,17 @@ def test_console_script_exits_nonzero_on_a_diverging_run(tiny_mistral, tmp_path)
 
 def test_unwritable_output_dir_fails_before_loading_anything(tmp_path):
     """An output_dir that cannot be created (under a regular file: refused for root too) fails naming the folder,
-    before the data or the model is loaded (the model path here does not even exist)."""
+    before the data or the model is loaded (the model folder here is empty)."""
+    (tmp_path / "never-loaded").mkdir()  # passes the path check; never loaded
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     out = blocker / "out"
-    argv = cli_argv(tmp_path / "no-such-model", out, "--max_steps", "1")
+    argv = cli_argv(tmp_path / "never-loaded", out, "--max_steps", "1")
     with pytest.raises(OSError, match="output_dir") as error:
         cli_train(argv)
     assert str(out) in str(error.value) and "writable" in str(error.value)
     with pytest.raises(OSError, match="output_dir"):  # the trainer's own check, for API users
-        NCATrainer(model=str(tmp_path / "no-such-model"), args=make_args(tmp_path, output_dir=str(out)))
+        NCATrainer(model=str(tmp_path / "never-loaded"), args=make_args(tmp_path, output_dir=str(out)))
 
 
 HOLDER = textwrap.dedent("""
@@ -324,10 +325,11 @@ HOLDER = textwrap.dedent("""
 def test_second_run_on_a_locked_output_dir_is_refused(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
+    (tmp_path / "never-loaded").mkdir()  # passes the path check; never loaded
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out / LOCK)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        argv = cli_argv(tmp_path / "no-such-model", out, "--max_steps", "1")
+        argv = cli_argv(tmp_path / "never-loaded", out, "--max_steps", "1")
         with pytest.raises(RuntimeError, match="in use") as error:
             cli_train(argv)
         message = str(error.value)
@@ -478,10 +480,11 @@ def test_ddp_launch_on_a_locked_output_dir_is_refused_by_every_process(tmp_path,
 
     out = tmp_path / "run"
     out.mkdir()
+    (tmp_path / "never-loaded").mkdir()  # passes the path check; never loaded
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out / LOCK)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        args = common_args(tmp_path / "no-such-model") + ["--output_dir", str(out)]
+        args = common_args(tmp_path / "never-loaded") + ["--output_dir", str(out)]
         status, log = _launch_cli(tmp_path, "locked", launch_env, args, timeout=120)
     finally:
         holder.kill()

@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..runtime.errors import settings_errors
-from ..runtime.paths import check_path
+from ..runtime.paths import check_path, check_path_settings
 from ..runtime.help import check_command_argv, command_help
 from ..runtime.recipes import DTYPES, OUTPUT_SUFFIXES, parse_command
 
-__all__ = ["GenerateArguments", "make_generate_parser", "parse_generate_args", "print_help", "check_argv"]
+__all__ = ["PATH_SETTINGS", "GenerateArguments", "check_argv", "make_generate_parser", "parse_generate_args",
+           "print_help"]
 
 
 
@@ -106,6 +107,9 @@ def make_generate_parser():
 
 #: what `nca-trl generate --help` shows first, and the fields it needs when no recipe gives them
 USAGE = "--model_name_or_path M --dataset_name PROMPTS --output OUT.jsonl [--field value ...]"
+#: its settings that name a path, and what each names (`nca_trl.runtime.paths.KINDS`): checked before anything is
+#: imported, written or loaded (`check_argv`), and again when the run starts (arguments built in Python)
+PATH_SETTINGS = {"model_name_or_path": "model", "dataset_name": "dataset"}
 REQUIRED = ("model_name_or_path", "dataset_name", "output")
 
 
@@ -115,8 +119,10 @@ def print_help(argv: list[str] | None = None) -> None:
 
 
 def check_argv(argv: list[str]) -> None:
-    """What `nca-trl generate` checks before importing anything heavy: something to run, known flags."""
+    """What `nca-trl generate` checks before importing anything heavy: something to run, known flags, and every path
+    setting (`PATH_SETTINGS`: a missing local path, or a Hub id offline and not cached)."""
     check_command_argv(argv, GenerateArguments, "generate", required=REQUIRED)
+    check_path_settings(argv, PATH_SETTINGS)
 
 
 @settings_errors

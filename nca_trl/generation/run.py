@@ -20,8 +20,9 @@ from pathlib import Path
 import time
 from dataclasses import asdict
 
-from .arguments import GenerateArguments, parse_generate_args
 from ..runtime.environment import broadcast, distributed_state, versions
+from ..runtime.paths import check_path_settings
+from .arguments import PATH_SETTINGS, GenerateArguments, parse_generate_args
 from .output import ChunkStore, sidecar_path
 
 __all__ = ["SAMPLER", "generate", "generation_settings", "load_prompts"]
@@ -159,6 +160,7 @@ def generate(argv: "list[str] | GenerateArguments | None" = None) -> dict | None
     """`nca-trl generate` on a command line, or on arguments already built (`GenerateArguments`): returns the
     sidecar (main process) or None (other processes)."""
     args = argv if isinstance(argv, GenerateArguments) else parse_generate_args(argv)
+    check_path_settings([], PATH_SETTINGS, vars(args))  # before the output's `.parts/` or any model load
     state = distributed_state()
     with state.main_process_first():
         dataset = load_prompts(args)

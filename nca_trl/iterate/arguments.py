@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..runtime.errors import settings_errors
-from ..runtime.paths import check_path
+from ..runtime.paths import check_path, check_path_settings
 from ..runtime.help import check_command_argv, command_help
 from ..runtime.recipes import parse_command
 
-__all__ = ["LOSSES", "REFERENCES", "IterateArguments", "StageArguments", "build_stage_arguments", "dpo_fields",
-           "make_iterate_parser", "parse_iterate_args", "print_help", "check_argv"]
+__all__ = ["LOSSES", "PATH_SETTINGS", "REFERENCES", "IterateArguments", "StageArguments", "build_stage_arguments",
+           "check_argv", "dpo_fields", "make_iterate_parser", "parse_iterate_args", "print_help"]
 
 LOSSES = ("nca", "infonca", "dpo")
 REFERENCES = ("initial", "previous")
@@ -252,6 +252,10 @@ def make_iterate_parser():
 
 #: what `nca-trl iterate --help` shows first, and the fields it needs when no recipe gives them
 USAGE = "--config RECIPE.yaml [--rounds N] [--field value ...]"
+#: its settings that name a path, and what each names (`nca_trl.runtime.paths.KINDS`): checked before anything is
+#: imported, written or loaded (`check_argv`), and again when the run starts (arguments built in Python)
+PATH_SETTINGS = {"model_name_or_path": "model", "dataset_name": "dataset", "reward_model": "model",
+                 "reward_funcs": "file"}
 REQUIRED = ("model_name_or_path", "dataset_name", "output_dir")
 
 
@@ -261,8 +265,10 @@ def print_help(argv: list[str] | None = None) -> None:
 
 
 def check_argv(argv: list[str]) -> None:
-    """What `nca-trl iterate` checks before importing anything heavy: something to run, known flags."""
+    """What `nca-trl iterate` checks before importing anything heavy: something to run, known flags, and every path
+    setting (`PATH_SETTINGS`: a missing local path, or a Hub id offline and not cached)."""
     check_command_argv(argv, IterateArguments, "iterate", required=REQUIRED)
+    check_path_settings(argv, PATH_SETTINGS)
 
 
 @settings_errors

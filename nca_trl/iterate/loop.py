@@ -20,7 +20,8 @@ import shutil
 from dataclasses import asdict
 from types import SimpleNamespace
 
-from .arguments import IterateArguments, parse_iterate_args
+from ..runtime.paths import check_path_settings
+from .arguments import PATH_SETTINGS, IterateArguments, parse_iterate_args
 from .layout import RunLayout, log, read_jsonl, write_json, write_jsonl
 from .stages import run_generate, run_score, run_train
 
@@ -107,6 +108,7 @@ def iterate(argv: list[str] | None = None) -> dict | None:
     from .report import plot_rounds, rounds_table
 
     args = parse_iterate_args(argv)
+    check_path_settings([], PATH_SETTINGS, vars(args))  # before `output_dir` is created or any model loads
     state = _state()
     layout = RunLayout(args.output_dir)
     main = state.is_main_process

@@ -101,31 +101,34 @@ def check_path_settings(argv: list[str], settings: dict[str, str], recipe: dict 
                         hub: bool = True) -> dict:
     """Check the path settings of a command before anything heavy is imported, and return its recipe: `--config`
     first (a file), then, for each `setting: kind` of `settings`, its value on the command line (`--setting X`, the
-    last one wins) or else in the recipe (`recipe`, read from `--config` when not given). `reward_funcs` checks the
-    file of each `path/file.py:function` spec; `datasets` (a mixture) each entry's `path`."""
+    last one wins) or else in the recipe (`recipe`, read from `--config` when not given; a parser's resolved values
+    with `argv=[]`). `reward_funcs` checks the file of each `path/file.py:function` spec; `datasets` (a mixture) each
+    entry's `path` (a mapping's or an object's). Every missing local path is reported before a Hub id offline."""
     from .recipes import load_recipe, peek, peek_all
 
     check_path(peek(argv, "config"), "config", "file")
     if recipe is None:
         recipe, _ = load_recipe(argv)
+    checks = []  # (value, setting, kind)
     for setting, kind in settings.items():
         if setting == "reward_funcs":
             specs = peek_all(argv, setting)
             if specs is None:
                 specs = recipe.get(setting) or []
                 specs = [specs] if isinstance(specs, str) else specs
-            for spec in specs:
-                check_path(reward_function_path(spec), setting, "file")
-            continue
-        if setting == "datasets":
+            checks += [(reward_function_path(spec), setting, "file") for spec in specs]
+        elif setting == "datasets":
             entries = recipe.get("datasets") if peek(argv, "datasets") is None else None
-            for i, entry in enumerate(entries if isinstance(entries, list) else []):
-                if isinstance(entry, dict):
-                    check_path(entry.get("path"), f"datasets[{i}].path", kind, hub)
-            continue
-        value = peek(argv, setting)
-        if value is None:
-            value = recipe.get(setting)
-        if isinstance(value, str):
-            check_path(value, setting, kind, hub)
+            checks += [(entry.get("path") if isinstance(entry, dict) else getattr(entry, "path", None),
+                        f"datasets[{i}].path", kind) for i, entry in enumerate(entries if isinstance(entries, list)
+                                                                               else [])]
+        else:
+            value = peek(argv, setting)
+            checks.append((recipe.get(setting) if value is None else value, setting, kind))
+    checks = [(value, setting, kind) for value, setting, kind in checks if isinstance(value, str)]
+    for value, setting, kind in checks:
+        check_path(value, setting, kind, hub=False)
+    if hub:
+        for value, setting, kind in checks:
+            check_path(value, setting, kind)
     return recipe

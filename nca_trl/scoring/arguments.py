@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..runtime.errors import settings_errors
-from ..runtime.paths import check_path
+from ..runtime.paths import check_path, check_path_settings
 from ..runtime.help import check_command_argv, command_help
 from ..runtime.recipes import DTYPES, OUTPUT_SUFFIXES, parse_command
 
-__all__ = ["ScoreArguments", "make_score_parser", "parse_score_args", "print_help", "check_argv"]
+__all__ = ["PATH_SETTINGS", "ScoreArguments", "check_argv", "make_score_parser", "parse_score_args", "print_help"]
 
 _REPEATABLE = ("reward_funcs", "reward_weights")
 
@@ -143,6 +143,9 @@ def make_score_parser():
 #: what `nca-trl score --help` shows first, and the fields it needs when no recipe gives them
 USAGE = ("--dataset_name SAMPLES.jsonl (--reward_model RM | --reward_funcs F ...) --output RATED.jsonl "
          "[--field value ...]")
+#: its settings that name a path, and what each names (`nca_trl.runtime.paths.KINDS`): checked before anything is
+#: imported, written or loaded (`check_argv`), and again when the run starts (arguments built in Python)
+PATH_SETTINGS = {"dataset_name": "dataset", "reward_model": "model", "reward_funcs": "file"}
 REQUIRED = ("dataset_name", "output")
 
 
@@ -152,8 +155,10 @@ def print_help(argv: list[str] | None = None) -> None:
 
 
 def check_argv(argv: list[str]) -> None:
-    """What `nca-trl score` checks before importing anything heavy: something to run, known flags."""
+    """What `nca-trl score` checks before importing anything heavy: something to run, known flags, and every path
+    setting (`PATH_SETTINGS`: a missing local path, or a Hub id offline and not cached)."""
     check_command_argv(argv, ScoreArguments, "score", required=REQUIRED)
+    check_path_settings(argv, PATH_SETTINGS)
 
 
 def _merge_repeated(argv: list[str], names=_REPEATABLE) -> list[str]:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ..runtime.environment import versions
 from ..runtime.files import json_default, write_atomic
-from .arguments import ScoreArguments, parse_score_args
+from ..runtime.paths import check_path_settings
+from .arguments import PATH_SETTINGS, ScoreArguments, parse_score_args
 from .combine import _log, score_rows
 from .sources import load_sources
 
@@ -81,6 +82,7 @@ def score_file(args: ScoreArguments) -> dict:
     """Score `args.dataset_name` into `args.output` in this process (`score` without its one-process check: the main
     process of an `nca-trl iterate` launch scores while the others wait). Returns the sidecar."""
     started = time.time()
+    check_path_settings([], PATH_SETTINGS, vars(args))  # before any row is read or model loaded
     rows = load_rows(args)
     _log(f"{len(rows)} rows from {args.dataset_name} (split {args.dataset_split})")
     sources = load_sources(args.reward_model, args.reward_funcs, revision=args.reward_model_revision,

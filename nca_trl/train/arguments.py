@@ -21,10 +21,11 @@ from ..config import (
 )
 from ..data.formats import DATASET_FORMATS
 from ..runtime.errors import settings_errors
+from ..runtime.paths import check_path_settings
 from ..runtime.recipes import check_recipe_keys, load_recipe, peek
-from .help import LOSSES
+from .options import LOSSES, PATH_SETTINGS, truthy
 
-__all__ = ["ScriptArguments", "TrainArgs", "make_parser", "parse_train_args", "print_dry_run", "run_settings",
+__all__ = ["ScriptArguments", "TrainArgs", "check_paths", "make_parser", "parse_train_args", "print_dry_run", "run_settings",
            "train_args_from_recipe"]
 
 
@@ -184,10 +185,6 @@ def make_parser(loss: str = LOSSES[0]):
     return TrlParser((ScriptArguments, config_for_loss(loss), ModelConfig, DatasetMixtureConfig), prog="nca-trl train")
 
 
-def _truthy(value) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes", "y", "on")
-
-
 _RECIPE_FIELDS = ("ScriptArguments (nca-trl), NCAConfig/InfoNCAConfig (trl.DPOConfig, transformers.TrainingArguments), "
                   "trl.ModelConfig or trl.DatasetMixtureConfig")
 
@@ -207,14 +204,16 @@ def parse_train_args(argv: list[str] | None = None, dry_run: bool | None = None)
     loss = peek(argv, "loss") or recipe.get("loss", ScriptArguments.loss)
     config_for_loss(loss)  # raises on an unknown loss, naming the choices
     if dry_run is None:
-        dry_run = _truthy(peek(argv, "dry_run") or recipe.get("dry_run", False))
+        dry_run = truthy(peek(argv, "dry_run") or recipe.get("dry_run", False))
     parser = make_parser(loss)
     if path is not None:
         check_recipe_keys(recipe, path, parser, "train", fields=_RECIPE_FIELDS)
     with _relaxed_hardware_checks() if dry_run else contextlib.nullcontext(), command_line_spelling():
         script_args, training_args, model_args, mixture = parser.parse_args_and_config(
             argv, fail_with_unknown_args=True)
-    return _checked(script_args, training_args, model_args, mixture, recipe, dry_run)
+    args = _checked(script_args, training_args, model_args, mixture, recipe, dry_run)
+    check_paths(args, hub=False)  # the Hub (offline?) when the run starts: `train`
+    return args
 
 
 @settings_errors
@@ -225,10 +224,24 @@ def train_args_from_recipe(recipe: dict, where: str = "the recipe") -> TrainArgs
     config_for_loss(loss)
     parser = make_parser(loss)
     check_recipe_keys(recipe, where, parser, "train", fields=_RECIPE_FIELDS)
-    dry_run = _truthy(recipe.get("dry_run", False))
+    dry_run = truthy(recipe.get("dry_run", False))
     with _relaxed_hardware_checks() if dry_run else contextlib.nullcontext(), command_line_spelling():
         script_args, training_args, model_args, mixture = parser.parse_dict(recipe)
-    return _checked(script_args, training_args, model_args, mixture, dict(recipe), dry_run)
+    args = _checked(script_args, training_args, model_args, mixture, dict(recipe), dry_run)
+    check_paths(args, skip=("dataset_name",), hub=False)  # the caller's data is written later (a round's rated rows)
+    return args
+
+
+def check_paths(args: TrainArgs, skip: tuple[str, ...] = (), hub: bool = True) -> None:
+    """Every path setting of the parsed arguments (`options.PATH_SETTINGS`) but `skip`, through
+    `nca_trl.runtime.paths`, before anything is written or loaded: a missing local path, and with `hub` a Hub id
+    offline and not cached. Not in a dry run: it checks a recipe meant for another machine and loads nothing."""
+    if args.script.dry_run:
+        return
+    groups = (args.script, args.model, args.mixture, args.training)
+    values = {name: next((getattr(g, name) for g in groups if hasattr(g, name)), None) for name in PATH_SETTINGS
+              if name not in skip}
+    check_path_settings([], {k: v for k, v in PATH_SETTINGS.items() if k not in skip}, values, hub=hub)
 
 
 def _checked(script_args, training_args, model_args, mixture, recipe: dict, dry_run: bool) -> TrainArgs:

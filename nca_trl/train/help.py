@@ -20,12 +20,12 @@ from importlib import metadata
 from pathlib import Path
 
 from ..runtime.help import check_flags, render_help
+from ..runtime.paths import check_path, check_path_settings
 from ..runtime.recipes import check_recipe_keys, load_recipe, peek
+from .options import LOSSES, PATH_SETTINGS, truthy
 
-__all__ = ["LOSSES", "check_argv", "help_text", "print_help", "render", "write_help_files"]
+__all__ = ["check_argv", "help_text", "print_help", "render", "write_help_files"]
 
-#: The losses of `nca-trl train --loss` (tests/test_cli.py checks them against `nca_trl.config.RATED_CONFIGS`)
-LOSSES = ("nca", "infonca")
 HELP_DIR = Path(__file__).with_name("help_texts")
 _STACK = ("trl", "transformers")
 USAGE = ("nca-trl train --config RECIPE.yaml [--field value ...]\n"
@@ -104,20 +104,22 @@ def print_help(argv: list[str]) -> None:
 
 def check_argv(argv: list[str]) -> None:
     """What `nca-trl train` checks before importing anything heavy: something to train, a recipe file that exists,
-    known flags. The full checks (values, recipe keys) run when the arguments are parsed."""
+    known flags and recipe keys, and every path setting (`options.PATH_SETTINGS`: a missing local path, or a Hub id
+    offline and not cached; not for `--dry_run`, which checks a recipe meant for another machine and loads nothing).
+    The full checks (values) run when the arguments are parsed."""
     if not argv:
         raise ValueError("`nca-trl train` needs a recipe or a model and data: `nca-trl train --config RECIPE.yaml` "
                          "(e.g. recipes/tiny/nca.yaml), or `--model_name_or_path MODEL --dataset_name DATA`. "
                          "`nca-trl train --help` lists every option.")
-    config = peek(argv, "config")
-    if config is not None and not Path(config).is_file():
-        raise ValueError(f"no such recipe file: {config} (`--config` takes a YAML file, e.g. recipes/tiny/nca.yaml).")
+    check_path(peek(argv, "config"), "config", "file")
     recipe, path = load_recipe(argv)
     text = help_text(_loss(argv, recipe))
     options = _options(text)
     check_flags(argv, set(options), "train", {name for name, kind in options.items() if kind == "BOOL"})
     if path is not None:
         check_recipe_keys(recipe, path, set(options) - {"config"}, "train")
+    if not truthy(peek(argv, "dry_run") or recipe.get("dry_run", False)):  # a dry run loads nothing, here or elsewhere
+        check_path_settings(argv, PATH_SETTINGS, recipe)
 
 
 def _options(text: str) -> dict[str, str]:

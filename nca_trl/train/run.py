@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 
-from .arguments import TrainArgs, parse_train_args, print_dry_run, run_settings
+from .arguments import TrainArgs, check_paths, parse_train_args, print_dry_run, run_settings
 
 __all__ = ["check_finished_run", "continued_adapter", "train"]
 
@@ -33,6 +33,7 @@ def train(argv: "list[str] | TrainArgs | None" = None, callbacks: list | None = 
     from ..runtime.launch import check_launch_environment, check_world_size
     from ..runtime.output_dir import claim_output_dir
 
+    check_paths(args)  # every path setting (a Hub id offline too), before the output_dir is created
     check_launch_environment(args.training)
     check_world_size(args.training.distributed_state)
     # output_dir checked writable and locked for the whole run, before anything is loaded (`nca_trl.runtime.output_dir`)
