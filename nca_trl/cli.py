@@ -1,9 +1,11 @@
-"""The `nca-trl` command line: `train`, `generate`, `score`, `iterate` and `make-tiny-model`.
+"""The `nca-trl` command line: `train`, `generate`, `score`, `iterate`, `make-tiny-model` and `recipes`.
 
 ```bash
 nca-trl make-tiny-model outputs/tiny-mistral                 # tiny random Mistral + the real Mistral tokenizer
 nca-trl train --config recipes/tiny/nca.yaml                 # one process (CPU or one GPU)
 nca-trl train --config recipes/tiny/nca.yaml --max_steps 5   # any field can be overridden on the command line
+nca-trl train --config tiny/nca.yaml                         # from any folder: a bundled recipe by its name
+nca-trl recipes                                              # the bundled recipes and accelerate configs, full paths
 accelerate launch --config_file recipes/accelerate_configs/deepspeed_zero3.yaml \
     -m nca_trl.cli train --config recipes/mistral-7b/nca_ultrafeedback.yaml   # 8 GPUs, ZeRO-3
 nca-trl train --config recipes/mistral-7b/nca_ultrafeedback.yaml --dry_run   # parse and print, load nothing
@@ -11,7 +13,9 @@ nca-trl train --config recipes/mistral-7b/nca_ultrafeedback.yaml --dry_run   # p
 
 Each command lives in its own package, shaped alike (arguments dataclass, run module): `train` in `nca_trl.train`
 (the shape of TRL's `scripts/dpo.py`), `generate` in `nca_trl.generation`, `score` in `nca_trl.scoring`, `iterate` in
-`nca_trl.iterate`, `make-tiny-model` in `nca_trl.tiny`. This module only dispatches.
+`nca_trl.iterate`, `make-tiny-model` in `nca_trl.tiny`, `recipes` in `nca_trl.runtime.bundled`. This module only
+dispatches; a `--config` or `dataset_name` that is not a file here but a bundled one is replaced by the bundled file's
+path first (`nca_trl.runtime.bundled.resolve_argv`, which says so).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ COMMANDS = {
     "score": ("nca_trl.scoring", "score"),
     "iterate": ("nca_trl.iterate", "iterate"),
     "make-tiny-model": ("nca_trl.tiny", "main"),
+    "recipes": ("nca_trl.runtime.bundled", "main"),
 }
 #: command -> the module with its `print_help(argv)` and `check_argv(argv)`, which import nothing heavy: `--help`, a
 #: command with nothing to run and an unknown flag are answered before torch, transformers or TRL are imported
@@ -50,6 +55,8 @@ commands:
   score             add rewards from a reward model and/or reward functions:  nca-trl score --dataset_name OUT.jsonl
                     --reward_funcs my_module:my_reward --output RATED.jsonl   (`nca-trl score --help`)
   iterate           rounds of generate -> score -> train:  nca-trl iterate --config RECIPE.yaml [--rounds N]
+  recipes           the bundled recipes, accelerate configs and data with their full paths:  nca-trl recipes
+                    [--path NAME | --copy NAME DIR]   (`--config NAME` finds a bundled recipe from any folder)
 
 `nca-trl <command> --help` lists the fields of each command.
 """
@@ -72,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             arguments.print_help(rest)
             return 0
         try:
+            from .runtime.bundled import resolve_argv
+
+            rest = resolve_argv(rest)
             arguments.check_argv(rest)
         except ValueError as error:
             print(f"nca-trl {command}: error: {error}", file=sys.stderr)

@@ -338,6 +338,10 @@ def _differences(new: Path, old: Path) -> list[str]:
     return differ
 
 
+def _refuse(message: str):
+    raise SettingsError(message)
+
+
 def main(argv: list[str] | None = None) -> str:
     """`nca-trl make-tiny-model OUT_DIR [--arch mixtral] [--vocab digits] [--overwrite]`: build and save; returns the
     path."""
@@ -358,6 +362,7 @@ def main(argv: list[str] | None = None) -> str:
                         "(recipes/tiny/iterate_nca.yaml)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace OUT_DIR when it holds anything else or another model")
+    parser.error = _refuse  # one line, `nca-trl make-tiny-model: error: MESSAGE`, exit 2 (the command line's contract)
     ns = parser.parse_args(argv)
     what = install_tiny_model(ns.out_dir, arch=ns.arch, seed=ns.seed, size=ns.size, vocab=ns.vocab,
                               max_position_embeddings=64 if ns.vocab == "digits" else 4096, overwrite=ns.overwrite)
