@@ -60,20 +60,9 @@ import torch.nn.functional as F
 logger = logging.getLogger("nca_trl")
 
 __all__ = [
-    "CPU_KERNEL",
-    "FEATURES",
-    "KERNEL_ENV",
-    "VarlenKernel",
-    "VarlenLayout",
-    "cuda_varlen_kernel",
-    "flash_attn_kernel",
-    "padded_varlen",
-    "reference_varlen",
-    "reset_kernel_choices",
-    "select_kernel",
-    "selected_kernels",
-    "torch_varlen_kernel",
-    "varlen_attention",
+    "CPU_KERNEL", "FEATURES", "KERNEL_ENV", "VarlenKernel", "VarlenLayout", "cuda_varlen_kernel",
+    "flash_attn_kernel", "padded_varlen", "reference_varlen", "reset_kernel_choices", "select_kernel",
+    "selected_kernels", "torch_varlen_kernel", "varlen_attention",
 ]
 
 KERNEL_ENV = "NCA_TRL_VARLEN_KERNEL"

@@ -98,7 +98,7 @@ def test_bypassing_the_allow_list_shows_the_leak(family, tokenizer, vicuna, tmp_
 @pytest.mark.parametrize("family", ["lfm2", "qwen3_next"])
 def test_explicit_shared_prompt_on_a_hybrid_is_refused_naming_the_layer(family, tokenizer, vicuna, tmp_path):
     for setting in ({"shared_prompt": True}, {"padding_free": True}):
-        with pytest.raises(ValueError, match=r"would not be exact here: policy model: layer 0 of \w+ is '"):
+        with pytest.raises(ValueError, match=r"cannot run here, or not exactly: policy model: layer 0 of \w+ is '"):
             trainer_for(family, tokenizer, vicuna, tmp_path, **setting)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 

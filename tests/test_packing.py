@@ -197,7 +197,7 @@ def test_automatic_layout_on_a_gpu_needs_a_varlen_kernel(tiny_mistral, vicuna, t
         caplog.clear()
         with (
             patch.object(type(trainer.accelerator), "device", new_callable=PropertyMock) as device,
-            patch("nca_trl.trainer.cuda_varlen_kernel", return_value=(fused if present else None, "none here")),
+            patch("nca_trl.packing.cuda_varlen_kernel", return_value=(fused if present else None, "none here")),
             caplog.at_level(logging.INFO, logger="nca_trl"),
         ):
             device.return_value = torch.device("cuda")

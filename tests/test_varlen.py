@@ -87,6 +87,100 @@ def test_varlen_forward_and_gradients_equal_dense_mask(kernel):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=f"trial {trial} {name}")
 
 
+def dense_variants(q, k, v, mask, scale, softcap=None, sinks=None):
+    """`dense_attention` with Gemma 2's logit softcapping and GPT-OSS's per-head sink logits, by hand."""
+    n_rep = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.view(-1, 1, 1).expand(-1, scores.size(1), 1)], dim=-1)
+    probs = scores.softmax(-1)[..., : mask.size(1)]
+    return torch.einsum("hqk,khd->qhd", probs, v)
+
+
+VARIANTS = [  # (kernel, window, softcap, sinks)
+    ("reference", 3, None, False), ("padded", 3, None, False), ("padded", 1, None, False),
+    ("reference", None, 2.0, False), ("reference", None, None, True), ("reference", 4, 2.0, True),
+]
+
+
+@pytest.mark.parametrize("kernel,window,softcap,sinks", VARIANTS)
+def test_attention_variants_equal_dense(kernel, window, softcap, sinks):
+    """Sliding windows (the last `window` positions of the plain layout, the query's own included), softcapping and
+    sinks, forward and gradients, against dense attention over the row: the window counts positions, not row
+    offsets, so a completion sees the end of its prompt and not the completions before it."""
+    fn = varlen._PYTORCH_PATHS[kernel]
+    rng = random.Random(1)
+    for trial in range(4):
+        examples = random_examples(rng, rng.randint(1, 4))
+        batch = build_shared_prompt_batch(examples, max_length=None)
+        layout, pos = VarlenLayout.from_batch(batch), batch["position_ids"][0]
+        mask = dense_mask(examples)
+        if window is not None:
+            mask &= pos[None, :] > pos[:, None] - window
+        q, k, v = qkv(batch["input_ids"].size(1), 4, 2, 8, seed=trial)
+        sink = torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(trial)) if sinks else None
+        got = varlen_attention(q, k, v, layout, fn, 0.3, window=window, softcap=softcap, sinks=sink)
+        want = dense_variants(q, k, v, mask, 0.3, softcap, sink)
+        grad_out = torch.randn_like(got)
+        for name, a, b in zip(("out", "dq", "dk", "dv"), (got, *torch.autograd.grad(got, (q, k, v), grad_out)),
+                              (want, *torch.autograd.grad(want, (q, k, v), grad_out))):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"{kernel} trial {trial} {name}")
+
+
+def test_a_kernel_runs_only_what_it_implements(monkeypatch):
+    """Features by signature; a window is passed as flash-attention's `window_size=(w - 1, 0)`; a kernel missing a
+    variant is refused (at the call, and by `select_kernel` / `cuda_varlen_kernel`, which skip it)."""
+    seen = []
+
+    def flash_attn_2(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0):
+        seen.append((causal, window_size, softcap))
+        return q
+
+    def varlen_attn_2_9(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False):
+        return query
+
+    def varlen_attn_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        seen.append(window_size)
+        return query
+
+    flash, torch_29, torch_211 = (flash_attn_kernel(flash_attn_2, "fa2"), torch_varlen_kernel(varlen_attn_2_9),
+                                  torch_varlen_kernel(varlen_attn_2_11))
+    assert flash.features == {"sliding_window", "softcap"} and torch_211.features == {"sliding_window"}
+    assert torch_29.features == frozenset() and flash.lacks({"sinks", "softcap"}) == ["sinks"]
+    layout = VarlenLayout.from_batch(build_shared_prompt_batch(
+        [{"prompt_ids": [1, 2, 3, 4], "completion_ids": [[5, 6, 7], [8]]}], max_length=None))
+    q, k, v = qkv(9, 2, 2, 4)
+    varlen_attention(q, k, v, layout, flash, window=3, softcap=5.0)
+    varlen_attention(q, k, v, layout, torch_211, window=3)
+    varlen_attention(q, k, v, layout, torch_211, window=7)  # 7 keys at most: the window never binds, not passed
+    assert seen == [(True, (2, 0), 5.0), (2, 0), (-1, 0)]
+    with pytest.raises(ValueError, match="does not implement sliding_window"):
+        varlen_attention(q, k, v, layout, torch_29, window=3)
+    # Selection: the CPU default for a model with sinks and a window; a forced path that lacks one is refused
+    monkeypatch.setattr(varlen, "_selected", {})
+    cpu = torch.device("cpu")
+    assert select_kernel(cpu, torch.float32, "eager", frozenset({"sinks"})).fn is reference_varlen
+    monkeypatch.setenv(varlen.KERNEL_ENV, "padded")
+    assert select_kernel(cpu, torch.float32, "sdpa", frozenset({"sliding_window"})).fn is padded_varlen
+    with pytest.raises(ValueError, match="does not implement softcap"):
+        select_kernel(cpu, torch.float32, "eager", frozenset({"softcap"}))
+    monkeypatch.delenv(varlen.KERNEL_ENV)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr("transformers.utils.is_flash_attn_2_available", lambda: False)
+    import torch.nn.attention.varlen as torch_varlen
+
+    monkeypatch.setattr(torch_varlen, "varlen_attn", varlen_attn_2_11)
+    assert varlen.cuda_varlen_kernel("sdpa", needs=frozenset({"sliding_window"}))[0] is not None
+    kernel, why = varlen.cuda_varlen_kernel("sdpa", needs=frozenset({"sinks"}))
+    assert kernel is None and "does not implement sinks" in why
+
+
 def test_varlen_gradcheck():
     examples = [{"prompt_ids": [1, 2, 3], "completion_ids": [[4], [5, 6]]}, {"prompt_ids": [7], "completion_ids": [[8]]}]
     layout = VarlenLayout.from_batch(build_shared_prompt_batch(examples, max_length=None))
