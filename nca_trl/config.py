@@ -247,12 +247,15 @@ TIES = ("keep", "drop")
 _SHARED_PROMPT_HELP = (
     "Shared-prompt, padding-free layout: each prompt is encoded once and followed by its K completions, the whole "
     "batch is one row of real tokens, and its attention is one variable-length call per layer (see `nca_trl.packing` "
-    "and `nca_trl.varlen`). Log-probs equal the plain padded layout's. Where the model, its attention implementation "
-    "or the config cannot take it, the trainer falls back to the plain layout and logs why. None (the default) is "
-    "automatic: the shared-prompt layout on a CPU, and on a CUDA GPU with a fused varlen kernel (flash-attn, or "
-    "torch's varlen_attn) and bf16/fp16 training, where it is faster (2.7-3.0x the plain layout's tokens/s at "
-    "Mistral-7B width on an H200, short and long prompts alike: results/gpu_layouts.json); the plain layout on a GPU "
-    "without such a kernel. True forces it wherever it can run, False forces the plain layout."
+    "and `nca_trl.varlen`). Log-probs equal the plain padded layout's. It runs only where it is exact, decided at "
+    "construction by an allow-list: model families whose every layer is attention the varlen path implements "
+    "(nca_trl.packing.EXACT_FAMILIES: Llama, Mistral, Qwen, Gemma, GPT-OSS, ...; hybrids with Mamba, convolution or "
+    "linear-attention layers are plain), no compute_metrics. None (the default) is automatic: there, on a CPU, and on "
+    "a CUDA GPU with a fused varlen kernel (flash-attn, or torch's varlen_attn) implementing the model's attention "
+    "variants and bf16/fp16 training, where it is faster (2.7-3.0x the plain layout's tokens/s at Mistral-7B width on "
+    "an H200, short and long prompts alike: results/gpu_layouts.json); elsewhere the plain layout, with one log line "
+    "saying why. True forces it wherever it is exact and is refused at construction elsewhere; False forces the plain "
+    "layout."
 )
 
 _PADDING_FREE_HELP = (
@@ -371,9 +374,9 @@ class NCAConfig(_RatedCompletionsConfig):
             Cap on K per prompt, keeping the best, the worst and an even spread of reward ranks between.
         shared_prompt (`bool`, *optional*):
             Encode each prompt once, followed by its K completions, padding-free, with one varlen attention call per
-            layer (falls back to the plain padded layout, with a logged reason, where the model cannot take it).
-            `None` (default): automatic, on a CPU always, on a CUDA GPU where a fused varlen kernel runs it in
-            bf16/fp16, else plain; `True` forces it.
+            layer, only where it is exact (an allow-list of model families, no `compute_metrics`; elsewhere the plain
+            padded layout, with a logged reason). `None` (default): automatic, there on a CPU, and on a CUDA GPU
+            where a fused varlen kernel runs it in bf16/fp16; `True` forces it, and is refused where it is not exact.
         loss_type (`list[str]`, *optional*):
             Always the NCA loss. Leave unset; `NCAConfig.accepted_loss_types()` lists the values accepted (the loss's
             own name, TRL's name of its K=2 case, and DPOConfig's default, so that a plain `DPOConfig` works); any of
