@@ -763,12 +763,14 @@ def test_reward_differences_must_fit_float32():
 
 def test_old_import_paths_still_resolve():
     import nca_trl.data as data
-    from nca_trl.data import converters, formats, validation
+    from nca_trl.data import columns, converters, formats, ultrafeedback, validation
 
     for name in ("validate_example", "validate_dataset", "ValidationReport", "to_rated", "check_rewards"):
         assert getattr(formats, name) is getattr(data, name)
-    for name in ("ultrafeedback_to_rated", "columns_to_rated", "convert_dataset", "ULTRAFEEDBACK_ASPECTS"):
-        assert getattr(formats, name) is getattr(converters, name)
+    for module, names in ((ultrafeedback, ("ultrafeedback_to_rated", "ULTRAFEEDBACK_ASPECTS")),
+                          (columns, ("columns_to_rated",)), (converters, ("convert_dataset",))):
+        for name in names:
+            assert getattr(formats, name) is getattr(module, name)
     assert validation.validate_dataset is validate_dataset and data.DATASET_FORMATS is formats.DATASET_FORMATS
     with pytest.raises(AttributeError):
         formats.no_such_name  # noqa: B018

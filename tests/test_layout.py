@@ -91,3 +91,92 @@ def test_runtime_imports_no_command_package():
              for path, name, is_package in _modules() if name[:2] == ("nca_trl", "runtime")
              for target, _ in _imports(path, name, is_package) if target[:2] in commands]
     assert not found, found
+
+
+def _module_edges(package=None) -> dict[str, set[str]]:
+    """module -> the modules of ours it imports (at the top or inside a function: a circle through a function-level
+    import is still a circle), as dotted names; `from . import x` counts as importing the submodule `x`."""
+    package = package or PACKAGE
+    edges: dict[str, set[str]] = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        is_package = parts[-1] == "__init__"
+        name = parts[:-1] if is_package else parts
+        here = list(name) if is_package else list(name[:-1])
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {tuple(a.name.split(".")) for a in node.names if a.name.split(".")[0] == package.name}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = tuple(here[: len(here) - node.level + 1] + (node.module.split(".") if node.module else []))
+                elif node.module and node.module.split(".")[0] == package.name:
+                    base = tuple(node.module.split("."))
+                else:
+                    continue
+                subs = [base + (a.name,) for a in node.names
+                        if package.parent.joinpath(*base, a.name + ".py").exists()
+                        or package.parent.joinpath(*base, a.name).is_dir()]
+                targets |= set(subs) if subs else {base}
+        edges[".".join(name)] = {".".join(t) for t in targets if t != name}
+    return edges
+
+
+def module_cycles(package=None) -> list[list[str]]:
+    """Every import circle between modules (strongly connected components of more than one module), as sorted lists.
+    A package `__init__` is a module like any other: `from . import x` in it and `from .. import y` in `x` close a
+    circle."""
+    edges = _module_edges(package)
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges.get(v, ()):
+            if w not in edges:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_circle_between_modules():
+    """Before: `train/arguments.py` imported `LOSSES` from `train/help.py`, which imported `arguments` to render the
+    help: a circle (the one `farm-studio look` showed). Now both take their shared names from `train/options.py`."""
+    assert module_cycles() == []
+
+
+def test_the_module_circle_check_can_fail(tmp_path):
+    (tmp_path / "nca_trl" / "a").mkdir(parents=True)
+    (tmp_path / "nca_trl" / "__init__.py").write_text("")
+    (tmp_path / "nca_trl" / "a" / "__init__.py").write_text("")
+    (tmp_path / "nca_trl" / "a" / "x.py").write_text("from .y import Y\nX = 1\n")
+    (tmp_path / "nca_trl" / "a" / "y.py").write_text("Y = 1\n\ndef f():\n    from . import x\n    return x.X\n")
+    (tmp_path / "nca_trl" / "b.py").write_text("import nca_trl.a.x\n")
+    assert module_cycles(tmp_path / "nca_trl") == [["nca_trl.a.x", "nca_trl.a.y"]]
+
+
+def test_modules_at_most_500_lines():
+    """Before: `data/loading.py` (513) and `data/converters.py` (507) had grown past the rule; each was split by job
+    (`datafiles`, `folders`, `loading`; `ultrafeedback`, `columns`, `converters`)."""
+    long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 500}
+    assert not long, long

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from nca_trl.data.loading import DataFileError, load_datasets, load_raw
+from nca_trl.data.datafiles import DataFileError
+from nca_trl.data.loading import load_datasets, load_raw
 
 REPO = Path(__file__).resolve().parents[1]
 ROW = {"prompt": "What is 2 + 2?", "completions": ["4", "5", "22"], "rewards": [1.0, 0.0, 0.5]}

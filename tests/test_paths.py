@@ -182,14 +182,15 @@ def test_every_command_refuses_a_missing_path_at_once_in_one_line(clone, command
 def test_a_hub_id_offline_is_one_line_too(clone, command, setting):
     result = run_cli(clone, [command, *_with(COMMANDS[command][0], setting, "some-org/not-cached")])
     assert result["status"] == 2 and result["heavy"] == [], result
-    assert result["err"] == (f"nca-trl {command}: error: some-org/not-cached ({setting}) is neither a local path nor in "
-                             "the Hugging Face cache, and the Hub cannot be reached offline (HF_HUB_OFFLINE=1): "
+    assert result["err"] == (f"nca-trl {command}: error: some-org/not-cached ({setting}) is neither a local path "
+                             "nor in the Hugging Face cache, and the Hub cannot be reached offline (HF_HUB_OFFLINE=1): "
                              "download it once online, or give a local path.\n"), result
     assert "out" not in result["entries"]
 
 
 @pytest.mark.parametrize("script, argv, message", [
-    ("plan_memory", ["recipes/none.yaml"], "plan_memory.py: error: no such file or folder: recipes/none.yaml (recipes)"),
+    ("plan_memory", ["recipes/none.yaml"],
+     "plan_memory.py: error: no such file or folder: recipes/none.yaml (recipes)"),
     ("benchmark", ["--data", "./none.jsonl"], "benchmark.py: error: no such file or folder: ./none.jsonl (--data)"),
 ])
 def test_scripts_refuse_a_missing_input_in_one_line(script, argv, message, tmp_path, monkeypatch, capsys):

@@ -22,7 +22,8 @@ each prompt's best reward in float64 and then works in float32.
 
 The rest of the data handling lives beside this module: the one check of a reward, `check_rewards`, in
 `nca_trl.data.rewards`; row and dataset validation and `to_rated` in `nca_trl.data.validation`; the raw-layout
-converters [`ultrafeedback_to_rated`], [`columns_to_rated`] and [`convert_dataset`] in `nca_trl.data.converters`.
+converters [`ultrafeedback_to_rated`] in `nca_trl.data.ultrafeedback` and [`columns_to_rated`] in
+`nca_trl.data.columns`, and [`convert_dataset`] (a whole dataset, any layout) in `nca_trl.data.converters`.
 
 Every problem is reported as a [`DataValidationError`] naming the dataset, the row, the field, what is wrong and how
 to fix it.
@@ -386,8 +387,9 @@ def _detect_raw_format(example: Mapping, dataset_name: str) -> str:
 _MOVED = {
     **dict.fromkeys(("ValidationReport", "check_rewards", "to_rated", "validate_dataset", "validate_example"),
                     "validation"),
-    **dict.fromkeys(("ULTRAFEEDBACK_ASPECTS", "ULTRAFEEDBACK_SCORE_FIELDS", "columns_to_rated", "convert_dataset",
-                     "ultrafeedback_to_rated"), "converters"),
+    **dict.fromkeys(("ULTRAFEEDBACK_ASPECTS", "ULTRAFEEDBACK_SCORE_FIELDS", "ultrafeedback_to_rated"), "ultrafeedback"),
+    "columns_to_rated": "columns",
+    "convert_dataset": "converters",
 }
 
 

@@ -25,8 +25,8 @@ from ..runtime.paths import check_path_settings
 from ..runtime.recipes import check_recipe_keys, load_recipe, peek
 from .options import LOSSES, PATH_SETTINGS, truthy
 
-__all__ = ["ScriptArguments", "TrainArgs", "check_paths", "make_parser", "parse_train_args", "print_dry_run", "run_settings",
-           "train_args_from_recipe"]
+__all__ = ["ScriptArguments", "TrainArgs", "check_paths", "make_parser", "parse_train_args", "print_dry_run",
+           "run_settings", "train_args_from_recipe"]
 
 
 
