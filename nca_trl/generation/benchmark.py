@@ -102,7 +102,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
     ns = parser.parse_args(argv)
+    methods = tuple(ns.methods.split(","))
+    if unknown := [m for m in methods if m not in METHODS]:
+        parser.error(f"--methods: unknown {unknown}, expected some of {', '.join(METHODS)}")
     path = ns.model_name_or_path
     if path is None:
         from ..tiny import build_tiny_model
@@ -112,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, ns.dtype)).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompts = _prompts(ns.prompts, ns.num_prompts)
-    results = benchmark_generate(model, tokenizer, prompts, ns.num_completions, ns.max_new_tokens, ns.seed, ns.repeats)
+    results = benchmark_generate(model, tokenizer, prompts, ns.num_completions, ns.max_new_tokens, ns.seed, ns.repeats,
+                                 methods)
     print(json.dumps(results, indent=2))
     return results
 
