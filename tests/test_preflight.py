@@ -144,15 +144,15 @@ def test_check_max_length_names_the_shortest_prompt(tokenizer):
                          tokenizer, NCAConfig(output_dir="u", bf16=False, use_cpu=True, max_length=3))
 
 
-def test_cli_every_row_dropped_fails_before_the_model(tmp_path, tokenizer):
+def test_cli_every_row_dropped_fails_before_the_model(tmp_path, tokenizer, capsys):
     """Before: the rows were dropped with a warning, then training failed after the model loaded with torch's
     `num_samples should be a positive integer value, but got num_samples=0`. The "model" here is a tokenizer alone
     (no config, no weights): loading a model from it would fail, so the error shows nothing but the tokenizer was
-    loaded."""
+    loaded. On the command line it is a refused setting (`max_length`): one line, exit 2."""
     folder = tmp_path / "tokenizer-only"
     tokenizer.save_pretrained(folder)
-    with pytest.raises(ValueError, match=r"train dataset: every one of its 6 rows would be dropped.*shortest \d+"):
-        main(train_argv(tmp_path, folder, "--max_length", "8"))
+    err = refused(train_argv(tmp_path, folder, "--max_length", "8"), capsys)
+    assert re.match(r"train dataset: every one of its 6 rows would be dropped.*shortest \d+", err), err
 
 
 def test_empty_dataset_fails_before_the_model(tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import datasets
 
+from ..runtime.errors import SettingsError
 from .converters import convert_dataset, resolve_format
 from .datafiles import FILE_BUILDERS, DataFileError, check_data_file
 from .folders import declares_configs, folder_data_files
@@ -33,7 +34,8 @@ def load_raw(script_args, mixture):
     if path.is_file():
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise ValueError(f"Unknown data file type {path.suffix!r} for {path}: use one of {sorted(FILE_BUILDERS)}.")
+            raise SettingsError(f"Unknown data file type {path.suffix!r} for {path} (`dataset_name`): use one of "
+                                f"{sorted(FILE_BUILDERS)}, or a folder of such files.")
         check_data_file(path, builder)
         return _load(f"the {builder} file {path}", path, builder, data_files=str(path))
     if path.is_dir():
@@ -54,9 +56,9 @@ def load_raw(script_args, mixture):
 
 
 def split_of(raw, split: str, field: str):
-    """`raw[split]`, or an error naming the splits there are and the field that asked for it."""
+    """`raw[split]`, or a `SettingsError` naming the splits there are and the field that asked for it."""
     if split not in raw:
-        raise ValueError(f"Split {split!r} not found; the data has splits {list(raw)} (`{field}`).")
+        raise SettingsError(f"Split {split!r} not found; the data has splits {list(raw)} (`{field}`).")
     return raw[split]
 
 
@@ -78,7 +80,8 @@ def _trainer_rows(dataset, script_args, name: str):
     fmt = resolve_format(dataset, script_args.dataset_format, name)
     if fmt in ("rated", "preference"):
         if kwargs:
-            raise TypeError(f"`dataset_format_kwargs` apply to the raw layouts only, not to {fmt} rows: {sorted(kwargs)}")
+            raise SettingsError(f"`dataset_format_kwargs` apply to the raw layouts only (ultrafeedback, columns), not to "
+                                f"{fmt} rows: remove {sorted(kwargs)}.")
         return dataset
     return convert_dataset(dataset, fmt, dataset_name=name, **kwargs)
 

@@ -18,6 +18,7 @@ from datasets import Dataset, IterableDataset
 from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 from trl.trainer.utils import global_then_local_main_first
 
+from ..runtime.errors import SettingsError
 from .formats import ROW_INDEX, DataValidationError
 from .rewards import rewards_tie
 from .validation import to_rated_unchecked, validate_dataset, validate_example
@@ -31,11 +32,12 @@ _warned = {"boundary": False}  # warnings shown once per process, like TRL's `wa
 
 
 def prompt_length_error(dataset_name: str, lengths: list[int], max_length: int, shortest_row: int | None = None):
-    """The `ValueError` for a dataset whose every prompt fills `max_length` (`lengths`: each row's prompt length in
-    tokens). Raised by `prepare_rated_dataset`."""
+    """The error for a dataset whose every prompt fills `max_length` (`lengths`: each row's prompt length in tokens):
+    a `SettingsError` (a `ValueError`), `max_length` refused, one line on the command line. Raised by
+    `prepare_rated_dataset`."""
     shortest = min(lengths)
     where = f" (row {shortest_row})" if shortest_row is not None else ""
-    return ValueError(
+    return SettingsError(
         f"{dataset_name} dataset: every one of its {len(lengths)} rows would be dropped, since each prompt alone fills "
         f"max_length={max_length} tokens and leaves no room for a completion. Prompt lengths: shortest "
         f"{shortest}{where}, median {int(statistics.median(lengths))}, longest {max(lengths)} tokens. Fix: raise "

@@ -20,6 +20,7 @@ import shutil
 from dataclasses import asdict
 from types import SimpleNamespace
 
+from ..runtime.errors import SettingsError
 from ..runtime.paths import check_path_settings
 from .arguments import PATH_SETTINGS, IterateArguments, parse_iterate_args
 from .layout import RunLayout, log, read_jsonl, write_json, write_jsonl
@@ -35,11 +36,11 @@ def plan_rounds(num_prompts: int, args: IterateArguments) -> tuple[int, range]:
     """(prompts per round, the rows of the held-out prompts); refuses a split too small for the rounds asked."""
     train_pool = num_prompts - args.heldout_prompts
     if train_pool < 1:
-        raise ValueError(f"{args.dataset_name} has {num_prompts} prompts: none left for training after "
+        raise SettingsError(f"{args.dataset_name} has {num_prompts} prompts: none left for training after "
                          f"`heldout_prompts={args.heldout_prompts}`.")
     per_round = args.prompts_per_round or train_pool // args.rounds
     if per_round < 1 or per_round * args.rounds > train_pool:
-        raise ValueError(
+        raise SettingsError(
             f"{args.rounds} rounds x {per_round} prompts need {args.rounds * max(per_round, 1)} training prompts, but "
             f"{args.dataset_name} has {num_prompts} prompts, {args.heldout_prompts} of them held out "
             f"(`heldout_prompts`): lower `rounds`, `prompts_per_round` or `heldout_prompts`, or add prompts."
@@ -115,11 +116,10 @@ def iterate(argv: list[str] | None = None) -> dict | None:
     lock_args = SimpleNamespace(output_dir=str(layout.root), distributed_state=state,
                                 process_index=state.process_index, local_process_index=state.local_process_index,
                                 world_size=state.num_processes, should_save=main)
-    layout.root.mkdir(parents=True, exist_ok=True)
-    with claim_output_dir(lock_args):
-        dataset = load_prompts(SimpleNamespace(dataset_name=args.dataset_name, dataset_config=args.dataset_config,
-                                               dataset_split=args.dataset_split, max_prompts=None))
-        per_round, heldout = plan_rounds(len(dataset), args)
+    dataset = load_prompts(SimpleNamespace(dataset_name=args.dataset_name, dataset_config=args.dataset_config,
+                                           dataset_split=args.dataset_split, max_prompts=None))
+    per_round, heldout = plan_rounds(len(dataset), args)  # refused before `output_dir` exists
+    with claim_output_dir(lock_args):  # creates `output_dir`; removed again if the run stops before writing to it
         settings = {k: v for k, v in asdict(args).items()}
         settings.update(num_prompts=len(dataset), prompts_per_round=per_round)
         if main:

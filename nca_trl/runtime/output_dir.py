@@ -24,7 +24,8 @@ from .files import json_default
 logger = logging.getLogger("nca_trl")
 
 __all__ = ["LOCK_NAME", "FinishedRunError", "OutputDirError", "OutputDirLockedError", "changed_settings",
-           "check_output_dir", "check_output_dir_writable", "claim_output_dir", "finished_run_message"]
+           "check_output_dir", "check_output_dir_writable", "claim_output_dir", "finished_run_message",
+           "missing_folders", "remove_empty_folders"]
 
 LOCK_NAME = ".nca-trl.lock"
 
@@ -206,22 +207,50 @@ def _pid_alive(pid: int) -> bool:
 _claimed: set[str] = set()  # output_dirs this process has claimed (the CLI's claim covers the trainer's)
 
 
+def missing_folders(path: str) -> list[str]:
+    """`path` and those of its parent folders that do not exist yet, deepest first: what `os.makedirs(path)` creates."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def remove_empty_folders(folders: list[str]) -> None:
+    """Remove each of `folders` (deepest first) that is empty; stop at the first that is not (or is gone)."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+
+
 @contextlib.contextmanager
 def claim_output_dir(args):
     """Check `args.output_dir` is writable and hold its lock (main process) for the block; every process refuses
-    together. Reentrant within a process: `nca-trl train` claims it for the whole run, `trainer.train` again."""
+    together. Reentrant within a process: `nca-trl train` claims it for the whole run, `trainer.train` again. A block
+    that raises before anything was written leaves no folder behind: the folders the claim created are removed again
+    while empty (a refused setting found after the claim, such as a split the data does not have)."""
     key = os.path.realpath(args.output_dir) if args.output_dir else None
     if key is None or key in _claimed:
         yield
         return
+    created = missing_folders(args.output_dir) if _is_main(args) else []
     lock = _agree(args, lambda: acquire_lock(args.output_dir))
     _claimed.add(key)
+    finished = False
     try:
         yield
+        finished = True
     finally:
         _claimed.discard(key)
         if lock is not None:
             lock.release()
+        if not finished:
+            remove_empty_folders(created)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints

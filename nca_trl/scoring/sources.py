@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..runtime.errors import SettingsError
+
 __all__ = ["BUNDLED", "RewardModelScorer", "load_reward_function", "load_sources"]
 
 # Bare names accepted by `--reward_funcs`: nca-trl's own, and those of TRL's `trl grpo` script that need no
@@ -130,14 +132,14 @@ class RewardModelScorer:
         kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
         config = AutoConfig.from_pretrained(path, **kwargs)
         if config.num_labels != 1:
-            raise ValueError(
-                f"The reward model {path} has num_labels={config.num_labels}: `nca-trl score` needs one scalar per "
+            raise SettingsError(
+                f"The reward model {path} (`reward_model`) has num_labels={config.num_labels}: `nca-trl score` needs one scalar per "
                 "sequence, a sequence-classification model with num_labels=1 (as `trl.RewardTrainer` trains)."
             )
         architectures = getattr(config, "architectures", None) or []
         if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
-            raise ValueError(
-                f"The reward model {path} is a {', '.join(architectures)}, not a ...ForSequenceClassification model: "
+            raise SettingsError(
+                f"The reward model {path} (`reward_model`) is a {', '.join(architectures)}, not a ...ForSequenceClassification model: "
                 "its score head would be random. Pass a reward model trained with a num_labels=1 head."
             )
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -150,14 +152,15 @@ class RewardModelScorer:
         )
         if info.get("missing_keys"):
             missing = sorted(info["missing_keys"])
-            raise ValueError(
-                f"The reward model {path} lacks the weights {missing[:5]}{' ...' if len(missing) > 5 else ''}: they "
+            raise SettingsError(
+                f"The reward model {path} (`reward_model`) lacks the weights {missing[:5]}{' ...' if len(missing) > 5 else ''}: they "
                 "would be random. Pass a trained sequence-classification reward model."
             )
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         if tokenizer.pad_token_id is None:
             if tokenizer.eos_token is None:
-                raise ValueError(f"The reward model's tokenizer ({path}) has neither a pad nor an EOS token.")
+                raise SettingsError(f"The reward model's tokenizer ({path}, `reward_model`) has neither a pad nor an EOS "
+                                    "token: give it one (`tokenizer.pad_token = ...`, saved with the model).")
             tokenizer.pad_token = tokenizer.eos_token
         model.config.get_text_config().pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
         self.model = model.to(self.device).eval()

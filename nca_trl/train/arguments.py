@@ -252,6 +252,13 @@ def _checked(script_args, training_args, model_args, mixture, recipe: dict, dry_
         raise ValueError("`model_name_or_path` is required (a local folder or a Hub model id).")
     if not mixture.datasets and not script_args.dataset_name:
         raise ValueError("Give the data: `dataset_name` (Hub id, file or folder) or `datasets` (a mixture).")
+    held_out = (script_args.dataset_test_split is not None or script_args.eval_fraction is not None
+                or bool(mixture.datasets and mixture.test_split_size))
+    if not held_out and training_args.eval_strategy != "no":
+        raise ValueError(
+            f"`eval_strategy: {training_args.eval_strategy.value}` needs evaluation data: set `dataset_test_split` or "
+            "`eval_fraction`, or `eval_strategy: no`."
+        )
     _set_model_init_kwargs(training_args, model_args)
     return TrainArgs(script_args, training_args, model_args, mixture, recipe)
 

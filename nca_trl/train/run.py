@@ -193,11 +193,6 @@ def _evaluation_sets(train_dataset, eval_dataset, report_train_prompts: int, tra
     prompts, evaluated at the start (`eval_on_start`) and the end so the report can show what changed."""
     if eval_dataset is not None and training_args.eval_strategy == "no" and not report_train_prompts:
         return None
-    if eval_dataset is None and training_args.eval_strategy != "no":
-        raise ValueError(
-            f"`eval_strategy={training_args.eval_strategy.value!r}` needs evaluation data: set `dataset_test_split` or "
-            "`eval_fraction`, or `eval_strategy: no`."
-        )
     if not report_train_prompts:
         return eval_dataset
     training_args.eval_on_start = True

@@ -1,0 +1,68 @@
+"""One error contract for every command (docs/failures.md): a refused setting is one line, `nca-trl CMD: error:
+MESSAGE`, exit status 2, and leaves nothing behind, also when it is found after the arguments are parsed (a split
+the data does not have, a `max_length` no prompt fits, more prompts per round than the data holds)."""
+
+from pathlib import Path
+
+import pytest
+
+from nca_trl.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch):
+    """A user's folder: the repository's data and recipes, and an empty model folder (these refusals load no model)."""
+    for name in ("data", "recipes"):
+        (tmp_path / name).symlink_to(REPO / name)
+    (tmp_path / "model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def refused(argv: list[str], capsys) -> str:
+    """Run `nca-trl ARGV`: it must exit 2 with one line on stderr and no traceback; that line, without its prefix."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    prefix = f"nca-trl {argv[0]}: error: "
+    assert err.startswith(prefix) and err.count("\n") == 1 and "Traceback" not in err, err
+    return err.removeprefix(prefix).strip()
+
+
+TRAIN = ["train", "--config", "recipes/tiny/nca.yaml", "--model_name_or_path", "model", "--output_dir", "outputs/run"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    # found when the data is loaded (before: a ValueError traceback, exit 1, and an empty outputs/run left behind)
+    ([*TRAIN, "--dataset_train_split", "nosplit"],
+     "Split 'nosplit' not found; the data has splits ['train'] (`dataset_train_split`)."),
+    ([*TRAIN, "--dataset_name", "recipes/tiny/nca.yaml"], "Unknown data file type '.yaml'"),
+    ([*TRAIN, "--dataset_format_kwargs", '{"score_field": "x"}'], "`dataset_format_kwargs` apply to the raw layouts"),
+    # found when the arguments are parsed (before: after the data was loaded, a traceback)
+    (["train", "--model_name_or_path", "model", "--dataset_name", "data/vicuna_rated.jsonl", "--output_dir",
+      "outputs/run", "--eval_strategy", "steps"], "`eval_strategy: steps` needs evaluation data"),
+    (["generate", "--model_name_or_path", "model", "--dataset_name", "data/sort_prompts.jsonl", "--dataset_split",
+      "test", "--output", "outputs/run/samples.jsonl"], "Split 'test' not found"),
+    (["score", "--dataset_name", "data/vicuna_rated.jsonl", "--dataset_split", "test", "--reward_funcs",
+      "sorted_digits", "--output", "outputs/run/rated.jsonl"], "Split 'test' not found"),
+    (["iterate", "--config", "recipes/tiny/iterate_nca.yaml", "--model_name_or_path", "model", "--output_dir",
+      "outputs/run", "--prompts_per_round", "1000"], "3 rounds x 1000 prompts need 3000 training prompts"),
+], ids=["train-split", "train-file-type", "train-format-kwargs", "train-eval-strategy", "generate-split",
+        "score-split", "iterate-prompts"])
+def test_a_bad_setting_found_at_run_time_is_one_line_exit_2_and_leaves_nothing(folder, argv, message, capsys):
+    assert message in refused(argv, capsys)
+    assert not (folder / "outputs").exists()
+
+
+def test_a_max_length_no_prompt_fits_is_one_line(folder, tiny_mistral, capsys):
+    """Found once the tokenizer has counted the prompts (before: a traceback, exit 1, an empty output folder)."""
+    err = refused([*TRAIN, "--model_name_or_path", str(tiny_mistral), "--max_length", "4"], capsys)
+    assert err.startswith("train dataset: every one of its 72 rows would be dropped") and "raise `max_length`" in err
+    assert not (folder / "outputs").exists()
+
+
+def test_a_failed_run_keeps_an_output_dir_that_was_there(folder, capsys):
+    (folder / "outputs" / "run").mkdir(parents=True)
+    refused([*TRAIN, "--dataset_train_split", "nosplit"], capsys)
+    assert (folder / "outputs" / "run").is_dir()
