@@ -315,6 +315,24 @@ def test_cli_generate_string_prompts_to_jsonl(tiny_mistral, tmp_path, hh):
     assert sidecar["stats"]["completions"] == 9 and not (tmp_path / "out" / "samples.jsonl.parts").exists()
 
 
+def test_empty_completions_are_counted_as_what_happens_to_them(tiny_mistral, tmp_path, monkeypatch, capsys):
+    """Before: "N completion(s) are empty ...: drop or rescore them before training", an instruction to the user,
+    printed every round of `nca-trl iterate`, whose own score stage then drops them. Now the log says what happens."""
+    from nca_trl.cli import main
+    from nca_trl.generation import sampling
+
+    # every token stops a completion: each one is empty
+    monkeypatch.setattr(sampling, "stop_token_ids", lambda model, tokenizer: list(range(model.config.vocab_size)))
+    data = _write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS[:2]])
+    assert main(["generate", "--model_name_or_path", tiny_mistral, "--dataset_name", data, "--output",
+                 str(tmp_path / "samples.jsonl"), "--num_completions", "2", "--max_new_tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert ("[nca-trl generate] 4 completion(s) are empty (the model stopped at once): kept here; `nca-trl score` "
+            "drops them (and `nca-trl train` refuses them)") in out
+    assert "rescore" not in out
+    assert all(row["completions"] == ["", ""] for row in _read_jsonl(tmp_path / "samples.jsonl"))
+
+
 def test_cli_generate_conversational_prompts_from_a_yaml_config_to_parquet(tiny_mistral, tmp_path, tokenizer):
     import datasets
     import yaml

@@ -224,8 +224,6 @@ def generate(argv: "list[str] | GenerateArguments | None" = None) -> dict | None
         f"max_new_tokens); settings in {sidecar_path(args.output)}"
     )
     if stats.get("empty_completions"):
-        _log(
-            f"{stats['empty_completions']} completion(s) are empty (the model stopped at once): `nca-trl train` "
-            "refuses rows with an empty completion; drop or rescore them before training"
-        )
+        _log(f"{stats['empty_completions']} completion(s) are empty (the model stopped at once): kept here; "
+             "`nca-trl score` drops them (and `nca-trl train` refuses them)")
     return sidecar
