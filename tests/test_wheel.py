@@ -22,9 +22,9 @@ import pytest
 from launching import free_port, start, tail, wait
 
 REPO = Path(__file__).resolve().parents[1]
-#: What a copy of the repository leaves out: builds, environments, caches, outputs (as .gitignore does)
+#: What a copy of the repository leaves out where git cannot list its files: builds, environments, caches, outputs
 NOT_COPIED = (".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".cache",
-              "outputs", "results", "*.pyc")
+              "outputs", "results", ".wheels", "*.pyc")
 
 
 def pep517(hook: str, source: Path, out: Path) -> Path:
@@ -36,12 +36,28 @@ def pep517(hook: str, source: Path, out: Path) -> Path:
     return out / done.stdout.strip().splitlines()[-1]
 
 
+def copy_repository(dest: Path) -> Path:
+    """The repository's files as git sees them (tracked, and untracked but not ignored) copied to `dest`; without git,
+    the whole tree but `NOT_COPIED`."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                                capture_output=True, check=True, timeout=60).stdout.decode().split("\0")
+    except (OSError, subprocess.SubprocessError):
+        shutil.copytree(REPO, dest, ignore=shutil.ignore_patterns(*NOT_COPIED), symlinks=True)
+        return dest
+    for name in filter(None, listed):
+        path = REPO / name
+        if path.is_file():  # a tracked file deleted in the work tree is not there
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dest / name)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def dists(tmp_path_factory) -> dict[str, Path]:
     """`{"sdist": ..., "wheel": ...}`: the sdist of a copy of the repository, and the wheel built from that sdist."""
     work = tmp_path_factory.mktemp("dists")
-    source = work / "source"
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(*NOT_COPIED), symlinks=True)
+    source = copy_repository(work / "source")
     sdist = pep517("build_sdist", source, work)
     with tarfile.open(sdist) as archive:
         safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python 3.10.12+
@@ -167,8 +183,7 @@ def test_installed_wheel_runs_the_quick_start_in_an_empty_folder(dists, tmp_path
 @pytest.mark.slow
 def test_editable_install_reads_the_repositorys_folders(tmp_path):
     """`pip install -e .` (CI's install): the recipes and data are the source tree's own, nothing copied into it."""
-    source = tmp_path / "source"
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(*NOT_COPIED), symlinks=True)
+    source = copy_repository(tmp_path / "source")
     python = fresh_venv(tmp_path / "venv")
     pip(python, "install", "--no-index", "--no-deps", "--no-build-isolation", "--force-reinstall", "-e", str(source))
     env = environment(tmp_path / "venv")

@@ -4,6 +4,7 @@
 - `environment`: versions of the stack, the process group under `accelerate launch` (`versions`,
   `distributed_state`, `broadcast`);
 - `recipes`: `--config RECIPE.yaml` reading and its unknown-key check, shared value sets (`DTYPES`, `OUTPUT_SUFFIXES`);
+- `bundled`: the recipes, accelerate configs and data shipped with the package, by name; `nca-trl recipes`;
 - `errors`: `SettingsError`, a setting refused before anything is written or loaded (one line on the command line);
 - `output_dir`: the writable check and the lock that keeps two runs out of one `output_dir`;
 - `checkpoints`: checkpoints and final models that count only once complete (their marker written last);
