@@ -30,7 +30,8 @@
 # Exit status: 0 every stage ok and every target met, 1 a stage failed, 3 all ran but a target was missed.
 # Variables: GPU_SCALE_WORK (models, data, runs; default /tmp/nca-gpu-scale, kept so a second call reuses the models),
 # GPU_SCALE_BUDGET, CPU_ADAM (auto | fused | torch), LAYOUT_SYSTEMS (benchmark.py --systems; default a),
-# NCA_TRL_MISTRAL_TOKENIZER (the tokenizer file where mistral-common is missing: the wheels carry it otherwise).
+# NCA_TRL_MISTRAL_TOKENIZER (the Mistral tokenizer file; default WHEEL_DIR/tokenizer.model.v1, which gpu_wheels.sh
+# copies there, since the image has no mistral-common).
 set -uo pipefail
 out=${1:?usage: gpu_scale.sh OUT_DIR WHEEL_DIR}
 wheels=${2-}
@@ -113,6 +114,9 @@ main() {
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       "$wheels"/*.whl || { echo "[gpu_scale] wheel install failed: one version of each package in '$wheels'?"; return 1; }
     export PYTHONPATH=/tmp/site:$PWD
+    if [ -f "$wheels/tokenizer.model.v1" ] && [ -z "${NCA_TRL_MISTRAL_TOKENIZER-}" ]; then
+      export NCA_TRL_MISTRAL_TOKENIZER=$(cd "$wheels" && pwd)/tokenizer.model.v1  # the tiny models' tokenizer
+    fi
   else
     export PYTHONPATH=$PWD
   fi
