@@ -71,7 +71,7 @@ def build_shared_prompt_batch(examples: list[dict], max_length: int | None) -> d
     Returns:
         - `input_ids`, `position_ids`, `shift_labels` (`-100` where nothing is scored): `[1, T]`;
         - `token_sequence`: `[T]`, the sequence index (slot-major, as in the plain layout) a scored token belongs to,
-          -1 elsewhere; `token_column` `[T]` and `plain_width` (scalar): the column of the token's log-prob in the plain
+          -1 elsewhere; `token_column` `[T]` and `plain_width` (a Python int): the column of the token's log-prob in the plain
           layout's `[N, L - 1]` per-token tensor, and `L - 1`, so that sequence sums can be taken in the same order;
         - the attention segments, in row order (each prompt's prefix if it has one, then its completions), as one
           varlen call takes them (`nca_trl.varlen.VarlenLayout`): `cu_seqlens_q` `[S + 1]` and `cu_seqlens_k`
@@ -127,7 +127,7 @@ def build_shared_prompt_batch(examples: list[dict], max_length: int | None) -> d
         "shift_labels": torch.tensor([labels]),
         "token_sequence": torch.tensor(seq),
         "token_column": torch.tensor(column),
-        "plain_width": torch.tensor(plain_width),
+        "plain_width": plain_width,  # an int, like the maxima: a batch holds no 0-dimensional tensor
         **{key: getattr(layout, key) for key in LAYOUT_KEYS},
     }
 

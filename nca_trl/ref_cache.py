@@ -58,8 +58,9 @@ def precompute_ref_logps(trainer, dataset: Dataset, name: str, batch_size: int) 
     """`dataset` with a `ref_logps` column (K floats per row), from the cache or computed now (all processes)."""
     if isinstance(dataset, IterableDataset):
         raise ValueError(
-            "`precompute_ref_log_probs=True` is not supported with an IterableDataset. Use a map-style Dataset or "
-            "set `precompute_ref_log_probs=False`."
+            "`precompute_ref_log_probs=True` is not supported with IterableDataset. Please use a map-style Dataset or "
+            "set `precompute_ref_log_probs=False`. (nca-trl: the reference log-probs are cached per dataset, which a "
+            "stream does not have; without precomputing, the reference model runs beside the policy at each step.)"
         )
     trainer._setup_layout()  # called from the parent's __init__: the key and the precompute need the training layout
     # Rank 0's key for all ranks (ZeRO-3 shards make the model hash rank-dependent): one shared cache file

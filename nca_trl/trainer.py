@@ -199,10 +199,26 @@ class _RatedCompletionsTrainer(RunSafetyMixin, SharedPromptLayoutMixin, DPOTrain
                 peft_config=peft_config,
             )
         self._setup_layout()
+        self._no_batch_dispatch()
         use_readable_progress(self)  # log lines without quoted strings, no nested evaluation bar in a log file
         # DPOTrainer's flag, here whether the batches are padding-free (the shared-prompt layout runs)
         self.padding_free = bool(getattr(self.data_collator, "shared_prompt", False))
         self._say_if_alpha_unused(args)
+
+    def _no_batch_dispatch(self) -> None:
+        """accelerate's `dispatch_batches` (its default for an `IterableDataset`) has process 0 concatenate the batches
+        of all processes and split every tensor along its first dimension: a rated batch has none that all tensors
+        share (N sequences beside B prompts; one row in the shared-prompt layout). Each process reads its own share
+        of the data instead (`IterableDatasetShard` for a stream), as with a map-style dataset; said once where the
+        user asked for dispatching."""
+        config = self.accelerator.dataloader_config
+        if config.dispatch_batches:
+            logger.warning(
+                "accelerator_config.dispatch_batches=True: %s's batches (K completions per prompt) cannot be split "
+                "by accelerate along one dimension, so each process reads the data and keeps its own share of the batches "
+                "instead (dispatch_batches=False).", type(self).__name__,
+            )
+        config.dispatch_batches = False
 
     def _say_what_is_trained(self, args):
         """A config that is not ours (a plain `trl.DPOConfig`, or a pipeline's subclass of it) names another loss in
@@ -394,7 +410,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, SharedPromptLayoutMixin, DPOTrain
         entropy = gather_sum(take(outputs.entropy.detach()).sum())
         self._metrics[mode]["entropy"].append((entropy / tokens).item() if tokens > 0 else 0.0)
         if mode == "train":
-            self._total_train_tokens += gather_sum(inputs["sequence_tokens"]).item() // self._tp_size
+            self._total_train_tokens += gather_sum(inputs["sequence_tokens"].sum()).item() // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
         # Per scored token, whether it belongs to its prompt's best completion

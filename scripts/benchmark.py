@@ -183,7 +183,7 @@ def batch_work(batch: dict) -> dict:
             "tokens": batch["input_ids"].numel(),
             "scored": int((batch["token_sequence"] >= 0).sum()),
             "pairs": pairs,
-            "plain_tokens": int(batch["sequence_tokens"]),
+            "plain_tokens": int(batch["sequence_tokens"].sum()),
             "computed_tokens": batch["input_ids"].numel(),
         }
     lengths = batch["attention_mask"].sum(dim=1)

@@ -53,7 +53,7 @@ def test_slot_major_padded_layout():
     assert batch["completion_slots"].tolist() == [[True, True, True], [True, True, False]]
     # completion_slots.T flattened lists the sequences in order: (0,0) (1,0) (0,1) (1,1) (0,2)
     assert batch["completion_slots"].T.flatten().tolist() == [True, True, True, True, True, False]
-    assert batch["sequence_tokens"].item() == 3 + 3 + 4 + 2 + 3
+    assert batch["sequence_tokens"].sum().item() == 3 + 3 + 4 + 2 + 3
     assert batch["input_ids"].dtype == torch.long
     assert batch["attention_mask"].shape == batch["completion_mask"].shape == (5, 4)
 
@@ -71,7 +71,7 @@ def test_truncation_keep_start_and_keep_end():
     batch = DataCollatorForRatedCompletions(pad_token_id=0, max_length=3)(examples())
     assert batch["input_ids"].tolist() == [[1, 2, 3], [7, 8, 9], [1, 2, 4], [7, 10, 0], [1, 2, 6]]
     assert batch["completion_mask"].tolist() == [[0, 0, 1], [0, 1, 1], [0, 0, 1], [0, 1, 0], [0, 0, 1]]
-    assert batch["sequence_tokens"].item() == 3 + 3 + 3 + 2 + 3
+    assert batch["sequence_tokens"].sum().item() == 3 + 3 + 3 + 2 + 3
 
     batch = DataCollatorForRatedCompletions(pad_token_id=0, max_length=3, truncation_mode="keep_end")(examples())
     assert batch["input_ids"].tolist() == [[1, 2, 3], [7, 8, 9], [2, 4, 5], [7, 10, 0], [1, 2, 6]]

@@ -37,7 +37,12 @@ class DataCollatorForRatedCompletions(DataCollatorMixin):
           one-hot on the chosen whatever `alpha` is); False where an example has no `"preference_pair"`;
         - `ref_logps`: `[B, Kmax]` float32, when the examples carry them;
         - `row_index`: `[B]`, each prompt's row in the dataset given to the trainer, when the examples carry it (the
-          trainers' errors name these rows).
+          trainers' errors name these rows);
+        - `sequence_tokens`: `[B]`, each prompt's tokens in the plain layout (prompt repeated per completion, no
+          padding), which the `num_tokens` metric counts.
+
+    `completion_slots` comes first, so that the batch size read from a batch's first tensor (`Trainer`'s evaluation
+    loop, on a dataset without a length) is the number of prompts. No tensor is 0-dimensional.
 
     With `shared_prompt=True` the sequences are laid out in one padding-free row instead (`nca_trl.packing`:
     `input_ids` `[1, T]`, `position_ids`, `shift_labels`, `token_sequence`, `token_column`, `plain_width` and the
@@ -91,11 +96,11 @@ class DataCollatorForRatedCompletions(DataCollatorMixin):
             # r in float32, and rewards past float32's max would become inf); validation keeps differences in range
             row = torch.tensor(example["rewards"], dtype=torch.float64)
             rewards[b, :k] = row - row.max()
-        output["rewards"], output["completion_slots"] = rewards, slots
+        output = {"completion_slots": slots, "rewards": rewards, **output}
         output[PAIR_COLUMN] = torch.tensor([example.get(PAIR_COLUMN) is True for example in examples])
         # Tokens of the plain layout (prompt repeated per completion, no padding): the `num_tokens` metric counts these
         output["sequence_tokens"] = torch.tensor(
-            sum(len((e["prompt_ids"] + c)[window]) for e in examples for c in e["completion_ids"])
+            [sum(len((e["prompt_ids"] + c)[window]) for c in e["completion_ids"]) for e in examples]
         )
         if "ref_logps" in examples[0]:
             ref_logps = torch.zeros(len(examples), k_max, dtype=torch.float32)
