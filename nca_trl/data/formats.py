@@ -169,15 +169,27 @@ def _is_bool(value: Any) -> bool:
 
 
 def _message_problem(message: Any, where: str, *, empty_ok: bool = False) -> str | None:
+    """Why `message` is not a usable chat message: a `role` and either non-empty `content` or, as TRL takes tool-call
+    data, `tool_calls` (a non-empty list) beside empty, None or missing `content`. A key that is None is absent (a
+    dataset stores the union of its messages' keys)."""
     if not isinstance(message, Mapping):
         return f"{where} is {_kind(message)}, expected a dict with 'role' and 'content'"
-    if "role" not in message or "content" not in message:
-        missing = [k for k in ("role", "content") if k not in message]
-        return f"{where} has no {' or '.join(repr(k) for k in missing)} key"
+    if "role" not in message:
+        return f"{where} has no 'role' key"
     if not isinstance(message["role"], str) or not message["role"]:
         return f"{where} has role {_short(message['role'])}, expected a non-empty string"
-    content = message["content"]
-    if isinstance(content, str) and (content or empty_ok or message.get("tool_calls")):
+    content, tool_calls = message.get("content"), message.get("tool_calls")
+    if tool_calls is not None:
+        if not isinstance(tool_calls, (list, tuple)) or not tool_calls or not all(
+            isinstance(call, Mapping) for call in tool_calls
+        ):
+            return f"{where} has tool_calls {_short(tool_calls)}, expected a non-empty list of calls (dicts)"
+        if content is None or isinstance(content, str):
+            return None
+        return f"{where} has content {_kind(content)} beside its tool_calls, expected a string or none"
+    if content is None:
+        return f"{where} has neither content nor tool_calls"
+    if isinstance(content, str) and (content or empty_ok):
         return None
     if isinstance(content, str):
         return f"{where} has empty content"

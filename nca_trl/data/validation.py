@@ -89,7 +89,8 @@ def _check_completion(value, what, field, style, style_name, index, dataset_name
         if own == "conversational":
             fix = (
                 "give every conversational completion a non-empty list of {'role', 'content'} messages with an "
-                "assistant turn, e.g. [{'role': 'assistant', 'content': '...'}] (or drop the row)"
+                "assistant turn, e.g. [{'role': 'assistant', 'content': '...'}], or an assistant turn with "
+                "'tool_calls' (or drop the row)"
             )
         else:
             fix = "give every completion non-empty text (or drop the row)"
