@@ -166,7 +166,7 @@ def _check_inherited_switches(args: DPOConfig) -> None:
     if getattr(args, "padding_free", False) and getattr(args, "shared_prompt", None) is False:
         raise ValueError(
             "`padding_free=True` asks for nca-trl's padding-free layout, which is the shared-prompt layout, but "
-            "`shared_prompt=False` forbids it. Set one of them: `shared_prompt=True` (the default) is padding-free, "
+            "`shared_prompt=False` forbids it. Set one of them: `shared_prompt=None` (the default) or True is padding-free, "
             "`shared_prompt=False` is the plain padded layout."
         )
     if getattr(args, "use_liger_kernel", False):

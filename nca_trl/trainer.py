@@ -95,10 +95,11 @@ def _refuse_images(trainer, dataset, name: str) -> None:
         columns = list(next(iter(dataset), {}).keys())
     found = [c for c in ("image", "images") if c in columns]
     if found:
-        raise ValueError(
-            f"The {name} dataset has the column {found[0]!r}: {type(trainer).__name__} trains text-only models on "
-            f"rated text completions and does not support vision datasets. Remove the column (and any image "
-            "placeholders in the prompts) or use `trl.DPOTrainer` with a vision-language model."
+        raise ValueError(  # TRL's words first (DPOTrainer refuses images for a text-only model), then ours
+            f"The dataset appears to be vision-related (contains 'image' or 'images' keys): the {name} dataset has the "
+            f"column {found[0]!r}, and {type(trainer).__name__} trains text-only models on rated text completions, "
+            "so it does not support vision datasets. Remove the column (and any image placeholders in the prompts) "
+            "or use `trl.DPOTrainer` with a vision-language model."
         )
 
 
@@ -172,7 +173,11 @@ class _RatedCompletionsTrainer(RunSafetyMixin, SharedPromptLayoutMixin, DPOTrain
             tokenizer = getattr(processing_class, "tokenizer", processing_class)
             pad_token = args.pad_token or tokenizer.pad_token or tokenizer.eos_token
             if pad_token not in tokenizer.get_vocab():
-                raise ValueError(f"The pad token {pad_token!r} is not in the vocabulary of the processing class.")
+                raise ValueError(  # DPOTrainer's words
+                    f"The specified `pad_token` ('{pad_token}') is not found in the vocabulary of the given "
+                    f"`processing_class` ({processing_class.__class__.__name__}). Ensure that the `pad_token` exists "
+                    "in the vocabulary before using it as a padding token."
+                )
             tokenizer.pad_token = pad_token
             data_collator = DataCollatorForRatedCompletions(
                 pad_token_id=tokenizer.pad_token_id,

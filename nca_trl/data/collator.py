@@ -80,7 +80,7 @@ class DataCollatorForRatedCompletions(DataCollatorMixin):
         elif self.truncation_mode == "keep_end":
             window = slice(-self.max_length, None) if self.max_length is not None else slice(None)
         else:
-            raise ValueError(f"Unsupported truncation mode: {self.truncation_mode!r}, expected 'keep_start' or 'keep_end'")
+            raise ValueError(f"Unsupported truncation mode: {self.truncation_mode}, expected 'keep_start' or 'keep_end'")
 
         k_max = max(len(example["completion_ids"]) for example in examples)
         if self.shared_prompt:
