@@ -418,6 +418,20 @@ def test_every_shipped_recipe_and_documented_flag_passes_the_quick_check(tmp_pat
         check_argv(["--config", str(REPO / "recipes/tiny/iterate_nca.yaml")])  # an iterate recipe is not a train one
 
 
+def test_the_start_line_says_what_is_trained_and_evaluated():
+    """Before: "[nca-trl] nca: 72 train prompts, 72 train_prompts prompts, 8 heldout prompts; ..." (each set's key as
+    a word)."""
+    from nca_trl.train.run import start_line
+
+    where = {"world_size": 1, "distributed_type": "NO", "zero_stage": None, "backend": None, "device": "cpu"}
+    sets = {"train_prompts": range(72), "heldout": range(8)}
+    assert start_line("nca", 72, sets, where) == ("[nca-trl] nca: training on 72 prompts; evaluating 72 training "
+                                                  "prompts and 8 held-out prompts; world size 1 (NO, backend None, "
+                                                  "device cpu)")
+    assert start_line("infonca", 10, None, where).startswith("[nca-trl] infonca: training on 10 prompts; world size 1")
+    assert "; evaluating 3 held-out prompts; " in start_line("nca", 10, range(3), where)
+
+
 def test_progress_log_line_is_plain_text():
     from nca_trl.runtime.progress import format_log_line
 

@@ -7,6 +7,9 @@ comment on the line(s) right before the opening fence (invisible on the rendered
     <!-- doc-test: skip: REASON -->       not run; the reason is required (it needs a GPU, several GPUs, a model from the
                                           Hub, hours, or it runs the test suite itself)
     <!-- doc-test: output -->             the block shows output, not commands: not run
+    <!-- doc-test: printed -->            the block shows what the runnable block before it prints: each of its lines
+                                          is checked against that block's output, in order (the text as shown, each
+                                          number within 0.05 or 10%), and that block may print no warning
     <!-- doc-test: scale-down: ARGS -->   the block runs with ARGS appended to each of its `nca-trl train`, `generate`
                                           and `iterate` commands (also `-m nca_trl.cli train ...`), e.g. `--max_steps 4`;
                                           the only change a block may get
@@ -65,11 +68,13 @@ class Block:
 
     @property
     def action(self) -> str:
-        """`run`, `skip`, `output` or `data`."""
+        """`run`, `skip`, `output`, `printed` or `data`."""
         if self.directive("skip") is not None:
             return "skip"
         if self.directive("output") is not None:
             return "output"
+        if self.directive("printed") is not None:
+            return "printed"
         return "run" if self.info in RUNNABLE else "data"
 
 
@@ -112,12 +117,13 @@ def directive_problems(block: Block) -> list[str]:
     problems = []
     for line, kind, argument in block.directives:
         where = f"{block.page.name}:{line}"
-        if kind not in ("skip", "output", "scale-down"):
-            problems.append(f"{where}: unknown directive `doc-test: {kind}` (skip: REASON, output, scale-down: ARGS)")
+        if kind not in ("skip", "output", "printed", "scale-down"):
+            problems.append(f"{where}: unknown directive `doc-test: {kind}` (skip: REASON, output, printed, "
+                            "scale-down: ARGS)")
         elif kind == "skip" and not argument:
             problems.append(f"{where}: `doc-test: skip` needs its reason: `<!-- doc-test: skip: REASON -->`")
-        elif kind == "output" and argument:
-            problems.append(f"{where}: `doc-test: output` takes no argument, got {argument!r}")
+        elif kind in ("output", "printed") and argument:
+            problems.append(f"{where}: `doc-test: {kind}` takes no argument, got {argument!r}")
         elif kind == "scale-down":
             try:
                 flags = shlex.split(argument)
@@ -133,7 +139,46 @@ def directive_problems(block: Block) -> list[str]:
         problems.append(f"{block.id}: a directive given twice: {kinds}")
     if "skip" in kinds and ("output" in kinds or "scale-down" in kinds):
         problems.append(f"{block.id}: `skip` with `output` or `scale-down`: a skipped block is not run at all")
+    if "printed" in kinds and len(kinds) > 1:
+        problems.append(f"{block.id}: `printed` with another directive: it marks what a block before it printed")
     return problems
+
+
+def printed_after_runnable(blocks: list[Block]) -> list[str]:
+    """A `printed` block must come right after a block that runs (what it shows is that block's output)."""
+    return [f"{b.id}: `doc-test: printed` must come right after a block that runs"
+            for previous, b in zip([None, *blocks], blocks) if b.action == "printed"
+            and (previous is None or previous.action != "run")]
+
+
+# ------------------------------------------------------------------------------------------ printed output
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+
+
+def _line_matches(shown: str, printed: str) -> bool:
+    """The same text, and each number within 0.05 or 10% of the shown one (a run on another machine or thread count
+    differs in the last digits)."""
+    if _NUMBER.sub("#", shown.strip()) != _NUMBER.sub("#", printed.strip()):
+        return False
+    pairs = zip(map(float, _NUMBER.findall(shown)), map(float, _NUMBER.findall(printed)))
+    return all(abs(a - b) <= max(0.05, 0.1 * abs(a)) for a, b in pairs)
+
+
+def printed_problems(shown: str, printed: str) -> list[str]:
+    """What of `shown` (a `printed` block) the run did not print: each shown line must match a printed line, in
+    order (other printed lines, e.g. progress, may come between)."""
+    lines = printed.splitlines()
+    problems, at = [], 0
+    for line in (s for s in shown.splitlines() if s.strip()):
+        found = next((k for k in range(at, len(lines)) if _line_matches(line, lines[k])), None)
+        if found is None:
+            problems.append(f"shown but not printed: {line!r}")
+        else:
+            at = found + 1
+    return problems
+
+
+_WARNING = re.compile(r"warn", re.IGNORECASE)
 
 
 # ------------------------------------------------------------------------------------------ rewriting shell blocks
@@ -243,8 +288,9 @@ def block_env() -> dict:
     return env
 
 
-def run_block(block: Block, cwd: Path, timeout: float = BLOCK_TIMEOUT) -> None:
-    """Run one block in `cwd`; an `AssertionError` naming the block, what ran and the end of its output if it fails."""
+def run_block(block: Block, cwd: Path, timeout: float = BLOCK_TIMEOUT) -> subprocess.CompletedProcess:
+    """Run one block in `cwd`, returning what it printed; an `AssertionError` naming the block, what ran and the end of
+    its output if it fails."""
     code = script(block)
     command = ["bash", "-e", "-o", "pipefail", "-c", code] if block.info in SHELL else [sys.executable, "-c", code]
     try:
@@ -255,6 +301,7 @@ def run_block(block: Block, cwd: Path, timeout: float = BLOCK_TIMEOUT) -> None:
         output = (proc.stdout + proc.stderr)[-6000:]
         raise AssertionError(f"{block.id} failed (exit {proc.returncode}); it ran, in {cwd}:\n{code}\n"
                              f"--- the end of its output ---\n{output}")
+    return proc
 
 
 def all_blocks() -> dict[Path, list[Block]]:
@@ -274,9 +321,10 @@ def test_every_block_is_classified(page):
     """Every fenced block runs, or is data (not a shell or Python block), or has a well-formed directive; a skip
     says why; no directive floats away from its block."""
     blocks, problems = parse_page(page.read_text(encoding="utf-8"), page)
+    problems += printed_after_runnable(blocks)
     for block in blocks:
         problems += directive_problems(block)
-        assert block.action in ("run", "skip", "output", "data"), block
+        assert block.action in ("run", "skip", "output", "printed", "data"), block
     assert not problems, "\n".join(problems)
     skipped = [f"{b.id}: {b.directive('skip')}" for b in blocks if b.action == "skip"]
     if skipped:
@@ -306,6 +354,21 @@ def test_parse_directives():
                                                            (2, "sikp", "x")])
     found = "\n".join(directive_problems(bad))
     assert "needs its reason" in found and "without an `nca-trl train`" in found and "unknown directive" in found
+
+
+def test_printed_output_is_checked_line_by_line():
+    printed = "step 10/30  loss 1.402\nreward margin (best - others): 0.00 -> 0.21\nranking accuracy: 0.00 -> 0.77\n"
+    shown = "reward margin (best - others): 0.00 -> 0.20\nranking accuracy: 0.00 -> 0.79\n"
+    assert printed_problems(shown, printed) == []
+    assert printed_problems("ranking accuracy: 0.00 -> 0.79\n", printed.replace("0.77", "0.41")) == [
+        "shown but not printed: 'ranking accuracy: 0.00 -> 0.79'"]  # not learning any more
+    assert printed_problems("ranking accuracy: 0.00 -> 0.79\nreward margin (best - others): 0.00 -> 0.20\n",
+                            printed) == ["shown but not printed: 'reward margin (best - others): 0.00 -> 0.20'"]
+    assert printed_problems("ranking accuracy (pairs): 0.00 -> 0.79\n", printed) != []  # the text counts too
+    text = "```python\nprint(1)\n```\n<!-- doc-test: printed -->\n```text\n1\n```\n<!-- doc-test: printed -->\n```text\n1\n```\n"
+    blocks, _ = parse_page(text, REPO / "README.md")
+    assert [b.action for b in blocks] == ["run", "printed", "printed"]
+    assert printed_after_runnable(blocks) == ["README.md:9: `doc-test: printed` must come right after a block that runs"]
 
 
 def test_rewrite_drops_pip_and_scales_down():
@@ -340,11 +403,18 @@ def test_a_broken_block_fails(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("page", RUN_PAGES, ids=_rel)
 def test_page_blocks_run(page, tmp_path):
-    """The page's runnable blocks, in order, in one folder laid out like a fresh clone."""
+    """The page's runnable blocks, in order, in one folder laid out like a fresh clone; a `printed` block is checked
+    against what the block before it printed, which may print no warning."""
     folder = page_folder(tmp_path / "clone")
+    ran = None
     for block in parse_page(page.read_text(encoding="utf-8"), page)[0]:
         if block.action == "run":
-            run_block(block, folder)
+            ran = run_block(block, folder)
+        elif block.action == "printed":
+            problems = printed_problems(block.code, ran.stdout)
+            assert not problems, f"{block.id}: " + "; ".join(problems) + f"\n--- printed ---\n{ran.stdout[-4000:]}"
+            warnings = [line for line in ran.stderr.splitlines() if _WARNING.search(line)]
+            assert not warnings, f"{block.id}: the block before it printed warnings: {warnings}"
 
 
 if __name__ == "__main__":  # pragma: no cover - `python tests/test_doc_blocks.py`: what happens to every block

@@ -13,7 +13,7 @@ import time
 
 from .arguments import TrainArgs, check_paths, parse_train_args, print_dry_run, run_settings
 
-__all__ = ["check_finished_run", "continued_adapter", "train"]
+__all__ = ["check_finished_run", "continued_adapter", "start_line", "train"]
 
 
 def train(argv: "list[str] | TrainArgs | None" = None, callbacks: list | None = None,
@@ -226,16 +226,26 @@ def _report(info: dict, output_dir: str) -> None:
     print_summary(info, _learning_table(info["log_history"], info["eval_metrics"]), curves)
 
 
-def _print_start(trainer, loss, train_dataset, eval_sets, distributed) -> None:
-    sizes = {"train": len(train_dataset)}
-    if eval_sets is not None:
-        sizes.update({k: len(v) for k, v in eval_sets.items()} if isinstance(eval_sets, dict) else {"eval": len(eval_sets)})
-    trainer.accelerator.print(
-        f"[nca-trl] {loss}: " + ", ".join(f"{n} {k} prompts" for k, n in sizes.items())
+def start_line(loss: str, train_size: int, eval_sets, distributed: dict) -> str:
+    """The run's first line: what it trains on, what it evaluates, and where. E.g. `[nca-trl] nca: training on 72
+    prompts; evaluating 72 training prompts and 8 held-out prompts; world size 1 (NO, backend None, device cpu)`."""
+    names = {"train_prompts": "training prompts", "heldout": "held-out prompts"}
+    if eval_sets is None:
+        evaluated = ""
+    elif isinstance(eval_sets, dict):
+        evaluated = " and ".join(f"{len(v)} {names.get(k, k + ' prompts')}" for k, v in eval_sets.items())
+    else:
+        evaluated = f"{len(eval_sets)} held-out prompts"
+    return (
+        f"[nca-trl] {loss}: training on {train_size} prompts" + (f"; evaluating {evaluated}" if evaluated else "")
         + f"; world size {distributed['world_size']} ({distributed['distributed_type']}"
         + (f", ZeRO-{distributed['zero_stage']}" if distributed["zero_stage"] is not None else "")
         + f", backend {distributed['backend']}, device {distributed['device']})"
     )
+
+
+def _print_start(trainer, loss, train_dataset, eval_sets, distributed) -> None:
+    trainer.accelerator.print(start_line(loss, len(train_dataset), eval_sets, distributed))
 
 
 def _resume_value(value):

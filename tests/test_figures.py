@@ -1,0 +1,121 @@
+"""Every figure quoted in the README and docs/ next to a `results/` file is in that file (issue 28).
+
+A page cites the file a figure comes from with a link (or a path) to it in the same paragraph, table or list item.
+For every paragraph that cites one or more `results/` files, each figure of the paragraph (a number with a decimal
+point or thousands separators, or a whole number with a unit: `100 s`, `2x`, `55%`, `90 steps`, `38.8 GB`) must be
+one of the numbers of the cited files as quoted: rounded to the quoted precision, as a percentage of a fraction
+(55% of 0.553), seconds in minutes (`10.8 min`), or a speed-up (`1.33x`) as the ratio of two of the file's numbers. Settings and versions in code spans or after
+`Python` / `==` are not figures. So a figure that drifts from the run it cites, or a rerun that changes a cited
+number, fails here; regenerate the page's figures from the file.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+_CITE = re.compile(r"(?:\.\./)?(results/[\w.\-/]+\.(?:json|md|log|csv))")
+_FIGURE = re.compile(r"(?<![\w.\-/=])(?P<sign>[-+−])?(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+|\d+(?=\s?(?:s|ms|x|"
+                     r"%|GB|MB|min|steps|seconds|minutes)\b|x|%))(?P<unit>\s?(?:x|%|min)(?![\w]))?")
+_NOT_FIGURES = re.compile(r"`[^`]*`|\]\([^)]*\)|Python \d[\d.]*\+?|==\S+|\bv\d[\w.]*|\bK ?= ?\d+|\b\d+-core\b|"
+                          r"\b\d+(?:\.\d+)? ?[MB](?:-parameter)?\b(?: (?:parameters|params|Mistral))?|ZeRO-\d|"
+                          r"\b(?:fp|bf|float|int)\d+")
+
+
+def paragraphs(text: str) -> list[tuple[int, str]]:
+    """(first line, text) of each paragraph, table or list item; code blocks left out."""
+    out, current, start, fenced = [], [], 0, False
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+            continue
+        new_item = bool(re.match(r"^\s*[-*] ", line)) or not line.strip()
+        if fenced or new_item:
+            if current:
+                out.append((start, "\n".join(current)))
+            current, start = ([line], number) if (not fenced and line.strip()) else ([], number + 1)
+            continue
+        if not current:
+            start = number
+        current.append(line)
+    if current:
+        out.append((start, "\n".join(current)))
+    return out
+
+
+def figures(text: str) -> list[str]:
+    """The figures of a paragraph, as quoted (with `x` or `%` where it follows)."""
+    text = _NOT_FIGURES.sub(" ", text)
+    return [(m.group("sign") or "").replace("−", "-") + m.group("num") + (m.group("unit") or "").strip()
+            for m in _FIGURE.finditer(text)]
+
+
+def numbers_of(path: Path) -> list[float]:
+    """Every number written in a results file (JSON values and keys, log text)."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return [float(m.group()) for m in re.finditer(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?", text.replace(",", ""))]
+
+
+def _close(value: float, quoted: float, half_step: float) -> bool:
+    return abs(value - quoted) <= half_step * (1 + 1e-9) + 1e-12
+
+
+def quoted_from(figure: str, numbers: list[float]) -> bool:
+    """Whether `figure` is one of `numbers` as quoted (rounded to its precision); a percentage may also be a fraction
+    of the file times 100, minutes the file's seconds, and a speed-up (`1.33x`) the ratio of two of the file's
+    numbers."""
+    unit = "min" if figure.endswith("min") else figure[-1] if figure[-1] in "x%" else ""
+    number = figure.removesuffix("min").rstrip("x%")
+    quoted = float(number.replace(",", ""))
+    decimals = len(number.split(".")[1]) if "." in number else 0
+    half = 0.5 * 10 ** -decimals
+    if any(_close(n, quoted, half) for n in numbers):
+        return True
+    if unit == "%":
+        return any(_close(100 * n, quoted, half) for n in numbers)
+    if unit == "min":  # seconds of the file, in minutes
+        return any(_close(n / 60, quoted, half) for n in numbers)
+    if unit == "x":
+        distinct = sorted({abs(n) for n in numbers if n})
+        return any(_close(a / b, abs(quoted), half) for a, b in itertools.permutations(distinct, 2))
+    return False
+
+
+def cited_figures():
+    for page in PAGES:
+        for line, text in paragraphs(page.read_text(encoding="utf-8")):
+            cited = sorted(set(_CITE.findall(text)))
+            if cited:
+                yield page, line, text, cited
+
+
+CASES = list(cited_figures())
+
+
+@pytest.mark.parametrize("page, line, text, cited", CASES,
+                         ids=[f"{p.relative_to(REPO)}:{n}" for p, n, _, _ in CASES])
+def test_each_cited_figure_is_in_the_cited_file(page, line, text, cited):
+    files = [REPO / c for c in cited]
+    missing = [c for c, f in zip(cited, files) if not f.is_file()]
+    assert not missing, f"{page.name}:{line} cites files that do not exist: {missing}"
+    numbers = [n for f in files for n in numbers_of(f)]
+    absent = [figure for figure in figures(text) if not quoted_from(figure, numbers)]
+    assert not absent, f"{page.name}:{line}: {absent} are not in {cited}:\n{text}"
+
+
+def test_the_figure_check_can_fail(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"wall_s": 99.9, "tokens": 11706.2, "mfu": 0.553, "a": 380, "b": 286}))
+    numbers = numbers_of(tmp_path / "r.json")
+    for quoted in ("100", "99.9", "11,706", "55%", "1.33x", "1.7min"):
+        assert quoted_from(quoted, numbers), quoted
+    for quoted in ("101", "99.7", "11,800", "0.96", "1.33", "54%"):  # a ratio only as a speed-up
+        assert not quoted_from(quoted, numbers), quoted
+    text = ("Ran 90 steps in 100 s at 55% MFU, 1.33x faster (`lr 3e-3`, Python 3.10+, K = 4, 2-core, a 51.7M Mistral, "
+            "[x](results/r.json))")
+    assert figures(text) == ["90", "100", "55%", "1.33x"]
