@@ -26,11 +26,13 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".nca-trl-" in p.name)
 
 
+@pytest.mark.slow
 def test_rebuild_over_another_model_writes_the_first_builds_bytes(tiny_mistral, tmp_path):
     """Before: a build into a folder that already held a model converted the tokenizer next to the old config.json, and
     AutoTokenizer took the class from it (TokenizersBackend instead of LlamaTokenizer): another tokenizer.json and
     tokenizer_config.json, which encoded 30 of the 400 texts of data/vicuna_rated.jsonl differently. The second build
-    runs as a user would, on the command line, without HF_HUB_OFFLINE (which was recorded in tokenizer_config.json)."""
+    runs as a user would, on the command line, without HF_HUB_OFFLINE (which was recorded in tokenizer_config.json).
+    The root cause alone is the fast test below."""
     from transformers import AutoTokenizer
 
     first = files(tiny_mistral)  # the session's seed-0 model, built into an empty folder
