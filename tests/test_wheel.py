@@ -137,7 +137,11 @@ def test_installed_wheel_runs_the_quick_start_in_an_empty_folder(dists, tmp_path
     venv = tmp_path / "venv"
     python = fresh_venv(venv)
     pip(python, "install", "--no-index", "--no-deps", "--force-reinstall", str(dists["wheel"]))
-    assert "No broken requirements found" in pip(python, "check")  # the wheel's dependencies, satisfied
+    checked = subprocess.run([python, "-m", "pip", "--disable-pip-version-check", "check"], capture_output=True,
+                             text=True, timeout=300)
+    broken = [line for line in checked.stdout.splitlines() if line.lower().startswith(("nca-trl ", "nca_trl "))]
+    assert checked.returncode == 0 or checked.stdout.strip(), checked.stderr  # pip check ran
+    assert not broken, checked.stdout  # every dependency the wheel declares is there, in a version it accepts
     empty = tmp_path / "empty"
     empty.mkdir()
     env = environment(venv, launch_env)  # one thread per process, the session's DeepSpeed extension cache
