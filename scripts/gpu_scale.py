@@ -16,8 +16,8 @@ Stages (`--smoke`: the same code at tiny sizes, on a CPU too: `SMOKE` below):
   `peak_gb` (the peak PyTorch reserved), and `plan_over_peak`.
 - `zero3_offload`: the same shape under deepspeed_zero3_offload.yaml (weights and optimizer states in CPU memory):
   starts, steps, saves; the saved model reloads (no missing key, weights changed, a finite forward). CPU Adam is
-  DeepSpeed's fused op, JIT-built with the C++ compiler; without a compiler (or `CPU_ADAM=torch`) torch's AdamW on
-  the CPU (`zero_force_ds_cpu_optimizer: false`), which the result records.
+  DeepSpeed's fused op, JIT-built with the C++ compiler; without a compiler, ninja or Python.h (or with
+  `CPU_ADAM=torch`) torch's AdamW on the CPU (`zero_force_ds_cpu_optimizer: false`), which the result records.
 - `mixtral_zero3`: a 2-layer Mixtral-8x7B-width model (8 experts, top-2, router aux loss 0.02) under ZeRO-3 with
   nca-trl's leaf marking: steps, the aux loss logged at every step, the MoE blocks marked as ZeRO-3 leaves, memory
   against the plan.
@@ -387,10 +387,13 @@ def finite_losses(measure: dict, steps: int) -> list[float]:
 
 
 def check_distributed(measure: dict, distributed_type: str, zero_stage: int | None) -> None:
+    """The run trained as asked: one process of `distributed_type` at `zero_stage`, in the plain layout."""
     got = (measure["distributed_type"], measure["zero_stage"], measure["num_processes"])
     if got != (distributed_type, zero_stage, 1):
         raise StageError(f"the run trained as {got} (distributed type, ZeRO stage, processes), not "
                          f"({distributed_type}, {zero_stage}, 1): check the accelerate config and the launch")
+    if measure["shared_prompt"]:
+        raise StageError("the collator packed the prompts although the recipe sets `shared_prompt: false`")
 
 
 def reload_check(saved: Path, initial: Path, gpu: bool) -> dict:
@@ -432,6 +435,13 @@ def reload_check(saved: Path, initial: Path, gpu: bool) -> dict:
 def _compiler() -> str | None:
     """The C++ compiler torch's extension builder would use (DeepSpeed JIT-builds CPU Adam with it), if any."""
     return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+
+
+def _python_headers() -> bool:
+    """Python.h of this interpreter, which an extension build includes (a missing python3-dev fails it)."""
+    import sysconfig
+
+    return (Path(sysconfig.get_paths()["include"]) / "Python.h").exists()
 
 
 def _has_ninja() -> bool:
@@ -519,15 +529,15 @@ def stage_zero3_offload(run: Run) -> None:
     data, stats = run.train_data(model)
     config = ACCEL / "deepspeed_zero3_offload.yaml"
     choice = os.environ.get("CPU_ADAM", "auto")
-    compiler, ninja = _compiler(), _has_ninja()
-    fused = choice == "fused" or (choice == "auto" and compiler is not None and ninja)
+    compiler, ninja, headers = _compiler(), _has_ninja(), _python_headers()
+    fused = choice == "fused" or (choice == "auto" and compiler is not None and ninja and headers)
     launch = config if fused else torch_adam_offload_config(run.work)
     steps = s.warmup + s.offload_steps
     res["shape"].update(model=shape, data=stats)
     res["settings"].update(_settings(run, config, s.batch, steps, s.warmup, 1e-4), launch_config=str(launch),
                            cpu_adam=("DeepSpeedCPUAdam (fused, JIT-built)" if fused else
                                      "torch AdamW on the CPU (zero_force_ds_cpu_optimizer: false)"),
-                           cpu_adam_choice=choice, compiler=compiler, ninja=ninja)
+                           cpu_adam_choice=choice, compiler=compiler, ninja=ninja, python_headers=headers)
     # learning rate 1e-4: large enough that the saved bf16 weights differ from the initial ones
     recipe = run.recipe("zero3_offload", model, data, config, batch=s.batch, steps=steps, learning_rate=1e-4)
     r = run.train("zero3_offload", recipe, launch, reserve=60)
@@ -816,7 +826,7 @@ def environment(work: Path, smoke: bool) -> dict:
         env.update(device="cpu", cpu_count=os.cpu_count())
     peak = _measure_peak(torch.cuda.is_available())
     env.update(matmul_peak_tflops=peak / 1e12, matmul_dtype="bf16" if torch.cuda.is_available() else "fp32",
-               cxx_compiler=_compiler(), ninja=_has_ninja())
+               cxx_compiler=_compiler(), ninja=_has_ninja(), python_headers=_python_headers())
     for name, file in (("probe", "probe.json"), ("nvidia_smi", "nvidia_smi.txt")):
         path = work / file
         if path.exists():

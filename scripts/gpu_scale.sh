@@ -15,7 +15,8 @@
 #
 # What it does, all output also in OUT_DIR/gpu_scale.log:
 #   1. a 20-second probe of the image, before anything is installed: Python, the packages the run needs and their
-#      versions, the C++ compiler, ninja and nvcc (DeepSpeed JIT-builds its CPU Adam with them), disk and memory;
+#      versions, the C++ compiler, ninja, Python.h and nvcc (DeepSpeed JIT-builds its CPU Adam with the first three),
+#      disk and memory;
 #   2. the wheels of WHEEL_DIR installed into a private folder (/tmp/site, first on PYTHONPATH; the image is untouched);
 #   3. nvidia-smi, then `scripts/gpu_scale.py environment`: versions as installed, the device, the measured bf16
 #      matmul peak (the MFU denominator);
@@ -58,7 +59,7 @@ deadline=$((start + budget))
 
 probe() {  # what the image has, before the wheels: read from package metadata, nothing imported
   timeout 20 python3 - "$work/probe.json" <<'PY'
-import json, os, shutil, subprocess, sys
+import json, os, shutil, subprocess, sys, sysconfig
 from importlib import metadata
 names = ["torch", "transformers", "trl", "datasets", "accelerate", "deepspeed", "peft", "pydantic", "pydantic_core",
          "dill", "multiprocess", "pyarrow", "fsspec", "huggingface_hub", "tokenizers", "safetensors", "ninja",
@@ -78,6 +79,7 @@ disk = {p: round(shutil.disk_usage(p).free / 1e9, 1) for p in ("/tmp", "/dev/shm
 mem = next((int(l.split()[1]) / 1e6 for l in open("/proc/meminfo") if l.startswith("MemTotal")), None)
 probe = {"python": sys.version.split()[0], "executable": sys.executable, "packages": {n: version(n) for n in names},
          "tools": tools, "nvcc": first_line(["nvcc", "--version"]) if tools["nvcc"] else None,
+         "python_headers": os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")),
          "cuda_home": os.environ.get("CUDA_HOME"), "free_disk_gb": disk, "host_memory_gb": mem,
          "cpu_count": os.cpu_count()}
 open(sys.argv[1], "w").write(json.dumps(probe, indent=1))
