@@ -317,9 +317,10 @@ def _uses_attention_interface(module_name: str) -> bool:
 
 # ------------------------------------------------------------------------------------------------ the trainers' choice
 class SharedPromptLayoutMixin:
-    """The trainers' layout, decided once at construction (`_setup_layout`, called at the end of `__init__`): the
-    collator's `shared_prompt` flag, and the models' attention routed through `shared_prompt_attention`. Needs the
-    trainer's `args`, `accelerator`, `model`, `ref_model`, `data_collator`, `compute_metrics` and `_padding_free`."""
+    """The trainers' batches: their layout, decided once at construction (`_setup_layout`, called at the end of
+    `__init__`: the collator's `shared_prompt` flag, and the models' attention routed through
+    `shared_prompt_attention`), and how they travel between processes (`_no_batch_dispatch`). Needs the trainer's
+    `args`, `accelerator`, `model`, `ref_model`, `data_collator`, `compute_metrics` and `_padding_free`."""
 
     def _setup_layout(self):
         """Switch the collator to the shared-prompt layout if the config asks for it and it is exact here; otherwise
@@ -362,6 +363,21 @@ class SharedPromptLayoutMixin:
         if kernel_name is not None:
             logger.info("Shared-prompt layout (shared_prompt=None, automatic) on %s with %s. Set shared_prompt=False for "
                         "the plain padded layout.", self.accelerator.device.type, kernel_name)
+
+    def _no_batch_dispatch(self) -> None:
+        """accelerate's `dispatch_batches` (its default for an `IterableDataset`) has process 0 concatenate the batches
+        of all processes and split every tensor along its first dimension: a rated batch has none that all tensors
+        share (N sequences beside B prompts; one row in the shared-prompt layout). Each process reads its own share
+        of the data instead (`IterableDatasetShard` for a stream), as with a map-style dataset; said once where the
+        user asked for dispatching."""
+        config = self.accelerator.dataloader_config
+        if config.dispatch_batches:
+            logger.warning(
+                "accelerator_config.dispatch_batches=True: %s's batches (K completions per prompt) cannot be split "
+                "by accelerate along one dimension, so each process reads the data and keeps its own share of the batches "
+                "instead (dispatch_batches=False).", type(self).__name__,
+            )
+        config.dispatch_batches = False
 
     def _layout_blocker(self, automatic: bool) -> tuple[str, str | None]:
         """Why the shared-prompt layout cannot run, or would not be exact, here ("" if nothing), and for the

@@ -210,21 +210,6 @@ class _RatedCompletionsTrainer(RunSafetyMixin, SharedPromptLayoutMixin, DPOTrain
         self.padding_free = bool(getattr(self.data_collator, "shared_prompt", False))
         self._say_if_alpha_unused(args)
 
-    def _no_batch_dispatch(self) -> None:
-        """accelerate's `dispatch_batches` (its default for an `IterableDataset`) has process 0 concatenate the batches
-        of all processes and split every tensor along its first dimension: a rated batch has none that all tensors
-        share (N sequences beside B prompts; one row in the shared-prompt layout). Each process reads its own share
-        of the data instead (`IterableDatasetShard` for a stream), as with a map-style dataset; said once where the
-        user asked for dispatching."""
-        config = self.accelerator.dataloader_config
-        if config.dispatch_batches:
-            logger.warning(
-                "accelerator_config.dispatch_batches=True: %s's batches (K completions per prompt) cannot be split "
-                "by accelerate along one dimension, so each process reads the data and keeps its own share of the batches "
-                "instead (dispatch_batches=False).", type(self).__name__,
-            )
-        config.dispatch_batches = False
-
     def _say_what_is_trained(self, args):
         """A config that is not ours (a plain `trl.DPOConfig`, or a pipeline's subclass of it) names another loss in
         `loss_type`: log once what is trained, and train with a copy of `args` whose `loss_type` names it, so that the

@@ -190,7 +190,7 @@ BAD_ROWS = [
     ("conv-message-str", conv_rated(completions=[[assistant("a")], ["b"]]), "completions",
      ["completion 1", "a string, expected a dict"]),
     ("conv-content-none", conv_rated(completions=[[assistant("a")], [{"role": "assistant", "content": None}]]),
-     "completions", ["content None"]),
+     "completions", ["message 0, has neither content nor tool_calls"]),
     ("conv-no-assistant", conv_rated(completions=[[assistant("a")], [user("b")]]), "completions",
      ["completion 1", "no assistant message"]),
     ("mixed-str-prompt-list-completions", rated(completions=[[assistant("a")], [assistant("b")]], rewards=[1, 0]),
