@@ -131,7 +131,7 @@ def summarize(path: str | Path, smoke: bool = False, stages: tuple[str, ...] = S
         detail = "" if obj is None or obj.get("ok") else f": {obj.get('error')}"
         print(f"  {name:<16} {state}{detail}")
     for name, t in data["targets"].items():
-        met = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        met = {True: "met", False: "MISSED", None: "not judged on a CPU dry run" if smoke else "not measured"}[t["met"]]
         value = "-" if t["value"] is None else f"{t['value']:.3g}"
         print(f"  target {name}: {value} (goal {t['goal']}): {met}")
     if any(ran.get(name) is None or not ran[name].get("ok") for name in stages):
