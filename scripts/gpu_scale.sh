@@ -5,6 +5,8 @@
 #   bash scripts/gpu_scale.sh OUT_DIR WHEEL_DIR          # WHEEL_DIR: built by scripts/gpu_wheels.sh ('' for none)
 #   SMOKE=1 bash scripts/gpu_scale.sh OUT_DIR ''         # every stage at tiny size, on a CPU too (tests/test_gpu_scale.py)
 #   STAGES="fsdp2 iterate" bash scripts/gpu_scale.sh OUT_DIR WHEEL_DIR   # some stages; others already in the JSON stay
+#   (on the device a second call on the warm machine starts from the first's JSON, kept in GPU_SCALE_WORK; on a fresh
+#   one, join the two calls' files here: python scripts/scale_results.py combine ALL.json FIRST.json SECOND.json)
 #
 # On the lent device machine (its image lacks trl, datasets, deepspeed and pydantic, and has an older transformers),
 # from this repository's root, with the wheels built here by `bash scripts/gpu_wheels.sh .wheels` and carried:
@@ -56,6 +58,8 @@ fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 start=$(date +%s)
 deadline=$((start + budget))
+# A second call on the same (warm) machine goes on from the first's results: the device empties OUT_DIR each call
+[ -f "$json" ] || [ ! -f "$work/gpu_scale.json" ] || cp "$work/gpu_scale.json" "$json"
 
 probe() {  # what the image has, before the wheels: read from package metadata, nothing imported
   timeout 20 python3 - "$work/probe.json" <<'PY'
@@ -136,6 +140,9 @@ main() {
   done
   echo "== summary ($(( $(date +%s) - start )) s)"
   python3 scripts/scale_results.py summary "$json" "${smoke[@]}" --stages "$stages"
+  local status=$?
+  cp "$json" "$work/gpu_scale.json"
+  return "$status"
 }
 
 main 2>&1 | tee "$out/gpu_scale.log"

@@ -4,11 +4,13 @@
     python scripts/scale_results.py merge OUT.json STAGE RESULT.json --exit-code RC --timeout S --seconds S
     python scripts/scale_results.py section OUT.json NAME PART.json     # e.g. the environment (probe, versions)
     python scripts/scale_results.py summary OUT.json [--smoke]          # targets, table, exit status
+    python scripts/scale_results.py combine OUT.json FIRST.json LATER.json...   # two calls' files in one
 
 `OUT.json` is `{"environment": {...}, "stages": {NAME: {...}}, "targets": {...}}`, rewritten atomically after every
 stage, so a stage killed by its time limit keeps what the others measured (a stage that leaves no RESULT.json is
 recorded as `ok: false` with the reason: its time limit, or its exit code). Stages already in the file from an
-earlier call are kept unless the same stage runs again.
+earlier call are kept unless the same stage runs again; `combine` does the same for the files of separate calls (the
+device empties its output folder before each): a later file's stages replace the earlier ones of the same name.
 
 Every stage object has `ok` (and `error`, one line, when false), `shape`, `settings` and `numbers`; the merge adds
 `exit_code`, `wall_seconds` and `timeout_seconds`. `summary` adds `targets`: the issue's goals, measured against what
@@ -98,6 +100,25 @@ def merge_section(path: str | Path, name: str, part: dict) -> None:
     save(path, data)
 
 
+def combine(out: str | Path, paths: list[str | Path]) -> dict:
+    """One results file from several calls' (in order): stages of a later file replace those of the same name; the
+    environment is the first file's, with every file's device and versions under `environment["calls"]`."""
+    data: dict = {"environment": {}, "stages": {}}
+    calls = []
+    for path in paths:
+        part = load(path)
+        if not part:
+            raise FileNotFoundError(f"{path}: no such results file")
+        env = part.get("environment", {})
+        data["environment"] = data["environment"] or dict(env)
+        calls.append({"file": str(path), **{k: env.get(k) for k in ("device", "torch", "transformers", "deepspeed")},
+                      "stages": list(part.get("stages", {}))})
+        data["stages"].update(part.get("stages", {}))
+    data["environment"]["calls"] = calls
+    save(out, data)
+    return data
+
+
 def _met(value, comparison: str, bound: float) -> bool | None:
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
@@ -153,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("out")
     s.add_argument("name")
     s.add_argument("part")
+    c = sub.add_parser("combine", help="several calls' results files in one (later stages win)")
+    c.add_argument("out")
+    c.add_argument("inputs", nargs="+")
     v = sub.add_parser("summary", help="targets, one line per stage, exit status")
     v.add_argument("out")
     v.add_argument("--smoke", action="store_true")
@@ -162,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         obj = merge_stage(ns.out, ns.stage, ns.result, ns.exit_code, ns.timeout, ns.seconds)
         print(f"[gpu_scale] {ns.stage}: {'ok' if obj['ok'] else 'FAILED: ' + str(obj.get('error'))} "
               f"({obj['wall_seconds']} s)")
+        return 0
+    if ns.command == "combine":
+        data = combine(ns.out, ns.inputs)
+        print(f"{ns.out}: stages {', '.join(data['stages'])}")
         return 0
     if ns.command == "section":
         part = read_result(ns.part)

@@ -46,6 +46,22 @@ def test_merge_keeps_what_finished_and_records_why_a_stage_left_nothing(tmp_path
     assert sorted(p.name for p in tmp_path.glob(".gpu_scale*")) == []
 
 
+def test_combine_takes_later_stages_and_keeps_every_call(tmp_path):
+    """Two device calls (the device empties its output folder before each): the second reran fsdp2 and ran iterate."""
+    first = {"environment": {"device": "NVIDIA H200", "torch": "2.11.0"},
+             "stages": {"zero3": {"ok": True}, "fsdp2": {"ok": False, "error": "timed out"}}}
+    second = {"environment": {"device": "NVIDIA H200", "torch": "2.11.0"},
+              "stages": {"fsdp2": {"ok": True}, "iterate": {"ok": True}}}
+    results.save(tmp_path / "a.json", first)
+    results.save(tmp_path / "b.json", second)
+    data = results.combine(tmp_path / "all.json", [tmp_path / "a.json", tmp_path / "b.json"])
+    assert data["stages"] == {"zero3": {"ok": True}, "fsdp2": {"ok": True}, "iterate": {"ok": True}}
+    assert [c["stages"] for c in data["environment"]["calls"]] == [["zero3", "fsdp2"], ["fsdp2", "iterate"]]
+    assert json.loads((tmp_path / "all.json").read_text()) == data
+    with pytest.raises(FileNotFoundError, match="no such results file"):
+        results.combine(tmp_path / "x.json", [tmp_path / "missing.json"])
+
+
 def _stages(**numbers):
     """A results file with every stage ok and `numbers` ({stage: {number: value}})."""
     return {"stages": {name: {"ok": True, "numbers": numbers.get(name, {})} for name in results.STAGES}}
