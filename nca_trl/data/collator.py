@@ -10,7 +10,8 @@ from transformers.data.data_collator import DataCollatorMixin
 from trl.trainer.utils import pad
 
 from ..packing import build_shared_prompt_batch
-from .formats import PAIR_COLUMN, ROW_INDEX
+from ..runtime.errors import ROW_INDEX
+from .formats import PAIR_COLUMN
 
 __all__ = ["DataCollatorForRatedCompletions"]
 

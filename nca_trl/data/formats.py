@@ -42,8 +42,6 @@ PREFERENCE_IMPLICIT = "preference_implicit"
 MIXED = "rated+preference"
 #: Column the trainers add to a prepared dataset: True for a row that came as a preference pair (one-hot targets).
 PAIR_COLUMN = "preference_pair"
-#: Column the trainers add to a given dataset: each row's position in it, so that errors name the user's rows.
-ROW_INDEX = "row_index"
 
 #: The columns each format needs, in the order they are reported when missing.
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {

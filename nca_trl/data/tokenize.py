@@ -18,8 +18,8 @@ from datasets import Dataset, IterableDataset
 from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 from trl.trainer.utils import global_then_local_main_first
 
-from ..runtime.errors import SettingsError
-from .formats import ROW_INDEX, DataValidationError
+from ..runtime.errors import ROW_INDEX, SettingsError
+from .formats import DataValidationError
 from .rewards import rewards_tie
 from .validation import to_rated_unchecked, validate_dataset, validate_example
 

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["SettingsError", "settings_errors"]
+__all__ = ["ROW_INDEX", "SettingsError", "settings_errors"]
+
+#: Column the trainers add to a given dataset: each row's position in it, so that errors (a bad row, a non-finite step)
+#: name the user's rows. Here, below the data package and the run safety that both use it.
+ROW_INDEX = "row_index"
 
 
 class SettingsError(ValueError):

@@ -32,8 +32,8 @@ import math
 
 import torch
 
-from ..data.formats import ROW_INDEX
 from .checkpoints import last_complete_checkpoint, resolve_resume, save_checkpoint, save_final_model
+from .errors import ROW_INDEX
 from .output_dir import claim_output_dir
 
 logger = logging.getLogger("nca_trl")
