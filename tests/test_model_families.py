@@ -157,3 +157,20 @@ def test_predict_returns_padded_logits_from_a_shared_prompt_trainer(tiny_mistral
     output = trainer.predict(trainer.train_dataset.select(range(2)))
     assert output.predictions.ndim == 3 and output.predictions.shape[-1] == trainer.model.config.vocab_size
     assert trainer.data_collator.shared_prompt
+
+
+@pytest.mark.slow
+def test_gpu_family_check_dry_runs_on_the_cpu(tmp_path):
+    """scripts/gpu_families.py (the GPU run's family agreement, bf16 with the fused kernel) cannot rot: its CPU dry run
+    decides and compares as on a GPU, in float32."""
+    import json
+
+    from conftest import load_script
+
+    out = tmp_path / "families.json"
+    assert load_script("gpu_families").main(["--smoke", "--out", str(out), "--families", "gpt_oss,gemma2,lfm2"]) == 0
+    result = json.loads(out.read_text())
+    assert result["ok"] and {n: r["layout"] for n, r in result["families"].items()} == {
+        "gpt_oss": "shared", "gemma2": "shared", "lfm2": "plain"}
+    assert result["families"]["gpt_oss"]["needs"] == ["sinks", "sliding_window"]
+    assert result["families"]["gemma2"]["shared_vs_plain"] <= 1e-5
