@@ -202,3 +202,16 @@ def test_scripts_refuse_a_missing_input_in_one_line(script, argv, message, tmp_p
         load_script(script).main(argv)
     assert exit_.value.code == 2 and capsys.readouterr().err == message + "\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_mixture_of_builder_entries_checks_their_data_files(tmp_path, monkeypatch):
+    """`- path: json` with `data_files:` names a builder, not a Hub id (refused offline before), and its files are
+    local."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    settings = {"datasets": "dataset"}
+    check_path_settings([], settings, recipe={"datasets": [{"path": "json", "data_files": "a.jsonl"},
+                                                           {"path": "csv", "data_files": ["parts/*.csv"]}]})
+    with pytest.raises(SettingsError, match=r"^no such file or folder: b.jsonl \(datasets\[0\].data_files.test\)$"):
+        check_path_settings([], settings, recipe={"datasets": [{"path": "json",
+                                                                "data_files": {"train": "a.jsonl", "test": "b.jsonl"}}]})

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .errors import SettingsError
 
-__all__ = ["FILE_SUFFIXES", "KINDS", "NOT_PATHS", "check_path", "check_path_settings", "hub_cached", "looks_local",
+__all__ = ["BUILDERS", "FILE_SUFFIXES", "KINDS", "NOT_PATHS", "check_path", "check_path_settings", "hub_cached", "looks_local",
            "reward_function_path"]
 
 #: Extensions that make a value a local file (data, recipes, code, weights, archives); a Hub id's last part may hold
@@ -32,6 +32,10 @@ FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".tsv", ".txt", ".arrow"
                  ".bin", ".safetensors", ".pt", ".pth", ".gguf", ".gz", ".zip", ".tar", ".zst", ".xz", ".bz2")
 #: Values of a path setting that are not paths (`resume_from_checkpoint: true` resumes from the last checkpoint)
 NOT_PATHS = ("true", "false", "last", "latest", "none", "null")
+#: `datasets`' packaged builders, which a dataset setting may name instead of a path (a mixture's `path: json` with
+#: its `data_files`)
+BUILDERS = ("arrow", "audiofolder", "csv", "hdf5", "imagefolder", "json", "pandas", "parquet", "sql", "text",
+            "videofolder", "webdataset", "xml")
 #: What a path setting names: `model` and `dataset` may be Hub ids (checked against that cache when offline); `file`
 #: and `folder` are local only (a `--config` recipe, a DeepSpeed JSON, a reward-function file, a checkpoint)
 KINDS = ("model", "dataset", "file", "folder")
@@ -81,6 +85,8 @@ def check_path(value, setting: str, kind: str = "model", hub: bool = True) -> No
     text = str(value)
     if text.lstrip().startswith(("{", "[")):  # an inline JSON value (`--deepspeed '{...}'`), not a path
         return
+    if kind == "dataset" and text in BUILDERS or any(c in text for c in "*?["):  # a builder, a glob of files
+        return
     if Path(os.path.expanduser(text)).exists():
         return
     if kind in ("file", "folder") or looks_local(text):
@@ -95,6 +101,20 @@ def reward_function_path(spec: str) -> str | None:
     """The file of a reward-function spec `path/to/file.py:function` (None for `module:function` or a bundled name)."""
     module = str(spec).strip().rpartition(":")[0]
     return module if module and (module.endswith(".py") or "/" in module or os.sep in module) else None
+
+
+def _mixture_entry(entry, i: int, kind: str) -> list[tuple]:
+    """The paths of a `datasets:` mixture entry (a mapping or a `trl` `DatasetConfig`): its `path`, and with a
+    builder as `path` (`json`, `csv`, ...) its `data_files` (a file, a list, or split -> files), which are then local."""
+    field = entry.get if isinstance(entry, dict) else lambda name: getattr(entry, name, None)
+    checks = [(field("path"), f"datasets[{i}].path", kind)]
+    files = field("data_files")
+    if field("path") in BUILDERS and files:
+        groups = files.items() if isinstance(files, dict) else [(None, files)]
+        for split, group in groups:
+            for file in [group] if isinstance(group, str) else group:
+                checks.append((file, f"datasets[{i}].data_files" + (f".{split}" if split else ""), "file"))
+    return checks
 
 
 def check_path_settings(argv: list[str], settings: dict[str, str], recipe: dict | None = None,
@@ -119,9 +139,8 @@ def check_path_settings(argv: list[str], settings: dict[str, str], recipe: dict 
             checks += [(reward_function_path(spec), setting, "file") for spec in specs]
         elif setting == "datasets":
             entries = recipe.get("datasets") if peek(argv, "datasets") is None else None
-            checks += [(entry.get("path") if isinstance(entry, dict) else getattr(entry, "path", None),
-                        f"datasets[{i}].path", kind) for i, entry in enumerate(entries if isinstance(entries, list)
-                                                                               else [])]
+            for i, entry in enumerate(entries if isinstance(entries, list) else []):
+                checks += _mixture_entry(entry, i, kind)
         else:
             value = peek(argv, setting)
             checks.append((recipe.get(setting) if value is None else value, setting, kind))
