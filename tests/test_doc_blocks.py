@@ -365,10 +365,11 @@ def test_printed_output_is_checked_line_by_line():
     assert printed_problems("ranking accuracy: 0.00 -> 0.79\nreward margin (best - others): 0.00 -> 0.20\n",
                             printed) == ["shown but not printed: 'reward margin (best - others): 0.00 -> 0.20'"]
     assert printed_problems("ranking accuracy (pairs): 0.00 -> 0.79\n", printed) != []  # the text counts too
-    text = "```python\nprint(1)\n```\n<!-- doc-test: printed -->\n```text\n1\n```\n<!-- doc-test: printed -->\n```text\n1\n```\n"
-    blocks, _ = parse_page(text, REPO / "README.md")
+    shown = "<!-- doc-test: printed -->\n```text\n1\n```\n"
+    blocks, _ = parse_page("```python\nprint(1)\n```\n" + shown + shown, REPO / "README.md")
     assert [b.action for b in blocks] == ["run", "printed", "printed"]
-    assert printed_after_runnable(blocks) == ["README.md:9: `doc-test: printed` must come right after a block that runs"]
+    assert printed_after_runnable(blocks) == ["README.md:9: `doc-test: printed` must come right after a block that "
+                                              "runs"]
 
 
 def test_rewrite_drops_pip_and_scales_down():

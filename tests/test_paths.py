@@ -212,6 +212,6 @@ def test_a_mixture_of_builder_entries_checks_their_data_files(tmp_path, monkeypa
     settings = {"datasets": "dataset"}
     check_path_settings([], settings, recipe={"datasets": [{"path": "json", "data_files": "a.jsonl"},
                                                            {"path": "csv", "data_files": ["parts/*.csv"]}]})
+    files = {"train": "a.jsonl", "test": "b.jsonl"}
     with pytest.raises(SettingsError, match=r"^no such file or folder: b.jsonl \(datasets\[0\].data_files.test\)$"):
-        check_path_settings([], settings, recipe={"datasets": [{"path": "json",
-                                                                "data_files": {"train": "a.jsonl", "test": "b.jsonl"}}]})
+        check_path_settings([], settings, recipe={"datasets": [{"path": "json", "data_files": files}]})

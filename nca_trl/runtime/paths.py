@@ -23,8 +23,8 @@ from pathlib import Path
 
 from .errors import SettingsError
 
-__all__ = ["BUILDERS", "FILE_SUFFIXES", "KINDS", "NOT_PATHS", "check_path", "check_path_settings", "hub_cached", "looks_local",
-           "reward_function_path"]
+__all__ = ["BUILDERS", "FILE_SUFFIXES", "KINDS", "NOT_PATHS", "check_path", "check_path_settings", "hub_cached",
+           "looks_local", "reward_function_path"]
 
 #: Extensions that make a value a local file (data, recipes, code, weights, archives); a Hub id's last part may hold
 #: a dot followed by a digit (`Mistral-7B-v0.1`, `Qwen2.5-0.5B`), which is no extension
@@ -105,7 +105,7 @@ def reward_function_path(spec: str) -> str | None:
 
 def _mixture_entry(entry, i: int, kind: str) -> list[tuple]:
     """The paths of a `datasets:` mixture entry (a mapping or a `trl` `DatasetConfig`): its `path`, and with a
-    builder as `path` (`json`, `csv`, ...) its `data_files` (a file, a list, or split -> files), which are then local."""
+    builder as `path` (`json`, `csv`, ...) its `data_files` (a file, a list, or split -> files: local files)."""
     field = entry.get if isinstance(entry, dict) else lambda name: getattr(entry, name, None)
     checks = [(field("path"), f"datasets[{i}].path", kind)]
     files = field("data_files")
