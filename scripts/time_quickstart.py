@@ -11,11 +11,12 @@ before and after (other work on the machine slows it), and the versions. With `-
 README's install (`pip install torch==2.13.0`, `pip install -e ".[dev]"`) into a fresh virtual environment, apart
 from the rest (it is mostly download time: the pip cache's size before it is recorded).
 
+Earlier runs in the file are kept (`earlier_runs`, newest first), each with the load it ran under.
 The README and docs cite that file for every figure of these runs (tests/test_figures.py checks that each cited
 figure is in it); regenerate it with this command instead of typing a figure in by hand.
 
 Usage:
-    python scripts/time_quickstart.py --out results/quickstart_cpu.json [--install]
+    python scripts/time_quickstart.py --out results/quickstart_cpu.json --install --below-load 1
     python scripts/time_quickstart.py --out /tmp/q.json --max_steps 2     # a smoke run of the script
 """
 
@@ -80,7 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--max_steps", type=int, default=None, help="cut training short (smoke runs only)")
     parser.add_argument("--install", action="store_true", help="also time the README's install, in a fresh venv")
+    parser.add_argument("--below-load", type=float, default=None, metavar="L",
+                        help="first wait (up to an hour) until the 1-minute load average is below L: time a quiet "
+                        "machine, not other people's jobs")
     args = parser.parse_args(argv)
+    if args.below_load is not None:
+        deadline = time.time() + 3600
+        while os.getloadavg()[0] >= args.below_load and time.time() < deadline:
+            time.sleep(15)
     nca_trl = Path(sys.executable).parent / "nca-trl"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
     record = {"install": time_install(env) if args.install else None, "commands": [], "cpus": os.cpu_count(),
@@ -111,9 +119,15 @@ def main(argv: list[str] | None = None) -> int:
                    for entry in info["log_history"] if "loss" in entry],
         versions=info["versions"],
         measured_by=f"python scripts/time_quickstart.py --out {args.out}"
-        + (f" --max_steps {args.max_steps}" if args.max_steps else "") + (" --install" if args.install else ""),
+        + (f" --max_steps {args.max_steps}" if args.max_steps else "") + (" --install" if args.install else "")
+        + (f" --below-load {args.below_load:g}" if args.below_load is not None else ""),
     )
-    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    out = Path(args.out)
+    if out.is_file():  # the runs before this one stay in the file, newest first: what they measured stays citable
+        previous = json.loads(out.read_text())
+        record["earlier_runs"] = [{k: v for k, v in previous.items() if k != "earlier_runs"},
+                                  *previous.get("earlier_runs", [])]
+    out.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(record, indent=1))
     return 0
 
