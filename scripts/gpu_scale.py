@@ -28,8 +28,10 @@ Stages (`--smoke`: the same code at tiny sizes, on a CPU too: `SMOKE` below):
   tokens, K = 8, 128 new tokens: prefill-once sampling against `generate(num_return_sequences=K)`, tokens/s.
 - `iterate`: one `nca-trl iterate` round of the tiny digits-sorting recipe on this device, scored by a tiny reward
   model and the `sorted_digits` reward function: it finishes and writes its round folder.
-- `layouts_median`: scripts/benchmark.py --layouts --systems a at Mistral-7B width (4 layers), bf16, max_length 2048,
-  20 timed steps, both workloads: DPOTrainer, plain and shared-prompt, with median-step ratios beside the mean ones.
+- `layouts_median`: first scripts/gpu_families.py (where it exists: the layout the automatic rule takes per model
+  family, and its bf16 agreement with the plain layout, with the fused kernel), then scripts/benchmark.py --layouts
+  --systems a at Mistral-7B width (4 layers), bf16, max_length 2048, 20 timed steps, both workloads: DPOTrainer,
+  plain and shared-prompt, with median-step ratios beside the mean ones.
 
 Each RESULT.json holds `ok` (and `error`, one line naming the fix, when false), `shape`, `settings`, `numbers`
 and `command`; what a failing stage measured before it failed stays in it. Exit status 0 when ok, 1 otherwise.
@@ -117,6 +119,7 @@ EXPERTS, EXPERTS_PER_TOKEN, ROUTER_AUX_LOSS_COEF = 8, 2, 0.02  # Mixtral-8x7B's 
 #: step-1 agreement of FSDP2 with the plain run: relative, per logged value (bf16 keeps 8 significant bits; a sum of
 #: hundreds of bf16 log-probs and a norm over every gradient drift a few of its 2^-8 steps)
 FSDP_TOLERANCE = {"loss": 1e-3, "logps/chosen": 1e-2, "logps/rejected": 1e-2, "grad_norm": 5e-2}
+FAMILIES_LIMIT = 90  # seconds for scripts/gpu_families.py inside layouts_median (tiny models)
 
 
 class StageError(RuntimeError):
@@ -705,23 +708,46 @@ def stage_iterate(run: Run) -> None:
         raise StageError(f"round 1 trained on {info['device']}, not the GPU: check `use_cpu` in the recipe")
 
 
+def family_agreement(run: Run) -> tuple[dict | None, StageError | None]:
+    """scripts/gpu_families.py (issue 26's check, where it has landed): per model family, the layout the automatic rule
+    takes here and, where it is the shared-prompt one, its bf16 log-probs against the plain layout's and float32.
+    Returns (its JSON, or None when the script is absent or wrote nothing; the error when it failed or disagreed)."""
+    script = SCRIPTS / "gpu_families.py"
+    if not script.exists():
+        return None, None
+    out = run.work / "runs" / "families.json"
+    out.unlink(missing_ok=True)
+    # the dry run takes two families (every family on 2 CPU cores would take over a minute)
+    cmd = [sys.executable, str(script), "--out", str(out)] + (["--smoke", "--families", "mistral,mixtral"]
+                                                              if run.smoke else [])
+    run.result["settings"]["family_command"] = shlex.join(cmd)
+    error = None
+    try:
+        run_child(cmd, min(FAMILIES_LIMIT, run.left(60)), "scripts/gpu_families.py")
+    except StageError as e:  # it exits 1 when a family disagrees: its JSON says which
+        error = e
+    return (json.loads(out.read_text()) if out.exists() else None), error
+
+
 def stage_layouts_median(run: Run) -> None:
     s, res = run.sizes, run.result
+    families, families_error = family_agreement(run)
+    res["numbers"]["family_agreement"] = families if families is not None else (
+        "not run: scripts/gpu_families.py (issue 26) is absent" if families_error is None else None)
     out = run.work / "runs" / "layouts.json"
     out.unlink(missing_ok=True)
     systems = os.environ.get("LAYOUT_SYSTEMS", "a")
     cmd = [sys.executable, str(SCRIPTS / "benchmark.py"), "--layouts", "--systems", systems, *s.layouts, "--json",
            str(out)]
     res["command"] = shlex.join(cmd)
-    res["settings"].update(systems=f"{systems} beside c (plain) and d:auto (shared-prompt)", arguments=list(s.layouts),
-                           family_agreement="not run: the family-exactness issue (26) has not landed")
+    res["settings"].update(systems=f"{systems} beside c (plain) and d:auto (shared-prompt)", arguments=list(s.layouts))
     error = None
     try:
         run_child(cmd, run.left(5), "scripts/benchmark.py --layouts")
     except StageError as e:  # keep the workloads it finished: the JSON is rewritten after each
         error = e
     if not out.exists():
-        raise error or StageError("scripts/benchmark.py wrote no JSON")
+        raise error or families_error or StageError("scripts/benchmark.py wrote no JSON")
     report = json.loads(out.read_text())
     res["shape"].update(model=report["model"])
     res["settings"].update(machine=report["machine"])
@@ -736,6 +762,8 @@ def stage_layouts_median(run: Run) -> None:
     missing = [w for w in wanted if w not in report["workloads"]]
     if error or missing:
         raise error or StageError(f"workloads {missing} missing from the benchmark's JSON")
+    if families_error:
+        raise StageError(f"the family layout agreement failed: {families_error} (numbers.family_agreement says which)")
 
 
 STAGES = {

@@ -146,7 +146,7 @@ NUMBERS = {
     "fsdp2": {"step1", "reloaded", "losses"},
     "generate_long": {"methods", "prefill_once_over_num_return_sequences"},
     "iterate": {"round_1_stages", "rounds", "train_device"},
-    "layouts_median": {"workloads"},
+    "layouts_median": {"workloads", "family_agreement"},
 }
 
 
@@ -179,5 +179,7 @@ def test_smoke_run_writes_every_stage_ok(tmp_path):
     assert stages["iterate"]["numbers"]["round_1_stages"] == ["eval", "generate", "score", "train"]
     long = stages["layouts_median"]["numbers"]["workloads"]["long"]
     assert set(long["ratios_median"]) == set(long["ratios"]) == {"c/a", "d:auto/c", "d:auto/a"}
+    if (REPO / "scripts" / "gpu_families.py").exists():  # issue 26's family check, run first in the stage
+        assert stages["layouts_median"]["numbers"]["family_agreement"]["ok"]
     assert set(data["targets"]) == {t[0] for t in results.TARGETS}
     assert all(t["met"] is None for t in data["targets"].values())
