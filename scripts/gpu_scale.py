@@ -135,7 +135,8 @@ def _kill_children(signum, frame):
     reach), then fail the stage so that what it measured is written."""
     for proc in list(_children):
         _kill(proc)
-    raise StageError(f"stopped by the stage's time limit (signal {signum}): raise its limit in gpu_scale.sh or shrink it")
+    raise StageError(f"stopped by the stage's time limit (signal {signum}): raise its limit in gpu_scale.sh or "
+                     "shrink the stage")
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -802,7 +803,8 @@ def build(work: Path, arch: str, smoke: bool) -> None:
         if request["width"] == "tiny":
             config = model_config(tokenizer, arch, "tiny")
         else:
-            values = json.loads((MODEL_CONFIGS / f"{arch}-{'7b' if arch == 'mistral' else '8x7b'}-v0.1.json").read_text())
+            name = "mistral-7b-v0.1.json" if arch == "mistral" else "mixtral-8x7b-v0.1.json"
+            values = json.loads((MODEL_CONFIGS / name).read_text())
             config = AutoConfig.for_model(**{k: v for k, v in values.items() if not k.startswith("_")
                                               and k not in ("architectures",)})
             config.vocab_size = len(tokenizer)
@@ -849,7 +851,8 @@ def environment(work: Path, smoke: bool) -> dict:
     env["cuda"] = torch.version.cuda
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        env.update(device=props.name, gpu_memory_gb=props.total_memory / GB, multiprocessors=props.multi_processor_count)
+        env.update(device=props.name, gpu_memory_gb=props.total_memory / GB,
+                   multiprocessors=props.multi_processor_count)
     else:
         env.update(device="cpu", cpu_count=os.cpu_count())
     peak = _measure_peak(torch.cuda.is_available())

@@ -3,7 +3,7 @@
 # length, one iterate round, the layout benchmark with median steps.
 #
 #   bash scripts/gpu_scale.sh OUT_DIR WHEEL_DIR          # WHEEL_DIR: built by scripts/gpu_wheels.sh ('' for none)
-#   SMOKE=1 bash scripts/gpu_scale.sh OUT_DIR ''         # every stage at tiny size, on a CPU too (tests/test_gpu_scale.py)
+#   SMOKE=1 bash scripts/gpu_scale.sh OUT_DIR ''         # every stage tiny, on a CPU too (tests/test_gpu_scale.py)
 #   STAGES="fsdp2 iterate" bash scripts/gpu_scale.sh OUT_DIR WHEEL_DIR   # some stages; others already in the JSON stay
 #   (on the device a second call on the warm machine starts from the first's JSON, kept in GPU_SCALE_WORK; on a fresh
 #   one, join the two calls' files here: python scripts/scale_results.py combine ALL.json FIRST.json SECOND.json)
@@ -99,9 +99,7 @@ run_stage() {  # NAME: one stage under its own time limit, its object merged int
   echo "== stage $name (time limit ${limit} s, $((deadline - now)) s left of ${budget} s)"
   t0=$(date +%s.%N)
   if [ "$limit" -lt 30 ]; then
-    printf '{"ok": false, "error": "not run: the run'"'"'s %s s budget was spent before it; run it alone with STAGES=%s", "shape": {}, "settings": {}, "numbers": {}}\n' \
-      "$budget" "$name" > "$result"
-    rc=125 limit=0
+    rc=125 limit=0  # not run: scale_results.py records why
   else
     timeout -k 10 "$limit" python3 scripts/gpu_scale.py "$name" --work "$work" --result "$result" --results "$json" \
       --budget "$limit" "${smoke[@]}"
@@ -115,10 +113,12 @@ run_stage() {  # NAME: one stage under its own time limit, its object merged int
 main() {
   probe || echo "[gpu_scale] probe failed or took over 20 s (exit $?)"
   if [ -n "$wheels" ]; then
-    ls "$wheels"/*.whl > /dev/null || { echo "[gpu_scale] no wheels in '$wheels': build them with scripts/gpu_wheels.sh"; return 1; }
+    ls "$wheels"/*.whl > /dev/null \
+      || { echo "[gpu_scale] no wheels in '$wheels': build them with scripts/gpu_wheels.sh"; return 1; }
     rm -rf /tmp/site  # a warm machine keeps an earlier install: start clean
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-      "$wheels"/*.whl || { echo "[gpu_scale] wheel install failed: one version of each package in '$wheels'?"; return 1; }
+      "$wheels"/*.whl \
+      || { echo "[gpu_scale] wheel install failed: one version of each package in '$wheels'?"; return 1; }
     export PYTHONPATH=/tmp/site:$PWD
     if [ -f "$wheels/tokenizer.model.v1" ] && [ -z "${NCA_TRL_MISTRAL_TOKENIZER-}" ]; then
       export NCA_TRL_MISTRAL_TOKENIZER=$(cd "$wheels" && pwd)/tokenizer.model.v1  # the tiny models' tokenizer
@@ -130,7 +130,8 @@ main() {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$work/nvidia_smi.txt"
     nvidia-smi
   fi
-  if timeout 90 python3 scripts/gpu_scale.py environment --work "$work" --result "$work/environment.json" "${smoke[@]}"; then
+  if timeout 90 python3 scripts/gpu_scale.py environment --work "$work" --result "$work/environment.json" \
+      "${smoke[@]}"; then
     python3 scripts/scale_results.py section "$json" environment "$work/environment.json"
   else
     echo "[gpu_scale] the environment step failed: the stages run anyway (they measure the peak themselves)"

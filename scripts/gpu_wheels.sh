@@ -49,13 +49,14 @@ trap 'rm -rf "$src"' EXIT
 "$py" -m pip download -q --no-deps --no-binary=:all: -d "$src" "deepspeed==$DEEPSPEED"
 DS_BUILD_OPS=0 "$py" -m pip wheel -q --no-deps --no-build-isolation -w "$out" "$src"/deepspeed-*.tar.gz
 # The Mistral-7B tokenizer file of the tiny models (nca_trl.tiny.mistral_tokenizer_file)
-"$py" -c "import shutil, sys; from nca_trl.tiny import mistral_tokenizer_file; shutil.copy(mistral_tokenizer_file(), sys.argv[1])" \
+"$py" -c "import shutil, sys; from nca_trl.tiny import mistral_tokenizer_file as f; shutil.copy(f(), sys.argv[1])" \
   "$out/tokenizer.model.v1"
 
 ls -l "$out"
 bytes=$(du -cb "$out"/*.whl "$out"/tokenizer.model.v1 | tail -1 | cut -f1)
 echo "$out: $(ls "$out"/*.whl | wc -l) wheels + tokenizer.model.v1, $((bytes / 1024 / 1024)) MiB ($bytes bytes)"
 if [ "$bytes" -gt $((48 * 1024 * 1024)) ]; then
-  echo "gpu_wheels.sh: $out is over 48 MiB: with the working tree it would pass the device's 64 MiB; drop a package the image has"
+  echo "gpu_wheels.sh: $out is over 48 MiB: with the working tree it would pass the device's 64 MiB;" \
+       "drop a package the image has"
   exit 1
 fi

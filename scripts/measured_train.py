@@ -101,7 +101,8 @@ class Measure(TrainerCallback):
 
 def main(argv: list[str]) -> int:
     if "--measure_out" not in argv:
-        sys.exit("measured_train.py: give --measure_out PATH (where the measurements go), then nca-trl train's arguments")
+        sys.exit("measured_train.py: give --measure_out PATH (where the measurements go), then nca-trl train's "
+                 "arguments")
     i = argv.index("--measure_out")
     path, argv = argv[i + 1], argv[:i] + argv[i + 2:]
     save = "--no_final_save" not in argv

@@ -33,6 +33,7 @@ from nca_trl.runtime.files import write_atomic  # noqa: E402
 
 STAGES = ("zero3", "zero3_offload", "mixtral_zero3", "fsdp2", "generate_long", "iterate", "layouts_median")
 TIMED_OUT = (124, 137)  # coreutils `timeout`: 124 after its signal, 137 after the KILL that follows (-k)
+NOT_RUN = 125  # gpu_scale.sh's exit code of a stage it did not start: the run's time budget was spent
 #: PLAN_AGREEMENT: how far the memory planner's per-GPU total may be from the measured peak (|plan / peak - 1|)
 PLAN_AGREEMENT = 0.25
 #: (target name, stage, number, comparison, bound): the issue's goals, read from the stages' `numbers`
@@ -56,10 +57,13 @@ def save(path: str | Path, data: dict) -> None:
     write_atomic(path, json.dumps(data, indent=2, allow_nan=True) + "\n")
 
 
-def stage_object(result: dict | None, exit_code: int, timeout_s: float, wall_s: float) -> dict:
+def stage_object(result: dict | None, exit_code: int, timeout_s: float, wall_s: float, name: str = "") -> dict:
     """What a stage ended with: its own object (RESULT.json), or, when it wrote none, `ok: false` and why."""
     if result is None:
-        if exit_code in TIMED_OUT:
+        if exit_code == NOT_RUN:
+            error = (f"not run: the run's time budget (GPU_SCALE_BUDGET) was spent before it; run it alone with "
+                     f"STAGES={name or 'NAME'}")
+        elif exit_code in TIMED_OUT:
             error = (f"timed out after {timeout_s:g} s (its time limit) before writing its result; its output is in "
                      "gpu_scale.log: raise its limit or shrink it")
         else:
@@ -87,7 +91,7 @@ def merge_stage(path: str | Path, name: str, result_path: str | Path, exit_code:
                 wall_s: float) -> dict:
     """Put stage `name`'s object into the results file at `path` (rewritten atomically); returns the object."""
     data = load(path)
-    obj = stage_object(read_result(result_path), exit_code, timeout_s, wall_s)
+    obj = stage_object(read_result(result_path), exit_code, timeout_s, wall_s, name)
     data.setdefault("stages", {})[name] = obj
     save(path, data)
     return obj

@@ -33,12 +33,15 @@ def test_merge_keeps_what_finished_and_records_why_a_stage_left_nothing(tmp_path
     # One that crashed, or left half a file, says so with its exit code
     (tmp_path / "half.json").write_text('{"ok": tr')
     assert "exited with code 1" in results.merge_stage(out, "fsdp2", tmp_path / "half.json", 1, 130, 3)["error"]
+    # One that gpu_scale.sh did not start (the budget was spent) says how to run it alone
+    obj = results.merge_stage(out, "layouts_median", tmp_path / "absent.json", results.NOT_RUN, 0, 0)
+    assert not obj["ok"] and "STAGES=layouts_median" in obj["error"]
     # One that wrote ok but exited non-zero is not ok
     obj = results.merge_stage(out, "iterate", _result(tmp_path, "it", ok), 1, 70, 9)
     assert not obj["ok"] and "exited with code 1" in obj["error"]
     data = json.loads(out.read_text())
     assert data["environment"] == {"device": "NVIDIA H200"}
-    assert list(data["stages"]) == ["zero3", "zero3_offload", "fsdp2", "iterate"]
+    assert list(data["stages"]) == ["zero3", "zero3_offload", "fsdp2", "layouts_median", "iterate"]
     assert data["stages"]["zero3"] == {**ok, "exit_code": 0, "wall_seconds": 61.0, "timeout_seconds": 110}
     # The same stage again replaces its object; no temporary file is left beside the results
     results.merge_stage(out, "zero3_offload", _result(tmp_path, "off", ok), 0, 170, 100)
