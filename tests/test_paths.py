@@ -178,7 +178,8 @@ def test_every_command_refuses_a_missing_path_at_once_in_one_line(clone, command
 
 @pytest.mark.parametrize("command, setting", [("train", "model_name_or_path"), ("train", "dataset_name"),
                                               ("generate", "model_name_or_path"), ("score", "reward_model"),
-                                              ("iterate", "dataset_name")], ids="-".join)
+                                              ("iterate", "dataset_name")],
+                         ids=["train-model", "train-dataset", "generate-model", "score-reward_model", "iterate-dataset"])
 def test_a_hub_id_offline_is_one_line_too(clone, command, setting):
     result = run_cli(clone, [command, *_with(COMMANDS[command][0], setting, "some-org/not-cached")])
     assert result["status"] == 2 and result["heavy"] == [], result
