@@ -53,11 +53,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-from datasets import Dataset, load_dataset  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-
+# torch, datasets and transformers are imported where used, after the arguments and the --data path are checked:
+# a refusal comes in well under 2 s (tests/test_paths.py)
 from nca_trl.runtime.errors import SettingsError  # noqa: E402
 from nca_trl.runtime.paths import check_path  # noqa: E402
 
@@ -76,6 +73,8 @@ KERNELS = ("auto", "flash_attn", "torch", "reference", "padded")
 
 # ------------------------------------------------------------------------------------------------ workloads
 def rated_rows(path: str) -> list[dict]:
+    from datasets import load_dataset
+
     return load_dataset("json", data_files=str(path), split="train").to_list()
 
 
@@ -101,8 +100,12 @@ def best_worst_pairs(rows: list[dict]) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ measurement
-def matmul_peak_flops(size: int = 2048, repeats: int = 5, device: str = "cpu", dtype=torch.float32) -> float:
-    """Best matmul FLOP/s of this machine (fp32 on the CPU with torch's current threads, bf16 on a GPU)."""
+def matmul_peak_flops(size: int = 2048, repeats: int = 5, device: str = "cpu", dtype=None) -> float:
+    """Best matmul FLOP/s of this machine (fp32 on the CPU with torch's current threads, bf16 on a GPU); `dtype`
+    defaults to float32."""
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     if device != "cpu":
         size = 8192
     a = torch.randn(size, size, device=device, dtype=dtype)
@@ -151,15 +154,21 @@ class PeakRSS:
         return 0
 
 
-class StepTimer(TrainerCallback):
-    def __init__(self):
-        self.times, self._start = [], None
+def step_timer():
+    """A trainer callback whose `times` gets the wall seconds of every training step."""
+    from transformers import TrainerCallback
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self._start = [], None
 
-    def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self._start)
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self._start)
+
+    return StepTimer()
 
 
 def forward_flops(config, tokens: int, scored: int, attention_pairs: int) -> float:
@@ -211,6 +220,8 @@ def record_work(trainer) -> list[dict]:
 
 def run_system(system: str, model_path: str, rated: list[dict], args, out_dir: str, peak: float) -> dict:
     """Train `system` (a key of SYSTEMS, `d` optionally as `d:<kernel>`) for warm-up + timed steps; its numbers."""
+    import torch
+    from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     from nca_trl import NCAConfig, NCATrainer
@@ -261,7 +272,7 @@ def run_system(system: str, model_path: str, rated: list[dict], args, out_dir: s
         trainer.data_collator.__class__ = CountingCollator
 
     work = record_work(trainer)
-    timer = StepTimer()
+    timer = step_timer()
     trainer.add_callback(timer)
     if args.cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -371,10 +382,14 @@ def main(argv=None):
         parser.error(f"--kernels: unknown {unknown}, expected some of {', '.join(KERNELS)}")
     if layouts:  # plain against shared-prompt per kernel, after the baselines asked for (`--systems a,n`)
         args.systems = ",".join(extra_systems + ["c"] + [f"d:{k}" for k in kernels] + (["n"] if "n" in named else []))
-    args.cuda = torch.cuda.is_available()
-    hf_logging.set_verbosity_error()
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from nca_trl.tiny import SIZES, build_tiny_model
+
+    args.cuda = torch.cuda.is_available()
+    hf_logging.set_verbosity_error()
 
     shape = EXTRA_SIZES.get(args.size) or SIZES.get(args.size)
     if shape is None:
@@ -383,9 +398,7 @@ def main(argv=None):
         shape = (*shape[:2], args.layers, *shape[3:])
     tmp = tempfile.mkdtemp(prefix="nca-bench-")
     model_path = build_tiny_model(Path(tmp) / "model", args.arch, seed=0, size=shape)
-    n_params = sum(
-        p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model_path).parameters()
-    )
+    n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_path).parameters())
     device = "cuda" if args.cuda else "cpu"
     peak = matmul_peak_flops(device=device, dtype=torch.bfloat16 if args.bf16 else torch.float32)
     machine = {

@@ -40,7 +40,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "vicuna_rated.jsonl"
 
-from benchmark import StepTimer, forward_flops, matmul_peak_flops, record_work  # noqa: E402
+from benchmark import forward_flops, matmul_peak_flops, record_work, step_timer  # noqa: E402
 
 
 def _device() -> str:
@@ -69,7 +69,7 @@ def train(model_path: str, shared_prompt: bool, steps: int, max_length: int, bat
     assert trainer.model.dtype == torch.bfloat16, trainer.model.dtype
     assert trainer.data_collator.shared_prompt == shared_prompt, "layout fell back: see the log"
     work = record_work(trainer)
-    timer = StepTimer()
+    timer = step_timer()
     trainer.add_callback(timer)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -205,6 +205,26 @@ def test_scripts_refuse_a_missing_input_in_one_line(script, argv, message, tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("script, argv", [("plan_memory", ["recipes/none.yaml"]),
+                                          ("benchmark", ["--data", "MISSING.jsonl"])])
+def test_scripts_refuse_a_missing_input_before_importing_torch(script, argv, tmp_path):
+    """`python scripts/SCRIPT.py ARGV` as a user runs it, in a fresh interpreter: the refusal comes before torch,
+    transformers or datasets are imported (tens of seconds on a busy machine), so in well under 2 s."""
+    code = ("import json, runpy, sys\nsys.argv = sys.argv[1:]\n"
+            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit as e:\n    status = e.code\n"
+            f"print(json.dumps({{'status': status, 'heavy': [m for m in {HEAVY!r} if m in sys.modules]}}))")
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-c", code, str(REPO / "scripts" / f"{script}.py"), *argv],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"})
+    seconds = time.time() - started
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"status": 2, "heavy": []}, proc.stderr
+    assert proc.stderr.startswith(f"{script}.py: error: no such file or folder: ") and proc.stderr.count("\n") == 1
+    assert seconds < 2, seconds
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_mixture_of_builder_entries_checks_their_data_files(tmp_path, monkeypatch):
     """`- path: json` with `data_files:` names a builder, not a Hub id (refused offline before), and its files are
     local."""
