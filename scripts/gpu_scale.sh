@@ -22,7 +22,7 @@
 #   2. the wheels of WHEEL_DIR installed into a private folder (/tmp/site, first on PYTHONPATH; the image is untouched);
 #   3. nvidia-smi, then `scripts/gpu_scale.py environment`: versions as installed, the device, the measured bf16
 #      matmul peak (the MFU denominator);
-#   4. the stages (scripts/gpu_scale.py's docstring says what each measures), one process each under its own
+#   4. the stages (scripts/nca_scale/'s docstring says what each measures), one process each under its own
 #      `timeout`, in this order: zero3 zero3_offload mixtral_zero3 fsdp2 generate_long iterate layouts_median.
 #      After each, scripts/scale_results.py merges its object into OUT_DIR/gpu_scale.json (rewritten each time), so a
 #      stage that times out or fails keeps what the others measured. A stage's limit is its cap below or what is left

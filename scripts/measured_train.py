@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`nca-trl train` with its steps measured: the training entry point of scripts/gpu_scale.py's training stages.
+"""`nca-trl train` with its steps measured: the training entry point of the GPU scale run's training stages.
 
     accelerate launch --config_file CONFIG --num_processes 1 scripts/measured_train.py \
         --measure_out MEASURE.json --config RECIPE.yaml [nca-trl train arguments]

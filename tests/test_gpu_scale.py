@@ -1,11 +1,14 @@
 """scripts/gpu_scale.sh, the GPU scale run: its CPU dry run (SMOKE=1) runs every stage at tiny size and writes one
 ok object per stage, so the script cannot rot before a GPU runs it; its results file (scripts/scale_results.py) keeps
-what finished when a stage fails or times out, and says which targets were met."""
+what finished when a stage fails or times out, and says which targets were met. The stages are the package
+`scripts/nca_scale/` behind the thin entry point `scripts/gpu_scale.py`."""
 
+import importlib
 import json
 import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,34 @@ import yaml
 from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "scripts" / "nca_scale"
 results = load_script("scale_results")
+
+
+@pytest.fixture
+def scale(monkeypatch):
+    """A module of scripts/nca_scale/ by name, imported as gpu_scale.py imports it (scripts/ first on the path)."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    return lambda name: importlib.import_module(f"nca_scale.{name}")
+
+
+def test_layout_thin_entry_point_modules_under_500_lines():
+    assert len((REPO / "scripts" / "gpu_scale.py").read_text().splitlines()) < 40
+    modules = sorted(PACKAGE.glob("*.py"))
+    assert {"common.py", "measure.py", "run.py", "training_stages.py", "other_stages.py", "cli.py"} <= {
+        m.name for m in modules}
+    for path in modules:
+        assert len(path.read_text().splitlines()) <= 500, path.name
+        assert "sys.path" not in path.read_text(), path.name
+
+
+def test_the_entry_point_lists_every_stage_without_importing_torch():
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "scripts" / "gpu_scale.py"), "--help"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all(name in proc.stdout for name in results.STAGES), proc.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time")}
+    assert "nca_scale.training_stages" in imported and "torch" not in imported
 
 
 def _result(tmp_path, name, obj):
@@ -101,32 +131,31 @@ def test_targets_and_exit_status(tmp_path, capsys):
     assert all(t["met"] is None for t in results.targets(_stages(**met), smoke=True).values())
 
 
-def test_throughput_counts_timed_steps_and_model_flops():
-    gpu_scale = load_script("gpu_scale")
+def test_throughput_counts_timed_steps_and_model_flops(scale):
+    measuring = scale("measure")
     config = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 100}
     work = {"tokens": 10, "scored": 6, "pairs": 55, "plain_tokens": 10, "computed_tokens": 12}
     measure = {"step_seconds": [9.0, 2.0, 3.0], "work": [work] * 3, "config": config}
-    numbers = gpu_scale.throughput(measure, warmup=1, peak=1e6)
+    numbers = measuring.throughput(measure, warmup=1, peak=1e6)
     # per token: 64 * (2*64 + 2*32) + 3*64*128 = 36864; forward = 2 * (2*36864*10 + 100*64*6) + 4*2*64*55
     forward = 2 * (2 * 36864 * 10 + 100 * 64 * 6) + 4 * 2 * 64 * 55
     assert numbers["timed_steps"] == 2 and numbers["step_seconds_median"] == 2.5
     assert numbers["tokens_per_second"] == 20 / 5 and numbers["computed_tokens_per_step"] == 12
     assert numbers["mfu"] == pytest.approx(2 * 4 * forward / 5 / 1e6)
-    with pytest.raises(gpu_scale.StageError, match="no timed step"):
-        gpu_scale.throughput({**measure, "step_seconds": [1.0]}, warmup=1, peak=1e6)
+    with pytest.raises(scale("common").StageError, match="no timed step"):
+        measuring.throughput({**measure, "step_seconds": [1.0]}, warmup=1, peak=1e6)
     plan = {"total_gpu": 52.6e9, "cpu_per_node": 0.8e9, "strategy": "ZeRO-3", "model_states": 36.7e9,
             "reference": 4e9, "activations": 7.9e9, "overhead": 4e9, "gpu_mem_gb": 150.8}
-    memory = gpu_scale.memory({"peak_gpu_reserved_gb": 40.0, "peak_gpu_allocated_gb": 35.0}, plan)
+    memory = measuring.memory({"peak_gpu_reserved_gb": 40.0, "peak_gpu_allocated_gb": 35.0}, plan)
     assert memory["peak_gb"] == 40.0 and math.isclose(memory["plan_over_peak"], 52.6 / 40)
 
 
-def test_offload_without_a_compiler_keeps_torch_adam(tmp_path):
+def test_offload_without_a_compiler_keeps_torch_adam(tmp_path, scale):
     """The offload stage's fallback (no C++ compiler for DeepSpeed's CPU Adam): the same offload, from a DeepSpeed
     config file that lets accelerate keep torch's AdamW."""
-    gpu_scale = load_script("gpu_scale")
     (tmp_path / "runs").mkdir()
-    accel = yaml.safe_load(gpu_scale.torch_adam_offload_config(tmp_path).read_text())
+    accel = yaml.safe_load(scale("training_stages").torch_adam_offload_config(tmp_path).read_text())
     assert accel["distributed_type"] == "DEEPSPEED" and "mixed_precision" not in accel
     ds = json.loads(Path(accel["deepspeed_config"]["deepspeed_config_file"]).read_text())
     assert ds["zero_force_ds_cpu_optimizer"] is False and ds["zero_optimization"]["stage"] == 3
