@@ -44,9 +44,10 @@ def pairs(hh):
     return short_prompts(hh, 4)
 
 
-def same_losses(tiny_mistral, pairs, tmp_path, trainer_kwargs=None, **config):
-    """Each of our trainers and DPOTrainer with its pairwise loss_type: the same step losses."""
-    for ours, loss_type in OURS.items():
+def same_losses(tiny_mistral, pairs, tmp_path, trainer_kwargs=None, trainers=(NCATrainer,), **config):
+    """Our trainers (`trainers`) and DPOTrainer with the matching pairwise loss_type: the same step losses. The rows
+    take NCATrainer or InfoNCATrainer in turn (both share the machinery; "loss on pairs" runs both)."""
+    for ours, loss_type in ((t, OURS[t]) for t in trainers):
         runs = {}
         for cls, lt in ((DPOTrainer, loss_type), (ours, "sigmoid")):
             kwargs = {name: value() if callable(value) else value for name, value in (trainer_kwargs or {}).items()}
@@ -79,7 +80,7 @@ def test_every_row_of_the_table_has_its_test():
 @pytest.mark.slow
 @row("loss on pairs", "same")
 def test_loss_on_pairs(tiny_mistral, pairs, tmp_path):
-    for _ in same_losses(tiny_mistral, pairs, tmp_path):
+    for _ in same_losses(tiny_mistral, pairs, tmp_path, trainers=(NCATrainer, InfoNCATrainer)):
         pass
 
 
@@ -87,7 +88,7 @@ def test_loss_on_pairs(tiny_mistral, pairs, tmp_path):
 @row("explicit reference model", "same")
 def test_explicit_reference(tiny_mistral, tiny_mistral_ref, pairs, tmp_path):
     ref = {"ref_model": lambda: AutoModelForCausalLM.from_pretrained(tiny_mistral_ref)}
-    for _ in same_losses(tiny_mistral, pairs, tmp_path, trainer_kwargs=ref):
+    for _ in same_losses(tiny_mistral, pairs, tmp_path, trainer_kwargs=ref, trainers=(InfoNCATrainer,)):
         pass
 
 
@@ -107,7 +108,7 @@ def test_peft_reference(tiny_mistral, pairs, tmp_path):
 
     lora = {"peft_config": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                               task_type="CAUSAL_LM")}
-    for _, dpo, ours in same_losses(tiny_mistral, pairs, tmp_path, trainer_kwargs=lora):
+    for _, dpo, ours in same_losses(tiny_mistral, pairs, tmp_path, trainer_kwargs=lora, trainers=(InfoNCATrainer,)):
         assert ours.ref_model is None and dpo.ref_model is None
 
 
@@ -125,7 +126,8 @@ def test_synced_reference(tiny_mistral, pairs, tmp_path):
 @pytest.mark.slow
 @row("`precompute_ref_log_probs`", "same")
 def test_precompute(tiny_mistral, pairs, tmp_path):
-    for _, dpo, ours in same_losses(tiny_mistral, pairs, tmp_path, precompute_ref_log_probs=True):
+    for _, dpo, ours in same_losses(tiny_mistral, pairs, tmp_path, trainers=(InfoNCATrainer,),
+                                    precompute_ref_log_probs=True):
         assert "ref_logps" in ours.train_dataset.column_names
 
 

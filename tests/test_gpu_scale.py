@@ -186,7 +186,9 @@ NUMBERS = {
 def test_smoke_run_writes_every_stage_ok(tmp_path):
     """SMOKE=1 bash scripts/gpu_scale.sh: every stage at tiny size on the CPU (a few minutes on 2 cores)."""
     out = tmp_path / "out"
-    env = {**os.environ, "SMOKE": "1", "GPU_SCALE_WORK": str(tmp_path / "work")}
+    # The script runs `python3`: this interpreter's, as in an activated virtual environment
+    env = {**os.environ, "SMOKE": "1", "GPU_SCALE_WORK": str(tmp_path / "work"),
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     env.pop("STAGES", None)
     proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_scale.sh"), str(out), ""], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=1500)

@@ -218,7 +218,10 @@ def test_pairs_train_the_dpo_trainer_loss_by_default(
     assert len(dpo_losses) == len(our_losses) == 3
     # Not the trivial constant of an implicit reference at step 0
     assert abs(dpo_losses[0] - (math.log(2) if dpo_loss == "sigmoid" else 2 * math.log(2))) > 1e-3
-    assert our_losses == pytest.approx(dpo_losses, abs=1e-5)
+    # float32 resolves a 256-token log-prob sum to ~1e-4, i.e. ~1e-5 in a loss with beta 0.1: after one update in
+    # another summation order, the long case differs by up to about that (1.2e-5 with transformers 5.25, also before
+    # nca-trl's issue 26 changes); the short cases agree to 1e-6
+    assert our_losses == pytest.approx(dpo_losses, abs=3e-5 if max_length > 128 else 1e-5)
     # The updates changed the model: step 3 starts the second pass over the 4 rows (batch 2), with another loss
     assert abs(dpo_losses[2] - dpo_losses[0]) > 1e-3
     # The same gradients, step by step (every parameter's), and the same metrics
@@ -228,7 +231,8 @@ def test_pairs_train_the_dpo_trainer_loss_by_default(
         assert relative_error < 1e-3, f"step {step + 1}: relative gradient error {relative_error:.2e}"
     our_logs = [h for h in ours.state.log_history if "rewards/chosen" in h]
     for key in ("grad_norm", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "rewards/margins"):
-        assert [h[key] for h in our_logs] == pytest.approx([h[key] for h in dpo_logs], rel=1e-5, abs=1e-4), key
+        assert [h[key] for h in our_logs] == pytest.approx(
+            [h[key] for h in dpo_logs], rel=3e-5 if max_length > 128 else 1e-5, abs=1e-4), key
 
 
 @pytest.mark.slow
