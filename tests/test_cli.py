@@ -462,6 +462,7 @@ def test_disable_tqdm_logs_plain_lines_too(capsys):
     assert capsys.readouterr().out == "step 5/90  loss 1.386\n"
 
 
+@pytest.mark.slow  # over a few seconds on 2 cores
 def test_deepspeed_cpu_notice_only_where_deepspeed_is_used(tmp_path):
     """accelerate imports DeepSpeed whenever it is installed: every command printed "Setting accelerator to CPU. If
     you have GPU or other accelerator, we were unable to detect it.", also without DeepSpeed."""

@@ -164,6 +164,7 @@ def test_liger_switches_refused_where_they_cannot_work(tiny_mistral, vicuna, tmp
         check_rated_config(dpo_args, NCAConfig)
 
 
+@pytest.mark.slow  # over a few seconds on 2 cores
 def test_use_kernels_with_and_without_the_kernels_package(tiny_mistral, vicuna, tmp_path, monkeypatch):
     """`use_kernels` is a `from_pretrained` option (in `model_init_kwargs`), not a DPOConfig field. With the `kernels`
     package (transformers installs it, so the README's install has it) the trainer loads the model with it and trains

@@ -31,6 +31,7 @@ def _train_argv(model, out, **extra):
     return argv
 
 
+@pytest.mark.slow  # over a few seconds on 2 cores
 def test_train_uses_the_reference_model_it_is_given(tiny_mistral, tiny_mistral_ref, tmp_path):
     """At the first step the policy is the initial model: with the implicit reference every implicit reward is 0;
     with `ref_model_name_or_path` (other weights) they are not, and they are beta * (log pi - log pi_ref) of that
@@ -375,6 +376,7 @@ def test_dpo_rounds_mark_their_checkpoints_and_resume_from_a_complete_one(digits
     assert all((out / f"checkpoint-{n}" / "nca_trl_complete.json").exists() for n in (2, 3))  # written again, whole
 
 
+@pytest.mark.slow  # over a few seconds on 2 cores
 def test_train_continues_a_lora_adapter_against_either_reference(tiny_mistral, tmp_path):
     """`nca-trl train --use_peft` on an adapter folder (a LoRA run's output, as `iterate` passes the previous round's)
     trains that adapter further on its base instead of a fresh one; the reference is the adapter as loaded (TRL's

@@ -199,6 +199,7 @@ def test_pin_memory_off_without_an_accelerator_and_no_warning(tiny_mistral, tmp_
 
 
 # ---------------------------------------------------------------------------------------------------------- ties
+@pytest.mark.slow  # over a few seconds on 2 cores
 def test_ties_keep_or_drop_tied_prompts_counted(tiny_mistral, tmp_path):
     """`ties`: prompts whose rewards all tie are trained (uniform targets, `keep`, the default) or left out and
     counted (`drop`), in the log and in `run_info.json`; a dataset of ties only, dropped, is an error."""

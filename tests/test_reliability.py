@@ -494,6 +494,7 @@ def test_ddp_launch_on_a_locked_output_dir_is_refused_by_every_process(tmp_path,
 
 
 # ------------------------------------------------------------------------------------------------ finished runs
+@pytest.mark.slow  # over a few seconds on 2 cores
 def test_a_finished_run_of_other_settings_is_refused_before_loading_anything(tiny_mistral, tmp_path, monkeypatch):
     """Before: a second `nca-trl train` into a finished `output_dir` (e.g. the docs' chain reusing the quick start's
     folder) trained over it without a word. Now other settings are refused before the data or any model loads, naming
