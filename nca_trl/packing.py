@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .varlen import VarlenLayout, cuda_varlen_kernel, select_kernel, varlen_attention
+from .varlen import VarlenLayout, binding_window, cuda_varlen_kernel, select_kernel, varlen_attention
 
 logger = logging.getLogger("nca_trl")
 
@@ -158,8 +158,7 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
         # do, so that the kernels get one dtype and the fused ones can run
         dtype = torch.get_autocast_dtype(query.device.type)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-    if window is not None and window >= int(layout.max_seqlen_k):
-        window = None  # every segment's keys fit in the window
+    window = binding_window(window, layout)
     variants = (("sliding_window", window), ("softcap", softcap), ("sinks", sinks))
     kernel = select_kernel(query.device, query.dtype, original, frozenset(n for n, v in variants if v is not None))
     out = varlen_attention(

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 logger = logging.getLogger("nca_trl")
 
 __all__ = [
-    "CPU_KERNEL", "FEATURES", "KERNEL_ENV", "VarlenKernel", "VarlenLayout", "cuda_varlen_kernel",
+    "CPU_KERNEL", "FEATURES", "KERNEL_ENV", "VarlenKernel", "VarlenLayout", "binding_window", "cuda_varlen_kernel",
     "flash_attn_kernel", "padded_varlen", "reference_varlen", "reset_kernel_choices", "select_kernel",
     "selected_kernels", "torch_varlen_kernel", "varlen_attention",
 ]
@@ -132,6 +132,11 @@ class VarlenKernel:
         return [f for f in FEATURES if f in needs and f not in self.features]
 
 
+def binding_window(window: int | None, layout: VarlenLayout) -> int | None:
+    """`window`, or None where it holds every segment's keys (a window that never binds is no window)."""
+    return None if window is None or window >= int(layout.max_seqlen_k) else window
+
+
 def varlen_attention(
     query, key, value, layout: VarlenLayout, kernel: VarlenKernel, scale=None, dropout=0.0, window=None, softcap=None,
     sinks=None,
@@ -143,14 +148,12 @@ def varlen_attention(
         layout: the row's `VarlenLayout` (tensors on the query's device).
         kernel: the kernel (`select_kernel`), implementing every variant given.
         scale: the softmax scale; None means `D ** -0.5`.
-        window: a sliding window of `window` keys (None: none; a window as long as the longest segment's keys is
-            none either, and is not passed on); softcap: logit softcapping; sinks: `[H]` sink logits.
+        window: a sliding window of `window` keys (`binding_window`); softcap: softcapping; sinks: `[H]` sink logits.
 
     Returns:
         `[T, H, D]`, in row order.
     """
-    if window is not None and window >= int(layout.max_seqlen_k):
-        window = None  # every key of every segment is inside the window
+    window = binding_window(window, layout)
     variants = {n: v for n, v in (("window", window), ("softcap", softcap), ("sinks", sinks)) if v is not None}
     lacking = kernel.lacks({"sliding_window" if n == "window" else n for n in variants})
     if lacking:

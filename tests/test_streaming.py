@@ -71,10 +71,9 @@ def test_precompute_with_a_stream_is_refused_in_trls_words(tiny_mistral, vicuna,
 def test_streaming_two_processes(tiny_mistral, tmp_path, launch_env):
     """With dispatch_batches=True asked for: each process reads its share of the streams (accelerate's
     IterableDatasetShard, the path the default takes too), both layouts train and evaluate alike."""
-    dispatch = True
     out = tmp_path / "results.json"
     cmd = launch_cmd(cpu_config(tmp_path / "ddp.yaml"), free_port(), ("--num_processes", "2"),
                      (str(__import__("streaming_run").__file__), str(tiny_mistral), str(out)))
     log = tmp_path / "launch.log"
-    wait([start(cmd + ["--nca_only"] + (["--dispatch_batches"] if dispatch else []), log, launch_env)], [log])
+    wait([start(cmd + ["--nca_only", "--dispatch_batches"], log, launch_env)], [log])
     check(json.loads(out.read_text()), processes=2, trainers=("NCATrainer",))
