@@ -86,3 +86,56 @@ def test_layout_report_names_the_kernels(tmp_path):
     assert systems["d:auto"]["kernel"].startswith("reference_varlen")  # the CPU default
     assert systems["d:padded"]["kernel"].startswith("padded_varlen")
     assert set(results["workloads"]["long"]["ratios"]) == {"d:auto/c", "d:padded/c"}
+
+
+# ----------------------------------------------------------------------------- scripts/benchmark_ab.py
+def _bench(tps: dict, ratio: float) -> dict:
+    return {"workloads": {"vicuna": {"systems": {k: {"tokens_per_second_median": v} for k, v in tps.items()},
+                                     "ratios_median": {"d/c": ratio}}}}
+
+
+def test_ab_compare_takes_the_median_over_rounds_per_version():
+    ab = load_script("benchmark_ab")
+    before = [_bench({"c": 100, "d": 130}, 1.3), _bench({"c": 90, "d": 120}, 1.33), _bench({"c": 200, "d": 260}, 1.3)]
+    after = [_bench({"c": 100, "d": 140}, 1.4)]
+    got = ab.compare(before, after)["vicuna"]
+    assert got["tokens_per_second_median"]["c"] == {"before": 100, "after": 100, "after_over_before": 1.0}
+    assert got["tokens_per_second_median"]["d"]["before"] == 130
+    assert math.isclose(got["tokens_per_second_median"]["d"]["after_over_before"], 140 / 130)
+    assert got["ratios_median"]["d/c"]["before"] == 1.3 and got["ratios_median"]["d/c"]["after"] == 1.4
+    # A version whose every run failed compares to nothing, not to zero
+    assert ab.compare(before, [])["vicuna"]["ratios_median"]["d/c"]["after_over_before"] is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--json", "x.json"], "the following arguments are required: --before"),
+    (["--before", "no-such-commit-or-folder", "--json", "x.json"], "neither a folder nor a commit"),
+    (["--before", "HEAD", "--json", "missing/x.json"], "no such folder"),
+    (["--before", "HEAD", "--json", "x.json", "--", "--json", "y.json"], "--json after `--`"),
+], ids=["no-before", "unknown-version", "json-folder", "json-twice"])
+def test_ab_refuses_bad_settings_before_running_anything(argv, message, tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark_ab.py"), *argv], capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_ab_runs_both_versions_and_leaves_no_worktree(tmp_path):
+    """HEAD (a detached worktree) against this checkout, one round, the smallest benchmark: both runs' JSON, the
+    comparison per system, and the worktree gone afterwards."""
+    out = tmp_path / "ab.json"
+    before = subprocess.run(["git", "worktree", "list"], cwd=REPO, capture_output=True, text=True).stdout
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark_ab.py"), "--before", "HEAD", "--json",
+                           str(out), "--", "--size", "tiny", "--steps", "1", "--warmup", "0", "--workloads", "vicuna",
+                           "--systems", "c,d", "--batch", "2", "--max-length", "96"],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["before"]["version"].startswith("commit ") and report["after"]["version"].startswith("folder ")
+    assert len(report["before"]["runs"]) == len(report["after"]["runs"]) == 1
+    rows = report["comparison"]["vicuna"]["tokens_per_second_median"]
+    assert set(rows) == {"c", "d"} and all(r["after_over_before"] > 0 for r in rows.values())
+    assert set(report["comparison"]["vicuna"]["ratios_median"]) == {"d/c"}
+    assert subprocess.run(["git", "worktree", "list"], cwd=REPO, capture_output=True, text=True).stdout == before
