@@ -8,9 +8,11 @@ Each version runs its own `scripts/benchmark.py` with its own `nca_trl` first on
 interpreter (the same torch, transformers and trl). A commit is checked out as a detached git worktree in a temporary
 folder, removed at the end; a folder is taken as it is.
 
-Written to `--json`: the command, each run's full benchmark JSON, and per workload and system the median over rounds
-of `tokens_per_second_median` for each version with `after / before`, and the same for the layout ratios
-(`ratios_median`, e.g. `d/c`). Exit 1 if any benchmark run failed (what finished is still written).
+Written to `--json` after every run (`"complete": false` until the end): the command, each run's full benchmark
+JSON, and at the end, per workload and system, the median over rounds of the tokens per second on median steps for
+each version with `after / before`, and the same for the layout ratios (e.g. `d/c`). A benchmark.py from before
+`tokens_per_second_median` is compared on the same quantity, from its step times. Exit 1 if any benchmark run failed
+(what finished is still written).
 
 Usage:
     python scripts/benchmark_ab.py --before 37e3b60 --json results/ab.json -- --systems c,d --steps 3 --warmup 1
@@ -32,19 +34,24 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def check_version(version: str) -> tuple[str, str]:
-    """`("folder", absolute path)` for an existing folder holding scripts/benchmark.py, `("commit", sha)` for a commit of
-    this repository; a ValueError naming what is wrong otherwise. Nothing is written."""
+def check_version(version: str) -> tuple[str, str, str]:
+    """`("folder", absolute path, description)` for an existing folder holding scripts/benchmark.py (the description
+    adds its git commit, and whether it has uncommitted changes, where it is a checkout), `("commit", sha, description)`
+    for a commit of this repository; a ValueError naming what is wrong otherwise. Nothing is written."""
     folder = Path(version)
     if folder.is_dir():
         if not (folder / "scripts" / "benchmark.py").is_file():
             raise ValueError(f"{version}: a folder without scripts/benchmark.py")
-        return "folder", str(folder.resolve())
+        head = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        at = f" (git {head.stdout.strip()}{', with uncommitted changes' if dirty else ''})" if head.returncode == 0 else ""
+        return "folder", str(folder.resolve()), f"folder {folder.resolve()}{at}"
     sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", "--quiet", f"{version}^{{commit}}"],
                          capture_output=True, text=True)
     if sha.returncode != 0:
         raise ValueError(f"{version}: neither a folder nor a commit of {REPO}")
-    return "commit", sha.stdout.strip()
+    return "commit", sha.stdout.strip(), f"commit {sha.stdout.strip()}"
 
 
 def run_benchmark(folder: Path, args: list[str], out: Path, log: Path) -> dict | None:
@@ -57,28 +64,38 @@ def run_benchmark(folder: Path, args: list[str], out: Path, log: Path) -> dict |
     return json.loads(out.read_text()) if proc.returncode == 0 and out.is_file() else None
 
 
+def median_step_tps(system: dict) -> float:
+    """Tokens per second on the median step: `tokens_per_second_median`, or, from a benchmark.py older than that key,
+    the same quantity from the keys it has (plain-layout tokens per step over the median step time)."""
+    if "tokens_per_second_median" in system:
+        return system["tokens_per_second_median"]
+    return system["plain_tokens_per_step"] / system["step_seconds_median"]
+
+
 def compare(before: list[dict], after: list[dict]) -> dict:
     """Per workload: each system's median (over runs) tokens/s on median steps for both versions with after / before,
-    and the same for each median-step layout ratio."""
+    and the same for each layout ratio (`ratios`' names, e.g. `d/c`) on median steps."""
     def median_of(runs, workload, pick):
         values = [pick(run["workloads"][workload]) for run in runs if workload in run["workloads"]]
         return statistics.median(values) if values else None
+
+    def ratio(workload, name):
+        x, y = name.split("/")
+        return median_step_tps(workload["systems"][x]) / median_step_tps(workload["systems"][y])
 
     def entry(b, a):
         return {"before": b, "after": a, "after_over_before": a / b if a is not None and b else None}
 
     out = {}
-    for workload in before[0]["workloads"] if before else []:
-        systems = before[0]["workloads"][workload]["systems"]
-        ratios = before[0]["workloads"][workload].get("ratios_median", {})
+    for workload, first in (before or after or [{"workloads": {}}])[0]["workloads"].items():
         out[workload] = {
             "tokens_per_second_median": {key: entry(
-                median_of(before, workload, lambda w, k=key: w["systems"][k]["tokens_per_second_median"]),
-                median_of(after, workload, lambda w, k=key: w["systems"][k]["tokens_per_second_median"]),
-            ) for key in systems},
-            "ratios_median": {name: entry(median_of(before, workload, lambda w, n=name: w["ratios_median"][n]),
-                                          median_of(after, workload, lambda w, n=name: w["ratios_median"][n]))
-                              for name in ratios},
+                median_of(before, workload, lambda w, k=key: median_step_tps(w["systems"][k])),
+                median_of(after, workload, lambda w, k=key: median_step_tps(w["systems"][k])),
+            ) for key in first["systems"]},
+            "ratios_median": {name: entry(median_of(before, workload, lambda w, n=name: ratio(w, n)),
+                                          median_of(after, workload, lambda w, n=name: ratio(w, n)))
+                              for name in first.get("ratios", {})},
         }
     return out
 
@@ -105,17 +122,18 @@ def main(argv=None) -> int:
             checked[name] = check_version(getattr(args, name))
         except ValueError as error:
             parser.error(f"--{name} {error}")
+    command = " ".join(["python", "scripts/benchmark_ab.py", *(argv if argv is not None else sys.argv[1:])])
     work = Path(tempfile.mkdtemp(prefix="nca-ab-"))
     worktrees = []
     try:
         versions, folders = {}, {}
-        for name, (kind, where) in checked.items():
+        for name, (kind, where, description) in checked.items():
             folders[name] = Path(where) if kind == "folder" else work / name
             if kind == "commit":  # a detached worktree of the commit, removed at the end
                 subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "--quiet", str(folders[name]),
                                 where], check=True)
                 worktrees.append(folders[name])
-            versions[name] = {"version": f"{kind} {where}", "runs": [], "failed": []}
+            versions[name] = {"version": description, "runs": [], "failed": []}
         for round_ in range(args.rounds):
             for name, version in versions.items():
                 print(f"[round {round_ + 1}/{args.rounds}] {name}: {version['version']}", flush=True)
@@ -126,9 +144,10 @@ def main(argv=None) -> int:
                     print(f"  failed: the end of its log:\n{log.read_text()[-3000:]}", flush=True)
                 else:
                     version["runs"].append(result)
-        report = {"command": " ".join(["python", "scripts/benchmark_ab.py", *(argv if argv is not None else
-                                                                              sys.argv[1:])]),
-                  **versions, "comparison": compare(versions["before"]["runs"], versions["after"]["runs"])}
+                # Every finished run is in --json as soon as it ends: a later failure or a kill loses none
+                out.write_text(json.dumps({"command": command, "complete": False, **versions}, indent=1) + "\n")
+        report = {"command": command, "complete": True, **versions,
+                  "comparison": compare(versions["before"]["runs"], versions["after"]["runs"])}
         out.write_text(json.dumps(report, indent=1) + "\n")
         for workload, numbers in report["comparison"].items():
             for kind, rows in numbers.items():

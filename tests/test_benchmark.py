@@ -89,22 +89,38 @@ def test_layout_report_names_the_kernels(tmp_path):
 
 
 # ----------------------------------------------------------------------------- scripts/benchmark_ab.py
-def _bench(tps: dict, ratio: float) -> dict:
+def _bench(tps: dict) -> dict:
     return {"workloads": {"vicuna": {"systems": {k: {"tokens_per_second_median": v} for k, v in tps.items()},
-                                     "ratios_median": {"d/c": ratio}}}}
+                                     "ratios": {"d/c": 0.0}}}}
 
 
 def test_ab_compare_takes_the_median_over_rounds_per_version():
     ab = load_script("benchmark_ab")
-    before = [_bench({"c": 100, "d": 130}, 1.3), _bench({"c": 90, "d": 120}, 1.33), _bench({"c": 200, "d": 260}, 1.3)]
-    after = [_bench({"c": 100, "d": 140}, 1.4)]
+    before = [_bench({"c": 100, "d": 130}), _bench({"c": 90, "d": 120}), _bench({"c": 200, "d": 260})]
+    after = [_bench({"c": 100, "d": 140})]
     got = ab.compare(before, after)["vicuna"]
     assert got["tokens_per_second_median"]["c"] == {"before": 100, "after": 100, "after_over_before": 1.0}
     assert got["tokens_per_second_median"]["d"]["before"] == 130
     assert math.isclose(got["tokens_per_second_median"]["d"]["after_over_before"], 140 / 130)
-    assert got["ratios_median"]["d/c"]["before"] == 1.3 and got["ratios_median"]["d/c"]["after"] == 1.4
+    # Ratios on median steps, per run, then the median over runs: 1.3, 1.333, 1.3 -> 1.3
+    assert math.isclose(got["ratios_median"]["d/c"]["before"], 1.3) and got["ratios_median"]["d/c"]["after"] == 1.4
     # A version whose every run failed compares to nothing, not to zero
     assert ab.compare(before, [])["vicuna"]["ratios_median"]["d/c"]["after_over_before"] is None
+
+
+def test_ab_compares_a_benchmark_older_than_the_median_keys():
+    """benchmark.py before tokens_per_second_median (e.g. 37e3b60): the same quantity from its step times."""
+    ab = load_script("benchmark_ab")
+    old = {"workloads": {"long": {"systems": {
+        "c": {"plain_tokens_per_step": 8000.0, "step_seconds_median": 40.0, "tokens_per_second": 190.0},
+        "d": {"plain_tokens_per_step": 8000.0, "step_seconds_median": 16.0, "tokens_per_second": 480.0}},
+        "ratios": {"d/c": 2.53}}}}
+    new = {"workloads": {"long": {"systems": {"c": {"tokens_per_second_median": 210.0},
+                                              "d": {"tokens_per_second_median": 525.0}}, "ratios": {"d/c": 2.5}}}}
+    got = ab.compare([old], [new])["long"]
+    assert got["tokens_per_second_median"]["c"]["before"] == 200.0 and got["ratios_median"]["d/c"]["before"] == 2.5
+    assert got["tokens_per_second_median"]["c"]["after_over_before"] == 1.05
+    assert got["ratios_median"]["d/c"]["after_over_before"] == 1.0
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -133,7 +149,8 @@ def test_ab_runs_both_versions_and_leaves_no_worktree(tmp_path):
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["before"]["version"].startswith("commit ") and report["after"]["version"].startswith("folder ")
+    assert report["complete"] and report["before"]["version"].startswith("commit ")
+    assert report["after"]["version"].startswith(f"folder {REPO}")
     assert len(report["before"]["runs"]) == len(report["after"]["runs"]) == 1
     rows = report["comparison"]["vicuna"]["tokens_per_second_median"]
     assert set(rows) == {"c", "d"} and all(r["after_over_before"] > 0 for r in rows.values())
