@@ -45,7 +45,7 @@ def check_version(version: str) -> tuple[str, str, str]:
         head = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True)
         dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True).stdout.strip()
-        at = f" (git {head.stdout.strip()}{', with uncommitted changes' if dirty else ''})" if head.returncode == 0 else ""
+        at = "" if head.returncode else f" (git {head.stdout.strip()}{', with uncommitted changes' if dirty else ''})"
         return "folder", str(folder.resolve()), f"folder {folder.resolve()}{at}"
     sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", "--quiet", f"{version}^{{commit}}"],
                          capture_output=True, text=True)
