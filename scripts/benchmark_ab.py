@@ -127,6 +127,7 @@ def main(argv=None) -> int:
     worktrees = []
     try:
         versions, folders = {}, {}
+        report = {"command": command, "complete": False}
         for name, (kind, where, description) in checked.items():
             folders[name] = Path(where) if kind == "folder" else work / name
             if kind == "commit":  # a detached worktree of the commit, removed at the end
@@ -140,14 +141,15 @@ def main(argv=None) -> int:
                 log = work / f"{name}-{round_}.log"
                 result = run_benchmark(folders[name], bench_args, work / f"{name}-{round_}.json", log)
                 if result is None:
-                    version["failed"].append({"round": round_, "log_tail": log.read_text()[-3000:]})
-                    print(f"  failed: the end of its log:\n{log.read_text()[-3000:]}", flush=True)
+                    tail = log.read_text()[-3000:]
+                    version["failed"].append({"round": round_, "log_tail": tail})
+                    print(f"  failed: the end of its log:\n{tail}", flush=True)
                 else:
                     version["runs"].append(result)
                 # Every finished run is in --json as soon as it ends: a later failure or a kill loses none
-                out.write_text(json.dumps({"command": command, "complete": False, **versions}, indent=1) + "\n")
-        report = {"command": command, "complete": True, **versions,
-                  "comparison": compare(versions["before"]["runs"], versions["after"]["runs"])}
+                out.write_text(json.dumps({**report, **versions}, indent=1) + "\n")
+        report.update(versions, complete=True,
+                      comparison=compare(versions["before"]["runs"], versions["after"]["runs"]))
         out.write_text(json.dumps(report, indent=1) + "\n")
         for workload, numbers in report["comparison"].items():
             for kind, rows in numbers.items():
