@@ -26,6 +26,8 @@ there `shared_prompt=None` takes it for every batch (the trainer's `_setup_layou
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import re
 import sys
@@ -47,6 +49,7 @@ __all__ = [
     "is_shared_prompt_enabled",
     "original_attention_implementation",
     "shared_prompt_attention",
+    "shared_prompt_forward",
     "shared_prompt_support",
 ]
 
@@ -55,6 +58,11 @@ LAYOUT_KEYS = VarlenLayout.KEYS
 _PREFIX = "nca_shared_prompt|"
 # Attention implementations whose models can take the layout (the attention itself is always `nca_trl.varlen`'s)
 _IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+
+# Set while a shared-prompt row is forwarded (`shared_prompt_forward`): an attention call that gets no layout then
+# would attend across completions, and raises instead
+_IN_SHARED_PROMPT_FORWARD = contextvars.ContextVar("nca_shared_prompt_forward", default=False)
+
 
 def is_shared_prompt_batch(batch) -> bool:
     """Whether a collated batch is in the shared-prompt layout (else the plain padded one)."""
@@ -143,6 +151,12 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
     """
     layout = kwargs.pop("nca_layout", None)
     original = module.config._attn_implementation[len(_PREFIX) :]
+    if layout is None and _IN_SHARED_PROMPT_FORWARD.get():
+        raise RuntimeError(
+            f"{type(module).__name__} got no shared-prompt layout while a shared-prompt row was forwarded: its model "
+            "does not pass keyword arguments on to its attention, so each completion would attend to the others. "
+            "Set shared_prompt=False to train this model with the plain padded layout."
+        )
     if layout is None:
         return _original_attention(module, original)(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
@@ -166,6 +180,18 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
         window=window, softcap=softcap, sinks=sinks,
     )  # [T, H, D], row order
     return out.unsqueeze(0), None
+
+
+@contextlib.contextmanager
+def shared_prompt_forward():
+    """Wrap the forward pass of a shared-prompt row: inside it, an attention call that did not receive the row's
+    layout (`nca_layout`, lost by a model that does not pass keyword arguments down to its attention) raises instead
+    of attending over the whole row. Backward recomputation (gradient checkpointing) reuses the forward's kwargs."""
+    token = _IN_SHARED_PROMPT_FORWARD.set(True)
+    try:
+        yield
+    finally:
+        _IN_SHARED_PROMPT_FORWARD.reset(token)
 
 
 def _original_attention(module, original: str):

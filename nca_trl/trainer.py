@@ -32,7 +32,7 @@ from .data.formats import PAIR_COLUMN
 from .data.tokenize import prepare_rated_dataset, with_row_index
 from .losses import infonca_loss, nca_loss
 from .metrics import best_slots, from_slots, sequence_metrics, to_slots
-from .packing import SharedPromptLayoutMixin, is_shared_prompt_batch, is_shared_prompt_enabled
+from .packing import SharedPromptLayoutMixin, is_shared_prompt_batch, is_shared_prompt_enabled, shared_prompt_forward
 from .ref_cache import precompute_ref_logps
 from .runtime.output_dir import check_output_dir
 from .runtime.progress import use_readable_progress
@@ -280,18 +280,19 @@ class _RatedCompletionsTrainer(RunSafetyMixin, SharedPromptLayoutMixin, DPOTrain
             if not is_shared_prompt_enabled(self.accelerator.unwrap_model(model)):
                 raise RuntimeError("A shared-prompt batch reached a model whose attention was not set up for it.")
             input_ids = inputs["input_ids"]
-            outputs = model(
-                input_ids=input_ids,
-                position_ids=inputs["position_ids"],
-                # A 4D mask counts as prepared and skips the model's own mask creation (the layout carries the real
-                # attention pattern); as [1, 1, 1, T] ones it also tells the MoE aux loss that every token is real
-                attention_mask=torch.ones(1, 1, 1, input_ids.size(1), dtype=torch.bool, device=input_ids.device),
-                shift_labels=inputs["shift_labels"],
-                nca_layout=VarlenLayout.from_batch(inputs),
-                use_cache=False,
-                fused_lm_head=True,
-                **model_kwargs,
-            )
+            with shared_prompt_forward():  # an attention call that does not get `nca_layout` raises
+                outputs = model(
+                    input_ids=input_ids,
+                    position_ids=inputs["position_ids"],
+                    # A 4D mask counts as prepared and skips the model's own mask creation (the layout carries the real
+                    # attention pattern); as [1, 1, 1, T] ones it also tells the MoE aux loss that every token is real
+                    attention_mask=torch.ones(1, 1, 1, input_ids.size(1), dtype=torch.bool, device=input_ids.device),
+                    shift_labels=inputs["shift_labels"],
+                    nca_layout=VarlenLayout.from_batch(inputs),
+                    use_cache=False,
+                    fused_lm_head=True,
+                    **model_kwargs,
+                )
             index = (inputs["token_sequence"] >= 0).nonzero().squeeze(1)
             token_sequence = inputs["token_sequence"][index]
 

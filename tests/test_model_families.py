@@ -95,6 +95,18 @@ def test_bypassing_the_allow_list_shows_the_leak(family, tokenizer, vicuna, tmp_
     assert ((a - b).abs() / a.abs()).max() > 1e-4, family
 
 
+def test_a_model_that_loses_the_layout_keyword_raises_instead_of_leaking(tokenizer, vicuna, tmp_path, monkeypatch):
+    """StableLM is attention-only but its decoder layer does not pass keyword arguments on to its attention: forced
+    into the shared-prompt layout (the allow-list bypassed), its attention would get no layout and attend over the
+    whole row, every completion seeing the others (3e-2 relative off). The forward raises instead."""
+    monkeypatch.setitem(FAMILIES, "stablelm", ("stablelm", dict(num_hidden_layers=2)))
+    monkeypatch.setitem(EXACT_FAMILIES, "stablelm", "stablelm")  # what the allow-list refuses to do
+    trainer = trainer_for("stablelm", tokenizer, vicuna, tmp_path)
+    assert trainer.data_collator.shared_prompt
+    with pytest.raises(RuntimeError, match="StableLmAttention got no shared-prompt layout .* shared_prompt=False"):
+        logps_both_layouts(trainer)
+
+
 @pytest.mark.parametrize("family", ["lfm2", "qwen3_next"])
 def test_explicit_shared_prompt_on_a_hybrid_is_refused_naming_the_layer(family, tokenizer, vicuna, tmp_path):
     for setting in ({"shared_prompt": True}, {"padding_free": True}):
