@@ -59,9 +59,18 @@ _PREFIX = "nca_shared_prompt|"
 # Attention implementations whose models can take the layout (the attention itself is always `nca_trl.varlen`'s)
 _IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 
+
+
+@dataclass
+class _ForwardCheck:
+    """What the attention calls of one shared-prompt forward received (`shared_prompt_forward`)."""
+
+    windowed: bool = False  # some call got a `sliding_window`
+
+
 # Set while a shared-prompt row is forwarded (`shared_prompt_forward`): an attention call that gets no layout then
 # would attend across completions, and raises instead
-_IN_SHARED_PROMPT_FORWARD = contextvars.ContextVar("nca_shared_prompt_forward", default=False)
+_FORWARD_CHECK: contextvars.ContextVar[_ForwardCheck | None] = contextvars.ContextVar("nca_forward", default=None)
 
 
 def is_shared_prompt_batch(batch) -> bool:
@@ -151,7 +160,8 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
     """
     layout = kwargs.pop("nca_layout", None)
     original = module.config._attn_implementation[len(_PREFIX) :]
-    if layout is None and _IN_SHARED_PROMPT_FORWARD.get():
+    check = _FORWARD_CHECK.get()
+    if layout is None and check is not None:
         raise RuntimeError(
             f"{type(module).__name__} got no shared-prompt layout while a shared-prompt row was forwarded: its model "
             "does not pass keyword arguments on to its attention, so each completion would attend to the others. "
@@ -164,6 +174,8 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
     if query.size(0) != 1:
         raise ValueError(f"a shared-prompt batch is one row, got a batch of {query.size(0)} rows")
     window, softcap, sinks = kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux")
+    if check is not None and window is not None:
+        check.windowed = True
     if original == "sdpa" and softcap is not None:
         raise ValueError("the model passes `softcap`, which its own sdpa attention refuses: load it with eager")
     if torch.is_autocast_enabled(query.device.type):
@@ -183,15 +195,26 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
 
 
 @contextlib.contextmanager
-def shared_prompt_forward():
-    """Wrap the forward pass of a shared-prompt row: inside it, an attention call that did not receive the row's
-    layout (`nca_layout`, lost by a model that does not pass keyword arguments down to its attention) raises instead
-    of attending over the whole row. Backward recomputation (gradient checkpointing) reuses the forward's kwargs."""
-    token = _IN_SHARED_PROMPT_FORWARD.set(True)
+def shared_prompt_forward(model):
+    """Wrap the forward pass of a shared-prompt row through `model`, and check what its attention received: inside,
+    an attention call without the row's layout (`nca_layout`, lost by a model that does not pass keyword arguments
+    down to its attention) raises instead of attending over the whole row; after it, a model with a sliding window
+    whose attention calls got none (a window applied only by the model's mask, which this layout does not build)
+    raises instead of returning full-attention log-probs. Backward recomputation (gradient checkpointing) reuses the
+    forward's keyword arguments."""
+    check = _ForwardCheck()
+    token = _FORWARD_CHECK.set(check)
     try:
         yield
     finally:
-        _IN_SHARED_PROMPT_FORWARD.reset(token)
+        _FORWARD_CHECK.reset(token)
+    window = _sliding_window(model.config.get_text_config())
+    if window is not None and not check.windowed:
+        raise RuntimeError(
+            f"{type(model).__name__} has a sliding window of {window} tokens, but none of its attention calls was "
+            "given it while a shared-prompt row was forwarded: the model applies the window through its attention "
+            "mask, which this layout does not build. Set shared_prompt=False to train it with the plain padded layout."
+        )
 
 
 def _original_attention(module, original: str):
@@ -294,17 +317,21 @@ def shared_prompt_support(model, max_length: int | None = None) -> SharedPromptS
     if not attention or not all(_uses_attention_interface(name) for name in attention):
         return SharedPromptSupport(False, f"{type(model).__name__} does not dispatch attention via AttentionInterface")
     needs = set()
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if window is not None and (max_length is None or window < max_length) and (
-        layer_types is None or "sliding_attention" in layer_types
-    ):
+    window = _sliding_window(config)
+    if window is not None and (max_length is None or window < max_length):
         needs.add("sliding_window")
     if getattr(config, "attn_logit_softcapping", None) is not None:
         needs.add("softcap")
     if any(getattr(m, "sinks", None) is not None for m in model.modules() if type(m).__name__.endswith("Attention")):
         needs.add("sinks")
     return SharedPromptSupport(True, needs=frozenset(needs))
+
+
+def _sliding_window(config) -> int | None:
+    """The sliding window some attention layer of a model with this (text) config applies, or None."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    return window if layer_types is None or "sliding_attention" in layer_types else None
 
 
 def enable_shared_prompt(model, max_length: int | None = None) -> SharedPromptSupport:

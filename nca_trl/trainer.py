@@ -280,7 +280,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, SharedPromptLayoutMixin, DPOTrain
             if not is_shared_prompt_enabled(self.accelerator.unwrap_model(model)):
                 raise RuntimeError("A shared-prompt batch reached a model whose attention was not set up for it.")
             input_ids = inputs["input_ids"]
-            with shared_prompt_forward():  # an attention call that does not get `nca_layout` raises
+            with shared_prompt_forward(self.accelerator.unwrap_model(model)):  # checks what the attention got
                 outputs = model(
                     input_ids=input_ids,
                     position_ids=inputs["position_ids"],

@@ -95,15 +95,22 @@ def test_bypassing_the_allow_list_shows_the_leak(family, tokenizer, vicuna, tmp_
     assert ((a - b).abs() / a.abs()).max() > 1e-4, family
 
 
-def test_a_model_that_loses_the_layout_keyword_raises_instead_of_leaking(tokenizer, vicuna, tmp_path, monkeypatch):
-    """StableLM is attention-only but its decoder layer does not pass keyword arguments on to its attention: forced
-    into the shared-prompt layout (the allow-list bypassed), its attention would get no layout and attend over the
-    whole row, every completion seeing the others (3e-2 relative off). The forward raises instead."""
-    monkeypatch.setitem(FAMILIES, "stablelm", ("stablelm", dict(num_hidden_layers=2)))
-    monkeypatch.setitem(EXACT_FAMILIES, "stablelm", "stablelm")  # what the allow-list refuses to do
-    trainer = trainer_for("stablelm", tokenizer, vicuna, tmp_path)
+@pytest.mark.parametrize("family, overrides, error", [
+    ("stablelm", dict(num_hidden_layers=2), "StableLmAttention got no shared-prompt layout .* shared_prompt=False"),
+    ("phimoe", dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW),
+     f"PhimoeForCausalLM has a sliding window of {WINDOW} tokens, but none of its attention calls was given it"),
+])
+def test_attention_that_misses_the_layout_raises_instead_of_leaking(family, overrides, error, tokenizer, vicuna,
+                                                                     tmp_path, monkeypatch):
+    """Two ways a model that the allow-list does not admit would give wrong log-probs in the shared-prompt layout
+    (3e-2 relative off, each completion seeing the others), caught at the forward pass: StableLM's decoder layer does
+    not pass keyword arguments on to its attention, so the layout never reaches it; PhiMoE applies its sliding window
+    only through the mask, which the layout does not build."""
+    monkeypatch.setitem(FAMILIES, family, (family, overrides))
+    monkeypatch.setitem(EXACT_FAMILIES, family, family)  # what the allow-list refuses to do
+    trainer = trainer_for(family, tokenizer, vicuna, tmp_path)
     assert trainer.data_collator.shared_prompt
-    with pytest.raises(RuntimeError, match="StableLmAttention got no shared-prompt layout .* shared_prompt=False"):
+    with pytest.raises(RuntimeError, match=error):
         logps_both_layouts(trainer)
 
 
