@@ -27,9 +27,8 @@ Kernels, in the order they are tried (the one chosen is logged once per device a
    `torch.nn.attention.bias.causal_lower_right`, key/value heads repeated) or `padded_varlen` (the prompt prefixes
    padded into one causal SDPA call, the completions into one masked SDPA call with repeated key/value heads).
    `CPU_KERNEL` is the CPU default, the faster of the two in `results/benchmark_layouts_cpu.json`; CUDA without a
-   varlen kernel (or in float32) uses `padded_varlen`.
-
-`NCA_TRL_VARLEN_KERNEL` (`flash_attn`, `torch`, `reference` or `padded`) forces one of them.
+   varlen kernel (or in float32) uses `padded_varlen`. `NCA_TRL_VARLEN_KERNEL` (`flash_attn`, `torch`, `reference`
+   or `padded`) forces one of them.
 
 Attention variants (`VarlenKernel.features`), each applied exactly as the model's own attention applies it:
 
@@ -38,10 +37,8 @@ Attention variants (`VarlenKernel.features`), each applied exactly as the model'
 - `softcap` c: scores become `c * tanh(scores / c)` before the mask (Gemma 2): `flash_attn` kernels that take
   `softcap`, and `reference_varlen`;
 - `sinks` (GPT-OSS's per-head `s_aux` logits): one more logit per head in every softmax, dropped afterwards:
-  `reference_varlen` only.
-
-A kernel is only chosen for what it implements (`select_kernel(..., needs=...)`); the trainer decides the layout at
-construction from the model (`nca_trl.packing.shared_prompt_support`).
+  `reference_varlen` only. A kernel is only chosen for what it implements (`select_kernel(..., needs=...)`); the
+  trainer decides the layout at construction from the model (`nca_trl.packing.shared_prompt_support`).
 """
 
 from __future__ import annotations
@@ -144,14 +141,14 @@ def varlen_attention(
     """Attention over a shared-prompt row in one kernel call.
 
     Args:
-        query: `[T, H, D]`, the row's queries in row order; key, value: `[T, H_kv, D]`.
+        query: `[T, H, D]`, the row's queries in row order; key: `[T, H_kv, D]`; value: `[T, H_kv, D_v]` (MLA: D_v < D).
         layout: the row's `VarlenLayout` (tensors on the query's device).
         kernel: the kernel (`select_kernel`), implementing every variant given.
         scale: the softmax scale; None means `D ** -0.5`.
         window: a sliding window of `window` keys (`binding_window`); softcap: softcapping; sinks: `[H]` sink logits.
 
     Returns:
-        `[T, H, D]`, in row order.
+        `[T, H, D_v]`, in row order.
     """
     window = binding_window(window, layout)
     variants = {n: v for n, v in (("window", window), ("softcap", softcap), ("sinks", sinks)) if v is not None}
@@ -163,10 +160,13 @@ def varlen_attention(
     # prompt key over every completion that reads it
     k = key.index_select(0, layout.kv_index)
     v = value.index_select(0, layout.kv_index)
+    v_dim = v.size(-1)
+    if kernel.cuda and v_dim != query.size(-1):  # fused kernels take one head dim (MLA's values are narrower): pad
+        v = F.pad(v, [0, query.size(-1) - v_dim])  # with zero columns, cropped from the output
     return kernel.fn(
         query.contiguous(), k, v, layout.cu_seqlens_q, layout.cu_seqlens_k,
         int(layout.max_seqlen_q), int(layout.max_seqlen_k), float(scale), float(dropout), **variants,
-    )
+    )[..., :v_dim]
 
 
 def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -244,7 +244,7 @@ def padded_varlen(
     key/value heads repeated (masked SDPA with `enable_gqa=True` has no fused CUDA kernel and falls back to the float32
     "math" kernel). The old per-segment-kind attention of this layout, fed from the varlen boundaries; reads them on
     the host."""
-    heads, dim = q.size(1), q.size(2)
+    heads = q.size(1)
     bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     lq = [b - a for a, b in itertools.pairwise(bq)]
     lk = [b - a for a, b in itertools.pairwise(bk)]
@@ -274,7 +274,7 @@ def padded_varlen(
                 qs, ks, vs, attn_mask=mask[:, None].to(q.device), dropout_p=dropout, scale=scale
             )
         real = q_real.flatten().nonzero().squeeze(1).to(q.device)
-        outputs.append(out.transpose(1, 2).reshape(-1, heads, dim).index_select(0, real))
+        outputs.append(out.transpose(1, 2).reshape(-1, heads, v.size(-1)).index_select(0, real))
         rows.append(q_rows.flatten().index_select(0, real))
     # Both groups' real queries, back in row order
     return torch.cat(outputs).index_select(0, torch.cat(rows).argsort())

@@ -212,6 +212,7 @@ def _fake(causal_of, gqa_of=lambda kw: False, scale_of=lambda kw: None, calls=No
         assert cu_q.dtype == cu_k.dtype == torch.int32
         assert type(max_q) is int and type(max_k) is int
         assert max_q == int((cu_q[1:] - cu_q[:-1]).max()) and max_k == int((cu_k[1:] - cu_k[:-1]).max())
+        assert v.size(-1) == q.size(-1), "the fused kernels take one head dim for queries, keys and values"
         if k.size(1) != q.size(1):
             assert gqa_of(kwargs), "fewer key/value heads without GQA"
             k, v = k.repeat_interleave(q.size(1) // k.size(1), 1), v.repeat_interleave(q.size(1) // k.size(1), 1)
@@ -297,6 +298,26 @@ def test_cuda_kernels_get_int32_boundaries_integer_maxima_and_causal_bottom_righ
             torch.testing.assert_close(out.detach(), want[kv_heads], rtol=1e-10, atol=1e-10, msg=kind)
         if kind == "torch 2.9":  # no `scale`: the queries were pre-scaled so that its 1/sqrt(D) gives 0.2
             assert "scale" not in calls[-1]
+
+
+def test_cuda_kernels_take_values_narrower_than_queries():
+    """Multi-head latent attention (DeepSeek-V3, GLM-4.7-Flash) has values narrower than its queries and keys; the
+    fused kernels take one head dim, so the values are padded with zeros and the output cropped, as transformers'
+    own flash-attention integration does."""
+    calls = []
+    examples = [{"prompt_ids": [1, 2, 3, 4], "completion_ids": [[5, 6], [7], []]}, {"prompt_ids": [8], "completion_ids": [[9]]}]
+    layout = VarlenLayout.from_batch(build_shared_prompt_batch(examples, max_length=None))
+    t = layout.cu_seqlens_q[-1].item()
+    q, k, _ = qkv(t, 4, 4, 12, seed=1)
+    v = torch.randn(t, 4, 8, dtype=torch.float64)
+    want = dense_attention(q, k, v, dense_mask(examples), 0.2)
+    for kind, kernel in signatures(calls):
+        out = varlen_attention(q, k, v, layout, kernel, scale=0.2)
+        assert out.shape == (t, 4, 8), kind
+        torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10, msg=kind)
+    for name in ("reference", "padded"):
+        out = varlen_attention(q, k, v, layout, varlen._PYTORCH_PATHS[name], scale=0.2)
+        torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10, msg=name)
 
 
 def test_kernel_order_on_cuda(monkeypatch, caplog):
