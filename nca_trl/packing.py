@@ -248,10 +248,15 @@ def _register(original: str) -> str:
 # the text config's `model_type` -> transformers' package of its modeling code. A family not listed is plain
 # (DESIGN §7: SSM / Mamba state, short convolutions and linear attention carry one completion into the next).
 EXACT_FAMILIES = {
-    "llama": "llama", "mistral": "mistral", "ministral": "ministral", "mixtral": "mixtral", "qwen2": "qwen2",
-    "qwen2_moe": "qwen2_moe", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "phi3": "phi3", "gemma": "gemma",
-    "gemma2": "gemma2", "gemma3_text": "gemma3", "gpt_oss": "gpt_oss", "cohere2": "cohere2", "olmo2": "olmo2",
-    "olmo3": "olmo3", "granite": "granite", "starcoder2": "starcoder2",
+    "llama": "llama", "mistral": "mistral", "ministral": "ministral", "ministral3": "ministral3", "mixtral": "mixtral",
+    "qwen2": "qwen2", "qwen2_moe": "qwen2_moe", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "phi": "phi",
+    "phi3": "phi3", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gpt_oss": "gpt_oss",
+    "cohere": "cohere", "cohere2": "cohere2", "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo3", "olmoe": "olmoe",
+    "granite": "granite", "granitemoe": "granitemoe", "granitemoeshared": "granitemoeshared",
+    "starcoder2": "starcoder2", "smollm3": "smollm3", "glm4": "glm4", "glm4_moe": "glm4_moe",
+    "glm4_moe_lite": "glm4_moe_lite", "deepseek_v3": "deepseek_v3", "ernie4_5_moe": "ernie4_5_moe",
+    "seed_oss": "seed_oss", "exaone4": "exaone4", "hunyuan_v1_dense": "hunyuan_v1_dense",
+    "hunyuan_v1_moe": "hunyuan_v1_moe", "minimax_m2": "minimax_m2", "apertus": "apertus", "helium": "helium",
 }
 # The layer kinds of `config.layer_types` that are attention
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -313,16 +318,22 @@ def shared_prompt_support(model, max_length: int | None = None) -> SharedPromptS
                if where.startswith("transformers.models.") and not where.startswith(own)]
     if foreign:
         return SharedPromptSupport(False, f"module {foreign[0]} is not {model_type}'s own code")
-    attention = {type(m).__module__ for m in model.modules() if type(m).__name__.endswith("Attention")}
-    if not attention or not all(_uses_attention_interface(name) for name in attention):
+    attention = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
+    if not attention or not all(_uses_attention_interface(type(m).__module__) for m in attention):
         return SharedPromptSupport(False, f"{type(model).__name__} does not dispatch attention via AttentionInterface")
+    two_way = next((type(m).__name__ for m in attention if getattr(m, "is_causal", None) is not True), None)
+    if two_way:
+        return SharedPromptSupport(
+            False, f"{two_way} is not causal (is_causal is not True, e.g. config.use_bidirectional_attention): the "
+            "layout's attention is causal"
+        )
     needs = set()
     window = _sliding_window(config)
     if window is not None and (max_length is None or window < max_length):
         needs.add("sliding_window")
     if getattr(config, "attn_logit_softcapping", None) is not None:
         needs.add("softcap")
-    if any(getattr(m, "sinks", None) is not None for m in model.modules() if type(m).__name__.endswith("Attention")):
+    if any(getattr(m, "sinks", None) is not None for m in attention):
         needs.add("sinks")
     return SharedPromptSupport(True, needs=frozenset(needs))
 

@@ -16,6 +16,11 @@ WINDOW = 8
 _MAMBA = dict(mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1,
               mamba_chunk_size=16)
 _MOE = dict(num_local_experts=4, num_experts_per_tok=2)
+_DEEPSEEK_MOE = dict(moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                     first_k_dense_replace=1, n_group=1, topk_group=1)
+# Multi-head latent attention: queries and keys of 16 + 8 (rotary) dimensions, values of 16, one key/value head each
+_MLA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+            v_head_dim=16)
 
 FAMILIES: dict[str, tuple[str, dict]] = {
     "llama": ("llama", dict(num_hidden_layers=2)),
@@ -45,6 +50,29 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "starcoder2": ("starcoder2", dict(num_hidden_layers=2, sliding_window=WINDOW)),
     "olmo3": ("olmo3", dict(num_hidden_layers=2, sliding_window=WINDOW,
                             layer_types=["sliding_attention", "full_attention"])),
+    # Attention-only families added with the guard of `shared_prompt_forward`; each config turns on what its family
+    # adds to plain attention (NoPE layers, MLA's narrower values, query/key norms, MoE, sliding windows)
+    "ministral3": ("ministral3", dict(num_hidden_layers=2, sliding_window=WINDOW)),
+    "phi": ("phi", dict(num_hidden_layers=2)),
+    "cohere": ("cohere", dict(num_hidden_layers=2, use_qk_norm=True)),
+    "olmo": ("olmo", dict(num_hidden_layers=2, clip_qkv=8.0)),
+    "olmoe": ("olmoe", dict(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2)),
+    "granitemoe": ("granitemoe", dict(num_hidden_layers=2, attention_multiplier=0.3, **_MOE)),
+    "granitemoeshared": ("granitemoeshared", dict(num_hidden_layers=2, shared_intermediate_size=64, **_MOE)),
+    "smollm3": ("smollm3", dict(num_hidden_layers=4, pad_token_id=0, no_rope_layer_interval=2, use_sliding_window=True,
+                                sliding_window=WINDOW)),
+    "glm4": ("glm4", dict(num_hidden_layers=2, pad_token_id=0)),
+    "glm4_moe": ("glm4_moe", dict(num_hidden_layers=2, use_qk_norm=True, **_DEEPSEEK_MOE)),
+    "glm4_moe_lite": ("glm4_moe_lite", dict(num_hidden_layers=2, **_MLA, **_DEEPSEEK_MOE)),
+    "deepseek_v3": ("deepseek_v3", dict(num_hidden_layers=2, head_dim=8, **_MLA, **_DEEPSEEK_MOE)),
+    "ernie4_5_moe": ("ernie4_5_moe", dict(num_hidden_layers=2, moe_num_experts=4, moe_k=2, moe_intermediate_size=32)),
+    "seed_oss": ("seed_oss", dict(num_hidden_layers=2)),
+    "exaone4": ("exaone4", dict(num_hidden_layers=4, sliding_window=WINDOW)),
+    "hunyuan_v1_dense": ("hunyuan_v1_dense", dict(num_hidden_layers=2)),
+    "hunyuan_v1_moe": ("hunyuan_v1_moe", dict(num_hidden_layers=2, num_experts=4, moe_topk=2)),
+    "minimax_m2": ("minimax_m2", dict(num_hidden_layers=2, **_MOE)),
+    "apertus": ("apertus", dict(num_hidden_layers=2)),
+    "helium": ("helium", dict(num_hidden_layers=2)),
     "lfm2": ("lfm2", dict(num_hidden_layers=2, layer_types=["conv", "full_attention"], conv_L_cache=3,
                           block_auto_adjust_ff_dim=False)),
     "nemotron_h": ("nemotron_h", dict(layers_block_type=["mamba", "attention", "mlp"], mamba_num_heads=8,

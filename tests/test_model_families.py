@@ -131,6 +131,15 @@ def test_unknown_family_is_plain_and_says_why(tiny_mistral):
     assert not support.enabled and "'my_new_family') is not among the families tested exact" in support.reason
 
 
+def test_bidirectional_attention_is_plain(monkeypatch):
+    """Gemma 3 with `use_bidirectional_attention` (EmbeddingGemma) is an allowed family whose attention is not causal:
+    plain, since the layout's attention is causal."""
+    model_type, overrides = FAMILIES["gemma3"]
+    monkeypatch.setitem(FAMILIES, "gemma3", (model_type, {**overrides, "use_bidirectional_attention": True}))
+    support = shared_prompt_support(build("gemma3"))
+    assert not support.enabled and "Gemma3Attention is not causal" in support.reason
+
+
 def test_attention_variants_each_family_needs():
     """What a kernel must implement for each family: windows only where one is shorter than max_length."""
     needs = {f: shared_prompt_support(build(f), MAX_LENGTH).needs for f in ("llama", "mistral", "gemma2", "gpt_oss")}
