@@ -95,6 +95,7 @@ def test_bypassing_the_allow_list_shows_the_leak(family, tokenizer, vicuna, tmp_
     assert ((a - b).abs() / a.abs()).max() > 1e-4, family
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family, overrides, error", [
     ("stablelm", dict(num_hidden_layers=2), "StableLmAttention got no shared-prompt layout .* shared_prompt=False"),
     ("phimoe", dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW),
