@@ -58,19 +58,9 @@ LAYOUT_KEYS = VarlenLayout.KEYS
 _PREFIX = "nca_shared_prompt|"
 # Attention implementations whose models can take the layout (the attention itself is always `nca_trl.varlen`'s)
 _IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
-
-
-
-@dataclass
-class _ForwardCheck:
-    """What the attention calls of one shared-prompt forward received (`shared_prompt_forward`)."""
-
-    windowed: bool = False  # some call got a `sliding_window`
-
-
-# Set while a shared-prompt row is forwarded (`shared_prompt_forward`): an attention call that gets no layout then
-# would attend across completions, and raises instead
-_FORWARD_CHECK: contextvars.ContextVar[_ForwardCheck | None] = contextvars.ContextVar("nca_forward", default=None)
+# While a shared-prompt row is forwarded (`shared_prompt_forward`): the attention variants (`sliding_window`,
+# `softcap`, `sinks`) its attention calls got; an attention call that gets no layout then raises
+_FORWARD_CHECK: contextvars.ContextVar[set | None] = contextvars.ContextVar("nca_shared_prompt_forward", default=None)
 
 
 def is_shared_prompt_batch(batch) -> bool:
@@ -174,8 +164,9 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
     if query.size(0) != 1:
         raise ValueError(f"a shared-prompt batch is one row, got a batch of {query.size(0)} rows")
     window, softcap, sinks = kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux")
-    if check is not None and window is not None:
-        check.windowed = True
+    if check is not None:  # what `shared_prompt_forward` compares with the model's variants
+        check.update(n for n, v in (("sliding_window", window), ("softcap", softcap), ("sinks", sinks)) if v
+                     is not None)
     if original == "sdpa" and softcap is not None:
         raise ValueError("the model passes `softcap`, which its own sdpa attention refuses: load it with eager")
     if torch.is_autocast_enabled(query.device.type):
@@ -198,22 +189,23 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
 def shared_prompt_forward(model):
     """Wrap the forward pass of a shared-prompt row through `model`, and check what its attention received: inside,
     an attention call without the row's layout (`nca_layout`, lost by a model that does not pass keyword arguments
-    down to its attention) raises instead of attending over the whole row; after it, a model with a sliding window
-    whose attention calls got none (a window applied only by the model's mask, which this layout does not build)
-    raises instead of returning full-attention log-probs. Backward recomputation (gradient checkpointing) reuses the
-    forward's keyword arguments."""
-    check = _ForwardCheck()
+    down to its attention) raises instead of attending over the whole row; after it, a model with a sliding window,
+    softcapping or sinks (`_attention_variants`) that no attention call was given (a window applied only by the
+    model's mask, which this layout does not build) raises instead of returning log-probs without it. Backward
+    recomputation (gradient checkpointing) reuses the forward's keyword arguments."""
+    check = set()
     token = _FORWARD_CHECK.set(check)
     try:
         yield
     finally:
         _FORWARD_CHECK.reset(token)
-    window = _sliding_window(model.config.get_text_config())
-    if window is not None and not check.windowed:
+    missing = sorted(_attention_variants(model) - check)
+    if missing:
         raise RuntimeError(
-            f"{type(model).__name__} has a sliding window of {window} tokens, but none of its attention calls was "
-            "given it while a shared-prompt row was forwarded: the model applies the window through its attention "
-            "mask, which this layout does not build. Set shared_prompt=False to train it with the plain padded layout."
+            f"{type(model).__name__}'s attention uses {' and '.join(missing)} (its config or modules), but none of its "
+            "attention calls was given it while a shared-prompt row was forwarded: the model applies it elsewhere (a "
+            "window in its attention mask, which this layout does not build). Set shared_prompt=False to train it "
+            "with the plain padded layout."
         )
 
 
@@ -327,15 +319,23 @@ def shared_prompt_support(model, max_length: int | None = None) -> SharedPromptS
             False, f"{two_way} is not causal (is_causal is not True, e.g. config.use_bidirectional_attention): the "
             "layout's attention is causal"
         )
-    needs = set()
-    window = _sliding_window(config)
-    if window is not None and (max_length is None or window < max_length):
-        needs.add("sliding_window")
-    if getattr(config, "attn_logit_softcapping", None) is not None:
-        needs.add("softcap")
-    if any(getattr(m, "sinks", None) is not None for m in attention):
-        needs.add("sinks")
+    needs = _attention_variants(model)
+    if max_length is not None and "sliding_window" in needs and _sliding_window(config) >= max_length:
+        needs.discard("sliding_window")  # no segment is longer than the window
     return SharedPromptSupport(True, needs=frozenset(needs))
+
+
+def _attention_variants(model) -> set[str]:
+    """The attention variants (`nca_trl.varlen.FEATURES`) `model` uses: `sliding_window` (`_sliding_window`),
+    `softcap` (`config.attn_logit_softcapping`), `sinks` (attention modules with `sinks`, as GPT-OSS's)."""
+    variants = set()
+    if _sliding_window(model.config.get_text_config()) is not None:
+        variants.add("sliding_window")
+    if getattr(model.config.get_text_config(), "attn_logit_softcapping", None) is not None:
+        variants.add("softcap")
+    if any(getattr(m, "sinks", None) is not None for m in model.modules() if type(m).__name__.endswith("Attention")):
+        variants.add("sinks")
+    return variants
 
 
 def _sliding_window(config) -> int | None:
@@ -369,8 +369,6 @@ def original_attention_implementation(model) -> str:
 
 
 def _uses_attention_interface(module_name: str) -> bool:
-    import sys
-
     source = getattr(sys.modules.get(module_name), "__file__", None)
     if source is None:
         return False

@@ -17,7 +17,7 @@ from trl import DPOConfig
 
 from nca_trl import NCAConfig, NCATrainer
 from nca_trl.data import DataCollatorForRatedCompletions
-from nca_trl.packing import EXACT_FAMILIES, _register, shared_prompt_support
+from nca_trl.packing import EXACT_FAMILIES, _register, shared_prompt_forward, shared_prompt_support
 
 from test_trainer import make_args
 
@@ -99,7 +99,7 @@ def test_bypassing_the_allow_list_shows_the_leak(family, tokenizer, vicuna, tmp_
 @pytest.mark.parametrize("family, overrides, error", [
     ("stablelm", dict(num_hidden_layers=2), "StableLmAttention got no shared-prompt layout .* shared_prompt=False"),
     ("phimoe", dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW),
-     f"PhimoeForCausalLM has a sliding window of {WINDOW} tokens, but none of its attention calls was given it"),
+     "PhimoeForCausalLM's attention uses sliding_window .* but none of its attention calls was given it"),
 ])
 def test_attention_that_misses_the_layout_raises_instead_of_leaking(family, overrides, error, tokenizer, vicuna,
                                                                      tmp_path, monkeypatch):
@@ -130,6 +130,19 @@ def test_unknown_family_is_plain_and_says_why(tiny_mistral):
     model.config.model_type = "my_new_family"
     support = shared_prompt_support(model)
     assert not support.enabled and "'my_new_family') is not among the families tested exact" in support.reason
+
+
+@pytest.mark.parametrize("family, variants", [("gemma2", "sliding_window and softcap"),
+                                              ("gpt_oss", "sinks and sliding_window")])
+def test_a_shared_prompt_forward_whose_attention_missed_a_variant_raises(family, variants):
+    """`shared_prompt_forward` compares the variants the attention calls were given with those the model uses (its
+    config's window and softcapping, its modules' sinks): here no call was made at all, so every variant is missing."""
+    model = build(family)
+    with pytest.raises(RuntimeError, match=f"attention uses {variants} .* Set shared_prompt=False"):
+        with shared_prompt_forward(model):
+            pass
+    with shared_prompt_forward(build("llama")):  # nothing to apply, nothing missing
+        pass
 
 
 def test_bidirectional_attention_is_plain(monkeypatch):
