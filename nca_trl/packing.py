@@ -40,17 +40,9 @@ from .varlen import VarlenLayout, binding_window, cuda_varlen_kernel, select_ker
 logger = logging.getLogger("nca_trl")
 
 __all__ = [
-    "LAYOUT_KEYS",
-    "SharedPromptLayoutMixin",
-    "build_shared_prompt_batch",
-    "EXACT_FAMILIES",
-    "enable_shared_prompt",
-    "is_shared_prompt_batch",
-    "is_shared_prompt_enabled",
-    "original_attention_implementation",
-    "shared_prompt_attention",
-    "shared_prompt_forward",
-    "shared_prompt_support",
+    "EXACT_FAMILIES", "EXACT_MULTIMODAL", "LAYOUT_KEYS", "SharedPromptLayoutMixin", "build_shared_prompt_batch",
+    "enable_shared_prompt", "is_shared_prompt_batch", "is_shared_prompt_enabled", "original_attention_implementation",
+    "shared_prompt_attention", "shared_prompt_forward", "shared_prompt_support",
 ]
 
 # Batch keys of the shared-prompt layout that the attention reads (passed to the model as `nca_layout`)
@@ -250,6 +242,9 @@ EXACT_FAMILIES = {
     "seed_oss": "seed_oss", "exaone4": "exaone4", "hunyuan_v1_dense": "hunyuan_v1_dense",
     "hunyuan_v1_moe": "hunyuan_v1_moe", "minimax_m2": "minimax_m2", "apertus": "apertus", "helium": "helium",
 }
+# Multimodal models whose language model is one of `EXACT_FAMILIES`, tested exact on text-only batches: the model
+# type -> transformers' package of the multimodal class (its vision tower never runs on text)
+EXACT_MULTIMODAL = {"gemma3": "gemma3"}
 # The layer kinds of `config.layer_types` that are attention
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 # Only to name the layer in the reason a family not listed is plain (the rule itself is the allow-list above)
@@ -270,15 +265,14 @@ def shared_prompt_support(model, max_length: int | None = None) -> SharedPromptS
     """Whether `model` computes the same log-probs in the shared-prompt layout as in the plain one, decided from its
     config and modules by an allow-list (nothing is changed).
 
-    Exact: decoder-only models of `EXACT_FAMILIES` (transformers' own modeling code), every `config.layer_types` entry
-    in `ATTENTION_LAYER_TYPES`, attention dispatched through transformers' `AttentionInterface`, loaded with `eager`,
-    `sdpa`, `flash_attention_2/3/4` or a hub flash-attention kernel. `needs` holds the variants its attention uses:
-    `sliding_window` where a window is shorter than `max_length` (or `max_length` is None), `softcap`, `sinks`.
+    Exact: decoder-only models of `EXACT_FAMILIES` (transformers' own modeling code; a multimodal model of
+    `EXACT_MULTIMODAL` on text, by its language model), every `config.layer_types` entry in `ATTENTION_LAYER_TYPES`,
+    causal attention dispatched through transformers' `AttentionInterface`, loaded with `eager`, `sdpa`,
+    `flash_attention_2/3/4` or a hub flash-attention kernel. `needs` holds the variants its attention uses
+    (`_attention_variants`; `sliding_window` only where a window is shorter than `max_length`, if given).
     """
     config = model.config.get_text_config()
-    implementation = config._attn_implementation or "eager"
-    if implementation.startswith(_PREFIX):
-        implementation = implementation[len(_PREFIX) :]
+    implementation = original_attention_implementation(model)
     peft_config = getattr(model, "peft_config", None)
     if peft_config and any(c.is_prompt_learning for c in peft_config.values()):
         return SharedPromptSupport(False, "prompt-learning PEFT adds virtual tokens to every sequence")
@@ -287,8 +281,17 @@ def shared_prompt_support(model, max_length: int | None = None) -> SharedPromptS
             False, f"attention implementation {implementation!r} is not one of {', '.join(_IMPLEMENTATIONS)} or a "
             "hub flash-attention kernel"
         )
-    if config is not model.config:
-        return SharedPromptSupport(False, "multimodal models are not supported")
+    language = model
+    if config is not model.config:  # a multimodal model: its language model must be exact, and the batches text only
+        wrapper = getattr(model.config, "model_type", None)
+        own = f"transformers.models.{EXACT_MULTIMODAL.get(wrapper)}."
+        top = next((m for m in model.modules() if type(m).__module__.startswith("transformers.models.")), model)
+        language = next((m for m in model.modules() if m is not model and getattr(m, "config", None) is config), None)
+        if wrapper not in EXACT_MULTIMODAL or not type(top).__module__.startswith(own) or language is None:
+            return SharedPromptSupport(
+                False, f"multimodal model {type(top).__name__} (model type {wrapper!r}) is not among those tested "
+                "exact with the shared-prompt layout on text (nca_trl.packing.EXACT_MULTIMODAL)"
+            )
     model_type = getattr(config, "model_type", None)
     for i, kind in enumerate(getattr(config, "layer_types", None) or ()):
         if kind not in ATTENTION_LAYER_TYPES:
@@ -305,12 +308,12 @@ def shared_prompt_support(model, max_length: int | None = None) -> SharedPromptS
             f"the shared-prompt layout (nca_trl.packing.EXACT_FAMILIES){mixer}"
         )
     own = f"transformers.models.{package}."
-    modules = {type(m).__module__: type(m).__name__ for m in model.modules()}
+    modules = {type(m).__module__: type(m).__name__ for m in language.modules()}
     foreign = [f"{name} ({where})" for where, name in modules.items()
                if where.startswith("transformers.models.") and not where.startswith(own)]
     if foreign:
         return SharedPromptSupport(False, f"module {foreign[0]} is not {model_type}'s own code")
-    attention = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
+    attention = [m for m in language.modules() if type(m).__name__.endswith("Attention")]
     if not attention or not all(_uses_attention_interface(type(m).__module__) for m in attention):
         return SharedPromptSupport(False, f"{type(model).__name__} does not dispatch attention via AttentionInterface")
     two_way = next((type(m).__name__ for m in attention if getattr(m, "is_causal", None) is not True), None)

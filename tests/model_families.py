@@ -73,6 +73,13 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "minimax_m2": ("minimax_m2", dict(num_hidden_layers=2, **_MOE)),
     "apertus": ("apertus", dict(num_hidden_layers=2)),
     "helium": ("helium", dict(num_hidden_layers=2)),
+    # A multimodal model on text-only batches (what AutoModelForCausalLM loads for a Gemma 3 4B-27B checkpoint)
+    "gemma3_multimodal": ("gemma3", dict(
+        text_config=dict(num_hidden_layers=2, sliding_window=WINDOW,
+                         layer_types=["sliding_attention", "full_attention"]),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        mm_tokens_per_image=4)),
     "lfm2": ("lfm2", dict(num_hidden_layers=2, layer_types=["conv", "full_attention"], conv_L_cache=3,
                           block_auto_adjust_ff_dim=False)),
     "nemotron_h": ("nemotron_h", dict(layers_block_type=["mamba", "attention", "mlp"], mamba_num_heads=8,
@@ -100,7 +107,10 @@ def build_family(name: str, seed: int = 0, attn_implementation: str | None = Non
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, overrides = FAMILIES[name]
-    config = AutoConfig.for_model(model_type, **{**WIDTH, **overrides})
+    if "text_config" in overrides:  # multimodal: the width is the language model's
+        config = AutoConfig.for_model(model_type, **{**overrides, "text_config": {**WIDTH, **overrides["text_config"]}})
+    else:
+        config = AutoConfig.for_model(model_type, **{**WIDTH, **overrides})
     torch.manual_seed(seed)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs).eval()

@@ -17,7 +17,7 @@ from trl import DPOConfig
 
 from nca_trl import NCAConfig, NCATrainer
 from nca_trl.data import DataCollatorForRatedCompletions
-from nca_trl.packing import EXACT_FAMILIES, _register, shared_prompt_forward, shared_prompt_support
+from nca_trl.packing import EXACT_FAMILIES, EXACT_MULTIMODAL, _register, shared_prompt_forward, shared_prompt_support
 
 from test_trainer import make_args
 
@@ -72,7 +72,7 @@ def test_default_layout_is_exact(family, tokenizer, vicuna, tmp_path, caplog):
         assert "Plain padded layout (shared_prompt=None, automatic): policy model:" in caplog.text
     else:
         assert shared, f"{family}: {caplog.text}"  # every attention-only family takes the layout on a CPU
-        assert EXACT_FAMILIES[trainer.model.config.model_type]
+        assert EXACT_FAMILIES[trainer.model.config.get_text_config().model_type]
         assert int(batch["max_seqlen_k"]) > 2 * WINDOW  # segments reach past a sliding window
 
 
@@ -143,6 +143,17 @@ def test_a_shared_prompt_forward_whose_attention_missed_a_variant_raises(family,
             pass
     with shared_prompt_forward(build("llama")):  # nothing to apply, nothing missing
         pass
+
+
+def test_multimodal_models_not_tested_are_plain(monkeypatch):
+    """A multimodal model takes the layout only where its model type was tested exact on text (`EXACT_MULTIMODAL`),
+    however exact its language model's family is."""
+    model = build("gemma3_multimodal")
+    assert shared_prompt_support(model).enabled
+    monkeypatch.delitem(EXACT_MULTIMODAL, "gemma3")
+    support = shared_prompt_support(model)
+    assert not support.enabled and "multimodal model Gemma3ForConditionalGeneration (model type 'gemma3') is not " \
+        "among those tested exact" in support.reason
 
 
 def test_bidirectional_attention_is_plain(monkeypatch):
