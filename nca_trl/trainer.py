@@ -32,12 +32,13 @@ from .data.formats import PAIR_COLUMN
 from .data.tokenize import prepare_rated_dataset, with_row_index
 from .losses import infonca_loss, nca_loss
 from .metrics import best_slots, from_slots, sequence_metrics, to_slots
-from .packing import SharedPromptLayoutMixin, is_shared_prompt_batch, is_shared_prompt_enabled, shared_prompt_forward
 from .ref_cache import precompute_ref_logps
 from .runtime.output_dir import check_output_dir
 from .runtime.progress import use_readable_progress
 from .runtime.safety import RunSafetyMixin
-from .varlen import VarlenLayout
+from .shared_prompt.packing import SharedPromptLayoutMixin, is_shared_prompt_batch, is_shared_prompt_enabled
+from .shared_prompt.packing import shared_prompt_forward
+from .shared_prompt.varlen import VarlenLayout
 
 __all__ = ["NCATrainer", "InfoNCATrainer", "trainer_for_loss"]
 
@@ -106,7 +107,7 @@ def _refuse_images(trainer, dataset, name: str) -> None:
 class _RatedCompletionsTrainer(RunSafetyMixin, SharedPromptLayoutMixin, DPOTrainer):
     """Shared K-completion machinery; a subclass sets its config class (which names the loss) and its loss function.
     `RunSafetyMixin` (`nca_trl.runtime.safety`): non-finite stops, the output_dir lock, complete checkpoints and saves;
-    `SharedPromptLayoutMixin` (`nca_trl.packing`): which layout the batches take, decided at construction."""
+    `SharedPromptLayoutMixin` (`nca_trl.shared_prompt.packing`): the batches' layout, decided at construction."""
 
     _config_class: type[_RatedCompletionsConfig]
     _paper = _NCA_PAPER

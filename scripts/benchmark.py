@@ -21,11 +21,11 @@ the reference forward; LM head on scored tokens only; attention scores over real
 one system over another on mean step times, `ratios_median` the same on median step times (`tokens_per_second_median`:
 tokens per step over the median step), which a few slow steps cannot move.
 
-`--layouts` is the layout report: the plain layout (c) against the shared-prompt layout (d) with each attention
-kernel of `--kernels` (`auto`: the one `nca_trl.varlen` picks here; `reference`, `padded`: the PyTorch paths;
+`--layouts` is the layout report: the plain layout (c) against the shared-prompt layout (d) with each attention kernel
+of `--kernels` (`auto`: the one `nca_trl.shared_prompt.varlen` picks here; `reference`, `padded`: the PyTorch paths;
 `flash_attn`, `torch`: the fused CUDA kernels), on the `long` workload with prompts of three reference answers, at
-max_length 2048 unless given. Each system says which kernel ran (`kernel`). `--size 7b-2l` is Mistral-7B's width
-(hidden 4096, MLP 14336, 32 query / 8 key-value heads) with 2 layers; `--layers N` sets the layers of any size.
+max_length 2048 unless given. Each system says which kernel ran (`kernel`). `--size 7b-2l` is Mistral-7B's width (hidden
+4096, MLP 14336, 32 query / 8 key-value heads) with 2 layers; `--layers N` sets the layers of any size.
 
 Usage:
     python scripts/benchmark.py                       # 50M-parameter Mistral, both workloads, prints a table
@@ -225,8 +225,8 @@ def run_system(system: str, model_path: str, rated: list[dict], args, out_dir: s
     from trl import DPOConfig, DPOTrainer
 
     from nca_trl import NCAConfig, NCATrainer
-    from nca_trl.packing import is_shared_prompt_batch
-    from nca_trl.varlen import KERNEL_ENV, reset_kernel_choices, selected_kernels
+    from nca_trl.shared_prompt.packing import is_shared_prompt_batch
+    from nca_trl.shared_prompt.varlen import KERNEL_ENV, reset_kernel_choices, selected_kernels
 
     system, _, kernel = system.partition(":")
     os.environ.pop(KERNEL_ENV, None)

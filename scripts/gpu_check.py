@@ -116,9 +116,9 @@ def layout_agreement(model_path: str, rows: int = 4) -> dict:
 
     from nca_trl.data import DataCollatorForRatedCompletions
     from nca_trl.data.tokenize import tokenize_rated_example
-    from nca_trl.packing import enable_shared_prompt
+    from nca_trl.shared_prompt.packing import enable_shared_prompt
     from nca_trl.trainer import NCATrainer
-    from nca_trl.varlen import selected_kernels
+    from nca_trl.shared_prompt.varlen import selected_kernels
 
     device = _device()
     tokenizer = AutoTokenizer.from_pretrained(model_path)

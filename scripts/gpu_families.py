@@ -2,10 +2,10 @@
 
 For each family of `tests/model_families.py` (tiny random models from transformers' configs, sliding windows of 8
 tokens, segments longer than that) this decides the layout as `shared_prompt=None` does on this device
-(`nca_trl.packing.shared_prompt_support`, then a fused kernel implementing the model's attention variants), and where
-it takes the shared-prompt layout, compares its per-completion log-probs in bf16 with the plain layout's in bf16, both
-against a float32 plain-layout reference: the shared-prompt layout must be as close to float32 as the plain layout is
-(at most twice its difference, bf16's own rounding being the scale).
+(`nca_trl.shared_prompt.families.shared_prompt_support`, then a fused kernel implementing the model's attention
+variants), and where it takes the shared-prompt layout, compares its per-completion log-probs in bf16 with the plain
+layout's in bf16, both against a float32 plain-layout reference: the shared-prompt layout must be as close to float32 as
+the plain layout is (at most twice its difference, bf16's own rounding being the scale).
 
     python scripts/gpu_families.py --out OUT.json            # on a CUDA GPU
     python scripts/gpu_families.py --out OUT.json --smoke    # on a CPU: float32, the PyTorch paths, exact to 1e-5
@@ -46,8 +46,9 @@ def family_agreement(name: str, device: str, smoke: bool) -> dict:
 
     from nca_trl import NCATrainer
     from nca_trl.data import DataCollatorForRatedCompletions
-    from nca_trl.packing import enable_shared_prompt, original_attention_implementation, shared_prompt_support
-    from nca_trl.varlen import cuda_varlen_kernel, reset_kernel_choices, selected_kernels
+    from nca_trl.shared_prompt.families import original_attention_implementation, shared_prompt_support
+    from nca_trl.shared_prompt.packing import enable_shared_prompt
+    from nca_trl.shared_prompt.varlen import cuda_varlen_kernel, reset_kernel_choices, selected_kernels
 
     half = torch.float32 if smoke else torch.bfloat16
     shim = NCATrainer.__new__(NCATrainer)  # only `_sequence_logps` and the accelerator unwrap are used

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nca_trl.data import DataCollatorForRatedCompletions
-from nca_trl.packing import LAYOUT_KEYS
+from nca_trl.shared_prompt.packing import LAYOUT_KEYS
 
 
 def examples():

@@ -19,7 +19,7 @@ from trl.trainer.callbacks import LogCompletionsCallback
 
 from nca_trl import NCAConfig, NCATrainer
 from nca_trl.config import check_rated_config
-from nca_trl.packing import is_shared_prompt_batch
+from nca_trl.shared_prompt.packing import is_shared_prompt_batch
 
 from test_trainer import make_args, record_losses, short_prompts
 

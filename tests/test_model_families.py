@@ -17,7 +17,8 @@ from trl import DPOConfig
 
 from nca_trl import NCAConfig, NCATrainer
 from nca_trl.data import DataCollatorForRatedCompletions
-from nca_trl.packing import EXACT_FAMILIES, EXACT_MULTIMODAL, _register, shared_prompt_forward, shared_prompt_support
+from nca_trl.shared_prompt.families import EXACT_FAMILIES, EXACT_MULTIMODAL, shared_prompt_support
+from nca_trl.shared_prompt.packing import _register, shared_prompt_forward
 
 from test_trainer import make_args
 

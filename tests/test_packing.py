@@ -10,8 +10,8 @@ from trl.trainer.utils import add_fused_lm_head
 
 from nca_trl import InfoNCAConfig, InfoNCATrainer, NCAConfig, NCATrainer
 from nca_trl.data import DataCollatorForRatedCompletions
-from nca_trl.packing import build_shared_prompt_batch, enable_shared_prompt
-from nca_trl.varlen import KERNEL_ENV
+from nca_trl.shared_prompt.packing import build_shared_prompt_batch, enable_shared_prompt
+from nca_trl.shared_prompt.varlen import KERNEL_ENV
 
 from test_trainer import make_args, record_losses
 
@@ -177,7 +177,7 @@ def test_automatic_layout_on_a_gpu_needs_a_varlen_kernel(tiny_mistral, vicuna, t
     varlen kernel runs it in bf16/fp16; `True` forces it."""
     from unittest.mock import PropertyMock, patch
 
-    from nca_trl.varlen import VarlenKernel
+    from nca_trl.shared_prompt.varlen import VarlenKernel
 
     fused = VarlenKernel("a fused varlen kernel", lambda *args: None, cuda=True)
     cases = [  # shared_prompt, bf16, kernel present -> layout on the CPU, on the GPU
@@ -197,7 +197,8 @@ def test_automatic_layout_on_a_gpu_needs_a_varlen_kernel(tiny_mistral, vicuna, t
         caplog.clear()
         with (
             patch.object(type(trainer.accelerator), "device", new_callable=PropertyMock) as device,
-            patch("nca_trl.packing.cuda_varlen_kernel", return_value=(fused if present else None, "none here")),
+            patch("nca_trl.shared_prompt.packing.cuda_varlen_kernel",
+                  return_value=(fused if present else None, "none here")),
             caplog.at_level(logging.INFO, logger="nca_trl"),
         ):
             device.return_value = torch.device("cuda")

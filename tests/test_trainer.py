@@ -12,7 +12,7 @@ from trl import DPOConfig, DPOTrainer
 
 from nca_trl import InfoNCAConfig, InfoNCATrainer, NCAConfig, NCATrainer
 from nca_trl.data import DataValidationError
-from nca_trl.packing import enable_shared_prompt
+from nca_trl.shared_prompt.packing import enable_shared_prompt
 from nca_trl.trainer import from_slots
 
 METRICS = [

@@ -1,5 +1,5 @@
-"""The shared-prompt attention as one varlen call (`nca_trl.varlen`): gather, boundaries and bottom-right causal masking
-against a dense T x T mask, its gradients, the kernels' signatures, and the whole path in a model."""
+"""The shared-prompt attention as one varlen call (`nca_trl.shared_prompt.varlen`): gather, boundaries and bottom-right
+causal masking against a dense T x T mask, its gradients, the kernels' signatures, and the whole path in a model."""
 
 import inspect
 import logging
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nca_trl import varlen
-from nca_trl.packing import build_shared_prompt_batch
-from nca_trl.varlen import (
+from nca_trl.shared_prompt import varlen
+from nca_trl.shared_prompt.packing import build_shared_prompt_batch
+from nca_trl.shared_prompt.varlen import (
     VarlenLayout,
     flash_attn_kernel,
     padded_varlen,
@@ -231,7 +231,7 @@ def _fake(causal_of, gqa_of=lambda kw: False, scale_of=lambda kw: None, calls=No
 
 
 def signatures(calls):
-    """Kernels in every signature `nca_trl.varlen` supports, as (kind, function)."""
+    """Kernels in every signature `nca_trl.shared_prompt.varlen` supports, as (kind, function)."""
     torch_29 = _fake(lambda kw: kw["is_causal"] is True, calls=calls)
     torch_210 = _fake(lambda kw: tuple(kw["window_size"]) == (-1, 0), scale_of=lambda kw: kw["scale"], calls=calls)
     torch_213 = _fake(
@@ -384,7 +384,7 @@ def test_autocast_gives_the_kernel_one_dtype():
     takes the autocast dtype, as SDPA does in the plain layout."""
     from types import SimpleNamespace
 
-    from nca_trl.packing import shared_prompt_attention
+    from nca_trl.shared_prompt.packing import shared_prompt_attention
 
     examples = [{"prompt_ids": [1, 2, 3], "completion_ids": [[4, 5], [6]]}]
     layout = VarlenLayout.from_batch(build_shared_prompt_batch(examples, max_length=None))

@@ -9,7 +9,7 @@ import torch
 from transformers.data.data_collator import DataCollatorMixin
 from trl.trainer.utils import pad
 
-from ..packing import build_shared_prompt_batch
+from ..shared_prompt.packing import build_shared_prompt_batch
 from ..runtime.errors import ROW_INDEX
 from .formats import PAIR_COLUMN
 
@@ -45,9 +45,10 @@ class DataCollatorForRatedCompletions(DataCollatorMixin):
     `completion_slots` comes first, so that the batch size read from a batch's first tensor (`Trainer`'s evaluation
     loop, on a dataset without a length) is the number of prompts. No tensor is 0-dimensional.
 
-    With `shared_prompt=True` the sequences are laid out in one padding-free row instead (`nca_trl.packing`:
-    `input_ids` `[1, T]`, `position_ids`, `shift_labels`, `token_sequence`, `token_column`, `plain_width` and the
-    varlen attention layout `cu_seqlens_q`, `cu_seqlens_k`, `kv_index`, `max_seqlen_q`, `max_seqlen_k`).
+    With `shared_prompt=True` the sequences are laid out in one padding-free row instead
+    (`nca_trl.shared_prompt.packing`: `input_ids` `[1, T]`, `position_ids`, `shift_labels`, `token_sequence`,
+    `token_column`, `plain_width` and the varlen attention layout `cu_seqlens_q`, `cu_seqlens_k`, `kv_index`,
+    `max_seqlen_q`, `max_seqlen_k`).
 
     Example:
     ```python

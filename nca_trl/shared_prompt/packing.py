@@ -12,12 +12,12 @@ so the rotary embeddings see the same positions as in the plain layout.
 
 Attention: a completion attends to the shared prompt prefix and causally to its own tokens, never to the other
 completions or to other prompts. The model's linear layers (most of the FLOPs) run on the `T` real tokens only; the
-attention is one variable-length call per layer (`nca_trl.varlen`): each *segment* (a prompt prefix, or one
-completion) is one sequence of the call, its queries in place in the row and its keys gathered as
-`[its prompt's prefix; its own tokens]`, with causal masking aligned bottom-right. The function doing it is
-registered in transformers' `AttentionInterface` under `nca_shared_prompt|<implementation>` and hands every other
-call (plain batches, generation) to the model's own implementation. Models that do not dispatch their attention
-through that interface keep the plain layout (see `enable_shared_prompt`).
+attention is one variable-length call per layer (`nca_trl.shared_prompt.varlen`): each *segment* (a prompt prefix, or
+one completion) is one sequence of the call, its queries in place in the row and its keys gathered as `[its prompt's
+prefix; its own tokens]`, with causal masking aligned bottom-right. The function doing it is registered in transformers'
+`AttentionInterface` under `nca_shared_prompt|<implementation>` and hands every other call (plain batches, generation)
+to the model's own implementation. Which models may take the layout is `nca_trl.shared_prompt.families`' rule
+(`enable_shared_prompt` applies it); `shared_prompt_forward` checks every forward again.
 
 On a GPU the layout pays where a fused varlen kernel runs it (flash-attn, or torch's `varlen_attn`), in bf16/fp16:
 there `shared_prompt=None` takes it for every batch (the trainer's `_setup_layout`; the measurements in
@@ -29,27 +29,23 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-import re
 import sys
-from dataclasses import dataclass, field
 
 import torch
 
+from .families import ROUTED_PREFIX as _PREFIX
+from .families import SharedPromptSupport, attention_variants, original_attention_implementation, shared_prompt_support
 from .varlen import VarlenLayout, binding_window, cuda_varlen_kernel, select_kernel, varlen_attention
 
 logger = logging.getLogger("nca_trl")
 
 __all__ = [
-    "EXACT_FAMILIES", "EXACT_MULTIMODAL", "LAYOUT_KEYS", "SharedPromptLayoutMixin", "build_shared_prompt_batch",
-    "enable_shared_prompt", "is_shared_prompt_batch", "is_shared_prompt_enabled", "original_attention_implementation",
-    "shared_prompt_attention", "shared_prompt_forward", "shared_prompt_support",
+    "LAYOUT_KEYS", "SharedPromptLayoutMixin", "build_shared_prompt_batch", "enable_shared_prompt",
+    "is_shared_prompt_batch", "is_shared_prompt_enabled", "shared_prompt_attention", "shared_prompt_forward",
 ]
 
 # Batch keys of the shared-prompt layout that the attention reads (passed to the model as `nca_layout`)
 LAYOUT_KEYS = VarlenLayout.KEYS
-_PREFIX = "nca_shared_prompt|"
-# Attention implementations whose models can take the layout (the attention itself is always `nca_trl.varlen`'s)
-_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 # While a shared-prompt row is forwarded (`shared_prompt_forward`): the attention variants (`sliding_window`,
 # `softcap`, `sinks`) its attention calls got; an attention call that gets no layout then raises
 _FORWARD_CHECK: contextvars.ContextVar[set | None] = contextvars.ContextVar("nca_shared_prompt_forward", default=None)
@@ -73,7 +69,7 @@ def build_shared_prompt_batch(examples: list[dict], max_length: int | None) -> d
           -1 elsewhere; `token_column` `[T]` and `plain_width` (a Python int): the column of the token's log-prob in the plain
           layout's `[N, L - 1]` per-token tensor, and `L - 1`, so that sequence sums can be taken in the same order;
         - the attention segments, in row order (each prompt's prefix if it has one, then its completions), as one
-          varlen call takes them (`nca_trl.varlen.VarlenLayout`): `cu_seqlens_q` `[S + 1]` and `cu_seqlens_k`
+          varlen call takes them (`varlen.VarlenLayout`): `cu_seqlens_q` `[S + 1]` and `cu_seqlens_k`
           `[S + 1]` (int32), `kv_index` `[T_k]` (int64, the row position of each segment's keys: its prompt's prefix,
           then its own tokens), `max_seqlen_q` and `max_seqlen_k` (Python ints).
     """
@@ -132,8 +128,8 @@ def build_shared_prompt_batch(examples: list[dict], max_length: int | None) -> d
 
 
 def shared_prompt_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention over the segments of a shared-prompt row in one varlen call (`nca_trl.varlen`); any other call goes
-    to the model's own implementation.
+    """Attention over the segments of a shared-prompt row in one varlen call (`nca_trl.shared_prompt.varlen`); any other
+    call goes to the model's own implementation.
 
     `query` is `[1, H, T, D]`, `key`/`value` `[1, H_kv, T, D]`; returns `[1, T, H, D]` like transformers' kernels.
     The row's `VarlenLayout` comes as the `nca_layout` keyword; `attention_mask` is not read. The attention variants
@@ -182,7 +178,7 @@ def shared_prompt_forward(model):
     """Wrap the forward pass of a shared-prompt row through `model`, and check what its attention received: inside,
     an attention call without the row's layout (`nca_layout`, lost by a model that does not pass keyword arguments
     down to its attention) raises instead of attending over the whole row; after it, a model with a sliding window,
-    softcapping or sinks (`_attention_variants`) that no attention call was given (a window applied only by the
+    softcapping or sinks (`attention_variants`) that no attention call was given (a window applied only by the
     model's mask, which this layout does not build) raises instead of returning log-probs without it. Backward
     recomputation (gradient checkpointing) reuses the forward's keyword arguments."""
     check = set()
@@ -191,7 +187,7 @@ def shared_prompt_forward(model):
         yield
     finally:
         _FORWARD_CHECK.reset(token)
-    missing = sorted(_attention_variants(model) - check)
+    missing = sorted(attention_variants(model) - check)
     if missing:
         raise RuntimeError(
             f"{type(model).__name__}'s attention uses {' and '.join(missing)} (its config or modules), but none of its "
@@ -226,128 +222,6 @@ def _register(original: str) -> str:
     return name
 
 
-# ------------------------------------------------------------------------------------------------ which models
-# The model families whose every position-mixing layer is attention that the shared-prompt path implements (plain,
-# sliding-window, softcapped, with sinks), each tested against the plain layout (tests/test_model_families.py):
-# the text config's `model_type` -> transformers' package of its modeling code. A family not listed is plain
-# (DESIGN §7: SSM / Mamba state, short convolutions and linear attention carry one completion into the next).
-EXACT_FAMILIES = {
-    "llama": "llama", "mistral": "mistral", "ministral": "ministral", "ministral3": "ministral3", "mixtral": "mixtral",
-    "qwen2": "qwen2", "qwen2_moe": "qwen2_moe", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "phi": "phi",
-    "phi3": "phi3", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gpt_oss": "gpt_oss",
-    "cohere": "cohere", "cohere2": "cohere2", "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo3", "olmoe": "olmoe",
-    "granite": "granite", "granitemoe": "granitemoe", "granitemoeshared": "granitemoeshared",
-    "starcoder2": "starcoder2", "smollm3": "smollm3", "glm4": "glm4", "glm4_moe": "glm4_moe",
-    "glm4_moe_lite": "glm4_moe_lite", "deepseek_v3": "deepseek_v3", "ernie4_5_moe": "ernie4_5_moe",
-    "seed_oss": "seed_oss", "exaone4": "exaone4", "hunyuan_v1_dense": "hunyuan_v1_dense",
-    "hunyuan_v1_moe": "hunyuan_v1_moe", "minimax_m2": "minimax_m2", "apertus": "apertus", "helium": "helium",
-}
-# Multimodal models whose language model is one of `EXACT_FAMILIES`, tested exact on text-only batches: the model
-# type -> transformers' package of the multimodal class (its vision tower never runs on text)
-EXACT_MULTIMODAL = {"gemma3": "gemma3"}
-# The layer kinds of `config.layer_types` that are attention
-ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
-# Only to name the layer in the reason a family not listed is plain (the rule itself is the allow-list above)
-_MIXER_NAMES = re.compile(r"Mamba|Mixer|Conv|DeltaNet|LinearAttention|SSM|RWKV|Recurren", re.IGNORECASE)
-
-
-@dataclass
-class SharedPromptSupport:
-    """Whether a model can take the shared-prompt layout (else `reason`, naming the layer or setting), and the
-    attention variants (`nca_trl.varlen.FEATURES`) a kernel must implement for it."""
-
-    enabled: bool
-    reason: str = ""
-    needs: frozenset = field(default_factory=frozenset)
-
-
-def shared_prompt_support(model, max_length: int | None = None) -> SharedPromptSupport:
-    """Whether `model` computes the same log-probs in the shared-prompt layout as in the plain one, decided from its
-    config and modules by an allow-list (nothing is changed).
-
-    Exact: decoder-only models of `EXACT_FAMILIES` (transformers' own modeling code; a multimodal model of
-    `EXACT_MULTIMODAL` on text, by its language model), every `config.layer_types` entry in `ATTENTION_LAYER_TYPES`,
-    causal attention dispatched through transformers' `AttentionInterface`, loaded with `eager`, `sdpa`,
-    `flash_attention_2/3/4` or a hub flash-attention kernel. `needs` holds the variants its attention uses
-    (`_attention_variants`; `sliding_window` only where a window is shorter than `max_length`, if given).
-    """
-    config = model.config.get_text_config()
-    implementation = original_attention_implementation(model)
-    peft_config = getattr(model, "peft_config", None)
-    if peft_config and any(c.is_prompt_learning for c in peft_config.values()):
-        return SharedPromptSupport(False, "prompt-learning PEFT adds virtual tokens to every sequence")
-    if implementation not in _IMPLEMENTATIONS and "/" not in implementation:
-        return SharedPromptSupport(
-            False, f"attention implementation {implementation!r} is not one of {', '.join(_IMPLEMENTATIONS)} or a "
-            "hub flash-attention kernel"
-        )
-    language = model
-    if config is not model.config:  # a multimodal model: its language model must be exact, and the batches text only
-        wrapper = getattr(model.config, "model_type", None)
-        own = f"transformers.models.{EXACT_MULTIMODAL.get(wrapper)}."
-        top = next((m for m in model.modules() if type(m).__module__.startswith("transformers.models.")), model)
-        language = next((m for m in model.modules() if m is not model and getattr(m, "config", None) is config), None)
-        if wrapper not in EXACT_MULTIMODAL or not type(top).__module__.startswith(own) or language is None:
-            return SharedPromptSupport(
-                False, f"multimodal model {type(top).__name__} (model type {wrapper!r}) is not among those tested "
-                "exact with the shared-prompt layout on text (nca_trl.packing.EXACT_MULTIMODAL)"
-            )
-    model_type = getattr(config, "model_type", None)
-    for i, kind in enumerate(getattr(config, "layer_types", None) or ()):
-        if kind not in ATTENTION_LAYER_TYPES:
-            return SharedPromptSupport(
-                False, f"layer {i} of {type(model).__name__} is {kind!r} (config.layer_types), not attention: the "
-                "layout is exact only where every position-mixing layer is attention"
-            )
-    package = EXACT_FAMILIES.get(model_type)
-    if package is None:
-        mixer = next((f"; its {n} ({type(m).__name__}) mixes positions outside attention"
-                      for n, m in model.named_modules() if _MIXER_NAMES.search(type(m).__name__)), "")
-        return SharedPromptSupport(
-            False, f"{type(model).__name__} (model type {model_type!r}) is not among the families tested exact with "
-            f"the shared-prompt layout (nca_trl.packing.EXACT_FAMILIES){mixer}"
-        )
-    own = f"transformers.models.{package}."
-    modules = {type(m).__module__: type(m).__name__ for m in language.modules()}
-    foreign = [f"{name} ({where})" for where, name in modules.items()
-               if where.startswith("transformers.models.") and not where.startswith(own)]
-    if foreign:
-        return SharedPromptSupport(False, f"module {foreign[0]} is not {model_type}'s own code")
-    attention = [m for m in language.modules() if type(m).__name__.endswith("Attention")]
-    if not attention or not all(_uses_attention_interface(type(m).__module__) for m in attention):
-        return SharedPromptSupport(False, f"{type(model).__name__} does not dispatch attention via AttentionInterface")
-    two_way = next((type(m).__name__ for m in attention if getattr(m, "is_causal", None) is not True), None)
-    if two_way:
-        return SharedPromptSupport(
-            False, f"{two_way} is not causal (is_causal is not True, e.g. config.use_bidirectional_attention): the "
-            "layout's attention is causal"
-        )
-    needs = _attention_variants(model)
-    if max_length is not None and "sliding_window" in needs and _sliding_window(config) >= max_length:
-        needs.discard("sliding_window")  # no segment is longer than the window
-    return SharedPromptSupport(True, needs=frozenset(needs))
-
-
-def _attention_variants(model) -> set[str]:
-    """The attention variants (`nca_trl.varlen.FEATURES`) `model` uses: `sliding_window` (`_sliding_window`),
-    `softcap` (`config.attn_logit_softcapping`), `sinks` (attention modules with `sinks`, as GPT-OSS's)."""
-    variants = set()
-    if _sliding_window(model.config.get_text_config()) is not None:
-        variants.add("sliding_window")
-    if getattr(model.config.get_text_config(), "attn_logit_softcapping", None) is not None:
-        variants.add("softcap")
-    if any(getattr(m, "sinks", None) is not None for m in model.modules() if type(m).__name__.endswith("Attention")):
-        variants.add("sinks")
-    return variants
-
-
-def _sliding_window(config) -> int | None:
-    """The sliding window some attention layer of a model with this (text) config applies, or None."""
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    return window if layer_types is None or "sliding_attention" in layer_types else None
-
-
 def enable_shared_prompt(model, max_length: int | None = None) -> SharedPromptSupport:
     """Route `model`'s attention through `shared_prompt_attention` if `shared_prompt_support` admits it (idempotent);
     otherwise change nothing and return the reason. The attention still hands plain batches to the model's own
@@ -363,20 +237,6 @@ def enable_shared_prompt(model, max_length: int | None = None) -> SharedPromptSu
 def is_shared_prompt_enabled(model) -> bool:
     """Whether `model`'s attention was routed through `shared_prompt_attention` by `enable_shared_prompt`."""
     return (model.config.get_text_config()._attn_implementation or "").startswith(_PREFIX)
-
-
-def original_attention_implementation(model) -> str:
-    """The attention implementation `model` was loaded with (before `enable_shared_prompt`)."""
-    implementation = model.config.get_text_config()._attn_implementation or "eager"
-    return implementation[len(_PREFIX) :] if implementation.startswith(_PREFIX) else implementation
-
-
-def _uses_attention_interface(module_name: str) -> bool:
-    source = getattr(sys.modules.get(module_name), "__file__", None)
-    if source is None:
-        return False
-    with open(source) as f:
-        return "ALL_ATTENTION_FUNCTIONS.get_interface" in f.read()
 
 
 # ------------------------------------------------------------------------------------------------ the trainers' choice

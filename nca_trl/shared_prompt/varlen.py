@@ -1,9 +1,9 @@
 """Variable-length attention for the shared-prompt layout: one kernel call per layer, and the kernels that take it.
 
-The shared-prompt row (`nca_trl.packing`) is a sequence of S *segments*, contiguous in the row: a prompt's prefix
-(its tokens but the last), then each of its completions (the last prompt token and the completion). A prefix attends
-causally to itself; a completion attends to its whole prompt prefix and causally to itself. One varlen call does all
-of it:
+The shared-prompt row (`nca_trl.shared_prompt.packing`) is a sequence of S *segments*, contiguous in the row: a prompt's
+prefix (its tokens but the last), then each of its completions (the last prompt token and the completion). A prefix
+attends causally to itself; a completion attends to its whole prompt prefix and causally to itself. One varlen call does
+all of it:
 
 - queries stay in row order, `cu_seqlens_q` `[S + 1]` holding the segments' boundaries in the row;
 - keys and values are gathered (`kv_index` `[T_k]`, row positions) so that segment s's keys are
@@ -38,7 +38,7 @@ Attention variants (`VarlenKernel.features`), each applied exactly as the model'
   `softcap`, and `reference_varlen`;
 - `sinks` (GPT-OSS's per-head `s_aux` logits): one more logit per head in every softmax, dropped afterwards:
   `reference_varlen` only. A kernel is only chosen for what it implements (`select_kernel(..., needs=...)`); the
-  trainer decides the layout at construction from the model (`nca_trl.packing.shared_prompt_support`).
+  trainer decides the layout at construction from the model (`nca_trl.shared_prompt.families.shared_prompt_support`).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ FEATURES = ("sliding_window", "softcap", "sinks")
 
 @dataclass
 class VarlenLayout:
-    """The integers one varlen call needs, built on the CPU by the collator (`nca_trl.packing`).
+    """The integers one varlen call needs, built on the CPU by the collator (`nca_trl.shared_prompt.packing`).
 
     - `cu_seqlens_q` `[S + 1]` int32: segment boundaries in the row (`cu_seqlens_q[-1] == T`);
     - `cu_seqlens_k` `[S + 1]` int32: boundaries of each segment's keys in the gathered key tensor;

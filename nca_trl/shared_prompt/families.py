@@ -1,0 +1,161 @@
+"""Which models the shared-prompt layout is exact for: the allow-lists, and the rule that reads a model against them.
+
+The layout (`nca_trl.shared_prompt.packing`) gives each completion its prompt and its own earlier tokens through
+attention with segment boundaries. That is exact only where every layer that mixes positions is such attention: a Mamba
+/ SSM state, a short convolution or linear attention would carry one completion into the next (DESIGN §7), and a model
+that applies a sliding window through its mask, or does not pass keyword arguments on to its attention, would not see
+the boundaries. So a model takes the layout only if its family was tested exact against the plain layout
+(`tests/test_model_families.py`): `shared_prompt_support` decides it once, from the config and the modules, and nothing
+it does not know is admitted. `nca_trl.shared_prompt.packing.shared_prompt_forward` checks every forward again.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+
+__all__ = [
+    "ATTENTION_LAYER_TYPES", "EXACT_FAMILIES", "EXACT_MULTIMODAL", "ROUTED_PREFIX", "SharedPromptSupport",
+    "attention_variants", "original_attention_implementation", "shared_prompt_support",
+]
+
+# The attention implementation name `packing` registers its attention under: `ROUTED_PREFIX + original`
+ROUTED_PREFIX = "nca_shared_prompt|"
+# Attention implementations whose models can take the layout (the attention itself is always `varlen`'s)
+_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+# The model families whose every position-mixing layer is attention that the shared-prompt path implements (plain,
+# sliding-window, softcapped, with sinks), each tested against the plain layout (tests/test_model_families.py):
+# the text config's `model_type` -> transformers' package of its modeling code. A family not listed is plain
+# (DESIGN §7: SSM / Mamba state, short convolutions and linear attention carry one completion into the next).
+EXACT_FAMILIES = {
+    "llama": "llama", "mistral": "mistral", "ministral": "ministral", "ministral3": "ministral3", "mixtral": "mixtral",
+    "qwen2": "qwen2", "qwen2_moe": "qwen2_moe", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "phi": "phi",
+    "phi3": "phi3", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gpt_oss": "gpt_oss",
+    "cohere": "cohere", "cohere2": "cohere2", "olmo": "olmo", "olmo2": "olmo2", "olmo3": "olmo3", "olmoe": "olmoe",
+    "granite": "granite", "granitemoe": "granitemoe", "granitemoeshared": "granitemoeshared",
+    "starcoder2": "starcoder2", "smollm3": "smollm3", "glm4": "glm4", "glm4_moe": "glm4_moe",
+    "glm4_moe_lite": "glm4_moe_lite", "deepseek_v3": "deepseek_v3", "ernie4_5_moe": "ernie4_5_moe",
+    "seed_oss": "seed_oss", "exaone4": "exaone4", "hunyuan_v1_dense": "hunyuan_v1_dense",
+    "hunyuan_v1_moe": "hunyuan_v1_moe", "minimax_m2": "minimax_m2", "apertus": "apertus", "helium": "helium",
+}
+# Multimodal models whose language model is one of `EXACT_FAMILIES`, tested exact on text-only batches: the model
+# type -> transformers' package of the multimodal class (its vision tower never runs on text)
+EXACT_MULTIMODAL = {"gemma3": "gemma3"}
+# The layer kinds of `config.layer_types` that are attention
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+# Only to name the layer in the reason a family not listed is plain (the rule itself is the allow-list above)
+_MIXER_NAMES = re.compile(r"Mamba|Mixer|Conv|DeltaNet|LinearAttention|SSM|RWKV|Recurren", re.IGNORECASE)
+
+
+@dataclass
+class SharedPromptSupport:
+    """Whether a model can take the shared-prompt layout (else `reason`, naming the layer or setting), and the
+    attention variants (`nca_trl.shared_prompt.varlen.FEATURES`) a kernel must implement for it."""
+
+    enabled: bool
+    reason: str = ""
+    needs: frozenset = field(default_factory=frozenset)
+
+
+def shared_prompt_support(model, max_length: int | None = None) -> SharedPromptSupport:
+    """Whether `model` computes the same log-probs in the shared-prompt layout as in the plain one, decided from its
+    config and modules by an allow-list (nothing is changed).
+
+    Exact: decoder-only models of `EXACT_FAMILIES` (transformers' own modeling code; a multimodal model of
+    `EXACT_MULTIMODAL` on text, by its language model), every `config.layer_types` entry in `ATTENTION_LAYER_TYPES`,
+    causal attention dispatched through transformers' `AttentionInterface`, loaded with `eager`, `sdpa`,
+    `flash_attention_2/3/4` or a hub flash-attention kernel. `needs` holds the variants its attention uses
+    (`attention_variants`; `sliding_window` only where a window is shorter than `max_length`, if given).
+    """
+    config = model.config.get_text_config()
+    implementation = original_attention_implementation(model)
+    peft_config = getattr(model, "peft_config", None)
+    if peft_config and any(c.is_prompt_learning for c in peft_config.values()):
+        return SharedPromptSupport(False, "prompt-learning PEFT adds virtual tokens to every sequence")
+    if implementation not in _IMPLEMENTATIONS and "/" not in implementation:
+        return SharedPromptSupport(
+            False, f"attention implementation {implementation!r} is not one of {', '.join(_IMPLEMENTATIONS)} or a "
+            "hub flash-attention kernel"
+        )
+    language = model
+    if config is not model.config:  # a multimodal model: its language model must be exact, and the batches text only
+        wrapper = getattr(model.config, "model_type", None)
+        own = f"transformers.models.{EXACT_MULTIMODAL.get(wrapper)}."
+        top = next((m for m in model.modules() if type(m).__module__.startswith("transformers.models.")), model)
+        language = next((m for m in model.modules() if m is not model and getattr(m, "config", None) is config), None)
+        if wrapper not in EXACT_MULTIMODAL or not type(top).__module__.startswith(own) or language is None:
+            return SharedPromptSupport(
+                False, f"multimodal model {type(top).__name__} (model type {wrapper!r}) is not among those tested "
+                "exact with the shared-prompt layout on text (nca_trl.shared_prompt.families.EXACT_MULTIMODAL)"
+            )
+    model_type = getattr(config, "model_type", None)
+    for i, kind in enumerate(getattr(config, "layer_types", None) or ()):
+        if kind not in ATTENTION_LAYER_TYPES:
+            return SharedPromptSupport(
+                False, f"layer {i} of {type(model).__name__} is {kind!r} (config.layer_types), not attention: the "
+                "layout is exact only where every position-mixing layer is attention"
+            )
+    package = EXACT_FAMILIES.get(model_type)
+    if package is None:
+        mixer = next((f"; its {n} ({type(m).__name__}) mixes positions outside attention"
+                      for n, m in model.named_modules() if _MIXER_NAMES.search(type(m).__name__)), "")
+        return SharedPromptSupport(
+            False, f"{type(model).__name__} (model type {model_type!r}) is not among the families tested exact with "
+            f"the shared-prompt layout (nca_trl.shared_prompt.families.EXACT_FAMILIES){mixer}"
+        )
+    own = f"transformers.models.{package}."
+    modules = {type(m).__module__: type(m).__name__ for m in language.modules()}
+    foreign = [f"{name} ({where})" for where, name in modules.items()
+               if where.startswith("transformers.models.") and not where.startswith(own)]
+    if foreign:
+        return SharedPromptSupport(False, f"module {foreign[0]} is not {model_type}'s own code")
+    attention = [m for m in language.modules() if type(m).__name__.endswith("Attention")]
+    if not attention or not all(_uses_attention_interface(type(m).__module__) for m in attention):
+        return SharedPromptSupport(False, f"{type(model).__name__} does not dispatch attention via AttentionInterface")
+    two_way = next((type(m).__name__ for m in attention if getattr(m, "is_causal", None) is not True), None)
+    if two_way:
+        return SharedPromptSupport(
+            False, f"{two_way} is not causal (is_causal is not True, e.g. config.use_bidirectional_attention): the "
+            "layout's attention is causal"
+        )
+    needs = attention_variants(model)
+    if max_length is not None and "sliding_window" in needs and _sliding_window(config) >= max_length:
+        needs.discard("sliding_window")  # no segment is longer than the window
+    return SharedPromptSupport(True, needs=frozenset(needs))
+
+
+def attention_variants(model) -> set[str]:
+    """The attention variants (`nca_trl.shared_prompt.varlen.FEATURES`) `model` uses: `sliding_window`
+    (`_sliding_window`), `softcap` (`config.attn_logit_softcapping`), `sinks` (attention modules with `sinks`, as
+    GPT-OSS's)."""
+    variants = set()
+    if _sliding_window(model.config.get_text_config()) is not None:
+        variants.add("sliding_window")
+    if getattr(model.config.get_text_config(), "attn_logit_softcapping", None) is not None:
+        variants.add("softcap")
+    if any(getattr(m, "sinks", None) is not None for m in model.modules() if type(m).__name__.endswith("Attention")):
+        variants.add("sinks")
+    return variants
+
+
+def _sliding_window(config) -> int | None:
+    """The sliding window some attention layer of a model with this (text) config applies, or None."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    return window if layer_types is None or "sliding_attention" in layer_types else None
+
+
+def original_attention_implementation(model) -> str:
+    """The attention implementation `model` was loaded with (before `packing.enable_shared_prompt` routed it)."""
+    implementation = model.config.get_text_config()._attn_implementation or "eager"
+    return implementation.removeprefix(ROUTED_PREFIX)
+
+
+def _uses_attention_interface(module_name: str) -> bool:
+    """Whether the modeling file of `module_name` looks its attention up in transformers' `AttentionInterface`."""
+    source = getattr(sys.modules.get(module_name), "__file__", None)
+    if source is None:
+        return False
+    with open(source) as f:
+        return "ALL_ATTENTION_FUNCTIONS.get_interface" in f.read()
