@@ -73,6 +73,9 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "minimax_m2": ("minimax_m2", dict(num_hidden_layers=2, **_MOE)),
     "apertus": ("apertus", dict(num_hidden_layers=2)),
     "helium": ("helium", dict(num_hidden_layers=2)),
+    "gpt_neox": ("gpt_neox", dict(num_hidden_layers=2, rotary_pct=0.5)),  # Pythia: partial rotary, parallel residual
+    "deepseek_v2": ("deepseek_v2", dict(num_hidden_layers=2, **_MLA, **_DEEPSEEK_MOE)),
+    "ernie4_5": ("ernie4_5", dict(num_hidden_layers=2)),
     # A multimodal model on text-only batches (what AutoModelForCausalLM loads for a Gemma 3 4B-27B checkpoint)
     "gemma3_multimodal": ("gemma3", dict(
         text_config=dict(num_hidden_layers=2, sliding_window=WINDOW,
