@@ -228,3 +228,14 @@ def test_gpu_family_check_dry_runs_on_the_cpu(tmp_path):
         "gpt_oss": "shared", "gemma2": "shared", "lfm2": "plain"}
     assert result["families"]["gpt_oss"]["needs"] == ["sinks", "sliding_window"]
     assert result["families"]["gemma2"]["shared_vs_plain"] <= 1e-5
+
+
+def test_gpu_family_check_records_a_model_type_this_transformers_lacks(monkeypatch):
+    """The device has an older transformers than this machine: a family it cannot have is recorded as not built (as
+    the test above skips it), not counted as a disagreement."""
+    from conftest import load_script
+
+    monkeypatch.setitem(FAMILIES, "future", ("model_type_of_a_later_transformers", {}))
+    result = load_script("gpu_families").family_agreement("future", "cpu", smoke=True)
+    assert result == {"layout": "not built", "ok": True,
+                      "reason": "this transformers has no model type 'model_type_of_a_later_transformers'"}
