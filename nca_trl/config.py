@@ -245,17 +245,17 @@ _MAX_COMPLETIONS_HELP = (
 # `ties`: what the trainers do with a prompt whose rewards all tie (`nca_trl.data.rewards.rewards_tie`)
 TIES = ("keep", "drop")
 _SHARED_PROMPT_HELP = (
-    "Shared-prompt, padding-free layout: each prompt is encoded once and followed by its K completions, the whole "
-    "batch is one row of real tokens, and its attention is one variable-length call per layer (see "
-    "`nca_trl.shared_prompt`). Log-probs equal the plain padded layout's. It runs only where it is exact, decided at "
-    "construction by an allow-list: model families whose every layer is attention the varlen path implements "
+    "Shared-prompt, padding-free layout: each prompt is encoded once and followed by its K completions, the whole batch"
+    " is one row of real tokens, and its attention is one variable-length call per layer (see `nca_trl.shared_prompt`)."
+    " Log-probs equal the plain padded layout's. It runs only where it is exact, decided at construction by an "
+    "allow-list: model families whose every layer is attention the varlen path implements "
     "(nca_trl.shared_prompt.families.EXACT_FAMILIES: Llama, Mistral, Qwen, Gemma, GPT-OSS, DeepSeek-V3, ...; hybrids "
-    "with Mamba, convolution or linear-attention layers are plain), no compute_metrics. None (the default) is automatic: there, on a CPU, and on "
-    "a CUDA GPU with a fused varlen kernel (flash-attn, or torch's varlen_attn) implementing the model's attention "
-    "variants and bf16/fp16 training, where it is faster (2.7-3.0x the plain layout's tokens/s at Mistral-7B width on "
-    "an H200, short and long prompts alike: results/gpu_layouts.json); elsewhere the plain layout, with one log line "
-    "saying why. True forces it wherever it is exact and is refused at construction elsewhere; False forces the plain "
-    "layout."
+    "with Mamba, convolution or linear-attention layers are plain), no compute_metrics. None (the default) is "
+    "automatic: there, on a CPU, and on a CUDA GPU with a fused varlen kernel (flash-attn, or torch's varlen_attn) "
+    "implementing the model's attention variants and bf16/fp16 training, where it is faster (2.7-3.0x the plain "
+    "layout's tokens/s at Mistral-7B width on an H200, short and long prompts alike: results/gpu_layouts.json); "
+    "elsewhere the plain layout, with one log line saying why. True forces it wherever it is exact and is refused at "
+    "construction elsewhere; False forces the plain layout."
 )
 
 _PADDING_FREE_HELP = (

@@ -278,10 +278,10 @@ class _RatedCompletionsTrainer(RunSafetyMixin, SharedPromptLayoutMixin, DPOTrain
         token's sequence, and `logps` `[N]` is each sequence's summed log-prob (slot-major order).
         """
         if is_shared_prompt_batch(inputs):  # shared-prompt layout: one flat row
-            if not is_shared_prompt_enabled(self.accelerator.unwrap_model(model)):
+            if not is_shared_prompt_enabled(unwrapped := self.accelerator.unwrap_model(model)):
                 raise RuntimeError("A shared-prompt batch reached a model whose attention was not set up for it.")
             input_ids = inputs["input_ids"]
-            with shared_prompt_forward(self.accelerator.unwrap_model(model)):  # checks what the attention got
+            with shared_prompt_forward(unwrapped):  # checks what the attention got
                 outputs = model(
                     input_ids=input_ids,
                     position_ids=inputs["position_ids"],

@@ -152,9 +152,9 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
     if query.size(0) != 1:
         raise ValueError(f"a shared-prompt batch is one row, got a batch of {query.size(0)} rows")
     window, softcap, sinks = kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux")
+    given = {n for n, v in (("sliding_window", window), ("softcap", softcap), ("sinks", sinks)) if v is not None}
     if check is not None:  # what `shared_prompt_forward` compares with the model's variants
-        check.update(n for n, v in (("sliding_window", window), ("softcap", softcap), ("sinks", sinks)) if v
-                     is not None)
+        check.update(given)
     if original == "sdpa" and softcap is not None:
         raise ValueError("the model passes `softcap`, which its own sdpa attention refuses: load it with eager")
     if torch.is_autocast_enabled(query.device.type):
@@ -163,9 +163,9 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
         # do, so that the kernels get one dtype and the fused ones can run
         dtype = torch.get_autocast_dtype(query.device.type)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-    window = binding_window(window, layout)
-    variants = (("sliding_window", window), ("softcap", softcap), ("sinks", sinks))
-    kernel = select_kernel(query.device, query.dtype, original, frozenset(n for n, v in variants if v is not None))
+    window = binding_window(window, layout)  # None where the window holds every segment: not needed then
+    needs = frozenset(given if window is not None else given - {"sliding_window"})
+    kernel = select_kernel(query.device, query.dtype, original, needs)
     out = varlen_attention(
         query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), layout, kernel, scaling, dropout,
         window=window, softcap=softcap, sinks=sinks,
