@@ -17,7 +17,9 @@ from trl import DPOConfig
 
 from nca_trl import NCAConfig, NCATrainer
 from nca_trl.data import DataCollatorForRatedCompletions
-from nca_trl.shared_prompt.families import EXACT_FAMILIES, EXACT_MULTIMODAL, shared_prompt_support
+from nca_trl.shared_prompt.families import (
+    EXACT_FAMILIES, EXACT_MULTIMODAL, attention_variants, shared_prompt_support,
+)
 from nca_trl.shared_prompt.packing import _register, shared_prompt_forward
 
 from test_trainer import make_args
@@ -114,6 +116,22 @@ def test_attention_that_misses_the_layout_raises_instead_of_leaking(family, over
     assert trainer.data_collator.shared_prompt
     with pytest.raises(RuntimeError, match=error):
         logps_both_layouts(trainer)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("window", [131072, WINDOW])
+def test_a_window_the_family_does_not_declare_is_not_applied_nor_required(window, tokenizer, vicuna, tmp_path,
+                                                                         monkeypatch):
+    """A Llama checkpoint converted from another family keeps that family's `sliding_window` in its config.json
+    (131072 in a converted Qwen 2.5's); Llama's code never reads it. Both layouts attend without a window, and the
+    shared-prompt forward does not ask for one (it raised "uses sliding_window ... none of its attention calls was
+    given it" at the first forward before)."""
+    monkeypatch.setitem(FAMILIES, "llama", ("llama", dict(num_hidden_layers=2, sliding_window=window)))
+    trainer = trainer_for("llama", tokenizer, vicuna, tmp_path)
+    assert trainer.model.config.sliding_window == window and trainer.data_collator.shared_prompt
+    assert attention_variants(trainer.model) == set()
+    plain, own, _ = logps_both_layouts(trainer)
+    torch.testing.assert_close(own, plain, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("family", ["lfm2", "qwen3_next"])

@@ -11,6 +11,8 @@ it does not know is admitted. `nca_trl.shared_prompt.packing.shared_prompt_forwa
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 import sys
 from dataclasses import dataclass, field
@@ -129,11 +131,12 @@ def shared_prompt_support(model, max_length: int | None = None) -> SharedPromptS
 def attention_variants(model) -> set[str]:
     """The attention variants (`nca_trl.shared_prompt.varlen.FEATURES`) `model` uses: `sliding_window`
     (`_sliding_window`), `softcap` (`config.attn_logit_softcapping`), `sinks` (attention modules with `sinks`, as
-    GPT-OSS's)."""
+    GPT-OSS's). A config setting counts only where the config's class declares it (`_declared`)."""
     variants = set()
-    if _sliding_window(model.config.get_text_config()) is not None:
+    config = model.config.get_text_config()
+    if _sliding_window(config) is not None:
         variants.add("sliding_window")
-    if getattr(model.config.get_text_config(), "attn_logit_softcapping", None) is not None:
+    if _declared(config, "attn_logit_softcapping") is not None:
         variants.add("softcap")
     if any(getattr(m, "sinks", None) is not None for m in model.modules() if type(m).__name__.endswith("Attention")):
         variants.add("sinks")
@@ -142,9 +145,22 @@ def attention_variants(model) -> set[str]:
 
 def _sliding_window(config) -> int | None:
     """The sliding window some attention layer of a model with this (text) config applies, or None."""
-    window = getattr(config, "sliding_window", None)
+    window = _declared(config, "sliding_window")
     layer_types = getattr(config, "layer_types", None)
     return window if layer_types is None or "sliding_attention" in layer_types else None
+
+
+def _declared(config, name: str):
+    """`config.<name>` where the config's class declares that setting, else None: a key that a checkpoint's
+    config.json carries over from another family (a `sliding_window` in a converted Llama's) is kept on the config
+    but never read by the family's code."""
+    return getattr(config, name, None) if name in _settings(type(config)) else None
+
+
+@functools.cache
+def _settings(config_class) -> frozenset[str]:
+    """The settings a config class declares (its `__init__`'s parameters)."""
+    return frozenset(inspect.signature(config_class.__init__).parameters)
 
 
 def original_attention_implementation(model) -> str:
