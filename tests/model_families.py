@@ -76,6 +76,22 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "gpt_neox": ("gpt_neox", dict(num_hidden_layers=2, rotary_pct=0.5)),  # Pythia: partial rotary, parallel residual
     "deepseek_v2": ("deepseek_v2", dict(num_hidden_layers=2, **_MLA, **_DEEPSEEK_MOE)),
     "ernie4_5": ("ernie4_5", dict(num_hidden_layers=2)),
+    # Classic families of TRL's tutorials (learned absolute positions, multi-query attention) and more attention-only
+    # families found exact by forcing every causal-LM model type of transformers 5.25 into the layout
+    "gpt2": ("gpt2", dict(num_hidden_layers=2, scale_attn_by_inverse_layer_idx=True)),
+    "gpt_bigcode": ("gpt_bigcode", dict(num_hidden_layers=2, multi_query=True)),  # StarCoder 1, SantaCoder
+    "opt": ("opt", dict(num_hidden_layers=2)),  # learned positions with an offset of 2
+    "arcee": ("arcee", dict(num_hidden_layers=2)),
+    "bitnet": ("bitnet", dict(num_hidden_layers=2)),
+    "cohere2_moe": ("cohere2_moe", dict(num_hidden_layers=2, sliding_window=WINDOW, num_experts=4,
+                                        layer_types=["sliding_attention", "full_attention"])),
+    "exaone_moe": ("exaone_moe", dict(num_hidden_layers=2, sliding_window=WINDOW, moe_intermediate_size=32,
+                                      num_experts=4, num_experts_per_tok=2,
+                                      layer_types=["sliding_attention", "full_attention"])),
+    "granite_swa": ("granite_swa", dict(num_hidden_layers=2, sliding_window=WINDOW,
+                                        layer_types=["sliding_attention", "full_attention"])),
+    "vaultgemma": ("vaultgemma", dict(num_hidden_layers=2, sliding_window=WINDOW,
+                                      layer_types=["sliding_attention", "full_attention"])),  # softcapping too
     # A multimodal model on text-only batches (what AutoModelForCausalLM loads for a Gemma 3 4B-27B checkpoint)
     "gemma3_multimodal": ("gemma3", dict(
         text_config=dict(num_hidden_layers=2, sliding_window=WINDOW,

@@ -40,7 +40,9 @@ EXACT_FAMILIES = {
     "glm4_moe_lite": "glm4_moe_lite", "deepseek_v3": "deepseek_v3", "ernie4_5_moe": "ernie4_5_moe",
     "seed_oss": "seed_oss", "exaone4": "exaone4", "hunyuan_v1_dense": "hunyuan_v1_dense",
     "hunyuan_v1_moe": "hunyuan_v1_moe", "minimax_m2": "minimax_m2", "apertus": "apertus", "helium": "helium",
-    "gpt_neox": "gpt_neox", "deepseek_v2": "deepseek_v2", "ernie4_5": "ernie4_5",
+    "gpt_neox": "gpt_neox", "deepseek_v2": "deepseek_v2", "ernie4_5": "ernie4_5", "gpt2": "gpt2",
+    "gpt_bigcode": "gpt_bigcode", "opt": "opt", "arcee": "arcee", "bitnet": "bitnet", "cohere2_moe": "cohere2_moe",
+    "exaone_moe": "exaone_moe", "granite_swa": "granite_swa", "vaultgemma": "vaultgemma",
 }
 # Multimodal models whose language model is one of `EXACT_FAMILIES`, tested exact on text-only batches: the model
 # type -> transformers' package of the multimodal class (its vision tower never runs on text)
