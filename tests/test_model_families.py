@@ -6,6 +6,7 @@ trainers' own log-prob path (`_sequence_logps`) on real rows, float32, with segm
 windows: forward passes only, no training runs.
 """
 
+import copy
 import logging
 
 import pytest
@@ -18,9 +19,9 @@ from trl import DPOConfig
 from nca_trl import NCAConfig, NCATrainer
 from nca_trl.data import DataCollatorForRatedCompletions
 from nca_trl.shared_prompt.families import (
-    EXACT_FAMILIES, EXACT_MULTIMODAL, attention_variants, shared_prompt_support,
+    EXACT_FAMILIES, EXACT_MULTIMODAL, attention_modules, attention_variants, shared_prompt_support,
 )
-from nca_trl.shared_prompt.packing import _register, shared_prompt_forward
+from nca_trl.shared_prompt.packing import _FORWARD_CHECK, _register, shared_prompt_forward
 
 from test_trainer import make_args
 
@@ -158,10 +159,25 @@ def test_a_shared_prompt_forward_whose_attention_missed_a_variant_raises(family,
     config's window and softcapping, its modules' sinks): here no call was made at all, so every variant is missing."""
     model = build(family)
     with pytest.raises(RuntimeError, match=f"attention uses {variants} .* Set shared_prompt=False"):
-        with shared_prompt_forward(model):
-            pass
-    with shared_prompt_forward(build("llama")):  # nothing to apply, nothing missing
-        pass
+        with shared_prompt_forward(model):  # as if every attention module had run with the layout, given nothing
+            _FORWARD_CHECK.get().modules.update(id(m) for m in attention_modules(model))
+    with shared_prompt_forward(llama := build("llama")):  # nothing to apply, nothing missing
+        _FORWARD_CHECK.get().modules.update(id(m) for m in attention_modules(llama))
+
+
+@pytest.mark.slow
+def test_an_attention_module_that_bypasses_the_layout_raises(tokenizer, vicuna, tmp_path):
+    """An attention module that computes its attention without the routed implementation (here one holding its own
+    config, with sdpa) would attend over the whole row; the forward check finds the module that never ran with the
+    layout."""
+    trainer = trainer_for("llama", tokenizer, vicuna, tmp_path)
+    assert trainer.data_collator.shared_prompt
+    attention = trainer.model.model.layers[1].self_attn
+    attention.config = copy.copy(attention.config)
+    attention.config._attn_implementation = "sdpa"
+    with pytest.raises(RuntimeError, match="LlamaAttention did not run with the shared-prompt layout .* Set "
+                                           "shared_prompt=False"):
+        logps_both_layouts(trainer)
 
 
 def test_multimodal_models_not_tested_are_plain(monkeypatch):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "ATTENTION_LAYER_TYPES", "EXACT_FAMILIES", "EXACT_MULTIMODAL", "ROUTED_PREFIX", "SharedPromptSupport",
-    "attention_variants", "original_attention_implementation", "shared_prompt_support",
+    "attention_modules", "attention_variants", "original_attention_implementation", "shared_prompt_support",
 ]
 
 # The attention implementation name `packing` registers its attention under: `ROUTED_PREFIX + original`
@@ -83,12 +83,11 @@ def shared_prompt_support(model, max_length: int | None = None) -> SharedPromptS
             False, f"attention implementation {implementation!r} is not one of {', '.join(_IMPLEMENTATIONS)} or a "
             "hub flash-attention kernel"
         )
-    language = model
-    if config is not model.config:  # a multimodal model: its language model must be exact, and the batches text only
+    language = _language_model(model)
+    if language is not model:  # a multimodal model: its language model must be exact, and the batches text only
         wrapper = getattr(model.config, "model_type", None)
         own = f"transformers.models.{EXACT_MULTIMODAL.get(wrapper)}."
         top = next((m for m in model.modules() if type(m).__module__.startswith("transformers.models.")), model)
-        language = next((m for m in model.modules() if m is not model and getattr(m, "config", None) is config), None)
         if wrapper not in EXACT_MULTIMODAL or not type(top).__module__.startswith(own) or language is None:
             return SharedPromptSupport(
                 False, f"multimodal model {type(top).__name__} (model type {wrapper!r}) is not among those tested "
@@ -115,7 +114,7 @@ def shared_prompt_support(model, max_length: int | None = None) -> SharedPromptS
                if where.startswith("transformers.models.") and not where.startswith(own)]
     if foreign:
         return SharedPromptSupport(False, f"module {foreign[0]} is not {model_type}'s own code")
-    attention = [m for m in language.modules() if type(m).__name__.endswith("Attention")]
+    attention = attention_modules(model)
     if not attention or not all(_uses_attention_interface(type(m).__module__) for m in attention):
         return SharedPromptSupport(False, f"{type(model).__name__} does not dispatch attention via AttentionInterface")
     two_way = next((type(m).__name__ for m in attention if getattr(m, "is_causal", None) is not True), None)
@@ -128,6 +127,21 @@ def shared_prompt_support(model, max_length: int | None = None) -> SharedPromptS
     if max_length is not None and "sliding_window" in needs and _sliding_window(config) >= max_length:
         needs.discard("sliding_window")  # no segment is longer than the window
     return SharedPromptSupport(True, needs=frozenset(needs))
+
+
+def attention_modules(model) -> list:
+    """The attention modules of `model`'s language model (modules whose class name ends in `Attention`; a multimodal
+    model's other towers left out)."""
+    language = _language_model(model)
+    return [m for m in (language or model).modules() if type(m).__name__.endswith("Attention")]
+
+
+def _language_model(model):
+    """The module of `model` that holds its text config (`model` itself unless multimodal), or None if none does."""
+    config = model.config.get_text_config()
+    if config is model.config:
+        return model
+    return next((m for m in model.modules() if m is not model and getattr(m, "config", None) is config), None)
 
 
 def attention_variants(model) -> set[str]:

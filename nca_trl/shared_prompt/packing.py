@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import logging
 import sys
 
 import torch
 
 from .families import ROUTED_PREFIX as _PREFIX
-from .families import SharedPromptSupport, attention_variants, original_attention_implementation, shared_prompt_support
+from .families import SharedPromptSupport, attention_modules, attention_variants, shared_prompt_support
+from .families import original_attention_implementation
 from .varlen import VarlenLayout, binding_window, cuda_varlen_kernel, select_kernel, varlen_attention
 
 logger = logging.getLogger("nca_trl")
@@ -46,9 +48,19 @@ __all__ = [
 
 # Batch keys of the shared-prompt layout that the attention reads (passed to the model as `nca_layout`)
 LAYOUT_KEYS = VarlenLayout.KEYS
-# While a shared-prompt row is forwarded (`shared_prompt_forward`): the attention variants (`sliding_window`,
-# `softcap`, `sinks`) its attention calls got; an attention call that gets no layout then raises
-_FORWARD_CHECK: contextvars.ContextVar[set | None] = contextvars.ContextVar("nca_shared_prompt_forward", default=None)
+
+
+@dataclasses.dataclass
+class _ForwardCheck:
+    """What the attention calls got while a shared-prompt row was forwarded (`shared_prompt_forward`): the attention
+    variants (`sliding_window`, `softcap`, `sinks`) and the attention modules (by `id`) that ran with the layout."""
+
+    variants: set[str] = dataclasses.field(default_factory=set)
+    modules: set[int] = dataclasses.field(default_factory=set)
+
+
+# Set while a shared-prompt row is forwarded; an attention call that gets no layout then raises
+_FORWARD_CHECK: contextvars.ContextVar[_ForwardCheck | None] = contextvars.ContextVar("nca_forward", default=None)
 
 
 def is_shared_prompt_batch(batch) -> bool:
@@ -153,8 +165,9 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
         raise ValueError(f"a shared-prompt batch is one row, got a batch of {query.size(0)} rows")
     window, softcap, sinks = kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux")
     given = {n for n, v in (("sliding_window", window), ("softcap", softcap), ("sinks", sinks)) if v is not None}
-    if check is not None:  # what `shared_prompt_forward` compares with the model's variants
-        check.update(given)
+    if check is not None:  # what `shared_prompt_forward` compares with the model's variants and attention modules
+        check.variants.update(given)
+        check.modules.add(id(module))
     if original == "sdpa" and softcap is not None:
         raise ValueError("the model passes `softcap`, which its own sdpa attention refuses: load it with eager")
     if torch.is_autocast_enabled(query.device.type):
@@ -177,17 +190,26 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
 def shared_prompt_forward(model):
     """Wrap the forward pass of a shared-prompt row through `model`, and check what its attention received: inside,
     an attention call without the row's layout (`nca_layout`, lost by a model that does not pass keyword arguments
-    down to its attention) raises instead of attending over the whole row; after it, a model with a sliding window,
-    softcapping or sinks (`attention_variants`) that no attention call was given (a window applied only by the
-    model's mask, which this layout does not build) raises instead of returning log-probs without it. Backward
-    recomputation (gradient checkpointing) reuses the forward's keyword arguments."""
-    check = set()
+    down to its attention) raises instead of attending over the whole row; after it, an attention module of the
+    language model (`attention_modules`) that never ran with the layout (one that bypasses transformers'
+    `AttentionInterface`), or a sliding window, softcapping or sinks (`attention_variants`) that no attention call was
+    given (a window applied only by the model's mask, which this layout does not build), raises instead of returning
+    log-probs without it. Backward recomputation (gradient checkpointing) reuses the forward's keyword arguments."""
+    check = _ForwardCheck()
     token = _FORWARD_CHECK.set(check)
     try:
         yield
     finally:
         _FORWARD_CHECK.reset(token)
-    missing = sorted(attention_variants(model) - check)
+    skipped = next((m for m in attention_modules(model) if id(m) not in check.modules), None)
+    if skipped is not None:
+        raise RuntimeError(
+            f"{type(skipped).__name__} did not run with the shared-prompt layout while a shared-prompt row was "
+            f"forwarded through {type(model).__name__}: it computes its attention without transformers' "
+            "AttentionInterface, over the whole row, so each completion would attend to the others. Set "
+            "shared_prompt=False to train this model with the plain padded layout."
+        )
+    missing = sorted(attention_variants(model) - check.variants)
     if missing:
         raise RuntimeError(
             f"{type(model).__name__}'s attention uses {' and '.join(missing)} (its config or modules), but none of its "
