@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "ATTENTION_LAYER_TYPES", "EXACT_FAMILIES", "EXACT_MULTIMODAL", "ROUTED_PREFIX", "SharedPromptSupport",
-    "attention_modules", "attention_variants", "original_attention_implementation", "shared_prompt_support",
+    "attention_modules", "attention_variants", "declared_sliding_window", "original_attention_implementation",
+    "shared_prompt_support",
 ]
 
 # The attention implementation name `packing` registers its attention under: `ROUTED_PREFIX + original`
@@ -83,6 +84,11 @@ def shared_prompt_support(model, max_length: int | None = None) -> SharedPromptS
             False, f"attention implementation {implementation!r} is not one of {', '.join(_IMPLEMENTATIONS)} or a "
             "hub flash-attention kernel"
         )
+    if implementation == "eager" and getattr(config, "reorder_and_upcast_attn", False):
+        return SharedPromptSupport(
+            False, "config.reorder_and_upcast_attn=True with eager attention: GPT-2's attention then upcasts to "
+            "float32 in its own code, which the routed attention would skip (plain batches too)"
+        )
     language = _language_model(model)
     if language is not model:  # a multimodal model: its language model must be exact, and the batches text only
         wrapper = getattr(model.config, "model_type", None)
@@ -117,6 +123,12 @@ def shared_prompt_support(model, max_length: int | None = None) -> SharedPromptS
     attention = attention_modules(model)
     if not attention or not all(_uses_attention_interface(type(m).__module__) for m in attention):
         return SharedPromptSupport(False, f"{type(model).__name__} does not dispatch attention via AttentionInterface")
+    copy = next((type(m).__name__ for m in attention if getattr(m, "config", config) is not config), None)
+    if copy:
+        return SharedPromptSupport(
+            False, f"{copy} holds a config of its own (a copy, as PEFT's modules_to_save makes of a module it trains "
+            "whole), which routing the model's attention would not reach"
+        )
     two_way = next((type(m).__name__ for m in attention if getattr(m, "is_causal", None) is not True), None)
     if two_way:
         return SharedPromptSupport(
@@ -124,7 +136,7 @@ def shared_prompt_support(model, max_length: int | None = None) -> SharedPromptS
             "layout's attention is causal"
         )
     needs = attention_variants(model)
-    if max_length is not None and "sliding_window" in needs and _sliding_window(config) >= max_length:
+    if max_length is not None and "sliding_window" in needs and declared_sliding_window(config) >= max_length:
         needs.discard("sliding_window")  # no segment is longer than the window
     return SharedPromptSupport(True, needs=frozenset(needs))
 
@@ -146,11 +158,11 @@ def _language_model(model):
 
 def attention_variants(model) -> set[str]:
     """The attention variants (`nca_trl.shared_prompt.varlen.FEATURES`) `model` uses: `sliding_window`
-    (`_sliding_window`), `softcap` (`config.attn_logit_softcapping`), `sinks` (attention modules with `sinks`, as
-    GPT-OSS's). A config setting counts only where the config's class declares it (`_declared`)."""
+    (`declared_sliding_window`), `softcap` (`config.attn_logit_softcapping`), `sinks` (attention modules with
+    `sinks`, as GPT-OSS's). A config setting counts only where the config's class declares it (`_declared`)."""
     variants = set()
     config = model.config.get_text_config()
-    if _sliding_window(config) is not None:
+    if declared_sliding_window(config) is not None:
         variants.add("sliding_window")
     if _declared(config, "attn_logit_softcapping") is not None:
         variants.add("softcap")
@@ -159,8 +171,9 @@ def attention_variants(model) -> set[str]:
     return variants
 
 
-def _sliding_window(config) -> int | None:
-    """The sliding window some attention layer of a model with this (text) config applies, or None."""
+def declared_sliding_window(config) -> int | None:
+    """The sliding window some attention layer of a model with this (text) config applies, or None (a window its
+    config class does not declare is not one: `_declared`)."""
     window = _declared(config, "sliding_window")
     layer_types = getattr(config, "layer_types", None)
     return window if layer_types is None or "sliding_attention" in layer_types else None
@@ -168,8 +181,9 @@ def _sliding_window(config) -> int | None:
 
 def _declared(config, name: str):
     """`config.<name>` where the config's class declares that setting, else None: a key that a checkpoint's
-    config.json carries over from another family (a `sliding_window` in a converted Llama's) is kept on the config
-    but never read by the family's code."""
+    config.json carries over from another family (a `sliding_window` in a converted Llama's) is kept on the config,
+    but the family's masks never apply it (`packing.shared_prompt_attention` applies one that the family's attention
+    passes on anyway, as OLMoE's does, only where the original kernel would: flash attention)."""
     return getattr(config, name, None) if name in _settings(type(config)) else None
 
 

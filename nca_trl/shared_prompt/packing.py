@@ -36,7 +36,7 @@ import torch
 
 from .families import ROUTED_PREFIX as _PREFIX
 from .families import SharedPromptSupport, attention_modules, attention_variants, shared_prompt_support
-from .families import original_attention_implementation
+from .families import declared_sliding_window, original_attention_implementation
 from .varlen import VarlenLayout, binding_window, cuda_varlen_kernel, select_kernel, varlen_attention
 
 logger = logging.getLogger("nca_trl")
@@ -52,10 +52,12 @@ LAYOUT_KEYS = VarlenLayout.KEYS
 
 @dataclasses.dataclass
 class _ForwardCheck:
-    """What the attention calls got while a shared-prompt row was forwarded (`shared_prompt_forward`): the attention
-    variants (`sliding_window`, `softcap`, `sinks`) and the attention modules (by `id`) that ran with the layout."""
+    """What the attention got while a shared-prompt row was forwarded (`shared_prompt_forward`): the attention
+    variants (`sliding_window`, `softcap`, `sinks`) its calls were given, the attention modules (by `id`) that ran
+    (`_note_ran`, a forward pre-hook) and those that ran with the layout."""
 
     variants: set[str] = dataclasses.field(default_factory=set)
+    ran: dict[int, str] = dataclasses.field(default_factory=dict)  # id -> class name
     modules: set[int] = dataclasses.field(default_factory=set)
 
 
@@ -164,6 +166,8 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
     if query.size(0) != 1:
         raise ValueError(f"a shared-prompt batch is one row, got a batch of {query.size(0)} rows")
     window, softcap, sinks = kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux")
+    if window is not None and original in ("eager", "sdpa") and declared_sliding_window(module.config) is None:
+        window = None  # not in the plain layout's mask either: a window the config does not declare (OLMoE passes one)
     given = {n for n, v in (("sliding_window", window), ("softcap", softcap), ("sinks", sinks)) if v is not None}
     if check is not None:  # what `shared_prompt_forward` compares with the model's variants and attention modules
         check.variants.update(given)
@@ -190,24 +194,27 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
 def shared_prompt_forward(model):
     """Wrap the forward pass of a shared-prompt row through `model`, and check what its attention received: inside,
     an attention call without the row's layout (`nca_layout`, lost by a model that does not pass keyword arguments
-    down to its attention) raises instead of attending over the whole row; after it, an attention module of the
-    language model (`attention_modules`) that never ran with the layout (one that bypasses transformers'
-    `AttentionInterface`), or a sliding window, softcapping or sinks (`attention_variants`) that no attention call was
-    given (a window applied only by the model's mask, which this layout does not build), raises instead of returning
-    log-probs without it. Backward recomputation (gradient checkpointing) reuses the forward's keyword arguments."""
+    down to its attention) raises instead of attending over the whole row; after it, an attention module that ran
+    (`enable_shared_prompt` hooked each one) but not with the layout (one that computes its attention without
+    transformers' `AttentionInterface`, or with a config of its own), or a sliding window, softcapping or sinks
+    (`attention_variants`) that no attention call was given (a window applied only by the model's mask, which this
+    layout does not build), raises instead of returning log-probs without it. Modules that do not run (OPT's
+    `layerdrop`, cross-attention without encoder states) are not asked for. Backward recomputation (gradient
+    checkpointing) reuses the forward's keyword arguments."""
     check = _ForwardCheck()
     token = _FORWARD_CHECK.set(check)
     try:
         yield
     finally:
         _FORWARD_CHECK.reset(token)
-    skipped = next((m for m in attention_modules(model) if id(m) not in check.modules), None)
+    skipped = next((name for i, name in check.ran.items() if i not in check.modules), None)
     if skipped is not None:
         raise RuntimeError(
-            f"{type(skipped).__name__} did not run with the shared-prompt layout while a shared-prompt row was "
-            f"forwarded through {type(model).__name__}: it computes its attention without transformers' "
-            "AttentionInterface, over the whole row, so each completion would attend to the others. Set "
-            "shared_prompt=False to train this model with the plain padded layout."
+            f"{skipped} ran without the shared-prompt layout while a shared-prompt row was forwarded "
+            f"through {type(model).__name__}: it computed its attention over the whole row (without transformers' "
+            "AttentionInterface, or with a config of its own, as a copy made by PEFT's modules_to_save has), so each "
+            "completion would attend to the others. Set shared_prompt=False to train this model with the plain padded "
+            "layout."
         )
     missing = sorted(attention_variants(model) - check.variants)
     if missing:
@@ -253,7 +260,18 @@ def enable_shared_prompt(model, max_length: int | None = None) -> SharedPromptSu
         config = model.config.get_text_config()
         if not config._attn_implementation.startswith(_PREFIX):
             config._attn_implementation = _register(config._attn_implementation or "eager")
+        for module in attention_modules(model):  # what `shared_prompt_forward` checks: which ones ran
+            if _note_ran not in module._forward_pre_hooks.values():
+                module.register_forward_pre_hook(_note_ran)
     return support
+
+
+def _note_ran(module, args):
+    """Forward pre-hook of each attention module: note that it ran while a shared-prompt row was forwarded (module
+    copies such as `nn.DataParallel`'s replicas share it, and note themselves)."""
+    check = _FORWARD_CHECK.get()
+    if check is not None:
+        check.ran[id(module)] = type(module).__name__
 
 
 def is_shared_prompt_enabled(model) -> bool:
