@@ -179,6 +179,16 @@ def test_an_attention_module_that_bypasses_the_layout_raises(tokenizer, vicuna, 
                                            "shared_prompt=False"):
         logps_both_layouts(trainer)
 
+    # An attention module swapped in after construction (without the forward check's hook until the next forward)
+    trainer = trainer_for("llama", tokenizer, vicuna, tmp_path / "swapped")
+    layer = trainer.model.model.layers[1]
+    swapped = type(layer.self_attn)(copy.copy(layer.self_attn.config), layer_idx=1)
+    swapped.config._attn_implementation = "sdpa"
+    swapped.load_state_dict(layer.self_attn.state_dict())
+    layer.self_attn = swapped
+    with pytest.raises(RuntimeError, match="LlamaAttention ran without the shared-prompt layout"):
+        logps_both_layouts(trainer)
+
 
 def _shared_logps(trainer, forward_model=None):
     """The policy's per-completion log-probs `[N]` on the train rows in the shared-prompt layout, forwarded through
@@ -247,6 +257,24 @@ def test_a_window_the_config_does_not_declare_but_the_attention_gets(implementat
     assert trainer.data_collator.shared_prompt
     plain, own, _ = logps_both_layouts(trainer)
     torch.testing.assert_close(own, plain, rtol=1e-5, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["mistral", "phi3"])
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_a_layer_types_key_the_family_does_not_read_keeps_the_window(family, implementation, tokenizer, vicuna,
+                                                                     tmp_path, monkeypatch):
+    """Mistral's and Phi3's masks take the window from `sliding_window` alone; a `layer_types` key a converted
+    config.json carries (all full attention) is not theirs. The shared-prompt layout keeps the window as the plain
+    mask does (it dropped it: 5.9e-2 relative off on Mistral, silently, before)."""
+    model_type, overrides = FAMILIES[family]
+    monkeypatch.setitem(FAMILIES, family, (model_type, {**overrides, "layer_types": ["full_attention"] * 2,
+                                                        "attn_implementation": implementation}))
+    trainer = trainer_for(family, tokenizer, vicuna, tmp_path)
+    assert trainer.model.config.layer_types == ["full_attention"] * 2 and trainer.data_collator.shared_prompt
+    plain, own, batch = logps_both_layouts(trainer)
+    torch.testing.assert_close(own, plain, rtol=1e-5, atol=0)
+    assert int(batch["max_seqlen_k"]) > 2 * WINDOW
 
 
 def test_an_attention_module_with_a_config_of_its_own_is_plain():

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "ATTENTION_LAYER_TYPES", "EXACT_FAMILIES", "EXACT_MULTIMODAL", "ROUTED_PREFIX", "SharedPromptSupport",
-    "attention_modules", "attention_variants", "declared_sliding_window", "original_attention_implementation",
+    "attention_modules", "attention_variants", "declares_sliding_window", "original_attention_implementation",
     "shared_prompt_support",
 ]
 
@@ -84,7 +84,7 @@ def shared_prompt_support(model, max_length: int | None = None) -> SharedPromptS
             False, f"attention implementation {implementation!r} is not one of {', '.join(_IMPLEMENTATIONS)} or a "
             "hub flash-attention kernel"
         )
-    if implementation == "eager" and getattr(config, "reorder_and_upcast_attn", False):
+    if implementation == "eager" and _declared(config, "reorder_and_upcast_attn"):
         return SharedPromptSupport(
             False, "config.reorder_and_upcast_attn=True with eager attention: GPT-2's attention then upcasts to "
             "float32 in its own code, which the routed attention would skip (plain batches too)"
@@ -136,7 +136,7 @@ def shared_prompt_support(model, max_length: int | None = None) -> SharedPromptS
             "layout's attention is causal"
         )
     needs = attention_variants(model)
-    if max_length is not None and "sliding_window" in needs and declared_sliding_window(config) >= max_length:
+    if max_length is not None and "sliding_window" in needs and _sliding_window(config) >= max_length:
         needs.discard("sliding_window")  # no segment is longer than the window
     return SharedPromptSupport(True, needs=frozenset(needs))
 
@@ -158,11 +158,11 @@ def _language_model(model):
 
 def attention_variants(model) -> set[str]:
     """The attention variants (`nca_trl.shared_prompt.varlen.FEATURES`) `model` uses: `sliding_window`
-    (`declared_sliding_window`), `softcap` (`config.attn_logit_softcapping`), `sinks` (attention modules with
+    (`_sliding_window`), `softcap` (`config.attn_logit_softcapping`), `sinks` (attention modules with
     `sinks`, as GPT-OSS's). A config setting counts only where the config's class declares it (`_declared`)."""
     variants = set()
     config = model.config.get_text_config()
-    if declared_sliding_window(config) is not None:
+    if _sliding_window(config) is not None:
         variants.add("sliding_window")
     if _declared(config, "attn_logit_softcapping") is not None:
         variants.add("softcap")
@@ -171,12 +171,17 @@ def attention_variants(model) -> set[str]:
     return variants
 
 
-def declared_sliding_window(config) -> int | None:
+def _sliding_window(config) -> int | None:
     """The sliding window some attention layer of a model with this (text) config applies, or None (a window its
     config class does not declare is not one: `_declared`)."""
     window = _declared(config, "sliding_window")
-    layer_types = getattr(config, "layer_types", None)
+    layer_types = _declared(config, "layer_types")  # Mistral's masks, for one, read no layer_types
     return window if layer_types is None or "sliding_attention" in layer_types else None
+
+
+def declares_sliding_window(config) -> bool:
+    """Whether the class of `config` declares a `sliding_window` setting (a family whose masks can apply one)."""
+    return "sliding_window" in _settings(type(config))
 
 
 def _declared(config, name: str):

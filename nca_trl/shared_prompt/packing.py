@@ -36,7 +36,7 @@ import torch
 
 from .families import ROUTED_PREFIX as _PREFIX
 from .families import SharedPromptSupport, attention_modules, attention_variants, shared_prompt_support
-from .families import declared_sliding_window, original_attention_implementation
+from .families import declares_sliding_window, original_attention_implementation
 from .varlen import VarlenLayout, binding_window, cuda_varlen_kernel, select_kernel, varlen_attention
 
 logger = logging.getLogger("nca_trl")
@@ -166,7 +166,7 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
     if query.size(0) != 1:
         raise ValueError(f"a shared-prompt batch is one row, got a batch of {query.size(0)} rows")
     window, softcap, sinks = kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux")
-    if window is not None and original in ("eager", "sdpa") and declared_sliding_window(module.config) is None:
+    if window is not None and original in ("eager", "sdpa") and not declares_sliding_window(module.config):
         window = None  # not in the plain layout's mask either: a window the config does not declare (OLMoE passes one)
     given = {n for n, v in (("sliding_window", window), ("softcap", softcap), ("sinks", sinks)) if v is not None}
     if check is not None:  # what `shared_prompt_forward` compares with the model's variants and attention modules
@@ -201,6 +201,7 @@ def shared_prompt_forward(model):
     layout does not build), raises instead of returning log-probs without it. Modules that do not run (OPT's
     `layerdrop`, cross-attention without encoder states) are not asked for. Backward recomputation (gradient
     checkpointing) reuses the forward's keyword arguments."""
+    _hook_attention(model)  # also an attention module swapped in since `enable_shared_prompt`
     check = _ForwardCheck()
     token = _FORWARD_CHECK.set(check)
     try:
@@ -260,10 +261,15 @@ def enable_shared_prompt(model, max_length: int | None = None) -> SharedPromptSu
         config = model.config.get_text_config()
         if not config._attn_implementation.startswith(_PREFIX):
             config._attn_implementation = _register(config._attn_implementation or "eager")
-        for module in attention_modules(model):  # what `shared_prompt_forward` checks: which ones ran
-            if _note_ran not in module._forward_pre_hooks.values():
-                module.register_forward_pre_hook(_note_ran)
+        _hook_attention(model)
     return support
+
+
+def _hook_attention(model):
+    """Give each attention module of `model` the pre-hook `_note_ran` (once): what `shared_prompt_forward` checks."""
+    for module in attention_modules(model):
+        if _note_ran not in module._forward_pre_hooks.values():
+            module.register_forward_pre_hook(_note_ran)
 
 
 def _note_ran(module, args):
