@@ -152,11 +152,11 @@ def test_unknown_family_is_plain_and_says_why(tiny_mistral):
     assert not support.enabled and "'my_new_family') is not among the families tested exact" in support.reason
 
 
-@pytest.mark.parametrize("family, variants", [("gemma2", "sliding_window and softcap"),
-                                              ("gpt_oss", "sinks and sliding_window")])
+@pytest.mark.parametrize("family, variants", [("gemma2", "sliding_window"), ("gpt_oss", "sinks and sliding_window")])
 def test_a_shared_prompt_forward_whose_attention_missed_a_variant_raises(family, variants):
     """`shared_prompt_forward` compares the variants the attention calls were given with those the model uses (its
-    config's window and softcapping, its modules' sinks): here no call was made at all, so every variant is missing."""
+    config's window, its modules' sinks): here no call was made at all, so every variant is missing. Softcapping is
+    not asked for: only a call's keyword applies it, in either layout."""
     model = build(family)
     with pytest.raises(RuntimeError, match=f"attention uses {variants} .* Set shared_prompt=False"):
         with shared_prompt_forward(model):
@@ -275,6 +275,19 @@ def test_a_layer_types_key_the_family_does_not_read_keeps_the_window(family, imp
     plain, own, batch = logps_both_layouts(trainer)
     torch.testing.assert_close(own, plain, rtol=1e-5, atol=0)
     assert int(batch["max_seqlen_k"]) > 2 * WINDOW
+
+
+@pytest.mark.slow
+def test_softcapping_the_attention_never_gets_is_not_asked_for(tokenizer, vicuna, tmp_path, monkeypatch):
+    """Gemma 3's attention keeps `attn_logit_softcapping` but passes none to its kernel, so the plain layout applies
+    none: the shared-prompt forward agrees and does not raise (it raised "attention uses softcap" at every forward
+    before)."""
+    model_type, overrides = FAMILIES["gemma3"]
+    monkeypatch.setitem(FAMILIES, "gemma3", (model_type, {**overrides, "attn_logit_softcapping": 50.0}))
+    trainer = trainer_for("gemma3", tokenizer, vicuna, tmp_path)
+    assert trainer.model.config.attn_logit_softcapping == 50.0 and trainer.data_collator.shared_prompt
+    plain, own, _ = logps_both_layouts(trainer)
+    torch.testing.assert_close(own, plain, rtol=1e-5, atol=0)
 
 
 def test_an_attention_module_with_a_config_of_its_own_is_plain():

@@ -196,7 +196,7 @@ def shared_prompt_forward(model):
     an attention call without the row's layout (`nca_layout`, lost by a model that does not pass keyword arguments
     down to its attention) raises instead of attending over the whole row; after it, an attention module that ran
     (`enable_shared_prompt` hooked each one) but not with the layout (one that computes its attention without
-    transformers' `AttentionInterface`, or with a config of its own), or a sliding window, softcapping or sinks
+    transformers' `AttentionInterface`, or with a config of its own), or a sliding window or sinks
     (`attention_variants`) that no attention call was given (a window applied only by the model's mask, which this
     layout does not build), raises instead of returning log-probs without it. Modules that do not run (OPT's
     `layerdrop`, cross-attention without encoder states) are not asked for. Backward recomputation (gradient
@@ -217,7 +217,9 @@ def shared_prompt_forward(model):
             "completion would attend to the others. Set shared_prompt=False to train this model with the plain padded "
             "layout."
         )
-    missing = sorted(attention_variants(model) - check.variants)
+    # Softcapping reaches the kernels only as a call's keyword, plain layout included: one not given is applied by
+    # neither layout (Gemma 3's attention keeps `attn_logit_softcapping` but passes none). A window can live in a mask.
+    missing = sorted(attention_variants(model) - {"softcap"} - check.variants)
     if missing:
         raise RuntimeError(
             f"{type(model).__name__}'s attention uses {' and '.join(missing)} (its config or modules), but none of its "
