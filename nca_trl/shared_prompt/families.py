@@ -135,7 +135,7 @@ def shared_prompt_support(model, max_length: int | None = None) -> SharedPromptS
             False, f"{two_way} is not causal (is_causal is not True, e.g. config.use_bidirectional_attention): the "
             "layout's attention is causal"
         )
-    needs = attention_variants(model)
+    needs = attention_variants(model, attention)
     if max_length is not None and "sliding_window" in needs and _sliding_window(config) >= max_length:
         needs.discard("sliding_window")  # no segment is longer than the window
     return SharedPromptSupport(True, needs=frozenset(needs))
@@ -156,17 +156,20 @@ def _language_model(model):
     return next((m for m in model.modules() if m is not model and getattr(m, "config", None) is config), None)
 
 
-def attention_variants(model) -> set[str]:
+def attention_variants(model, attention: list | None = None) -> set[str]:
     """The attention variants (`nca_trl.shared_prompt.varlen.FEATURES`) `model` uses: `sliding_window`
     (`_sliding_window`), `softcap` (`config.attn_logit_softcapping`), `sinks` (attention modules with
-    `sinks`, as GPT-OSS's). A config setting counts only where the config's class declares it (`_declared`)."""
+    `sinks`, as GPT-OSS's). A config setting counts only where the config's class declares it (`_declared`).
+    `attention`: `attention_modules(model)` where the caller has it already."""
     variants = set()
     config = model.config.get_text_config()
     if _sliding_window(config) is not None:
         variants.add("sliding_window")
     if _declared(config, "attn_logit_softcapping") is not None:
         variants.add("softcap")
-    if any(getattr(m, "sinks", None) is not None for m in model.modules() if type(m).__name__.endswith("Attention")):
+    if attention is None:
+        attention = attention_modules(model)
+    if any(getattr(m, "sinks", None) is not None for m in attention):
         variants.add("sinks")
     return variants
 

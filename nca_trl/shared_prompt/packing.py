@@ -201,7 +201,7 @@ def shared_prompt_forward(model):
     layout does not build), raises instead of returning log-probs without it. Modules that do not run (OPT's
     `layerdrop`, cross-attention without encoder states) are not asked for. Backward recomputation (gradient
     checkpointing) reuses the forward's keyword arguments."""
-    _hook_attention(model)  # also an attention module swapped in since `enable_shared_prompt`
+    attention = _hook_attention(model)  # also an attention module swapped in since `enable_shared_prompt`
     check = _ForwardCheck()
     token = _FORWARD_CHECK.set(check)
     try:
@@ -219,7 +219,7 @@ def shared_prompt_forward(model):
         )
     # Softcapping reaches the kernels only as a call's keyword, plain layout included: one not given is applied by
     # neither layout (Gemma 3's attention keeps `attn_logit_softcapping` but passes none). A window can live in a mask.
-    missing = sorted(attention_variants(model) - {"softcap"} - check.variants)
+    missing = sorted(attention_variants(model, attention) - {"softcap"} - check.variants)
     if missing:
         raise RuntimeError(
             f"{type(model).__name__}'s attention uses {' and '.join(missing)} (its config or modules), but none of its "
@@ -267,11 +267,14 @@ def enable_shared_prompt(model, max_length: int | None = None) -> SharedPromptSu
     return support
 
 
-def _hook_attention(model):
-    """Give each attention module of `model` the pre-hook `_note_ran` (once): what `shared_prompt_forward` checks."""
-    for module in attention_modules(model):
+def _hook_attention(model) -> list:
+    """Give each attention module of `model` the pre-hook `_note_ran` (once): what `shared_prompt_forward` checks.
+    Returns the modules (`attention_modules`)."""
+    attention = attention_modules(model)
+    for module in attention:
         if _note_ran not in module._forward_pre_hooks.values():
             module.register_forward_pre_hook(_note_ran)
+    return attention
 
 
 def _note_ran(module, args):
