@@ -8,6 +8,7 @@ windows: forward passes only, no training runs.
 
 import copy
 import logging
+import re
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from trl import DPOConfig
 from nca_trl import NCAConfig, NCATrainer
 from nca_trl.data import DataCollatorForRatedCompletions
 from nca_trl.shared_prompt.families import (
-    EXACT_FAMILIES, EXACT_MULTIMODAL, attention_variants, shared_prompt_support,
+    EXACT_FAMILIES, EXACT_MULTIMODAL, WINDOW_FAMILIES, attention_variants, shared_prompt_support,
 )
 from nca_trl.shared_prompt.packing import _register, shared_prompt_forward
 
@@ -112,7 +113,8 @@ def test_attention_that_misses_the_layout_raises_instead_of_leaking(family, over
     not pass keyword arguments on to its attention, so the layout never reaches it; PhiMoE applies its sliding window
     only through the mask, which the layout does not build."""
     monkeypatch.setitem(FAMILIES, family, (family, overrides))
-    monkeypatch.setitem(EXACT_FAMILIES, family, family)  # what the allow-list refuses to do
+    monkeypatch.setitem(EXACT_FAMILIES, family, family)  # what the allow-lists refuse to do
+    monkeypatch.setitem(WINDOW_FAMILIES, family, None)
     trainer = trainer_for(family, tokenizer, vicuna, tmp_path)
     assert trainer.data_collator.shared_prompt
     with pytest.raises(RuntimeError, match=error):
@@ -133,6 +135,32 @@ def test_a_window_the_family_does_not_declare_is_not_applied_nor_required(window
     assert attention_variants(trainer.model) == set()
     plain, own, _ = logps_both_layouts(trainer)
     torch.testing.assert_close(own, plain, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("family, overrides, reason", [
+    ("qwen2_moe", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2),
+     "Qwen2MoeForCausalLM has a sliding window (config.sliding_window=8) that qwen2_moe's attention does not give its "
+     "kernel: its mask alone applies it"),
+    ("smollm3", dict(use_sliding_window=False, layer_types=["full_attention", "sliding_attention"] * 2),
+     "SmolLM3ForCausalLM has a sliding window (config.sliding_window=8) that smollm3's attention does not give its "
+     "kernel unless config.use_sliding_window is true"),
+])
+def test_a_window_only_the_mask_applies_is_plain_at_construction(family, overrides, reason, tokenizer, vicuna,
+                                                                  tmp_path, monkeypatch, caplog):
+    """Qwen2-MoE's attention never passes its window to the kernel, SmolLM3's only with `use_sliding_window` (its mask
+    follows `layer_types`): their masks alone apply it, and the shared-prompt layout builds no mask. Plain at
+    construction, the reason logged; an explicit `shared_prompt=True` is refused there. (Before, they took the layout
+    and the forward check stopped the run at its first step.)"""
+    model_type, base = FAMILIES[family]
+    monkeypatch.setitem(FAMILIES, family, (model_type, {**base, **overrides}))
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        trainer = trainer_for(family, tokenizer, vicuna, tmp_path)
+    assert not trainer.data_collator.shared_prompt and reason in caplog.text
+    plain, own, _ = logps_both_layouts(trainer)
+    torch.testing.assert_close(own, plain, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="cannot run here, or not exactly: policy model: " + re.escape(reason)):
+        trainer_for(family, tokenizer, vicuna, tmp_path / "explicit", shared_prompt=True)
+    assert shared_prompt_support(build(family), max_length=WINDOW).enabled  # no segment longer than the window
 
 
 @pytest.mark.parametrize("family", ["lfm2", "qwen3_next"])

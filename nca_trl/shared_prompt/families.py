@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "ATTENTION_LAYER_TYPES", "EXACT_FAMILIES", "EXACT_MULTIMODAL", "ROUTED_PREFIX", "SharedPromptSupport",
+    "WINDOW_FAMILIES",
     "attention_modules", "attention_variants", "declares_sliding_window", "original_attention_implementation",
     "shared_prompt_support",
 ]
@@ -44,6 +45,16 @@ EXACT_FAMILIES = {
     "gpt_neox": "gpt_neox", "deepseek_v2": "deepseek_v2", "ernie4_5": "ernie4_5", "gpt2": "gpt2",
     "gpt_bigcode": "gpt_bigcode", "opt": "opt", "arcee": "arcee", "bitnet": "bitnet", "cohere2_moe": "cohere2_moe",
     "exaone_moe": "exaone_moe", "granite_swa": "granite_swa", "vaultgemma": "vaultgemma",
+}
+# The families of `EXACT_FAMILIES` whose attention gives the kernel its sliding window (the attention call's
+# `sliding_window` keyword), tested exact with windows -> the config flag that must be true for it to (None: always).
+# A window in any other family lives in its mask alone (Qwen2-MoE's attention never passes it on; SmolLM3's only with
+# `use_sliding_window`, while its mask follows `layer_types`), which the layout does not build: plain.
+WINDOW_FAMILIES = {
+    "mistral": None, "ministral": None, "ministral3": None, "mixtral": None, "phi3": None, "starcoder2": None,
+    "qwen2": None, "qwen3": None, "qwen3_moe": None, "smollm3": "use_sliding_window", "gemma2": None,
+    "gemma3_text": None, "vaultgemma": None, "gpt_oss": None, "granite_swa": None, "cohere2": None,
+    "cohere2_moe": None, "olmo3": None, "exaone4": None, "exaone_moe": None,
 }
 # Multimodal models whose language model is one of `EXACT_FAMILIES`, tested exact on text-only batches: the model
 # type -> transformers' package of the multimodal class (its vision tower never runs on text)
@@ -71,8 +82,9 @@ def shared_prompt_support(model, max_length: int | None = None) -> SharedPromptS
     Exact: decoder-only models of `EXACT_FAMILIES` (transformers' own modeling code; a multimodal model of
     `EXACT_MULTIMODAL` on text, by its language model), every `config.layer_types` entry in `ATTENTION_LAYER_TYPES`,
     causal attention dispatched through transformers' `AttentionInterface`, loaded with `eager`, `sdpa`,
-    `flash_attention_2/3/4` or a hub flash-attention kernel. `needs` holds the variants its attention uses
-    (`attention_variants`; `sliding_window` only where a window is shorter than `max_length`, if given).
+    `flash_attention_2/3/4` or a hub flash-attention kernel; a sliding window shorter than `max_length` (if given)
+    only in `WINDOW_FAMILIES`, whose attention gives it to the kernel. `needs` holds the variants its attention uses
+    (`attention_variants`; `sliding_window` only where a window is shorter than `max_length`).
     """
     config = model.config.get_text_config()
     implementation = original_attention_implementation(model)
@@ -138,6 +150,15 @@ def shared_prompt_support(model, max_length: int | None = None) -> SharedPromptS
     needs = attention_variants(model, attention)
     if max_length is not None and "sliding_window" in needs and _sliding_window(config) >= max_length:
         needs.discard("sliding_window")  # no segment is longer than the window
+    if "sliding_window" in needs:
+        flag = WINDOW_FAMILIES.get(model_type, "")
+        if flag == "" or (flag and not getattr(config, flag, False)):
+            unless = f" unless config.{flag} is true" if flag else ""
+            return SharedPromptSupport(
+                False, f"{type(model).__name__} has a sliding window (config.sliding_window={_sliding_window(config)}) "
+                f"that {model_type}'s attention does not give its kernel{unless}: its mask alone applies it, and the "
+                "layout builds no mask (nca_trl.shared_prompt.families.WINDOW_FAMILIES)"
+            )
     return SharedPromptSupport(True, needs=frozenset(needs))
 
 
