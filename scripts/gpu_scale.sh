@@ -44,7 +44,7 @@ work=${GPU_SCALE_WORK:-/tmp/nca-gpu-scale}
 mkdir -p "$work/results" && work=$(cd "$work" && pwd)
 stages=${STAGES:-zero3 zero3_offload mixtral_zero3 fsdp2 generate_long iterate layouts_median}
 declare -A cap=([zero3]=110 [zero3_offload]=170 [mixtral_zero3]=110 [fsdp2]=130 [generate_long]=80 [iterate]=70
-                [layouts_median]=210)
+                [layouts_median]=300)
 for name in $stages; do
   [ -n "${cap[$name]-}" ] || { echo "gpu_scale.sh: unknown stage '$name' in STAGES: use some of ${!cap[*]}"; exit 2; }
 done

@@ -92,6 +92,36 @@ FAMILIES: dict[str, tuple[str, dict]] = {
                                         layer_types=["sliding_attention", "full_attention"])),
     "vaultgemma": ("vaultgemma", dict(num_hidden_layers=2, sliding_window=WINDOW,
                                       layer_types=["sliding_attention", "full_attention"])),  # softcapping too
+    # Families with public checkpoints found exact the same way, each config turning on what the family adds:
+    # EXAONE 3.x and InternLM3 (transformers builds Llama for them), nanochat (final logit softcapping), HyperCLOVA X
+    # (muP-style multipliers, post-norms), MiniCPM5-MoE and Solar-Open (grouped routing), Hunyuan-V3, Jais2, AFMoE
+    # (Arcee Trinity: muP, windows, NoPE full layers), Mellum and CWM (windows), MiMo-V2-Flash (windows, sinks on
+    # sliding layers, narrower values; eager only)
+    "exaone": ("exaone", dict(num_hidden_layers=2)),
+    "internlm3": ("internlm3", dict(num_hidden_layers=2, attention_bias=True, mlp_bias=True)),
+    "nanochat": ("nanochat", dict(num_hidden_layers=2, final_logit_softcapping=15.0)),
+    "hyperclovax": ("hyperclovax", dict(num_hidden_layers=2, embedding_multiplier=2.0, logits_scaling=0.5,
+                                        residual_multiplier=0.5, attention_multiplier=0.3, use_post_norm=True)),
+    "minicpm5_moe": ("minicpm5_moe", dict(num_hidden_layers=2, n_routed_experts=8, num_experts_per_tok=2,
+                                          moe_intermediate_size=32, n_group=2, topk_group=1,
+                                          routed_scaling_factor=2.0)),
+    "solar_open": ("solar_open", dict(num_hidden_layers=2, n_routed_experts=8, num_experts_per_tok=2,
+                                      moe_intermediate_size=32, n_group=2, topk_group=1)),
+    "jais2": ("jais2", dict(num_hidden_layers=2)),
+    "hy_v3": ("hy_v3", dict(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                            num_shared_experts=1)),
+    "afmoe": ("afmoe", dict(num_hidden_layers=3, sliding_window=WINDOW, num_dense_layers=1, num_experts=4,
+                            num_experts_per_tok=2, moe_intermediate_size=32, num_shared_experts=1, mup_enabled=True,
+                            route_scale=2.0, layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    "mellum": ("mellum", dict(num_hidden_layers=2, sliding_window=WINDOW, layer_types=["sliding_attention",
+                                                                                       "full_attention"],
+                              mlp_layer_types=["dense", "sparse"], num_experts=4, num_experts_per_tok=2,
+                              moe_intermediate_size=32)),
+    "cwm": ("cwm", dict(num_hidden_layers=2, sliding_window=WINDOW, layer_types=["sliding_attention",
+                                                                                 "full_attention"])),
+    "mimo_v2_flash": ("mimo_v2_flash", dict(num_hidden_layers=3, sliding_window=WINDOW, v_head_dim=8,
+                                            n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                            layer_types=["full_attention", "sliding_attention", "sliding_attention"])),
     # A multimodal model on text-only batches (what AutoModelForCausalLM loads for a Gemma 3 4B-27B checkpoint)
     "gemma3_multimodal": ("gemma3", dict(
         text_config=dict(num_hidden_layers=2, sliding_window=WINDOW,

@@ -44,7 +44,10 @@ EXACT_FAMILIES = {
     "hunyuan_v1_moe": "hunyuan_v1_moe", "minimax_m2": "minimax_m2", "apertus": "apertus", "helium": "helium",
     "gpt_neox": "gpt_neox", "deepseek_v2": "deepseek_v2", "ernie4_5": "ernie4_5", "gpt2": "gpt2",
     "gpt_bigcode": "gpt_bigcode", "opt": "opt", "arcee": "arcee", "bitnet": "bitnet", "cohere2_moe": "cohere2_moe",
-    "exaone_moe": "exaone_moe", "granite_swa": "granite_swa", "vaultgemma": "vaultgemma",
+    "exaone_moe": "exaone_moe", "granite_swa": "granite_swa", "vaultgemma": "vaultgemma", "exaone": "llama",
+    "internlm3": "llama", "nanochat": "nanochat", "hyperclovax": "hyperclovax", "minicpm5_moe": "minicpm5_moe",
+    "solar_open": "solar_open", "jais2": "jais2", "hy_v3": "hy_v3", "afmoe": "afmoe", "mellum": "mellum",
+    "cwm": "cwm", "mimo_v2_flash": "mimo_v2_flash",
 }
 # The families of `EXACT_FAMILIES` whose attention gives the kernel its sliding window (the attention call's
 # `sliding_window` keyword), tested exact with windows -> the config flag that must be true for it to (None: always).
@@ -54,7 +57,8 @@ WINDOW_FAMILIES = {
     "mistral": None, "ministral": None, "ministral3": None, "mixtral": None, "phi3": None, "starcoder2": None,
     "qwen2": None, "qwen3": None, "qwen3_moe": None, "smollm3": "use_sliding_window", "gemma2": None,
     "gemma3_text": None, "vaultgemma": None, "gpt_oss": None, "granite_swa": None, "cohere2": None,
-    "cohere2_moe": None, "olmo3": None, "exaone4": None, "exaone_moe": None,
+    "cohere2_moe": None, "olmo3": None, "exaone4": None, "exaone_moe": None, "afmoe": None, "mellum": None,
+    "cwm": None, "mimo_v2_flash": None,
 }
 # Multimodal models whose language model is one of `EXACT_FAMILIES`, tested exact on text-only batches: the model
 # type -> transformers' package of the multimodal class (its vision tower never runs on text)
