@@ -1,9 +1,9 @@
 """`NCATrainer` and `InfoNCATrainer`: `trl.DPOTrainer` subclasses training on K rated completions per prompt.
 
 Everything that is not pairwise is the parent's: model and reference-model creation, PEFT (reference = adapters
-disabled), DeepSpeed/FSDP preparation, the fused LM-head log-probs, the MoE router aux loss, logging, evaluation and
-checkpoints. This module overrides the dataset preparation, the signature columns, the reference log-probs (K values
-per prompt, live or precomputed and cached) and the loss.
+disabled), DeepSpeed/FSDP preparation, the fused LM-head log-probs, the MoE router aux loss (`runtime.router_aux`: on
+every MoE family), logging, evaluation and checkpoints. This module overrides the dataset preparation, the signature
+columns, the reference log-probs (K values per prompt, live or precomputed and cached) and the loss.
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ from .metrics import best_slots, from_slots, sequence_metrics, to_slots
 from .ref_cache import precompute_ref_logps
 from .runtime.output_dir import check_output_dir
 from .runtime.progress import use_readable_progress
+from .runtime.router_aux import add_router_aux_loss, check_router_aux, router_aux_forward
 from .runtime.safety import RunSafetyMixin
-from .shared_prompt.packing import SharedPromptLayoutMixin, is_shared_prompt_batch, is_shared_prompt_enabled
-from .shared_prompt.packing import shared_prompt_forward
+from .shared_prompt.packing import (SharedPromptLayoutMixin, is_shared_prompt_batch, is_shared_prompt_enabled,
+                                    shared_prompt_forward)
 from .shared_prompt.varlen import VarlenLayout
 
 __all__ = ["NCATrainer", "InfoNCATrainer", "trainer_for_loss"]
@@ -204,6 +205,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, SharedPromptLayoutMixin, DPOTrain
                 quantization_config=quantization_config,
                 peft_config=peft_config,
             )
+        self._lent_experts = check_router_aux(self)  # the number of MoE experts TRL's fused head may lack
         self._setup_layout()
         self._no_batch_dispatch()
         use_readable_progress(self)  # log lines without quoted strings, no nested evaluation bar in a log file
@@ -353,8 +355,8 @@ class _RatedCompletionsTrainer(RunSafetyMixin, SharedPromptLayoutMixin, DPOTrain
         mode = "train" if self.model.training else "eval"
         slots, rewards = inputs["completion_slots"], inputs["rewards"]
 
-        model_kwargs = {"output_router_logits": True} if self.aux_loss_enabled else {}
-        outputs, take, token_sequence, seq_logps = self._sequence_logps(model, inputs, **model_kwargs)
+        with router_aux_forward(self) as model_kwargs:  # the MoE load-balancing loss, where it is on
+            outputs, take, token_sequence, seq_logps = self._sequence_logps(model, inputs, **model_kwargs)
         logps = to_slots(seq_logps, slots)
         if self.precompute_ref_logps:
             ref_logps = inputs["ref_logps"]
@@ -367,10 +369,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, SharedPromptLayoutMixin, DPOTrain
         alpha = self.alpha if pairs is None else torch.where(pairs, 0.0, self.alpha)
         row_losses = self._loss_fn(logratios, rewards, self.beta, alpha, slots)
         self._row_losses = row_losses.detach()  # which rows are not finite, if the loss is not (`nca_trl.runtime.safety`)
-        loss = row_losses.mean()
-        if self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+        loss = add_router_aux_loss(self, row_losses.mean(), outputs, mode)
 
         self._log_metrics(mode, inputs, outputs, take, token_sequence, logps.detach(), logratios.detach())
 

@@ -7,6 +7,7 @@ windows: forward passes only, no training runs.
 """
 
 import copy
+import json
 import logging
 import re
 
@@ -19,6 +20,7 @@ from trl import DPOConfig
 
 from nca_trl import NCAConfig, NCATrainer
 from nca_trl.data import DataCollatorForRatedCompletions
+from nca_trl.runtime.router_aux import expert_count
 from nca_trl.shared_prompt.families import (
     EXACT_FAMILIES, EXACT_MULTIMODAL, WINDOW_FAMILIES, attention_variants, shared_prompt_support,
 )
@@ -169,6 +171,38 @@ def test_explicit_shared_prompt_on_a_hybrid_is_refused_naming_the_layer(family, 
         with pytest.raises(ValueError, match=r"cannot run here, or not exactly: policy model: layer 0 of \w+ is '"):
             trainer_for(family, tokenizer, vicuna, tmp_path, **setting)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["granitemoe", "granitemoehybrid"])
+def test_moe_families_that_name_their_experts_otherwise_train_with_the_load_balancing_loss(family, tokenizer, vicuna,
+                                                                                          tmp_path):
+    """TRL's fused LM head computes the MoE load-balancing loss with `config.num_experts`; Granite-MoE and the Granite 4
+    hybrids name it `num_local_experts`, so their first training step raised AttributeError with the default settings
+    (in `trl.DPOTrainer` too). The number is lent to the config for the forward only: the loss gains the weighted aux
+    term, and neither the config nor the saved config.json keeps `num_experts`."""
+    losses = {}
+    for coef in (None, 0.0):  # the config's own coefficient, then the loss turned off
+        trainer = trainer_for(family, tokenizer, vicuna, tmp_path / str(coef), max_steps=1, learning_rate=0.0,
+                              router_aux_loss_coef=coef)
+        assert trainer.aux_loss_enabled is (coef is None)
+        trainer.train()
+        losses[coef] = trainer.state.log_history[0]
+    aux, weight = losses[None]["aux_loss"], trainer.model.config.router_aux_loss_coef
+    assert aux > 0 and "aux_loss" not in losses[0.0]
+    assert losses[None]["train_loss"] - losses[0.0]["train_loss"] == pytest.approx(weight * aux, rel=1e-3)
+    assert not hasattr(trainer.model.config, "num_experts")
+    trainer.save_model(str(tmp_path / "saved"))
+    assert "num_experts" not in json.loads((tmp_path / "saved" / "config.json").read_text())
+
+
+def test_a_moe_model_without_a_number_of_experts_is_refused_naming_the_fix():
+    model = build("granitemoe")
+    assert expert_count(model) == 4 and expert_count(build("mixtral")) is None  # Mixtral's config has num_experts
+    model.num_experts = model.config.num_local_experts = None
+    with pytest.raises(ValueError, match="neither GraniteMoeForCausalLM nor its config gives the number of experts .* "
+                                         "Set router_aux_loss_coef=0.0"):
+        expert_count(model)
 
 
 def test_unknown_family_is_plain_and_says_why(tiny_mistral):

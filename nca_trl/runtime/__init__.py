@@ -11,6 +11,7 @@
 - `safety`: the trainers' run safety (non-finite stops naming step and rows, the lock, complete saves);
 - `launch`: checks of an `accelerate launch` before anything is loaded, and the summary of the process group;
 - `distributed`: DeepSpeed ZeRO-3 leaf marking of Mixture-of-Experts blocks.
+- `router_aux`: the MoE load-balancing loss through TRL's fused LM head, on families that name their experts otherwise.
 
 Nothing here imports a command package (`train`, `generation`, `scoring`, `iterate`) or the data package.
 """
