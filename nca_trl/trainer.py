@@ -35,7 +35,7 @@ from .metrics import best_slots, from_slots, sequence_metrics, to_slots
 from .ref_cache import precompute_ref_logps
 from .runtime.output_dir import check_output_dir
 from .runtime.progress import use_readable_progress
-from .runtime.router_aux import add_router_aux_loss, check_router_aux, router_aux_forward
+from .runtime.router_aux import add_router_aux_loss, check_router_aux, experts_for_fused_head, router_aux_forward
 from .runtime.safety import RunSafetyMixin
 from .shared_prompt.packing import (SharedPromptLayoutMixin, is_shared_prompt_batch, is_shared_prompt_enabled,
                                     shared_prompt_forward)
@@ -205,7 +205,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, SharedPromptLayoutMixin, DPOTrain
                 quantization_config=quantization_config,
                 peft_config=peft_config,
             )
-        self._lent_experts = check_router_aux(self)  # the number of MoE experts TRL's fused head may lack
+        check_router_aux(self)  # the number of MoE experts TRL's fused head reads, where the loss is computed
         self._setup_layout()
         self._no_batch_dispatch()
         use_readable_progress(self)  # log lines without quoted strings, no nested evaluation bar in a log file
@@ -342,6 +342,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, SharedPromptLayoutMixin, DPOTrain
             torch.no_grad(),
             _activation_checkpointing_off(self.model, self.args.activation_checkpointing_kwargs),
             adapter_context,
+            experts_for_fused_head(model),  # a config with output_router_logits computes the MoE aux loss here too
             self.accelerator.autocast(),
         ):
             logps = self._sequence_logps(model, inputs)[-1]

@@ -174,13 +174,17 @@ def test_explicit_shared_prompt_on_a_hybrid_is_refused_naming_the_layer(family, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["granitemoe", "granitemoehybrid"])
-def test_moe_families_that_name_their_experts_otherwise_train_with_the_load_balancing_loss(family, tokenizer, vicuna,
-                                                                                          tmp_path):
+@pytest.mark.parametrize("family, router_logits", [("granitemoe", False), ("granitemoehybrid", True)])
+def test_moe_families_that_name_their_experts_otherwise_train_with_the_load_balancing_loss(family, router_logits,
+                                                                                          tokenizer, vicuna, tmp_path,
+                                                                                          monkeypatch):
     """TRL's fused LM head computes the MoE load-balancing loss with `config.num_experts`; Granite-MoE and the Granite 4
     hybrids name it `num_local_experts`, so their first training step raised AttributeError with the default settings
-    (in `trl.DPOTrainer` too). The number is lent to the config for the forward only: the loss gains the weighted aux
-    term, and neither the config nor the saved config.json keeps `num_experts`."""
+    (in `trl.DPOTrainer` too). The number is lent to the config for each forward only: the loss gains the weighted aux
+    term, and neither the config nor the saved config.json keeps `num_experts`. With `output_router_logits` in the
+    config, the fused head computes the loss in the reference model's forwards too (it raised there)."""
+    model_type, overrides = FAMILIES[family]
+    monkeypatch.setitem(FAMILIES, family, (model_type, {**overrides, "output_router_logits": router_logits}))
     losses = {}
     for coef in (None, 0.0):  # the config's own coefficient, then the loss turned off
         trainer = trainer_for(family, tokenizer, vicuna, tmp_path / str(coef), max_steps=1, learning_rate=0.0,
