@@ -9,6 +9,7 @@ windows: forward passes only, no training runs.
 import copy
 import json
 import logging
+import math
 import re
 
 import pytest
@@ -200,9 +201,41 @@ def test_moe_families_that_name_their_experts_otherwise_train_with_the_load_bala
     assert "num_experts" not in json.loads((tmp_path / "saved" / "config.json").read_text())
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("router_logits", [False, True])
+def test_a_dense_model_of_a_moe_family_trains_without_the_load_balancing_loss(router_logits, tokenizer, vicuna,
+                                                                              tmp_path, monkeypatch, caplog):
+    """Granite 4's dense checkpoints are `granitemoehybrid` with `num_local_experts` 0: no router logits to balance,
+    so TRL's fused head raised IndexError at the first step (with `output_router_logits` in the config, in the
+    reference forward too). The loss is off for them, said once; the config keeps its `output_router_logits`."""
+    model_type, overrides = FAMILIES["granitemoehybrid"]
+    monkeypatch.setitem(FAMILIES, "granitemoehybrid", (model_type, {
+        **overrides, "num_local_experts": 0, "num_experts_per_tok": 0, "output_router_logits": router_logits}))
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        trainer = trainer_for("granitemoehybrid", tokenizer, vicuna, tmp_path, max_steps=1)
+    assert not trainer.aux_loss_enabled and "has no experts (a dense model of an MoE family)" in caplog.text
+    trainer.train()
+    assert "aux_loss" not in trainer.state.log_history[0] and math.isfinite(trainer.state.log_history[0]["train_loss"])
+    assert trainer.model.config.output_router_logits is router_logits is trainer.ref_model.config.output_router_logits
+
+
+def test_a_policy_without_a_number_of_experts_is_refused_before_the_reference_precompute(tokenizer, vicuna, tmp_path,
+                                                                                        monkeypatch):
+    calls = []
+    monkeypatch.setattr(NCATrainer, "compute_ref_log_probs", lambda self, *a: calls.append(1))
+    model = build("granitemoe")
+    model.num_experts = model.config.num_local_experts = None
+    args = NCAConfig(output_dir=str(tmp_path / "out"), report_to="none", max_length=MAX_LENGTH, use_cpu=True,
+                     precompute_ref_log_probs=True)
+    with pytest.raises(ValueError, match="neither GraniteMoeForCausalLM nor its config gives the number of experts"):
+        NCATrainer(model=model, ref_model=build("granitemoe"), args=args, train_dataset=rows(vicuna),
+                   processing_class=tokenizer)
+    assert calls == []
+
+
 def test_a_moe_model_without_a_number_of_experts_is_refused_naming_the_fix():
     model = build("granitemoe")
-    assert expert_count(model) == 4 and expert_count(build("mixtral")) is None  # Mixtral's config has num_experts
+    assert expert_count(model) == 4 == expert_count(build("mixtral"))  # from num_local_experts, num_experts
     model.num_experts = model.config.num_local_experts = None
     with pytest.raises(ValueError, match="neither GraniteMoeForCausalLM nor its config gives the number of experts .* "
                                          "Set router_aux_loss_coef=0.0"):

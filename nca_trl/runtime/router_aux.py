@@ -2,19 +2,26 @@
 
 TRL 1.16 turns the loss on for any model whose config declares `output_router_logits`, with the config's
 `router_aux_loss_coef` (DPOTrainer's `aux_loss_enabled`), and its fused forward (`trl.trainer.utils.add_fused_lm_head`)
-then reads the number of experts as `config.num_experts`. Granite-MoE, Granite-MoE-shared and the Granite 4 hybrids
-name it `num_local_experts`, so their first training step raised `AttributeError: ... has no attribute 'num_experts'`
-with the default settings, in `trl.DPOTrainer` as in these trainers. `expert_count` finds the number where the config
-lacks it (the model's own `num_experts`, as its forward uses it, or the config's other names), and
-`experts_for_fused_head` sets it on the config for one forward only: nothing is saved with the config. The fused head
-also computes the loss in every forward of a model whose config sets `output_router_logits` (the reference model's
-too), so the number is lent around the reference forwards as well. `check_router_aux` refuses at construction a
-model whose number of experts cannot be found, naming the setting that turns the loss off.
+then reads the number of experts as `config.num_experts`, in every forward that asks for the router logits or whose
+config sets `output_router_logits` (the reference model's too). Two kinds of models failed there, in `trl.DPOTrainer`
+as in these trainers, at their first step with the default settings:
+
+- families that name the number otherwise: Granite-MoE, Granite-MoE-shared and the Granite 4 hybrids
+  (`num_local_experts`), DeepSeek-V3, GLM-4-MoE, MiniCPM5-MoE (`n_routed_experts`): `AttributeError`.
+  `experts_for_fused_head` sets `config.num_experts` to the model's number (`expert_count`) for one forward only:
+  nothing is saved with the config;
+- dense models of an MoE family (Granite 4's dense checkpoints: `num_local_experts` 0) have no router logits to
+  balance (`IndexError`). `check_router_aux` turns the loss off for them at construction, saying so, and
+  `experts_for_fused_head` sets their `output_router_logits` to False for each forward.
+
+`check_router_aux` refuses at construction a model whose number of experts cannot be found, naming the setting that
+turns the loss off.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 
 from accelerate.utils import extract_model_from_parallel
 
@@ -23,21 +30,21 @@ __all__ = [
     "router_aux_forward",
 ]
 
+logger = logging.getLogger("nca_trl")
+
 # Other names of the number of routed experts in transformers' MoE configs
 _OTHER_NAMES = ("num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
-def expert_count(model) -> int | None:
-    """The number of experts TRL's fused head needs where the text config has no `num_experts` (None where it has
-    one). Raises `ValueError` where neither the model nor its config says it."""
+def expert_count(model) -> int:
+    """The number of routed experts of `model` (a transformers model, unwrapped): its text config's `num_experts`, else
+    the model's own `num_experts` (GraniteMoeForCausalLM's, the number its forward uses), else the config's other
+    names; 0 for a dense model of an MoE family. Raises `ValueError` where none says it."""
     config = model.config.get_text_config()
-    if hasattr(config, "num_experts"):
-        return None
-    count = getattr(model, "num_experts", None)  # GraniteMoeForCausalLM's, the number its own forward uses
-    for name in _OTHER_NAMES:
-        if not isinstance(count, int):
-            count = getattr(config, name, None)
-    if not isinstance(count, int):
+    candidates = (getattr(config, "num_experts", None), getattr(model, "num_experts", None),
+                  *(getattr(config, name, None) for name in _OTHER_NAMES))
+    count = next((c for c in candidates if isinstance(c, int)), None)
+    if count is None:
         raise ValueError(
             f"The MoE load-balancing loss is on ({type(config).__name__} declares output_router_logits, "
             f"router_aux_loss_coef is not 0), but neither {type(model).__name__} nor its config gives the number of "
@@ -48,8 +55,13 @@ def expert_count(model) -> int | None:
 
 
 def check_router_aux(trainer) -> None:
-    """At construction: raises `ValueError` where a forward of the policy or the reference model will compute the loss
-    (`computes_aux`) and the number of experts cannot be found (`expert_count`)."""
+    """At construction (and before a reference precompute): a policy without experts gets no router aux loss (logged);
+    raises `ValueError` where a forward of the policy or the reference model will compute the loss (`computes_aux`)
+    and the number of experts cannot be found (`expert_count`)."""
+    if trainer.aux_loss_enabled and expert_count(policy := _base(trainer.model)) == 0:
+        trainer.aux_loss_enabled = False
+        logger.warning("%s has no experts (a dense model of an MoE family): no MoE load-balancing loss is added.",
+                       type(policy).__name__)
     for model, asked in ((trainer.model, trainer.aux_loss_enabled), (trainer.ref_model, False)):
         if model is not None and computes_aux(base := _base(model), asked):
             expert_count(base)
@@ -64,24 +76,32 @@ def computes_aux(model, asked: bool) -> bool:
 
 @contextlib.contextmanager
 def experts_for_fused_head(model, asked: bool = False):
-    """Around a forward of `model` (wrapped or not): where it computes the loss (`computes_aux`) and its text config
-    has no `num_experts`, `config.num_experts` is the model's number (`expert_count`) for the body only."""
+    """Around a forward of `model` (wrapped or not) that computes the loss (`computes_aux`), for the body only: its
+    text config's `num_experts` is the model's number where it has none, and `output_router_logits` is False where
+    the model has no experts."""
     base = _base(model)
     config = base.config.get_text_config()
-    if not computes_aux(base, asked) or hasattr(config, "num_experts"):
+    if not computes_aux(base, asked) or isinstance(getattr(config, "num_experts", None), int) and config.num_experts:
         yield
         return
-    config.num_experts = expert_count(base)
+    dense = expert_count(base) == 0
+    name, value = ("output_router_logits", False) if dense else ("num_experts", expert_count(base))
+    lent = hasattr(config, name)
+    before = getattr(config, name, None)
+    setattr(config, name, value)
     try:
         yield
     finally:
-        del config.num_experts
+        if lent:
+            setattr(config, name, before)
+        else:
+            delattr(config, name)
 
 
 @contextlib.contextmanager
 def router_aux_forward(trainer):
     """Around the policy's forward: yields the model keyword arguments that ask for the router logits where the loss is
-    on (none otherwise), with the number of experts lent (`experts_for_fused_head`)."""
+    on (none otherwise), with `experts_for_fused_head`."""
     with experts_for_fused_head(trainer.model, trainer.aux_loss_enabled):
         yield {"output_router_logits": True} if trainer.aux_loss_enabled else {}
 
