@@ -122,6 +122,12 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "mimo_v2_flash": ("mimo_v2_flash", dict(num_hidden_layers=3, sliding_window=WINDOW, v_head_dim=8,
                                             n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                             layer_types=["full_attention", "sliding_attention", "sliding_attention"])),
+    # Granite 4's dense checkpoints (granite-4.0-1b, -350m, -micro): the hybrid family with attention layers only and
+    # no experts; its multipliers on
+    "granite4_dense": ("granitemoehybrid", dict(num_hidden_layers=2, layer_types=["attention", "attention"],
+                                                num_local_experts=0, num_experts_per_tok=0, shared_intermediate_size=64,
+                                                position_embedding_type="rope", attention_multiplier=0.3,
+                                                residual_multiplier=0.5, embedding_multiplier=2.0, logits_scaling=0.5)),
     # A multimodal model on text-only batches (what AutoModelForCausalLM loads for a Gemma 3 4B-27B checkpoint)
     "gemma3_multimodal": ("gemma3", dict(
         text_config=dict(num_hidden_layers=2, sliding_window=WINDOW,

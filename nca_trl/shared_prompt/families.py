@@ -48,6 +48,9 @@ EXACT_FAMILIES = {
     "internlm3": "llama", "nanochat": "nanochat", "hyperclovax": "hyperclovax", "minicpm5_moe": "minicpm5_moe",
     "solar_open": "solar_open", "jais2": "jais2", "hy_v3": "hy_v3", "afmoe": "afmoe", "mellum": "mellum",
     "cwm": "cwm", "mimo_v2_flash": "mimo_v2_flash",
+    # Granite 4: only its dense checkpoints (every layer attention) take the layout; its hybrids' Mamba2 layers are
+    # `linear_attention` in `config.layer_types`, which keeps them plain
+    "granitemoehybrid": "granitemoehybrid",
 }
 # The families of `EXACT_FAMILIES` whose attention gives the kernel its sliding window (the attention call's
 # `sliding_window` keyword), tested exact with windows -> the config flag that must be true for it to (None: always).
