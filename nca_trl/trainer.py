@@ -342,7 +342,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, SharedPromptLayoutMixin, DPOTrain
             torch.no_grad(),
             _activation_checkpointing_off(self.model, self.args.activation_checkpointing_kwargs),
             adapter_context,
-            experts_for_fused_head(model),  # a config with output_router_logits computes the MoE aux loss here too
+            experts_for_fused_head(model),  # no MoE aux loss in a reference forward (TRL computes one by the config)
             self.accelerator.autocast(),
         ):
             logps = self._sequence_logps(model, inputs)[-1]
@@ -387,7 +387,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, SharedPromptLayoutMixin, DPOTrain
                     "have: set compute_metrics before constructing the trainer (its layout is then plain), or "
                     "shared_prompt=False."
                 )
-            with torch.no_grad():
+            with torch.no_grad(), experts_for_fused_head(model):  # no router aux loss in this forward
                 outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         return (loss, outputs) if return_outputs else loss
 

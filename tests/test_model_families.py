@@ -202,21 +202,38 @@ def test_moe_families_that_name_their_experts_otherwise_train_with_the_load_bala
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family, dense", [("granitemoehybrid", dict(num_local_experts=0, num_experts_per_tok=0)),
+                                           ("jamba", dict(num_experts=1, num_experts_per_tok=1))])
 @pytest.mark.parametrize("router_logits", [False, True])
-def test_a_dense_model_of_a_moe_family_trains_without_the_load_balancing_loss(router_logits, tokenizer, vicuna,
-                                                                              tmp_path, monkeypatch, caplog):
-    """Granite 4's dense checkpoints are `granitemoehybrid` with `num_local_experts` 0: no router logits to balance,
-    so TRL's fused head raised IndexError at the first step (with `output_router_logits` in the config, in the
-    reference forward too). The loss is off for them, said once; the config keeps its `output_router_logits`."""
-    model_type, overrides = FAMILIES["granitemoehybrid"]
-    monkeypatch.setitem(FAMILIES, "granitemoehybrid", (model_type, {
-        **overrides, "num_local_experts": 0, "num_experts_per_tok": 0, "output_router_logits": router_logits}))
+def test_a_dense_model_of_a_moe_family_trains_without_the_load_balancing_loss(family, dense, router_logits, tokenizer,
+                                                                              vicuna, tmp_path, monkeypatch, caplog):
+    """Granite 4's dense checkpoints are `granitemoehybrid` with `num_local_experts` 0, a Jamba downcycled to dense has
+    one expert and no router: no router logits to balance, so TRL's fused head raised IndexError at the first step
+    (with `output_router_logits` in the config, in the reference forward and in `compute_metrics`' forward too). The
+    loss is off for them, said once; the config keeps its `output_router_logits`."""
+    model_type, overrides = FAMILIES[family]
+    monkeypatch.setitem(FAMILIES, family, (model_type, {**overrides, **dense, "output_router_logits": router_logits}))
     with caplog.at_level(logging.WARNING, logger="nca_trl"):
-        trainer = trainer_for("granitemoehybrid", tokenizer, vicuna, tmp_path, max_steps=1)
-    assert not trainer.aux_loss_enabled and "has no experts (a dense model of an MoE family)" in caplog.text
+        trainer = trainer_for(family, tokenizer, vicuna, tmp_path, max_steps=1)
+    assert not trainer.aux_loss_enabled and "at most one expert (a dense model of an MoE family)" in caplog.text
     trainer.train()
     assert "aux_loss" not in trainer.state.log_history[0] and math.isfinite(trainer.state.log_history[0]["train_loss"])
     assert trainer.model.config.output_router_logits is router_logits is trainer.ref_model.config.output_router_logits
+    trainer.compute_metrics = lambda prediction: {"rows": float(len(prediction.label_ids))}
+    assert trainer.evaluate(trainer.train_dataset)["eval_rows"] == 3  # the padded-logits forward of compute_metrics
+
+
+def test_a_model_config_that_asks_for_router_logits_trains_with_the_loss_off(tokenizer, vicuna, tmp_path, monkeypatch):
+    """`output_router_logits` in the config made TRL's fused head compute the loss in every forward, so a model whose
+    number of experts cannot be found was refused even with `router_aux_loss_coef=0.0`; with the loss off, no forward
+    computes it."""
+    model_type, overrides = FAMILIES["granitemoe"]
+    monkeypatch.setitem(FAMILIES, "granitemoe", (model_type, {**overrides, "output_router_logits": True}))
+    trainer = trainer_for("granitemoe", tokenizer, vicuna, tmp_path, router_aux_loss_coef=0.0)
+    for model in (trainer.model, trainer.ref_model):
+        model.num_experts = model.config.num_local_experts = None  # what the fused head could not find
+    loss = trainer.compute_loss(trainer.model, trainer.data_collator([trainer.train_dataset[i] for i in range(3)]))
+    assert not trainer.aux_loss_enabled and torch.isfinite(loss) and trainer.model.config.output_router_logits is True
 
 
 def test_a_policy_without_a_number_of_experts_is_refused_before_the_reference_precompute(tokenizer, vicuna, tmp_path,

@@ -1,21 +1,22 @@
 """The MoE load-balancing loss through TRL's fused LM head, on every MoE family that returns its router logits.
 
 TRL 1.16 turns the loss on for any model whose config declares `output_router_logits`, with the config's
-`router_aux_loss_coef` (DPOTrainer's `aux_loss_enabled`), and its fused forward (`trl.trainer.utils.add_fused_lm_head`)
-then reads the number of experts as `config.num_experts`, in every forward that asks for the router logits or whose
-config sets `output_router_logits` (the reference model's too). Two kinds of models failed there, in `trl.DPOTrainer`
-as in these trainers, at their first step with the default settings:
+`router_aux_loss_coef` (DPOTrainer's `aux_loss_enabled`). Its fused forward (`trl.trainer.utils.add_fused_lm_head`)
+then computes it with `config.num_experts`, in every forward that asks for the router logits or whose config sets
+`output_router_logits` (the reference model's too). Two kinds of models failed there, in `trl.DPOTrainer` as in these
+trainers, at their first step with the default settings:
 
 - families that name the number otherwise: Granite-MoE, Granite-MoE-shared and the Granite 4 hybrids
-  (`num_local_experts`), DeepSeek-V3, GLM-4-MoE, MiniCPM5-MoE (`n_routed_experts`): `AttributeError`.
-  `experts_for_fused_head` sets `config.num_experts` to the model's number (`expert_count`) for one forward only:
-  nothing is saved with the config;
-- dense models of an MoE family (Granite 4's dense checkpoints: `num_local_experts` 0) have no router logits to
-  balance (`IndexError`). `check_router_aux` turns the loss off for them at construction, saying so, and
-  `experts_for_fused_head` sets their `output_router_logits` to False for each forward.
+  (`num_local_experts`), DeepSeek-V3, GLM-4-MoE, MiniCPM5-MoE (`n_routed_experts`): `AttributeError`;
+- dense models of an MoE family (Granite 4's dense checkpoints: `num_local_experts` 0; a Jamba downcycled to one
+  expert) have no router logits to balance: `IndexError`.
 
-`check_router_aux` refuses at construction a model whose number of experts cannot be found, naming the setting that
-turns the loss off.
+So: `check_router_aux` turns the loss off at construction for a policy with at most one expert (saying so; one
+expert's loss is a constant), and refuses one whose number cannot be found, naming the setting that turns the loss off.
+`experts_for_fused_head` wraps each forward: where the loss is asked for, `config.num_experts` is the model's number
+(`expert_count`) for that forward only (nothing is saved with the config); where it is not (reference forwards, a
+policy with the loss off), the config's `output_router_logits` is False for that forward, so no loss is computed that
+would not be used.
 """
 
 from __future__ import annotations
@@ -25,10 +26,7 @@ import logging
 
 from accelerate.utils import extract_model_from_parallel
 
-__all__ = [
-    "add_router_aux_loss", "check_router_aux", "computes_aux", "expert_count", "experts_for_fused_head",
-    "router_aux_forward",
-]
+__all__ = ["add_router_aux_loss", "check_router_aux", "expert_count", "experts_for_fused_head", "router_aux_forward"]
 
 logger = logging.getLogger("nca_trl")
 
@@ -55,39 +53,29 @@ def expert_count(model) -> int:
 
 
 def check_router_aux(trainer) -> None:
-    """At construction (and before a reference precompute): a policy without experts gets no router aux loss (logged);
-    raises `ValueError` where a forward of the policy or the reference model will compute the loss (`computes_aux`)
-    and the number of experts cannot be found (`expert_count`)."""
-    if trainer.aux_loss_enabled and expert_count(policy := _base(trainer.model)) == 0:
+    """At construction (and before a reference precompute), where the loss is on: turns it off for a policy with at
+    most one expert (logged), raises `ValueError` where the number of experts cannot be found (`expert_count`)."""
+    if trainer.aux_loss_enabled and expert_count(policy := _base(trainer.model)) <= 1:
         trainer.aux_loss_enabled = False
-        logger.warning("%s has no experts (a dense model of an MoE family): no MoE load-balancing loss is added.",
-                       type(policy).__name__)
-    for model, asked in ((trainer.model, trainer.aux_loss_enabled), (trainer.ref_model, False)):
-        if model is not None and computes_aux(base := _base(model), asked):
-            expert_count(base)
-
-
-def computes_aux(model, asked: bool) -> bool:
-    """Whether TRL's fused head computes the loss in a forward of `model`: where the caller asks for the router logits
-    (the policy's forward, where the loss is on), or on every forward where its config sets `output_router_logits`
-    (the reference model's too)."""
-    return bool(asked or getattr(model.config.get_text_config(), "output_router_logits", False))
+        logger.warning("%s has at most one expert (a dense model of an MoE family): no MoE load-balancing loss is "
+                       "added.", type(policy).__name__)
 
 
 @contextlib.contextmanager
 def experts_for_fused_head(model, asked: bool = False):
-    """Around a forward of `model` (wrapped or not) that computes the loss (`computes_aux`), for the body only: its
-    text config's `num_experts` is the model's number where it has none, and `output_router_logits` is False where
-    the model has no experts."""
+    """Around a forward of `model` (wrapped or not), for the body only: where the caller asks for the router logits
+    (`asked`: the policy's forward with the loss on), the text config's `num_experts` is the model's number if it has
+    none; otherwise its `output_router_logits` is False."""
     base = _base(model)
     config = base.config.get_text_config()
-    if not computes_aux(base, asked) or isinstance(getattr(config, "num_experts", None), int) and config.num_experts:
+    if asked and not isinstance(getattr(config, "num_experts", None), int):
+        name, value = "num_experts", expert_count(base)
+    elif not asked and getattr(config, "output_router_logits", False):
+        name, value = "output_router_logits", False
+    else:
         yield
         return
-    dense = expert_count(base) == 0
-    name, value = ("output_router_logits", False) if dense else ("num_experts", expert_count(base))
-    lent = hasattr(config, name)
-    before = getattr(config, name, None)
+    lent, before = hasattr(config, name), getattr(config, name, None)
     setattr(config, name, value)
     try:
         yield
