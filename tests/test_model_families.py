@@ -203,24 +203,27 @@ def test_moe_families_that_name_their_experts_otherwise_train_with_the_load_bala
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family, dense", [("granitemoehybrid", dict(num_local_experts=0, num_experts_per_tok=0)),
-                                           ("jamba", dict(num_experts=1, num_experts_per_tok=1))])
+                                           ("jamba", dict(num_experts=1, num_experts_per_tok=1)),
+                                           ("qwen2_moe", dict(mlp_only_layers=[0, 1]))])
 @pytest.mark.parametrize("router_logits", [False, True])
 def test_a_dense_model_of_a_moe_family_trains_without_the_load_balancing_loss(family, dense, router_logits, tokenizer,
                                                                               vicuna, tmp_path, monkeypatch, caplog):
     """Granite 4's dense checkpoints are `granitemoehybrid` with `num_local_experts` 0, a Jamba downcycled to dense has
-    one expert and no router: no router logits to balance, so TRL's fused head raised IndexError at the first step
-    (with `output_router_logits` in the config, in the reference forward and in `compute_metrics`' forward too). The
-    loss is off for them, said once; the config keeps its `output_router_logits`."""
+    one expert and no router, a Qwen2-MoE whose `mlp_only_layers` cover every layer has no MoE layer: no router logits
+    to balance, so TRL's fused head raised IndexError at the first step (with `output_router_logits` in the config, in
+    the reference forward and in `compute_metrics`' forward too). The loss is off for them, said once; the config
+    keeps its `output_router_logits`."""
     model_type, overrides = FAMILIES[family]
     monkeypatch.setitem(FAMILIES, family, (model_type, {**overrides, **dense, "output_router_logits": router_logits}))
     with caplog.at_level(logging.WARNING, logger="nca_trl"):
         trainer = trainer_for(family, tokenizer, vicuna, tmp_path, max_steps=1)
-    assert not trainer.aux_loss_enabled and "at most one expert (a dense model of an MoE family)" in caplog.text
+    assert not trainer.aux_loss_enabled and "has no router to balance (no MoE layer, or at most" in caplog.text
     trainer.train()
     assert "aux_loss" not in trainer.state.log_history[0] and math.isfinite(trainer.state.log_history[0]["train_loss"])
     assert trainer.model.config.output_router_logits is router_logits is trainer.ref_model.config.output_router_logits
-    trainer.compute_metrics = lambda prediction: {"rows": float(len(prediction.label_ids))}
-    assert trainer.evaluate(trainer.train_dataset)["eval_rows"] == 3  # the padded-logits forward of compute_metrics
+    if not trainer.data_collator.shared_prompt:  # the hybrids: compute_metrics' padded-logits forward
+        trainer.compute_metrics = lambda prediction: {"rows": float(len(prediction.label_ids))}
+        assert trainer.evaluate(trainer.train_dataset)["eval_rows"] == 3
 
 
 def test_a_model_config_that_asks_for_router_logits_trains_with_the_loss_off(tokenizer, vicuna, tmp_path, monkeypatch):

@@ -9,10 +9,11 @@ trainers, at their first step with the default settings:
 - families that name the number otherwise: Granite-MoE, Granite-MoE-shared and the Granite 4 hybrids
   (`num_local_experts`), DeepSeek-V3, GLM-4-MoE, MiniCPM5-MoE (`n_routed_experts`): `AttributeError`;
 - dense models of an MoE family (Granite 4's dense checkpoints: `num_local_experts` 0; a Jamba downcycled to one
-  expert) have no router logits to balance: `IndexError`.
+  expert; MoE configs whose `mlp_only_layers` cover every layer) have no router logits to balance: `IndexError`.
 
-So: `check_router_aux` turns the loss off at construction for a policy with at most one expert (saying so; one
-expert's loss is a constant), and refuses one whose number cannot be found, naming the setting that turns the loss off.
+So: `check_router_aux` turns the loss off at construction for a policy with no router module (`router_count`, from
+the hooks transformers records router logits with) or at most one expert (saying so; one expert's loss is a
+constant), and refuses one whose number cannot be found, naming the setting that turns the loss off.
 `experts_for_fused_head` wraps each forward: where the loss is asked for, `config.num_experts` is the model's number
 (`expert_count`) for that forward only (nothing is saved with the config); where it is not (reference forwards, a
 policy with the loss off), the config's `output_router_logits` is False for that forward, so no loss is computed that
@@ -26,7 +27,10 @@ import logging
 
 from accelerate.utils import extract_model_from_parallel
 
-__all__ = ["add_router_aux_loss", "check_router_aux", "expert_count", "experts_for_fused_head", "router_aux_forward"]
+__all__ = [
+    "add_router_aux_loss", "check_router_aux", "expert_count", "experts_for_fused_head", "router_aux_forward",
+    "router_count",
+]
 
 logger = logging.getLogger("nca_trl")
 
@@ -53,12 +57,35 @@ def expert_count(model) -> int:
 
 
 def check_router_aux(trainer) -> None:
-    """At construction (and before a reference precompute), where the loss is on: turns it off for a policy with at
-    most one expert (logged), raises `ValueError` where the number of experts cannot be found (`expert_count`)."""
-    if trainer.aux_loss_enabled and expert_count(policy := _base(trainer.model)) <= 1:
+    """At construction (and before a reference precompute), where the loss is on: turns it off for a policy with no
+    router to balance (`router_count` 0) or at most one expert (logged), raises `ValueError` where the number of
+    experts cannot be found (`expert_count`)."""
+    if trainer.aux_loss_enabled and (router_count(policy := _base(trainer.model)) == 0 or expert_count(policy) <= 1):
         trainer.aux_loss_enabled = False
-        logger.warning("%s has at most one expert (a dense model of an MoE family): no MoE load-balancing loss is "
-                       "added.", type(policy).__name__)
+        logger.warning("%s has no router to balance (no MoE layer, or at most one expert: a dense model of an MoE "
+                       "family): no MoE load-balancing loss is added.", type(policy).__name__)
+
+
+def router_count(model) -> int | None:
+    """How many modules of `model` give its router logits (those transformers' `_can_record_outputs["router_logits"]`
+    hooks record), or None where the model does not declare them that way."""
+    from transformers import PreTrainedModel
+    from transformers.utils.output_capturing import OutputRecorder
+
+    specs = []
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and (spec := (module._can_record_outputs or {}).get("router_logits")):
+            specs += spec if isinstance(spec, list) else [spec]
+    if not specs:
+        return None
+    targets = [(s.target_class, s.class_name) if isinstance(s, OutputRecorder) else (None, s) if isinstance(s, str)
+               else (s, None) for s in specs]  # a class, a class name, or an OutputRecorder of either
+
+    def records(name, module) -> bool:
+        return any(cls is not None and isinstance(module, cls) or suffix is not None and (
+            name.endswith(suffix) or type(module).__name__ == suffix) for cls, suffix in targets)
+
+    return sum(records(name, module) for name, module in model.named_modules())
 
 
 @contextlib.contextmanager
