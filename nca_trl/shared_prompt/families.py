@@ -158,8 +158,8 @@ def shared_prompt_support(model, max_length: int | None = None) -> SharedPromptS
     if max_length is not None and "sliding_window" in needs and _sliding_window(config) >= max_length:
         needs.discard("sliding_window")  # no segment is longer than the window
     if "sliding_window" in needs:
-        flag = WINDOW_FAMILIES.get(model_type, "")
-        if flag == "" or (flag and not getattr(config, flag, False)):
+        flag = WINDOW_FAMILIES.get(model_type)
+        if model_type not in WINDOW_FAMILIES or (flag and not getattr(config, flag, False)):
             unless = f" unless config.{flag} is true" if flag else ""
             return SharedPromptSupport(
                 False, f"{type(model).__name__} has a sliding window (config.sliding_window={_sliding_window(config)}) "
