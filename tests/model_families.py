@@ -122,6 +122,10 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "mimo_v2_flash": ("mimo_v2_flash", dict(num_hidden_layers=3, sliding_window=WINDOW, v_head_dim=8,
                                             n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                             layer_types=["full_attention", "sliding_attention", "sliding_attention"])),
+    # GLM-4-9B-chat-hf and GLM-Edge (`glm`: half of each head rotary, attention biases) and FlexOlmo (an OLMoE-style
+    # mixture of experts with query/key norms)
+    "glm": ("glm", dict(num_hidden_layers=2, pad_token_id=0)),
+    "flex_olmo": ("flex_olmo", dict(num_hidden_layers=2, pad_token_id=0, num_experts=4, num_experts_per_tok=2)),
     # Granite 4's dense checkpoints (granite-4.0-1b, -350m, -micro): the hybrid family with attention layers only and
     # no experts; its multipliers on
     "granite4_dense": ("granitemoehybrid", dict(num_hidden_layers=2, layer_types=["attention", "attention"],

@@ -47,7 +47,7 @@ EXACT_FAMILIES = {
     "exaone_moe": "exaone_moe", "granite_swa": "granite_swa", "vaultgemma": "vaultgemma", "exaone": "llama",
     "internlm3": "llama", "nanochat": "nanochat", "hyperclovax": "hyperclovax", "minicpm5_moe": "minicpm5_moe",
     "solar_open": "solar_open", "jais2": "jais2", "hy_v3": "hy_v3", "afmoe": "afmoe", "mellum": "mellum",
-    "cwm": "cwm", "mimo_v2_flash": "mimo_v2_flash",
+    "cwm": "cwm", "mimo_v2_flash": "mimo_v2_flash", "glm": "glm", "flex_olmo": "flex_olmo",
     # Granite 4: only its dense checkpoints (every layer attention) take the layout; its hybrids' Mamba2 layers are
     # `linear_attention` in `config.layer_types`, which keeps them plain
     "granitemoehybrid": "granitemoehybrid",
