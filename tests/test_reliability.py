@@ -526,3 +526,17 @@ def test_a_finished_run_of_other_settings_is_refused_before_loading_anything(tin
     replaced = cli_train([*argv, "--beta", "0.2", "--overwrite_output_dir", "true", "--save_strategy", "no"])
     assert replaced["settings"]["beta"] == 0.2 and replaced["global_step"] == 2 and replaced["resumed_from"] is None
     assert not list(out.glob("checkpoint-*")) and file_digest(out / "model.safetensors") != model
+
+
+@pytest.mark.slow  # two tiny runs
+def test_the_quick_start_runs_again_with_the_same_settings(tiny_mistral, tmp_path):
+    """`report_train_prompts` (the tiny recipes' 72) turns on `eval_on_start`; the finished run recorded that derived
+    value, so the same command again was refused as a run of other settings (`eval_on_start: True -> False`). The
+    settings recorded and compared are the ones the user gave."""
+    out = tmp_path / "run"
+    argv = cli_argv(tiny_mistral, out, "--max_steps", "1", "--report_train_prompts", "2")
+    first = cli_train(argv)
+    assert first["settings"]["report_train_prompts"] == 2 and not first["settings"]["eval_on_start"]
+    again = cli_train(argv)
+    assert again["global_step"] == 1 and again["settings"] == first["settings"]
+    assert json.loads((out / "run_info.json").read_text())["settings"] == first["settings"]

@@ -37,15 +37,19 @@ def train(argv: "list[str] | TrainArgs | None" = None, callbacks: list | None = 
     check_launch_environment(args.training)
     check_world_size(args.training.distributed_state)
     # output_dir checked writable and locked for the whole run, before anything is loaded (`nca_trl.runtime.output_dir`)
+    # What the user asked for, before the run derives settings of its own (`report_train_prompts` turns on
+    # `eval_on_start`): compared with a finished run's, and recorded in `run_info.json`
+    settings = run_settings(args)
     with claim_output_dir(args.training):
-        check_finished_run(args)
-        return _train(args, callbacks, keep_process_group)
+        check_finished_run(args, settings)
+        return _train(args, settings, callbacks, keep_process_group)
 
 
-def check_finished_run(args: TrainArgs) -> None:
+def check_finished_run(args: TrainArgs, settings: dict | None = None) -> None:
     """A finished run in `output_dir` (its `run_info.json`) of other settings is refused, before anything loads, unless
     `overwrite_output_dir` (then its checkpoints and `run_info.json` are removed, so that nothing resumes from them) or
-    `resume_from_checkpoint` (continuing it on purpose). The same settings run again."""
+    `resume_from_checkpoint` (continuing it on purpose). The same settings run again. `settings`: `run_settings(args)`
+    taken before the run changed any of them (computed here if not given)."""
     import json
     import shutil
     from pathlib import Path
@@ -61,7 +65,7 @@ def check_finished_run(args: TrainArgs) -> None:
     except ValueError:
         recorded = {}
     previous = recorded.get("settings")
-    changes = (changed_settings(previous, run_settings(args)) if isinstance(previous, dict)
+    changes = (changed_settings(previous, settings or run_settings(args)) if isinstance(previous, dict)
                else ["the run's settings were not recorded (written by an older nca-trl or another program)"])
     if not changes:
         print(f"[nca-trl] {output_dir} holds a finished run of these settings: training it again over it")
@@ -80,7 +84,7 @@ def check_finished_run(args: TrainArgs) -> None:
           f"{'; ...' if len(changes) > 3 else ''})")
 
 
-def _train(args, callbacks: list | None, keep_process_group: bool = False) -> dict:
+def _train(args, settings: dict, callbacks: list | None, keep_process_group: bool = False) -> dict:
     script_args, training_args, model_args = args.script, args.training, args.model
     from trl import get_peft_config, get_quantization_config
 
@@ -127,7 +131,7 @@ def _train(args, callbacks: list | None, keep_process_group: bool = False) -> di
         trainer.save_metrics("eval", eval_metrics)
     trainer.save_model(training_args.output_dir)
 
-    info = run_info(trainer, model_args, metrics, eval_metrics, started, distributed, run_settings(args))
+    info = run_info(trainer, model_args, metrics, eval_metrics, started, distributed, settings)
     info["dropped"] = dropped
     if trainer.accelerator.is_main_process:
         _report(info, training_args.output_dir)
