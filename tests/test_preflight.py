@@ -65,6 +65,29 @@ def test_cli_batch_size_zero_fails_before_the_model(tmp_path, capsys):
     assert re.search("`per_device_train_batch_size` .* got 0", err), err
 
 
+# ---------------------------------------------------------------------------------------------------------- packages
+@pytest.mark.parametrize("command", ["train", "iterate"])
+def test_lora_without_peft_installed_fails_before_anything_runs(command, tmp_path, capsys, monkeypatch):
+    """`pip install nca-trl` brings no peft. A LoRA recipe then raised TRL's ValueError, with a traceback, once the
+    data was loaded and tokenized; `nca-trl iterate` had generated and scored a round and left its folders behind."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))
+    out = tmp_path / "out"
+    if command == "train":
+        argv = train_argv(tmp_path, never_loaded(tmp_path), "--use_peft", "true")
+    else:
+        argv = ["iterate", "--config", str(REPO / "recipes/tiny/iterate_nca_lora.yaml"), "--model_name_or_path",
+                str(never_loaded(tmp_path)), "--dataset_name", str(REPO / "data/sort_prompts.jsonl"),
+                "--output_dir", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"nca-trl {command}: error: ") and "Traceback" not in err, err
+    assert '`use_peft: true` needs the `peft` package, which is not installed: pip install "nca-trl[peft]"' in err
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------------------------------------------------- precision
 @cpu_only
 def test_fp16_on_the_cpu_is_refused(tmp_path, capsys):

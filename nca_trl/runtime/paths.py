@@ -7,6 +7,9 @@ refused at once, before any network call, model load or folder creation:
 
     nca-trl train: error: no such file or folder: data/does_not_exist.jsonl (dataset_name)
 
+The tiny recipes' models (`outputs/tiny-mistral`, ... : `TINY_MODELS`) are local paths too, and a missing one names
+the `nca-trl make-tiny-model` command that makes it.
+
 Anything else may be a Hugging Face Hub id (`org/name`): left to the Hub, except when the Hub cannot be reached
 because it is switched off (`HF_HUB_OFFLINE=1`, or `HF_DATASETS_OFFLINE=1` for a dataset) and the id is not in the
 local cache; that is one line too. Both are `SettingsError`s: `nca-trl CMD: error: MESSAGE`, exit 2, on the command
@@ -23,7 +26,7 @@ from pathlib import Path
 
 from .errors import SettingsError
 
-__all__ = ["BUILDERS", "FILE_SUFFIXES", "KINDS", "NOT_PATHS", "check_path", "check_path_settings", "hub_cached",
+__all__ = ["BUILDERS", "FILE_SUFFIXES", "KINDS", "NOT_PATHS", "TINY_MODELS", "check_path", "check_path_settings", "hub_cached",
            "looks_local", "reward_function_path"]
 
 #: Extensions that make a value a local file (data, recipes, code, weights, archives); a Hub id's last part may hold
@@ -36,6 +39,13 @@ NOT_PATHS = ("true", "false", "last", "latest", "none", "null")
 #: its `data_files`)
 BUILDERS = ("arrow", "audiofolder", "csv", "hdf5", "imagefolder", "json", "pandas", "parquet", "sql", "text",
             "videofolder", "webdataset", "xml")
+#: The models the tiny recipes train (`model_name_or_path: outputs/tiny-mistral`), made by `nca-trl make-tiny-model`:
+#: local paths wherever they are written, never Hub ids -> the command that makes each
+TINY_MODELS = {
+    "outputs/tiny-mistral": "nca-trl make-tiny-model outputs/tiny-mistral",
+    "outputs/tiny-digits": "nca-trl make-tiny-model outputs/tiny-digits --vocab digits",
+    "outputs/tiny-mixtral": "nca-trl make-tiny-model outputs/tiny-mixtral --arch mixtral",
+}
 #: What a path setting names: `model` and `dataset` may be Hub ids (checked against that cache when offline); `file`
 #: and `folder` are local only (a `--config` recipe, a DeepSpeed JSON, a reward-function file, a checkpoint)
 KINDS = ("model", "dataset", "file", "folder")
@@ -89,6 +99,11 @@ def check_path(value, setting: str, kind: str = "model", hub: bool = True) -> No
         return
     if Path(os.path.expanduser(text)).exists():
         return
+    tiny = TINY_MODELS.get(text.rstrip("/")) if kind == "model" else None
+    if tiny and (hub or looks_local(text)):  # a tiny recipe's model not made yet here (it read as a Hub id: minutes
+        # of retries without a network); with `hub=False` (parsing a recipe, loading nothing) only where it reads local
+        raise SettingsError(f"no such folder: {text} ({setting}), the tiny recipes' model: make it first with "
+                            f"`{tiny}`")
     if kind in ("file", "folder") or looks_local(text):
         raise SettingsError(f"no such file or folder: {text} ({setting})")
     offline = _offline(kind) if hub else None

@@ -259,8 +259,29 @@ def _checked(script_args, training_args, model_args, mixture, recipe: dict, dry_
             f"`eval_strategy: {training_args.eval_strategy.value}` needs evaluation data: set `dataset_test_split` or "
             "`eval_fraction`, or `eval_strategy: no`."
         )
+    if not dry_run:  # a dry run checks a recipe meant for another machine
+        _check_packages(model_args)
     _set_model_init_kwargs(training_args, model_args)
     return TrainArgs(script_args, training_args, model_args, mixture, recipe)
+
+
+# Settings that need a package `pip install nca-trl` does not bring: setting -> (module, what to install)
+_PACKAGES = {
+    "use_peft": ("peft", "pip install \"nca-trl[peft]\""),
+    "load_in_4bit": ("bitsandbytes", "pip install bitsandbytes"),
+    "load_in_8bit": ("bitsandbytes", "pip install bitsandbytes"),
+}
+
+
+def _check_packages(model_args) -> None:
+    """A setting whose package is not installed fails here, before anything is written or loaded (TRL would raise
+    once the data is loaded and tokenized, and `nca-trl iterate` after a round's generation and scoring)."""
+    import importlib.util
+
+    for name, (module, fix) in _PACKAGES.items():
+        if getattr(model_args, name, False) and importlib.util.find_spec(module) is None:
+            raise ValueError(f"`{name}: true` needs the `{module}` package, which is not installed: {fix}, or set "
+                             f"`{name}: false`.")
 
 
 # Fields that say where and how a run is written or watched, not what it trains: a change of them is the same run
