@@ -38,7 +38,7 @@ _SECTIONS = (
      lambda name: name.endswith(".yaml") and not name.startswith("accelerate_configs/")),
     ("accelerate configs", 'accelerate launch --config_file "$(nca-trl recipes --path NAME)" -m nca_trl.cli train ...',
      lambda name: name.startswith("accelerate_configs/")),
-    ("model configs and launch scripts", "scripts/plan_memory.py, SLURM",
+    ("model configs and launch scripts", "scripts/plan_memory.py (in a clone), SLURM",
      lambda name: not name.endswith(".yaml") and not name.startswith("data/")),
     ("data", "what the tiny recipes train on; a `dataset_name: data/NAME` not found here falls back to it",
      lambda name: name.startswith("data/")),

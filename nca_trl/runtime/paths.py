@@ -26,8 +26,8 @@ from pathlib import Path
 
 from .errors import SettingsError
 
-__all__ = ["BUILDERS", "FILE_SUFFIXES", "KINDS", "NOT_PATHS", "TINY_MODELS", "check_path", "check_path_settings", "hub_cached",
-           "looks_local", "reward_function_path"]
+__all__ = ["BUILDERS", "FILE_SUFFIXES", "KINDS", "NOT_PATHS", "TINY_MODELS", "check_path", "check_path_settings",
+           "hub_cached", "looks_local", "reward_function_path"]
 
 #: Extensions that make a value a local file (data, recipes, code, weights, archives); a Hub id's last part may hold
 #: a dot followed by a digit (`Mistral-7B-v0.1`, `Qwen2.5-0.5B`), which is no extension

@@ -88,22 +88,22 @@ class ScriptArguments:
         default=None,
         metadata={
             "help": "The accelerate config this recipe is meant to be launched with (documentation and "
-            "scripts/plan_memory.py; what counts at run time is `accelerate launch --config_file`)."
+            "scripts/plan_memory.py of a clone; what counts at run time is `accelerate launch --config_file`)."
         },
     )
     hardware: str | None = field(
         default=None,
         metadata={
             "help": "The hardware this recipe is sized for, e.g. `2 nodes x 8 GPUs x 80 GB` or "
-            "`1 node x 8 GPUs x 80 GB, 2048 GB CPU`. Training ignores it; scripts/plan_memory.py parses it and checks "
-            "that the recipe fits."
+            "`1 node x 8 GPUs x 80 GB, 2048 GB CPU`. Training ignores it; scripts/plan_memory.py (in a clone) parses "
+            "it and checks that the recipe fits."
         },
     )
     model_config_file: str | None = field(
         default=None,
         metadata={
             "help": "A config.json of the model architecture (recipes/model_configs/), so that scripts/plan_memory.py "
-            "can size a Hub model without downloading anything. Training ignores it."
+            "(in a clone) can size a Hub model without downloading anything. Training ignores it."
         },
     )
     ref_model_name_or_path: str | None = field(
@@ -336,5 +336,6 @@ def print_dry_run(args: TrainArgs) -> None:
         f"{' (automatic on this machine)' if getattr(t, 'bf16_is_automatic', False) else ''} "
         f"activation_checkpointing={t.activation_checkpointing} model_init_kwargs={t.model_init_kwargs}"
     )
-    print("  batch :", f"{per_step} prompts per process per optimizer step (scripts/plan_memory.py: global batch, memory)")
+    print("  batch :", f"{per_step} prompts per process per optimizer step (scripts/plan_memory.py of a clone: global "
+          "batch, memory)")
     print(f"  output: {t.output_dir}")
