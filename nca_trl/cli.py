@@ -58,8 +58,27 @@ commands:
   recipes           the bundled recipes, accelerate configs and data with their full paths:  nca-trl recipes
                     [--path NAME | --copy NAME DIR]   (`--config NAME` finds a bundled recipe from any folder)
 
-`nca-trl <command> --help` lists the fields of each command.
+`nca-trl <command> --help` lists the fields of each command; `nca-trl --version` the versions of nca-trl and its stack.
 """
+
+#: The packages whose versions `nca-trl --version` prints after nca-trl's (what a bug report needs)
+_STACK = ("trl", "transformers", "torch", "accelerate", "datasets", "peft", "deepspeed")
+
+
+def _versions() -> str:
+    """`nca-trl 0.1.0 (trl 1.16.0, transformers 5.25.0, ..., peft not installed)`, from the installed metadata (nothing
+    imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return f"{name} {version(name)}"
+        except PackageNotFoundError:
+            return f"{name} not installed"
+
+    return f"nca-trl {__version__} ({', '.join(installed(name) for name in _STACK)})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_USAGE)
+        return 0
+    if argv[0] in ("--version", "-V", "version"):
+        print(_versions())
         return 0
     command, rest = ("make-tiny-model" if argv[0] == "make_tiny_model" else argv[0]), argv[1:]
     if command not in COMMANDS:

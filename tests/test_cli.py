@@ -329,6 +329,18 @@ def test_help_imports_nothing_heavy(argv):
             result["out"]
 
 
+def test_version_names_the_stack_and_imports_nothing_heavy():
+    """`nca-trl --version` was "unknown command": a bug report needs nca-trl's version and its stack's."""
+    from importlib.metadata import version
+
+    import nca_trl
+
+    result = _run_cli("--version")
+    assert result["status"] == 0 and result["heavy"] == [], result
+    assert result["out"].startswith(f"nca-trl {nca_trl.__version__} (trl {version('trl')}, transformers "
+                                    f"{version('transformers')}, torch {version('torch')}, "), result
+
+
 def test_train_help_starts_with_usage_and_config_ours_first_refused_fields_not_offered():
     text = _run_cli("train", "--help")["out"]
     lines = text.split("\n")
