@@ -10,7 +10,7 @@ from trl import DPOConfig
 
 __all__ = [
     "NCAConfig", "InfoNCAConfig", "RATED_CONFIGS", "DEFAULT_ALPHA", "config_for_loss", "check_rated_config",
-    "relaxed_hardware_checks", "reward_temperature", "auto_bf16", "command_line_spelling", "setting",
+    "relaxed_hardware_checks", "hardware_checks_relaxed", "reward_temperature", "auto_bf16", "command_line_spelling", "setting",
     "UNSUPPORTED_DPO_FIELDS",
 ]
 
@@ -78,6 +78,11 @@ def relaxed_hardware_checks():
     finally:
         ta.is_torch_bf16_gpu_available = original
         _HARDWARE_CHECKS.update(relaxed=relaxed, bf16_gpu_check=None)
+
+
+def hardware_checks_relaxed() -> bool:
+    """Whether the checks of what this machine can run are off (inside `relaxed_hardware_checks`)."""
+    return _HARDWARE_CHECKS["relaxed"]
 
 
 def _accelerator_available() -> bool:
