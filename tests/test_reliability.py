@@ -499,13 +499,19 @@ def test_a_finished_run_of_other_settings_is_refused_before_loading_anything(tin
     """Before: a second `nca-trl train` into a finished `output_dir` (e.g. the docs' chain reusing the quick start's
     folder) trained over it without a word. Now other settings are refused before the data or any model loads, naming
     the changed settings and the two ways out; `--overwrite_output_dir true` replaces the run on purpose (its
-    checkpoints go, so nothing resumes from them); the same settings, and an explicit resume, still run."""
+    checkpoints go, so nothing resumes from them); the same settings, and an explicit resume, still run.
+
+    With `report_train_prompts` (the tiny recipes' 72), which turns on `eval_on_start`: the finished run recorded that
+    derived value, so the same command again was refused (`eval_on_start: True -> False`). The settings recorded and
+    compared are the ones the user gave."""
     import nca_trl.data.loading as loading
 
     out = tmp_path / "run"
-    argv = cli_argv(tiny_mistral, out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1")
+    argv = cli_argv(tiny_mistral, out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1",
+                    "--report_train_prompts", "2")
     first = cli_train(argv)
     assert first["settings"]["beta"] == 0.1 and first["settings"]["max_steps"] == 2  # the recipe's
+    assert first["settings"]["report_train_prompts"] == 2 and not first["settings"]["eval_on_start"]
     model = file_digest(out / "model.safetensors")
 
     loads = []
@@ -527,16 +533,3 @@ def test_a_finished_run_of_other_settings_is_refused_before_loading_anything(tin
     assert replaced["settings"]["beta"] == 0.2 and replaced["global_step"] == 2 and replaced["resumed_from"] is None
     assert not list(out.glob("checkpoint-*")) and file_digest(out / "model.safetensors") != model
 
-
-@pytest.mark.slow  # two tiny runs
-def test_the_quick_start_runs_again_with_the_same_settings(tiny_mistral, tmp_path):
-    """`report_train_prompts` (the tiny recipes' 72) turns on `eval_on_start`; the finished run recorded that derived
-    value, so the same command again was refused as a run of other settings (`eval_on_start: True -> False`). The
-    settings recorded and compared are the ones the user gave."""
-    out = tmp_path / "run"
-    argv = cli_argv(tiny_mistral, out, "--max_steps", "1", "--report_train_prompts", "2")
-    first = cli_train(argv)
-    assert first["settings"]["report_train_prompts"] == 2 and not first["settings"]["eval_on_start"]
-    again = cli_train(argv)
-    assert again["global_step"] == 1 and again["settings"] == first["settings"]
-    assert json.loads((out / "run_info.json").read_text())["settings"] == first["settings"]
