@@ -10,7 +10,8 @@ from trl import DPOConfig
 
 __all__ = [
     "NCAConfig", "InfoNCAConfig", "RATED_CONFIGS", "DEFAULT_ALPHA", "config_for_loss", "check_rated_config",
-    "relaxed_hardware_checks", "hardware_checks_relaxed", "reward_temperature", "auto_bf16", "command_line_spelling", "setting",
+    "relaxed_hardware_checks", "hardware_checks_relaxed", "reward_temperature", "auto_bf16", "command_line_spelling",
+    "setting",
     "UNSUPPORTED_DPO_FIELDS",
 ]
 

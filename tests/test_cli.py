@@ -329,6 +329,28 @@ def test_help_imports_nothing_heavy(argv):
             result["out"]
 
 
+def test_recorded_settings_are_a_copy_and_the_same_on_every_process(monkeypatch):
+    """The settings a finished run records (`run_info.json`) and a rerun compares: TRL sets
+    `gradient_checkpointing_kwargs["use_reentrant"]` in place for LoRA under ZeRO-3, which reached the recorded copy, so
+    the same command again was refused; a quantized model's `device_map` is each process's own device, so a rerun of a
+    QLoRA run on several processes was refused on all but the main process (which went on and waited for them)."""
+    from nca_trl.train.arguments import run_settings
+
+    args = parse_train_args(["--config", str(REPO / "recipes/mistral-7b/nca_qlora.yaml"),
+                             "--activation_checkpointing_kwargs", '{"use_reentrant": false}'], dry_run=True)
+    training = args.training
+    assert training.model_init_kwargs["device_map"] == {"": 0}
+    settings = run_settings(args)  # taken before the run, written to run_info.json after it
+    recorded = json.loads(json.dumps(settings))
+    assert recorded["activation_checkpointing_kwargs"] == {"use_reentrant": False}
+    training.gradient_checkpointing_kwargs["use_reentrant"] = True  # what TRL's DPOTrainer does in place
+    assert json.loads(json.dumps(settings)) == recorded
+    training.gradient_checkpointing_kwargs["use_reentrant"] = False
+    monkeypatch.setattr(type(training), "local_process_index", property(lambda self: 1))  # the second process
+    training.model_init_kwargs["device_map"] = {"": 1}
+    assert json.loads(json.dumps(run_settings(args))) == recorded
+
+
 def test_version_names_the_stack_and_imports_nothing_heavy():
     """`nca-trl --version` was "unknown command": a bug report needs nca-trl's version and its stack's."""
     from importlib.metadata import version

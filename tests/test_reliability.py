@@ -532,4 +532,3 @@ def test_a_finished_run_of_other_settings_is_refused_before_loading_anything(tin
     replaced = cli_train([*argv, "--beta", "0.2", "--overwrite_output_dir", "true", "--save_strategy", "no"])
     assert replaced["settings"]["beta"] == 0.2 and replaced["global_step"] == 2 and replaced["resumed_from"] is None
     assert not list(out.glob("checkpoint-*")) and file_digest(out / "model.safetensors") != model
-

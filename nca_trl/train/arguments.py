@@ -294,12 +294,18 @@ _NOT_SETTINGS = ("output_dir", "logging_dir", "resume_from_checkpoint", "run_nam
 def run_settings(args: TrainArgs) -> dict:
     """What a run trains, as recorded in `run_info.json` (`settings`) and compared by a later run into the same
     `output_dir`: the loss, the data, the model and every training field, less where the run is written and how it is
-    watched (`output_dir`, logging, reporting)."""
+    watched (`output_dir`, logging, reporting). A copy: nothing the run changes later in place (TRL sets
+    `gradient_checkpointing_kwargs["use_reentrant"]` for LoRA under ZeRO-3) reaches it; and the same on every process
+    (a quantized model's `device_map` is each process's own device, recorded as `local_process_index`)."""
+    import copy
     from dataclasses import asdict
 
     fields = {"loss": args.script.loss}
     for group in (asdict(args.script), asdict(args.model), asdict(args.mixture), args.training.to_dict()):
-        fields.update({k: v for k, v in group.items() if k not in _NOT_SETTINGS})
+        fields.update({k: copy.deepcopy(v) for k, v in group.items() if k not in _NOT_SETTINGS})
+    init = fields.get("model_init_kwargs")
+    if isinstance(init, dict) and init.get("device_map") == {"": args.training.local_process_index}:
+        init["device_map"] = {"": "local_process_index"}  # what `_set_model_init_kwargs` sets for 4/8-bit loading
     return fields
 
 
