@@ -52,11 +52,12 @@ def test_batch_sizes_below_one_are_refused_naming_the_field(tmp_path, field, con
 
 
 def refused(argv, capsys) -> str:
-    """The one-line `nca-trl train: error: ...` of a setting the CLI refuses (exit 2), without its prefix."""
+    """The one-line `nca-trl COMMAND: error: ...` of a setting the CLI refuses (exit 2), without its prefix."""
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("nca-trl train: error: ") and "Traceback" not in err, err
-    return err.removeprefix("nca-trl train: error: ")
+    prefix = f"nca-trl {argv[0]}: error: "
+    assert err.startswith(prefix) and "Traceback" not in err, err
+    return err.removeprefix(prefix)
 
 
 def test_cli_batch_size_zero_fails_before_the_model(tmp_path, capsys):
@@ -81,10 +82,9 @@ def test_lora_without_peft_installed_fails_before_anything_runs(command, tmp_pat
         argv = ["iterate", "--config", str(REPO / "recipes/tiny/iterate_nca_lora.yaml"), "--model_name_or_path",
                 str(never_loaded(tmp_path)), "--dataset_name", str(REPO / "data/sort_prompts.jsonl"),
                 "--output_dir", str(out)]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"nca-trl {command}: error: ") and "Traceback" not in err, err
-    assert '`use_peft: true` needs the `peft` package, which is not installed: pip install "nca-trl[peft]"' in err
+    err = refused(argv, capsys)
+    assert err.startswith('`use_peft: true` needs the `peft` package, which is not installed: pip install '
+                          '"nca-trl[peft]"'), err
     assert not out.exists()
 
 
