@@ -16,6 +16,7 @@ WINDOW = 8
 _MAMBA = dict(mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1,
               mamba_chunk_size=16)
 _MOE = dict(num_local_experts=4, num_experts_per_tok=2)
+_GEMMA_LAYERS = ["sliding_attention", "full_attention"] * 2
 _DEEPSEEK_MOE = dict(moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
                      first_k_dense_replace=1, n_group=1, topk_group=1)
 # Multi-head latent attention: queries and keys of 16 + 8 (rotary) dimensions, values of 16, one key/value head each
@@ -126,6 +127,35 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     # mixture of experts with query/key norms)
     "glm": ("glm", dict(num_hidden_layers=2, pad_token_id=0)),
     "flex_olmo": ("flex_olmo", dict(num_hidden_layers=2, pad_token_id=0, num_experts=4, num_experts_per_tok=2)),
+    # Gemma 3n (E2B / E4B's text: per-layer embeddings, AltUp, LAuReL, activation sparsity, the last layers reusing
+    # earlier layers' keys and values) and Gemma 4: dense (E2B / E4B-style per-layer embeddings and shared keys and
+    # values, 31B-style keys as values with one key/value head in its 512-wide global layers, double-wide MLPs, final
+    # logit softcapping), mixture of experts (26B-A4B), and the multimodal classes `AutoModelForCausalLM` loads for
+    # Gemma 4 and Gemma 4 unified checkpoints, on text
+    "gemma3n": ("gemma3n_text", dict(num_hidden_layers=4, sliding_window=WINDOW, layer_types=_GEMMA_LAYERS,
+                                     pad_token_id=0, vocab_size_per_layer_input=32768, hidden_size_per_layer_input=8,
+                                     num_kv_shared_layers=2, altup_num_inputs=2, laurel_rank=8,
+                                     activation_sparsity_pattern=[0.95, 0.95, 0.0, 0.0])),
+    "gemma4": ("gemma4_text", dict(num_hidden_layers=4, sliding_window=WINDOW, layer_types=_GEMMA_LAYERS,
+                                   pad_token_id=0, vocab_size_per_layer_input=32768, hidden_size_per_layer_input=8,
+                                   num_kv_shared_layers=2, attention_k_eq_v=True, num_global_key_value_heads=1,
+                                   global_head_dim=512, use_double_wide_mlp=True, final_logit_softcapping=30.0)),
+    "gemma4_moe": ("gemma4_text", dict(num_hidden_layers=2, sliding_window=WINDOW, layer_types=_GEMMA_LAYERS[:2],
+                                       pad_token_id=0, hidden_size_per_layer_input=0, global_head_dim=512,
+                                       enable_moe_block=True, num_experts=4, top_k_experts=2,
+                                       moe_intermediate_size=32)),
+    "gemma4_multimodal": ("gemma4", dict(
+        text_config=dict(num_hidden_layers=2, sliding_window=WINDOW, layer_types=_GEMMA_LAYERS[:2], pad_token_id=0,
+                         hidden_size_per_layer_input=0, global_head_dim=32, use_bidirectional_attention="vision"),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=2, head_dim=16, patch_size=8),
+        audio_config=None)),
+    "gemma4_unified_multimodal": ("gemma4_unified", dict(
+        text_config=dict(num_hidden_layers=2, sliding_window=WINDOW, layer_types=_GEMMA_LAYERS[:2], pad_token_id=0,
+                         global_head_dim=32),
+        vision_config=dict(patch_size=8, pooling_kernel_size=2, mm_embed_dim=32, mm_posemb_size=16,
+                           output_proj_dims=64),
+        audio_config=None)),
     # Granite 4's dense checkpoints (granite-4.0-1b, -350m, -micro): the hybrid family with attention layers only and
     # no experts; its multipliers on
     "granite4_dense": ("granitemoehybrid", dict(num_hidden_layers=2, layer_types=["attention", "attention"],

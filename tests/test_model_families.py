@@ -12,8 +12,11 @@ import logging
 import math
 import re
 
+from unittest.mock import PropertyMock, patch
+
 import pytest
 import torch
+import torch.nn.attention.varlen as torch_varlen
 from datasets import Dataset
 from model_families import FAMILIES, WINDOW, build_family
 from transformers import AutoModelForCausalLM
@@ -25,6 +28,7 @@ from nca_trl.runtime.router_aux import expert_count
 from nca_trl.shared_prompt.families import (
     EXACT_FAMILIES, EXACT_MULTIMODAL, WINDOW_FAMILIES, attention_variants, shared_prompt_support,
 )
+from nca_trl.shared_prompt import varlen
 from nca_trl.shared_prompt.packing import _register, shared_prompt_forward
 
 from test_trainer import make_args
@@ -269,6 +273,46 @@ def test_unknown_family_is_plain_and_says_why(tiny_mistral):
     model.config.model_type = "my_new_family"
     support = shared_prompt_support(model)
     assert not support.enabled and "'my_new_family') is not among the families tested exact" in support.reason
+
+
+@pytest.mark.slow
+def test_heads_wider_than_the_fused_kernels_take(tokenizer, vicuna, tmp_path, monkeypatch, caplog):
+    """Gemma 4's global layers have 512-wide heads, which no fused varlen kernel takes (flash-attention and torch's
+    varlen_attn stop at 256). On a CPU the PyTorch paths run them (the family test checks the log-probs); on a GPU the
+    automatic layout is plain at construction, said once, and a forced one runs those layers' calls on the padded SDPA
+    path, the others on the fused kernel, instead of failing inside the kernel at the first step."""
+    model_type, overrides = FAMILIES["gemma4"]
+    monkeypatch.setitem(FAMILIES, "gemma4", (model_type, {**overrides, "global_head_dim": 256}))
+    assert "wide_heads" not in attention_variants(build("gemma4"))
+    monkeypatch.setitem(FAMILIES, "gemma4", (model_type, overrides))
+    trainer = trainer_for("gemma4", tokenizer, vicuna, tmp_path)
+    assert trainer.data_collator.shared_prompt and "wide_heads" in attention_variants(trainer.model)
+    monkeypatch.setattr(varlen, "_selected", {})
+    logps_both_layouts(trainer)  # each call says whether its heads are wide: the 512-wide and the 16-wide layers
+    assert sorted("wide_heads" in needs for _, _, _, needs, _ in varlen._selected) == [False, True]
+
+    # A CUDA GPU whose fused kernel (torch's varlen_attn) takes windows
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        return query
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr("transformers.utils.is_flash_attn_2_available", lambda: False)
+    monkeypatch.setattr(torch_varlen, "varlen_attn", varlen_attn)
+    kernel, why = varlen.cuda_varlen_kernel("sdpa", needs=frozenset({"sliding_window", "wide_heads"}))
+    assert kernel is None and "does not implement wide_heads (heads wider than 256 dimensions)" in why
+    monkeypatch.setattr(varlen, "_selected", {})
+    cuda = torch.device("cuda")
+    assert varlen.select_kernel(cuda, torch.bfloat16, "sdpa", frozenset({"sliding_window"})).cuda
+    assert varlen.select_kernel(cuda, torch.bfloat16, "sdpa", frozenset({"wide_heads"})).fn is varlen.padded_varlen
+    trainer._layout_checked, trainer.data_collator.shared_prompt, trainer.args.bf16 = False, False, True
+    with (patch.object(type(trainer.accelerator), "device", new_callable=PropertyMock) as device,
+          caplog.at_level(logging.WARNING, logger="nca_trl")):
+        device.return_value = cuda
+        trainer._setup_layout()
+    assert not trainer.data_collator.shared_prompt
+    assert "Plain padded layout (shared_prompt=None, automatic): torch.nn.attention.varlen.varlen_attn: does not " \
+           "implement wide_heads (heads wider than 256 dimensions)" in caplog.text
 
 
 @pytest.mark.parametrize("family, variants", [("gemma2", "sliding_window"), ("gpt_oss", "sinks and sliding_window")])

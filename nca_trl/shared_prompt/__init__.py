@@ -5,5 +5,6 @@
   layout (`SharedPromptLayoutMixin`);
 - `varlen`: that attention as one variable-length call per layer, its kernels (flash-attn, torch's `varlen_attn`, the
   PyTorch paths) and the order they are tried in;
+- `torch_paths`: the PyTorch paths (per-segment SDPA, padded SDPA), which run anywhere and implement every variant;
 - `families`: which models the layout is exact for (the allow-lists, `shared_prompt_support`).
 """

@@ -17,6 +17,8 @@ import re
 import sys
 from dataclasses import dataclass, field
 
+from .varlen import FUSED_MAX_HEAD_DIM
+
 __all__ = [
     "ATTENTION_LAYER_TYPES", "EXACT_FAMILIES", "EXACT_MULTIMODAL", "ROUTED_PREFIX", "SharedPromptSupport",
     "WINDOW_FAMILIES",
@@ -29,7 +31,7 @@ ROUTED_PREFIX = "nca_shared_prompt|"
 # Attention implementations whose models can take the layout (the attention itself is always `varlen`'s)
 _IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 # The model families whose every position-mixing layer is attention that the shared-prompt path implements (plain,
-# sliding-window, softcapped, with sinks), each tested against the plain layout (tests/test_model_families.py):
+# sliding-window, softcapped, with sinks, wide heads), each tested against the plain layout (tests/test_model_families.py):
 # the text config's `model_type` -> transformers' package of its modeling code. A family not listed is plain
 # (DESIGN §7: SSM / Mamba state, short convolutions and linear attention carry one completion into the next).
 EXACT_FAMILIES = {
@@ -48,6 +50,9 @@ EXACT_FAMILIES = {
     "internlm3": "llama", "nanochat": "nanochat", "hyperclovax": "hyperclovax", "minicpm5_moe": "minicpm5_moe",
     "solar_open": "solar_open", "jais2": "jais2", "hy_v3": "hy_v3", "afmoe": "afmoe", "mellum": "mellum",
     "cwm": "cwm", "mimo_v2_flash": "mimo_v2_flash", "glm": "glm", "flex_olmo": "flex_olmo",
+    # Gemma 3n and Gemma 4 (per-layer embeddings, layers that reuse an earlier layer's keys and values, AltUp, Gemma
+    # 4's 512-wide global heads: the `wide_heads` variant, which no fused kernel takes)
+    "gemma3n_text": "gemma3n", "gemma4_text": "gemma4", "gemma4_unified_text": "gemma4_unified",
     # Granite 4: only its dense checkpoints (every layer attention) take the layout; its hybrids' Mamba2 layers are
     # `linear_attention` in `config.layer_types`, which keeps them plain
     "granitemoehybrid": "granitemoehybrid",
@@ -61,11 +66,11 @@ WINDOW_FAMILIES = {
     "qwen2": None, "qwen3": None, "qwen3_moe": None, "smollm3": "use_sliding_window", "gemma2": None,
     "gemma3_text": None, "vaultgemma": None, "gpt_oss": None, "granite_swa": None, "cohere2": None,
     "cohere2_moe": None, "olmo3": None, "exaone4": None, "exaone_moe": None, "afmoe": None, "mellum": None,
-    "cwm": None, "mimo_v2_flash": None,
+    "cwm": None, "mimo_v2_flash": None, "gemma3n_text": None, "gemma4_text": None, "gemma4_unified_text": None,
 }
 # Multimodal models whose language model is one of `EXACT_FAMILIES`, tested exact on text-only batches: the model
 # type -> transformers' package of the multimodal class (its vision tower never runs on text)
-EXACT_MULTIMODAL = {"gemma3": "gemma3"}
+EXACT_MULTIMODAL = {"gemma3": "gemma3", "gemma4": "gemma4", "gemma4_unified": "gemma4_unified"}
 # The layer kinds of `config.layer_types` that are attention
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 # Only to name the layer in the reason a family not listed is plain (the rule itself is the allow-list above)
@@ -187,7 +192,8 @@ def _language_model(model):
 def attention_variants(model, attention: list | None = None) -> set[str]:
     """The attention variants (`nca_trl.shared_prompt.varlen.FEATURES`) `model` uses: `sliding_window`
     (`_sliding_window`), `softcap` (`config.attn_logit_softcapping`), `sinks` (attention modules with
-    `sinks`, as GPT-OSS's). A config setting counts only where the config's class declares it (`_declared`).
+    `sinks`, as GPT-OSS's), `wide_heads` (attention modules with heads wider than `FUSED_MAX_HEAD_DIM`, as Gemma 4's
+    global layers). A config setting counts only where the config's class declares it (`_declared`).
     `attention`: `attention_modules(model)` where the caller has it already."""
     variants = set()
     config = model.config.get_text_config()
@@ -199,7 +205,15 @@ def attention_variants(model, attention: list | None = None) -> set[str]:
         attention = attention_modules(model)
     if any(getattr(m, "sinks", None) is not None for m in attention):
         variants.add("sinks")
+    if any(_head_dim(m) > FUSED_MAX_HEAD_DIM for m in attention):
+        variants.add("wide_heads")
     return variants
+
+
+def _head_dim(attention) -> int:
+    """The widest head of an attention module: its queries' and keys' (`head_dim`, MLA's `qk_head_dim`) or values'."""
+    dims = (getattr(attention, name, None) for name in ("head_dim", "qk_head_dim", "v_head_dim"))
+    return max((d for d in dims if isinstance(d, int)), default=0)
 
 
 def _sliding_window(config) -> int | None:

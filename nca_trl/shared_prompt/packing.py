@@ -37,7 +37,8 @@ import torch
 from .families import ROUTED_PREFIX as _PREFIX
 from .families import SharedPromptSupport, attention_modules, attention_variants, shared_prompt_support
 from .families import declares_sliding_window, original_attention_implementation
-from .varlen import VarlenLayout, binding_window, cuda_varlen_kernel, select_kernel, varlen_attention
+from .varlen import FUSED_MAX_HEAD_DIM, VarlenLayout, binding_window, cuda_varlen_kernel, select_kernel
+from .varlen import varlen_attention
 
 logger = logging.getLogger("nca_trl")
 
@@ -169,6 +170,8 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
     if window is not None and original in ("eager", "sdpa") and not declares_sliding_window(module.config):
         window = None  # not in the plain layout's mask either: a window the config does not declare (OLMoE passes one)
     given = {n for n, v in (("sliding_window", window), ("softcap", softcap), ("sinks", sinks)) if v is not None}
+    if max(query.size(-1), value.size(-1)) > FUSED_MAX_HEAD_DIM:
+        given.add("wide_heads")  # the fused kernels take none: `select_kernel` takes a PyTorch path for this call
     if check is not None:  # what `shared_prompt_forward` compares with the model's variants and attention modules
         check.variants.update(given)
         check.modules.add(id(module))
@@ -218,8 +221,9 @@ def shared_prompt_forward(model):
             "layout."
         )
     # Softcapping reaches the kernels only as a call's keyword, plain layout included: one not given is applied by
-    # neither layout (Gemma 3's attention keeps `attn_logit_softcapping` but passes none). A window can live in a mask.
-    missing = sorted(attention_variants(model, attention) - {"softcap"} - check.variants)
+    # neither layout (Gemma 3's attention keeps `attn_logit_softcapping` but passes none). A window can live in a mask;
+    # wide heads are the queries' width, nothing a model could apply elsewhere.
+    missing = sorted(attention_variants(model, attention) - {"softcap", "wide_heads"} - check.variants)
     if missing:
         raise RuntimeError(
             f"{type(model).__name__}'s attention uses {' and '.join(missing)} (its config or modules), but none of its "

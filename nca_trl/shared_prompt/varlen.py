@@ -23,9 +23,10 @@ Kernels, in the order they are tried (the one chosen is logged once per device a
 2. on CUDA (compute capability 8.0+), in float16/bfloat16: `torch.nn.attention.varlen.varlen_attn` (torch 2.9+; its
    signature differs between torch versions and is read with `inspect.signature`; the key/value heads are repeated
    where it has no `enable_gqa`, the queries pre-scaled where it has no `scale`);
-3. anywhere else: a PyTorch path that runs the same gather and boundaries: `reference_varlen` (per segment, SDPA with
-   `torch.nn.attention.bias.causal_lower_right`, key/value heads repeated) or `padded_varlen` (the prompt prefixes
-   padded into one causal SDPA call, the completions into one masked SDPA call with repeated key/value heads).
+3. anywhere else: a PyTorch path (`nca_trl.shared_prompt.torch_paths`) that runs the same gather and boundaries:
+   `reference_varlen` (per segment, SDPA with `torch.nn.attention.bias.causal_lower_right`, key/value heads repeated)
+   or `padded_varlen` (the prompt prefixes padded into one causal SDPA call, the completions into one masked SDPA call
+   with repeated key/value heads).
    `CPU_KERNEL` is the CPU default, the faster of the two in `results/benchmark_layouts_cpu.json`; CUDA without a
    varlen kernel (or in float32) uses `padded_varlen`. `NCA_TRL_VARLEN_KERNEL` (`flash_attn`, `torch`, `reference`
    or `padded`) forces one of them.
@@ -37,14 +38,17 @@ Attention variants (`VarlenKernel.features`), each applied exactly as the model'
 - `softcap` c: scores become `c * tanh(scores / c)` before the mask (Gemma 2): `flash_attn` kernels that take
   `softcap`, and `reference_varlen`;
 - `sinks` (GPT-OSS's per-head `s_aux` logits): one more logit per head in every softmax, dropped afterwards:
-  `reference_varlen` only. A kernel is only chosen for what it implements (`select_kernel(..., needs=...)`); the
-  trainer decides the layout at construction from the model (`nca_trl.shared_prompt.families.shared_prompt_support`).
+  `reference_varlen` only;
+- `wide_heads`: heads wider than `FUSED_MAX_HEAD_DIM` (256) dimensions (Gemma 4's 512-wide global layers), which no
+  fused kernel takes: the PyTorch paths only (not a keyword of the attention call: read from the queries' width).
+
+A kernel is only chosen for what it implements (`select_kernel(..., needs=...)`); the trainer decides the layout at
+construction from the model (`nca_trl.shared_prompt.families.shared_prompt_support`).
 """
 
 from __future__ import annotations
 
 import inspect
-import itertools
 import logging
 import math
 import os
@@ -54,12 +58,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .torch_paths import padded_varlen, reference_varlen, repeat_kv
+
 logger = logging.getLogger("nca_trl")
 
 __all__ = [
-    "CPU_KERNEL", "FEATURES", "KERNEL_ENV", "VarlenKernel", "VarlenLayout", "binding_window", "cuda_varlen_kernel",
-    "flash_attn_kernel", "padded_varlen", "reference_varlen", "reset_kernel_choices", "select_kernel",
-    "selected_kernels", "torch_varlen_kernel", "varlen_attention",
+    "CPU_KERNEL", "FEATURES", "FUSED_MAX_HEAD_DIM", "KERNEL_ENV", "VarlenKernel", "VarlenLayout", "binding_window",
+    "cuda_varlen_kernel", "flash_attn_kernel", "padded_varlen", "reference_varlen", "reset_kernel_choices",
+    "select_kernel", "selected_kernels", "torch_varlen_kernel", "varlen_attention",
 ]
 
 KERNEL_ENV = "NCA_TRL_VARLEN_KERNEL"
@@ -67,7 +73,10 @@ KERNEL_ENV = "NCA_TRL_VARLEN_KERNEL"
 CPU_KERNEL = "reference"
 _FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
 # The attention variants a kernel may implement (module docstring)
-FEATURES = ("sliding_window", "softcap", "sinks")
+FEATURES = ("sliding_window", "softcap", "sinks", "wide_heads")
+# The widest attention head the fused kernels take (flash-attention 2/3 and torch's varlen_attn: 256); wider heads
+# are the `wide_heads` variant, which only the PyTorch paths implement
+FUSED_MAX_HEAD_DIM = 256
 
 
 @dataclass
@@ -129,6 +138,12 @@ class VarlenKernel:
         return [f for f in FEATURES if f in needs and f not in self.features]
 
 
+def _named(variants: list[str]) -> str:
+    """Variants of `FEATURES` for a message (`wide_heads` says what it is)."""
+    return ", ".join(f"wide_heads (heads wider than {FUSED_MAX_HEAD_DIM} dimensions)" if v == "wide_heads" else v
+                     for v in variants)
+
+
 def binding_window(window: int | None, layout: VarlenLayout) -> int | None:
     """`window`, or None where it holds every segment's keys (a window that never binds is no window)."""
     return None if window is None or window >= int(layout.max_seqlen_k) else window
@@ -152,9 +167,10 @@ def varlen_attention(
     """
     window = binding_window(window, layout)
     variants = {n: v for n, v in (("window", window), ("softcap", softcap), ("sinks", sinks)) if v is not None}
-    lacking = kernel.lacks({"sliding_window" if n == "window" else n for n in variants})
+    wide = {"wide_heads"} if max(query.size(-1), value.size(-1)) > FUSED_MAX_HEAD_DIM else set()
+    lacking = kernel.lacks({"sliding_window" if n == "window" else n for n in variants} | wide)
     if lacking:
-        raise ValueError(f"the varlen kernel {kernel.name} does not implement {', '.join(lacking)}")
+        raise ValueError(f"the varlen kernel {kernel.name} does not implement {_named(lacking)}")
     scale = query.size(-1) ** -0.5 if scale is None else scale
     # Each segment's keys: its prompt prefix's, then its own. The backward of index_select adds the gradients of a
     # prompt key over every completion that reads it
@@ -167,117 +183,6 @@ def varlen_attention(
         query.contiguous(), k, v, layout.cu_seqlens_q, layout.cu_seqlens_k,
         int(layout.max_seqlen_q), int(layout.max_seqlen_k), float(scale), float(dropout), **variants,
     )[..., :v_dim]
-
-
-def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """`[L, H_kv, D]` -> `[L, heads, D]` (or `[S, H_kv, L, D]` -> `[S, heads, L, D]`: the heads are dim 1), query head
-    h reading key/value head `h // (heads // H_kv)` (transformers' `repeat_kv`)."""
-    n_rep = heads // x.size(1)
-    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
-
-
-# ------------------------------------------------------------------------------------------------ PyTorch paths
-def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Whether the key at position `k_pos` is visible to the query at `q_pos` (broadcast): causal, and within the
-    last `window` keys (transformers' sliding-window rule `kv > q - window`)."""
-    visible = k_pos <= q_pos
-    return visible if window is None else visible & (k_pos > q_pos - window)
-
-
-def _eager_segment(q, k, v, visible, scale, dropout, softcap, sinks):
-    """`[1, H, Lq, D]` attention by hand, as the eager attention of Gemma 2 (softcap) and GPT-OSS (sinks) computes it:
-    scores, softcapped, masked, a sink logit per head appended to each softmax and dropped after it."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~visible, float("-inf"))
-    if sinks is not None:
-        sink = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(1, -1, scores.size(2), 1)
-        scores = torch.cat([scores, sink], dim=-1)
-        scores = scores - scores.max(dim=-1, keepdim=True).values
-    probs = scores.softmax(dim=-1)
-    if sinks is not None:
-        probs = probs[..., :-1]
-    probs = F.dropout(probs, p=dropout, training=dropout > 0)
-    return torch.matmul(probs.to(v.dtype), v)
-
-
-def reference_varlen(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=None, dropout=0.0, window=None,
-    softcap=None, sinks=None,
-):
-    """Per segment: SDPA with `causal_lower_right(Lq, Lk)` (or the sliding-window mask) and repeated key/value heads;
-    with softcapping or sinks, the same attention written out (`_eager_segment`). Exact and differentiable (the
-    stand-in for the CUDA kernels in the tests); reads the boundaries on the host."""
-    from torch.nn.attention.bias import causal_lower_right
-
-    heads = q.size(1)
-    scale = q.size(-1) ** -0.5 if scale is None else scale
-    bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    out = []
-    for s in range(len(bq) - 1):
-        qs = q[bq[s] : bq[s + 1]].transpose(0, 1).unsqueeze(0)  # [1, H, Lq, D]
-        ks = _repeat_kv(k[bk[s] : bk[s + 1]], heads).transpose(0, 1).unsqueeze(0)  # [1, H, Lk, D]
-        vs = _repeat_kv(v[bk[s] : bk[s + 1]], heads).transpose(0, 1).unsqueeze(0)
-        lq, lk = qs.size(2), ks.size(2)
-        if lq > lk:
-            raise ValueError(f"segment {s} has {lq} queries but only {lk} keys")
-        if window is None and softcap is None and sinks is None:
-            mask = causal_lower_right(lq, lk)
-        else:  # query j sits at key position lk - lq + j (bottom-right)
-            positions = torch.arange(lk, device=q.device)
-            mask = _visible(positions[lk - lq :, None], positions, window)
-        if softcap is None and sinks is None:
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, dropout_p=dropout, scale=scale)
-        else:
-            o = _eager_segment(qs, ks, vs, mask, scale, dropout, softcap, sinks)
-        out.append(o[0].transpose(0, 1))
-    return torch.cat(out)
-
-
-def padded_varlen(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=None, dropout=0.0, window=None,
-):
-    """The segments padded into two batches, one SDPA call each: the segments with as many keys as queries (prompt
-    prefixes) with `is_causal=True` and no mask (padding comes last, so no real query sees it; a sliding window makes
-    it a boolean mask), the others (completions after their prompt) with a boolean bottom-right causal mask and the
-    key/value heads repeated (masked SDPA with `enable_gqa=True` has no fused CUDA kernel and falls back to the float32
-    "math" kernel). The old per-segment-kind attention of this layout, fed from the varlen boundaries; reads them on
-    the host."""
-    heads = q.size(1)
-    bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    lq = [b - a for a, b in itertools.pairwise(bq)]
-    lk = [b - a for a, b in itertools.pairwise(bk)]
-    outputs, rows = [], []
-    for square in (True, False):
-        segments = [s for s in range(len(lq)) if (lq[s] == lk[s]) is square]
-        if not segments:
-            continue
-        n_q = torch.tensor([lq[s] for s in segments]).view(-1, 1)
-        n_k = torch.tensor([lk[s] for s in segments]).view(-1, 1)
-        jq, jk = torch.arange(int(n_q.max())), torch.arange(int(n_k.max()))
-        q_real, k_real = jq < n_q, jk < n_k  # [S_g, Lq], [S_g, Lk]
-        q_rows = torch.where(q_real, torch.tensor([bq[s] for s in segments]).view(-1, 1) + jq, 0).to(q.device)
-        k_rows = torch.where(k_real, torch.tensor([bk[s] for s in segments]).view(-1, 1) + jk, 0).to(q.device)
-        qs = q[q_rows].transpose(1, 2)  # [S_g, H, Lq, D]
-        ks, vs = k[k_rows].transpose(1, 2), v[k_rows].transpose(1, 2)  # [S_g, H_kv, Lk, D]
-        if square and window is None:
-            out = F.scaled_dot_product_attention(
-                qs, ks, vs, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=ks.size(1) != heads
-            )
-        else:
-            ks, vs = _repeat_kv(ks, heads), _repeat_kv(vs, heads)
-            # Query j sits at key position n_k - n_q + j (bottom-right); padded queries see key 0 only (no NaN rows)
-            mask = k_real[:, None, :] & _visible((n_k - n_q)[:, :, None] + jq[None, :, None], jk[None, None, :], window)
-            mask = torch.where(q_real[:, :, None], mask, (jk == 0)[None, None, :])
-            out = F.scaled_dot_product_attention(
-                qs, ks, vs, attn_mask=mask[:, None].to(q.device), dropout_p=dropout, scale=scale
-            )
-        real = q_real.flatten().nonzero().squeeze(1).to(q.device)
-        outputs.append(out.transpose(1, 2).reshape(-1, heads, v.size(-1)).index_select(0, real))
-        rows.append(q_rows.flatten().index_select(0, real))
-    # Both groups' real queries, back in row order
-    return torch.cat(outputs).index_select(0, torch.cat(rows).argsort())
 
 
 # ------------------------------------------------------------------------------------------------ CUDA kernels
@@ -339,7 +244,7 @@ def torch_varlen_kernel(fn: Callable, name: str = "torch.nn.attention.varlen.var
             if has_gqa:
                 kwargs["enable_gqa"] = True
             else:
-                k, v = _repeat_kv(k, q.size(1)), _repeat_kv(v, q.size(1))
+                k, v = repeat_kv(k, q.size(1)), repeat_kv(v, q.size(1))
         out = fn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
@@ -352,7 +257,7 @@ _PYTORCH_PATHS = {
     ),
     "padded": VarlenKernel(
         "padded_varlen (causal SDPA on the prompts, masked SDPA on the completions)", padded_varlen,
-        features=frozenset({"sliding_window"}),
+        features=frozenset({"sliding_window", "wide_heads"}),
     ),
 }
 
@@ -395,7 +300,7 @@ def cuda_varlen_kernel(
     def usable(kernel: VarlenKernel):
         lacking = kernel.lacks(needs)
         if lacking:
-            reasons.append(f"{kernel.name}: does not implement {', '.join(lacking)}")
+            reasons.append(f"{kernel.name}: does not implement {_named(lacking)}")
             return None
         return kernel
 
@@ -480,7 +385,7 @@ def select_kernel(
             raise ValueError(f"{KERNEL_ENV}={forced!r}: expected one of flash_attn, torch, reference, padded")
         if kernel.lacks(needs):
             raise ValueError(
-                f"{KERNEL_ENV}={forced}: {kernel.name} does not implement {', '.join(kernel.lacks(needs))}, which this "
+                f"{KERNEL_ENV}={forced}: {kernel.name} does not implement {_named(kernel.lacks(needs))}, which this "
                 "model's attention uses: unset it (the reference path implements them)"
             )
     elif device.type == "cuda" and half:
