@@ -83,8 +83,10 @@ def test_lora_without_peft_installed_fails_before_anything_runs(command, tmp_pat
                 str(never_loaded(tmp_path)), "--dataset_name", str(REPO / "data/sort_prompts.jsonl"),
                 "--output_dir", str(out)]
     err = refused(argv, capsys)
-    assert err.startswith('`use_peft: true` needs the `peft` package, which is not installed: pip install '
-                          '"nca-trl[peft]"'), err
+    # iterate's training settings live under its recipe's `training:` (the message named no place before)
+    at, there = ("", "") if command == "train" else (" in the `training:` mapping of the iterate run", " there")
+    assert err == (f'`use_peft: true`{at} needs the `peft` package, which is not installed: pip install '
+                   f'"nca-trl[peft]", or set `use_peft: false`{there}.\n'), err
     assert not out.exists()
 
 

@@ -228,7 +228,7 @@ def train_args_from_recipe(recipe: dict, where: str = "the recipe") -> TrainArgs
     dry_run = truthy(recipe.get("dry_run", False))
     with _relaxed_hardware_checks() if dry_run else contextlib.nullcontext(), command_line_spelling():
         script_args, training_args, model_args, mixture = parser.parse_dict(recipe)
-    args = _checked(script_args, training_args, model_args, mixture, dict(recipe), dry_run)
+    args = _checked(script_args, training_args, model_args, mixture, dict(recipe), dry_run, where)
     check_paths(args, skip=("dataset_name",), hub=False)  # the caller's data is written later (a round's rated rows)
     return args
 
@@ -245,7 +245,10 @@ def check_paths(args: TrainArgs, skip: tuple[str, ...] = (), hub: bool = True) -
     check_path_settings([], {k: v for k, v in PATH_SETTINGS.items() if k not in skip}, values, hub=hub)
 
 
-def _checked(script_args, training_args, model_args, mixture, recipe: dict, dry_run: bool) -> TrainArgs:
+def _checked(script_args, training_args, model_args, mixture, recipe: dict, dry_run: bool,
+             where: str | None = None) -> TrainArgs:
+    """The checks of every `TrainArgs`; `where` names the mapping the settings came from, where it is not the recipe or
+    command line of `nca-trl train` (`nca-trl iterate`'s `training:`)."""
     script_args.dry_run = script_args.dry_run or dry_run
     if mixture.streaming:
         raise ValueError("`streaming: true` is not supported by `nca-trl train`: the data is converted and validated.")
@@ -261,7 +264,7 @@ def _checked(script_args, training_args, model_args, mixture, recipe: dict, dry_
             "`eval_fraction`, or `eval_strategy: no`."
         )
     if not dry_run and not hardware_checks_relaxed():  # a dry run checks a recipe meant for another machine
-        _check_packages(model_args)
+        _check_packages(model_args, where)
     _set_model_init_kwargs(training_args, model_args)
     return TrainArgs(script_args, training_args, model_args, mixture, recipe)
 
@@ -274,15 +277,16 @@ _PACKAGES = {
 }
 
 
-def _check_packages(model_args) -> None:
+def _check_packages(model_args, where: str | None = None) -> None:
     """A setting whose package is not installed fails here, before anything is written or loaded (TRL would raise
     once the data is loaded and tokenized, and `nca-trl iterate` after a round's generation and scoring)."""
     import importlib.util
 
+    at, there = (f" in {where}", " there") if where else ("", "")
     for name, (module, fix) in _PACKAGES.items():
         if getattr(model_args, name, False) and importlib.util.find_spec(module) is None:
-            raise ValueError(f"`{name}: true` needs the `{module}` package, which is not installed: {fix}, or set "
-                             f"`{name}: false`.")
+            raise ValueError(f"`{name}: true`{at} needs the `{module}` package, which is not installed: {fix}, or "
+                             f"set `{name}: false`{there}.")
 
 
 # Fields that say where and how a run is written or watched, not what it trains: a change of them is the same run
