@@ -180,13 +180,19 @@ def test_every_command_refuses_a_missing_path_at_once_in_one_line(clone, command
     ("train", "tiny/nca.yaml", "nca-trl make-tiny-model outputs/tiny-mistral"),
     ("train", "tiny/nca_mixtral.yaml", "nca-trl make-tiny-model outputs/tiny-mixtral --arch mixtral"),
     ("iterate", "tiny/iterate_nca.yaml", "nca-trl make-tiny-model outputs/tiny-digits --vocab digits"),
+    # Spelled otherwise on the command line (the hint named only `outputs/tiny-mistral` exactly before)
+    ("train", "tiny/nca.yaml --model_name_or_path ./outputs/tiny-mistral/",
+     "nca-trl make-tiny-model ./outputs/tiny-mistral"),
+    ("train", "tiny/nca.yaml --model_name_or_path TMP/outputs/tiny-mistral",
+     "nca-trl make-tiny-model TMP/outputs/tiny-mistral"),
 ])
 def test_a_tiny_recipe_before_its_model_is_made_says_how_to_make_it(command, recipe, make, tmp_path):
     """In an empty folder, with the Hub not switched off and no network, `nca-trl train --config tiny/nca.yaml` read
     `outputs/tiny-mistral` as a Hub id: 2.5 minutes of retries, then a ConnectionError traceback (offline: "download it
     once online"). The tiny recipes' models are local paths: one line at once, naming the command that makes it."""
-    result = run_cli(tmp_path, [command, "--config", recipe], env={})
-    model = make.split()[2]
+    recipe, make = recipe.replace("TMP", str(tmp_path)), make.replace("TMP", str(tmp_path))
+    result = run_cli(tmp_path, [command, "--config", *recipe.split()], env={})
+    model = recipe.split()[-1] if "--model_name_or_path" in recipe else make.split()[2]
     assert result["status"] == 2 and result["heavy"] == [] and result["seconds"] < 2, result
     assert result["err"].endswith(f"nca-trl {command}: error: no such folder: {model} (model_name_or_path), the tiny "
                                   f"recipes' model: make it first with `{make}`\n"), result

@@ -59,6 +59,15 @@ def looks_local(value: str) -> bool:
             or (len(path.parts) > 1 and Path(path.parts[0]).is_dir()))
 
 
+def _tiny_model_command(text: str) -> str | None:
+    """The command that makes the tiny model `text` names (`TINY_MODELS`, however the path is spelled: `./outputs/...`,
+    `/abs/outputs/...`, a trailing `/`), with the user's spelling of the path, or None."""
+    parts = Path(os.path.normpath(os.path.expanduser(text))).parts
+    key = "/".join(parts[-2:])
+    command = TINY_MODELS.get(key)
+    return None if command is None else command.replace(key, text.rstrip("/"), 1)
+
+
 def _offline(kind: str) -> str | None:
     """The environment variable that switches the Hub off for `kind`, if one is set."""
     names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if kind == "dataset" else ("HF_HUB_OFFLINE",
@@ -99,7 +108,7 @@ def check_path(value, setting: str, kind: str = "model", hub: bool = True) -> No
         return
     if Path(os.path.expanduser(text)).exists():
         return
-    tiny = TINY_MODELS.get(text.rstrip("/")) if kind == "model" else None
+    tiny = _tiny_model_command(text) if kind == "model" else None
     if tiny and (hub or looks_local(text)):  # a tiny recipe's model not made yet here (it read as a Hub id: minutes
         # of retries without a network); with `hub=False` (parsing a recipe, loading nothing) only where it reads local
         raise SettingsError(f"no such folder: {text} ({setting}), the tiny recipes' model: make it first with "
