@@ -156,6 +156,15 @@ FAMILIES: dict[str, tuple[str, dict]] = {
         vision_config=dict(patch_size=8, pooling_kernel_size=2, mm_embed_dim=32, mm_posemb_size=16,
                            output_proj_dims=64),
         audio_config=None)),
+    # dots.llm1 (windows on its later layers, shared experts), Youtu-LLM (multi-head latent attention, interleaved
+    # rotary), Apertus 1.5's text model, and Sarvam-MoE and Param-2-MoE (model types transformers builds GLM-4-MoE for)
+    "dots1": ("dots1", dict(num_hidden_layers=2, pad_token_id=0, sliding_window=WINDOW, max_window_layers=1,
+                            n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                            first_k_dense_replace=1, n_shared_experts=1)),
+    "youtu": ("youtu", dict(num_hidden_layers=2, pad_token_id=0, head_dim=8, **_MLA)),
+    "apertus1p5": ("apertus1p5_text", dict(num_hidden_layers=2, pad_token_id=0)),
+    "sarvam_moe": ("sarvam_moe", dict(num_hidden_layers=2, pad_token_id=0, **_DEEPSEEK_MOE)),
+    "param2moe": ("param2moe", dict(num_hidden_layers=2, pad_token_id=0, **_DEEPSEEK_MOE)),
     # Granite 4's dense checkpoints (granite-4.0-1b, -350m, -micro): the hybrid family with attention layers only and
     # no experts; its multipliers on
     "granite4_dense": ("granitemoehybrid", dict(num_hidden_layers=2, layer_types=["attention", "attention"],

@@ -35,7 +35,7 @@ from test_trainer import make_args
 
 # Families with position-mixing layers other than attention: SSM / Mamba state, short convolutions, linear attention
 HYBRID = {"lfm2", "nemotron_h", "jamba", "falcon_h1", "granitemoehybrid", "bamba", "qwen3_next"}
-MAX_LENGTH = 64
+MAX_LENGTH = 48
 
 
 def rows(vicuna) -> Dataset:

@@ -53,6 +53,9 @@ EXACT_FAMILIES = {
     # Gemma 3n and Gemma 4 (per-layer embeddings, layers that reuse an earlier layer's keys and values, AltUp, Gemma
     # 4's 512-wide global heads: the `wide_heads` variant, which no fused kernel takes)
     "gemma3n_text": "gemma3n", "gemma4_text": "gemma4", "gemma4_unified_text": "gemma4_unified",
+    # dots.llm1 (windows), Youtu-LLM (MLA), Apertus 1.5, and two types transformers builds GLM-4-MoE for
+    "dots1": "dots1", "youtu": "youtu", "apertus1p5_text": "apertus1p5", "sarvam_moe": "glm4_moe",
+    "param2moe": "glm4_moe",
     # Granite 4: only its dense checkpoints (every layer attention) take the layout; its hybrids' Mamba2 layers are
     # `linear_attention` in `config.layer_types`, which keeps them plain
     "granitemoehybrid": "granitemoehybrid",
@@ -67,6 +70,7 @@ WINDOW_FAMILIES = {
     "gemma3_text": None, "vaultgemma": None, "gpt_oss": None, "granite_swa": None, "cohere2": None,
     "cohere2_moe": None, "olmo3": None, "exaone4": None, "exaone_moe": None, "afmoe": None, "mellum": None,
     "cwm": None, "mimo_v2_flash": None, "gemma3n_text": None, "gemma4_text": None, "gemma4_unified_text": None,
+    "dots1": None,
 }
 # Multimodal models whose language model is one of `EXACT_FAMILIES`, tested exact on text-only batches: the model
 # type -> transformers' package of the multimodal class (its vision tower never runs on text)
