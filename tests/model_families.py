@@ -131,7 +131,7 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     # earlier layers' keys and values) and Gemma 4: dense (E2B / E4B-style per-layer embeddings and shared keys and
     # values, 31B-style keys as values with one key/value head in its 512-wide global layers, double-wide MLPs, final
     # logit softcapping), mixture of experts (26B-A4B), and the multimodal classes `AutoModelForCausalLM` loads for
-    # Gemma 4 and Gemma 4 unified checkpoints, on text
+    # Gemma 4 and Gemma 4 unified checkpoints, on text (their global layers' heads 512 wide, as by default)
     "gemma3n": ("gemma3n_text", dict(num_hidden_layers=4, sliding_window=WINDOW, layer_types=_GEMMA_LAYERS,
                                      pad_token_id=0, vocab_size_per_layer_input=32768, hidden_size_per_layer_input=8,
                                      num_kv_shared_layers=2, altup_num_inputs=2, laurel_rank=8,
@@ -146,13 +146,13 @@ FAMILIES: dict[str, tuple[str, dict]] = {
                                        moe_intermediate_size=32)),
     "gemma4_multimodal": ("gemma4", dict(
         text_config=dict(num_hidden_layers=2, sliding_window=WINDOW, layer_types=_GEMMA_LAYERS[:2], pad_token_id=0,
-                         hidden_size_per_layer_input=0, global_head_dim=32, use_bidirectional_attention="vision"),
+                         hidden_size_per_layer_input=0, use_bidirectional_attention="vision"),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                            num_key_value_heads=2, head_dim=16, patch_size=8),
         audio_config=None)),
     "gemma4_unified_multimodal": ("gemma4_unified", dict(
-        text_config=dict(num_hidden_layers=2, sliding_window=WINDOW, layer_types=_GEMMA_LAYERS[:2], pad_token_id=0,
-                         global_head_dim=32),
+        text_config=dict(num_hidden_layers=4, sliding_window=WINDOW, layer_types=_GEMMA_LAYERS, pad_token_id=0,
+                         num_kv_shared_layers=2),
         vision_config=dict(patch_size=8, pooling_kernel_size=2, mm_embed_dim=32, mm_posemb_size=16,
                            output_proj_dims=64),
         audio_config=None)),

@@ -315,6 +315,32 @@ def test_heads_wider_than_the_fused_kernels_take(tokenizer, vicuna, tmp_path, mo
            "implement wide_heads (heads wider than 256 dimensions)" in caplog.text
 
 
+@pytest.mark.parametrize("forced, family, reason", [
+    ("padded", "gpt_oss", "NCA_TRL_VARLEN_KERNEL=padded: padded_varlen (causal SDPA on the prompts, masked SDPA on the "
+                          "completions) does not implement sinks, which this model's attention uses: unset it"),
+    ("flash_attn", "llama", "NCA_TRL_VARLEN_KERNEL=flash_attn needs CUDA and float16/bfloat16, and training runs on "
+                            "cpu in float32"),
+    ("fast", "llama", "NCA_TRL_VARLEN_KERNEL='fast': expected one of flash_attn, torch, reference, padded"),
+])
+def test_a_forced_kernel_that_cannot_run_the_model_is_found_at_construction(forced, family, reason, tokenizer, vicuna,
+                                                                           tmp_path, monkeypatch, caplog):
+    """`NCA_TRL_VARLEN_KERNEL` forcing a kernel that cannot run the model here: the automatic layout is plain, said
+    once, and `shared_prompt=True` is refused, both at construction (the layout was taken and the first forward
+    raised before)."""
+    monkeypatch.setenv(varlen.KERNEL_ENV, forced)
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        trainer = trainer_for(family, tokenizer, vicuna, tmp_path)
+    assert not trainer.data_collator.shared_prompt
+    assert f"Plain padded layout (shared_prompt=None, automatic): {reason}" in caplog.text
+    with pytest.raises(ValueError, match="cannot run here, or not exactly: " + re.escape(reason)):
+        trainer_for(family, tokenizer, vicuna, tmp_path / "explicit", shared_prompt=True)
+    monkeypatch.setenv(varlen.KERNEL_ENV, "reference")  # one that runs every variant: the layout, exact
+    trainer = trainer_for(family, tokenizer, vicuna, tmp_path / "reference")
+    plain, own, _ = logps_both_layouts(trainer)
+    assert trainer.data_collator.shared_prompt
+    torch.testing.assert_close(own, plain, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("family, variants", [("gemma2", "sliding_window"), ("gpt_oss", "sinks and sliding_window")])
 def test_a_shared_prompt_forward_whose_attention_missed_a_variant_raises(family, variants):
     """`shared_prompt_forward` compares the variants the attention calls were given with those the model uses (its

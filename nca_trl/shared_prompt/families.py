@@ -31,9 +31,10 @@ ROUTED_PREFIX = "nca_shared_prompt|"
 # Attention implementations whose models can take the layout (the attention itself is always `varlen`'s)
 _IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 # The model families whose every position-mixing layer is attention that the shared-prompt path implements (plain,
-# sliding-window, softcapped, with sinks, wide heads), each tested against the plain layout (tests/test_model_families.py):
-# the text config's `model_type` -> transformers' package of its modeling code. A family not listed is plain
-# (DESIGN §7: SSM / Mamba state, short convolutions and linear attention carry one completion into the next).
+# sliding-window, softcapped, with sinks, wide heads), each tested against the plain layout
+# (tests/test_model_families.py): the text config's `model_type` -> transformers' package of its modeling code. A
+# family not listed is plain (DESIGN §7: SSM / Mamba state, short convolutions and linear attention carry one
+# completion into the next).
 EXACT_FAMILIES = {
     "llama": "llama", "mistral": "mistral", "ministral": "ministral", "ministral3": "ministral3", "mixtral": "mixtral",
     "qwen2": "qwen2", "qwen2_moe": "qwen2_moe", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "phi": "phi",
@@ -215,8 +216,9 @@ def attention_variants(model, attention: list | None = None) -> set[str]:
 
 
 def _head_dim(attention) -> int:
-    """The widest head of an attention module: its queries' and keys' (`head_dim`, MLA's `qk_head_dim`) or values'."""
-    dims = (getattr(attention, name, None) for name in ("head_dim", "qk_head_dim", "v_head_dim"))
+    """The widest head of an attention module: its queries' and keys' (`head_dim`, GPT-NeoX's `head_size`, MLA's
+    `qk_head_dim`) or values'."""
+    dims = (getattr(attention, name, None) for name in ("head_dim", "head_size", "qk_head_dim", "v_head_dim"))
     return max((d for d in dims if isinstance(d, int)), default=0)
 
 

@@ -37,8 +37,8 @@ import torch
 from .families import ROUTED_PREFIX as _PREFIX
 from .families import SharedPromptSupport, attention_modules, attention_variants, shared_prompt_support
 from .families import declares_sliding_window, original_attention_implementation
-from .varlen import FUSED_MAX_HEAD_DIM, VarlenLayout, binding_window, cuda_varlen_kernel, select_kernel
-from .varlen import varlen_attention
+from .varlen import FUSED_MAX_HEAD_DIM, VarlenLayout, binding_window, cuda_varlen_kernel, forced_kernel_problem
+from .varlen import select_kernel, varlen_attention
 
 logger = logging.getLogger("nca_trl")
 
@@ -54,8 +54,8 @@ LAYOUT_KEYS = VarlenLayout.KEYS
 @dataclasses.dataclass
 class _ForwardCheck:
     """What the attention got while a shared-prompt row was forwarded (`shared_prompt_forward`): the attention
-    variants (`sliding_window`, `softcap`, `sinks`) its calls were given, the attention modules (by `id`) that ran
-    (`_note_ran`, a forward pre-hook) and those that ran with the layout."""
+    variants (`sliding_window`, `softcap`, `sinks`, `wide_heads`) its calls were given, the attention modules (by
+    `id`) that ran (`_note_ran`, a forward pre-hook) and those that ran with the layout."""
 
     variants: set[str] = dataclasses.field(default_factory=set)
     ran: dict[int, str] = dataclasses.field(default_factory=dict)  # id -> class name
@@ -374,7 +374,11 @@ class SharedPromptLayoutMixin:
                 if not support.enabled:
                     return f"{name} model: {support.reason}", None
                 needs |= support.needs
-        if not automatic or self.accelerator.device.type == "cpu":
+        device = self.accelerator.device.type
+        forced = forced_kernel_problem(frozenset(needs), device, self._half_precision())
+        if forced:  # found here, not at the first forward
+            return forced, None
+        if not automatic or device == "cpu":
             return "", None  # the PyTorch paths implement every variant
         return self._gpu_varlen_kernel(frozenset(needs))
 
@@ -384,7 +388,7 @@ class SharedPromptLayoutMixin:
         not in float16/bfloat16."""
         device = self.accelerator.device
         model = self.accelerator.unwrap_model(self.model)
-        half = self.args.bf16 or self.args.fp16 or getattr(model, "dtype", None) in (torch.float16, torch.bfloat16)
+        half = self._half_precision()
         if device.type != "cuda":
             kernel, why = None, f"nca-trl has no fused varlen kernel for {device.type}"
         else:
@@ -396,6 +400,12 @@ class SharedPromptLayoutMixin:
             # made a step 3.5-5x slower than the plain layout
             return f"{why} (set shared_prompt=True to force the shared-prompt layout)", None
         return "", kernel.name
+
+    def _half_precision(self) -> bool:
+        """Whether training computes in float16/bfloat16 (mixed precision, or a model loaded in it)."""
+        model = self.accelerator.unwrap_model(self.model)
+        dtype = getattr(model, "dtype", None)
+        return bool(self.args.bf16 or self.args.fp16 or dtype in (torch.float16, torch.bfloat16))
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
         """`Trainer.predict`, whose outputs hold each sequence's padded logits: its batches take the plain layout

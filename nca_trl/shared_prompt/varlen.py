@@ -64,8 +64,8 @@ logger = logging.getLogger("nca_trl")
 
 __all__ = [
     "CPU_KERNEL", "FEATURES", "FUSED_MAX_HEAD_DIM", "KERNEL_ENV", "VarlenKernel", "VarlenLayout", "binding_window",
-    "cuda_varlen_kernel", "flash_attn_kernel", "padded_varlen", "reference_varlen", "reset_kernel_choices",
-    "select_kernel", "selected_kernels", "torch_varlen_kernel", "varlen_attention",
+    "cuda_varlen_kernel", "flash_attn_kernel", "forced_kernel_problem", "padded_varlen", "reference_varlen",
+    "reset_kernel_choices", "select_kernel", "selected_kernels", "torch_varlen_kernel", "varlen_attention",
 ]
 
 KERNEL_ENV = "NCA_TRL_VARLEN_KERNEL"
@@ -351,6 +351,28 @@ def selected_kernels() -> list[str]:
 def reset_kernel_choices() -> None:
     """Forget the kernels chosen so far: the next call of `select_kernel` chooses (and logs) again."""
     _selected.clear()
+
+
+def forced_kernel_problem(needs: frozenset, device_type: str, half: bool) -> str:
+    """Why the kernel `NCA_TRL_VARLEN_KERNEL` forces could not run a model with the attention variants `needs` on
+    `device_type` (`half`: float16/bfloat16), as `select_kernel` would find at the first forward; "" if it can (or
+    nothing is forced). Known without loading a fused kernel: none implements sinks or wide heads, torch's none
+    softcapping."""
+    forced = os.environ.get(KERNEL_ENV) or None
+    if forced is None:
+        return ""
+    if forced in _PYTORCH_PATHS:
+        name, lacking = _PYTORCH_PATHS[forced].name, _PYTORCH_PATHS[forced].lacks(needs)
+    elif forced in ("flash_attn", "torch"):
+        if device_type != "cuda" or not half:
+            return f"{KERNEL_ENV}={forced} needs CUDA and float16/bfloat16, and training runs on {device_type}" + (
+                "" if half else " in float32")
+        unknown = ("sinks", "wide_heads") if forced == "flash_attn" else ("softcap", "sinks", "wide_heads")
+        name, lacking = f"the {forced} kernel", [f for f in FEATURES if f in needs and f in unknown]
+    else:
+        return f"{KERNEL_ENV}={forced!r}: expected one of flash_attn, torch, reference, padded"
+    return (f"{KERNEL_ENV}={forced}: {name} does not implement {_named(lacking)}, which this model's attention uses: "
+            "unset it (the reference path implements every variant)") if lacking else ""
 
 
 def _pytorch_path(name: str, needs: frozenset) -> VarlenKernel:
