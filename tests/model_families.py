@@ -165,6 +165,19 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "apertus1p5": ("apertus1p5_text", dict(num_hidden_layers=2, pad_token_id=0)),
     "sarvam_moe": ("sarvam_moe", dict(num_hidden_layers=2, pad_token_id=0, **_DEEPSEEK_MOE)),
     "param2moe": ("param2moe", dict(num_hidden_layers=2, pad_token_id=0, **_DEEPSEEK_MOE)),
+    # Mistral 3 (Mistral Small 3.x, Magistral, Ministral 3): a multimodal model that `AutoModelForCausalLM` does not
+    # load; TRL loads it by its config's architecture, `Mistral3ForConditionalGeneration`. On text, with a Mistral or a
+    # Ministral 3 language model
+    "mistral3_multimodal": ("mistral3", dict(
+        text_config=dict(model_type="mistral", num_hidden_layers=2, sliding_window=WINDOW),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           head_dim=16, patch_size=8, image_size=32),
+        spatial_merge_size=2)),
+    "ministral3_multimodal": ("mistral3", dict(
+        text_config=dict(model_type="ministral3", num_hidden_layers=2, sliding_window=WINDOW),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           head_dim=16, patch_size=8, image_size=32),
+        spatial_merge_size=2)),
     # Granite 4's dense checkpoints (granite-4.0-1b, -350m, -micro): the hybrid family with attention layers only and
     # no experts; its multipliers on
     "granite4_dense": ("granitemoehybrid", dict(num_hidden_layers=2, layer_types=["attention", "attention"],
@@ -199,10 +212,12 @@ FAMILIES: dict[str, tuple[str, dict]] = {
 
 
 def build_family(name: str, seed: int = 0, attn_implementation: str | None = None):
-    """A tiny random `AutoModelForCausalLM` of family `name` (float32, eval mode), or raise if this transformers
+    """A tiny random `AutoModelForCausalLM` of family `name` (float32, eval mode; a multimodal model that class does not
+    load, as TRL's `create_model_from_path` loads it: `AutoModelForImageTextToText`), or raise if this transformers
     cannot build it (an unknown model type, a config that refuses the tiny sizes)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type, overrides = FAMILIES[name]
     if "text_config" in overrides:  # multimodal: the width is the language model's
@@ -211,4 +226,5 @@ def build_family(name: str, seed: int = 0, attn_implementation: str | None = Non
         config = AutoConfig.for_model(model_type, **{**WIDTH, **overrides})
     torch.manual_seed(seed)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs).eval()
+    auto = AutoModelForCausalLM if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModelForImageTextToText
+    return auto.from_config(config, dtype=torch.float32, **kwargs).eval()

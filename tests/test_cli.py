@@ -259,9 +259,11 @@ def test_cli_end_to_end_single_process(tmp_path, capsys):
         assert "| ranking accuracy | 0.000 |" in printed  # at the start the policy is its reference: nothing ranked
         curves = out / "training_curves.png"
         assert f"training curves  : {curves}" in printed and curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"model saved to   : {out}  (AutoModelForCausalLM.from_pretrained)" in printed
 
         info = json.loads((out / "run_info.json").read_text())
         assert info["world_size"] == 1 and info["distributed_type"] == "NO" and info["global_step"] == 3
+        assert info["model_loader"] == "AutoModelForCausalLM"  # what loads it below
         assert [s["step"] for s in info["step_losses"]] == [1, 2, 3]
         assert info["versions"]["trl"] and info["versions"]["nca-trl"] and "processes" not in info  # user-facing only
         # one key per eval set

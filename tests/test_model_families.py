@@ -594,3 +594,19 @@ def test_gpu_family_check_records_a_model_type_this_transformers_lacks(monkeypat
     result = load_script("gpu_families").family_agreement("future", "cpu", smoke=True)
     assert result == {"layout": "not built", "ok": True,
                       "reason": "this transformers has no model type 'model_type_of_a_later_transformers'"}
+
+
+def test_the_run_names_the_class_that_loads_the_saved_model():
+    """A Mistral 3 checkpoint (Mistral Small 3.x, Magistral, Ministral 3) is a `Mistral3ForConditionalGeneration`, as
+    TRL loads it, which `AutoModelForCausalLM` does not load: the end-of-run summary and run_info.json named
+    `AutoModelForCausalLM.from_pretrained` for every saved model."""
+    from transformers import AutoModelForImageTextToText
+
+    from nca_trl.train.report import model_loader
+
+    assert model_loader(build("llama")) == model_loader(build("gemma3_multimodal")) == "AutoModelForCausalLM"
+    model = build("mistral3_multimodal")
+    assert model_loader(model) == "AutoModelForImageTextToText"
+    with pytest.raises(ValueError, match="Unrecognized configuration class"):
+        AutoModelForCausalLM.from_config(model.config)
+    assert type(AutoModelForImageTextToText.from_config(model.config)) is type(model)

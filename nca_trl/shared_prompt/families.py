@@ -75,7 +75,7 @@ WINDOW_FAMILIES = {
 }
 # Multimodal models whose language model is one of `EXACT_FAMILIES`, tested exact on text-only batches: the model
 # type -> transformers' package of the multimodal class (its vision tower never runs on text)
-EXACT_MULTIMODAL = {"gemma3": "gemma3", "gemma4": "gemma4", "gemma4_unified": "gemma4_unified"}
+EXACT_MULTIMODAL = {"gemma3": "gemma3", "gemma4": "gemma4", "gemma4_unified": "gemma4_unified", "mistral3": "mistral3"}
 # The layer kinds of `config.layer_types` that are attention
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 # Only to name the layer in the reason a family not listed is plain (the rule itself is the allow-list above)
