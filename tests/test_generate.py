@@ -454,3 +454,22 @@ def test_chat_prompts_need_a_chat_template_and_long_prompts_are_counted(tokenize
         check_prompts(rows, no_template, "p.jsonl", "tiny")
     found = check_prompts(rows[:2], tokenizer, "p.jsonl", "tiny", context=32, max_new_tokens=8)
     assert found == {"context": 32, "count": 1, "rows": [1]}
+
+
+def test_generate_loads_a_model_as_trl_trains_it(tiny_mistral, tmp_path, hh):
+    """A Mistral 3 checkpoint (Mistral Small 3.x, Magistral, Ministral 3) is `Mistral3ForConditionalGeneration`, which
+    `nca-trl train` loads (TRL reads the architecture from the config) but `AutoModelForCausalLM` does not: `nca-trl
+    generate` stopped at "Unrecognized configuration class". It samples from its text model now."""
+    from model_families import build_family
+    from transformers import AutoTokenizer
+
+    from nca_trl.cli import main
+
+    model_dir = tmp_path / "tiny-mistral3"
+    build_family("mistral3_multimodal").save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(tiny_mistral).save_pretrained(model_dir)
+    data = _write_jsonl(tmp_path / "prompts.jsonl", [hh[i] for i in range(2)])
+    output = tmp_path / "samples.jsonl"
+    assert main(["generate", "--model_name_or_path", str(model_dir), "--dataset_name", data, "--output", str(output),
+                 "--num_completions", "2", "--max_new_tokens", "4"]) == 0
+    _check_rows(_read_jsonl(output), [hh[i] for i in range(2)], 2, conversational=False)

@@ -602,11 +602,11 @@ def test_the_run_names_the_class_that_loads_the_saved_model():
     `AutoModelForCausalLM.from_pretrained` for every saved model."""
     from transformers import AutoModelForImageTextToText
 
-    from nca_trl.train.report import model_loader
+    from nca_trl.runtime.models import loader_of
 
-    assert model_loader(build("llama")) == model_loader(build("gemma3_multimodal")) == "AutoModelForCausalLM"
+    assert loader_of(build("llama")) == loader_of(build("gemma3_multimodal")) == "AutoModelForCausalLM"
     model = build("mistral3_multimodal")
-    assert model_loader(model) == "AutoModelForImageTextToText"
+    assert loader_of(model) == "AutoModelForImageTextToText"
     with pytest.raises(ValueError, match="Unrecognized configuration class"):
         AutoModelForCausalLM.from_config(model.config)
     assert type(AutoModelForImageTextToText.from_config(model.config)) is type(model)

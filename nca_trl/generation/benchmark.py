@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
     import tempfile
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from ..runtime.models import load_text_model
 
     parser = argparse.ArgumentParser(prog="python -m nca_trl.generation.benchmark", description=__doc__.split("\n")[0])
     parser.add_argument("--model_name_or_path", help="a model; default: a tiny Mistral built with nca_trl.tiny")
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         path = build_tiny_model(tempfile.mkdtemp(prefix="nca-bench-gen-"), size=ns.size)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, ns.dtype)).to(device).eval()
+    model = load_text_model(path, dtype=getattr(torch, ns.dtype)).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompts = _prompts(ns.prompts, ns.num_prompts)
     results = benchmark_generate(model, tokenizer, prompts, ns.num_completions, ns.max_new_tokens, ns.seed, ns.repeats,

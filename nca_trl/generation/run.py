@@ -83,7 +83,7 @@ def _check_prompts(args: GenerateArguments, dataset, main: bool) -> dict:
     adapter = Path(args.model_name_or_path) / "adapter_config.json"  # a LoRA adapter: its base has the config
     base = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file() else args.model_name_or_path
     config = AutoConfig.from_pretrained(base, revision=args.model_revision if base == args.model_name_or_path else None)
-    context = getattr(config, "max_position_embeddings", None)
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)  # a multimodal model's: its text's
     found = check_prompts(dataset, tokenizer, args.dataset_name, args.model_name_or_path, context,
                           args.max_new_tokens)
     if found["count"] and main:
@@ -95,13 +95,15 @@ def _check_prompts(args: GenerateArguments, dataset, main: bool) -> dict:
 
 def _load_model(args: GenerateArguments, device):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from ..runtime.models import load_text_model
 
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    kwargs = {"dtype": dtype, "revision": args.model_revision}
+    kwargs = {"dtype": dtype}
     if args.attn_implementation is not None:
         kwargs["attn_implementation"] = args.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs).to(device).eval()
+    model = load_text_model(args.model_name_or_path, args.model_revision, **kwargs).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.model_revision)
     return model, tokenizer
 

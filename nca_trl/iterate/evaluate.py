@@ -72,10 +72,11 @@ def _tokenized(rows: list[dict], tokenizer) -> list[tuple[list[int], list[int]]]
 
 def _load(path: str, dtype: str, device):
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from ..runtime.models import load_text_model
 
     dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    return load_text_model(path, dtype=dtype).to(device)
 
 
 def kl_to_initial(samples: list[dict], policy_path: str, initial_path: str, dtype: str, batch_size: int) -> float:

@@ -10,8 +10,10 @@
 - `checkpoints`: checkpoints and final models that count only once complete (their marker written last);
 - `safety`: the trainers' run safety (non-finite stops naming step and rows, the lock, complete saves);
 - `launch`: checks of an `accelerate launch` before anything is loaded, and the summary of the process group;
-- `distributed`: DeepSpeed ZeRO-3 leaf marking of Mixture-of-Experts blocks.
-- `router_aux`: the MoE load-balancing loss through TRL's fused LM head, on families that name their experts otherwise.
+- `distributed`: DeepSpeed ZeRO-3 leaf marking of Mixture-of-Experts blocks;
+- `router_aux`: the MoE load-balancing loss through TRL's fused LM head, on families that name their experts otherwise;
+- `models`: the transformers class that loads a checkpoint (`AutoModelForCausalLM`, or Mistral 3's
+  `AutoModelForImageTextToText`).
 
 Nothing here imports a command package (`train`, `generation`, `scoring`, `iterate`) or the data package.
 """

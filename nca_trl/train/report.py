@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 from ..runtime.environment import versions
+from ..runtime.models import loader_of
 from ..runtime.files import json_default, write_atomic
 
 __all__ = ["CHANCE_RANKING_ACCURACY", "LEARNING_METRICS", "SET_COLORS", "build_training_figure", "eval_set_prefixes",
-           "learning_table", "model_loader", "plot_training_curves", "print_summary", "run_info", "set_color",
-           "write_run_info"]
+           "learning_table", "plot_training_curves", "print_summary", "run_info", "set_color", "write_run_info"]
 
 # (metric, label) rows of the learning table (the PNG's panels: `_PANELS`)
 LEARNING_METRICS = (
@@ -227,7 +227,7 @@ def run_info(trainer, model_args, train_metrics: dict, eval_metrics: dict | None
         "loss_type": list(trainer.args.loss_type),
         "trainer": type(trainer).__name__,
         "model_name_or_path": model_args.model_name_or_path,
-        "model_loader": model_loader(trainer.model),
+        "model_loader": loader_of(trainer.model),  # the class that loads the saved model
         "output_dir": os.path.abspath(trainer.args.output_dir),
         "global_step": trainer.state.global_step,
         "resumed_from": trainer.args.resume_from_checkpoint,
@@ -238,22 +238,6 @@ def run_info(trainer, model_args, train_metrics: dict, eval_metrics: dict | None
         "versions": versions(),
         "wall_time_s": time.time() - started,
     }
-
-
-def model_loader(model) -> str:
-    """The transformers class that loads `model` once saved: `AutoModelForCausalLM`, or for a multimodal model that
-    class does not load (Mistral 3) `AutoModelForImageTextToText`, else the model's own class (a PEFT model's base)."""
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
-    )
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    name, model_type = type(base).__name__, getattr(getattr(base, "config", None), "model_type", None)
-    if MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) == name or (
-            model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and name.endswith("ForCausalLM")):  # remote code too
-        return "AutoModelForCausalLM"
-    return "AutoModelForImageTextToText" if MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type) == name else name
 
 
 def write_run_info(info: dict, output_dir: str | os.PathLike) -> Path:
