@@ -86,7 +86,10 @@ def _resolve(path: str | None, base: Path) -> Path | None:
 def load_architecture(script_args, model_args, recipe_dir: Path):
     """(config, meta-device model) of the recipe's architecture."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import transformers
+    from transformers import AutoConfig
+
+    from nca_trl.runtime.models import auto_class_name
 
     config_file = _resolve(script_args.model_config_file, recipe_dir)
     if config_file is None:
@@ -101,8 +104,9 @@ def load_architecture(script_args, model_args, recipe_dir: Path):
     values = json.loads(Path(config_file).read_text())
     values = {k: v for k, v in values.items() if not k.startswith("_")}
     config = AutoConfig.for_model(**values)
+    auto = getattr(transformers, auto_class_name(config.model_type))  # Mistral 3: AutoModelForImageTextToText
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = auto.from_config(config)
     return config, model
 
 
@@ -144,6 +148,7 @@ def _completions(script_args, training_args, override: int | None) -> int:
 
 
 def _activation_bytes(config, tokens: int, checkpointing: bool, act_bytes: int) -> dict:
+    config = config.get_text_config()  # a multimodal model's (Mistral 3): its language model's
     h = config.hidden_size
     inter = getattr(config, "intermediate_size", 4 * h)
     heads = config.num_attention_heads

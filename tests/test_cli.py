@@ -226,6 +226,28 @@ def test_plan_memory_big_recipes_fit_their_hardware(capsys):
     assert capsys.readouterr().out.count("| yes |") == len(BIG)
 
 
+def test_plan_memory_plans_a_mistral_3_recipe(tmp_path):
+    """Mistral Small 3.x is a `Mistral3ForConditionalGeneration` (`AutoModelForImageTextToText`): the plan raised
+    "Unrecognized configuration class" building it with `AutoModelForCausalLM`, and its multimodal config holds the
+    language model's sizes in `text_config`."""
+    plan_memory = load_script("plan_memory")
+    config = {"model_type": "mistral3", "spatial_merge_size": 2,
+              "text_config": {"model_type": "mistral", "hidden_size": 5120, "intermediate_size": 32768,
+                              "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 8,
+                              "head_dim": 128, "vocab_size": 131072},
+              "vision_config": {"model_type": "pixtral", "hidden_size": 1024, "intermediate_size": 4096,
+                                "num_hidden_layers": 24, "num_attention_heads": 16, "head_dim": 64}}
+    (tmp_path / "mistral3.json").write_text(json.dumps(config))
+    recipe = yaml.safe_load((REPO / "recipes/mistral-7b/nca_ultrafeedback.yaml").read_text())
+    recipe.update(model_config_file=str(tmp_path / "mistral3.json"),
+                  accelerate_config=str(REPO / recipe["accelerate_config"]))
+    (tmp_path / "nca.yaml").write_text(yaml.safe_dump(recipe))
+    planned = plan_memory.plan(str(tmp_path / "nca.yaml"))
+    assert planned["architecture"] == "Mistral3ForConditionalGeneration" and planned["strategy"] == "ZeRO-3"
+    assert 23e9 < planned["params"] < 24.5e9  # about Mistral Small's 24B, its vision tower included
+    assert planned["activations"] > 0 and planned["fits"]
+
+
 @pytest.mark.slow
 def test_cli_end_to_end_single_process(tmp_path, capsys):
     """`nca-trl make-tiny-model` then `nca-trl train` on the tiny recipe: trains, evaluates, saves a loadable model."""

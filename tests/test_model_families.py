@@ -12,6 +12,7 @@ import logging
 import math
 import re
 
+from types import SimpleNamespace
 from unittest.mock import PropertyMock, patch
 
 import pytest
@@ -610,3 +611,16 @@ def test_the_run_names_the_class_that_loads_the_saved_model():
     with pytest.raises(ValueError, match="Unrecognized configuration class"):
         AutoModelForCausalLM.from_config(model.config)
     assert type(AutoModelForImageTextToText.from_config(model.config)) is type(model)
+
+    # Under FSDP2, `fully_shard` subclasses the model's class as FSDP<name> (it named `FSDPMistral3For...` before)
+    from torch.distributed.fsdp import FSDPModule
+
+    model.__class__ = type(f"FSDP{type(model).__name__}", (FSDPModule, type(model)), {})
+    assert loader_of(model) == "AutoModelForImageTextToText"
+
+    # Remote code: the auto classes its config maps (Qwen 1's `QWenLMHeadModel` was named as if transformers had it)
+    class QWenLMHeadModel:
+        config = SimpleNamespace(model_type="qwen", auto_map={"AutoConfig": "c.QWenConfig",
+                                                              "AutoModelForCausalLM": "m.QWenLMHeadModel"})
+
+    assert loader_of(QWenLMHeadModel()) == "AutoModelForCausalLM"

@@ -1,12 +1,12 @@
-"""Which transformers class loads a text-generating checkpoint, as TRL's `create_model_from_path` loads it by its
-config's architecture: `AutoModelForCausalLM`, or for a multimodal model that class does not load (Mistral 3:
-Mistral Small 3.x, Magistral, Ministral 3) `AutoModelForImageTextToText`.
+"""Which transformers class loads a text-generating checkpoint: `AutoModelForCausalLM`, or where that class does not
+load the model type (Mistral 3: Mistral Small 3.x, Magistral, Ministral 3, which TRL loads by its config's
+architecture, `Mistral3ForConditionalGeneration`) `AutoModelForImageTextToText`.
 
     >>> from nca_trl.runtime.models import load_text_model
     >>> model = load_text_model("outputs/tiny-mistral", dtype="auto")  # AutoModelForCausalLM.from_pretrained
 
-`nca-trl generate` (and its benchmark), `nca-trl iterate`'s evaluation and the summary of `nca-trl train`
-(`run_info.json`'s `model_loader`) use it.
+`nca-trl generate` (and its benchmark), `nca-trl iterate`'s evaluation, `scripts/plan_memory.py` and the summary of
+`nca-trl train` (`run_info.json`'s `model_loader`) use it.
 """
 
 from __future__ import annotations
@@ -17,27 +17,31 @@ from pathlib import Path
 __all__ = ["auto_class_name", "load_text_model", "loader_of"]
 
 
-def auto_class_name(model_type: str | None, class_name: str | None = None) -> str:
-    """`AutoModelForCausalLM` where it loads `model_type` (or the type is unknown: remote code), else
-    `AutoModelForImageTextToText` where that does; with `class_name`, the class itself where neither auto class gives
-    it."""
+def auto_class_name(model_type: str | None, class_name: str | None = None, auto_map: dict | None = None) -> str:
+    """`AutoModelForImageTextToText` where it, and not `AutoModelForCausalLM`, loads `model_type` (with `class_name`:
+    where it maps the type to that class; remote code: where `auto_map` names it alone), else
+    `AutoModelForCausalLM` (also for a type this transformers does not know)."""
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL,
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as IMAGE_TEXT,
     )
 
-    if class_name is None:
-        multimodal_only = model_type not in CAUSAL and model_type in IMAGE_TEXT
-        return "AutoModelForImageTextToText" if multimodal_only else "AutoModelForCausalLM"
-    if CAUSAL.get(model_type) == class_name or (model_type not in CAUSAL and class_name.endswith("ForCausalLM")):
-        return "AutoModelForCausalLM"
-    return "AutoModelForImageTextToText" if IMAGE_TEXT.get(model_type) == class_name else class_name
+    if auto_map:  # remote code: the auto classes its config names
+        image_text_only = "AutoModelForImageTextToText" in auto_map and "AutoModelForCausalLM" not in auto_map
+    elif class_name is not None and CAUSAL.get(model_type) != class_name:
+        image_text_only = IMAGE_TEXT.get(model_type) == class_name
+    else:
+        image_text_only = model_type not in CAUSAL and model_type in IMAGE_TEXT
+    return "AutoModelForImageTextToText" if image_text_only else "AutoModelForCausalLM"
 
 
 def loader_of(model) -> str:
-    """The class that loads `model` once saved (`auto_class_name`; a PEFT model's base)."""
+    """The auto class that loads `model` once saved (`auto_class_name`): a PEFT model's base, and under FSDP2 the
+    class `fully_shard` subclassed (`FSDP<name>`, a name transformers strips when saving)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return auto_class_name(getattr(getattr(base, "config", None), "model_type", None), type(base).__name__)
+    cls = next(c for c in type(base).__mro__ if not c.__name__.startswith("FSDP"))
+    config = getattr(base, "config", None)
+    return auto_class_name(getattr(config, "model_type", None), cls.__name__, getattr(config, "auto_map", None))
 
 
 def load_text_model(path: str, revision: str | None = None, **kwargs):

@@ -22,6 +22,7 @@ anything heavy is imported (what each command's `check_argv` runs). Imports noth
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 from .errors import SettingsError
@@ -65,7 +66,7 @@ def _tiny_model_command(text: str) -> str | None:
     parts = Path(os.path.normpath(os.path.expanduser(text))).parts
     key = "/".join(parts[-2:])
     command = TINY_MODELS.get(key)
-    return None if command is None else command.replace(key, text.rstrip("/"), 1)
+    return None if command is None else command.replace(key, shlex.quote(text.rstrip("/")), 1)
 
 
 def _offline(kind: str) -> str | None:

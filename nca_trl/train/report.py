@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from ..runtime.environment import versions
-from ..runtime.models import loader_of
 from ..runtime.files import json_default, write_atomic
+from ..runtime.models import loader_of
 
 __all__ = ["CHANCE_RANKING_ACCURACY", "LEARNING_METRICS", "SET_COLORS", "build_training_figure", "eval_set_prefixes",
            "learning_table", "plot_training_curves", "print_summary", "run_info", "set_color", "write_run_info"]
@@ -227,7 +227,7 @@ def run_info(trainer, model_args, train_metrics: dict, eval_metrics: dict | None
         "loss_type": list(trainer.args.loss_type),
         "trainer": type(trainer).__name__,
         "model_name_or_path": model_args.model_name_or_path,
-        "model_loader": loader_of(trainer.model),  # the class that loads the saved model
+        "model_loader": loader_of(trainer.accelerator.unwrap_model(trainer.model)),  # what loads the saved model
         "output_dir": os.path.abspath(trainer.args.output_dir),
         "global_step": trainer.state.global_step,
         "resumed_from": trainer.args.resume_from_checkpoint,
