@@ -209,10 +209,12 @@ def test_ablation_decisions_follow_the_plan():
 @pytest.mark.slow
 def test_ablation_quick_mode(tmp_path):
     """`--experiments ablation --quick`: every arm of the plan and both seeds in results.json, the same SFT start per
-    task and seed, ties dropped only where asked, DPO matched steps taking NCA's steps, the table and the figure."""
+    task and seed, ties dropped only where asked, DPO matched steps taking NCA's steps, the table and the figure.
+    One round per online arm (`--quick` runs two; the iterate tests cover later rounds), which halves the suite's
+    longest test."""
     ab = _ablation_module()
     proc = run_script("--quick", "--experiments", "ablation", "--out", str(tmp_path), "--work-dir",
-                      str(tmp_path / "work"), timeout=900)
+                      str(tmp_path / "work"), "--set", "ablation.rounds=1", timeout=900)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
     results = json.loads((tmp_path / "results.json").read_text())
     assert list(results) >= ["command"] and "iterative" not in results and results["seeds"] == [0, 1]
