@@ -22,9 +22,9 @@ HH = REPO / "tests" / "data" / "hh_helpful_test.jsonl"
 # The test files that take longest on 2 cores, longest first. The README's `-n 2 --dist loadfile` hands whole files to
 # the two workers in collection order; pytest-xdist would otherwise sort the files by their number of tests, which put
 # these (few, long tests) last, where one worker was still running them while the other had nothing left
-LONGEST_FIRST = ("test_doc_blocks.py", "test_gpu_scale.py", "test_distributed.py", "test_reproduce.py",
-                 "test_trainer.py", "test_model_families.py", "test_iterate.py", "test_wheel.py", "test_benchmark.py",
-                 "test_reliability.py", "test_packing.py", "test_streaming.py", "test_launch.py")
+LONGEST_FIRST = ("test_doc_blocks.py", "test_distributed.py", "test_gpu_scale.py", "test_reproduce.py",
+                 "test_model_families.py", "test_wheel.py", "test_iterate.py", "test_reliability.py",
+                 "test_trainer.py", "test_benchmark.py", "test_packing.py", "test_streaming.py", "test_launch.py")
 
 
 def pytest_configure(config):
