@@ -178,6 +178,21 @@ FAMILIES: dict[str, tuple[str, dict]] = {
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                            head_dim=16, patch_size=8, image_size=32),
         spatial_merge_size=2)),
+    # Vision-language models on text, as TRL loads them (`...ForConditionalGeneration`): Qwen2.5-VL and Qwen3-VL
+    # (multimodal rotary sections; positions matter, 1e-2 relative when they are wrong) and LLaVA (a Llama inside)
+    "qwen2_5_vl_multimodal": ("qwen2_5_vl", dict(
+        text_config=dict(num_hidden_layers=2, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=8, fullatt_block_indexes=[0]))),
+    "qwen3_vl_multimodal": ("qwen3_vl", dict(
+        text_config=dict(num_hidden_layers=2, rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                            "mrope_interleaved": True}),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=8, deepstack_visual_indexes=[0]))),
+    "llava_multimodal": ("llava", dict(
+        text_config=dict(model_type="llama", num_hidden_layers=2),
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=32, patch_size=8, projection_dim=32))),
     # Granite 4's dense checkpoints (granite-4.0-1b, -350m, -micro): the hybrid family with attention layers only and
     # no experts; its multipliers on
     "granite4_dense": ("granitemoehybrid", dict(num_hidden_layers=2, layer_types=["attention", "attention"],

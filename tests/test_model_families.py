@@ -597,6 +597,21 @@ def test_gpu_family_check_records_a_model_type_this_transformers_lacks(monkeypat
                       "reason": "this transformers has no model type 'model_type_of_a_later_transformers'"}
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl_multimodal", "qwen3_vl_multimodal"])
+def test_multimodal_rotary_positions_reach_the_language_model(family, tokenizer, vicuna, tmp_path):
+    """Qwen2.5-VL and Qwen3-VL compute their own (three-row) positions when given none: the shared-prompt row's
+    positions, which restart after each prompt, must reach their rotary embedding. The family test's agreement with the
+    plain layout would not show it if they did not matter: with the row's plain 0..T-1 instead, 1e-2 relative off."""
+    trainer = trainer_for(family, tokenizer, vicuna, tmp_path)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+    assert trainer.data_collator.shared_prompt
+    with torch.no_grad():
+        own = trainer._sequence_logps(trainer.model, batch)[-1]
+        whole_row = {**batch, "position_ids": torch.arange(batch["input_ids"].size(1))[None]}
+        wrong = trainer._sequence_logps(trainer.model, whole_row)[-1]
+    assert ((own - wrong).abs() / own.abs()).max() > 1e-3
+
+
 def test_the_run_names_the_class_that_loads_the_saved_model():
     """A Mistral 3 checkpoint (Mistral Small 3.x, Magistral, Ministral 3) is a `Mistral3ForConditionalGeneration`, as
     TRL loads it, which `AutoModelForCausalLM` does not load: the end-of-run summary and run_info.json named

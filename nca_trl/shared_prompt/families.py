@@ -57,6 +57,8 @@ EXACT_FAMILIES = {
     # dots.llm1 (windows), Youtu-LLM (MLA), Apertus 1.5, and two types transformers builds GLM-4-MoE for
     "dots1": "dots1", "youtu": "youtu", "apertus1p5_text": "apertus1p5", "sarvam_moe": "glm4_moe",
     "param2moe": "glm4_moe",
+    # The language models of Qwen2.5-VL and Qwen3-VL (multimodal rotary positions: on text, three equal rows)
+    "qwen2_5_vl_text": "qwen2_5_vl", "qwen3_vl_text": "qwen3_vl",
     # Granite 4: only its dense checkpoints (every layer attention) take the layout; its hybrids' Mamba2 layers are
     # `linear_attention` in `config.layer_types`, which keeps them plain
     "granitemoehybrid": "granitemoehybrid",
@@ -75,7 +77,8 @@ WINDOW_FAMILIES = {
 }
 # Multimodal models whose language model is one of `EXACT_FAMILIES`, tested exact on text-only batches: the model
 # type -> transformers' package of the multimodal class (its vision tower never runs on text)
-EXACT_MULTIMODAL = {"gemma3": "gemma3", "gemma4": "gemma4", "gemma4_unified": "gemma4_unified", "mistral3": "mistral3"}
+EXACT_MULTIMODAL = {"gemma3": "gemma3", "gemma4": "gemma4", "gemma4_unified": "gemma4_unified", "mistral3": "mistral3",
+                    "qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl", "llava": "llava"}
 # The layer kinds of `config.layer_types` that are attention
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 # Only to name the layer in the reason a family not listed is plain (the rule itself is the allow-list above)
