@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 import time
 from dataclasses import asdict
 
@@ -75,14 +74,13 @@ def generation_settings(args: GenerateArguments, dataset) -> dict:
 def _check_prompts(args: GenerateArguments, dataset, main: bool) -> dict:
     """`rows.check_prompts` with the model's tokenizer and context length (config `max_position_embeddings`), before
     any output or part file exists; the prompts that overrun the context are said once, by the main process."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from ..runtime.models import text_model_config
     from .rows import check_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.model_revision)
-    adapter = Path(args.model_name_or_path) / "adapter_config.json"  # a LoRA adapter: its base has the config
-    base = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file() else args.model_name_or_path
-    config = AutoConfig.from_pretrained(base, revision=args.model_revision if base == args.model_name_or_path else None)
+    config = text_model_config(args.model_name_or_path, args.model_revision)  # a LoRA adapter: its base's
     context = getattr(config.get_text_config(), "max_position_embeddings", None)  # a multimodal model's: its text's
     found = check_prompts(dataset, tokenizer, args.dataset_name, args.model_name_or_path, context,
                           args.max_new_tokens)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["auto_class_name", "load_text_model", "loader_of"]
+__all__ = ["auto_class_name", "load_text_model", "loader_of", "text_model_config"]
 
 
 def auto_class_name(model_type: str | None, class_name: str | None = None, auto_map: dict | None = None) -> str:
@@ -44,16 +44,22 @@ def loader_of(model) -> str:
     return auto_class_name(getattr(config, "model_type", None), cls.__name__, getattr(config, "auto_map", None))
 
 
-def load_text_model(path: str, revision: str | None = None, **kwargs):
-    """`from_pretrained` of the auto class that loads `path` (`auto_class_name` of its config's model type; a LoRA
-    adapter's folder: its base model's), with `revision` and `kwargs`."""
-    import transformers
+def text_model_config(path: str, revision: str | None = None):
+    """The config of the model at `path` (a LoRA adapter's folder: its base model's, at the base's own revision)."""
     from transformers import AutoConfig
 
     adapter = Path(path) / "adapter_config.json"
     base = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file() else path
+    return AutoConfig.from_pretrained(base, revision=revision if base == path else None)
+
+
+def load_text_model(path: str, revision: str | None = None, **kwargs):
+    """`from_pretrained` of the auto class that loads `path` (`auto_class_name` of its config's model type:
+    `text_model_config`), with `revision` and `kwargs`."""
+    import transformers
+
     try:
-        model_type = AutoConfig.from_pretrained(base, revision=revision if base == path else None).model_type
+        model_type = text_model_config(path, revision).model_type
     except ValueError:  # a model type this transformers does not know (remote code): as before, the causal class
         model_type = None
     auto = getattr(transformers, auto_class_name(model_type))

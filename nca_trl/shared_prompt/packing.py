@@ -37,8 +37,8 @@ import torch
 from .families import ROUTED_PREFIX as _PREFIX
 from .families import SharedPromptSupport, attention_modules, attention_variants, shared_prompt_support
 from .families import declares_sliding_window, original_attention_implementation
-from .varlen import FUSED_MAX_HEAD_DIM, VarlenLayout, binding_window, cuda_varlen_kernel, forced_kernel_problem
-from .varlen import select_kernel, varlen_attention
+from .varlen import VarlenLayout, binding_window, cuda_varlen_kernel, forced_kernel_problem, select_kernel
+from .varlen import varlen_attention, wide_heads
 
 logger = logging.getLogger("nca_trl")
 
@@ -170,7 +170,7 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
     if window is not None and original in ("eager", "sdpa") and not declares_sliding_window(module.config):
         window = None  # not in the plain layout's mask either: a window the config does not declare (OLMoE passes one)
     given = {n for n, v in (("sliding_window", window), ("softcap", softcap), ("sinks", sinks)) if v is not None}
-    if max(query.size(-1), value.size(-1)) > FUSED_MAX_HEAD_DIM:
+    if wide_heads(query, value):
         given.add("wide_heads")  # the fused kernels take none: `select_kernel` takes a PyTorch path for this call
     if check is not None:  # what `shared_prompt_forward` compares with the model's variants and attention modules
         check.variants.update(given)

@@ -66,6 +66,7 @@ __all__ = [
     "CPU_KERNEL", "FEATURES", "FUSED_MAX_HEAD_DIM", "KERNEL_ENV", "VarlenKernel", "VarlenLayout", "binding_window",
     "cuda_varlen_kernel", "flash_attn_kernel", "forced_kernel_problem", "padded_varlen", "reference_varlen",
     "reset_kernel_choices", "select_kernel", "selected_kernels", "torch_varlen_kernel", "varlen_attention",
+    "wide_heads",
 ]
 
 KERNEL_ENV = "NCA_TRL_VARLEN_KERNEL"
@@ -138,6 +139,12 @@ class VarlenKernel:
         return [f for f in FEATURES if f in needs and f not in self.features]
 
 
+def wide_heads(query: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether an attention call's heads (queries' or values', the last dimension) are wider than the fused kernels
+    take (`FUSED_MAX_HEAD_DIM`): the `wide_heads` variant."""
+    return max(query.size(-1), value.size(-1)) > FUSED_MAX_HEAD_DIM
+
+
 def _named(variants: list[str]) -> str:
     """Variants of `FEATURES` for a message (`wide_heads` says what it is)."""
     return ", ".join(f"wide_heads (heads wider than {FUSED_MAX_HEAD_DIM} dimensions)" if v == "wide_heads" else v
@@ -167,7 +174,7 @@ def varlen_attention(
     """
     window = binding_window(window, layout)
     variants = {n: v for n, v in (("window", window), ("softcap", softcap), ("sinks", sinks)) if v is not None}
-    wide = {"wide_heads"} if max(query.size(-1), value.size(-1)) > FUSED_MAX_HEAD_DIM else set()
+    wide = {"wide_heads"} if wide_heads(query, value) else set()
     lacking = kernel.lacks({"sliding_window" if n == "window" else n for n in variants} | wide)
     if lacking:
         raise ValueError(f"the varlen kernel {kernel.name} does not implement {_named(lacking)}")
@@ -395,21 +402,15 @@ def select_kernel(
     half = dtype in (torch.float16, torch.bfloat16)
     reason = ""
     if forced is not None:
+        problem = forced_kernel_problem(needs, device.type, half)  # what the trainer checked at construction
+        if problem:
+            raise ValueError(problem)
         if forced in _PYTORCH_PATHS:
             kernel = _PYTORCH_PATHS[forced]
-        elif forced in ("flash_attn", "torch"):
-            if device.type != "cuda" or not half:
-                raise ValueError(f"{KERNEL_ENV}={forced} needs CUDA and float16/bfloat16, got {device.type} {dtype}")
+        else:  # a fused kernel, on CUDA in float16/bfloat16; None where it lacks a variant of `needs`
             kernel, reason = cuda_varlen_kernel(implementation, device, kinds=(forced,), needs=needs)
             if kernel is None:
                 raise ValueError(f"{KERNEL_ENV}={forced}: that kernel is not available here ({reason})")
-        else:
-            raise ValueError(f"{KERNEL_ENV}={forced!r}: expected one of flash_attn, torch, reference, padded")
-        if kernel.lacks(needs):
-            raise ValueError(
-                f"{KERNEL_ENV}={forced}: {kernel.name} does not implement {_named(kernel.lacks(needs))}, which this "
-                "model's attention uses: unset it (the reference path implements them)"
-            )
     elif device.type == "cuda" and half:
         kernel, reason = cuda_varlen_kernel(implementation, device, needs=needs)
         kernel = kernel or _pytorch_path("padded", needs)

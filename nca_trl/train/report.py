@@ -257,8 +257,7 @@ def print_summary(info: dict, table: str | None, curves: str | None) -> None:
         f"  steps            : {info['global_step']}",
         f"  runtime          : {metrics.get('train_runtime', float('nan')):.1f} s",
         f"  world size       : {info['world_size']} ({dist}; backend {info['backend']})",
-        f"  model saved to   : {info['output_dir']}  ({info.get('model_loader', 'AutoModelForCausalLM')}"
-        ".from_pretrained)",
+        f"  model saved to   : {info['output_dir']}  ({info['model_loader']}.from_pretrained)",
         f"  run info         : {os.path.join(info['output_dir'], 'run_info.json')}",
     ]
     for key, value in (info.get("eval_metrics") or {}).items():  # eval_loss, or eval_<set>_loss per evaluation set
