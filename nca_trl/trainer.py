@@ -33,6 +33,7 @@ from .data.tokenize import prepare_rated_dataset, with_row_index
 from .losses import infonca_loss, nca_loss
 from .metrics import best_slots, from_slots, sequence_metrics, to_slots
 from .ref_cache import precompute_ref_logps
+from .runtime.backbone import use_language_backbones
 from .runtime.output_dir import check_output_dir
 from .runtime.progress import use_readable_progress
 from .runtime.router_aux import add_router_aux_loss, check_router_aux, experts_for_fused_head, router_aux_forward
@@ -155,12 +156,10 @@ class _RatedCompletionsTrainer(RunSafetyMixin, SharedPromptLayoutMixin, DPOTrain
         self.alpha = reward_temperature(args)
         self.max_completions = getattr(args, "max_completions", None)
 
-        _refuse_images(self, train_dataset, "train")
-        if isinstance(eval_dataset, dict):
-            for name, dataset in eval_dataset.items():
-                _refuse_images(self, dataset, f"eval ({name!r})")
-        else:
-            _refuse_images(self, eval_dataset, "eval")
+        named = eval_dataset.items() if isinstance(eval_dataset, dict) else [(None, eval_dataset)]
+        evals = [(f"eval ({n!r})" if n is not None else "eval", d) for n, d in named]
+        for name, dataset in [("train", train_dataset), *evals]:
+            _refuse_images(self, dataset, name)
         # `padding_free=True` means our own padding-free layout (shared prompt), required (see `_setup_layout`)
         self._padding_free = bool(getattr(args, "padding_free", False))
 
@@ -205,6 +204,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, SharedPromptLayoutMixin, DPOTrain
                 quantization_config=quantization_config,
                 peft_config=peft_config,
             )
+        use_language_backbones(self)  # where TRL's fused LM head would not find it (Llama 4's language model)
         check_router_aux(self)  # the number of MoE experts TRL's fused head reads, where the loss is computed
         self._setup_layout()
         self._no_batch_dispatch()

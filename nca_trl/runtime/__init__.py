@@ -12,6 +12,7 @@
 - `launch`: checks of an `accelerate launch` before anything is loaded, and the summary of the process group;
 - `distributed`: DeepSpeed ZeRO-3 leaf marking of Mixture-of-Experts blocks;
 - `router_aux`: the MoE load-balancing loss through TRL's fused LM head, on families that name their experts otherwise;
+- `backbone`: the language backbone TRL's fused LM head runs, where `base_model_prefix` names no submodule (Llama 4);
 - `models`: the transformers class that loads a checkpoint (`AutoModelForCausalLM`, or Mistral 3's
   `AutoModelForImageTextToText`).
 

@@ -1,0 +1,64 @@
+"""The language backbone that TRL's fused LM head runs, on models whose `base_model_prefix` names no submodule.
+
+TRL 1.16's fused forward (`trl.trainer.utils.add_fused_lm_head`) runs `model.base_model` for the last hidden states
+and applies the LM head to them itself. `base_model` is transformers' `getattr(model, model.base_model_prefix, model)`:
+where the prefix names no submodule it is the model itself, whose output has no `last_hidden_state`, and every forward
+fails (`AttributeError: 'MoeCausalLMOutputWithPast' object has no attribute 'last_hidden_state'`), in `trl.DPOTrainer`
+as in these trainers, at the first step. In transformers 5.2x this is the case of:
+
+- `Llama4ForCausalLM` (Llama 4's language model: `base_model_prefix` "language_model", decoder at `model`) and
+  `MllamaForCausalLM` (Llama 3.2 Vision's: the same): `use_language_backbone` points the prefix of that model object
+  at its decoder (`LANGUAGE_BACKBONES`, an allow-list: each entry's forward is `lm_head(model(...)[0])`, tested against
+  the model's own logits). Only the object's attribute changes; its class, config and saved weights do not.
+- the multimodal `Llama4ForConditionalGeneration`, which TRL loads for Llama 4 Scout / Maverick (its language model is a
+  whole `Llama4ForCausalLM`, no backbone), and any other such model: refused at construction, naming the model and,
+  where its language model loads alone (`MULTIMODAL_LANGUAGE_MODELS`), how to train that instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate.utils import is_peft_model
+
+__all__ = ["LANGUAGE_BACKBONES", "MULTIMODAL_LANGUAGE_MODELS", "use_language_backbone", "use_language_backbones"]
+
+# Class name -> the attribute holding the decoder whose last hidden states the class's LM head reads
+LANGUAGE_BACKBONES = {"Llama4ForCausalLM": "model", "MllamaForCausalLM": "model"}
+# Multimodal class name -> the class `AutoModelForCausalLM.from_pretrained` loads from its checkpoint (text only)
+MULTIMODAL_LANGUAGE_MODELS = {"Llama4ForConditionalGeneration": "Llama4ForCausalLM"}
+
+
+def use_language_backbone(model, role: str) -> None:
+    """Make `model.base_model` (the transformers model TRL's fused LM head was added to, PEFT's base model under PEFT)
+    its language backbone where it is the model itself: point the object's `base_model_prefix` at the decoder for a
+    class of `LANGUAGE_BACKBONES`, else raise `ValueError` naming `role` ("policy", "reference model"), the class and
+    the fix. Nothing changes where `base_model` is already a submodule (every other model TRL trains)."""
+    if model.base_model is not model:
+        return
+    name = type(model).__name__
+    attribute = LANGUAGE_BACKBONES.get(name)
+    if attribute is not None and isinstance(getattr(model, attribute, None), torch.nn.Module):
+        model.base_model_prefix = attribute  # an instance attribute: the class's own prefix is untouched
+        return
+    fix = "; TRL's DPOTrainer fails on it the same way."
+    text_class = MULTIMODAL_LANGUAGE_MODELS.get(name)
+    if text_class is not None:
+        fix = (
+            f". Train its language model ({text_class}, text only) instead: pass "
+            "`AutoModelForCausalLM.from_pretrained(PATH)` as the model, or for `nca-trl train` save it once with "
+            "`AutoModelForCausalLM.from_pretrained(PATH).save_pretrained(OUT)` (and its tokenizer) and train OUT. "
+            "TRL's DPOTrainer fails on the multimodal model the same way."
+        )
+    raise ValueError(
+        f"The {role} is a {name}, whose `base_model_prefix` ({model.base_model_prefix!r}) names no submodule, so TRL's "
+        f"fused LM head cannot find its language backbone and would fail at the first forward{fix}"
+    )
+
+
+def use_language_backbones(trainer) -> None:
+    """`use_language_backbone` on the models a DPOTrainer's `__init__` added TRL's fused LM head to: the policy (its
+    base model under PEFT) and the reference model, if any."""
+    policy = trainer.model.get_base_model() if is_peft_model(trainer.model) else trainer.model
+    use_language_backbone(policy, "policy")
+    if trainer.ref_model is not None:
+        use_language_backbone(trainer.ref_model, "reference model")
