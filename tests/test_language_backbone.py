@@ -110,14 +110,18 @@ def test_a_language_model_without_a_backbone_prefix_trains_a_lora_adapter(tokeni
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if p.requires_grad)
 
 
-@pytest.mark.slow
-def test_multimodal_llama4_is_refused_naming_its_language_model(tokenizer, vicuna, tmp_path):
+def multimodal_llama4(tokenizer, path) -> str:
     from transformers import Llama4ForConditionalGeneration
 
     config = AutoConfig.for_model("llama4", text_config={**WIDTH, **TEXT["Llama4ForCausalLM"][1]},
                                   vision_config=_VISION)
     torch.manual_seed(0)
-    path = save(Llama4ForConditionalGeneration(config), tokenizer, tmp_path / "multimodal")
+    return save(Llama4ForConditionalGeneration(config), tokenizer, path)
+
+
+@pytest.mark.slow
+def test_multimodal_llama4_is_refused_naming_its_language_model(tokenizer, vicuna, tmp_path):
+    path = multimodal_llama4(tokenizer, tmp_path / "multimodal")
     with pytest.raises(ValueError, match=r"^The policy is a Llama4ForConditionalGeneration, whose `base_model_prefix` "
                        r"\('model'\) names no submodule.*Train its language model \(Llama4ForCausalLM, text only\) "
                        r"instead: pass `AutoModelForCausalLM.from_pretrained\(PATH\)`"):
@@ -143,3 +147,27 @@ def test_any_other_model_without_a_backbone_is_refused_at_construction(monkeypat
                        r"\('language_model'\) names no submodule, so TRL's fused LM head cannot find its language "
                        r"backbone and would fail at the first forward; TRL's DPOTrainer fails on it the same way\.$"):
         backbone.use_language_backbone(transformers.MllamaForCausalLM.from_pretrained(path), "reference model")
+
+
+@pytest.mark.parametrize("setting", ["model_name_or_path", "ref_model_name_or_path"])
+def test_nca_trl_train_refuses_a_multimodal_llama4_before_loading_it(setting, tokenizer, tmp_path, capsys,
+                                                                     monkeypatch):
+    """One line and exit 2, before any model is loaded (`from_pretrained` of a model would fail the test)."""
+    from transformers import PreTrainedModel
+
+    from test_preflight import refused, train_argv
+
+    path = multimodal_llama4(tokenizer, tmp_path / "multimodal")
+    model = tmp_path / "model" if setting == "ref_model_name_or_path" else path
+    if setting == "ref_model_name_or_path":
+        text_model("Llama4ForCausalLM", tokenizer, model)
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(never))
+    extra = ["--ref_model_name_or_path", path] if setting == "ref_model_name_or_path" else []
+    err = refused(train_argv(tmp_path, model, *extra), capsys)
+    assert err.startswith(f"The model at `{setting}` ({path}) is a Llama4ForConditionalGeneration, whose "
+                          "`base_model_prefix` ('model') names no submodule"), err
+    assert "AutoModelForCausalLM.from_pretrained(PATH).save_pretrained(OUT)" in err and err.count("\n") == 1

@@ -12,7 +12,8 @@ as in these trainers, at the first step. In transformers 5.2x this is the case o
   the model's own logits). Only the object's attribute changes; its class, config and saved weights do not.
 - the multimodal `Llama4ForConditionalGeneration`, which TRL loads for Llama 4 Scout / Maverick (its language model is a
   whole `Llama4ForCausalLM`, no backbone), and any other such model: refused at construction, naming the model and,
-  where its language model loads alone (`MULTIMODAL_LANGUAGE_MODELS`), how to train that instead.
+  where its language model loads alone (`MULTIMODAL_LANGUAGE_MODELS`), how to train that instead. `nca-trl train`
+  refuses such a checkpoint before loading it (`check_checkpoint`, from its config's architectures).
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from __future__ import annotations
 import torch
 from accelerate.utils import is_peft_model
 
-__all__ = ["LANGUAGE_BACKBONES", "MULTIMODAL_LANGUAGE_MODELS", "use_language_backbone", "use_language_backbones"]
+__all__ = [
+    "LANGUAGE_BACKBONES", "MULTIMODAL_LANGUAGE_MODELS", "check_checkpoint", "use_language_backbone",
+    "use_language_backbones",
+]
 
 # Class name -> the attribute holding the decoder whose last hidden states the class's LM head reads
 LANGUAGE_BACKBONES = {"Llama4ForCausalLM": "model", "MllamaForCausalLM": "model"}
@@ -40,6 +44,30 @@ def use_language_backbone(model, role: str) -> None:
     if attribute is not None and isinstance(getattr(model, attribute, None), torch.nn.Module):
         model.base_model_prefix = attribute  # an instance attribute: the class's own prefix is untouched
         return
+    raise ValueError(_no_backbone(role, name, model.base_model_prefix))
+
+
+def check_checkpoint(path: str, setting: str, revision: str | None = None) -> None:
+    """Before loading: raise a `SettingsError` with the message `use_language_backbone` would raise after loading,
+    where the checkpoint at `path` (its config: `nca_trl.runtime.models.text_model_config`), given as `setting`
+    (e.g. "model_name_or_path"), names a class of `MULTIMODAL_LANGUAGE_MODELS` first among its architectures, the
+    class TRL loads it as. A config that cannot be read here is left to the loader (and the check after loading)."""
+    import transformers
+
+    from .errors import SettingsError
+    from .models import text_model_config
+
+    try:
+        architectures = getattr(text_model_config(path, revision), "architectures", None)
+    except (OSError, ValueError):
+        return
+    name = (architectures or [None])[0]
+    if name in MULTIMODAL_LANGUAGE_MODELS and hasattr(transformers, name):
+        prefix = getattr(transformers, name).base_model_prefix
+        raise SettingsError(_no_backbone(f"model at `{setting}` ({path})", name, prefix))
+
+
+def _no_backbone(role: str, name: str, prefix: str) -> str:
     fix = "; TRL's DPOTrainer fails on it the same way."
     text_class = MULTIMODAL_LANGUAGE_MODELS.get(name)
     if text_class is not None:
@@ -49,9 +77,9 @@ def use_language_backbone(model, role: str) -> None:
             "`AutoModelForCausalLM.from_pretrained(PATH).save_pretrained(OUT)` (and its tokenizer) and train OUT. "
             "TRL's DPOTrainer fails on the multimodal model the same way."
         )
-    raise ValueError(
-        f"The {role} is a {name}, whose `base_model_prefix` ({model.base_model_prefix!r}) names no submodule, so TRL's "
-        f"fused LM head cannot find its language backbone and would fail at the first forward{fix}"
+    return (
+        f"The {role} is a {name}, whose `base_model_prefix` ({prefix!r}) names no submodule, so TRL's fused LM head "
+        f"cannot find its language backbone and would fail at the first forward{fix}"
     )
 
 

@@ -3,7 +3,8 @@ only once the model is loaded.
 
 - `check_not_empty`: a dataset left with no row after conversion (e.g. UltraFeedback rows whose ratings are all
   unusable are dropped) would fail in the trainer with a bare `StopIteration`, after the model is loaded.
-- `check_before_training`: loads the tokenizer only (`AutoProcessor`, as the trainer does) and prepares every
+- `check_before_training`: refuses a checkpoint TRL's fused LM head cannot run, from its config
+  (`nca_trl.runtime.backbone.check_checkpoint`: the multimodal Llama 4), loads the tokenizer only (`AutoProcessor`, as the trainer does) and prepares every
   dataset exactly as the trainer would (`nca_trl.data.tokenize.prepare_rated_dataset`), so a bad row is named, and a
   dataset whose every prompt fills `max_length` is refused, before any model is loaded. The trainer takes the prepared
   datasets as they are: each row is validated once on the way to the loss.
@@ -37,6 +38,7 @@ def check_before_training(args, train_dataset, eval_dataset, stats: dict | None 
     from transformers import AutoProcessor
 
     from ..data.tokenize import prepare_rated_dataset, with_row_index
+    from ..runtime.backbone import check_checkpoint
 
     training = args.training
     eval_sets = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
@@ -44,10 +46,13 @@ def check_before_training(args, train_dataset, eval_dataset, stats: dict | None 
     check_not_empty(train_dataset, "train")
     for name, dataset in eval_sets.items():
         check_not_empty(dataset, names[name])
+    revision = (training.model_init_kwargs or {}).get("revision")
+    # A model TRL's fused LM head cannot run, from its config
+    check_checkpoint(args.model.model_name_or_path, "model_name_or_path", revision)
+    if args.script.ref_model_name_or_path:
+        check_checkpoint(args.script.ref_model_name_or_path, "ref_model_name_or_path", revision)
     processing_class = AutoProcessor.from_pretrained(
-        args.model.model_name_or_path,
-        revision=(training.model_init_kwargs or {}).get("revision"),
-        trust_remote_code=training.trust_remote_code,
+        args.model.model_name_or_path, revision=revision, trust_remote_code=training.trust_remote_code
     )
     max_completions = getattr(training, "max_completions", None)
 
