@@ -9,6 +9,7 @@ from pathlib import Path
 from ..runtime.errors import settings_errors
 from ..runtime.paths import check_path, check_path_settings
 from ..runtime.help import check_command_argv, command_help
+from ..runtime.models import remote_code_problem
 from ..runtime.recipes import DTYPES, OUTPUT_SUFFIXES, parse_command
 
 __all__ = ["PATH_SETTINGS", "GenerateArguments", "check_argv", "make_generate_parser", "parse_generate_args",
@@ -78,6 +79,11 @@ class GenerateArguments:
         default=None, metadata={"help": "Attention implementation passed to `from_pretrained` (e.g. `sdpa`)."}
     )
     model_revision: str = field(default="main", metadata={"help": "Model revision (Hub branch, tag or commit)."})
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run the checkpoint's own modelling code (the Python files its config's `auto_map` names), "
+                  "for the config, the tokenizer and the model, as `nca-trl train`'s `trust_remote_code` does."},
+    )
 
     def __post_init__(self):
         if self.output is not None and Path(self.output).suffix.lower() not in OUTPUT_SUFFIXES:
@@ -89,6 +95,12 @@ class GenerateArguments:
             raise ValueError(f"`num_completions` must be at least 2, got {self.num_completions}: `nca-trl train` "
                              "compares each prompt's completions (K >= 2), and refuses rows with fewer.")
         check_path(self.model_name_or_path, "model_name_or_path", "model", hub=False)
+        problem = remote_code_problem(
+            self.model_name_or_path, self.trust_remote_code,
+            "`trust_remote_code: true` (`--trust_remote_code true`; for `nca-trl iterate`, in its `training:` mapping)",
+        )
+        if problem:
+            raise ValueError(problem)
         if self.max_prompts is not None and self.max_prompts < 0:
             raise ValueError(f"`max_prompts` must be >= 0, got {self.max_prompts}.")
         if not self.temperature > 0:

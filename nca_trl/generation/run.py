@@ -79,8 +79,10 @@ def _check_prompts(args: GenerateArguments, dataset, main: bool) -> dict:
     from ..runtime.models import text_model_config
     from .rows import check_prompts
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.model_revision)
-    config = text_model_config(args.model_name_or_path, args.model_revision)  # a LoRA adapter: its base's
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.model_revision,
+                                              trust_remote_code=args.trust_remote_code)
+    # a LoRA adapter: its base's
+    config = text_model_config(args.model_name_or_path, args.model_revision, args.trust_remote_code)
     context = getattr(config.get_text_config(), "max_position_embeddings", None)  # a multimodal model's: its text's
     found = check_prompts(dataset, tokenizer, args.dataset_name, args.model_name_or_path, context,
                           args.max_new_tokens)
@@ -98,11 +100,12 @@ def _load_model(args: GenerateArguments, device):
     from ..runtime.models import load_text_model
 
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    kwargs = {"dtype": dtype}
+    kwargs = {"dtype": dtype, "trust_remote_code": args.trust_remote_code}
     if args.attn_implementation is not None:
         kwargs["attn_implementation"] = args.attn_implementation
     model = load_text_model(args.model_name_or_path, args.model_revision, **kwargs).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.model_revision)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.model_revision,
+                                              trust_remote_code=args.trust_remote_code)
     return model, tokenizer
 
 

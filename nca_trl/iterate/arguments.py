@@ -118,7 +118,8 @@ class IterateArguments:
         default=None,
         metadata={"help": "The trainer's settings, a mapping (a JSON object on the command line): any field of "
                   "`nca-trl train` (NCAConfig / InfoNCAConfig, trl.ModelConfig), or of trl.DPOConfig for `loss: "
-                  "dpo`. `iterate` sets the model, reference, data and output_dir of each round itself."},
+                  "dpo`. `iterate` sets the model, reference, data and output_dir of each round itself. Its "
+                  "`trust_remote_code` lets generation and the evaluation run the model's own code too."},
     )
     eval_batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass of the KL-proxy evaluation."})
 
@@ -213,18 +214,19 @@ def build_stage_arguments(args: IterateArguments) -> StageArguments:
     from ..scoring.arguments import ScoreArguments
 
     first = Path(args.output_dir) / "round-1"
+    training = {"seed": args.seed, **args.training}
     generate = GenerateArguments(
         model_name_or_path=args.model_name_or_path, dataset_name=str(first / "prompts.jsonl"),
         output=str(first / "samples.jsonl"), num_completions=args.num_completions,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed, batch_size=args.generation_batch_size, dtype=args.generation_dtype,
+        trust_remote_code=bool(training.get("trust_remote_code", False)),  # the same model's code as training runs
     )
     score = ScoreArguments(
         dataset_name=str(first / "samples.jsonl"), output=str(first / "rated.jsonl"),
         batch_size=args.scoring_batch_size, reward_model=args.reward_model, reward_funcs=list(args.reward_funcs or []),
         reward_weights=args.reward_weights,
     )
-    training = {"seed": args.seed, **args.training}
     if args.loss == "dpo":
         from trl import DPOConfig
 

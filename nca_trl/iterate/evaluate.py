@@ -70,29 +70,31 @@ def _tokenized(rows: list[dict], tokenizer) -> list[tuple[list[int], list[int]]]
     return items
 
 
-def _load(path: str, dtype: str, device):
+def _load(path: str, dtype: str, device, trust_remote_code: bool):
     import torch
 
     from ..runtime.models import load_text_model
 
     dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    return load_text_model(path, dtype=dtype).to(device)
+    return load_text_model(path, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
 
 
-def kl_to_initial(samples: list[dict], policy_path: str, initial_path: str, dtype: str, batch_size: int) -> float:
-    """Mean of log pi(y|x) - log pi_0(y|x) over the sampled completions of `samples` (rows {prompt, completions})."""
+def kl_to_initial(samples: list[dict], policy_path: str, initial_path: str, dtype: str, batch_size: int,
+                  trust_remote_code: bool = False) -> float:
+    """Mean of log pi(y|x) - log pi_0(y|x) over the sampled completions of `samples` (rows {prompt, completions});
+    the models' own code runs with `trust_remote_code`."""
     import gc
 
     import torch
     from transformers import AutoTokenizer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(policy_path)
+    tokenizer = AutoTokenizer.from_pretrained(policy_path, trust_remote_code=trust_remote_code)
     items = [(p, c) for p, c in _tokenized(samples, tokenizer) if c]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sums = []
     for path in (policy_path, initial_path):
-        model = _load(path, dtype, device)
+        model = _load(path, dtype, device, trust_remote_code)
         sums.append(completion_logps(model, items, pad_id, batch_size))
         del model
         gc.collect()

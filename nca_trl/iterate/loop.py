@@ -89,9 +89,11 @@ def _evaluate(args, layout: RunLayout, r: int, policy: str, main: bool) -> dict:
         return {}
     run_score(args, samples, rated)
     samples_rows, rated_rows = read_jsonl(samples), read_jsonl(rated)
+    trust = args.stages.generate.trust_remote_code  # the training's `trust_remote_code`
     kl = 0.0 if r == 0 else kl_to_initial(samples_rows, policy, args.model_name_or_path, args.generation_dtype,
-                                          args.eval_batch_size)
-    metrics = {"round": r, **round_metrics(samples_rows, rated_rows, AutoTokenizer.from_pretrained(policy), kl)}
+                                          args.eval_batch_size, trust)
+    tokenizer = AutoTokenizer.from_pretrained(policy, trust_remote_code=trust)
+    metrics = {"round": r, **round_metrics(samples_rows, rated_rows, tokenizer, kl)}
     write_json(folder / "metrics.json", metrics)
     return metrics
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["auto_class_name", "load_text_model", "loader_of", "text_model_config"]
+__all__ = ["auto_class_name", "load_text_model", "loader_of", "remote_code_problem", "text_model_config"]
 
 
 def auto_class_name(model_type: str | None, class_name: str | None = None, auto_map: dict | None = None) -> str:
@@ -44,23 +44,47 @@ def loader_of(model) -> str:
     return auto_class_name(getattr(config, "model_type", None), cls.__name__, getattr(config, "auto_map", None))
 
 
-def text_model_config(path: str, revision: str | None = None):
-    """The config of the model at `path` (a LoRA adapter's folder: its base model's, at the base's own revision)."""
+def text_model_config(path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The config of the model at `path` (a LoRA adapter's folder: its base model's, at the base's own revision);
+    remote code (the config class its `auto_map` names) runs only with `trust_remote_code`."""
     from transformers import AutoConfig
 
     adapter = Path(path) / "adapter_config.json"
     base = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file() else path
-    return AutoConfig.from_pretrained(base, revision=revision if base == path else None)
+    return AutoConfig.from_pretrained(base, revision=revision if base == path else None,
+                                      trust_remote_code=trust_remote_code)
 
 
 def load_text_model(path: str, revision: str | None = None, **kwargs):
-    """`from_pretrained` of the auto class that loads `path` (`auto_class_name` of its config's model type:
-    `text_model_config`), with `revision` and `kwargs`."""
+    """`from_pretrained` of the auto class that loads `path` (`auto_class_name` of its config: `text_model_config`,
+    remote code with `trust_remote_code=True` in `kwargs`), with `revision` and `kwargs`."""
     import transformers
 
     try:
-        model_type = text_model_config(path, revision).model_type
-    except ValueError:  # a model type this transformers does not know (remote code): as before, the causal class
-        model_type = None
-    auto = getattr(transformers, auto_class_name(model_type))
+        config = text_model_config(path, revision, kwargs.get("trust_remote_code", False))
+        model_type, auto_map = config.model_type, getattr(config, "auto_map", None)
+    except ValueError:  # a model type this transformers does not know (remote code not trusted): the causal class
+        model_type = auto_map = None
+    auto = getattr(transformers, auto_class_name(model_type, auto_map=auto_map))
     return auto.from_pretrained(path, revision=revision, **kwargs)
+
+
+def remote_code_problem(path: str | None, trust_remote_code: bool, setting: str) -> str | None:
+    """Where the local checkpoint folder `path` is a model of remote code (its config.json names an `auto_map` for a
+    `model_type` this transformers does not know) and `trust_remote_code` is off: one line naming `setting`, the
+    switch that allows it; else None. Hub ids and unreadable configs are left to the loader."""
+    config = Path(str(path)) / "config.json" if path else None
+    if trust_remote_code or config is None or not config.is_file():
+        return None
+    try:
+        raw = json.loads(config.read_text())
+    except ValueError:
+        return None
+    if not isinstance(raw, dict) or not raw.get("auto_map"):
+        return None
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if raw.get("model_type") in CONFIG_MAPPING_NAMES:
+        return None
+    return (f"{path} is a model of remote code (model_type {raw.get('model_type')!r}, its own Python files named by "
+            f"config.json's auto_map), which runs only when allowed: set {setting} after reading those files.")

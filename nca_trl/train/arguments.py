@@ -22,6 +22,7 @@ from ..config import (
 )
 from ..data.formats import DATASET_FORMATS
 from ..runtime.errors import settings_errors
+from ..runtime.models import remote_code_problem
 from ..runtime.paths import check_path_settings
 from ..runtime.recipes import check_recipe_keys, load_recipe, peek
 from .options import LOSSES, PATH_SETTINGS, truthy
@@ -265,6 +266,11 @@ def _checked(script_args, training_args, model_args, mixture, recipe: dict, dry_
         )
     if not dry_run and not hardware_checks_relaxed():  # a dry run checks a recipe meant for another machine
         _check_packages(model_args, where)
+    switch = "`trust_remote_code: true` " + (f"in {where}" if where else "(`--trust_remote_code true`)")
+    for path in (model_args.model_name_or_path, script_args.ref_model_name_or_path):
+        problem = remote_code_problem(path, training_args.trust_remote_code, switch)
+        if problem:
+            raise ValueError(problem)
     _set_model_init_kwargs(training_args, model_args)
     return TrainArgs(script_args, training_args, model_args, mixture, recipe)
 
