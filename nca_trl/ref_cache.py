@@ -26,6 +26,7 @@ from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
 from trl.models import prepare_deepspeed
 
+from .runtime.backbone import use_language_backbones
 from .runtime.router_aux import check_router_aux
 
 logger = logging.getLogger("nca_trl")
@@ -66,6 +67,7 @@ def precompute_ref_logps(trainer, dataset: Dataset, name: str, batch_size: int) 
         )
     trainer._setup_layout()  # called from the parent's __init__: the key and the precompute need the training layout
     check_router_aux(trainer)  # before the reference pass, not after it
+    use_language_backbones(trainer)  # likewise: TRL's fused LM head runs the reference pass
     # Rank 0's key for all ranks (ZeRO-3 shards make the model hash rank-dependent): one shared cache file
     key = [ref_cache_key(trainer, dataset)]
     broadcast_object_list(key, from_process=0)

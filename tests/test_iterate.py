@@ -256,6 +256,15 @@ def test_iterate_recipes_parse_and_their_training_fits():
     with pytest.raises(ValueError, match="learnig_rate"):
         parse_iterate_args(["--config", str(REPO / "recipes/tiny/iterate_nca.yaml"), "--training",
                             '{"learnig_rate": 1e-4}'])
+    # A boolean given as a string is read as `nca-trl train --config` reads it (it stayed the string, "false" true)
+    strings = parse_iterate_args(["--config", str(REPO / "recipes/tiny/iterate_nca.yaml"), "--training",
+                                  '{"use_peft": "false", "trust_remote_code": "no", "bf16": "False"}'])
+    assert strings.stages.train.model.use_peft is False and strings.stages.train.training.trust_remote_code is False
+    assert strings.stages.train.training.bf16 is False and strings.stages.generate.trust_remote_code is False
+    with pytest.raises(ValueError, match=r"`use_peft` in the `training:` mapping of the iterate run is a boolean: "
+                       r"true or false, got 'maybe'"):
+        parse_iterate_args(["--config", str(REPO / "recipes/tiny/iterate_nca.yaml"), "--training",
+                            '{"use_peft": "maybe"}'])
     plan_memory = load_script("plan_memory")
     plan = plan_memory.plan(str(REPO / "recipes/mistral-7b/iterate_nca.yaml"))
     assert plan["fits"] and plan["completions"] == 4 and plan["strategy"] == "ZeRO-3" and plan["gpu_mem_gb"] == 80

@@ -123,8 +123,8 @@ def multimodal_llama4(tokenizer, path) -> str:
 def test_multimodal_llama4_is_refused_naming_its_language_model(tokenizer, vicuna, tmp_path):
     path = multimodal_llama4(tokenizer, tmp_path / "multimodal")
     with pytest.raises(ValueError, match=r"^The policy is a Llama4ForConditionalGeneration, whose `base_model_prefix` "
-                       r"\('model'\) names no submodule.*Train its language model \(Llama4ForCausalLM, text only\) "
-                       r"instead: pass `AutoModelForCausalLM.from_pretrained\(PATH\)`"):
+                       r"\('model'\) names no submodule.*Use its language model \(Llama4ForCausalLM, text only\) "
+                       r"instead: `AutoModelForCausalLM.from_pretrained\(PATH\)` loads it"):
         NCATrainer(model=path, args=args(tmp_path), train_dataset=rows(vicuna), processing_class=tokenizer)
 
     # The fix it names: the language model alone, every weight of it loaded from the multimodal checkpoint
@@ -171,3 +171,39 @@ def test_nca_trl_train_refuses_a_multimodal_llama4_before_loading_it(setting, to
     assert err.startswith(f"The model at `{setting}` ({path}) is a Llama4ForConditionalGeneration, whose "
                           "`base_model_prefix` ('model') names no submodule"), err
     assert "AutoModelForCausalLM.from_pretrained(PATH).save_pretrained(OUT)" in err and err.count("\n") == 1
+
+
+def test_the_reference_pass_at_construction_finds_the_backbone(tokenizer, vicuna, tmp_path):
+    """`precompute_ref_log_probs` runs the reference model through TRL's fused head inside `DPOTrainer.__init__`."""
+    path = text_model("Llama4ForCausalLM", tokenizer, tmp_path / "model")
+    trainer = NCATrainer(model=path, args=args(tmp_path, precompute_ref_log_probs=True, max_steps=1),
+                         train_dataset=rows(vicuna), processing_class=tokenizer)
+    ref_logps = trainer.train_dataset["ref_logps"]
+    assert len(ref_logps) == 4 and all(math.isfinite(x) for row in ref_logps for x in row)
+    trainer.train()
+    assert all(math.isfinite(e["loss"]) for e in trainer.state.log_history if "loss" in e)
+
+
+def test_a_prepared_reference_model_finds_the_backbone(tokenizer, tmp_path):
+    """TRL prepares the reference model in `__init__`: DeepSpeed's engine (which hands its module's attributes on, so
+    `engine.base_model` looked like a backbone), FSDP2's `fully_shard` (which renames the class `FSDP<name>`)."""
+    from torch.distributed.fsdp import FSDPModule
+    from transformers import Llama4ForCausalLM
+
+    from nca_trl.runtime.backbone import use_language_backbone
+
+    class Engine(torch.nn.DataParallel):  # a wrapper that hands attributes on to its module, as DeepSpeedEngine does
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.module, name)
+
+    path = text_model("Llama4ForCausalLM", tokenizer, tmp_path / "model")
+    model = Llama4ForCausalLM.from_pretrained(path)
+    use_language_backbone(Engine(model), "reference model")
+    assert model.base_model is model.model
+    model = Llama4ForCausalLM.from_pretrained(path)
+    model.__class__ = type("FSDPLlama4ForCausalLM", (FSDPModule, Llama4ForCausalLM), {})  # what fully_shard does
+    use_language_backbone(model, "reference model")
+    assert model.base_model is model.model

@@ -638,4 +638,14 @@ def test_the_run_names_the_class_that_loads_the_saved_model():
         config = SimpleNamespace(model_type="qwen", auto_map={"AutoConfig": "c.QWenConfig",
                                                               "AutoModelForCausalLM": "m.QWenLMHeadModel"})
 
+    class RemoteVisionLanguageModel:
+        config = SimpleNamespace(model_type="remote_vl", auto_map={"AutoConfig": "c.C",
+                                                                   "AutoModelForImageTextToText": "m.M"})
+
+    for cls in (QWenLMHeadModel, RemoteVisionLanguageModel):
+        cls.__module__ = "transformers_modules.remote.modeling_remote"  # where transformers puts a checkpoint's code
     assert loader_of(QWenLMHeadModel()) == "AutoModelForCausalLM"
+    assert loader_of(RemoteVisionLanguageModel()) == "AutoModelForImageTextToText"
+    # A built-in class whose checkpoint keeps the auto_map of its remote-code days: its type decides, as it loads
+    model.config.auto_map = {"AutoConfig": "configuration_m.C", "AutoModel": "modeling_m.M"}
+    assert loader_of(model) == "AutoModelForImageTextToText"

@@ -83,8 +83,10 @@ def test_iterate_generates_and_evaluates_with_the_training_trust_remote_code(rem
     argv = ["--config", recipe, "--model_name_or_path", remote_model, "--output_dir", str(tmp_path / "run")]
     allowed = parse_iterate_args([*argv, "--training", '{"trust_remote_code": true}'])
     assert allowed.stages.generate.trust_remote_code and allowed.stages.train.training.trust_remote_code
-    with pytest.raises(ValueError, match=r"is a model of remote code .*for `nca-trl iterate`, in its `training:`"):
-        parse_iterate_args(argv)
+    for training in ([], ["--training", '{"trust_remote_code": "false"}']):  # a string parsed as nca-trl train does
+        with pytest.raises(ValueError, match=r"is a model of remote code .*set `trust_remote_code: true` in the "
+                           r"`training:` mapping of the iterate run"):
+            parse_iterate_args([*argv, *training])
     # The evaluation's KL proxy loads the policy and the initial model (here the same: 0)
     samples = [{"prompt": "Count to three:", "completions": ["one two three", "1 2 3"]}]
     assert kl_to_initial(samples, remote_model, remote_model, "float32", 2, trust_remote_code=True) == 0.0
@@ -97,3 +99,21 @@ def test_train_refuses_a_model_of_remote_code_not_allowed_before_loading(remote_
     assert err.startswith(f"{remote_model} is a model of remote code (model_type 'tiny_remote'") and err.endswith(
         "set `trust_remote_code: true` (`--trust_remote_code true`) after reading those files.\n"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_built_in_model_whose_config_keeps_an_auto_map_loads_by_its_type(tiny_mistral, tmp_path):
+    """Checkpoints made before their type was built into transformers keep an `auto_map`, which runs only with
+    `trust_remote_code`: without it the built-in class loads (Mistral 3 here, by `AutoModelForImageTextToText`), and
+    neither `nca-trl generate` nor `nca-trl train` refuses it."""
+    from model_families import build_family
+
+    from nca_trl.generation.arguments import GenerateArguments
+    from nca_trl.runtime.models import load_text_model
+
+    folder = tmp_path / "tiny-mistral3"
+    build_family("mistral3_multimodal").save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_m.C", "AutoModel": "modeling_m.M"}  # no such files
+    (folder / "config.json").write_text(json.dumps(config))
+    assert type(load_text_model(str(folder))).__name__ == "Mistral3ForConditionalGeneration"
+    GenerateArguments(model_name_or_path=str(folder), dataset_name="p.jsonl", output=str(tmp_path / "s.jsonl"))

@@ -215,18 +215,7 @@ def build_stage_arguments(args: IterateArguments) -> StageArguments:
 
     first = Path(args.output_dir) / "round-1"
     training = {"seed": args.seed, **args.training}
-    generate = GenerateArguments(
-        model_name_or_path=args.model_name_or_path, dataset_name=str(first / "prompts.jsonl"),
-        output=str(first / "samples.jsonl"), num_completions=args.num_completions,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        seed=args.seed, batch_size=args.generation_batch_size, dtype=args.generation_dtype,
-        trust_remote_code=bool(training.get("trust_remote_code", False)),  # the same model's code as training runs
-    )
-    score = ScoreArguments(
-        dataset_name=str(first / "samples.jsonl"), output=str(first / "rated.jsonl"),
-        batch_size=args.scoring_batch_size, reward_model=args.reward_model, reward_funcs=list(args.reward_funcs or []),
-        reward_weights=args.reward_weights,
-    )
+    ignored: list[str] = []
     if args.loss == "dpo":
         from trl import DPOConfig
 
@@ -238,12 +227,29 @@ def build_stage_arguments(args: IterateArguments) -> StageArguments:
         if fields_.get("bf16") is None:  # automatic, as in our configs (DPOConfig's own default is on everywhere)
             fields_["bf16"] = auto_bf16(SimpleNamespace(use_cpu=fields_.get("use_cpu", False),
                                                         fp16=fields_.get("fp16", False)))
-        return StageArguments(generate, score, DPOConfig(output_dir=str(first / "model"), **fields_), ignored)
-    from ..train.arguments import train_args_from_recipe
+        train = DPOConfig(output_dir=str(first / "model"), **fields_)
+        trust_remote_code = train.trust_remote_code
+    else:
+        from ..train.arguments import train_args_from_recipe
 
-    recipe = {"loss": args.loss, "model_name_or_path": args.model_name_or_path, "dataset_name": str(first / "rated.jsonl"),
-              "dataset_format": "rated", "output_dir": str(first / "model"), **training}
-    return StageArguments(generate, score, train_args_from_recipe(recipe, "the `training:` mapping of the iterate run"))
+        recipe = {"loss": args.loss, "model_name_or_path": args.model_name_or_path,
+                  "dataset_name": str(first / "rated.jsonl"), "dataset_format": "rated",
+                  "output_dir": str(first / "model"), **training}
+        train = train_args_from_recipe(recipe, "the `training:` mapping of the iterate run")
+        trust_remote_code = train.training.trust_remote_code  # parsed: "false" is False
+    generate = GenerateArguments(
+        model_name_or_path=args.model_name_or_path, dataset_name=str(first / "prompts.jsonl"),
+        output=str(first / "samples.jsonl"), num_completions=args.num_completions,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, batch_size=args.generation_batch_size, dtype=args.generation_dtype,
+        trust_remote_code=bool(trust_remote_code),  # the same model's code as training runs
+    )
+    score = ScoreArguments(
+        dataset_name=str(first / "samples.jsonl"), output=str(first / "rated.jsonl"),
+        batch_size=args.scoring_batch_size, reward_model=args.reward_model, reward_funcs=list(args.reward_funcs or []),
+        reward_weights=args.reward_weights,
+    )
+    return StageArguments(generate, score, train, ignored)
 
 
 def make_iterate_parser():

@@ -19,7 +19,7 @@ as in these trainers, at the first step. In transformers 5.2x this is the case o
 from __future__ import annotations
 
 import torch
-from accelerate.utils import is_peft_model
+from accelerate.utils import extract_model_from_parallel, is_peft_model
 
 __all__ = [
     "LANGUAGE_BACKBONES", "MULTIMODAL_LANGUAGE_MODELS", "check_checkpoint", "use_language_backbone",
@@ -33,13 +33,17 @@ MULTIMODAL_LANGUAGE_MODELS = {"Llama4ForConditionalGeneration": "Llama4ForCausal
 
 
 def use_language_backbone(model, role: str) -> None:
-    """Make `model.base_model` (the transformers model TRL's fused LM head was added to, PEFT's base model under PEFT)
-    its language backbone where it is the model itself: point the object's `base_model_prefix` at the decoder for a
-    class of `LANGUAGE_BACKBONES`, else raise `ValueError` naming `role` ("policy", "reference model"), the class and
-    the fix. Nothing changes where `base_model` is already a submodule (every other model TRL trains)."""
+    """Make `model.base_model` (the transformers model TRL's fused LM head was added to, PEFT's base model under PEFT;
+    out of its DeepSpeed / DDP / FSDP1 / compile wrapper, as TRL prepares the reference model in `__init__`) its
+    language backbone where it is the model itself: point the object's `base_model_prefix` at the decoder for a class
+    of `LANGUAGE_BACKBONES` (FSDP2's `FSDP<name>` subclass included), else raise `ValueError` naming `role` ("policy",
+    "reference model"), the class and the fix. Nothing changes where `base_model` is already a submodule (every other
+    model TRL trains)."""
+    model = extract_model_from_parallel(model, keep_torch_compile=False)
     if model.base_model is not model:
         return
-    name = type(model).__name__
+    # `fully_shard` (FSDP2) makes the object's class a subclass named FSDP<name>
+    name = next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP")).__name__
     attribute = LANGUAGE_BACKBONES.get(name)
     if attribute is not None and isinstance(getattr(model, attribute, None), torch.nn.Module):
         model.base_model_prefix = attribute  # an instance attribute: the class's own prefix is untouched
@@ -72,10 +76,10 @@ def _no_backbone(role: str, name: str, prefix: str) -> str:
     text_class = MULTIMODAL_LANGUAGE_MODELS.get(name)
     if text_class is not None:
         fix = (
-            f". Train its language model ({text_class}, text only) instead: pass "
-            "`AutoModelForCausalLM.from_pretrained(PATH)` as the model, or for `nca-trl train` save it once with "
-            "`AutoModelForCausalLM.from_pretrained(PATH).save_pretrained(OUT)` (and its tokenizer) and train OUT. "
-            "TRL's DPOTrainer fails on the multimodal model the same way."
+            f". Use its language model ({text_class}, text only) instead: `AutoModelForCausalLM.from_pretrained(PATH)` "
+            "loads it from the same checkpoint; pass that model object, or save it once with "
+            "`AutoModelForCausalLM.from_pretrained(PATH).save_pretrained(OUT)` (and its tokenizer) and give OUT as the "
+            "path. TRL's DPOTrainer fails on the multimodal model the same way."
         )
     return (
         f"The {role} is a {name}, whose `base_model_prefix` ({prefix!r}) names no submodule, so TRL's fused LM head "

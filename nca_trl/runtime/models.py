@@ -19,14 +19,14 @@ __all__ = ["auto_class_name", "load_text_model", "loader_of", "remote_code_probl
 
 def auto_class_name(model_type: str | None, class_name: str | None = None, auto_map: dict | None = None) -> str:
     """`AutoModelForImageTextToText` where it, and not `AutoModelForCausalLM`, loads `model_type` (with `class_name`:
-    where it maps the type to that class; remote code: where `auto_map` names it alone), else
-    `AutoModelForCausalLM` (also for a type this transformers does not know)."""
+    where it maps the type to that class; remote code, `auto_map` given only where it runs: where `auto_map` names it
+    alone), else `AutoModelForCausalLM` (also for a type this transformers does not know)."""
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL,
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as IMAGE_TEXT,
     )
 
-    if auto_map:  # remote code: the auto classes its config names
+    if auto_map and {"AutoModelForCausalLM", "AutoModelForImageTextToText"} & set(auto_map):  # remote code
         image_text_only = "AutoModelForImageTextToText" in auto_map and "AutoModelForCausalLM" not in auto_map
     elif class_name is not None and CAUSAL.get(model_type) != class_name:
         image_text_only = IMAGE_TEXT.get(model_type) == class_name
@@ -41,7 +41,9 @@ def loader_of(model) -> str:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cls = next(c for c in type(base).__mro__ if not c.__name__.startswith("FSDP"))
     config = getattr(base, "config", None)
-    return auto_class_name(getattr(config, "model_type", None), cls.__name__, getattr(config, "auto_map", None))
+    remote = cls.__module__.startswith("transformers_modules")  # a stale auto_map of a built-in class does not count
+    return auto_class_name(getattr(config, "model_type", None), cls.__name__,
+                           getattr(config, "auto_map", None) if remote else None)
 
 
 def text_model_config(path: str, revision: str | None = None, trust_remote_code: bool = False):
@@ -60,9 +62,12 @@ def load_text_model(path: str, revision: str | None = None, **kwargs):
     remote code with `trust_remote_code=True` in `kwargs`), with `revision` and `kwargs`."""
     import transformers
 
+    trust = kwargs.get("trust_remote_code", False)
     try:
-        config = text_model_config(path, revision, kwargs.get("trust_remote_code", False))
-        model_type, auto_map = config.model_type, getattr(config, "auto_map", None)
+        config = text_model_config(path, revision, trust)
+        # transformers runs the auto_map's classes only with trust_remote_code: without it, a built-in type's stale
+        # auto_map (checkpoints made before their type was built in) does not count
+        model_type, auto_map = config.model_type, getattr(config, "auto_map", None) if trust else None
     except ValueError:  # a model type this transformers does not know (remote code not trusted): the causal class
         model_type = auto_map = None
     auto = getattr(transformers, auto_class_name(model_type, auto_map=auto_map))
@@ -80,11 +85,11 @@ def remote_code_problem(path: str | None, trust_remote_code: bool, setting: str)
         raw = json.loads(config.read_text())
     except ValueError:
         return None
-    if not isinstance(raw, dict) or not raw.get("auto_map"):
+    if not isinstance(raw, dict) or "AutoConfig" not in (raw.get("auto_map") or {}):
         return None
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # registered types included
 
-    if raw.get("model_type") in CONFIG_MAPPING_NAMES:
+    if raw.get("model_type") in CONFIG_MAPPING:
         return None
     return (f"{path} is a model of remote code (model_type {raw.get('model_type')!r}, its own Python files named by "
             f"config.json's auto_map), which runs only when allowed: set {setting} after reading those files.")

@@ -226,12 +226,32 @@ def train_args_from_recipe(recipe: dict, where: str = "the recipe") -> TrainArgs
     config_for_loss(loss)
     parser = make_parser(loss)
     check_recipe_keys(recipe, where, parser, "train", fields=_RECIPE_FIELDS)
+    recipe = _booleans_read(recipe, parser, where)
     dry_run = truthy(recipe.get("dry_run", False))
     with _relaxed_hardware_checks() if dry_run else contextlib.nullcontext(), command_line_spelling():
         script_args, training_args, model_args, mixture = parser.parse_dict(recipe)
     args = _checked(script_args, training_args, model_args, mixture, dict(recipe), dry_run, where)
     check_paths(args, skip=("dataset_name",), hub=False)  # the caller's data is written later (a round's rated rows)
     return args
+
+
+def _booleans_read(recipe: dict, parser, where: str) -> dict:
+    """`recipe` with the string values of boolean fields read as `--config` and the command line read them ("false",
+    "no", "0": False), since `parse_dict` takes values as they are (the string "false" would be true)."""
+    import typing
+
+    from transformers.hf_argparser import string_to_bool
+
+    booleans = {name for dataclass_type in parser.dataclass_types
+                for name, hint in typing.get_type_hints(dataclass_type).items() if hint in (bool, bool | None)}
+    out = dict(recipe)
+    for key, value in recipe.items():
+        if key in booleans and isinstance(value, str):
+            try:
+                out[key] = string_to_bool(value)
+            except Exception:
+                raise ValueError(f"`{key}` in {where} is a boolean: true or false, got {value!r}.") from None
+    return out
 
 
 def check_paths(args: TrainArgs, skip: tuple[str, ...] = (), hub: bool = True) -> None:
