@@ -14,7 +14,7 @@
 - `router_aux`: the MoE load-balancing loss through TRL's fused LM head, on families that name their experts otherwise;
 - `backbone`: the language backbone TRL's fused LM head runs, where `base_model_prefix` names no submodule (Llama 4);
 - `models`: the transformers class that loads a checkpoint (`AutoModelForCausalLM`, or Mistral 3's
-  `AutoModelForImageTextToText`).
+  `AutoModelForImageTextToText`); a local model of remote code refused without `trust_remote_code`.
 
 Nothing here imports a command package (`train`, `generation`, `scoring`, `iterate`) or the data package.
 """

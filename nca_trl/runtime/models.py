@@ -6,7 +6,9 @@ architecture, `Mistral3ForConditionalGeneration`) `AutoModelForImageTextToText`.
     >>> model = load_text_model("outputs/tiny-mistral", dtype="auto")  # AutoModelForCausalLM.from_pretrained
 
 `nca-trl generate` (and its benchmark), `nca-trl iterate`'s evaluation, `scripts/plan_memory.py` and the summary of
-`nca-trl train` (`run_info.json`'s `model_loader`) use it.
+`nca-trl train` (`run_info.json`'s `model_loader`) use it. Remote code (a checkpoint's own classes, named by its
+config's `auto_map`) counts only where it runs, with `trust_remote_code`; `remote_code_problem` is the refusal of a
+local model of remote code without it, before anything is written (`nca-trl generate`, `nca-trl train`).
 """
 
 from __future__ import annotations
