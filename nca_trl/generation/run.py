@@ -81,7 +81,7 @@ def _check_prompts(args: GenerateArguments, dataset, main: bool) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.model_revision,
                                               trust_remote_code=args.trust_remote_code)
-    # a LoRA adapter: its base's
+    # The model's config (a LoRA adapter's: its base's)
     config = text_model_config(args.model_name_or_path, args.model_revision, args.trust_remote_code)
     context = getattr(config.get_text_config(), "max_position_embeddings", None)  # a multimodal model's: its text's
     found = check_prompts(dataset, tokenizer, args.dataset_name, args.model_name_or_path, context,
