@@ -265,6 +265,20 @@ def test_iterate_recipes_parse_and_their_training_fits():
                        r"true or false, got 'maybe'"):
         parse_iterate_args(["--config", str(REPO / "recipes/tiny/iterate_nca.yaml"), "--training",
                             '{"use_peft": "maybe"}'])
+    # The same for `loss: dpo`: a DPOConfig takes its values as given (bf16 "false" was refused on a CPU)
+    dpo_strings = parse_iterate_args(["--config", str(REPO / "recipes/tiny/iterate_nca.yaml"), "--loss", "dpo",
+                                      "--training", '{"trust_remote_code": "false", "gradient_checkpointing": "false", '
+                                      '"bf16": "false"}'])
+    assert dpo_strings.stages.train.trust_remote_code is False and dpo_strings.stages.train.bf16 is False
+    assert dpo_strings.stages.train.gradient_checkpointing is False
+    assert dpo_strings.stages.generate.trust_remote_code is False
+    # A field that takes strings too keeps the ones that are not booleans, and reads the booleans
+    counted = parse_iterate_args(["--config", str(REPO / "recipes/tiny/iterate_nca.yaml"), "--training",
+                                  '{"include_num_input_tokens_seen": "false"}'])
+    assert counted.stages.train.training.include_num_input_tokens_seen == "no"  # what --config makes of it
+    counted = parse_iterate_args(["--config", str(REPO / "recipes/tiny/iterate_nca.yaml"), "--training",
+                                  '{"include_num_input_tokens_seen": "non_padding"}'])
+    assert counted.stages.train.training.include_num_input_tokens_seen == "non_padding"
     plan_memory = load_script("plan_memory")
     plan = plan_memory.plan(str(REPO / "recipes/mistral-7b/iterate_nca.yaml"))
     assert plan["fits"] and plan["completions"] == 4 and plan["strategy"] == "ZeRO-3" and plan["gpu_mem_gb"] == 80

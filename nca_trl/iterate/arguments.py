@@ -124,6 +124,8 @@ class IterateArguments:
     eval_batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass of the KL-proxy evaluation."})
 
     def __post_init__(self):
+        from ..train.arguments import make_parser, read_booleans
+
         check_path(self.model_name_or_path, "model_name_or_path", "model", hub=False)
         check_path(self.dataset_name, "dataset_name", "dataset", hub=False)
         if self.loss not in LOSSES:
@@ -146,6 +148,9 @@ class IterateArguments:
             except ValueError as e:
                 raise ValueError(f"`training` must be a mapping (a JSON object on the command line): {e}") from e
         self.training = dict(self.training or {})
+        # Booleans given as strings read as `nca-trl train` reads them, for the DPOConfig of `loss: dpo` too
+        self.training = read_booleans(self.training, make_parser(LOSSES[0]).dataclass_types,
+                                      "the `training:` mapping of the iterate run")
         owned = [key for key in self.training if key in _OWNED_TRAINING_KEYS]
         if owned:
             raise ValueError(f"`training` sets {owned}: `nca-trl iterate` sets them for each round (use the top-level "

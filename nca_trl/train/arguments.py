@@ -226,7 +226,7 @@ def train_args_from_recipe(recipe: dict, where: str = "the recipe") -> TrainArgs
     config_for_loss(loss)
     parser = make_parser(loss)
     check_recipe_keys(recipe, where, parser, "train", fields=_RECIPE_FIELDS)
-    recipe = _booleans_read(recipe, parser, where)
+    recipe = read_booleans(recipe, parser.dataclass_types, where)
     dry_run = truthy(recipe.get("dry_run", False))
     with _relaxed_hardware_checks() if dry_run else contextlib.nullcontext(), command_line_spelling():
         script_args, training_args, model_args, mixture = parser.parse_dict(recipe)
@@ -235,22 +235,31 @@ def train_args_from_recipe(recipe: dict, where: str = "the recipe") -> TrainArgs
     return args
 
 
-def _booleans_read(recipe: dict, parser, where: str) -> dict:
-    """`recipe` with the string values of boolean fields read as `--config` and the command line read them ("false",
-    "no", "0": False), since `parse_dict` takes values as they are (the string "false" would be true)."""
+def read_booleans(recipe: dict, dataclass_types, where: str) -> dict:
+    """`recipe` with the string values of the boolean fields of `dataclass_types` read as `--config` and the command
+    line read them ("false", "no", "0": False), for a mapping given to `parse_dict` or to a dataclass, which take values
+    as they are (the string "false" would be true). A junk value of a boolean field is refused naming it; a field that
+    also takes strings (`include_num_input_tokens_seen: str | bool`) keeps the strings that are not booleans."""
+    import types
     import typing
 
     from transformers.hf_argparser import string_to_bool
 
-    booleans = {name for dataclass_type in parser.dataclass_types
-                for name, hint in typing.get_type_hints(dataclass_type).items() if hint in (bool, bool | None)}
+    kinds = {}  # field name -> whether it takes strings too
+    for dataclass_type in dataclass_types:
+        for name, hint in typing.get_type_hints(dataclass_type).items():
+            options = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is \
+                typing.Union else {hint}
+            if bool in options:
+                kinds[name] = str in options
     out = dict(recipe)
     for key, value in recipe.items():
-        if key in booleans and isinstance(value, str):
+        if key in kinds and isinstance(value, str):
             try:
                 out[key] = string_to_bool(value)
             except Exception:
-                raise ValueError(f"`{key}` in {where} is a boolean: true or false, got {value!r}.") from None
+                if not kinds[key]:
+                    raise ValueError(f"`{key}` in {where} is a boolean: true or false, got {value!r}.") from None
     return out
 
 
