@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from accelerate.utils import extract_model_from_parallel, is_peft_model
 
+from .models import model_class, text_model_config
+
 __all__ = [
     "LANGUAGE_BACKBONES", "MULTIMODAL_LANGUAGE_MODELS", "check_checkpoint", "use_language_backbone",
     "use_language_backbones",
@@ -42,8 +44,7 @@ def use_language_backbone(model, role: str) -> None:
     model = extract_model_from_parallel(model, keep_torch_compile=False)
     if model.base_model is not model:
         return
-    # `fully_shard` (FSDP2) makes the object's class a subclass named FSDP<name>
-    name = next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP")).__name__
+    name = model_class(model).__name__  # FSDP2's `fully_shard` renames the object's class FSDP<name>
     attribute = LANGUAGE_BACKBONES.get(name)
     if attribute is not None and isinstance(getattr(model, attribute, None), torch.nn.Module):
         model.base_model_prefix = attribute  # an instance attribute: the class's own prefix is untouched
@@ -59,7 +60,6 @@ def check_checkpoint(path: str, setting: str, revision: str | None = None) -> No
     import transformers
 
     from .errors import SettingsError
-    from .models import text_model_config
 
     try:
         architectures = getattr(text_model_config(path, revision), "architectures", None)

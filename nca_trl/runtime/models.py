@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["auto_class_name", "load_text_model", "loader_of", "remote_code_problem", "text_model_config"]
+__all__ = ["auto_class_name", "load_text_model", "loader_of", "model_class", "remote_code_problem", "text_model_config"]
 
 
 def auto_class_name(model_type: str | None, class_name: str | None = None, auto_map: dict | None = None) -> str:
@@ -37,11 +37,16 @@ def auto_class_name(model_type: str | None, class_name: str | None = None, auto_
     return "AutoModelForImageTextToText" if image_text_only else "AutoModelForCausalLM"
 
 
+def model_class(model) -> type:
+    """The class of `model`; under FSDP2 the class `fully_shard` subclassed (`FSDP<name>`, a name transformers strips
+    when saving)."""
+    return next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))
+
+
 def loader_of(model) -> str:
-    """The auto class that loads `model` once saved (`auto_class_name`): a PEFT model's base, and under FSDP2 the
-    class `fully_shard` subclassed (`FSDP<name>`, a name transformers strips when saving)."""
+    """The auto class that loads `model` once saved (`auto_class_name`): a PEFT model's base, by its `model_class`."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cls = next(c for c in type(base).__mro__ if not c.__name__.startswith("FSDP"))
+    cls = model_class(base)
     config = getattr(base, "config", None)
     remote = cls.__module__.startswith("transformers_modules")  # a stale auto_map of a built-in class does not count
     return auto_class_name(getattr(config, "model_type", None), cls.__name__,

@@ -248,8 +248,8 @@ def read_booleans(recipe: dict, dataclass_types, where: str) -> dict:
     kinds = {}  # field name -> whether it takes strings too
     for dataclass_type in dataclass_types:
         for name, hint in typing.get_type_hints(dataclass_type).items():
-            options = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is \
-                typing.Union else {hint}
+            union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+            options = set(typing.get_args(hint)) if union else {hint}
             if bool in options:
                 kinds[name] = str in options
     out = dict(recipe)

@@ -4,10 +4,11 @@ only once the model is loaded.
 - `check_not_empty`: a dataset left with no row after conversion (e.g. UltraFeedback rows whose ratings are all
   unusable are dropped) would fail in the trainer with a bare `StopIteration`, after the model is loaded.
 - `check_before_training`: refuses a checkpoint TRL's fused LM head cannot run, from its config
-  (`nca_trl.runtime.backbone.check_checkpoint`: the multimodal Llama 4), loads the tokenizer only (`AutoProcessor`, as the trainer does) and prepares every
-  dataset exactly as the trainer would (`nca_trl.data.tokenize.prepare_rated_dataset`), so a bad row is named, and a
-  dataset whose every prompt fills `max_length` is refused, before any model is loaded. The trainer takes the prepared
-  datasets as they are: each row is validated once on the way to the loss.
+  (`nca_trl.runtime.backbone.check_checkpoint`: the multimodal Llama 4), loads the tokenizer only (`AutoProcessor`,
+  as the trainer does) and prepares every dataset exactly as the trainer would
+  (`nca_trl.data.tokenize.prepare_rated_dataset`), so a bad row is named, and a dataset whose every prompt fills
+  `max_length` is refused, before any model is loaded. The trainer takes the prepared datasets as they are: each row
+  is validated once on the way to the loss.
 
 The config checks (batch sizes, fp16 / bf16 on this device) run when the config is built, in
 `nca_trl.config`.
