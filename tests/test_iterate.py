@@ -72,6 +72,8 @@ def test_iterate_arguments_are_checked():
     with pytest.raises(ValueError, match="`training.use_peft` with `loss: dpo` is not supported"):
         _args(training={"use_peft": True}, loss="dpo")
     assert _args(training={"use_peft": True}).training["use_peft"]
+    with pytest.raises(ValueError, match="`training.load_in_4bit` with `loss: dpo` is not supported"):
+        _args(training={"load_in_4bit": "true"}, loss="dpo")
     assert _args(training='{"beta": 0.5}').training == {"beta": 0.5}
     with pytest.raises(ValueError, match="num_completions"):
         _args(num_completions=1)
@@ -272,6 +274,11 @@ def test_iterate_recipes_parse_and_their_training_fits():
     assert dpo_strings.stages.train.trust_remote_code is False and dpo_strings.stages.train.bf16 is False
     assert dpo_strings.stages.train.gradient_checkpointing is False
     assert dpo_strings.stages.generate.trust_remote_code is False
+    # An NCA recipe's LoRA settings, switched off, run as `loss: dpo` (they were refused as unknown fields)
+    lora_off = parse_iterate_args(["--config", str(REPO / "recipes/tiny/iterate_nca_lora.yaml"), "--loss", "dpo",
+                                   "--training", '{"use_peft": "false", "lora_r": 4, "load_in_4bit": false}'])
+    assert type(lora_off.stages.train) is DPOConfig
+    assert {"use_peft", "lora_r", "load_in_4bit"} <= set(lora_off.stages.ignored_training_fields)
     # A field that takes strings too keeps the ones that are not booleans, and reads the booleans
     counted = parse_iterate_args(["--config", str(REPO / "recipes/tiny/iterate_nca.yaml"), "--training",
                                   '{"include_num_input_tokens_seen": "false"}'])

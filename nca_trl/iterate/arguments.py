@@ -155,19 +155,21 @@ class IterateArguments:
         if owned:
             raise ValueError(f"`training` sets {owned}: `nca-trl iterate` sets them for each round (use the top-level "
                              "`model_name_or_path`, `dataset_name`, `output_dir`, `loss` and `reference`).")
-        if self.training.get("use_peft") and self.loss == "dpo":
-            raise ValueError("`training.use_peft` with `loss: dpo` is not supported: the DPO baseline of `nca-trl "
-                             "iterate` trains full weights (trl.DPOTrainer on a DPOConfig). Use `loss: nca` or "
-                             "`infonca` for LoRA rounds, or leave `use_peft` out.")
+        adapters = [key for key in ("use_peft", "load_in_4bit", "load_in_8bit") if self.training.get(key)]
+        if adapters and self.loss == "dpo":
+            raise ValueError(f"`training.{adapters[0]}` with `loss: dpo` is not supported: the DPO baseline of "
+                             "`nca-trl iterate` trains full weights (trl.DPOTrainer on a DPOConfig). Use `loss: nca` "
+                             f"or `infonca` for LoRA / QLoRA rounds, or set `{adapters[0]}: false`.")
 
 
 def dpo_fields(training: dict) -> tuple[dict, list[str]]:
     """The `training:` mapping of an NCA recipe as `trl.DPOConfig` fields, so that `--loss dpo` runs the same recipe:
-    model loading fields (dtype, attention, revision) go to `model_init_kwargs`; the NCA-only fields (alpha, ...) and
-    the launch metadata of `nca-trl train` are left out and returned (`(fields, left out)`), for the log."""
+    model loading fields (dtype, attention, revision) go to `model_init_kwargs`; the NCA-only fields (alpha, ...), the
+    LoRA settings of `trl.ModelConfig` (`use_peft` itself is false here: `IterateArguments` refuses it) and the launch
+    metadata of `nca-trl train` are left out and returned (`(fields, left out)`), for the log."""
     from dataclasses import fields
 
-    from trl import DPOConfig
+    from trl import DPOConfig, ModelConfig
 
     from ..config import NCAConfig
 
@@ -183,7 +185,8 @@ def dpo_fields(training: dict) -> tuple[dict, list[str]]:
             ignored.append(key)
     if init:
         out["model_init_kwargs"] = {**init, **(out.get("model_init_kwargs") or {})}
-    unknown = [k for k in ignored if k not in {f.name for f in fields(NCAConfig)} and k not in _TRAIN_SCRIPT_KEYS]
+    known = {f.name for f in fields(NCAConfig)} | {f.name for f in fields(ModelConfig)} | set(_TRAIN_SCRIPT_KEYS)
+    unknown = [k for k in ignored if k not in known]
     if unknown:
         raise ValueError(f"`training` has {unknown}: not fields of trl.DPOConfig nor of `nca-trl train`.")
     return out, ignored
@@ -204,7 +207,8 @@ class StageArguments:
         score (`ScoreArguments`): `nca-trl score` of each round's samples.
         train (`TrainArgs` or `trl.DPOConfig`): `nca-trl train` of each round (`TrainArgs` of the `training:` mapping),
             or the `trl.DPOConfig` of `loss: dpo`.
-        ignored_training_fields (`list[str]`): `training:` fields that `loss: dpo` leaves out (NCA-only).
+        ignored_training_fields (`list[str]`): `training:` fields that `loss: dpo` leaves out (NCA-only,
+            LoRA settings, launch metadata).
     """
 
     generate: "GenerateArguments"
