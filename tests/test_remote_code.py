@@ -84,9 +84,10 @@ def test_iterate_generates_and_evaluates_with_the_training_trust_remote_code(rem
     allowed = parse_iterate_args([*argv, "--training", '{"trust_remote_code": true}'])
     assert allowed.stages.generate.trust_remote_code and allowed.stages.train.training.trust_remote_code
     for training in ([], ["--training", '{"trust_remote_code": "false"}']):  # a string parsed as nca-trl train does
-        with pytest.raises(ValueError, match=r"is a model of remote code .*set `trust_remote_code: true` in the "
-                           r"`training:` mapping of the iterate run"):
-            parse_iterate_args([*argv, *training])
+        for loss in ("nca", "dpo"):  # `loss: dpo`'s refusal named generate's `--trust_remote_code true` too
+            with pytest.raises(ValueError, match=r"is a model of remote code .*set `trust_remote_code: true` in the "
+                               r"`training:` mapping of the iterate run after"):
+                parse_iterate_args([*argv, "--loss", loss, *training])
     # The evaluation's KL proxy loads the policy and the initial model (here the same: 0)
     samples = [{"prompt": "Count to three:", "completions": ["one two three", "1 2 3"]}]
     assert kl_to_initial(samples, remote_model, remote_model, "float32", 2, trust_remote_code=True) == 0.0

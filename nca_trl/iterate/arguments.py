@@ -17,6 +17,7 @@ from pathlib import Path
 from ..runtime.errors import settings_errors
 from ..runtime.paths import check_path, check_path_settings
 from ..runtime.help import check_command_argv, command_help
+from ..runtime.models import remote_code_problem
 from ..runtime.recipes import parse_command
 
 __all__ = ["LOSSES", "PATH_SETTINGS", "REFERENCES", "IterateArguments", "StageArguments", "build_stage_arguments",
@@ -238,6 +239,10 @@ def build_stage_arguments(args: IterateArguments) -> StageArguments:
                                                         fp16=fields_.get("fp16", False)))
         train = DPOConfig(output_dir=str(first / "model"), **fields_)
         trust_remote_code = train.trust_remote_code
+        problem = remote_code_problem(args.model_name_or_path, trust_remote_code,
+                                      "`trust_remote_code: true` in the `training:` mapping of the iterate run")
+        if problem:  # as `nca-trl train` refuses it for the other losses (generation's message names its own flag)
+            raise ValueError(problem)
     else:
         from ..train.arguments import train_args_from_recipe
 
