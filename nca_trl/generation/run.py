@@ -71,9 +71,10 @@ def generation_settings(args: GenerateArguments, dataset) -> dict:
     return settings
 
 
-def _check_prompts(args: GenerateArguments, dataset, main: bool) -> dict:
+def _check_prompts(args: GenerateArguments, dataset, main: bool) -> tuple[dict, object]:
     """`rows.check_prompts` with the model's tokenizer and context length (config `max_position_embeddings`), before
-    any output or part file exists; the prompts that overrun the context are said once, by the main process."""
+    any output or part file exists; the prompts that overrun the context are said once, by the main process.
+    Returns what it found and the tokenizer (sampling uses it)."""
     from transformers import AutoTokenizer
 
     from ..runtime.models import text_model_config
@@ -90,12 +91,11 @@ def _check_prompts(args: GenerateArguments, dataset, main: bool) -> dict:
         _log(f"{found['count']} prompt(s) of {args.dataset_name} and their {args.max_new_tokens} new tokens overrun "
              f"the model's context of {context} tokens (rows {found['rows']}{', ...' if found['count'] > 20 else ''}): "
              "they are sampled as the model can; shorten them or lower `max_new_tokens`")
-    return found
+    return found, tokenizer
 
 
 def _load_model(args: GenerateArguments, device):
     import torch
-    from transformers import AutoTokenizer
 
     from ..runtime.models import load_text_model
 
@@ -103,10 +103,7 @@ def _load_model(args: GenerateArguments, device):
     kwargs = {"dtype": dtype, "trust_remote_code": args.trust_remote_code}
     if args.attn_implementation is not None:
         kwargs["attn_implementation"] = args.attn_implementation
-    model = load_text_model(args.model_name_or_path, args.model_revision, **kwargs).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.model_revision,
-                                              trust_remote_code=args.trust_remote_code)
-    return model, tokenizer
+    return load_text_model(args.model_name_or_path, args.model_revision, **kwargs).to(device).eval()
 
 
 def _generate_chunk(rows: list[dict], indices: list[int], model, tokenizer, args, stop_ids, pad_id, progress):
@@ -167,7 +164,7 @@ def generate(argv: "list[str] | GenerateArguments | None" = None) -> dict | None
     state = distributed_state()
     with state.main_process_first():
         dataset = load_prompts(args)
-    long_prompts = _check_prompts(args, dataset, state.is_main_process)
+    long_prompts, tokenizer = _check_prompts(args, dataset, state.is_main_process)
     settings = generation_settings(args, dataset)
     store = ChunkStore(args.output, settings, len(dataset), args.chunk_size)
 
@@ -184,7 +181,7 @@ def generate(argv: "list[str] | GenerateArguments | None" = None) -> dict | None
     mine = todo[state.process_index::state.num_processes]
 
     if mine:
-        model, tokenizer = _load_model(args, state.device)
+        model = _load_model(args, state.device)
         from .sampling import stop_token_ids
 
         stop_ids = stop_token_ids(model, tokenizer)
