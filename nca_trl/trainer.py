@@ -283,7 +283,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, SharedPromptLayoutMixin, DPOTrain
             if not is_shared_prompt_enabled(unwrapped := self.accelerator.unwrap_model(model)):
                 raise RuntimeError("A shared-prompt batch reached a model whose attention was not set up for it.")
             input_ids = inputs["input_ids"]
-            with shared_prompt_forward(unwrapped):  # checks what the attention got
+            with shared_prompt_forward(unwrapped, int(inputs["max_seqlen_k"])):  # checks what the attention got
                 outputs = model(
                     input_ids=input_ids,
                     position_ids=inputs["position_ids"],

@@ -168,7 +168,16 @@ def test_a_window_only_the_mask_applies_is_plain_at_construction(family, overrid
     torch.testing.assert_close(own, plain, rtol=0, atol=0)
     with pytest.raises(ValueError, match="cannot run here, or not exactly: policy model: " + re.escape(reason)):
         trainer_for(family, tokenizer, vicuna, tmp_path / "explicit", shared_prompt=True)
-    assert shared_prompt_support(build(family), max_length=WINDOW).enabled  # no segment longer than the window
+    # No segment longer than the window: the layout is taken, and its forward passes with the plain log-probs (the
+    # forward check asked for the window all the same, and the first step raised)
+    monkeypatch.setitem(FAMILIES, family, (model_type, {**base, **overrides, "sliding_window": MAX_LENGTH}))
+    long_window = trainer_for(family, tokenizer, vicuna, tmp_path / "long_window")
+    plain, own, batch = logps_both_layouts(long_window)
+    assert long_window.data_collator.shared_prompt and WINDOW < int(batch["max_seqlen_k"]) <= MAX_LENGTH
+    torch.testing.assert_close(own, plain, rtol=1e-5, atol=0)
+    with pytest.raises(RuntimeError, match="attention uses sliding_window"):  # a longer row would need it
+        with shared_prompt_forward(long_window.model, MAX_LENGTH + 1):
+            pass
 
 
 @pytest.mark.parametrize("family", ["lfm2", "qwen3_next"])

@@ -167,9 +167,7 @@ def shared_prompt_support(model, max_length: int | None = None) -> SharedPromptS
             False, f"{two_way} is not causal (is_causal is not True, e.g. config.use_bidirectional_attention): the "
             "layout's attention is causal"
         )
-    needs = attention_variants(model, attention)
-    if max_length is not None and "sliding_window" in needs and _sliding_window(config) >= max_length:
-        needs.discard("sliding_window")  # no segment is longer than the window
+    needs = attention_variants(model, attention, longest=max_length)  # no window that no segment outgrows
     if "sliding_window" in needs:
         flag = WINDOW_FAMILIES.get(model_type)
         if model_type not in WINDOW_FAMILIES or (flag and not getattr(config, flag, False)):
@@ -197,15 +195,17 @@ def _language_model(model):
     return next((m for m in model.modules() if m is not model and getattr(m, "config", None) is config), None)
 
 
-def attention_variants(model, attention: list | None = None) -> set[str]:
+def attention_variants(model, attention: list | None = None, longest: int | None = None) -> set[str]:
     """The attention variants (`nca_trl.shared_prompt.varlen.FEATURES`) `model` uses: `sliding_window`
-    (`_sliding_window`), `softcap` (`config.attn_logit_softcapping`), `sinks` (attention modules with
+    (`_sliding_window`; where `longest`, the most keys a segment has, is given: only a window shorter than that, as a
+    longer one masks nothing in either layout), `softcap` (`config.attn_logit_softcapping`), `sinks` (attention modules with
     `sinks`, as GPT-OSS's), `wide_heads` (attention modules with heads wider than `FUSED_MAX_HEAD_DIM`, as Gemma 4's
     global layers). A config setting counts only where the config's class declares it (`_declared`).
     `attention`: `attention_modules(model)` where the caller has it already."""
     variants = set()
     config = model.config.get_text_config()
-    if _sliding_window(config) is not None:
+    window = _sliding_window(config)
+    if window is not None and (longest is None or window < longest):
         variants.add("sliding_window")
     if _declared(config, "attn_logit_softcapping") is not None:
         variants.add("softcap")

@@ -194,7 +194,7 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
 
 
 @contextlib.contextmanager
-def shared_prompt_forward(model):
+def shared_prompt_forward(model, longest: int | None = None):
     """Wrap the forward pass of a shared-prompt row through `model`, and check what its attention received: inside,
     an attention call without the row's layout (`nca_layout`, lost by a model that does not pass keyword arguments
     down to its attention) raises instead of attending over the whole row; after it, an attention module that ran
@@ -202,8 +202,9 @@ def shared_prompt_forward(model):
     transformers' `AttentionInterface`, or with a config of its own), or a sliding window or sinks
     (`attention_variants`) that no attention call was given (a window applied only by the model's mask, which this
     layout does not build), raises instead of returning log-probs without it. Modules that do not run (OPT's
-    `layerdrop`, cross-attention without encoder states) are not asked for. Backward recomputation (gradient
-    checkpointing) reuses the forward's keyword arguments."""
+    `layerdrop`, cross-attention without encoder states) are not asked for, nor a window of at least `longest` keys
+    (the row's `max_seqlen_k`, where given), which masks nothing. Backward recomputation (gradient checkpointing)
+    reuses the forward's keyword arguments."""
     attention = _hook_attention(model)  # also an attention module swapped in since `enable_shared_prompt`
     check = _ForwardCheck()
     token = _FORWARD_CHECK.set(check)
@@ -223,7 +224,7 @@ def shared_prompt_forward(model):
     # Softcapping reaches the kernels only as a call's keyword, plain layout included: one not given is applied by
     # neither layout (Gemma 3's attention keeps `attn_logit_softcapping` but passes none). A window can live in a mask;
     # wide heads are the queries' width, nothing a model could apply elsewhere.
-    missing = sorted(attention_variants(model, attention) - {"softcap", "wide_heads"} - check.variants)
+    missing = sorted(attention_variants(model, attention, longest) - {"softcap", "wide_heads"} - check.variants)
     if missing:
         raise RuntimeError(
             f"{type(model).__name__}'s attention uses {' and '.join(missing)} (its config or modules), but none of its "
