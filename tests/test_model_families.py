@@ -419,6 +419,27 @@ def test_attention_modules_that_do_not_run_are_not_asked_for(tokenizer, vicuna, 
 
 
 @pytest.mark.slow
+def test_attention_dropout_in_training_takes_a_kernel_that_applies_it(tokenizer, vicuna, tmp_path, monkeypatch):
+    """GPT-BigCode (StarCoder 1) passes its `attn_pdrop` to the attention in training, which TRL's `disable_dropout`
+    (nn.Dropout modules only) leaves on, in DPOTrainer too. The shared-prompt attention asks `select_kernel` for a
+    kernel that applies it (on a GPU torch's varlen_attn has none, and the first training step raised there)."""
+    monkeypatch.setitem(FAMILIES, "gpt_bigcode", ("gpt_bigcode", dict(num_hidden_layers=2, attn_pdrop=0.5)))
+    trainer = trainer_for("gpt_bigcode", tokenizer, vicuna, tmp_path)
+    asked = []
+    select = varlen.select_kernel
+    monkeypatch.setattr("nca_trl.shared_prompt.packing.select_kernel",
+                        lambda *args: asked.append(args[-1]) or select(*args))
+    plain, own, _ = logps_both_layouts(trainer)  # eval: no dropout, the plain log-probs
+    torch.testing.assert_close(own, plain, rtol=1e-5, atol=0)
+    assert asked and not any("dropout" in needs for needs in asked)
+    trainer.model.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        first, second = _shared_logps(trainer), _shared_logps(trainer)
+    assert asked[-1] == {"dropout"} and torch.isfinite(first).all() and not torch.equal(first, second)
+
+
+@pytest.mark.slow
 def test_module_copies_check_themselves(tokenizer, vicuna, tmp_path):
     """`nn.DataParallel` (which transformers' Trainer uses on several GPUs without a distributed launch) forwards
     replicas: new module objects sharing each module's hooks. The check follows the replicas, and their log-probs are

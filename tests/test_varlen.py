@@ -150,7 +150,7 @@ def test_a_kernel_runs_only_what_it_implements(monkeypatch):
 
     flash, torch_29, torch_211 = (flash_attn_kernel(flash_attn_2, "fa2"), torch_varlen_kernel(varlen_attn_2_9),
                                   torch_varlen_kernel(varlen_attn_2_11))
-    assert flash.features == {"sliding_window", "softcap"} and torch_211.features == {"sliding_window"}
+    assert flash.features == {"sliding_window", "softcap", "dropout"} and torch_211.features == {"sliding_window"}
     assert torch_29.features == frozenset() and flash.lacks({"sinks", "softcap"}) == ["sinks"]
     layout = VarlenLayout.from_batch(build_shared_prompt_batch(
         [{"prompt_ids": [1, 2, 3, 4], "completion_ids": [[5, 6, 7], [8]]}], max_length=None))
@@ -161,6 +161,8 @@ def test_a_kernel_runs_only_what_it_implements(monkeypatch):
     assert seen == [(True, (2, 0), 5.0), (2, 0), (-1, 0)]
     with pytest.raises(ValueError, match="does not implement sliding_window"):
         varlen_attention(q, k, v, layout, torch_29, window=3)
+    with pytest.raises(ValueError, match="does not implement dropout"):  # attention dropout, in training
+        varlen_attention(q, k, v, layout, torch_211, dropout=0.1)
     # Selection: the CPU default for a model with sinks and a window; a forced path that lacks one is refused
     monkeypatch.setattr(varlen, "_selected", {})
     cpu = torch.device("cpu")
@@ -179,6 +181,13 @@ def test_a_kernel_runs_only_what_it_implements(monkeypatch):
     assert varlen.cuda_varlen_kernel("sdpa", needs=frozenset({"sliding_window"}))[0] is not None
     kernel, why = varlen.cuda_varlen_kernel("sdpa", needs=frozenset({"sinks"}))
     assert kernel is None and "does not implement sinks" in why
+    # Attention dropout (a training forward of GPT-BigCode, whose attn_pdrop TRL's disable_dropout leaves on): not
+    # torch's varlen_attn, which has none (the first training step raised on a GPU), but the padded PyTorch path
+    kernel, why = varlen.cuda_varlen_kernel("sdpa", needs=frozenset({"dropout"}))
+    assert kernel is None and "does not implement dropout" in why
+    assert select_kernel(torch.device("cuda"), torch.bfloat16, "sdpa", frozenset({"dropout"})).fn is padded_varlen
+    monkeypatch.setenv(varlen.KERNEL_ENV, "torch")
+    assert "does not implement dropout" in varlen.forced_kernel_problem(frozenset({"dropout"}), "cuda", True)
 
 
 def test_varlen_gradcheck():

@@ -172,6 +172,8 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
     given = {n for n, v in (("sliding_window", window), ("softcap", softcap), ("sinks", sinks)) if v is not None}
     if wide_heads(query, value):
         given.add("wide_heads")  # the fused kernels take none: `select_kernel` takes a PyTorch path for this call
+    if dropout:
+        given.add("dropout")  # training only: a kernel that applies it, as the plain layout's attention does
     if check is not None:  # what `shared_prompt_forward` compares with the model's variants and attention modules
         check.variants.update(given)
         check.modules.add(id(module))
@@ -224,7 +226,8 @@ def shared_prompt_forward(model, longest: int | None = None):
     # Softcapping reaches the kernels only as a call's keyword, plain layout included: one not given is applied by
     # neither layout (Gemma 3's attention keeps `attn_logit_softcapping` but passes none). A window can live in a mask;
     # wide heads are the queries' width, nothing a model could apply elsewhere.
-    missing = sorted(attention_variants(model, attention, longest) - {"softcap", "wide_heads"} - check.variants)
+    missing = sorted(attention_variants(model, attention, longest) - {"softcap", "wide_heads", "dropout"}
+                     - check.variants)
     if missing:
         raise RuntimeError(
             f"{type(model).__name__}'s attention uses {' and '.join(missing)} (its config or modules), but none of its "

@@ -40,7 +40,10 @@ Attention variants (`VarlenKernel.features`), each applied exactly as the model'
 - `sinks` (GPT-OSS's per-head `s_aux` logits): one more logit per head in every softmax, dropped afterwards:
   `reference_varlen` only;
 - `wide_heads`: heads wider than `FUSED_MAX_HEAD_DIM` (256) dimensions (Gemma 4's 512-wide global layers), which no
-  fused kernel takes: the PyTorch paths only (not a keyword of the attention call: read from the queries' width).
+  fused kernel takes: the PyTorch paths only (not a keyword of the attention call: read from the queries' width);
+- `dropout` p > 0 (attention dropout, which a model passes in training only, e.g. GPT-BigCode's `attn_pdrop`, which
+  TRL's `disable_dropout` does not reach): `flash_attn` kernels that take `dropout_p` (FlashAttention 2) and the
+  PyTorch paths; not torch's `varlen_attn`.
 
 A kernel is only chosen for what it implements (`select_kernel(..., needs=...)`); the trainer decides the layout at
 construction from the model (`nca_trl.shared_prompt.families.shared_prompt_support`).
@@ -74,7 +77,7 @@ KERNEL_ENV = "NCA_TRL_VARLEN_KERNEL"
 CPU_KERNEL = "reference"
 _FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
 # The attention variants a kernel may implement (module docstring)
-FEATURES = ("sliding_window", "softcap", "sinks", "wide_heads")
+FEATURES = ("sliding_window", "softcap", "sinks", "wide_heads", "dropout")
 # The widest attention head the fused kernels take (flash-attention 2/3 and torch's varlen_attn: 256); wider heads
 # are the `wide_heads` variant, which only the PyTorch paths implement
 FUSED_MAX_HEAD_DIM = 256
@@ -174,8 +177,8 @@ def varlen_attention(
     """
     window = binding_window(window, layout)
     variants = {n: v for n, v in (("window", window), ("softcap", softcap), ("sinks", sinks)) if v is not None}
-    wide = {"wide_heads"} if wide_heads(query, value) else set()
-    lacking = kernel.lacks({"sliding_window" if n == "window" else n for n in variants} | wide)
+    other = {n for n, used in (("wide_heads", wide_heads(query, value)), ("dropout", dropout > 0)) if used}
+    lacking = kernel.lacks({"sliding_window" if n == "window" else n for n in variants} | other)
     if lacking:
         raise ValueError(f"the varlen kernel {kernel.name} does not implement {_named(lacking)}")
     scale = query.size(-1) ** -0.5 if scale is None else scale
@@ -203,14 +206,11 @@ def flash_attn_kernel(fn: Callable, name: str) -> VarlenKernel:
     if missing:
         raise TypeError(f"{name} has no argument(s) {missing}: not a flash-attention varlen function")
     has_dropout = "dropout_p" in params
-    features = frozenset(f for f, arg in (("sliding_window", "window_size"), ("softcap", "softcap")) if arg in params)
+    features = frozenset(f for f, arg in (("sliding_window", "window_size"), ("softcap", "softcap"),
+                                          ("dropout", "dropout_p")) if arg in params)
 
     def call(q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout=0.0, window=None, softcap=None):
-        kwargs = {}
-        if has_dropout:
-            kwargs["dropout_p"] = dropout
-        elif dropout:
-            raise ValueError(f"{name} has no attention dropout: set the model's attention_dropout to 0")
+        kwargs = {"dropout_p": dropout} if has_dropout else {}  # `varlen_attention` checked the features
         if window is not None:
             kwargs["window_size"] = (window - 1, 0)  # the last `window` keys, the query's own included
         if softcap is not None:
@@ -238,9 +238,7 @@ def torch_varlen_kernel(fn: Callable, name: str = "torch.nn.attention.varlen.var
     has_scale, has_gqa = "scale" in params, "enable_gqa" in params
     has_window = "window_size" in params
 
-    def call(q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout=0.0, window=None):
-        if dropout:
-            raise ValueError(f"{name} has no attention dropout: set the model's attention_dropout to 0")
+    def call(q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout=0.0, window=None):  # dropout: not a feature
         # A sliding window: the last `window` keys, the query's own included (flash-attention's window_size)
         kwargs = dict(causal) if window is None else {"window_size": (window - 1, 0)}
         if has_scale:
@@ -264,7 +262,7 @@ _PYTORCH_PATHS = {
     ),
     "padded": VarlenKernel(
         "padded_varlen (causal SDPA on the prompts, masked SDPA on the completions)", padded_varlen,
-        features=frozenset({"sliding_window", "wide_heads"}),
+        features=frozenset({"sliding_window", "wide_heads", "dropout"}),
     ),
 }
 
@@ -364,7 +362,7 @@ def forced_kernel_problem(needs: frozenset, device_type: str, half: bool) -> str
     """Why the kernel `NCA_TRL_VARLEN_KERNEL` forces could not run a model with the attention variants `needs` on
     `device_type` (`half`: float16/bfloat16), as `select_kernel` would find at the first forward; "" if it can (or
     nothing is forced). Known without loading a fused kernel: none implements sinks or wide heads, torch's none
-    softcapping."""
+    softcapping nor dropout."""
     forced = os.environ.get(KERNEL_ENV) or None
     if forced is None:
         return ""
@@ -374,7 +372,7 @@ def forced_kernel_problem(needs: frozenset, device_type: str, half: bool) -> str
         if device_type != "cuda" or not half:
             return f"{KERNEL_ENV}={forced} needs CUDA and float16/bfloat16, and training runs on {device_type}" + (
                 "" if half else " in float32")
-        unknown = ("sinks", "wide_heads") if forced == "flash_attn" else ("softcap", "sinks", "wide_heads")
+        unknown = ("sinks", "wide_heads") if forced == "flash_attn" else ("softcap", "sinks", "wide_heads", "dropout")
         name, lacking = f"the {forced} kernel", [f for f in FEATURES if f in needs and f in unknown]
     else:
         return f"{KERNEL_ENV}={forced!r}: expected one of flash_attn, torch, reference, padded"
