@@ -419,12 +419,16 @@ def test_attention_modules_that_do_not_run_are_not_asked_for(tokenizer, vicuna, 
 
 
 @pytest.mark.slow
-def test_attention_dropout_in_training_takes_a_kernel_that_applies_it(tokenizer, vicuna, tmp_path, monkeypatch):
-    """GPT-BigCode (StarCoder 1) passes its `attn_pdrop` to the attention in training, which TRL's `disable_dropout`
-    (nn.Dropout modules only) leaves on, in DPOTrainer too. The shared-prompt attention asks `select_kernel` for a
-    kernel that applies it (on a GPU torch's varlen_attn has none, and the first training step raised there)."""
+def test_attention_dropout_in_training_takes_a_kernel_that_applies_it(tokenizer, vicuna, tmp_path, monkeypatch, caplog):
+    """GPT-BigCode (StarCoder 1) passes its `attn_pdrop` to the attention in training, a float that TRL's
+    `disable_dropout` (nn.Dropout modules only) leaves on, in DPOTrainer too; Seed-OSS its `attention_dropout` (0.1 by
+    default). The shared-prompt attention asks for a kernel that applies it, and on a GPU whose fused kernel has none
+    (torch's varlen_attn) the automatic layout is plain at construction: the first training step raised there."""
     monkeypatch.setitem(FAMILIES, "gpt_bigcode", ("gpt_bigcode", dict(num_hidden_layers=2, attn_pdrop=0.5)))
     trainer = trainer_for("gpt_bigcode", tokenizer, vicuna, tmp_path)
+    assert trainer.data_collator.shared_prompt and "dropout" in attention_variants(trainer.model)
+    gpt2 = trainer_for("gpt2", tokenizer, vicuna, tmp_path / "gpt2")  # attn_pdrop 0.1 in an nn.Dropout: zeroed
+    assert "dropout" not in attention_variants(gpt2.model) and "dropout" in attention_variants(build("gpt2"))
     asked = []
     select = varlen.select_kernel
     monkeypatch.setattr("nca_trl.shared_prompt.packing.select_kernel",
@@ -437,6 +441,23 @@ def test_attention_dropout_in_training_takes_a_kernel_that_applies_it(tokenizer,
     with torch.no_grad():
         first, second = _shared_logps(trainer), _shared_logps(trainer)
     assert asked[-1] == {"dropout"} and torch.isfinite(first).all() and not torch.equal(first, second)
+
+    # A CUDA GPU whose fused kernel is torch's varlen_attn, which has no dropout
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        return query
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr("transformers.utils.is_flash_attn_2_available", lambda: False)
+    monkeypatch.setattr(torch_varlen, "varlen_attn", varlen_attn)
+    trainer._layout_checked, trainer.data_collator.shared_prompt, trainer.args.bf16 = False, False, True
+    with (patch.object(type(trainer.accelerator), "device", new_callable=PropertyMock) as device,
+          caplog.at_level(logging.WARNING, logger="nca_trl")):
+        device.return_value = torch.device("cuda")
+        trainer._setup_layout()
+    assert not trainer.data_collator.shared_prompt
+    assert "Plain padded layout (shared_prompt=None, automatic): torch.nn.attention.varlen.varlen_attn: does not " \
+           "implement dropout" in caplog.text
 
 
 @pytest.mark.slow

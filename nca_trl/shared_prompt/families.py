@@ -200,7 +200,8 @@ def attention_variants(model, attention: list | None = None, longest: int | None
     (`_sliding_window`; where `longest`, the most keys a segment has, is given: only a window shorter than that, as a
     longer one masks nothing in either layout), `softcap` (`config.attn_logit_softcapping`), `sinks` (attention modules with
     `sinks`, as GPT-OSS's), `wide_heads` (attention modules with heads wider than `FUSED_MAX_HEAD_DIM`, as Gemma 4's
-    global layers). A config setting counts only where the config's class declares it (`_declared`).
+    global layers), `dropout` (attention modules whose attention dropout, passed in training, is above 0:
+    `_attention_dropout`). A config setting counts only where the config's class declares it (`_declared`).
     `attention`: `attention_modules(model)` where the caller has it already."""
     variants = set()
     config = model.config.get_text_config()
@@ -215,7 +216,22 @@ def attention_variants(model, attention: list | None = None, longest: int | None
         variants.add("sinks")
     if any(_head_dim(m) > FUSED_MAX_HEAD_DIM for m in attention):
         variants.add("wide_heads")
+    if any(_attention_dropout(m) > 0 for m in attention):
+        variants.add("dropout")
     return variants
+
+
+def _attention_dropout(attention) -> float:
+    """The dropout an attention module passes to its attention call in training: its `attention_dropout`,
+    `attn_dropout`, `attn_pdrop` or `dropout`, a float or an `nn.Dropout`'s `p` (which TRL's `disable_dropout` zeroes;
+    a float it leaves, as GPT-BigCode's `attn_pdrop`). The forward passes it on too: `shared_prompt_attention` asks for
+    a kernel that applies whatever a call gets."""
+    for name in ("attention_dropout", "attn_dropout", "attn_pdrop", "dropout"):
+        value = getattr(attention, name, None)
+        p = getattr(value, "p", value)
+        if isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0:
+            return float(p)
+    return 0.0
 
 
 def _head_dim(attention) -> int:
