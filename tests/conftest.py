@@ -107,3 +107,17 @@ def launch_env(tmp_path_factory):
         PYTHONWARNINGS="ignore",
     )
     return env
+
+
+@pytest.fixture(autouse=True)
+def fresh_clone_cwd(tmp_path_factory, monkeypatch):
+    """Every test runs in a folder laid out like a fresh clone (each top-level entry of the checkout, linked) with no
+    `outputs/`: what the tests read by relative path (`data/...`, `recipes/...`) is there, and what the README's quick
+    start leaves in `outputs/` (the tiny models it makes, runs) neither changes how a relative `outputs/tiny-*` reads
+    (a local path once `outputs/` exists) nor receives anything a test writes by relative path."""
+    root = tmp_path_factory.mktemp("clone")
+    for entry in REPO.iterdir():
+        if entry.name not in ("outputs", ".git"):
+            (root / entry.name).symlink_to(entry)
+    monkeypatch.chdir(root)
+    return root
