@@ -184,12 +184,16 @@ def test_two_round_iterate_resumes_after_a_kill_in_round_two(digits_model, tmp_p
     assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
     assert results["rounds"][0]["kl_to_initial"] == 0 and results["rounds"][2]["kl_to_initial"] != 0
     assert all(0 <= r["reward_mean"] <= r["reward_best_of_k"] <= 1 for r in results["rounds"])
+    # Every held-out sample is scored, empty ones too (0 for sorted_digits): they were left out of the mean before
+    assert all(r["completions_scored"] == r["prompts"] * 4 and r["prompts_scored"] == r["prompts"]
+               for r in results["rounds"])
+    assert all(r["empty_completions"] >= 0 for r in results["rounds"])
     # Round 2 starts from round 1's policy, against the initial model as its reference (`reference: initial`)
     train2 = yaml.safe_load((out / "round-2" / "train.yaml").read_text())
     assert train2["model_name_or_path"] == str(out / "round-1" / "model")
     assert train2["ref_model_name_or_path"] == str(digits_model)
     assert (out / "iterate_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| round | trained on | mean reward | best-of-K | KL to initial | length (tokens) |" in log2
+    assert "| round | trained on | mean reward | best-of-K | KL to initial | length (tokens) | empty |" in log2
 
     # Settings that change samples or updates cannot be changed on a restart
     from nca_trl.iterate import iterate

@@ -218,6 +218,29 @@ def test_none_drops_the_completion_and_then_the_row_with_counts_in_the_sidecar(t
     assert [s["kind"] for s in written["sources"]] == ["reward_function"] * 2
 
 
+def test_evaluation_scores_empty_completions_and_keeps_rows_with_one(tmp_path):
+    """`--evaluation` (what `nca-trl iterate` scores its held-out samples with): an empty completion is scored like
+    the others and a row is kept with one scored completion, so a model that answers nothing is not scored on its other
+    answers only (its held-out mean rose as it answered nothing more often); None still leaves a completion out."""
+    rows = [
+        {"prompt": "p0", "completions": ["a", "", "cc"]},
+        {"prompt": "p1", "completions": ["xa", "xb", ""]},   # one left: kept
+        {"prompt": "p2", "completions": ["xa", "xb"]},       # none left: dropped
+    ]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    output = tmp_path / "rated.jsonl"
+    sidecar = score(["--dataset_name", data, "--reward_funcs", spec("none_for_x"), "--reward_funcs",
+                     spec("length_reward"), "--output", str(output), "--evaluation", "true"])
+    scored = read_jsonl(output)
+    assert [r["completions"] for r in scored] == [["a", "", "cc"], [""]]
+    assert [r["rewards"] for r in scored] == [[2.0, 1.0, 3.0], [1.0]]
+    assert sidecar["stats"]["dropped"] == {"empty_completions": 0, "none_rewards": 4,
+                                           "rows_fewer_than_2_completions": 1, "completions_in_dropped_rows": 0}
+    score(["--dataset_name", data, "--reward_funcs", spec("none_for_x"), "--reward_funcs", spec("length_reward"),
+           "--output", str(tmp_path / "for_training.jsonl")])
+    assert [r["completions"] for r in read_jsonl(tmp_path / "for_training.jsonl")] == [["a", "cc"]]  # for training: as before
+
+
 def test_two_sources_with_weights_give_the_weighted_sum(tmp_path, monkeypatch):
     # a module of the current folder, named `module:function` and `module.function`
     (tmp_path / "my_rewards.py").write_text(

@@ -3,7 +3,10 @@
 For each held-out prompt the policy samples K completions (`nca-trl generate`, always with the same seed) and the
 scorer rates them (`nca-trl score`). Per round:
 
-- `reward_mean`: mean reward of the scored completions; `reward_best_of_k`: mean over prompts of their best reward;
+- `reward_mean`: mean reward of the scored completions, empty ones included (`nca-trl score --evaluation`: an empty
+  answer is the policy's too; a completion that the reward functions score None is left out, counted in
+  `completions_scored`); `reward_best_of_k`: mean over the scored prompts of their best reward; `empty_completions`:
+  how many of the samples are empty;
 - `kl_to_initial`: the KL proxy, mean over the sampled completions y of log pi(y|x) - log pi_0(y|x) (summed over the
   completion's tokens, as `nca-trl train` tokenizes them: EOS appended), pi_0 the initial model. A Monte-Carlo
   estimate of KL(pi || pi_0) from the policy's own samples: 0 for the initial model;
@@ -105,8 +108,14 @@ def kl_to_initial(samples: list[dict], policy_path: str, initial_path: str, dtyp
 
 def round_metrics(samples: list[dict], rated: list[dict], tokenizer, kl: float | None) -> dict:
     """The evaluation numbers of one round from its held-out samples and their scored rows."""
+    from ..scoring.combine import is_empty_completion
+
     lengths = [len(ids) for _, ids in _tokenized(samples, tokenizer)]
+    rated = [row for row in rated if row["rewards"]]
     rewards = [r for row in rated for r in row["rewards"]]
+    if not rewards:
+        raise ValueError(f"No held-out completion was scored (of {len(samples)} prompts): the reward sources scored "
+                         "every one None.")
     metrics = {
         "reward_mean": sum(rewards) / len(rewards),
         "reward_best_of_k": sum(max(row["rewards"]) for row in rated) / len(rated),
@@ -115,6 +124,7 @@ def round_metrics(samples: list[dict], rated: list[dict], tokenizer, kl: float |
         "prompts": len(samples),
         "prompts_scored": len(rated),
         "completions_scored": len(rewards),
+        "empty_completions": sum(is_empty_completion(c) for row in samples for c in row["completions"]),
     }
     if not all(math.isfinite(v) for v in (metrics["reward_mean"], metrics["reward_best_of_k"])):
         raise ValueError(f"Non-finite evaluation reward: {metrics}")

@@ -87,7 +87,7 @@ def _evaluate(args, layout: RunLayout, r: int, policy: str, main: bool) -> dict:
     run_generate(args, policy, layout.heldout, samples, seed=args.seed)
     if not main:
         return {}
-    run_score(args, samples, rated)
+    run_score(args, samples, rated, evaluation=True)
     samples_rows, rated_rows = read_jsonl(samples), read_jsonl(rated)
     trust = args.stages.generate.trust_remote_code  # the training's `trust_remote_code`
     kl = 0.0 if r == 0 else kl_to_initial(samples_rows, policy, args.model_name_or_path, args.generation_dtype,

@@ -8,7 +8,7 @@ __all__ = ["build_rounds_figure", "plot_rounds", "rounds_table"]
 
 _COLUMNS = (("round", "round", "{:d}"), ("train_prompts", "trained on", "{:d}"), ("reward_mean", "mean reward", "{:.4f}"),
             ("reward_best_of_k", "best-of-K", "{:.4f}"), ("kl_to_initial", "KL to initial", "{:.3f}"),
-            ("length_mean", "length (tokens)", "{:.1f}"))
+            ("length_mean", "length (tokens)", "{:.1f}"), ("empty_completions", "empty", "{:d}"))
 
 
 def rounds_table(results: list[dict]) -> str:

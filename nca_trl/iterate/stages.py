@@ -31,12 +31,12 @@ def run_generate(args, model: str, prompts: Path, output: Path, seed: int) -> di
     return generate(stage)
 
 
-def run_score(args, samples: Path, output: Path) -> dict:
+def run_score(args, samples: Path, output: Path, evaluation: bool = False) -> dict:
     """`nca-trl score` of `samples` with the run's reward model and/or reward functions, in this process (the main
-    one of a launch)."""
+    one of a launch); `evaluation`: the held-out samples, empty completions scored too (`ScoreArguments.evaluation`)."""
     from ..scoring import score_file
 
-    stage = replace(args.stages.score, dataset_name=str(samples), output=str(output))
+    stage = replace(args.stages.score, dataset_name=str(samples), output=str(output), evaluation=evaluation)
     _show("score", as_argv(stage))
     return score_file(stage)
 

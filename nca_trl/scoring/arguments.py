@@ -85,6 +85,13 @@ class ScoreArguments:
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow the reward model's own modelling code."})
     max_rows: int | None = field(default=None, metadata={"help": "Score only the first N rows of the split."})
+    evaluation: bool = field(
+        default=False,
+        metadata={"help": "Score for an evaluation, not for `nca-trl train`: empty completions are scored like the "
+                          "others (an empty answer is the model's too) and a row is kept with one scored completion, so "
+                          "the mean reward is the model's; `nca-trl train` refuses such rows. `nca-trl iterate` scores "
+                          "its held-out samples so."},
+    )
 
     @property
     def num_sources(self) -> int:

@@ -120,7 +120,8 @@ async def _await(awaitable):
 
 
 def score_rows(rows: list[dict], sources, weights: list[float] | None = None, *, chunk_size: int = 64,
-               row_ids: list[int] | None = None, log=_log, progress: bool = True) -> tuple[list[dict], dict]:
+               row_ids: list[int] | None = None, log=_log, progress: bool = True,
+               evaluation: bool = False) -> tuple[list[dict], dict]:
     """Score {prompt, completions} rows: `(scored_rows, stats)`.
 
     Args:
@@ -131,9 +132,12 @@ def score_rows(rows: list[dict], sources, weights: list[float] | None = None, *,
         weights: one per source (default all 1.0): reward = sum of weight x value.
         chunk_size: rows per call of a source.
         row_ids: how errors and logs name the rows (default: their positions in `rows`).
+        evaluation: score for an evaluation, not for `nca-trl train` (below).
 
     Empty completions are dropped before scoring; a completion that any source scores None is dropped; a row left
-    with fewer than 2 completions is dropped. Each output row is checked as `nca-trl train` checks it.
+    with fewer than 2 completions is dropped. Each output row is checked as `nca-trl train` checks it. With
+    `evaluation`, empty completions are scored like the others (an empty answer is the policy's too), and a row is
+    kept while it has one scored completion; the rows are not training data then, and not checked as such.
 
     Returns:
         The scored rows `{"prompt", "completions", "rewards", ...carried}` and the statistics: `rows_in`,
@@ -170,6 +174,7 @@ def score_rows(rows: list[dict], sources, weights: list[float] | None = None, *,
         log(f"{replaced} row(s) already have `rewards`: they are replaced by the new scores")
     scored: list[dict] = []
     completions_in = 0
+    least = 1 if evaluation else 2  # completions a row keeps to be kept
 
     from tqdm.auto import tqdm
 
@@ -188,14 +193,15 @@ def score_rows(rows: list[dict], sources, weights: list[float] | None = None, *,
                 raise TypeError(f"row {row_ids[position]}: `completions` is {type(completions).__name__}, expected a "
                                 "list of completions.")
             completions_in += len(completions)
-            kept = [(k, c) for k, c in enumerate(completions) if not is_empty_completion(c)]
+            kept = [(k, c) for k, c in enumerate(completions) if evaluation or not is_empty_completion(c)]
             dropped["empty_completions"] += len(completions) - len(kept)
-            if len(kept) < 2:
+            if len(kept) < least:
                 dropped["rows_fewer_than_2_completions"] += 1
                 dropped["completions_in_dropped_rows"] += len(kept)
                 continue
-            check = {**row, "completions": [c for _, c in kept], "rewards": [0.0] * len(kept)}
-            validate_example(check, row_ids[position], "input")  # the row's shape, before any model runs
+            if not evaluation:
+                check = {**row, "completions": [c for _, c in kept], "rewards": [0.0] * len(kept)}
+                validate_example(check, row_ids[position], "input")  # the row's shape, before any model runs
             todo.append((position, kept))
         if todo:
             owners = [(position, k) for position, kept in todo for k, _ in kept]
@@ -226,14 +232,15 @@ def score_rows(rows: list[dict], sources, weights: list[float] | None = None, *,
                         continue
                     out_completions.append(completion)
                     out_rewards.append(math.fsum(w * v for w, v in zip(weights, values)))
-                if len(out_completions) < 2:
+                if len(out_completions) < least:
                     dropped["rows_fewer_than_2_completions"] += 1
                     dropped["completions_in_dropped_rows"] += len(out_completions)
                     continue
                 row = rows[position]
                 out = {"prompt": row["prompt"], "completions": out_completions, "rewards": out_rewards,
                        **{k: v for k, v in row.items() if k not in ("prompt", "completions", "rewards")}}
-                validate_example(out, row_ids[position], "scored")  # what `nca-trl train` will check
+                if not evaluation:
+                    validate_example(out, row_ids[position], "scored")  # what `nca-trl train` will check
                 scored.append(out)
         bar.update(min(start + chunk_size, len(rows)) - start)
     bar.close()
@@ -250,6 +257,7 @@ def score_rows(rows: list[dict], sources, weights: list[float] | None = None, *,
                     for name, w in zip(names, weights)},
         "rewards": _summary([r for row in scored for r in row["rewards"]]),
         "replaced_rewards": replaced,
+        "evaluation": evaluation,
         "metrics": {name: math.fsum(v) / len(v) for name, v in metrics.items()},
     }
     _log_stats(stats, log)
@@ -266,7 +274,8 @@ def _log_stats(stats: dict, log) -> None:
         by = ", ".join(f"{name}: {n}" for name, n in stats["none_by_source"].items() if n)
         log(f"dropped {dropped['none_rewards']} completion(s) that a source scored None ({by})")
     if dropped["rows_fewer_than_2_completions"]:
-        log(f"dropped {dropped['rows_fewer_than_2_completions']} row(s) left with fewer than 2 completions (with "
+        left = "no scored completion" if stats.get("evaluation") else "fewer than 2 completions"
+        log(f"dropped {dropped['rows_fewer_than_2_completions']} row(s) left with {left} (with "
             f"their {dropped['completions_in_dropped_rows']} other completion(s))")
     for name, s in stats["sources"].items():
         if s["count"]:

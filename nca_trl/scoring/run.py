@@ -90,7 +90,7 @@ def score_file(args: ScoreArguments) -> dict:
                            trust_remote_code=args.trust_remote_code)
     weights = args.weights
     _log("reward = " + " + ".join(f"{w:g} x {name}" for name, w in zip(sources, weights)))
-    scored, stats = score_rows(rows, sources, weights, chunk_size=args.chunk_size)
+    scored, stats = score_rows(rows, sources, weights, chunk_size=args.chunk_size, evaluation=args.evaluation)
     described = []
     for (name, source), weight in zip(sources.items(), weights):
         entry = {"name": name, "kind": "reward_model" if hasattr(source, "describe") else "reward_function",
