@@ -109,12 +109,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"nca-trl {command}: error: {error}", file=sys.stderr)
             return 2
     from .runtime.environment import quiet_deepspeed_cpu_notice
-    from .runtime.errors import SettingsError
+    from .runtime.errors import DataError, SettingsError
 
     quiet_deepspeed_cpu_notice()
     try:
         getattr(importlib.import_module(package), run)(rest)
     except SettingsError as error:  # refused before anything was written or loaded: the message is the whole story
+        print(f"nca-trl {command}: error: {error}", file=sys.stderr)
+        return 2
+    except DataError as error:  # a bad row or data file: its message names the row or line, and the fix
         print(f"nca-trl {command}: error: {error}", file=sys.stderr)
         return 2
     return 0

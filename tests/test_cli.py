@@ -186,8 +186,11 @@ def test_data_sources_splits_and_mixtures(tmp_path):
         # Rated rows reach the trainer as loaded: it validates every row once, then converts
         assert {"prompt", "completions", "rewards"} <= set(train.column_names) and len(train) == 10
         assert len(evaluation) == 5 and not set(evaluation["prompt"]) & set(train["prompt"])
+        # Each row keeps its position in the data through the shuffled split: errors name the user's rows
+        assert not set(evaluation["row_index"]) & set(train["row_index"]) and max(evaluation["row_index"]) < 20
     train, evaluation = load("--dataset_name", str(pairs), "--dataset_format", "preference")
-    assert evaluation is None and train.column_names == ["prompt", "chosen", "rejected"] and len(train) == 10
+    assert evaluation is None and train.column_names == ["prompt", "chosen", "rejected", "row_index"]
+    assert train["row_index"] == list(range(10))
     with pytest.raises(ValueError, match="Split 'test' not found"):
         load("--dataset_name", str(pairs), "--dataset_test_split", "test")
 

@@ -2,6 +2,7 @@
 MESSAGE`, exit status 2, and leaves nothing behind, also when it is found after the arguments are parsed (a split
 the data does not have, a `max_length` no prompt fits, more prompts per round than the data holds)."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,27 @@ def test_a_failed_run_keeps_an_output_dir_that_was_there(folder, capsys):
     (folder / "outputs" / "run").mkdir(parents=True)
     refused([*TRAIN, "--dataset_train_split", "nosplit"], capsys)
     assert (folder / "outputs" / "run").is_dir()
+
+
+@pytest.mark.parametrize("command", ["train", "score"])
+def test_a_bad_row_or_data_file_is_one_line_exit_2_and_leaves_nothing(command, folder, tiny_mistral, capsys):
+    """A row the trainers cannot use (dataset, row, field, fix) and a truncated data file (file, line, fix) are found
+    before anything is written or loaded: their message alone, as a refused setting's (before: a traceback through
+    the data package, exit 1)."""
+    good = '{"prompt": "hi", "completions": ["a", "b"], "rewards": [1, 2]}\n'
+    (folder / "bad.jsonl").write_text(good * 14 + '{"prompt": "hi", "completions": ["a", "b", "c"], "rewards": [1, 2]}\n'
+                                      + good * 5)
+    (folder / "cut.jsonl").write_text('{"prompt": "hi", "completions": ["a", "b"], "rewards": [1, 2]}\n{"prompt": "h')
+    argv = ([*TRAIN, "--model_name_or_path", str(tiny_mistral)] if command == "train" else
+            ["score", "--reward_funcs", "sorted_digits", "--output", "outputs/run/rated.jsonl"])
+    if command == "train":
+        # Named by its line in the file (row 14), not by its place in the split `eval_fraction` shuffled it into
+        assert re.fullmatch(r"(train|eval) dataset, row 14, field 'rewards': 3 completions but 2 rewards\. Fix: give "
+                            r"exactly one reward per completion, in the same order\.",
+                            refused([*argv, "--dataset_name", "bad.jsonl"], capsys))
+        (folder / "one.jsonl").write_text(good)  # and a split that leaves nothing to train on is refused as such
+        assert refused([*argv, "--dataset_name", "one.jsonl"], capsys).startswith(
+            "`eval_fraction: 0.1` of the 1 training row(s) holds 1 out and leaves none to train on")
+    assert refused([*argv, "--dataset_name", "cut.jsonl"], capsys).startswith(
+        "cut.jsonl, line 2: the last line ends before its JSON object does")
+    assert not (folder / "outputs").exists()

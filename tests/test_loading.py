@@ -180,9 +180,9 @@ def test_load_datasets_reports_the_file(tmp_path):
         load_datasets(script, NO_MIXTURE, SimpleNamespace(seed=0))
 
 
-def test_cli_reports_a_data_error_before_loading_the_model(tmp_path):
+def test_cli_reports_a_data_error_before_loading_the_model(tmp_path, capsys):
     """`nca-trl train` with a broken data file and an empty model folder: the data error comes first (the data is
-    loaded and checked before any model, tokenizer included)."""
+    loaded and checked before any model, tokenizer included), its message alone (exit 2)."""
     from nca_trl.cli import main
 
     (tmp_path / "never-loaded").mkdir()
@@ -192,5 +192,5 @@ def test_cli_reports_a_data_error_before_loading_the_model(tmp_path):
         "train", "--model_name_or_path", str(tmp_path / "never-loaded"), "--dataset_name", str(path),
         "--output_dir", str(tmp_path / "out"), "--bf16", "false", "--use_cpu", "true", "--report_to", "none",
     ]
-    with pytest.raises(DataFileError, match=r"d\.jsonl, line 2: byte \d+ .* is not UTF-8"):
-        main(argv)
+    assert main(argv) == 2
+    assert re.match(r"nca-trl train: error: .*d\.jsonl, line 2: byte \d+ .* is not UTF-8", capsys.readouterr().err)

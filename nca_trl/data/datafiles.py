@@ -22,6 +22,8 @@ import lzma
 import math
 from pathlib import Path
 
+from ..runtime.errors import DataError
+
 __all__ = ["FILE_BUILDERS", "DataFileError", "check_data_file"]
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
@@ -33,7 +35,7 @@ _OTHER_COMPRESSION = (".zst", ".lz4", ".zip", ".tar")
 _MAX_LISTED = 5
 
 
-class DataFileError(ValueError):
+class DataFileError(DataError):
     """A local data file (or folder of data files) that cannot be loaded. The message names the file, the line where
     the format has lines, what is wrong and how to fix it; `path` and `line` (or None) hold the first two."""
 

@@ -34,6 +34,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..runtime.errors import DataError
+
 
 RATED = "rated"
 PREFERENCE = "preference"
@@ -66,7 +68,7 @@ _ACCEPTED_LAYOUTS = (
 _MAX_REPORTED_ROWS = 20
 
 
-class DataValidationError(ValueError):
+class DataValidationError(DataError):
     r"""
     A dataset row that the trainers cannot use. The message always names the dataset, the row, the field, the problem
     and the fix:

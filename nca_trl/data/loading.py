@@ -11,6 +11,7 @@ are loaded as they are.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import datasets
@@ -19,6 +20,7 @@ from ..runtime.errors import SettingsError
 from .converters import convert_dataset, resolve_format
 from .datafiles import FILE_BUILDERS, DataFileError, check_data_file
 from .folders import declares_configs, folder_data_files
+from .tokenize import with_row_index
 
 __all__ = ["load_datasets", "load_raw", "load_split", "split_of"]
 
@@ -99,9 +101,17 @@ def load_datasets(script_args, mixture, training_args):
     if test_split is not None:
         eval_raw = split_of(raw, test_split, "dataset_test_split")
 
-    train = _trainer_rows(train_raw, script_args, "train")
-    evaluation = _trainer_rows(eval_raw, script_args, "eval") if eval_raw is not None else None
-    if script_args.eval_fraction is not None:
+    # Each row's position, before `eval_fraction` shuffles it into a split: errors name the user's rows
+    train = with_row_index(_trainer_rows(train_raw, script_args, "train"))
+    evaluation = with_row_index(_trainer_rows(eval_raw, script_args, "eval")) if eval_raw is not None else None
+    if script_args.eval_fraction is not None and len(train):  # none: the empty-data check names it
+        held_out = math.ceil(script_args.eval_fraction * len(train))  # `train_test_split`'s count
+        if held_out >= len(train):
+            raise SettingsError(
+                f"`eval_fraction: {script_args.eval_fraction}` of the {len(train)} training row(s) holds {held_out} "
+                "out and leaves none to train on: give more rows, a smaller `eval_fraction`, or leave it unset "
+                "(with `eval_strategy: no`)."
+            )
         split = train.train_test_split(test_size=script_args.eval_fraction, seed=training_args.seed)
         train, evaluation = split["train"], split["test"]
     if script_args.max_train_samples is not None:

@@ -42,6 +42,7 @@ from .formats import (
     _text_problem,
     detect_format,
 )
+from ..runtime.errors import ROW_INDEX
 from .rewards import check_rewards, rewards_tie
 
 
@@ -337,7 +338,8 @@ def validate_dataset(dataset, dataset_name: str = "train") -> ValidationReport:
             "the dataset has no rows", "pass a dataset with at least one row", field="", dataset_name=dataset_name
         )
     first = _first_row(dataset)
-    fmt = detect_format(first, 0, dataset_name)
+    first_row = first.get(ROW_INDEX, 0)  # errors name the user's rows (`with_row_index`), else positions
+    fmt = detect_format(first, first_row, dataset_name)
     style = _row_style(first, fmt)  # compared from row 1 on: row 0 is validated first, in the loop
     required = REQUIRED_COLUMNS[fmt]
     # Only the formats' own columns are read (a rated dataset with "chosen"/"rejected" too is still read as rated).
@@ -351,7 +353,8 @@ def validate_dataset(dataset, dataset_name: str = "train") -> ValidationReport:
     report = ValidationReport(dataset_name=dataset_name, format=fmt, conversational=style == "conversational",
                               num_rows=0)
     k_hist: dict[int, int] = {}
-    for index, row in enumerate(_iter_rows(dataset, columns)):
+    for position, row in enumerate(_iter_rows(dataset, [*columns, ROW_INDEX])):
+        index = row.get(ROW_INDEX, position)
         row_fmt = detect_format(row, index, dataset_name)
         if row_fmt != fmt and fmt in mixable and row_fmt in mixable:
             formats_seen.add(row_fmt)
@@ -363,7 +366,7 @@ def validate_dataset(dataset, dataset_name: str = "train") -> ValidationReport:
                 bad = "prompt" if fmt == PREFERENCE_IMPLICIT else REQUIRED_COLUMNS[row_fmt][-1]
                 detail = f" (it has the '{bad}' column of the '{row_fmt}' format)"
             raise DataValidationError(
-                f"this row is in the '{row_fmt}' format but row 0 is in the '{fmt}' format" + detail,
+                f"this row is in the '{row_fmt}' format but row {first_row} is in the '{fmt}' format" + detail,
                 "use one format for the whole dataset (convert the odd rows, or drop them); only rated rows and "
                 "preference rows with a 'prompt' column can be mixed",
                 row=index,
@@ -376,7 +379,7 @@ def validate_dataset(dataset, dataset_name: str = "train") -> ValidationReport:
             lead = "chosen" if fmt == PREFERENCE_IMPLICIT else "prompt"
             raise DataValidationError(
                 f"mixed standard/conversational styles across rows: '{lead}' is {_style_word(row_style)} here but "
-                f"{_style_word(style)} in row 0",
+                f"{_style_word(style)} in row {first_row}",
                 _STYLE_FIX,
                 row=index,
                 field=lead,

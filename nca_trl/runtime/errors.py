@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["ROW_INDEX", "SettingsError", "settings_errors"]
+__all__ = ["ROW_INDEX", "DataError", "SettingsError", "settings_errors"]
 
 #: Column the trainers add to a given dataset: each row's position in it, so that errors (a bad row, a non-finite step)
 #: name the user's rows. Here, below the data package and the run safety that both use it.
@@ -19,6 +19,13 @@ ROW_INDEX = "row_index"
 
 class SettingsError(ValueError):
     """A setting refused before anything is written or loaded (its message names the setting and the fix)."""
+
+
+class DataError(ValueError):
+    """The base of a bad data row (`nca_trl.data.DataValidationError`: dataset, row, field, fix) and a data file that
+    cannot be loaded (`nca_trl.data.datafiles.DataFileError`: file, line, fix). The commands find them before anything
+    is written or loaded (`nca-trl train` validates every row first: it does not stream), and the command line prints
+    the message alone, as a `SettingsError`'s."""
 
 
 def settings_errors(parse):
