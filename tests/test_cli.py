@@ -305,6 +305,7 @@ def test_launch_traps_fail_loudly():
     """The settings that make a broken launch look green raise before anything is loaded."""
     from types import SimpleNamespace
 
+    from nca_trl.runtime.errors import SettingsError
     from nca_trl.runtime.launch import check_launch_environment, check_world_size
 
     alone = SimpleNamespace(num_processes=1, distributed_type="NO")
@@ -320,7 +321,10 @@ def test_launch_traps_fail_loudly():
     deepspeed = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_MIXED_PRECISION": "no"}
     with pytest.raises(ValueError, match="switches DeepSpeed off"):
         check_launch_environment(SimpleNamespace(use_cpu=True, bf16=False, fp16=False), deepspeed)
-    with pytest.raises(ValueError, match="--mixed_precision no"):
+    # A SettingsError: one line on the command line (it was a traceback from every launched process), and bf16 left
+    # automatic is not called "the recipe has `bf16: false`"
+    with pytest.raises(SettingsError, match=r"training has `bf16` off \(set false, or left automatic: off on a CPU\)"
+                       r".*--mixed_precision no"):
         check_launch_environment(
             SimpleNamespace(use_cpu=False, bf16=False, fp16=False), {**deepspeed, "ACCELERATE_MIXED_PRECISION": "bf16"}
         )
@@ -572,3 +576,20 @@ def test_a_refused_setting_is_one_line_and_exit_2(argv, message, capsys, monkeyp
     err = capsys.readouterr().err
     assert err.startswith(f"nca-trl {argv[0]}: error: ") and message in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_dir_lists_the_lazy_public_names_without_importing_them():
+    """`dir(nca_trl)` (tab completion) listed only `lazy_exports`, `quiet_deepspeed_cpu_notice` and `runtime`: the
+    trainers are imported on first use. It lists every public name now, still importing nothing heavy."""
+    code = ("import json, sys, nca_trl, nca_trl.generation, nca_trl.scoring\n"
+            "print(json.dumps({'top': dir(nca_trl), 'generation': dir(nca_trl.generation), "
+            f"'scoring': dir(nca_trl.scoring), 'heavy': [m for m in {HEAVY!r} if m in sys.modules]}}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(REPO)})
+    listed = json.loads(proc.stdout)
+    import nca_trl.generation
+    import nca_trl.scoring
+
+    assert set(nca_trl.__all__) <= set(listed["top"]) and "NCATrainer" in listed["top"]
+    assert set(nca_trl.generation.__all__) <= set(listed["generation"])
+    assert set(nca_trl.scoring.__all__) <= set(listed["scoring"]) and listed["heavy"] == []

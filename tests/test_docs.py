@@ -140,8 +140,9 @@ def _defines(source: Path, name: str) -> bool:
         if any(isinstance(t, ast.Name) and t.id == name for t in targets):
             return True
     lazy = any(isinstance(node, ast.FunctionDef) and node.name == "__getattr__"
-               or isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__getattr__" for t in node.targets)
-               for node in tree.body)  # `def __getattr__` or `__getattr__ = lazy_exports(__name__, _EXPORTS)`
+               or isinstance(node, ast.Assign) and any(getattr(n, "id", None) == "__getattr__"
+                                                       for t in node.targets for n in ast.walk(t))
+               for node in tree.body)  # `def __getattr__` or `__getattr__, __dir__ = lazy_exports(...)`
     return lazy and any(isinstance(n, ast.Constant) and n.value == name for n in ast.walk(tree))
 
 

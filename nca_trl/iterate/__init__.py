@@ -18,4 +18,4 @@ _EXPORTS = {
     "plan_rounds": "loop",
 }
 __all__ = list(_EXPORTS)
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

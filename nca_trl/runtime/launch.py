@@ -4,30 +4,33 @@ from __future__ import annotations
 
 import os
 
+from .errors import SettingsError
+
 __all__ = ["check_launch_environment", "check_world_size", "distributed_summary"]
 
 
 def check_launch_environment(training_args, environ=os.environ) -> None:
-    """Fail loudly on launch settings that otherwise degrade silently (before anything is loaded)."""
+    """Fail loudly on launch settings that otherwise degrade silently (before anything is loaded): a
+    `SettingsError`, one line on the command line (each launched process says it)."""
     deepspeed = str(environ.get("ACCELERATE_USE_DEEPSPEED", "false")).lower() == "true"
     if deepspeed and training_args.use_cpu:
-        raise ValueError(
+        raise SettingsError(
             "`use_cpu: true` switches DeepSpeed off (the run would silently fall back to plain data parallel). Under "
             "a DeepSpeed accelerate config on CPU pass `--use_cpu false --ddp_backend gloo --bf16 false` instead."
         )
     fsdp = str(environ.get("ACCELERATE_USE_FSDP", "false")).lower() == "true"
     if fsdp and training_args.use_cpu:
-        raise ValueError(
+        raise SettingsError(
             "FSDP needs GPUs: accelerate sets FSDP up only on GPU-like devices, and with `use_cpu: true` the run would "
             "silently fall back to plain data parallel (MULTI_CPU). On CPU processes use ddp.yaml with `use_cpu: true` "
             "or a DeepSpeed config."
         )
     precision = environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if deepspeed and precision in ("bf16", "fp16") and not getattr(training_args, precision):
-        raise ValueError(
-            f"The accelerate config asks for mixed_precision={precision} but the recipe has `{precision}: false`. "
-            "DeepSpeed needs both to agree: on CPU add `--mixed_precision no` to `accelerate launch`; on GPUs set "
-            f"`{precision}: true` in the recipe."
+        raise SettingsError(
+            f"The accelerate config asks for mixed_precision={precision} but training has `{precision}` off (set "
+            f"false, or left automatic: off on a CPU). DeepSpeed needs both to agree: on CPU add `--mixed_precision "
+            f"no` to `accelerate launch`; on GPUs set `{precision}: true` in the recipe."
         )
 
 

@@ -9,8 +9,10 @@ __all__ = ["lazy_exports"]
 
 
 def lazy_exports(package: str, exports: dict[str, str]):
-    """A module `__getattr__` for `package`: the public name `n` comes from the submodule `exports[n]`, imported on
-    first use (`from nca_trl.generation import generate` works as with eager imports)."""
+    """A module's `(__getattr__, __dir__)` for `package`: the public name `n` comes from the submodule `exports[n]`,
+    imported on first use (`from nca_trl.generation import generate` works as with eager imports), and `dir()` (tab
+    completion) lists the public names beside what the module holds already."""
+    import sys
 
     def __getattr__(name: str):
         module = exports.get(name)
@@ -18,4 +20,7 @@ def lazy_exports(package: str, exports: dict[str, str]):
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         return getattr(importlib.import_module(f"{package}.{module}"), name)
 
-    return __getattr__
+    def __dir__() -> list[str]:
+        return sorted(set(vars(sys.modules[package])) | set(exports))
+
+    return __getattr__, __dir__

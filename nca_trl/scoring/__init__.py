@@ -49,4 +49,4 @@ _EXPORTS = {
     "load_sources": "sources",
 }
 __all__ = list(_EXPORTS)
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
