@@ -85,6 +85,13 @@ def test_a_bad_row_or_data_file_is_one_line_exit_2_and_leaves_nothing(command, f
         assert re.fullmatch(r"(train|eval) dataset, row 14, field 'rewards': 3 completions but 2 rewards\. Fix: give "
                             r"exactly one reward per completion, in the same order\.",
                             refused([*argv, "--dataset_name", "bad.jsonl"], capsys))
+        # Rewards written as strings in some rows only: datasets reads the column as JSON values and made "1" the
+        # number 1 without a word (the trainers refuse every string), so the run trained
+        (folder / "strings.jsonl").write_text(good * 3 + '{"prompt": "h", "completions": ["a", "b"], "rewards": '
+                                              '["1", "0"]}\n')
+        assert refused([*argv, "--dataset_name", "strings.jsonl"], capsys).startswith(
+            "strings.jsonl: its `rewards` mix numbers with other values across rows (line 4: reward at position 0 is "
+            "'1')")
         (folder / "one.jsonl").write_text(good)  # and a split that leaves nothing to train on is refused as such
         assert refused([*argv, "--dataset_name", "one.jsonl"], capsys).startswith(
             "`eval_fraction: 0.1` of the 1 training row(s) holds 1 out and leaves none to train on")

@@ -75,6 +75,39 @@ def load_split(args, split_field: str = "dataset_split", limit: int | None = Non
     return dataset
 
 
+def _check_reward_types(dataset, source: str | None) -> None:
+    """A `rewards` column whose rows mix numbers with strings (or other values) is read by `datasets` as JSON values
+    (a `Json` feature), which turns the string "1" into the number 1 without a word, where the trainers refuse every
+    string: refused, naming the first such line of a JSON Lines file `source`."""
+    feature = (getattr(dataset, "features", None) or {}).get("rewards")
+    if feature is None or "Json" not in repr(feature):
+        return
+    found = _first_non_number_reward(Path(source)) if source and Path(source).is_file() else None
+    at = f" (line {found[0]}: reward at position {found[1]} is {found[2]!r})" if found else ""
+    raise DataFileError(
+        f"{source or 'the data'}: its `rewards` mix numbers with other values across rows{at}, which `datasets` reads "
+        "as JSON values, turning the string \"1\" into the number 1 without a word. Fix: write every reward as a "
+        "number.", path=source, line=found[0] if found else None,
+    )
+
+
+def _first_non_number_reward(path: Path) -> tuple[int, int, object] | None:
+    """(line, position, value) of the first reward of a JSON Lines file that is not a number, or None."""
+    import json
+
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line) if line.strip() else None
+            except ValueError:
+                return None  # one JSON document, not JSON Lines
+            rewards = row.get("rewards") if isinstance(row, dict) else None
+            for position, value in enumerate(rewards if isinstance(rewards, list) else []):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    return number, position, value
+    return None
+
+
 def _trainer_rows(dataset, script_args, name: str):
     """Rated and preference rows go to the trainer as they are: it validates every row once, then converts. Raw
     layouts (UltraFeedback, columns) are converted here, their ratings parsed and checked as they are read."""
@@ -101,6 +134,9 @@ def load_datasets(script_args, mixture, training_args):
     if test_split is not None:
         eval_raw = split_of(raw, test_split, "dataset_test_split")
 
+    source = None if mixture.datasets else script_args.dataset_name
+    for raw_split in (train_raw, eval_raw):
+        _check_reward_types(raw_split, source)
     # Each row's position, before `eval_fraction` shuffles it into a split: errors name the user's rows
     train = with_row_index(_trainer_rows(train_raw, script_args, "train"))
     evaluation = with_row_index(_trainer_rows(eval_raw, script_args, "eval")) if eval_raw is not None else None
