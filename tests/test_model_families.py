@@ -285,6 +285,30 @@ def test_unknown_family_is_plain_and_says_why(tiny_mistral):
     assert not support.enabled and "'my_new_family') is not among the families tested exact" in support.reason
 
 
+def on_a_gpu_with_torch_varlen_attn(monkeypatch):
+    """Make this process look like a CUDA GPU (compute capability 9.0, no flash_attn package) whose fused varlen kernel
+    is torch's `varlen_attn` in the signature that takes windows (a stand-in: nothing runs on it here)."""
+
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        return query
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr("transformers.utils.is_flash_attn_2_available", lambda: False)
+    monkeypatch.setattr(torch_varlen, "varlen_attn", varlen_attn)
+
+
+def automatic_layout_on_cuda(trainer, caplog) -> bool:
+    """The trainer's automatic layout decided again as on a CUDA device in bf16: whether it takes the shared-prompt
+    layout (the reason for a plain one is logged, into `caplog`)."""
+    trainer._layout_checked, trainer.data_collator.shared_prompt, trainer.args.bf16 = False, False, True
+    with (patch.object(type(trainer.accelerator), "device", new_callable=PropertyMock) as device,
+          caplog.at_level(logging.WARNING, logger="nca_trl")):
+        device.return_value = torch.device("cuda")
+        trainer._setup_layout()
+    return trainer.data_collator.shared_prompt
+
+
 @pytest.mark.slow
 def test_heads_wider_than_the_fused_kernels_take(tokenizer, vicuna, tmp_path, monkeypatch, caplog):
     """Gemma 4's global layers have 512-wide heads, which no fused varlen kernel takes (flash-attention and torch's
@@ -301,26 +325,14 @@ def test_heads_wider_than_the_fused_kernels_take(tokenizer, vicuna, tmp_path, mo
     logps_both_layouts(trainer)  # each call says whether its heads are wide: the 512-wide and the 16-wide layers
     assert sorted("wide_heads" in needs for _, _, _, needs, _ in varlen._selected) == [False, True]
 
-    # A CUDA GPU whose fused kernel (torch's varlen_attn) takes windows
-    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
-        return query
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr("transformers.utils.is_flash_attn_2_available", lambda: False)
-    monkeypatch.setattr(torch_varlen, "varlen_attn", varlen_attn)
+    on_a_gpu_with_torch_varlen_attn(monkeypatch)
     kernel, why = varlen.cuda_varlen_kernel("sdpa", needs=frozenset({"sliding_window", "wide_heads"}))
     assert kernel is None and "does not implement wide_heads (heads wider than 256 dimensions)" in why
     monkeypatch.setattr(varlen, "_selected", {})
     cuda = torch.device("cuda")
     assert varlen.select_kernel(cuda, torch.bfloat16, "sdpa", frozenset({"sliding_window"})).cuda
     assert varlen.select_kernel(cuda, torch.bfloat16, "sdpa", frozenset({"wide_heads"})).fn is varlen.padded_varlen
-    trainer._layout_checked, trainer.data_collator.shared_prompt, trainer.args.bf16 = False, False, True
-    with (patch.object(type(trainer.accelerator), "device", new_callable=PropertyMock) as device,
-          caplog.at_level(logging.WARNING, logger="nca_trl")):
-        device.return_value = cuda
-        trainer._setup_layout()
-    assert not trainer.data_collator.shared_prompt
+    assert not automatic_layout_on_cuda(trainer, caplog)
     assert "Plain padded layout (shared_prompt=None, automatic): torch.nn.attention.varlen.varlen_attn: does not " \
            "implement wide_heads (heads wider than 256 dimensions)" in caplog.text
 
@@ -442,20 +454,8 @@ def test_attention_dropout_in_training_takes_a_kernel_that_applies_it(tokenizer,
         first, second = _shared_logps(trainer), _shared_logps(trainer)
     assert asked[-1] == {"dropout"} and torch.isfinite(first).all() and not torch.equal(first, second)
 
-    # A CUDA GPU whose fused kernel is torch's varlen_attn, which has no dropout
-    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
-        return query
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr("transformers.utils.is_flash_attn_2_available", lambda: False)
-    monkeypatch.setattr(torch_varlen, "varlen_attn", varlen_attn)
-    trainer._layout_checked, trainer.data_collator.shared_prompt, trainer.args.bf16 = False, False, True
-    with (patch.object(type(trainer.accelerator), "device", new_callable=PropertyMock) as device,
-          caplog.at_level(logging.WARNING, logger="nca_trl")):
-        device.return_value = torch.device("cuda")
-        trainer._setup_layout()
-    assert not trainer.data_collator.shared_prompt
+    on_a_gpu_with_torch_varlen_attn(monkeypatch)  # which has no dropout
+    assert not automatic_layout_on_cuda(trainer, caplog)
     assert "Plain padded layout (shared_prompt=None, automatic): torch.nn.attention.varlen.varlen_attn: does not " \
            "implement dropout" in caplog.text
 
