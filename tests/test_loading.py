@@ -194,3 +194,55 @@ def test_cli_reports_a_data_error_before_loading_the_model(tmp_path, capsys):
     ]
     assert main(argv) == 2
     assert re.match(r"nca-trl train: error: .*d\.jsonl, line 2: byte \d+ .* is not UTF-8", capsys.readouterr().err)
+
+
+def _load(path, **settings):
+    args = SimpleNamespace(dataset_name=str(path), dataset_config=None, dataset_train_split="train",
+                           dataset_test_split=None, eval_fraction=None, max_train_samples=None, max_eval_samples=None,
+                           dataset_format="auto", dataset_format_kwargs=None)
+    for key, value in settings.items():
+        setattr(args, key, value)
+    return load_datasets(args, NO_MIXTURE, SimpleNamespace(seed=0))
+
+
+def test_messages_name_rows_by_their_place_in_the_data_as_given(tmp_path, tokenizer, caplog):
+    """Rows keep their position in the file through `eval_fraction`'s shuffled split and a raw layout's conversion
+    that drops rows: the preparation's messages (a prompt that fills max_length, tied rewards) name the file's rows
+    (they named positions in the split, or after the dropped rows)."""
+    import logging
+
+    from nca_trl.data.tokenize import prepare_rated_dataset
+
+    records = [{**ROW, "prompt": "word " * 200 if i == 14 else f"q{i}",
+                "rewards": [1.0, 1.0, 1.0] if i == 7 else ROW["rewards"]} for i in range(20)]
+    train, evaluation = _load(write_jsonl(tmp_path / "d.jsonl", records), eval_fraction=0.25)
+    split = {name: list(ds["row_index"]) for name, ds in (("train", train), ("eval", evaluation))}
+    assert sorted(split["train"] + split["eval"]) == list(range(20)) and split["train"] != sorted(split["train"])
+    settings = SimpleNamespace(max_length=64, truncation_mode="keep_start", dataset_num_proc=None, ties="drop")
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        for name, dataset in (("train", train), ("eval", evaluation)):
+            prepare_rated_dataset(dataset, tokenizer, settings, name)
+    assert re.search(r"dataset: dropped 1 of \d+ rows whose prompt alone fills max_length=64.*\(rows 14\)", caplog.text)
+    assert re.search(r"dataset: dropped 1 of \d+ prompts whose rewards all tie \(ties='drop'; rows 7\)", caplog.text)
+
+    columns = [{"prompt": f"q{i}", "A0": "a", "A1": None if i == 1 else "b", "A0_score": 1.0,
+                "A1_score": None if i == 1 else 2.0} for i in range(8)]  # row 1: one completion, dropped
+    train, _ = _load(write_jsonl(tmp_path / "columns.jsonl", columns), dataset_format="columns")
+    assert list(train["row_index"]) == [0, 2, 3, 4, 5, 6, 7] and train["prompt"][1] == "q2"
+
+
+def test_rewards_that_are_strings_in_some_rows_are_refused_in_any_file_type(tmp_path):
+    """`datasets` reads a column that mixes numbers and strings as JSON values (and keeps that type in the Parquet
+    it writes), turning "1" into 1: refused, naming the line of a JSON Lines file (a Parquet file crashed the line
+    search with a UnicodeDecodeError)."""
+    import datasets
+
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [ROW, {**ROW, "rewards": ["1", "0", "0.5"]}])
+    with pytest.raises(DataFileError, match=r"mixed\.jsonl: its `rewards` mix numbers with other values across rows "
+                                            r"\(line 2: reward at position 0 is '1'\)"):
+        _load(mixed)
+    parquet = tmp_path / "mixed.parquet"
+    datasets.load_dataset("json", data_files=str(mixed), split="train").to_parquet(str(parquet))
+    with pytest.raises(DataFileError, match=r"mixed\.parquet: its `rewards` mix numbers with other values across "
+                                            r"rows, which"):
+        _load(parquet)

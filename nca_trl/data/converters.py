@@ -13,6 +13,7 @@ import logging
 
 import datasets
 
+from ..runtime.errors import ROW_INDEX
 from .columns import columns_to_rated
 from .formats import (
     _MAX_REPORTED_ROWS,
@@ -31,7 +32,7 @@ logger = logging.getLogger("nca_trl")
 __all__ = ["convert_dataset", "resolve_format"]
 
 
-def _standard_features(with_dropped: bool):
+def _standard_features(with_dropped: bool, row_index: bool = False):
     list_of = getattr(datasets, "List", None) or datasets.Sequence  # `List` since datasets 4
     features = {
         "prompt": datasets.Value("string"),
@@ -41,6 +42,8 @@ def _standard_features(with_dropped: bool):
     if with_dropped:
         features["num_dropped_completions"] = datasets.Value("int64")
     features["_nca_num_completions"] = datasets.Value("int64")
+    if row_index:
+        features[ROW_INDEX] = datasets.Value("int64")
     return datasets.Features(features)
 
 
@@ -127,16 +130,21 @@ def convert_dataset(
     if converter_kwargs and converter is not ultrafeedback_to_rated:
         raise TypeError(f"{converter.__name__} takes no extra arguments, got {sorted(converter_kwargs)}")
 
+    carry = ROW_INDEX in dataset.column_names  # each row's position in the data as given (`with_row_index`)
+
     def convert(example, index):
-        out = converter(example, index, dataset_name=dataset_name, **converter_kwargs)
+        row = example.get(ROW_INDEX, index)
+        out = converter(example, row, dataset_name=dataset_name, **converter_kwargs)
         out["_nca_num_completions"] = len(out["completions"])
+        if carry:
+            out[ROW_INDEX] = row
         return out
 
     features = None
     if fmt == "ultrafeedback":
-        features = _standard_features(with_dropped=True)
+        features = _standard_features(with_dropped=True, row_index=carry)
     elif fmt == "columns" and isinstance(first.get("A0"), str):
-        features = _standard_features(with_dropped=False)
+        features = _standard_features(with_dropped=False, row_index=carry)
     converted = dataset.with_format(None).map(
         convert,
         with_indices=True,
@@ -151,6 +159,7 @@ def convert_dataset(
     else:
         dropped_in_rows = [0] * len(sizes)
     short_rows = [i for i, k in enumerate(sizes) if k < 2]
+    names = converted[ROW_INDEX] if carry else range(len(sizes))
     total_dropped = sum(dropped_in_rows)
     if short_rows or total_dropped:
         short_set = set(short_rows)
@@ -167,7 +176,7 @@ def convert_dataset(
             total_dropped,
             kept_in_short,
             len(sizes) - len(short_rows),
-            short_rows[:_MAX_REPORTED_ROWS],
+            [names[i] for i in short_rows[:_MAX_REPORTED_ROWS]],
         )
         if short_rows:
             converted = converted.select([i for i in range(len(sizes)) if i not in short_set])

@@ -82,7 +82,8 @@ def _check_reward_types(dataset, source: str | None) -> None:
     feature = (getattr(dataset, "features", None) or {}).get("rewards")
     if feature is None or "Json" not in repr(feature):
         return
-    found = _first_non_number_reward(Path(source)) if source and Path(source).is_file() else None
+    text = source and Path(source).is_file() and Path(source).suffix.lower() in (".json", ".jsonl")
+    found = _first_non_number_reward(Path(source)) if text else None
     at = f" (line {found[0]}: reward at position {found[1]} is {found[2]!r})" if found else ""
     raise DataFileError(
         f"{source or 'the data'}: its `rewards` mix numbers with other values across rows{at}, which `datasets` reads "
@@ -92,19 +93,20 @@ def _check_reward_types(dataset, source: str | None) -> None:
 
 
 def _first_non_number_reward(path: Path) -> tuple[int, int, object] | None:
-    """(line, position, value) of the first reward of a JSON Lines file that is not a number, or None."""
+    """(line, position, value) of the first reward of a JSON Lines file that is not a number, or None (also for one
+    JSON document, which has no rows by line)."""
     import json
 
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            try:
+    try:
+        with open(path, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
                 row = json.loads(line) if line.strip() else None
-            except ValueError:
-                return None  # one JSON document, not JSON Lines
-            rewards = row.get("rewards") if isinstance(row, dict) else None
-            for position, value in enumerate(rewards if isinstance(rewards, list) else []):
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    return number, position, value
+                rewards = row.get("rewards") if isinstance(row, dict) else None
+                for position, value in enumerate(rewards if isinstance(rewards, list) else []):
+                    if isinstance(value, bool) or not isinstance(value, (int, float)):
+                        return number, position, value
+    except ValueError:  # not JSON Lines (UnicodeDecodeError is one too: `check_data_file` read the file before)
+        return None
     return None
 
 
@@ -137,9 +139,10 @@ def load_datasets(script_args, mixture, training_args):
     source = None if mixture.datasets else script_args.dataset_name
     for raw_split in (train_raw, eval_raw):
         _check_reward_types(raw_split, source)
-    # Each row's position, before `eval_fraction` shuffles it into a split: errors name the user's rows
-    train = with_row_index(_trainer_rows(train_raw, script_args, "train"))
-    evaluation = with_row_index(_trainer_rows(eval_raw, script_args, "eval")) if eval_raw is not None else None
+    # Each row's position in the data as given, before a conversion drops rows or `eval_fraction` shuffles them into
+    # a split: errors name the user's rows
+    train = _trainer_rows(with_row_index(train_raw), script_args, "train")
+    evaluation = _trainer_rows(with_row_index(eval_raw), script_args, "eval") if eval_raw is not None else None
     if script_args.eval_fraction is not None and len(train):  # none: the empty-data check names it
         held_out = math.ceil(script_args.eval_fraction * len(train))  # `train_test_split`'s count
         if held_out >= len(train):

@@ -161,6 +161,12 @@ def prepare_rated_dataset(
                         stats if stats is not None else {})
 
 
+def _row_names(dataset) -> list[int]:
+    """How messages name the rows of a map-style `dataset`: their `row_index` (`with_row_index`: the position in the
+    data as given), else their positions."""
+    return list(dataset[ROW_INDEX]) if ROW_INDEX in dataset.column_names else list(range(len(dataset)))
+
+
 def _drop_ties(dataset, args, dataset_name, stats):
     ties = getattr(args, "ties", "keep") or "keep"
     stats["ties_dropped"] = 0
@@ -172,6 +178,7 @@ def _drop_ties(dataset, args, dataset_name, stats):
                        "without a count.", dataset_name)
         return dataset.filter(lambda example: not rewards_tie(example["rewards"]))
     tied = [i for i, rewards in enumerate(dataset["rewards"]) if rewards_tie(rewards)]
+    names = _row_names(dataset)
     stats["ties_dropped"] = len(tied)
     if tied:
         if len(tied) == len(dataset):
@@ -179,7 +186,7 @@ def _drop_ties(dataset, args, dataset_name, stats):
                              "`ties='drop'` drops them all: nothing to train on. Use `ties='keep'`, or rate the "
                              "completions apart.")
         logger.warning("%s dataset: dropped %d of %d prompts whose rewards all tie (ties='drop'; rows %s%s).",
-                       dataset_name, len(tied), len(dataset), ", ".join(map(str, tied[:10])),
+                       dataset_name, len(tied), len(dataset), ", ".join(str(names[i]) for i in tied[:10]),
                        ", ..." if len(tied) > 10 else "")
         dropped = set(tied)
         dataset = dataset.select([i for i in range(len(dataset)) if i not in dropped])
@@ -201,7 +208,7 @@ def _prepare(dataset, first, processing_class, args, dataset_name, max_completio
     else:  # a stream cannot be read twice: validate each row as it is converted
 
         def validated(example, index):
-            validate_example(example, index, dataset_name)
+            validate_example(example, example.get(ROW_INDEX, index), dataset_name)
             return to_rated_unchecked(example)
 
         dataset = dataset.map(validated, with_indices=True, remove_columns=preference_columns)
@@ -232,7 +239,7 @@ def _prepare(dataset, first, processing_class, args, dataset_name, max_completio
             if trimmed and not _warned["boundary"]:
                 _warned["boundary"] = True
                 logger.warning("%s dataset, row %d: %s (here %r). Shown once; it may apply to other rows.",
-                               dataset_name, index, _BOUNDARY, trimmed)
+                               dataset_name, example.get(ROW_INDEX, index), _BOUNDARY, trimmed)
         else:
             out["prompt_trimmed"] = trimmed
         for position, ids in enumerate(out["completion_ids"]):
@@ -240,13 +247,13 @@ def _prepare(dataset, first, processing_class, args, dataset_name, max_completio
                 raise DataValidationError(
                     f"completion {position} has no token once tokenized after the prompt",
                     "check that the completion is not empty and does not merge into the prompt",
-                    row=index, field="completions", dataset_name=dataset_name,
+                    row=example.get(ROW_INDEX, index), field="completions", dataset_name=dataset_name,
                 )
         return out
 
     dataset = dataset.map(tokenize, with_indices=True, fn_kwargs={}, **map_kwargs)
     if not streamed:  # one message per dataset, with the number of rows it applies to
-        trimmed = [(i, t) for i, t in enumerate(dataset["prompt_trimmed"]) if t]
+        trimmed = [(name, t) for name, t in zip(_row_names(dataset), dataset["prompt_trimmed"]) if t]
         if trimmed:
             logger.warning("%s dataset: %d of %d rows: %s (e.g. row %d: %r).",
                            dataset_name, len(trimmed), len(dataset), _BOUNDARY, *trimmed[0])
@@ -256,15 +263,17 @@ def _prepare(dataset, first, processing_class, args, dataset_name, max_completio
     # dropped, counted and reported (`keep_end` keeps the end of each sequence, so every completion keeps tokens).
     if args.max_length is not None and args.truncation_mode == "keep_start" and isinstance(dataset, Dataset):
         lengths = [len(ids) for ids in dataset["prompt_ids"]]
+        names = _row_names(dataset)
         too_long = [i for i, n in enumerate(lengths) if n >= args.max_length]
         if lengths and len(too_long) == len(lengths):
-            raise prompt_length_error(dataset_name, lengths, args.max_length, shortest_row=lengths.index(min(lengths)))
+            raise prompt_length_error(dataset_name, lengths, args.max_length,
+                                      shortest_row=names[lengths.index(min(lengths))])
         if too_long:
             logger.warning(
                 "%s dataset: dropped %d of %d rows whose prompt alone fills max_length=%d, leaving no completion token "
                 "(rows %s%s). Raise `max_length` or shorten these prompts to keep them.",
                 dataset_name, len(too_long), len(lengths), args.max_length,
-                ", ".join(map(str, too_long[:10])), ", ..." if len(too_long) > 10 else "",
+                ", ".join(str(names[i]) for i in too_long[:10]), ", ..." if len(too_long) > 10 else "",
             )
             dropped = set(too_long)
             dataset = dataset.select([i for i in range(len(lengths)) if i not in dropped])
