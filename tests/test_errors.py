@@ -98,3 +98,16 @@ def test_a_bad_row_or_data_file_is_one_line_exit_2_and_leaves_nothing(command, f
     assert refused([*argv, "--dataset_name", "cut.jsonl"], capsys).startswith(
         "cut.jsonl, line 2: the last line ends before its JSON object does")
     assert not (folder / "outputs").exists()
+
+
+def test_generate_and_score_bad_rows_are_one_line_too(folder, tiny_mistral, capsys):
+    """An empty prompt for `nca-trl generate` and a row without completions for `nca-trl score` are bad rows like
+    train's: their message alone, exit 2, no output (they were a ValueError / TypeError traceback, exit 1)."""
+    (folder / "p.jsonl").write_text('{"prompt": "hi"}\n{"prompt": ""}\n')
+    assert refused(["generate", "--model_name_or_path", str(tiny_mistral), "--dataset_name", "p.jsonl", "--output",
+                    "outputs/run/s.jsonl", "--num_completions", "2", "--max_new_tokens", "4"], capsys) == (
+        "p.jsonl, row 1, field 'prompt': the prompt is empty. Give the row a prompt or remove it.")
+    (folder / "s.jsonl").write_text('{"prompt": "hi", "completions": "one string"}\n')
+    assert refused(["score", "--dataset_name", "s.jsonl", "--reward_funcs", "ascii_letters", "--output",
+                    "outputs/run/rated.jsonl"], capsys) == "row 0: `completions` is str, expected a list of completions."
+    assert not (folder / "outputs").exists()

@@ -10,6 +10,8 @@ import json
 
 from trl.data_utils import _tokenize, is_conversational
 
+from ..runtime.errors import DataError
+
 __all__ = ["check_prompts", "completion_rows", "decode_completion", "tokenize_prompt"]
 
 
@@ -31,7 +33,8 @@ def tokenize_prompt(example: dict, tokenizer) -> list[int]:
 def check_prompts(rows, tokenizer, source: str, model: str, context: int | None = None,
                   max_new_tokens: int = 0) -> dict:
     """Refuse what `nca-trl score` / `train` would refuse later, before anything is sampled: a `null` or empty
-    prompt, and chat prompts for a tokenizer without a chat template (each naming `source`, the row and the field).
+    prompt, and chat prompts for a tokenizer without a chat template (a `DataError` naming `source`, the row and the
+    field).
     Returns the prompts that with `max_new_tokens` overrun the model's `context` (`{"context", "count", "rows"}`,
     the first 20 rows), for the log and the sidecar."""
     long_rows, count = [], 0
@@ -40,10 +43,10 @@ def check_prompts(rows, tokenizer, source: str, model: str, context: int | None 
         if prompt is None or (isinstance(prompt, (str, list)) and not (prompt.strip() if isinstance(prompt, str)
                                                                        else prompt)):
             what = "null" if prompt is None else "empty"
-            raise ValueError(f"{source}, row {i}, field 'prompt': the prompt is {what}. Give the row a prompt or "
-                             "remove it.")
+            raise DataError(f"{source}, row {i}, field 'prompt': the prompt is {what}. Give the row a prompt or "
+                            "remove it.")
         if is_conversational({"prompt": prompt}) and getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError(
+            raise DataError(
                 f"{source}, row {i}, field 'prompt': a list of chat messages, but the tokenizer of {model} has no chat "
                 "template to render it. Use a chat (instruct) model, set `tokenizer.chat_template` in the model "
                 "folder's tokenizer_config.json, or give plain-text prompts."

@@ -15,6 +15,8 @@ import math
 import numbers
 from collections.abc import Mapping
 
+from ..runtime.errors import DataError
+
 __all__ = ["is_empty_completion", "score_rows"]
 
 _NOT_COLUMNS = ("prompt", "completions", "rewards", "completion", "completion_ids")
@@ -186,11 +188,11 @@ def score_rows(rows: list[dict], sources, weights: list[float] | None = None, *,
             row = rows[position]
             for key in ("prompt", "completions"):
                 if key not in row:
-                    raise ValueError(f"row {row_ids[position]} has no `{key}` (it has {sorted(row)}): `nca-trl score` "
-                                     "needs {prompt, completions} rows, as `nca-trl generate` writes.")
+                    raise DataError(f"row {row_ids[position]} has no `{key}` (it has {sorted(row)}): `nca-trl score` "
+                                    "needs {prompt, completions} rows, as `nca-trl generate` writes.")
             completions = row["completions"]
             if isinstance(completions, (str, bytes)) or not isinstance(completions, (list, tuple)):
-                raise TypeError(f"row {row_ids[position]}: `completions` is {type(completions).__name__}, expected a "
+                raise DataError(f"row {row_ids[position]}: `completions` is {type(completions).__name__}, expected a "
                                 "list of completions.")
             completions_in += len(completions)
             kept = [(k, c) for k, c in enumerate(completions) if evaluation or not is_empty_completion(c)]
