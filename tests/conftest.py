@@ -8,6 +8,16 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 # each on two cores spend their time waiting on each other's OpenMP threads
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+# `datasets` caches a file's Arrow copy and every map by the file's path as written: the tests read the data through a
+# new folder each (`fresh_clone_cwd`), so their caches go to a folder of this session's, removed at its end, not into
+# the user's ~/.cache (unless HF_DATASETS_CACHE says where)
+if "HF_DATASETS_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="nca-trl-tests-datasets-")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
 
 from pathlib import Path  # noqa: E402
 
