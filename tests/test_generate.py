@@ -328,7 +328,7 @@ def test_empty_completions_are_counted_as_what_happens_to_them(tiny_mistral, tmp
                  str(tmp_path / "samples.jsonl"), "--num_completions", "2", "--max_new_tokens", "2"]) == 0
     out = capsys.readouterr().out
     assert ("[nca-trl generate] 4 completion(s) are empty (the model stopped at once): kept here; `nca-trl score` "
-            "drops them (and `nca-trl train` refuses them)") in out
+            "drops them, as `nca-trl train` refuses them (`--evaluation` scores them)") in out
     assert "rescore" not in out
     assert all(row["completions"] == ["", ""] for row in _read_jsonl(tmp_path / "samples.jsonl"))
 

@@ -201,6 +201,14 @@ def test_two_round_iterate_resumes_after_a_kill_in_round_two(digits_model, tmp_p
     with pytest.raises(ValueError, match="other settings.*seed: 0 -> 5"):
         iterate(["--config", str(recipe), "--seed", "5"])
 
+    # A round evaluated by an nca-trl that left empty answers out of the mean is evaluated again, not mixed in
+    status = json.loads((out / "round-1" / "status.json").read_text())
+    del status["eval"]["empty_completions"]
+    (out / "round-1" / "status.json").write_text(json.dumps(status))
+    rounds = iterate(["--config", str(recipe)])["rounds"]
+    assert all("empty_completions" in r for r in rounds) and rounds[1]["reward_mean"] == results["rounds"][1][
+        "reward_mean"]
+
 
 @pytest.mark.slow
 def test_iterate_with_the_dpo_baseline_trains_trl_dpo_on_best_vs_worst(digits_model, tmp_path):

@@ -222,6 +222,7 @@ def test_evaluation_scores_empty_completions_and_keeps_rows_with_one(tmp_path):
     """`--evaluation` (what `nca-trl iterate` scores its held-out samples with): an empty completion is scored like
     the others and a row is kept with one scored completion, so a model that answers nothing is not scored on its other
     answers only (its held-out mean rose as it answered nothing more often); None still leaves a completion out."""
+    logged = []
     rows = [
         {"prompt": "p0", "completions": ["a", "", "cc"]},
         {"prompt": "p1", "completions": ["xa", "xb", ""]},   # one left: kept
@@ -236,6 +237,13 @@ def test_evaluation_scores_empty_completions_and_keeps_rows_with_one(tmp_path):
     assert [r["rewards"] for r in scored] == [[2.0, 1.0, 3.0], [1.0]]
     assert sidecar["stats"]["dropped"] == {"empty_completions": 0, "none_rewards": 4,
                                            "rows_fewer_than_2_completions": 1, "completions_in_dropped_rows": 0}
+    # A source that scores an empty completion None leaves it out after all: said, and counted
+    rows = [{"prompt": "p0", "completions": ["a", "", "cc"]}]
+    scored, stats = score_rows(rows, {"empty_none": lambda prompts, completions, **kw: [len(c) or None
+                                                                                       for c in completions]},
+                               progress=False, evaluation=True, log=logged.append)
+    assert scored[0]["completions"] == ["a", "cc"] and stats["empty_scored_none"] == 1
+    assert any("1 empty completion(s) scored None by a source: left out" in line for line in logged)
     score(["--dataset_name", data, "--reward_funcs", spec("none_for_x"), "--reward_funcs", spec("length_reward"),
            "--output", str(tmp_path / "for_training.jsonl")])
     assert [r["completions"] for r in read_jsonl(tmp_path / "for_training.jsonl")] == [["a", "cc"]]  # for training: as before
@@ -346,7 +354,7 @@ def test_bundled_reward_functions():
     assert sorted_digits([chat_prompt], [[{"role": "assistant", "content": "0122"}]]) == [1.0]
     assert sorted_digits(["12>"], ["123"]) == [2 / 3]  # an extra character counts as wrong
     assert ascii_letters(["p"] * 5, ["Hello world", "Hi 42!", "", "éé a", [{"role": "assistant", "content": "ok."}]]) \
-        == [1.0, 0.5, None, 0.5, 2 / 3]
+        == [1.0, 0.5, 0.0, 0.5, 2 / 3]
     # through the command's names
     rows = [{"prompt": "321>", "completions": ["123", "132", "1"]}]
     scored, _ = score_rows(rows, {"sorted_digits": sorted_digits}, progress=False)

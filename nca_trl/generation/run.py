@@ -225,5 +225,5 @@ def generate(argv: "list[str] | GenerateArguments | None" = None) -> dict | None
     )
     if stats.get("empty_completions"):
         _log(f"{stats['empty_completions']} completion(s) are empty (the model stopped at once): kept here; "
-             "`nca-trl score` drops them (and `nca-trl train` refuses them)")
+             "`nca-trl score` drops them, as `nca-trl train` refuses them (`--evaluation` scores them)")
     return sidecar

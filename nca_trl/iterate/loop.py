@@ -158,9 +158,11 @@ def _round(args, layout: RunLayout, r: int, per_round: int, dataset, state) -> d
 
     main = state.is_main_process
     status = broadcast(state, layout.status(r) if main else None)
-    if "eval" in status:
+    if "eval" in status and "empty_completions" in status["eval"]:
         log(f"round {r}: done (round-{r}/status.json), skipping")
         return status["eval"]
+    if "eval" in status:  # evaluated before every held-out sample was scored: its mean left empty answers out
+        log(f"round {r}: its evaluation left empty answers out (an older nca-trl): evaluating it again")
     policy = args.model_name_or_path if r <= 1 else str(layout.model(r - 1))
     if r > 0:
         if main and not layout.prompts(r).exists():

@@ -23,9 +23,11 @@ class SettingsError(ValueError):
 
 class DataError(ValueError):
     """The base of a bad data row (`nca_trl.data.DataValidationError`: dataset, row, field, fix) and a data file that
-    cannot be loaded (`nca_trl.data.datafiles.DataFileError`: file, line, fix). The commands find them before anything
-    is written or loaded (`nca-trl train` validates every row first: it does not stream), and the command line prints
-    the message alone, as a `SettingsError`'s."""
+    cannot be loaded (`nca_trl.data.datafiles.DataFileError`: file, line, fix); `nca-trl generate`'s and
+    `nca-trl score`'s bad rows raise it too. The command line prints the message alone, exit 2, as a `SettingsError`'s:
+    it names the row or line and the fix. The commands meet them before writing what they make (`nca-trl train`
+    validates every row before any model loads: it does not stream; `nca-trl score` checks each scored row before
+    it writes the file), and a failed command's output folder that it created is removed again."""
 
 
 def settings_errors(parse):

@@ -177,6 +177,7 @@ def score_rows(rows: list[dict], sources, weights: list[float] | None = None, *,
     scored: list[dict] = []
     completions_in = 0
     least = 1 if evaluation else 2  # completions a row keeps to be kept
+    empty_unscored = 0  # evaluation: empty completions that a source scored None, so left out after all
 
     from tqdm.auto import tqdm
 
@@ -231,6 +232,7 @@ def score_rows(rows: list[dict], sources, weights: list[float] | None = None, *,
                     j += 1
                     if any(v is None for v in values):
                         dropped["none_rewards"] += 1
+                        empty_unscored += evaluation and is_empty_completion(completion)
                         continue
                     out_completions.append(completion)
                     out_rewards.append(math.fsum(w * v for w, v in zip(weights, values)))
@@ -260,6 +262,7 @@ def score_rows(rows: list[dict], sources, weights: list[float] | None = None, *,
         "rewards": _summary([r for row in scored for r in row["rewards"]]),
         "replaced_rewards": replaced,
         "evaluation": evaluation,
+        "empty_scored_none": empty_unscored,
         "metrics": {name: math.fsum(v) / len(v) for name, v in metrics.items()},
     }
     _log_stats(stats, log)
@@ -275,6 +278,10 @@ def _log_stats(stats: dict, log) -> None:
     if dropped["none_rewards"]:
         by = ", ".join(f"{name}: {n}" for name, n in stats["none_by_source"].items() if n)
         log(f"dropped {dropped['none_rewards']} completion(s) that a source scored None ({by})")
+    if stats.get("empty_scored_none"):
+        log(f"warning: {stats['empty_scored_none']} empty completion(s) scored None by a source: left out, so the "
+            "mean reward leaves these empty answers out; a reward function that returns a number for an empty "
+            "completion counts them")
     if dropped["rows_fewer_than_2_completions"]:
         left = "no scored completion" if stats.get("evaluation") else "fewer than 2 completions"
         log(f"dropped {dropped['rows_fewer_than_2_completions']} row(s) left with {left} (with "

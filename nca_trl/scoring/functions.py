@@ -76,13 +76,14 @@ def sorted_digits(prompts: list, completions: list, **kwargs) -> list[float | No
 
 def ascii_letters(prompts: list, completions: list, **kwargs) -> list[float | None]:
     """The fraction of the completion's characters that are ASCII letters or spaces: a toy reward that a tiny
-    random-weight model learns in minutes (the tiny `nca-trl iterate` recipe). None for an empty completion.
+    random-weight model learns in minutes (the tiny `nca-trl iterate` recipe). 0 for an empty completion (no letters:
+    an evaluation that scores empty answers, `nca-trl score --evaluation`, counts them as the worst).
 
     >>> ascii_letters(["p", "p", "p", "p"], ["Hello world", "Hi 42!", "", [{"role": "assistant", "content": "ok"}]])
-    [1.0, 0.5, None, 1.0]
+    [1.0, 0.5, 0.0, 1.0]
     """
-    rewards: list[float | None] = []
+    rewards: list[float] = []
     for completion in completions:
         text = _text(completion)
-        rewards.append(sum(c in _LETTERS_AND_SPACE for c in text) / len(text) if text else None)
+        rewards.append(sum(c in _LETTERS_AND_SPACE for c in text) / len(text) if text else 0.0)
     return rewards

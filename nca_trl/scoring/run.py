@@ -106,7 +106,7 @@ def score_file(args: ScoreArguments) -> dict:
         raise ValueError(
             f"Every row was dropped ({stats['rows_in']} rows: {stats['dropped']}; None by source: "
             f"{stats['none_by_source']}), nothing to write to {args.output}. Check that the reward functions fit "
-            "these rows (a None drops a completion; a row needs 2 completions left)."
+            f"these rows (a None drops a completion; a row needs {1 if args.evaluation else 2} completion(s) left)."
         )
 
     sidecar = {
@@ -124,6 +124,7 @@ def score_file(args: ScoreArguments) -> dict:
     sidecar_file.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(sidecar_file, json.dumps(sidecar, indent=2, default=json_default) + "\n")
     write_rows(args.output, scored)
-    _log(f"{len(scored)} rated rows -> {args.output} (train on it: `nca-trl train --dataset_name {args.output}`); "
-         f"settings and statistics in {sidecar_file}")
+    use = ("an evaluation's scores, not training data" if args.evaluation
+           else f"train on it: `nca-trl train --dataset_name {args.output}`")
+    _log(f"{len(scored)} rated rows -> {args.output} ({use}); settings and statistics in {sidecar_file}")
     return sidecar
