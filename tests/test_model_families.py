@@ -27,7 +27,7 @@ from nca_trl import NCAConfig, NCATrainer
 from nca_trl.data import DataCollatorForRatedCompletions
 from nca_trl.runtime.router_aux import expert_count
 from nca_trl.shared_prompt.families import (
-    EXACT_FAMILIES, EXACT_MULTIMODAL, WINDOW_FAMILIES, attention_variants, shared_prompt_support,
+    EXACT_FAMILIES, EXACT_MULTIMODAL, WINDOW_FAMILIES, attention_modules, attention_variants, shared_prompt_support,
 )
 from nca_trl.shared_prompt import varlen
 from nca_trl.shared_prompt.packing import _register, shared_prompt_forward
@@ -456,6 +456,9 @@ def test_attention_dropout_in_training_takes_a_kernel_that_applies_it(tokenizer,
 
     on_a_gpu_with_torch_varlen_attn(monkeypatch)  # which has no dropout
     assert not automatic_layout_on_cuda(trainer, caplog)
+    for module in attention_modules(trainer.model):  # the reference's dropout alone: it runs in eval mode
+        module.attn_dropout = module.attn_pdrop = 0.0
+    assert automatic_layout_on_cuda(trainer, caplog)
     assert "Plain padded layout (shared_prompt=None, automatic): torch.nn.attention.varlen.varlen_attn: does not " \
            "implement dropout" in caplog.text
 
