@@ -473,3 +473,22 @@ def test_generate_loads_a_model_as_trl_trains_it(tiny_mistral, tmp_path, hh):
     assert main(["generate", "--model_name_or_path", str(model_dir), "--dataset_name", data, "--output", str(output),
                  "--num_completions", "2", "--max_new_tokens", "4"]) == 0
     _check_rows(_read_jsonl(output), [hh[i] for i in range(2)], 2, conversational=False)
+
+
+def test_the_main_process_joins_the_others_when_its_first_block_raises():
+    """`nca-trl generate` under a launch reads the prompts on the main process first: a bad file raised there left the
+    other processes waiting at accelerate's barrier until the process group timed out. Now the main process joins
+    them, and they read the file and meet the same error."""
+    from types import SimpleNamespace
+
+    from nca_trl.runtime.environment import main_process_first
+
+    waits = []
+    main = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: waits.append("main"))
+    with pytest.raises(ValueError, match="bad prompts"):
+        with main_process_first(main):
+            raise ValueError("bad prompts")
+    other = SimpleNamespace(is_main_process=False, wait_for_everyone=lambda: waits.append("other"))
+    with main_process_first(other):
+        waits.append("read")
+    assert waits == ["main", "other", "read"]

@@ -19,7 +19,7 @@ import json
 import time
 from dataclasses import asdict
 
-from ..runtime.environment import broadcast, distributed_state, versions
+from ..runtime.environment import broadcast, distributed_state, main_process_first, versions
 from ..runtime.paths import check_path_settings
 from .arguments import PATH_SETTINGS, GenerateArguments, parse_generate_args
 from .output import ChunkStore, sidecar_path
@@ -162,7 +162,7 @@ def generate(argv: "list[str] | GenerateArguments | None" = None) -> dict | None
     args = argv if isinstance(argv, GenerateArguments) else parse_generate_args(argv)
     check_path_settings([], PATH_SETTINGS, vars(args))  # before the output's `.parts/` or any model load
     state = distributed_state()
-    with state.main_process_first():
+    with main_process_first(state):  # a bad file on the main process is the others' error too, not their hang
         dataset = load_prompts(args)
     long_prompts, tokenizer = _check_prompts(args, dataset, state.is_main_process)
     settings = generation_settings(args, dataset)

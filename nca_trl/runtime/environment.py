@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 from importlib import metadata
 
-__all__ = ["PACKAGES", "broadcast", "distributed_state", "quiet_deepspeed_cpu_notice", "versions"]
+__all__ = ["PACKAGES", "broadcast", "distributed_state", "main_process_first", "quiet_deepspeed_cpu_notice",
+           "versions"]
 
 #: The packages a run depends on, in the order `versions()` lists them.
 PACKAGES = ("nca-trl", "torch", "transformers", "trl", "datasets", "accelerate", "peft", "deepspeed")
@@ -39,6 +41,21 @@ def distributed_state(environ=None):
             f"{state.num_processes} ({state.distributed_type}): they would each do all of the work."
         )
     return state
+
+
+@contextlib.contextmanager
+def main_process_first(state):
+    """accelerate's `state.main_process_first()` (the main process runs the block first, then the others), but the
+    main process joins the others also when its block raises: they then run it and meet the same error, instead of
+    waiting for it until the process group times out (transformers' `TrainingArguments.main_process_first` does the
+    same with `try` / `finally`)."""
+    if not state.is_main_process:
+        state.wait_for_everyone()
+    try:
+        yield
+    finally:
+        if state.is_main_process:
+            state.wait_for_everyone()
 
 
 def broadcast(state, value):
