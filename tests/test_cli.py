@@ -593,3 +593,15 @@ def test_dir_lists_the_lazy_public_names_without_importing_them():
     assert set(nca_trl.__all__) <= set(listed["top"]) and "NCATrainer" in listed["top"]
     assert set(nca_trl.generation.__all__) <= set(listed["generation"])
     assert set(nca_trl.scoring.__all__) <= set(listed["scoring"]) and listed["heavy"] == []
+
+
+@pytest.mark.parametrize("local_rank, said", [("0", ["notice", "failure"]), ("1", ["failure"]), (None, ["notice",
+                                                                                                         "failure"])])
+def test_a_launch_says_nca_trls_notices_once_per_machine(local_rank, said):
+    """Every launched process prepared the same data and printed the same notices (8 times on 8 GPUs); the processes
+    other than each machine's first (LOCAL_RANK != 0) keep only errors."""
+    code = ("import logging, nca_trl\nlogging.basicConfig(format='%(message)s')\n"
+            "log = logging.getLogger('nca_trl')\nlog.warning('notice')\nlog.error('failure')")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(REPO), **({"LOCAL_RANK": local_rank} if local_rank else {})}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert proc.stderr.split() == said, proc.stderr

@@ -8,7 +8,7 @@ import platform
 from importlib import metadata
 
 __all__ = ["PACKAGES", "broadcast", "distributed_state", "main_process_first", "quiet_deepspeed_cpu_notice",
-           "versions"]
+           "quiet_replica_notices", "versions"]
 
 #: The packages a run depends on, in the order `versions()` lists them.
 PACKAGES = ("nca-trl", "torch", "transformers", "trl", "datasets", "accelerate", "peft", "deepspeed")
@@ -86,3 +86,23 @@ def quiet_deepspeed_cpu_notice() -> None:
     if not any(isinstance(f, _DeepSpeedCPUNotice) for f in logger.filters):
         logger.addFilter(_DeepSpeedCPUNotice())
 
+
+
+class _ReplicaNotices:
+    """Keeps only errors from nca-trl's logger: on the processes of a launch other than each machine's first, which
+    say the same notices (the data's rows dropped, the layout chosen) as that one."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 40  # logging.ERROR
+
+
+def quiet_replica_notices(environ=None) -> None:
+    """Install `_ReplicaNotices` on the `nca_trl` logger of a launched process whose `LOCAL_RANK` is not 0: notices are
+    said once per machine, as transformers' `TrainingArguments.should_log` (with `log_on_each_node`) logs."""
+    import logging
+
+    environ = os.environ if environ is None else environ
+    logger = logging.getLogger("nca_trl")
+    if str(environ.get("LOCAL_RANK", "0") or "0") != "0" and not any(isinstance(f, _ReplicaNotices)
+                                                                     for f in logger.filters):
+        logger.addFilter(_ReplicaNotices())
