@@ -605,3 +605,15 @@ def test_a_launch_says_nca_trls_notices_once_per_machine(local_rank, said):
     env = {"PATH": "/usr/bin:/bin", "HOME": str(REPO), **({"LOCAL_RANK": local_rank} if local_rank else {})}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     assert proc.stderr.split() == said, proc.stderr
+
+
+def test_the_summary_names_the_curves_by_their_full_path(capsys, tmp_path, monkeypatch):
+    """The end-of-run summary printed every path in full but the training curves' (relative to where it ran)."""
+    from nca_trl.train.report import print_summary
+
+    monkeypatch.chdir(tmp_path)
+    info = {"distributed_type": "NO", "zero_stage": None, "train_metrics": {}, "trainer": "NCATrainer",
+            "global_step": 1, "world_size": 1, "backend": None, "output_dir": str(tmp_path / "run"),
+            "model_loader": "AutoModelForCausalLM", "eval_metrics": {}}
+    print_summary(info, None, "run/training_curves.png")
+    assert f"training curves  : {tmp_path / 'run' / 'training_curves.png'}\n" in capsys.readouterr().out

@@ -264,7 +264,7 @@ def print_summary(info: dict, table: str | None, curves: str | None) -> None:
         if key.startswith("eval_") and key.endswith("_loss"):
             lines.insert(4, f"  {key.removesuffix('_loss').replace('_', ' ') + ' loss':<17}: {value:.6f}")
     if curves:
-        lines.append(f"  training curves  : {curves}")
+        lines.append(f"  training curves  : {os.path.abspath(curves)}")  # the full path, as the others
     if table:
         lines += [
             "",
