@@ -34,6 +34,7 @@ from .losses import infonca_loss, nca_loss
 from .metrics import best_slots, from_slots, sequence_metrics, to_slots
 from .ref_cache import precompute_ref_logps
 from .runtime.backbone import use_language_backbones
+from .runtime.errors import ROW_INDEX
 from .runtime.output_dir import check_output_dir
 from .runtime.progress import use_readable_progress
 from .runtime.router_aux import add_router_aux_loss, check_router_aux, experts_for_fused_head, router_aux_forward
@@ -264,12 +265,11 @@ class _RatedCompletionsTrainer(RunSafetyMixin, SharedPromptLayoutMixin, DPOTrain
 
     # ------------------------------------------------------------------------------------------------ data
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        # `row_index`: each row's position in the given dataset, for the errors that name rows (`nca_trl.runtime.safety`)
         return prepare_rated_dataset(with_row_index(dataset), processing_class, args, dataset_name, self.max_completions)
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = ["prompt_ids", "completion_ids", "rewards", PAIR_COLUMN, "ref_logps", "row_index"]
+            self._signature_columns = ["prompt_ids", "completion_ids", "rewards", PAIR_COLUMN, "ref_logps", ROW_INDEX]
 
     # ------------------------------------------------------------------------------------------------ log-probs
     def _sequence_logps(self, model, inputs, **model_kwargs):

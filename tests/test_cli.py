@@ -12,6 +12,7 @@ import yaml
 from conftest import load_script
 
 from nca_trl.cli import main
+from nca_trl.runtime.errors import ROW_INDEX
 from nca_trl.data.loading import load_datasets
 from nca_trl.train.arguments import parse_train_args
 
@@ -187,10 +188,11 @@ def test_data_sources_splits_and_mixtures(tmp_path):
         assert {"prompt", "completions", "rewards"} <= set(train.column_names) and len(train) == 10
         assert len(evaluation) == 5 and not set(evaluation["prompt"]) & set(train["prompt"])
         # Each row keeps its position in the data through the shuffled split: errors name the user's rows
-        assert not set(evaluation["row_index"]) & set(train["row_index"]) and max(evaluation["row_index"]) < 20
+        rows = {name: set(ds[ROW_INDEX]) for name, ds in (("train", train), ("eval", evaluation))}
+        assert not rows["eval"] & rows["train"] and max(rows["eval"]) < 20
     train, evaluation = load("--dataset_name", str(pairs), "--dataset_format", "preference")
-    assert evaluation is None and train.column_names == ["prompt", "chosen", "rejected", "row_index"]
-    assert train["row_index"] == list(range(10))
+    assert evaluation is None and train.column_names == ["prompt", "chosen", "rejected", ROW_INDEX]
+    assert train[ROW_INDEX] == list(range(10))
     with pytest.raises(ValueError, match="Split 'test' not found"):
         load("--dataset_name", str(pairs), "--dataset_test_split", "test")
 
@@ -596,7 +598,8 @@ def test_dir_lists_the_lazy_public_names_without_importing_them():
 
 
 @pytest.mark.parametrize("local_rank, said", [("0", ["notice", "failure"]), ("1", ["failure"]), (None, ["notice",
-                                                                                                         "failure"])])
+                                                                                                         "failure"]),
+                                              ("-1", ["notice", "failure"])])  # -1: not distributed (transformers)
 def test_a_launch_says_nca_trls_notices_once_per_machine(local_rank, said):
     """Every launched process prepared the same data and printed the same notices (8 times on 8 GPUs); the processes
     other than each machine's first (LOCAL_RANK != 0) keep only errors."""

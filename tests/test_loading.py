@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from nca_trl.data.datafiles import DataFileError
+from nca_trl.runtime.errors import ROW_INDEX
 from nca_trl.data.loading import load_datasets, load_raw
 
 REPO = Path(__file__).resolve().parents[1]
@@ -216,7 +217,7 @@ def test_messages_name_rows_by_their_place_in_the_data_as_given(tmp_path, tokeni
     records = [{**ROW, "prompt": "word " * 200 if i == 14 else f"q{i}",
                 "rewards": [1.0, 1.0, 1.0] if i == 7 else ROW["rewards"]} for i in range(20)]
     train, evaluation = _load(write_jsonl(tmp_path / "d.jsonl", records), eval_fraction=0.25)
-    split = {name: list(ds["row_index"]) for name, ds in (("train", train), ("eval", evaluation))}
+    split = {name: list(ds[ROW_INDEX]) for name, ds in (("train", train), ("eval", evaluation))}
     assert sorted(split["train"] + split["eval"]) == list(range(20)) and split["train"] != sorted(split["train"])
     settings = SimpleNamespace(max_length=64, truncation_mode="keep_start", dataset_num_proc=None, ties="drop")
     with caplog.at_level(logging.WARNING, logger="nca_trl"):
@@ -228,7 +229,7 @@ def test_messages_name_rows_by_their_place_in_the_data_as_given(tmp_path, tokeni
     columns = [{"prompt": f"q{i}", "A0": "a", "A1": None if i == 1 else "b", "A0_score": 1.0,
                 "A1_score": None if i == 1 else 2.0} for i in range(8)]  # row 1: one completion, dropped
     train, _ = _load(write_jsonl(tmp_path / "columns.jsonl", columns), dataset_format="columns")
-    assert list(train["row_index"]) == [0, 2, 3, 4, 5, 6, 7] and train["prompt"][1] == "q2"
+    assert list(train[ROW_INDEX]) == [0, 2, 3, 4, 5, 6, 7] and train["prompt"][1] == "q2"
 
 
 def test_rewards_that_are_strings_in_some_rows_are_refused_in_any_file_type(tmp_path):
@@ -246,3 +247,16 @@ def test_rewards_that_are_strings_in_some_rows_are_refused_in_any_file_type(tmp_
     with pytest.raises(DataFileError, match=r"mixed\.parquet: its `rewards` mix numbers with other values across "
                                             r"rows, which"):
         _load(parquet)
+
+
+def test_a_row_index_column_of_the_users_own_is_left_alone(tmp_path):
+    """The position column is private (`_nca_row_index`): a `row_index` of the user's own ids is neither taken for
+    the positions nor changed, and a raw layout's conversion drops it as before (it was carried and cast to int64:
+    `ArrowInvalid: Failed to parse string: 'id-2'`)."""
+    rated = write_jsonl(tmp_path / "rated.jsonl", [{**r, "row_index": f"id-{i}"} for i, r in enumerate(rows(4))])
+    train, _ = _load(rated)
+    assert list(train["row_index"]) == ["id-0", "id-1", "id-2", "id-3"] and list(train[ROW_INDEX]) == [0, 1, 2, 3]
+    columns = [{"prompt": f"q{i}", "A0": "a", "A1": "b", "A0_score": 1.0, "A1_score": 2.0, "row_index": f"id-{i}"}
+               for i in range(4)]
+    train, _ = _load(write_jsonl(tmp_path / "columns.jsonl", columns), dataset_format="columns")
+    assert "row_index" not in train.column_names and list(train[ROW_INDEX]) == [0, 1, 2, 3]

@@ -459,6 +459,8 @@ def test_attention_dropout_in_training_takes_a_kernel_that_applies_it(tokenizer,
     for module in attention_modules(trainer.model):  # the reference's dropout alone: it runs in eval mode
         module.attn_dropout = module.attn_pdrop = 0.0
     assert automatic_layout_on_cuda(trainer, caplog)
+    trainer.ref_model.train()  # a reference a user left in train mode applies its dropout: it counts then
+    assert not automatic_layout_on_cuda(trainer, caplog)
     assert "Plain padded layout (shared_prompt=None, automatic): torch.nn.attention.varlen.varlen_attn: does not " \
            "implement dropout" in caplog.text
 

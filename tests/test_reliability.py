@@ -29,6 +29,7 @@ from test_trainer import make_args as trainer_args
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from nca_trl import NCAConfig, NCATrainer, ref_cache
+from nca_trl.runtime.errors import ROW_INDEX
 from nca_trl.train import train as cli_train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,7 +202,7 @@ def test_nan_loss_stops_naming_step_and_rows(tiny_mistral, tmp_path):
 
     def recording(model, inputs, return_outputs):
         if trainer.model.training:
-            rows = inputs.get("row_index")
+            rows = inputs.get(ROW_INDEX)
             batches.append(None if rows is None else sorted(rows.tolist()))
         return original(model, inputs, return_outputs)
 

@@ -37,8 +37,8 @@ class DataCollatorForRatedCompletions(DataCollatorMixin):
         - `preference_pair`: `[B]` bool, True for a prompt that came as a chosen/rejected pair (its targets are
           one-hot on the chosen whatever `alpha` is); False where an example has no `"preference_pair"`;
         - `ref_logps`: `[B, Kmax]` float32, when the examples carry them;
-        - `row_index`: `[B]`, each prompt's row in the dataset given to the trainer, when the examples carry it (the
-          trainers' errors name these rows);
+        - `_nca_row_index` (`ROW_INDEX`): `[B]`, each prompt's row in the dataset given to the trainer, when the
+          examples carry it (the trainers' errors name these rows);
         - `sequence_tokens`: `[B]`, each prompt's tokens in the plain layout (prompt repeated per completion, no
           padding), which the `num_tokens` metric counts.
 

@@ -47,7 +47,7 @@ def prompt_length_error(dataset_name: str, lengths: list[int], max_length: int, 
 
 
 def with_row_index(dataset):
-    """`dataset` with a `row_index` column: each row's position in the dataset given to the trainer (kept through
+    """`dataset` with a `ROW_INDEX` column: each row's position in the dataset given to the trainer (kept through
     preparation, which may drop rows, so that errors name the user's rows). A dataset that has one keeps it."""
     columns = getattr(dataset, "column_names", None)
     if dataset is None or (columns is not None and ROW_INDEX in columns):

@@ -103,6 +103,9 @@ def quiet_replica_notices(environ=None) -> None:
 
     environ = os.environ if environ is None else environ
     logger = logging.getLogger("nca_trl")
-    if str(environ.get("LOCAL_RANK", "0") or "0") != "0" and not any(isinstance(f, _ReplicaNotices)
-                                                                     for f in logger.filters):
+    try:
+        local_rank = int(environ.get("LOCAL_RANK", "0") or 0)  # -1: not distributed, as transformers reads it
+    except ValueError:
+        local_rank = 0
+    if local_rank > 0 and not any(isinstance(f, _ReplicaNotices) for f in logger.filters):
         logger.addFilter(_ReplicaNotices())

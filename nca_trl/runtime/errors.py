@@ -12,9 +12,11 @@ import functools
 
 __all__ = ["ROW_INDEX", "DataError", "SettingsError", "settings_errors"]
 
-#: Column the trainers add to a given dataset: each row's position in it, so that errors (a bad row, a non-finite step)
-#: name the user's rows. Here, below the data package and the run safety that both use it.
-ROW_INDEX = "row_index"
+#: Column the trainers (and `nca-trl train`, before it converts or splits the data) add to a given dataset: each row's
+#: position in it, so that errors (a bad row, a non-finite step) name the user's rows. A private name, so that a column
+#: of the user's own (a `row_index` of ids) is neither taken for it nor changed. Here, below the data package and the
+#: run safety that both use it.
+ROW_INDEX = "_nca_row_index"
 
 
 class SettingsError(ValueError):

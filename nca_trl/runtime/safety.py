@@ -3,7 +3,7 @@
 - **Non-finite loss or gradient.** `check_loss` runs on every training micro-batch before its backward pass (under
   DeepSpeed the optimizer step happens inside the backward, so this is the check that covers DeepSpeed) and
   `check_grad_norm` on the gradient norm the Trainer computes before each optimizer step. Either raises
-  `NonFiniteError` on every process, naming the step and the dataset rows of the batch (the `row_index` column,
+  `NonFiniteError` on every process, naming the step and the dataset rows of the batch (the `ROW_INDEX` column,
   `nca_trl.data.tokenize.with_row_index`): nothing is logged as 0.0, the optimizer never applies the update, and nothing is saved after the
   last good checkpoint. With fp16 loss scaling an infinite gradient norm is the scaler's business (it skips the step
   and lowers the scale), so only the loss is checked there.

@@ -74,7 +74,7 @@ def sorted_digits(prompts: list, completions: list, **kwargs) -> list[float | No
     return rewards
 
 
-def ascii_letters(prompts: list, completions: list, **kwargs) -> list[float | None]:
+def ascii_letters(prompts: list, completions: list, **kwargs) -> list[float]:
     """The fraction of the completion's characters that are ASCII letters or spaces: a toy reward that a tiny
     random-weight model learns in minutes (the tiny `nca-trl iterate` recipe). 0 for an empty completion (no letters:
     an evaluation that scores empty answers, `nca-trl score --evaluation`, counts them as the worst).

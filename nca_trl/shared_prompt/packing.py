@@ -377,7 +377,8 @@ class SharedPromptLayoutMixin:
                 support = shared_prompt_support(self.accelerator.unwrap_model(model), self.args.max_length)
                 if not support.enabled:
                     return f"{name} model: {support.reason}", None
-                needs |= support.needs - ({"dropout"} if name == "reference" else set())  # it runs in eval mode
+                evaluated = name == "reference" and not model.training  # a reference in eval mode applies no dropout
+                needs |= support.needs - ({"dropout"} if evaluated else set())
         device = self.accelerator.device.type
         forced = forced_kernel_problem(frozenset(needs), device, self._half_precision())
         if forced:  # found here, not at the first forward
