@@ -114,10 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet_deepspeed_cpu_notice()
     try:
         getattr(importlib.import_module(package), run)(rest)
-    except SettingsError as error:  # refused before anything was written or loaded: the message is the whole story
-        print(f"nca-trl {command}: error: {error}", file=sys.stderr)
-        return 2
-    except DataError as error:  # a bad row or data file: its message names the row or line, and the fix
+    # A setting refused before anything was written or loaded, a bad row or data file (its row or line): the message
+    # is the whole story
+    except (SettingsError, DataError) as error:
         print(f"nca-trl {command}: error: {error}", file=sys.stderr)
         return 2
     return 0

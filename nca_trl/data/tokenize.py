@@ -178,13 +178,13 @@ def _drop_ties(dataset, args, dataset_name, stats):
                        "without a count.", dataset_name)
         return dataset.filter(lambda example: not rewards_tie(example["rewards"]))
     tied = [i for i, rewards in enumerate(dataset["rewards"]) if rewards_tie(rewards)]
-    names = _row_names(dataset)
     stats["ties_dropped"] = len(tied)
     if tied:
         if len(tied) == len(dataset):
             raise ValueError(f"{dataset_name} dataset: the rewards of every one of its {len(dataset)} prompts tie, and "
                              "`ties='drop'` drops them all: nothing to train on. Use `ties='keep'`, or rate the "
                              "completions apart.")
+        names = _row_names(dataset)
         logger.warning("%s dataset: dropped %d of %d prompts whose rewards all tie (ties='drop'; rows %s%s).",
                        dataset_name, len(tied), len(dataset), ", ".join(str(names[i]) for i in tied[:10]),
                        ", ..." if len(tied) > 10 else "")
@@ -263,8 +263,8 @@ def _prepare(dataset, first, processing_class, args, dataset_name, max_completio
     # dropped, counted and reported (`keep_end` keeps the end of each sequence, so every completion keeps tokens).
     if args.max_length is not None and args.truncation_mode == "keep_start" and isinstance(dataset, Dataset):
         lengths = [len(ids) for ids in dataset["prompt_ids"]]
-        names = _row_names(dataset)
         too_long = [i for i, n in enumerate(lengths) if n >= args.max_length]
+        names = _row_names(dataset) if too_long else None  # how the messages name the rows
         if lengths and len(too_long) == len(lengths):
             raise prompt_length_error(dataset_name, lengths, args.max_length,
                                       shortest_row=names[lengths.index(min(lengths))])

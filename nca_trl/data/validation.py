@@ -22,6 +22,7 @@ from dataclasses import field as dataclass_field
 import datasets
 from trl.data_utils import common_prefix_length, extract_prompt
 
+from ..runtime.errors import ROW_INDEX
 from .formats import (
     _MAX_REPORTED_ROWS,
     MIXED,
@@ -42,7 +43,6 @@ from .formats import (
     _text_problem,
     detect_format,
 )
-from ..runtime.errors import ROW_INDEX
 from .rewards import check_rewards, rewards_tie
 
 

@@ -87,7 +87,6 @@ def quiet_deepspeed_cpu_notice() -> None:
         logger.addFilter(_DeepSpeedCPUNotice())
 
 
-
 class _ReplicaNotices:
     """Keeps only errors from nca-trl's logger: on the processes of a launch other than each machine's first, which
     say the same notices (the data's rows dropped, the layout chosen) as that one."""

@@ -198,9 +198,9 @@ def _language_model(model):
 def attention_variants(model, attention: list | None = None, longest: int | None = None) -> set[str]:
     """The attention variants (`nca_trl.shared_prompt.varlen.FEATURES`) `model` uses: `sliding_window`
     (`_sliding_window`; where `longest`, the most keys a segment has, is given: only a window shorter than that, as a
-    longer one masks nothing in either layout), `softcap` (`config.attn_logit_softcapping`), `sinks` (attention modules with
-    `sinks`, as GPT-OSS's), `wide_heads` (attention modules with heads wider than `FUSED_MAX_HEAD_DIM`, as Gemma 4's
-    global layers), `dropout` (attention modules whose attention dropout, passed in training, is above 0:
+    longer one masks nothing in either layout), `softcap` (`config.attn_logit_softcapping`), `sinks` (attention
+    modules with `sinks`, as GPT-OSS's), `wide_heads` (attention modules with heads wider than `FUSED_MAX_HEAD_DIM`,
+    as Gemma 4's global layers), `dropout` (attention modules whose attention dropout, passed in training, is above 0:
     `_attention_dropout`). A config setting counts only where the config's class declares it (`_declared`).
     `attention`: `attention_modules(model)` where the caller has it already."""
     variants = set()

@@ -225,7 +225,8 @@ def shared_prompt_forward(model, longest: int | None = None):
         )
     # Softcapping reaches the kernels only as a call's keyword, plain layout included: one not given is applied by
     # neither layout (Gemma 3's attention keeps `attn_logit_softcapping` but passes none). A window can live in a mask;
-    # wide heads are the queries' width, nothing a model could apply elsewhere.
+    # wide heads are the queries' width, nothing a model could apply elsewhere; dropout is a call's keyword too, given
+    # in training only.
     missing = sorted(attention_variants(model, attention, longest) - {"softcap", "wide_heads", "dropout"}
                      - check.variants)
     if missing:

@@ -205,12 +205,11 @@ def flash_attn_kernel(fn: Callable, name: str) -> VarlenKernel:
     missing = [p for p in needed if p not in params]
     if missing:
         raise TypeError(f"{name} has no argument(s) {missing}: not a flash-attention varlen function")
-    has_dropout = "dropout_p" in params
     features = frozenset(f for f, arg in (("sliding_window", "window_size"), ("softcap", "softcap"),
                                           ("dropout", "dropout_p")) if arg in params)
 
     def call(q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout=0.0, window=None, softcap=None):
-        kwargs = {"dropout_p": dropout} if has_dropout else {}  # `varlen_attention` checked the features
+        kwargs = {"dropout_p": dropout} if "dropout" in features else {}  # `varlen_attention` checked the features
         if window is not None:
             kwargs["window_size"] = (window - 1, 0)  # the last `window` keys, the query's own included
         if softcap is not None:
