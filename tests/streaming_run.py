@@ -81,5 +81,10 @@ if __name__ == "__main__":
                   ("NCATrainer",) if "--nca_only" in sys.argv else ("NCATrainer", "InfoNCATrainer"))
     from accelerate import PartialState
 
-    if PartialState().is_main_process:
+    state = PartialState()
+    if state.is_main_process:
         Path(out).write_text(json.dumps(results, indent=1))
+    # As `nca-trl train` does: a gloo process group left to the interpreter's exit can abort it ("terminate called
+    # without an active exception", exit status -6) after the results are written
+    state.wait_for_everyone()
+    state.destroy_process_group()
