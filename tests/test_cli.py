@@ -2,6 +2,7 @@
 unknown keys fail by name, the data options load what they say, and one end-to-end single-process run."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -274,7 +275,7 @@ def test_cli_end_to_end_single_process(tmp_path, capsys):
         assert main(argv) == 0
         captured = capsys.readouterr()
         printed = captured.out
-        assert "nca-trl: NCATrainer finished" in printed and "world size       : 1 (NO" in printed
+        assert "nca-trl: NCATrainer finished" in printed and re.search(r"\n  world size +: 1 \(NO", printed)
         # Log lines read as text (they were dicts of quoted strings), and the evaluation at step 0 draws no bar nested
         # in the training bar (the escape codes of nested bars filled log files)
         assert "\nstep 1/3  loss " in printed and "step 0/3  eval_heldout_loss " in printed
@@ -285,8 +286,10 @@ def test_cli_end_to_end_single_process(tmp_path, capsys):
         assert table in printed
         assert "| ranking accuracy | 0.000 |" in printed  # at the start the policy is its reference: nothing ranked
         curves = out / "training_curves.png"
-        assert f"training curves  : {curves}" in printed and curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert f"model saved to   : {out}  (AutoModelForCausalLM.from_pretrained)" in printed
+        assert re.search(rf"\n  training curves +: {re.escape(str(curves))}\n", printed)
+        assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        saved = rf"\n  model saved to +: {re.escape(str(out))}  \(AutoModelForCausalLM.from_pretrained\)"
+        assert re.search(saved, printed)
 
         info = json.loads((out / "run_info.json").read_text())
         assert info["world_size"] == 1 and info["distributed_type"] == "NO" and info["global_step"] == 3
@@ -620,3 +623,19 @@ def test_the_summary_names_the_curves_by_their_full_path(capsys, tmp_path, monke
             "model_loader": "AutoModelForCausalLM", "eval_metrics": {}}
     print_summary(info, None, "run/training_curves.png")
     assert f"training curves  : {tmp_path / 'run' / 'training_curves.png'}\n" in capsys.readouterr().out
+
+
+def test_the_summary_lines_up_its_evaluation_losses(capsys, tmp_path):
+    """'eval train prompts loss' is longer than the other labels: its colon stood two columns right of theirs, and the
+    evaluation sets were listed in reverse order."""
+    from nca_trl.train.report import print_summary
+
+    info = {"distributed_type": "NO", "zero_stage": None, "train_metrics": {"train_loss": 1.0}, "trainer": "NCATrainer",
+            "global_step": 1, "world_size": 1, "backend": None, "output_dir": str(tmp_path / "run"),
+            "model_loader": "AutoModelForCausalLM",
+            "eval_metrics": {"eval_heldout_loss": 1.5, "eval_heldout_runtime": 1.0, "eval_train_prompts_loss": 1.25}}
+    print_summary(info, None, str(tmp_path / "curves.png"))
+    fields = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert [line.split(":")[0].strip() for line in fields][:3] == ["train loss", "eval heldout loss",
+                                                                    "eval train prompts loss"]
+    assert len({line.index(" : ") for line in fields}) == 1, fields

@@ -249,22 +249,24 @@ def write_run_info(info: dict, output_dir: str | os.PathLike) -> Path:
 def print_summary(info: dict, table: str | None, curves: str | None) -> None:
     dist = info["distributed_type"] + (f", ZeRO-{info['zero_stage']}" if info["zero_stage"] is not None else "")
     metrics = info["train_metrics"]
-    lines = [
-        "",
-        "=" * 72,
-        f"nca-trl: {info['trainer']} finished",
-        f"  train loss       : {metrics.get('train_loss', float('nan')):.6f}",
-        f"  steps            : {info['global_step']}",
-        f"  runtime          : {metrics.get('train_runtime', float('nan')):.1f} s",
-        f"  world size       : {info['world_size']} ({dist}; backend {info['backend']})",
-        f"  model saved to   : {info['output_dir']}  ({info['model_loader']}.from_pretrained)",
-        f"  run info         : {os.path.join(info['output_dir'], 'run_info.json')}",
+    # eval_loss, or eval_<set>_loss per evaluation set, in the order they were evaluated
+    evals = [(key.removesuffix("_loss").replace("_", " ") + " loss", f"{value:.6f}")
+             for key, value in (info.get("eval_metrics") or {}).items()
+             if key.startswith("eval_") and key.endswith("_loss")]
+    fields = [
+        ("train loss", f"{metrics.get('train_loss', float('nan')):.6f}"),
+        *evals,
+        ("steps", info["global_step"]),
+        ("runtime", f"{metrics.get('train_runtime', float('nan')):.1f} s"),
+        ("world size", f"{info['world_size']} ({dist}; backend {info['backend']})"),
+        ("model saved to", f"{info['output_dir']}  ({info['model_loader']}.from_pretrained)"),
+        ("run info", os.path.join(info["output_dir"], "run_info.json")),
     ]
-    for key, value in (info.get("eval_metrics") or {}).items():  # eval_loss, or eval_<set>_loss per evaluation set
-        if key.startswith("eval_") and key.endswith("_loss"):
-            lines.insert(4, f"  {key.removesuffix('_loss').replace('_', ' ') + ' loss':<17}: {value:.6f}")
     if curves:
-        lines.append(f"  training curves  : {os.path.abspath(curves)}")  # the full path, as the others
+        fields.append(("training curves", os.path.abspath(curves)))  # the full path, as the others
+    width = max(16, *(len(label) for label, _ in fields))  # the colons in one column
+    lines = ["", "=" * 72, f"nca-trl: {info['trainer']} finished"]
+    lines += [f"  {label:<{width}} : {value}" for label, value in fields]
     if table:
         lines += [
             "",
