@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 
-from accelerate.utils import broadcast_object_list, tqdm
+from accelerate.utils import broadcast_object_list, is_peft_model, tqdm
 from datasets import Dataset, IterableDataset, concatenate_datasets
 from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
@@ -31,9 +31,22 @@ from .runtime.router_aux import check_router_aux
 
 logger = logging.getLogger("nca_trl")
 
-__all__ = ["CACHE_VERSION", "ref_cache_key", "precompute_ref_logps"]
+__all__ = ["BASE_REFERENCE", "CACHE_VERSION", "ref_cache_key", "precompute_ref_logps", "reference_adapter"]
 
 CACHE_VERSION = "nca-trl/ref_logps/v2"
+#: An attribute set (True) on a PEFT model with a pretrained adapter before the trainer is built, when its reference
+#: is its base model with the adapter disabled (`nca-trl train` with `ref_model_name_or_path` naming the adapter's
+#: base): TRL's frozen copy of the adapter ("ref") is then not the reference, in the precompute either.
+BASE_REFERENCE = "nca_trl_reference_is_base"
+
+
+def reference_adapter(model) -> str | None:
+    """The adapter that gives a PEFT policy's reference log-probs when there is no reference model: TRL's frozen copy
+    "ref" of a pretrained adapter, or None (every adapter disabled: the base model) where there is none or the model
+    is marked `BASE_REFERENCE`."""
+    if getattr(model, BASE_REFERENCE, False) or "ref" not in model.peft_config:
+        return None
+    return "ref"
 
 
 def ref_cache_key(trainer, dataset: Dataset) -> str:
@@ -47,6 +60,9 @@ def ref_cache_key(trainer, dataset: Dataset) -> str:
         "tokenizer": (getattr(tokenizer, "chat_template", None), str(getattr(tokenizer, "special_tokens_map", "")),
                       len(tokenizer) if tokenizer is not None else None),
         "model": trainer._precompute_model_hash,
+        # The hash covers every adapter of a PEFT policy; which one is the reference is the choice here
+        "peft_reference": (reference_adapter(trainer.accelerator.unwrap_model(trainer.model))
+                           if trainer.ref_model is None and is_peft_model(trainer.model) else None),
         "model_config": config.to_json_string(use_diff=False) if config is not None else None,
         "max_length": args.max_length,
         "truncation_mode": args.truncation_mode,

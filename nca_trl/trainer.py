@@ -32,7 +32,7 @@ from .data.formats import PAIR_COLUMN
 from .data.tokenize import prepare_rated_dataset, with_row_index
 from .losses import infonca_loss, nca_loss
 from .metrics import best_slots, from_slots, sequence_metrics, to_slots
-from .ref_cache import precompute_ref_logps
+from .ref_cache import precompute_ref_logps, reference_adapter
 from .runtime.backbone import use_language_backbones
 from .runtime.errors import ROW_INDEX
 from .runtime.output_dir import check_output_dir
@@ -337,7 +337,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, SharedPromptLayoutMixin, DPOTrain
         adapter_context = contextlib.nullcontext()
         if self.ref_model is None and is_peft_model(self.model):
             unwrapped = self.accelerator.unwrap_model(self.model)
-            adapter_context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+            adapter_context = use_adapter(unwrapped, adapter_name=reference_adapter(unwrapped))
         with (
             torch.no_grad(),
             _activation_checkpointing_off(self.model, self.args.activation_checkpointing_kwargs),

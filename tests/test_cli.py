@@ -639,3 +639,21 @@ def test_the_summary_lines_up_its_evaluation_losses(capsys, tmp_path):
     assert [line.split(":")[0].strip() for line in fields][:3] == ["train loss", "eval heldout loss",
                                                                     "eval train prompts loss"]
     assert len({line.index(" : ") for line in fields}) == 1, fields
+
+
+@pytest.mark.parametrize("value, read", [("false", None), ("False", None), ("none", None), ("null", None),
+                                         (False, None), ("true", "true"), ("latest", "true"), (True, "true"),
+                                         ("runs/checkpoint-2", "runs/checkpoint-2")])
+def test_resume_from_checkpoint_false_means_no_resume(tmp_path, value, read):
+    """`--resume_from_checkpoint false` was taken for a checkpoint folder named "false" (transformers raised once the
+    model and data had loaded), and `resume_from_checkpoint: false` in a recipe for a resume (a finished run of other
+    settings was trained over)."""
+    recipe = yaml.safe_load((REPO / "recipes" / "tiny" / "nca.yaml").read_text())
+    recipe["resume_from_checkpoint"] = value
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    (tmp_path / "model").mkdir()
+    common = ["--model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(VICUNA), "--dry_run", "true"]
+    assert parse_train_args(["--config", str(tmp_path / "recipe.yaml"), *common]).training.resume_from_checkpoint == read
+    if not isinstance(value, bool):
+        argv = ["--config", str(REPO / "recipes" / "tiny" / "nca.yaml"), *common, "--resume_from_checkpoint", value]
+        assert parse_train_args(argv).training.resume_from_checkpoint == read

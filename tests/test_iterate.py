@@ -443,7 +443,19 @@ def test_train_continues_a_lora_adapter_against_either_reference(tiny_mistral, t
 
     initial = train(_train_argv(tmp_path / "r1", tmp_path / "r3", **lora, learning_rate="0",
                                 ref_model_name_or_path=str(tiny_mistral))[1:])
-    assert initial["log_history"][0]["rewards/margins"] != 0.0  # the base differs from the trained adapter
+    margins = initial["log_history"][0]["rewards/margins"]
+    assert margins != 0.0  # the base differs from the trained adapter
+
+    # Precomputed, the same references. The base reference was precomputed from TRL's frozen copy of the adapter (the
+    # choice was made after the constructor, which precomputes): margins 0, as `previous`. The two share the cache's
+    # model hash (the same adapters are loaded), so the choice is part of the cache key: in this order `previous`
+    # reused `initial`'s cache
+    precompute = {**lora, "learning_rate": "0", "precompute_ref_log_probs": "true"}
+    initial = train(_train_argv(tmp_path / "r1", tmp_path / "r4", **precompute,
+                                ref_model_name_or_path=str(tiny_mistral))[1:])
+    assert initial["log_history"][0]["rewards/margins"] == pytest.approx(margins, rel=1e-5)
+    previous = train(_train_argv(tmp_path / "r1", tmp_path / "r5", **precompute)[1:])
+    assert previous["log_history"][0]["rewards/margins"] == 0.0
 
 
 

@@ -524,6 +524,10 @@ def test_a_finished_run_of_other_settings_is_refused_before_loading_anything(tin
         cli_train([*argv, "--beta", "0.2"])
     assert loads == [] and file_digest(out / "model.safetensors") == model
     assert json.loads((out / "run_info.json").read_text())["settings"]["beta"] == 0.1
+    # `resume_from_checkpoint: false` is no resume: it went past this check and trained over the finished run
+    with pytest.raises(ValueError, match=r"holds a finished nca run"):
+        cli_train([*argv, "--beta", "0.2", "--resume_from_checkpoint", "false"])
+    assert loads == [] and file_digest(out / "model.safetensors") == model
     assert not (out / LOCK).exists()  # a refused start leaves nothing that blocks the corrected command
 
     # Where the run is written and how it is watched are not settings: the same run again

@@ -301,6 +301,7 @@ def _checked(script_args, training_args, model_args, mixture, recipe: dict, dry_
         if problem:
             raise ValueError(problem)
     _set_model_init_kwargs(training_args, model_args)
+    training_args.resume_from_checkpoint = resume_setting(training_args.resume_from_checkpoint)
     return TrainArgs(script_args, training_args, model_args, mixture, recipe)
 
 
@@ -363,6 +364,14 @@ def _set_model_init_kwargs(training_args, model_args) -> None:
         kwargs["device_map"] = {"": training_args.local_process_index}
     kwargs.update(training_args.model_init_kwargs or {})
     training_args.model_init_kwargs = kwargs
+
+
+def resume_setting(value) -> str | None:
+    """`resume_from_checkpoint` as a recipe or the command line spells it: None for no resume (`false`, `none`,
+    `null`, any case), "true" for the last complete checkpoint (`true`, `last`, `latest`), otherwise a path."""
+    if value is None or value is False or str(value).strip().lower() in ("", "false", "none", "null"):
+        return None
+    return "true" if value is True or str(value).strip().lower() in ("true", "last", "latest") else str(value)
 
 
 def print_dry_run(args: TrainArgs) -> None:

@@ -89,6 +89,7 @@ def _train(args, settings: dict, callbacks: list | None, keep_process_group: boo
     from trl import get_peft_config, get_quantization_config
 
     from ..data.loading import load_datasets
+    from ..ref_cache import BASE_REFERENCE
     from ..runtime.launch import distributed_summary
     from ..trainer import trainer_for_loss
     from .preflight import check_before_training
@@ -104,6 +105,8 @@ def _train(args, settings: dict, callbacks: list | None, keep_process_group: boo
     started = time.time()
     adapter = continued_adapter(model_args, training_args)
     base_reference = adapter is not None and _same_path(script_args.ref_model_name_or_path, _adapter_base(adapter))
+    if base_reference:  # the reference is the adapter's base: the adapter disabled, no second model
+        setattr(adapter, BASE_REFERENCE, True)  # before the trainer is built: its precompute runs in the constructor
     trainer = trainer_for_loss(script_args.loss)(
         model=model_args.model_name_or_path if adapter is None else adapter,
         ref_model=None if base_reference else _reference_model(script_args.ref_model_name_or_path, training_args),
@@ -114,7 +117,7 @@ def _train(args, settings: dict, callbacks: list | None, keep_process_group: boo
         quantization_config=get_quantization_config(model_args) if adapter is None else None,
         callbacks=callbacks,
     )
-    if base_reference:  # the reference is the adapter's base: the adapter disabled, no second model
+    if base_reference:  # TRL's frozen copy of the adapter, which is not the reference, takes no memory
         trainer.accelerator.unwrap_model(trainer.model).delete_adapter("ref")
     distributed = distributed_summary(trainer)
     _print_start(trainer, script_args.loss, train_dataset, eval_sets, distributed)
@@ -253,8 +256,5 @@ def _print_start(trainer, loss, train_dataset, eval_sets, distributed) -> None:
 
 
 def _resume_value(value):
-    if value is None:
-        return None
-    if str(value).lower() in ("true", "last", "latest"):
-        return True
-    return value
+    """`resume_from_checkpoint` (as `resume_setting` spells it) for `Trainer.train`."""
+    return True if value == "true" else value
