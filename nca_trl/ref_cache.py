@@ -12,7 +12,8 @@ The cache is a column `ref_logps` written next to the prepared dataset's own cac
 
 TRL's `DPOTrainer` keys its cache on the dataset and the model only, so a changed `max_length` reuses stale values.
 The cache file is written by `datasets` through a temporary file renamed at the end: a run killed during the precompute
-leaves no cache file that a later run could reuse.
+leaves no cache file that a later run could reuse. A dataset held in memory (`Dataset.from_list`, no cache files) on
+several processes keeps the column in memory on each process instead (each would name a temporary file of its own).
 """
 
 from __future__ import annotations
@@ -87,8 +88,11 @@ def precompute_ref_logps(trainer, dataset: Dataset, name: str, batch_size: int) 
     # Rank 0's key for all ranks (ZeRO-3 shards make the model hash rank-dependent): one shared cache file
     key = [ref_cache_key(trainer, dataset)]
     broadcast_object_list(key, from_process=0)
-    cache_file = dataset._get_cache_file_path(key[0])
-    if os.path.exists(cache_file):
+    # A dataset in memory (no cache files) names a temporary file of each process's own: on several processes the
+    # column is kept in memory on each (every process gathers all the rows), computed anew
+    in_memory = not dataset.cache_files and trainer.accelerator.num_processes > 1
+    cache_file = None if in_memory else dataset._get_cache_file_path(key[0])
+    if cache_file is not None and os.path.exists(cache_file):
         logger.info("Reference log-probs of the %s dataset: reusing %s", name, cache_file)
         return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
 
@@ -121,6 +125,8 @@ def precompute_ref_logps(trainer, dataset: Dataset, name: str, batch_size: int) 
         ref, slots = accelerator.gather_for_metrics((ref, slots))
         rows.extend(r[s].tolist() for r, s in zip(ref.float().cpu(), slots.bool().cpu()))
 
+    if in_memory:
+        return dataset.add_column("ref_logps", rows, new_fingerprint=key[0])
     if accelerator.is_main_process:
         dataset.map(
             lambda _, indices: {"ref_logps": [rows[i] for i in indices]},

@@ -234,3 +234,32 @@ def test_moe_leaf_marking_and_initialize_guard(tiny_mixtral, tiny_mistral, monke
         deepspeed.initialize(model=mistral, config_params={"zero_optimization": {"stage": 3}})
     assert seen == [0, 2, 0] and marked == [2, 0]
     assert deepspeed.initialize is fake_initialize  # restored
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_precomputed_reference_of_an_in_memory_dataset_on_two_processes(tiny_mistral, tmp_path, launch_env):
+    """A `Dataset.from_list` has no cache files: each process named its own temporary cache file, which only the main
+    process wrote, so the other one failed (FileNotFoundError). Every process now holds the same reference log-probs,
+    those of one process."""
+    import json
+
+    from datasets import Dataset
+    from launching import VICUNA
+
+    from nca_trl import NCAConfig, NCATrainer
+
+    rows = [{k: row[k] for k in ("prompt", "completions", "rewards")}
+            for row in map(json.loads, VICUNA.read_text().splitlines()[:4])]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    script = Path(__file__).resolve().parent / "in_memory_precompute_run.py"
+    cmd = launch_cmd(cpu_config(tmp_path / "ddp.yaml"), free_port(), ("--num_processes", "2"),
+                     (str(script), str(tiny_mistral), str(tmp_path / "rows.json"), str(tmp_path)))
+    log = tmp_path / "launch.log"
+    wait([start(cmd, log, launch_env)], [log])
+    ranks = [json.loads((tmp_path / f"ref_logps-{rank}.json").read_text()) for rank in (0, 1)]
+    args = NCAConfig(output_dir=str(tmp_path / "single"), max_length=64, precompute_ref_log_probs=True,
+                     report_to="none", use_cpu=True, activation_checkpointing=False, bf16=False)
+    single = NCATrainer(model=str(tiny_mistral), args=args, train_dataset=Dataset.from_list(rows))
+    assert ranks[0] == ranks[1] and len(ranks[0]) == 4
+    assert torch.allclose(torch.tensor(ranks[0]), torch.tensor([row["ref_logps"] for row in single.train_dataset]), rtol=1e-5)
