@@ -537,3 +537,37 @@ def test_a_finished_run_of_other_settings_is_refused_before_loading_anything(tin
     replaced = cli_train([*argv, "--beta", "0.2", "--overwrite_output_dir", "true", "--save_strategy", "no"])
     assert replaced["settings"]["beta"] == 0.2 and replaced["global_step"] == 2 and replaced["resumed_from"] is None
     assert not list(out.glob("checkpoint-*")) and file_digest(out / "model.safetensors") != model
+
+
+def test_final_model_removes_the_replaced_models_other_files(tiny_mistral, tmp_path):
+    """A full model saved over a LoRA run's output (`--overwrite_output_dir`) kept the old adapter beside it, and
+    `from_pretrained` applied that adapter on top of the new weights; likewise old shards and their index beside one
+    weights file. The replaced model's files the new save did not write go (as its marker lists them, or by name for a
+    model saved without that list); other files stay."""
+    from safetensors.torch import save_file
+
+    data = isolated_dataset(tmp_path / "data", rated_rows(4))
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("adapter_config.json", "model.safetensors.index.json", "notes.txt"):
+        (out / name).write_text("{}")
+    save_file({"w": torch.zeros(1)}, out / "adapter_model.safetensors")
+    save_file({"w": torch.zeros(1)}, out / "model-00001-of-00002.safetensors")
+    trainer = NCATrainer(model=tiny_mistral, args=make_args(tmp_path, max_steps=1), train_dataset=data)
+    trainer.train()
+    trainer.save_model(str(out))
+    left = {p.name for p in out.iterdir()}
+    assert not left & {"adapter_config.json", "adapter_model.safetensors", "model.safetensors.index.json",
+                       "model-00001-of-00002.safetensors"}
+    assert {"notes.txt", "model.safetensors", "config.json", MARKER} <= left
+    listed = json.loads((out / MARKER).read_text())["files"]
+    assert "model.safetensors" in listed and "notes.txt" not in listed
+
+    # The marker's list: a file the previous save wrote, whatever its name, goes when the next save does not write it
+    (out / "extra_weights.pt").write_text("x")
+    (out / MARKER).write_text(json.dumps({"complete": True, "files": [*listed, "extra_weights.pt"]}))
+    trainer.save_model(str(out))
+    assert not (out / "extra_weights.pt").exists() and (out / "notes.txt").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    for name, value in reloaded.state_dict().items():
+        assert torch.equal(value, trainer.model.state_dict()[name]), name

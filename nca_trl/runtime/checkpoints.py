@@ -4,7 +4,9 @@
 rotates old checkpoints only then. `resolve_resume` makes `resume_from_checkpoint=True` pick the last complete
 checkpoint (skipping incomplete ones with a warning) and refuses an explicit incomplete one. `save_final_model` writes
 into `output_dir/.nca-trl-saving`, then moves the files into place and writes the marker last: a failure half-way
-leaves the previous model whole. Writers are the processes with `args.should_save`, as in `transformers.Trainer`.
+leaves the previous model whole. The files of the model it replaces that the new save did not write (a LoRA run's
+adapter under a full model, shards under one file) are removed, since a loader would read them too. Writers are the
+processes with `args.should_save`, as in `transformers.Trainer`.
 """
 
 from __future__ import annotations
@@ -163,6 +165,31 @@ def save_checkpoint(trainer, parent_save, model, trial) -> None:
         )
 
 
+# What a model or adapter save writes, which a loader reads when present: weights and their index, adapters, configs,
+# tokenizer and processor files, and the folders of further adapters (PEFT saves adapter "ref" in `ref/`)
+_MODEL_FILE = re.compile(
+    r"^(?:(?:model|pytorch_model|adapter_model)(?:-\d+-of-\d+)?\.(?:safetensors|bin)(?:\.index\.json)?|"
+    r"(?:adapter_|generation_|preprocessor_|processor_|tokenizer_)?config\.json|tokenizer\.json|tokenizer\.model|"
+    r"special_tokens_map\.json|added_tokens\.json|chat_template\.(?:jinja|json)|vocab\.(?:json|txt)|merges\.txt|"
+    r"training_args\.bin)$"
+)
+
+
+def _previous_model_files(output_dir: str) -> list[str]:
+    """The files of the final model `output_dir` holds: as its marker lists them, or, for a model saved without that
+    list (an older nca-trl, another program), the names of `_MODEL_FILE` there."""
+    try:
+        with open(os.path.join(output_dir, COMPLETE_MARKER)) as f:
+            listed = json.load(f).get("files")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if isinstance(listed, list) and all(isinstance(name, str) and os.sep not in name for name in listed):
+        return [name for name in listed if name not in (COMPLETE_MARKER, STAGING_DIR)]
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(name for name in os.listdir(output_dir) if _MODEL_FILE.match(name))
+
+
 def save_final_model(trainer, parent_save_model, output_dir: str | None) -> None:
     """The parent's `save_model` into `output_dir/.nca-trl-saving`, then the files moved into place, then the marker.
 
@@ -181,15 +208,23 @@ def save_final_model(trainer, parent_save_model, output_dir: str | None) -> None
         trainer.accelerator.wait_for_everyone()
     if args.should_save and os.path.isdir(staging):
         fsync_tree(staging)
+        names = sorted(os.listdir(staging))
+        stale = [name for name in _previous_model_files(output_dir) if name not in names]
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(output_dir, COMPLETE_MARKER))
-        for name in os.listdir(staging):
+        for name in names + stale:  # the previous model's other files, which a loader would read too, go
             target = os.path.join(output_dir, name)
             if os.path.isdir(target) and not os.path.islink(target):
                 shutil.rmtree(target)
-            os.replace(os.path.join(staging, name), target)
+            if name in names:
+                os.replace(os.path.join(staging, name), target)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(target)
+        if stale:
+            logger.info("Removed the replaced model's files %s from %s.", ", ".join(stale), output_dir)
         os.rmdir(staging)
-        _write_marker(output_dir, step=trainer.state.global_step, final_model=True)
+        _write_marker(output_dir, step=trainer.state.global_step, final_model=True, files=names)
     if collective:
         trainer.accelerator.wait_for_everyone()
     if args.push_to_hub:
