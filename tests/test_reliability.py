@@ -539,6 +539,48 @@ def test_a_finished_run_of_other_settings_is_refused_before_loading_anything(tin
     assert not list(out.glob("checkpoint-*")) and file_digest(out / "model.safetensors") != model
 
 
+
+@pytest.mark.slow  # over a few seconds on 2 cores
+def test_an_unfinished_run_of_other_settings_is_refused_before_loading_anything(tiny_mistral, tmp_path):
+    """Before: a fresh run into an `output_dir` holding an unfinished run's checkpoints (killed after checkpoint-3)
+    trained beside them, and when it was stopped in turn after checkpoint-1, `--resume_from_checkpoint true` took up
+    the other run's checkpoint-3 and finished that run under this run's name. Each checkpoint now records the run's
+    settings: a fresh run of other settings is refused (three ways out), one of the same settings runs, and
+    `--overwrite_output_dir true` removes the checkpoints first."""
+    from transformers import TrainerCallback
+
+    class StopAfter(TrainerCallback):
+        def __init__(self, step):
+            self.step = step
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == self.step:
+                raise KeyboardInterrupt(f"simulated kill after checkpoint-{self.step}")
+
+    out = tmp_path / "run"
+    argv = cli_argv(tiny_mistral, out, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "1")
+    with pytest.raises(KeyboardInterrupt):
+        cli_train([*argv, "--learning_rate", "0.001"], callbacks=[StopAfter(3)])
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    recorded = json.loads((out / "checkpoint-3" / MARKER).read_text())["settings"]
+    assert recorded["learning_rate"] == 0.001 and recorded["max_steps"] == 4
+
+    with pytest.raises(ValueError, match=r"holds the checkpoints of an unfinished run \(checkpoint-3, checkpoint-2, "
+                       r"checkpoint-1\) with other settings \(learning_rate: 0.001 -> 0.05\)\. Nothing was loaded or "
+                       r"written\..*`--overwrite_output_dir true`\. Or continue it with `--resume_from_checkpoint true`"):
+        cli_train([*argv, "--learning_rate", "0.05"])
+    assert not (out / LOCK).exists()
+
+    # The same settings start again from step 0, over the same checkpoints
+    again = cli_train([*argv, "--learning_rate", "0.001"])
+    assert again["global_step"] == 4 and again["resumed_from"] is None
+    (out / "run_info.json").unlink()  # unfinished again
+
+    replaced = cli_train([*argv, "--learning_rate", "0.05", "--overwrite_output_dir", "true", "--max_steps", "1"])
+    assert replaced["global_step"] == 1 and replaced["settings"]["learning_rate"] == 0.05
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+
+
 def test_final_model_removes_the_replaced_models_other_files(tiny_mistral, tmp_path):
     """A full model saved over a LoRA run's output (`--overwrite_output_dir`) kept the old adapter beside it, and
     `from_pretrained` applied that adapter on top of the new weights; likewise old shards and their index beside one

@@ -21,13 +21,13 @@ import time
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .files import fsync_tree, write_atomic
+from .files import fsync_tree, json_default, write_atomic
 
 
 logger = logging.getLogger("nca_trl")
 
-__all__ = ["COMPLETE_MARKER", "STAGING_DIR", "is_complete", "last_complete_checkpoint", "resolve_resume",
-           "save_checkpoint", "save_final_model"]
+__all__ = ["COMPLETE_MARKER", "RUN_SETTINGS", "STAGING_DIR", "checkpoint_settings", "is_complete",
+           "last_complete_checkpoint", "resolve_resume", "save_checkpoint", "save_final_model"]
 
 COMPLETE_MARKER = "nca_trl_complete.json"
 STAGING_DIR = ".nca-trl-saving"
@@ -78,7 +78,33 @@ def _foreign_checkpoint_message(path: str) -> str:
 def _write_marker(folder: str, **info) -> None:
     """fsync the files of `folder`, then write the marker atomically (temporary file renamed), fsynced."""
     fsync_tree(folder)
-    write_atomic(os.path.join(folder, COMPLETE_MARKER), json.dumps({"complete": True, "time": time.time(), **info}))
+    write_atomic(os.path.join(folder, COMPLETE_MARKER),
+                 json.dumps({"complete": True, "time": time.time(), **info}, default=json_default))
+
+
+#: The trainer attribute that holds the settings of the `nca-trl train` run (`run_settings`), recorded in each
+#: checkpoint's marker
+RUN_SETTINGS = "_nca_run_settings"
+
+
+def _settings_record(trainer) -> dict:
+    settings = getattr(trainer, RUN_SETTINGS, None)
+    return {"settings": settings} if settings is not None else {}
+
+
+def checkpoint_settings(output_dir: str) -> dict[str, dict | None]:
+    """The complete checkpoints of `output_dir`, newest first: folder -> the settings its marker records (None where it
+    records none: written from Python, or by an older nca-trl)."""
+    found = {}
+    for folder in _checkpoints(output_dir):
+        if is_complete(folder):
+            try:
+                with open(os.path.join(folder, COMPLETE_MARKER)) as f:
+                    settings = json.load(f).get("settings")
+            except (OSError, ValueError, AttributeError):
+                settings = None
+            found[folder] = settings if isinstance(settings, dict) else None
+    return found
 
 
 def _checkpoints(output_dir: str) -> list[str]:
@@ -158,7 +184,8 @@ def save_checkpoint(trainer, parent_save, model, trial) -> None:
         args.save_total_limit = limit
     trainer.accelerator.wait_for_everyone()
     if args.should_save:
-        _write_marker(folder, step=trainer.state.global_step)
+        # `nca-trl train` gives its run's settings (`RUN_SETTINGS`): a later fresh run into this output_dir compares
+        _write_marker(folder, step=trainer.state.global_step, **_settings_record(trainer))
         rotate_checkpoints(
             output_dir=run_dir, save_total_limit=limit, best_model_checkpoint=trainer.state.best_model_checkpoint,
             use_mtime=True,

@@ -130,8 +130,9 @@ class ScriptArguments:
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
-            "help": "Replace a finished run of other settings in `output_dir` (its `run_info.json` says what it was): "
-            "its checkpoints and `run_info.json` are removed before training, and the new model is saved over it. "
+            "help": "Replace a run of other settings in `output_dir` (a finished run's `run_info.json`, or an "
+            "unfinished run's checkpoints, says what it was): its checkpoints and `run_info.json` are removed before "
+            "training, and the new model is saved over it. "
             "Without it such a run is refused before anything is loaded. Resuming (`resume_from_checkpoint`) and "
             "rerunning the same settings need no flag."
         },

@@ -46,42 +46,67 @@ def train(argv: "list[str] | TrainArgs | None" = None, callbacks: list | None = 
 
 
 def check_finished_run(args: TrainArgs, settings: dict | None = None) -> None:
-    """A finished run in `output_dir` (its `run_info.json`) of other settings is refused, before anything loads, unless
+    """An earlier run in `output_dir` of other settings is refused, before anything loads, unless
     `overwrite_output_dir` (then its checkpoints and `run_info.json` are removed, so that nothing resumes from them) or
-    `resume_from_checkpoint` (continuing it on purpose). The same settings run again. `settings`: `run_settings(args)`
-    taken before the run changed any of them (computed here if not given)."""
-    import json
+    `resume_from_checkpoint` (continuing it on purpose): a finished run (its `run_info.json`), or the complete
+    checkpoints of an unfinished one (the settings their markers record), which a later resume would take up instead
+    of this run's. The same settings run again. `settings`: `run_settings(args)` taken before the run changed any of
+    them (computed here if not given)."""
     import shutil
     from pathlib import Path
 
-    from ..runtime.output_dir import FinishedRunError, changed_settings, finished_run_message
+    from ..runtime.output_dir import FinishedRunError, finished_run_message
 
     output_dir = Path(args.training.output_dir)
-    record = output_dir / "run_info.json"
-    if not record.is_file() or args.training.resume_from_checkpoint is not None:
+    earlier = None if args.training.resume_from_checkpoint is not None else _earlier_run(
+        output_dir, settings or run_settings(args))
+    if earlier is None:
         return
-    try:
-        recorded = json.loads(record.read_text())
-    except ValueError:
-        recorded = {}
-    previous = recorded.get("settings")
-    changes = (changed_settings(previous, settings or run_settings(args)) if isinstance(previous, dict)
-               else ["the run's settings were not recorded (written by an older nca-trl or another program)"])
+    what, changes, finished = earlier
     if not changes:
-        print(f"[nca-trl] {output_dir} holds a finished run of these settings: training it again over it")
+        if finished:
+            print(f"[nca-trl] {output_dir} holds a finished run of these settings: training it again over it")
         return
     if not args.script.overwrite_output_dir:
-        raise FinishedRunError(finished_run_message(
-            str(output_dir), f"a finished {recorded.get('loss', 'training')} run (run_info.json)", changes,
-            "--overwrite_output_dir", "`output_dir` (`--output_dir PATH`)"))
+        message = finished_run_message(str(output_dir), what, changes, "--overwrite_output_dir",
+                                       "`output_dir` (`--output_dir PATH`)")
+        raise FinishedRunError(message + ("" if finished else " Or continue it with `--resume_from_checkpoint true`."))
     state = args.training.distributed_state
     if state.is_main_process:
         for checkpoint in output_dir.glob("checkpoint-*"):
             shutil.rmtree(checkpoint)
-        record.unlink()
+        (output_dir / "run_info.json").unlink(missing_ok=True)
     state.wait_for_everyone()
-    print(f"[nca-trl] --overwrite_output_dir: replacing the finished run in {output_dir} ({'; '.join(changes[:3])}"
+    print(f"[nca-trl] --overwrite_output_dir: replacing {what} in {output_dir} ({'; '.join(changes[:3])}"
           f"{'; ...' if len(changes) > 3 else ''})")
+
+
+def _earlier_run(output_dir, settings: dict) -> tuple[str, list[str], bool] | None:
+    """What run `output_dir` holds (words), how its settings differ from `settings` (`key: before -> now`), whether
+    it finished; None if it holds none (no `run_info.json`, no complete checkpoint)."""
+    import json
+
+    from ..runtime.checkpoints import checkpoint_settings
+    from ..runtime.output_dir import changed_settings
+
+    unrecorded = ["the run's settings were not recorded (written by an older nca-trl or another program)"]
+    record = output_dir / "run_info.json"
+    if record.is_file():
+        try:
+            recorded = json.loads(record.read_text())
+        except ValueError:
+            recorded = {}
+        recorded = recorded if isinstance(recorded, dict) else {}
+        previous = recorded.get("settings")
+        changes = changed_settings(previous, settings) if isinstance(previous, dict) else unrecorded
+        return f"a finished {recorded.get('loss', 'training')} run (run_info.json)", changes, True
+    checkpoints = checkpoint_settings(str(output_dir))
+    if not checkpoints:
+        return None
+    differing = (changed_settings(recorded, settings) if recorded is not None else unrecorded
+                 for recorded in checkpoints.values())
+    names = ", ".join(os.path.basename(folder) for folder in checkpoints)
+    return f"the checkpoints of an unfinished run ({names})", next((c for c in differing if c), []), False
 
 
 def _train(args, settings: dict, callbacks: list | None, keep_process_group: bool = False) -> dict:
@@ -90,6 +115,7 @@ def _train(args, settings: dict, callbacks: list | None, keep_process_group: boo
 
     from ..data.loading import load_datasets
     from ..ref_cache import BASE_REFERENCE
+    from ..runtime.checkpoints import RUN_SETTINGS
     from ..runtime.launch import distributed_summary
     from ..trainer import trainer_for_loss
     from .preflight import check_before_training
@@ -117,6 +143,7 @@ def _train(args, settings: dict, callbacks: list | None, keep_process_group: boo
         quantization_config=get_quantization_config(model_args) if adapter is None else None,
         callbacks=callbacks,
     )
+    setattr(trainer, RUN_SETTINGS, settings)  # recorded in each checkpoint: a later fresh run compares them
     if base_reference:  # TRL's frozen copy of the adapter, which is not the reference, takes no memory
         trainer.accelerator.unwrap_model(trainer.model).delete_adapter("ref")
     distributed = distributed_summary(trainer)
