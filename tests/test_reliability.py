@@ -26,6 +26,7 @@ import torch
 from datasets import load_dataset
 from safetensors.torch import load_file
 from test_trainer import make_args as trainer_args
+from test_trainer import record_losses
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from nca_trl import NCAConfig, NCATrainer, ref_cache
@@ -390,6 +391,48 @@ def test_resume_skips_an_incomplete_checkpoint(tiny_mistral, tmp_path, caplog):
     again = NCATrainer(model=tiny_mistral, args=args, train_dataset=data)
     with pytest.raises(ValueError, match="incomplete"):  # an explicit path to an incomplete checkpoint
         again.train(resume_from_checkpoint=str(out / "checkpoint-3"))
+
+
+@pytest.mark.slow
+def test_resume_keeps_the_synced_reference_model(tiny_mistral, tmp_path):
+    """`sync_ref_model` moves the reference toward the policy every `ref_model_sync_steps`; TRL keeps it in memory
+    only, so a run resumed from checkpoint-2 trained steps 3-4 against the initial reference (other losses, exit 0).
+    Each checkpoint now holds the reference (`ref_model.safetensors`) and a resume loads it: the same losses as an
+    uninterrupted run. A checkpoint without it is refused."""
+    from transformers import TrainerCallback
+
+    from nca_trl.runtime.checkpoints import SYNCED_REFERENCE
+
+    class StopAfter2(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt("simulated kill after checkpoint-2")
+
+    data = isolated_dataset(tmp_path / "data", rated_rows(8))
+    sync = dict(max_steps=4, save_strategy="steps", save_steps=1, learning_rate=5e-2, sync_ref_model=True,
+                ref_model_sync_steps=2, ref_model_mixup_alpha=0.5, per_device_train_batch_size=1)
+
+    def run(name, resume=None, callbacks=None):
+        args = make_args(tmp_path, **sync)
+        args.output_dir = str(tmp_path / name)
+        trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=data, callbacks=callbacks)
+        losses = record_losses(trainer)
+        trainer.train(resume_from_checkpoint=resume)
+        return losses
+
+    whole = run("whole")
+    with pytest.raises(KeyboardInterrupt):
+        run("killed", callbacks=[StopAfter2()])
+    checkpoint = tmp_path / "killed" / "checkpoint-2"
+    assert (checkpoint / SYNCED_REFERENCE).exists() and (checkpoint / MARKER).exists()
+    resumed = run("killed", resume=True)
+    assert len(whole) == 4 and resumed == pytest.approx(whole[2:], rel=1e-5)
+
+    (checkpoint / SYNCED_REFERENCE).unlink()
+    (tmp_path / "killed" / "checkpoint-3").rename(tmp_path / "killed" / "moved-3")
+    shutil.rmtree(tmp_path / "killed" / "checkpoint-4")
+    with pytest.raises(ValueError, match=r"holds no copy of the synced reference model \(ref_model.safetensors\)"):
+        run("killed", resume=str(checkpoint))
 
 
 def test_checkpoint_killed_mid_write_has_no_marker(tiny_mistral, tmp_path, monkeypatch):

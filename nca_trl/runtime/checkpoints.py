@@ -26,8 +26,9 @@ from .files import fsync_tree, json_default, write_atomic
 
 logger = logging.getLogger("nca_trl")
 
-__all__ = ["COMPLETE_MARKER", "RUN_SETTINGS", "STAGING_DIR", "checkpoint_settings", "is_complete",
-           "last_complete_checkpoint", "resolve_resume", "save_checkpoint", "save_final_model"]
+__all__ = ["COMPLETE_MARKER", "RUN_SETTINGS", "STAGING_DIR", "SYNCED_REFERENCE", "checkpoint_settings", "is_complete",
+           "last_complete_checkpoint", "resolve_resume", "restore_synced_reference", "save_checkpoint",
+           "save_final_model"]
 
 COMPLETE_MARKER = "nca_trl_complete.json"
 STAGING_DIR = ".nca-trl-saving"
@@ -184,6 +185,7 @@ def save_checkpoint(trainer, parent_save, model, trial) -> None:
         args.save_total_limit = limit
     trainer.accelerator.wait_for_everyone()
     if args.should_save:
+        _save_synced_reference(trainer, folder)
         # `nca-trl train` gives its run's settings (`RUN_SETTINGS`): a later fresh run into this output_dir compares
         _write_marker(folder, step=trainer.state.global_step, **_settings_record(trainer))
         rotate_checkpoints(
@@ -215,6 +217,49 @@ def _previous_model_files(output_dir: str) -> list[str]:
     if not os.path.isdir(output_dir):
         return []
     return sorted(name for name in os.listdir(output_dir) if _MODEL_FILE.match(name))
+
+
+#: The reference model of a `sync_ref_model` run, in each of its checkpoints: TRL keeps the synced reference in memory
+#: only, and a resume against the initial one would train on other losses from the resumed step on
+SYNCED_REFERENCE = "ref_model.safetensors"
+
+
+def _whole_synced_reference(trainer):
+    """The reference model `sync_ref_model` updates, unwrapped, where each process holds it whole; None where there is
+    none or it is sharded (ZeRO-3, FSDP)."""
+    if not trainer.args.sync_ref_model or trainer.ref_model is None or trainer.is_fsdp_enabled:
+        return None
+    plugin = trainer.accelerator.state.deepspeed_plugin if trainer.is_deepspeed_enabled else None
+    return None if plugin is not None and plugin.zero_stage == 3 else trainer.accelerator.unwrap_model(trainer.ref_model)
+
+
+def _save_synced_reference(trainer, folder: str) -> None:
+    reference = _whole_synced_reference(trainer)
+    if reference is not None:
+        from safetensors.torch import save_model
+
+        save_model(reference, os.path.join(folder, SYNCED_REFERENCE))
+
+
+def restore_synced_reference(trainer, checkpoint: str | None) -> None:
+    """Resuming a `sync_ref_model` run from `checkpoint`: its reference model as the checkpoint saved it, on every
+    process; a `ValueError` if the checkpoint has none (saved sharded, or by another trainer)."""
+    if not checkpoint or not trainer.args.sync_ref_model:
+        return
+    path = os.path.join(checkpoint, SYNCED_REFERENCE)
+    reference = _whole_synced_reference(trainer)
+    if reference is None or not os.path.isfile(path):
+        raise ValueError(
+            f"Checkpoint {checkpoint!r} holds no copy of the synced reference model ({SYNCED_REFERENCE}). With "
+            "`sync_ref_model` the reference moves toward the policy during training, and TRL keeps it in memory only: "
+            "resumed against the initial reference, the losses from this step on would not be the run's. nca-trl "
+            "saves the reference in each checkpoint where every process holds it whole (not sharded by ZeRO-3 or "
+            "FSDP). Start the run again without `resume_from_checkpoint`, or train without `sync_ref_model`."
+        )
+    from safetensors.torch import load_model
+
+    load_model(reference, path, strict=True, device=str(next(reference.parameters()).device))
+    logger.info("Resuming the synced reference model from %s.", path)
 
 
 def save_final_model(trainer, parent_save_model, output_dir: str | None) -> None:

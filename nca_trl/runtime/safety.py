@@ -32,7 +32,8 @@ import math
 
 import torch
 
-from .checkpoints import last_complete_checkpoint, resolve_resume, save_checkpoint, save_final_model
+from .checkpoints import (last_complete_checkpoint, resolve_resume, restore_synced_reference, save_checkpoint,
+                          save_final_model)
 from .errors import ROW_INDEX
 from .output_dir import claim_output_dir
 
@@ -156,6 +157,7 @@ class RunSafetyMixin:
         self._nca_step_rows = []
         with claim_output_dir(self.args):
             resume = resolve_resume(self.args, resume_from_checkpoint)
+            restore_synced_reference(self, resume)
             return super().train(resume, trial, ignore_keys_for_eval, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
