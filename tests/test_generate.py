@@ -1,6 +1,7 @@
 """`nca-trl generate`: prefill-once sampling, per-completion seeds, resumable chunks, the command end to end."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -454,6 +455,36 @@ def test_chat_prompts_need_a_chat_template_and_long_prompts_are_counted(tokenize
         check_prompts(rows, no_template, "p.jsonl", "tiny")
     found = check_prompts(rows[:2], tokenizer, "p.jsonl", "tiny", context=32, max_new_tokens=8)
     assert found == {"context": 32, "count": 1, "rows": [1]}
+    # A prompt of another type was a TypeError without the row (exit 1)
+    for prompt, got in ((12, "int"), (["Hi", "there"], "a list of str")):
+        with pytest.raises(ValueError, match=rf"p.jsonl, row 1, field 'prompt': a prompt is a string or a list of chat "
+                           rf"messages .*, not {got}\."):
+            check_prompts([rows[0], {"prompt": prompt}], tokenizer, "p.jsonl", "tiny")
+
+
+def test_prompts_overrunning_learned_positions_are_refused_before_sampling(tiny_mistral, tmp_path, capsys):
+    """Prompts that with `max_new_tokens` overrun the context are sampled on a rotary model (logged); a model with
+    learned position embeddings (GPT-2: 16 positions here) has none past them, and sampling failed mid-run with an
+    IndexError inside torch. Now refused before the model loads, naming the rows and the fix; exit 2."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from nca_trl.cli import main
+
+    gpt = tmp_path / "gpt"
+    config = GPT2Config(vocab_size=32768, n_positions=16, n_embd=32, n_layer=1, n_head=2, bos_token_id=1,
+                        eos_token_id=2, pad_token_id=2)
+    GPT2LMHeadModel(config).save_pretrained(gpt)
+    AutoTokenizer.from_pretrained(tiny_mistral).save_pretrained(gpt)
+    data = _write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Hi"}, {"prompt": "word " * 12}])
+    argv = ["generate", "--model_name_or_path", str(gpt), "--dataset_name", data, "--output",
+            str(tmp_path / "samples.jsonl"), "--num_completions", "2"]
+    capsys.readouterr()
+    assert main([*argv, "--max_new_tokens", "8"]) == 2
+    assert re.search(r"prompts.jsonl: 1 prompt\(s\) and their 8 new tokens overrun the context of .*gpt \(16 "
+                     r"positions, which it cannot go past; rows \[1\]\)\. Lower `max_new_tokens`",
+                     capsys.readouterr().err)
+    assert not (tmp_path / "samples.jsonl").exists()
+    assert main([*argv, "--max_new_tokens", "2"]) == 0  # within the context: sampled
 
 
 def test_generate_loads_a_model_as_trl_trains_it(tiny_mistral, tmp_path, hh):

@@ -45,6 +45,11 @@ def check_prompts(rows, tokenizer, source: str, model: str, context: int | None 
             what = "null" if prompt is None else "empty"
             raise DataError(f"{source}, row {i}, field 'prompt': the prompt is {what}. Give the row a prompt or "
                             "remove it.")
+        if not isinstance(prompt, str) and not is_conversational({"prompt": prompt}):
+            got = (f"a list of {type(prompt[0]).__name__}" if isinstance(prompt, list) and prompt
+                   else type(prompt).__name__)
+            raise DataError(f"{source}, row {i}, field 'prompt': a prompt is a string or a list of chat messages "
+                            f"({{\"role\": ..., \"content\": ...}}), not {got}. Fix the row or remove it.")
         if is_conversational({"prompt": prompt}) and getattr(tokenizer, "chat_template", None) is None:
             raise DataError(
                 f"{source}, row {i}, field 'prompt': a list of chat messages, but the tokenizer of {model} has no chat "

@@ -87,6 +87,17 @@ def _check_prompts(args: GenerateArguments, dataset, main: bool) -> tuple[dict, 
     context = getattr(config.get_text_config(), "max_position_embeddings", None)  # a multimodal model's: its text's
     found = check_prompts(dataset, tokenizer, args.dataset_name, args.model_name_or_path, context,
                           args.max_new_tokens)
+    if found["count"] and getattr(config.get_text_config(), "rope_parameters", None) is None:
+        # Rotary positions run past the context (the samples degrade); learned position embeddings (GPT-2, OPT) end
+        # there: an index error inside torch mid-run. Only rotary models are known to run on
+        from ..runtime.errors import DataError
+
+        raise DataError(
+            f"{args.dataset_name}: {found['count']} prompt(s) and their {args.max_new_tokens} new tokens overrun the "
+            f"context of {args.model_name_or_path} ({context} positions, which it cannot go past; rows "
+            f"{found['rows']}{', ...' if found['count'] > 20 else ''}). Lower `max_new_tokens`, or shorten or remove "
+            "those prompts."
+        )
     if found["count"] and main:
         _log(f"{found['count']} prompt(s) of {args.dataset_name} and their {args.max_new_tokens} new tokens overrun "
              f"the model's context of {context} tokens (rows {found['rows']}{', ...' if found['count'] > 20 else ''}): "
