@@ -11,6 +11,7 @@ prompt's best reward in float64 and then works in float32. Adding a constant to 
 
 from __future__ import annotations
 
+import decimal
 import math
 import numbers
 from typing import Any
@@ -22,7 +23,8 @@ __all__ = ["check_rewards", "rewards_tie"]
 
 
 def _reward_problem(value: Any, field: str) -> tuple[str, str] | None:
-    """`(why value is not a usable reward, the fix)`, or `None` when it is a finite int/float (not a bool)."""
+    """`(why value is not a usable reward, the fix)`, or `None` when it is a finite int, float or Decimal (not a
+    bool)."""
     finite_fix = "give every completion a finite number (or drop the row)"
     if value is None:
         return "is None", finite_fix
@@ -36,9 +38,12 @@ def _reward_problem(value: Any, field: str) -> tuple[str, str] | None:
             f"cast the '{field}' column to numbers before training, e.g. `dataset.map(lambda r: {example})` "
             f"(or drop the row)",
         )
-    if not isinstance(value, numbers.Real):
+    if not isinstance(value, (numbers.Real, decimal.Decimal)):  # a Parquet decimal128 column reads as Decimal
         return f"is {_kind(value)}, not a number", finite_fix
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int past float64's range, e.g. 10**400
+        return "is a number beyond float64's range (about 1.8e308)", "rescale the rewards (or drop the row)"
     if math.isnan(value):
         return "is NaN", finite_fix
     if math.isinf(value):
@@ -47,10 +52,22 @@ def _reward_problem(value: Any, field: str) -> tuple[str, str] | None:
 
 
 def rewards_tie(rewards) -> bool:
-    """Whether every reward of a prompt is the same, within `math.isclose(rel_tol=1e-9, abs_tol=1e-12)` of the
-    highest: such a prompt carries no preference. Validation counts these rows, `ties: drop` leaves them out, and the
-    DPO baseline of `nca-trl iterate` has no pair for them (NCA / InfoNCA targets are uniform)."""
-    return all(math.isclose(r, max(rewards), rel_tol=1e-9, abs_tol=1e-12) for r in rewards)
+    """Whether every reward of a prompt is exactly the same (compared as float64): such a prompt carries no
+    preference. Validation counts these rows, `ties: drop` leaves them out, and the DPO baseline of `nca-trl iterate`
+    has no pair for them (NCA / InfoNCA targets are uniform).
+
+    Exact, not within a tolerance: a relative tolerance called `[1e9, 1e9 + 1]` a tie, so adding a constant to the
+    rewards dropped real preferences, and the collator keeps any float64 difference (it subtracts each prompt's best
+    reward before the float32 cast).
+
+    Example:
+    ```python
+    >>> rewards_tie([3, 3.0]), rewards_tie([1e9, 1e9 + 1])
+    (True, False)
+    ```
+    """
+    values = [float(r) for r in rewards]
+    return max(values) == min(values)
 
 
 def check_rewards(
