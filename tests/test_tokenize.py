@@ -238,3 +238,46 @@ def test_training_is_unchanged_by_a_reward_offset_or_a_scale_past_float32(tiny_m
     assert len(results["plain"]) == 2 and all(math.isfinite(x) for x in results["plain"])
     assert results["offset"] == pytest.approx(results["plain"], rel=1e-6)
     assert results["scaled"] == pytest.approx(results["plain"], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------ the chat template and its arguments
+
+
+def _conversation(**extra):
+    return {"prompt": [{"role": "user", "content": "What is 2+2?"}], "rewards": [1.0, 0.0],
+            "completions": [[{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "5"}]], **extra}
+
+
+def test_a_row_the_chat_template_refuses_is_named(mistral_tokenizer):
+    """Before: jinja2's TemplateError (or an UndefinedError, a TypeError...) came out of `datasets.map`, no row named,
+    and `nca-trl train` exited 1 with a traceback."""
+    import copy
+
+    strict = copy.deepcopy(mistral_tokenizer)  # a template that refuses system turns, as Gemma's does
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                            "supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    system = {"role": "system", "content": "Be brief."}
+    no_content = [{"role": "assistant", "content": None,
+                   "tool_calls": [{"type": "function", "function": {"name": "get", "arguments": {"city": "Paris"}}}]}]
+    rows = [_conversation(), _conversation(), _conversation(prompt=[system, _conversation()["prompt"][0]])]
+    with pytest.raises(DataValidationError, match=r"train dataset, row 2, field 'prompt': the tokenizer's chat template "
+                                                  r"refused this row \(the prompt: TemplateError: System role not "
+                                                  r"supported\)\. Fix: "):
+        prepare_rated_dataset(Dataset.from_list(rows), strict, args(), "train")
+    rows = [_conversation(), _conversation(completions=[_conversation()["completions"][0], no_content])]
+    with pytest.raises(DataValidationError, match=r"row 1, field 'completions': the tokenizer's chat template refused "
+                                                  r"this row \(prompt \+ completion 1: "):
+        prepare_rated_dataset(Dataset.from_list(rows), mistral_tokenizer, args(), "train")
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"tools": "not json"}, r"field 'tools': 'tools' is the string 'not json', which is not JSON"),
+    ({"tools": '{"type": "function"}'}, r"field 'tools': 'tools' is a dict, expected a list of tool definitions"),
+    ({"chat_template_kwargs": "x"},
+     r"field 'chat_template_kwargs': 'chat_template_kwargs' is a string, expected a dict"),
+])
+def test_malformed_template_arguments_are_named(mistral_tokenizer, extra, message):
+    """Before: a bare JSONDecodeError ('tools' not JSON) or TypeError ('str' object is not a mapping)."""
+    rows = [_conversation(**{k: None for k in extra}), _conversation(**extra)]
+    with pytest.raises(DataValidationError, match=r"train dataset, row 1, " + message):
+        prepare_rated_dataset(Dataset.from_list(rows), mistral_tokenizer, args(), "train")

@@ -10,7 +10,6 @@ rewards through untouched.
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 
@@ -21,6 +20,7 @@ from trl.trainer.utils import global_then_local_main_first
 from ..runtime.errors import ROW_INDEX, SettingsError
 from .formats import DataValidationError
 from .rewards import rewards_tie
+from .template import apply_chat_template, template_kwargs
 from .validation import to_rated_unchecked, validate_dataset, validate_example
 
 logger = logging.getLogger("nca_trl")
@@ -85,24 +85,27 @@ def select_completions(rewards: list[float], max_completions: int | None) -> lis
     return sorted(by_rank[r] for r in ranks)
 
 
-def tokenize_rated_example(example: dict, processing_class, eos_token: str) -> dict:
+def tokenize_rated_example(example: dict, processing_class, eos_token: str, row=None,
+                           dataset_name: str = "train") -> dict:
     """Tokenize one rated example into `prompt_ids`, `completion_ids` (one list per completion) and `rewards`.
 
     The row is trusted (validated before, see `prepare_rated_dataset`): its rewards are passed through as they are;
-    the collator turns them into the training tensor.
+    the collator turns them into the training tensor. What only the tokenizer can check is checked here, naming `row`:
+    its `tools` and `chat_template_kwargs`, and that the chat template renders it (`nca_trl.data.template`).
     """
-    return _tokenize_rated(example, processing_class, eos_token)[0]
+    return _tokenize_rated(example, processing_class, eos_token, row, dataset_name)[0]
 
 
-def _tokenize_rated(example: dict, processing_class, eos_token: str) -> tuple[dict, str]:
+def _tokenize_rated(example: dict, processing_class, eos_token: str, row=None,
+                    dataset_name: str = "train") -> tuple[dict, str]:
     """`tokenize_rated_example`, and the end of the prompt left out of the training sequences ("" if none)."""
-    tools = example.get("tools")
-    tools = json.loads(tools) if isinstance(tools, str) else tools
-    template_kwargs = {"tools": tools, **(example.get("chat_template_kwargs") or {})}
     prompt, completions = example["prompt"], example["completions"]
     if is_conversational({"prompt": prompt}):
-        prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True, **template_kwargs)["input_ids"]
-        full_ids = [_tokenize(processing_class, prompt + c, **template_kwargs)["input_ids"] for c in completions]
+        kwargs = {**template_kwargs(example, row, dataset_name), "row": row, "dataset_name": dataset_name}
+        prompt_ids = apply_chat_template(processing_class, prompt, "the prompt", "prompt", add_generation_prompt=True,
+                                         **kwargs)
+        full_ids = [apply_chat_template(processing_class, prompt + c, f"prompt + completion {i}", "completions",
+                                        **kwargs) for i, c in enumerate(completions)]
     else:
         completions = [c if c.endswith(eos_token) else c + eos_token for c in completions]
         prompt_ids = _tokenize(processing_class, prompt)["input_ids"]
@@ -234,7 +237,8 @@ def _prepare(dataset, first, processing_class, args, dataset_name, max_completio
     streamed = not isinstance(dataset, Dataset)
 
     def tokenize(example, index):
-        out, trimmed = _tokenize_rated(example, processing_class, tokenizer.eos_token)
+        out, trimmed = _tokenize_rated(example, processing_class, tokenizer.eos_token,
+                                       example.get(ROW_INDEX, index), dataset_name)
         if streamed:  # a stream cannot be counted: say it at the first row it happens to, once per process
             if trimmed and not _warned["boundary"]:
                 _warned["boundary"] = True
