@@ -211,6 +211,8 @@ BAD_ROWS = [
     ("implicit-no-shared-prefix", implicit(rejected="Different text"), "chosen", ["no shared prompt"]),
     ("implicit-mixed", {"chosen": [user("q"), assistant("a")], "rejected": "q b"}, "rejected",
      ["mixed standard/conversational"]),
+    # before: accepted, with an empty prompt (a shared space goes to the completions), where `prompt: ""` is refused
+    ("implicit-only-a-space-shared", {"chosen": " yes", "rejected": " no"}, "chosen", ["extracted", "is empty"]),
     ("implicit-conv-first-message-differs", {"chosen": [user("q"), assistant("a")], "rejected": [user("r"),
      assistant("b")]}, "chosen", ["first message"]),
 ]

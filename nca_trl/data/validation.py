@@ -178,7 +178,11 @@ def _check_implicit(example, index, dataset_name):
                    f"extract")
         raise DataValidationError(problem, fix, row=index, field="chosen", dataset_name=dataset_name)
     # When one is a prefix of the other, `extract_prompt` keeps the last character/message of the shorter one as its
-    # completion (HH-RLHF has replies that are a single space), so both completions stay non-empty: accepted.
+    # completion (HH-RLHF has replies that are a single space), so both completions stay non-empty: accepted. What it
+    # extracts can still be empty (" yes" / " no": a shared space goes to the completions), as `prompt: ""` is refused
+    if not extract_prompt({"chosen": chosen, "rejected": rejected})["prompt"]:
+        problem = f"the prompt extracted from 'chosen' and 'rejected' (their shared start, {shared} {unit}(s)) is empty"
+        raise DataValidationError(problem, fix, row=index, field="chosen", dataset_name=dataset_name)
 
 
 def validate_example(example: dict, index: int, dataset_name: str = "train") -> None:
@@ -191,7 +195,7 @@ def validate_example(example: dict, index: int, dataset_name: str = "train") -> 
     float32's range); no completion / chosen / rejected is empty (`""`, an empty message list or a
     message with empty content); conversational completions are lists of `{"role", "content"}` messages with an
     assistant turn; one style (standard or conversational) throughout the row; for implicit-prompt preference rows,
-    that a prompt can be extracted (`chosen` and `rejected` differ but share a non-empty prefix).
+    that a non-empty prompt can be extracted (`chosen` and `rejected` differ and share more than a space).
     Whitespace-only text is accepted (it is a real token sequence).
 
     Args:
