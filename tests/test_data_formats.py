@@ -818,3 +818,16 @@ def test_a_reward_past_float64s_range_or_a_decimal():
     row = {"prompt": "x", "completions": ["a", "b"], "rewards": [Decimal("1.5"), Decimal("0")]}
     validate_example(row, 0)
     assert to_rated(row)["rewards"] == [1.5, 0.0]
+
+
+def test_an_explicit_format_is_not_read_from_row_0(caplog):
+    """Before: `dataset_format='ultrafeedback'` still detected row 0's layout, and an UltraFeedback row 0 with no
+    completion was refused as missing 'prompt' and 'rewards'. Now it is dropped with the other short rows, counted."""
+    rows = [{**UF_A, "completions": []}, UF_A, {**UF_A, "completions": []}]
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        out = convert_dataset(rows, "ultrafeedback")
+    assert len(out) == 1 and len(out[0]["completions"]) == 4
+    assert "dropped 2 of 3 rows" in caplog.text
+    with pytest.raises(DataValidationError, match=r"dataset_format='columns' was asked for but the data has no "
+                                                  r"column\(s\) \['A0', 'A1'\]"):
+        convert_dataset(rows, "columns")
