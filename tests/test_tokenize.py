@@ -281,3 +281,47 @@ def test_malformed_template_arguments_are_named(mistral_tokenizer, extra, messag
     rows = [_conversation(**{k: None for k in extra}), _conversation(**extra)]
     with pytest.raises(DataValidationError, match=r"train dataset, row 1, " + message):
         prepare_rated_dataset(Dataset.from_list(rows), mistral_tokenizer, args(), "train")
+
+
+# ------------------------------------------------------------------------------------------------------------ streams
+
+
+def _stream(rows):
+    from datasets import IterableDataset
+
+    from nca_trl.data.tokenize import with_row_index
+
+    return with_row_index(IterableDataset.from_generator(lambda: iter(rows)))  # a generator's: rows may differ in type
+
+
+@pytest.mark.parametrize("second, message", [
+    ({"prompt": [{"role": "user", "content": "What is 2+2?"}], "rewards": [1.0, 0.0],
+      "completions": [[{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "5"}]]},
+     r"row 1, field 'prompt': mixed standard/conversational styles across rows: 'prompt' is a list of messages "
+     r"\(conversational\) here but a string \(standard\) in row 0"),
+    ({"prompt": None, "completions": None, "rewards": None, "chosen": "Q: hi A: yes", "rejected": "Q: hi A: no"},
+     r"row 1, field 'prompt': this row is in the 'preference_implicit' format but row 0 is in the 'rated' format"),
+])
+def test_a_stream_refuses_a_row_unlike_its_first_as_a_dataset_does(mistral_tokenizer, second, message):
+    """Before: a stream validated each row alone, and trained on mixed styles and formats that a Dataset refuses."""
+    first = {"prompt": "What is 2+2?", "completions": ["4", "5"], "rewards": [1.0, 0.0]}
+    if "chosen" in second:
+        first = {**first, "chosen": None, "rejected": None}
+    with pytest.raises(DataValidationError, match=r"train dataset, " + message):
+        list(prepare_rated_dataset(_stream([first, second]), mistral_tokenizer, args(), "train"))
+
+
+def test_a_stream_that_keeps_no_row_is_refused_as_a_dataset_is(mistral_tokenizer):
+    """Before: every streamed row dropped (prompts filling max_length, or all tied with ties='drop') trained 0 steps
+    and returned success, where a Dataset is refused."""
+    long = {"prompt": "word " * 40, "completions": ["a", "b"], "rewards": [1.0, 0.0]}
+    with pytest.raises(ValueError, match=r"train dataset: every one of its 3 rows would be dropped, since each prompt "
+                                         r"alone fills max_length=16 tokens.*shortest 41 \(row 0\)"):
+        prepare_rated_dataset(_stream([long] * 3), mistral_tokenizer, args(max_length=16), "train")
+    tied = {"prompt": "q", "completions": ["a", "b"], "rewards": [1e9, 1e9]}
+    settings = SimpleNamespace(**vars(args()), ties="drop")
+    with pytest.raises(ValueError, match=r"the rewards of every one of its 2 prompts tie, and `ties='drop'`"):
+        prepare_rated_dataset(_stream([tied] * 2), mistral_tokenizer, settings, "train")
+    kept = prepare_rated_dataset(_stream([tied, {**tied, "rewards": [1e9, 1e9 + 1]}]), mistral_tokenizer, settings,
+                                 "train")
+    assert [row["rewards"] for row in kept] == [[1e9, 1e9 + 1]]
