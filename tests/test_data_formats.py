@@ -778,12 +778,13 @@ def test_old_import_paths_still_resolve():
         formats.no_such_name  # noqa: B018
 
 
-def test_a_tie_is_exact_so_adding_a_constant_keeps_every_preference():
+def test_a_tie_is_an_absolute_spread_so_adding_a_constant_keeps_every_preference():
     """Before: `math.isclose(rel_tol=1e-9)` called [1e9, 1e9 + 1] a tie, and `ties: drop` dropped a real preference
     once a constant was added to the rewards (which the docs say changes nothing)."""
     from nca_trl.data.rewards import rewards_tie
 
-    assert rewards_tie([2, 2.0, 2]) and not rewards_tie([1e9, 1e9 + 1]) and not rewards_tie([0.0, 1e-15])
+    assert rewards_tie([2, 2.0, 2]) and rewards_tie([0.3, 0.1 + 0.2]) and not rewards_tie([1e9, 1e9 + 1])
+    assert not rewards_tie([0.0, 1e-9]) and rewards_tie([5e9, 5e9 + 1e-13])
     base = [[1.0, 0.0], [1.0, 1.0], [2.0, 0.0]]
     assert [rewards_tie([r + 1e9 for r in row]) for row in base] == [rewards_tie(row) for row in base]
 

@@ -51,23 +51,27 @@ def _reward_problem(value: Any, field: str) -> tuple[str, str] | None:
     return None
 
 
-def rewards_tie(rewards) -> bool:
-    """Whether every reward of a prompt is exactly the same (compared as float64): such a prompt carries no
-    preference. Validation counts these rows, `ties: drop` leaves them out, and the DPO baseline of `nca-trl iterate`
-    has no pair for them (NCA / InfoNCA targets are uniform).
+TIE_SPREAD = 1e-12
 
-    Exact, not within a tolerance: a relative tolerance called `[1e9, 1e9 + 1]` a tie, so adding a constant to the
-    rewards dropped real preferences, and the collator keeps any float64 difference (it subtracts each prompt's best
-    reward before the float32 cast).
+
+def rewards_tie(rewards) -> bool:
+    """Whether a prompt's rewards all tie: their spread (highest minus lowest, in float64) is at most `TIE_SPREAD`
+    (1e-12). Such a prompt carries no preference. Validation counts these rows, `ties: drop` leaves them out, and the
+    DPO baseline of `nca-trl iterate` has no pair for them (NCA / InfoNCA targets are uniform).
+
+    An absolute spread, not a relative tolerance: adding a constant to the rewards leaves it as it is (a relative
+    tolerance called `[1e9, 1e9 + 1]` a tie, so `ties: drop` dropped real preferences), while float rounding such as
+    `0.3` vs `0.1 + 0.2` is still a tie; a spread of 1e-12 moves the targets `softmax(r / alpha)` by about 1e-12 / alpha
+    from uniform.
 
     Example:
     ```python
-    >>> rewards_tie([3, 3.0]), rewards_tie([1e9, 1e9 + 1])
+    >>> rewards_tie([0.3, 0.1 + 0.2]), rewards_tie([1e9, 1e9 + 1])
     (True, False)
     ```
     """
     values = [float(r) for r in rewards]
-    return max(values) == min(values)
+    return max(values) - min(values) <= TIE_SPREAD
 
 
 def check_rewards(
