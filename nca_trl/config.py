@@ -286,7 +286,7 @@ class _RatedCompletionsConfig(DPOConfig):
     padding_free: bool = field(default=False, metadata={"help": _PADDING_FREE_HELP})
     ties: str = field(
         default="keep",
-        metadata={"help": "Prompts whose rewards all tie (equal within `math.isclose(rel_tol=1e-9, abs_tol=1e-12)`): "
+        metadata={"help": "Prompts whose rewards all tie (spread at most 1e-12): "
                   "`keep` trains them with uniform targets (for NCA this pulls every completion's log-ratio toward "
                   "0, i.e. toward the reference), `drop` leaves them out, counted in the log and in `run_info.json`. "
                   "Chosen/rejected pairs never tie. DPO (and `nca-trl iterate --loss dpo`) has no pair for them.",

@@ -211,6 +211,8 @@ BAD_ROWS = [
     ("implicit-no-shared-prefix", implicit(rejected="Different text"), "chosen", ["no shared prompt"]),
     ("implicit-mixed", {"chosen": [user("q"), assistant("a")], "rejected": "q b"}, "rejected",
      ["mixed standard/conversational"]),
+    # before: accepted, with an empty prompt (a shared space goes to the completions), where `prompt: ""` is refused
+    ("implicit-only-a-space-shared", {"chosen": " yes", "rejected": " no"}, "chosen", ["extracted", "is empty"]),
     ("implicit-conv-first-message-differs", {"chosen": [user("q"), assistant("a")], "rejected": [user("r"),
      assistant("b")]}, "chosen", ["first message"]),
 ]
@@ -774,3 +776,59 @@ def test_old_import_paths_still_resolve():
     assert validation.validate_dataset is validate_dataset and data.DATASET_FORMATS is formats.DATASET_FORMATS
     with pytest.raises(AttributeError):
         formats.no_such_name  # noqa: B018
+
+
+def test_a_tie_is_an_absolute_spread_so_adding_a_constant_keeps_every_preference():
+    """Before: `math.isclose(rel_tol=1e-9)` called [1e9, 1e9 + 1] a tie, and `ties: drop` dropped a real preference
+    once a constant was added to the rewards (which the docs say changes nothing)."""
+    from nca_trl.data.rewards import rewards_tie
+
+    assert rewards_tie([2, 2.0, 2]) and rewards_tie([0.3, 0.1 + 0.2]) and not rewards_tie([1e9, 1e9 + 1])
+    assert not rewards_tie([0.0, 1e-9]) and rewards_tie([5e9, 5e9 + 1e-13])
+    base = [[1.0, 0.0], [1.0, 1.0], [2.0, 0.0]]
+    assert [rewards_tie([r + 1e9 for r in row]) for row in base] == [rewards_tie(row) for row in base]
+
+
+def test_the_collator_makes_adding_a_constant_change_nothing():
+    """The float32 rewards tensor is built after each row's best reward is subtracted in float64: 1e9 + r gives the
+    targets and loss of r (cast first, 1e9 and 1e9 + 1 are the same float32)."""
+    from nca_trl.data import DataCollatorForRatedCompletions
+    from nca_trl.losses import nca_loss, reward_targets
+
+    def batch(shift):
+        rows = [{"prompt_ids": [1], "completion_ids": [[2], [3], [4]], "rewards": [shift + 1, shift + 0.5, shift]}]
+        return DataCollatorForRatedCompletions(pad_token_id=0)(rows)
+
+    base, shifted = batch(0.0), batch(1e9)
+    assert shifted["rewards"].tolist() == base["rewards"].tolist() == [[0.0, -0.5, -1.0]]
+    mask = base["completion_slots"]
+    targets = reward_targets(shifted["rewards"], 1.0, mask=mask)
+    assert targets[0, 0] > targets[0, 1] > targets[0, 2]
+    logratios = torch.tensor([[0.1, -0.2, 0.3]])
+    torch.testing.assert_close(nca_loss(logratios, shifted["rewards"], beta=0.1, alpha=1.0, mask=mask),
+                               nca_loss(logratios, base["rewards"], beta=0.1, alpha=1.0, mask=mask))
+
+
+def test_a_reward_past_float64s_range_or_a_decimal():
+    """Before: 10**400 raised a bare OverflowError; a Parquet decimal128 reward was refused as 'a Decimal'."""
+    from decimal import Decimal
+
+    with pytest.raises(DataValidationError, match=r"row 7, field 'rewards': reward at position 0 is a number beyond "
+                                                  r"float64's range"):
+        validate_example({"prompt": "x", "completions": ["a", "b"], "rewards": [10**400, 0]}, 7)
+    row = {"prompt": "x", "completions": ["a", "b"], "rewards": [Decimal("1.5"), Decimal("0")]}
+    validate_example(row, 0)
+    assert to_rated(row)["rewards"] == [1.5, 0.0]
+
+
+def test_an_explicit_format_is_not_read_from_row_0(caplog):
+    """Before: `dataset_format='ultrafeedback'` still detected row 0's layout, and an UltraFeedback row 0 with no
+    completion was refused as missing 'prompt' and 'rewards'. Now it is dropped with the other short rows, counted."""
+    rows = [{**UF_A, "completions": []}, UF_A, {**UF_A, "completions": []}]
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        out = convert_dataset(rows, "ultrafeedback")
+    assert len(out) == 1 and len(out[0]["completions"]) == 4
+    assert "dropped 2 of 3 rows" in caplog.text
+    with pytest.raises(DataValidationError, match=r"dataset_format='columns' was asked for but the data has no "
+                                                  r"column\(s\) \['A0', 'A1'\]"):
+        convert_dataset(rows, "columns")

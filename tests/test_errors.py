@@ -90,8 +90,8 @@ def test_a_bad_row_or_data_file_is_one_line_exit_2_and_leaves_nothing(command, f
         (folder / "strings.jsonl").write_text(good * 3 + '{"prompt": "h", "completions": ["a", "b"], "rewards": '
                                               '["1", "0"]}\n')
         assert refused([*argv, "--dataset_name", "strings.jsonl"], capsys).startswith(
-            "strings.jsonl: its `rewards` mix numbers with other values across rows (line 4: reward at position 0 is "
-            "'1')")
+            "strings.jsonl: column 'rewards' holds a number in line 1 but a string in line 4 (position 0): '1' "
+            "(strings among numbers)")
         (folder / "one.jsonl").write_text(good)  # and a split that leaves nothing to train on is refused as such
         assert refused([*argv, "--dataset_name", "one.jsonl"], capsys).startswith(
             "`eval_fraction: 0.1` of the 1 training row(s) holds 1 out and leaves none to train on")

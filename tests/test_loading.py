@@ -239,13 +239,13 @@ def test_rewards_that_are_strings_in_some_rows_are_refused_in_any_file_type(tmp_
     import datasets
 
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [ROW, {**ROW, "rewards": ["1", "0", "0.5"]}])
-    with pytest.raises(DataFileError, match=r"mixed\.jsonl: its `rewards` mix numbers with other values across rows "
-                                            r"\(line 2: reward at position 0 is '1'\)"):
+    with pytest.raises(DataFileError, match=r"mixed\.jsonl: column 'rewards' holds a number in line 1 but a string in "
+                                            r"line 2 \(position 0\): '1' \(strings among numbers\)"):
         _load(mixed)
     parquet = tmp_path / "mixed.parquet"
     datasets.load_dataset("json", data_files=str(mixed), split="train").to_parquet(str(parquet))
-    with pytest.raises(DataFileError, match=r"mixed\.parquet: its `rewards` mix numbers with other values across "
-                                            r"rows, which"):
+    with pytest.raises(DataFileError, match=r"mixed\.parquet: column 'rewards' changes type across rows \(strings "
+                                            r"among numbers\), which `datasets` reads as JSON values"):
         _load(parquet)
 
 
@@ -260,3 +260,34 @@ def test_a_row_index_column_of_the_users_own_is_left_alone(tmp_path):
                for i in range(4)]
     train, _ = _load(write_jsonl(tmp_path / "columns.jsonl", columns), dataset_format="columns")
     assert "row_index" not in train.column_names and list(train[ROW_INDEX]) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("name, lines, message", [
+    # before: trained (rc 0), the string "9" read as the number 9
+    ("scores", [{"prompt": "q", "A0": "4", "A1": "5", "A0_score": 9, "A1_score": 2},
+                {"prompt": "q", "A0": "4", "A1": "5", "A0_score": "9", "A1_score": 2}],
+     r"column 'A0_score' holds a number in line 1 but a string in line 2: '9' \(strings among numbers\)"),
+    # before: "row 0, completion 0 is an int" for the text "4" (decoded as JSON), rows 0-1 being valid
+    ("styles", [ROW, ROW, {"prompt": [{"role": "user", "content": "q"}], "rewards": [1, 0],
+                           "completions": [[{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "5"}]]}],
+     r"column 'prompt' holds a string in line 1 but a list in line 3: .* \(mixed standard/conversational styles"),
+    ("completions", [{**ROW, "completions": ["4", "5", "6"]}, {**ROW, "completions": ["4", [{"role": "assistant",
+                                                                                            "content": "5"}], "6"]}],
+     r"column 'completions' holds a string in line 1 but a list in line 2 \(position 1\)"),
+])
+def test_columns_read_as_json_values_are_refused_naming_the_line(tmp_path, name, lines, message):
+    path = write_jsonl(tmp_path / f"{name}.jsonl", lines)
+    with pytest.raises(DataFileError, match=rf"{name}\.jsonl: {message}.*Fix: ") as info:
+        _load(path, dataset_format="auto")
+    assert info.value.line == int(re.findall(r"in line (\d+)", str(info.value))[1])
+
+
+def test_messages_read_as_json_values_are_left_alone(tmp_path):
+    """A column of messages some of which have 'tool_calls' is read with each message as a JSON value: decoded whole,
+    it is what was written, so it is not refused."""
+    call = {"role": "assistant", "content": None,
+            "tool_calls": [{"type": "function", "function": {"name": "get", "arguments": {"city": "Paris"}}}]}
+    row = {"prompt": [{"role": "user", "content": "weather?"}], "rewards": [1.0, 0.0],
+           "completions": [[call], [{"role": "assistant", "content": "sunny"}]]}
+    train, _ = _load(write_jsonl(tmp_path / "tools.jsonl", [row] * 3))
+    assert train[0]["completions"][0][0]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}

@@ -238,3 +238,90 @@ def test_training_is_unchanged_by_a_reward_offset_or_a_scale_past_float32(tiny_m
     assert len(results["plain"]) == 2 and all(math.isfinite(x) for x in results["plain"])
     assert results["offset"] == pytest.approx(results["plain"], rel=1e-6)
     assert results["scaled"] == pytest.approx(results["plain"], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------ the chat template and its arguments
+
+
+def _conversation(**extra):
+    return {"prompt": [{"role": "user", "content": "What is 2+2?"}], "rewards": [1.0, 0.0],
+            "completions": [[{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "5"}]], **extra}
+
+
+def test_a_row_the_chat_template_refuses_is_named(mistral_tokenizer):
+    """Before: jinja2's TemplateError (or an UndefinedError, a TypeError...) came out of `datasets.map`, no row named,
+    and `nca-trl train` exited 1 with a traceback."""
+    import copy
+
+    strict = copy.deepcopy(mistral_tokenizer)  # a template that refuses system turns, as Gemma's does
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                            "supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    system = {"role": "system", "content": "Be brief."}
+    no_content = [{"role": "assistant", "content": None,
+                   "tool_calls": [{"type": "function", "function": {"name": "get", "arguments": {"city": "Paris"}}}]}]
+    rows = [_conversation(), _conversation(), _conversation(prompt=[system, _conversation()["prompt"][0]])]
+    with pytest.raises(DataValidationError, match=r"train dataset, row 2, field 'prompt': the tokenizer's chat template "
+                                                  r"refused this row \(the prompt: TemplateError: System role not "
+                                                  r"supported\)\. Fix: "):
+        prepare_rated_dataset(Dataset.from_list(rows), strict, args(), "train")
+    rows = [_conversation(), _conversation(completions=[_conversation()["completions"][0], no_content])]
+    with pytest.raises(DataValidationError, match=r"row 1, field 'completions': the tokenizer's chat template refused "
+                                                  r"this row \(prompt \+ completion 1: "):
+        prepare_rated_dataset(Dataset.from_list(rows), mistral_tokenizer, args(), "train")
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"tools": "not json"}, r"field 'tools': 'tools' is the string 'not json', which is not JSON"),
+    ({"tools": '{"type": "function"}'}, r"field 'tools': 'tools' is a dict, expected a list of tool definitions"),
+    ({"chat_template_kwargs": "x"},
+     r"field 'chat_template_kwargs': 'chat_template_kwargs' is a string, expected a dict"),
+])
+def test_malformed_template_arguments_are_named(mistral_tokenizer, extra, message):
+    """Before: a bare JSONDecodeError ('tools' not JSON) or TypeError ('str' object is not a mapping)."""
+    rows = [_conversation(**{k: None for k in extra}), _conversation(**extra)]
+    with pytest.raises(DataValidationError, match=r"train dataset, row 1, " + message):
+        prepare_rated_dataset(Dataset.from_list(rows), mistral_tokenizer, args(), "train")
+
+
+# ------------------------------------------------------------------------------------------------------------ streams
+
+
+def _stream(rows):
+    from datasets import IterableDataset
+
+    from nca_trl.data.tokenize import with_row_index
+
+    return with_row_index(IterableDataset.from_generator(lambda: iter(rows)))  # a generator's: rows may differ in type
+
+
+@pytest.mark.parametrize("second, message", [
+    ({"prompt": [{"role": "user", "content": "What is 2+2?"}], "rewards": [1.0, 0.0],
+      "completions": [[{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "5"}]]},
+     r"row 1, field 'prompt': mixed standard/conversational styles across rows: 'prompt' is a list of messages "
+     r"\(conversational\) here but a string \(standard\) in row 0"),
+    ({"prompt": None, "completions": None, "rewards": None, "chosen": "Q: hi A: yes", "rejected": "Q: hi A: no"},
+     r"row 1, field 'prompt': this row is in the 'preference_implicit' format but row 0 is in the 'rated' format"),
+])
+def test_a_stream_refuses_a_row_unlike_its_first_as_a_dataset_does(mistral_tokenizer, second, message):
+    """Before: a stream validated each row alone, and trained on mixed styles and formats that a Dataset refuses."""
+    first = {"prompt": "What is 2+2?", "completions": ["4", "5"], "rewards": [1.0, 0.0]}
+    if "chosen" in second:
+        first = {**first, "chosen": None, "rejected": None}
+    with pytest.raises(DataValidationError, match=r"train dataset, " + message):
+        list(prepare_rated_dataset(_stream([first, second]), mistral_tokenizer, args(), "train"))
+
+
+def test_a_stream_that_keeps_no_row_is_refused_as_a_dataset_is(mistral_tokenizer):
+    """Before: every streamed row dropped (prompts filling max_length, or all tied with ties='drop') trained 0 steps
+    and returned success, where a Dataset is refused."""
+    long = {"prompt": "word " * 40, "completions": ["a", "b"], "rewards": [1.0, 0.0]}
+    with pytest.raises(ValueError, match=r"train dataset: every one of its 3 rows would be dropped, since each prompt "
+                                         r"alone fills max_length=16 tokens.*shortest 41 \(row 0\)"):
+        prepare_rated_dataset(_stream([long] * 3), mistral_tokenizer, args(max_length=16), "train")
+    tied = {"prompt": "q", "completions": ["a", "b"], "rewards": [1e9, 1e9]}
+    settings = SimpleNamespace(**vars(args()), ties="drop")
+    with pytest.raises(ValueError, match=r"the rewards of every one of its 2 prompts tie, and `ties='drop'`"):
+        prepare_rated_dataset(_stream([tied] * 2), mistral_tokenizer, settings, "train")
+    kept = prepare_rated_dataset(_stream([tied, {**tied, "rewards": [1e9, 1e9 + 1]}]), mistral_tokenizer, settings,
+                                 "train")
+    assert [row["rewards"] for row in kept] == [[1e9, 1e9 + 1]]

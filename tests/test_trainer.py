@@ -507,9 +507,10 @@ def test_streaming_dataset_and_implicit_prompt_pairs(tiny_mistral, hh, tmp_path)
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
 
     bad = Dataset.from_list([{"prompt": "Hi", "completions": ["a", "b"], "rewards": [1.0, float("inf")]}] * 3)
-    trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=bad.to_iterable_dataset())
     with pytest.raises(DataValidationError, match="row 0.*rewards"):
-        trainer.train()  # a stream is validated row by row as it is read
+        # a stream is validated row by row as it is read: with max_length set, at preparation, which reads it up to
+        # its first kept row (a stream that keeps none is refused, not trained for 0 steps)
+        NCATrainer(model=tiny_mistral, args=args, train_dataset=bad.to_iterable_dataset()).train()
 
 
 @pytest.mark.slow

@@ -21,7 +21,6 @@ from .formats import (
     RATED,
     DataValidationError,
     _detect_raw_format,
-    _looks_like_ultrafeedback,
     detect_format,
 )
 from .ultrafeedback import ultrafeedback_to_rated
@@ -48,9 +47,10 @@ def _standard_features(with_dropped: bool, row_index: bool = False):
 
 
 def resolve_format(dataset, dataset_format: str = "auto", dataset_name: str = "train") -> str:
-    """The layout of `dataset` (`"rated"`, `"preference"`, `"ultrafeedback"` or `"columns"`), read from row 0: the
-    detected one for `"auto"`, else `dataset_format` once row 0 is checked to be in it. Rows are not validated here.
-    Raises a `DataValidationError` for an empty dataset or a row 0 in another layout than the one asked for."""
+    """The layout of `dataset` (`"rated"`, `"preference"`, `"ultrafeedback"` or `"columns"`): detected from row 0
+    for `"auto"`, else `dataset_format` once checked (rated / preference: row 0 is in it; ultrafeedback / columns: the
+    data has the columns it needs). Rows are not validated here. Raises a `DataValidationError` for an empty dataset
+    or data in another layout than the one asked for."""
     if dataset_format not in DATASET_FORMATS:
         raise ValueError(f"dataset_format={dataset_format!r} is not one of {list(DATASET_FORMATS)}")
     if not isinstance(dataset, datasets.Dataset):
@@ -59,8 +59,9 @@ def resolve_format(dataset, dataset_format: str = "auto", dataset_name: str = "t
         raise DataValidationError("the dataset has no rows", "pass a dataset with at least one row",
                                   dataset_name=dataset_name)
     first = dataset.with_format(None)[0]
-    detected = _detect_raw_format(first, dataset_name)
-    fmt = detected if dataset_format == "auto" else dataset_format
+    # Only `auto` reads the layout from row 0: an explicit one is checked by the columns it needs (row 0 of an
+    # UltraFeedback file may have no completion: the converter drops it with the others, counted)
+    fmt = _detect_raw_format(first, dataset_name) if dataset_format == "auto" else dataset_format
     if fmt in ("rated", "preference"):
         row_fmt = detect_format(first, 0, dataset_name)
         if (fmt == "rated") != (row_fmt == RATED):
@@ -68,11 +69,13 @@ def resolve_format(dataset, dataset_format: str = "auto", dataset_name: str = "t
                 f"dataset_format={fmt!r} was asked for but row 0 is in the '{row_fmt}' format",
                 "pass dataset_format='auto' or the format the data is in", row=0, field="", dataset_name=dataset_name,
             )
-    elif fmt == "ultrafeedback" and not _looks_like_ultrafeedback(first):
+    columns = [c for c in dataset.column_names if c != ROW_INDEX]
+    needed = {"ultrafeedback": ["instruction", "completions"], "columns": ["A0", "A1"]}.get(fmt, [])
+    missing = [c for c in needed if c not in columns]
+    if missing:
         raise DataValidationError(
-            "dataset_format='ultrafeedback' was asked for but row 0 has no 'instruction' + 'completions' of dicts",
-            "pass dataset_format='auto' or the format the data is in", row=0, field="completions",
-            dataset_name=dataset_name,
+            f"dataset_format={fmt!r} was asked for but the data has no column(s) {missing} (its columns: {columns})",
+            "pass dataset_format='auto' or the format the data is in", field=missing[0], dataset_name=dataset_name,
         )
     return fmt
 

@@ -20,6 +20,7 @@ from ..runtime.errors import SettingsError
 from .converters import convert_dataset, resolve_format
 from .datafiles import FILE_BUILDERS, DataFileError, check_data_file
 from .folders import declares_configs, folder_data_files
+from .json_columns import check_json_columns
 from .tokenize import with_row_index
 
 __all__ = ["load_datasets", "load_raw", "load_split", "split_of"]
@@ -75,41 +76,6 @@ def load_split(args, split_field: str = "dataset_split", limit: int | None = Non
     return dataset
 
 
-def _check_reward_types(dataset, source: str | None) -> None:
-    """A `rewards` column whose rows mix numbers with strings (or other values) is read by `datasets` as JSON values
-    (a `Json` feature), which turns the string "1" into the number 1 without a word, where the trainers refuse every
-    string: refused, naming the first such line of a JSON Lines file `source`."""
-    feature = (getattr(dataset, "features", None) or {}).get("rewards")
-    if feature is None or "Json" not in repr(feature):
-        return
-    text = source and Path(source).is_file() and Path(source).suffix.lower() in (".json", ".jsonl")
-    found = _first_non_number_reward(Path(source)) if text else None
-    at = f" (line {found[0]}: reward at position {found[1]} is {found[2]!r})" if found else ""
-    raise DataFileError(
-        f"{source or 'the data'}: its `rewards` mix numbers with other values across rows{at}, which `datasets` reads "
-        "as JSON values, turning the string \"1\" into the number 1 without a word. Fix: write every reward as a "
-        "number.", path=source, line=found[0] if found else None,
-    )
-
-
-def _first_non_number_reward(path: Path) -> tuple[int, int, object] | None:
-    """(line, position, value) of the first reward of a JSON Lines file that is not a number, or None (also for one
-    JSON document, which has no rows by line)."""
-    import json
-
-    try:
-        with open(path, encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                row = json.loads(line) if line.strip() else None
-                rewards = row.get("rewards") if isinstance(row, dict) else None
-                for position, value in enumerate(rewards if isinstance(rewards, list) else []):
-                    if isinstance(value, bool) or not isinstance(value, (int, float)):
-                        return number, position, value
-    except ValueError:  # not JSON Lines (UnicodeDecodeError is one too: `check_data_file` read the file before)
-        return None
-    return None
-
-
 def _trainer_rows(dataset, script_args, name: str):
     """Rated and preference rows go to the trainer as they are: it validates every row once, then converts. Raw
     layouts (UltraFeedback, columns) are converted here, their ratings parsed and checked as they are read."""
@@ -138,7 +104,8 @@ def load_datasets(script_args, mixture, training_args):
 
     source = None if mixture.datasets else script_args.dataset_name
     for raw_split in (train_raw, eval_raw):
-        _check_reward_types(raw_split, source)
+        if raw_split is not None:
+            check_json_columns(raw_split, source)
     # Each row's position in the data as given, before a conversion drops rows or `eval_fraction` shuffles them into
     # a split: errors name the user's rows
     train = _trainer_rows(with_row_index(train_raw), script_args, "train")

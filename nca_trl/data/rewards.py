@@ -11,6 +11,7 @@ prompt's best reward in float64 and then works in float32. Adding a constant to 
 
 from __future__ import annotations
 
+import decimal
 import math
 import numbers
 from typing import Any
@@ -22,7 +23,8 @@ __all__ = ["check_rewards", "rewards_tie"]
 
 
 def _reward_problem(value: Any, field: str) -> tuple[str, str] | None:
-    """`(why value is not a usable reward, the fix)`, or `None` when it is a finite int/float (not a bool)."""
+    """`(why value is not a usable reward, the fix)`, or `None` when it is a finite int, float or Decimal (not a
+    bool)."""
     finite_fix = "give every completion a finite number (or drop the row)"
     if value is None:
         return "is None", finite_fix
@@ -36,9 +38,12 @@ def _reward_problem(value: Any, field: str) -> tuple[str, str] | None:
             f"cast the '{field}' column to numbers before training, e.g. `dataset.map(lambda r: {example})` "
             f"(or drop the row)",
         )
-    if not isinstance(value, numbers.Real):
+    if not isinstance(value, (numbers.Real, decimal.Decimal)):  # a Parquet decimal128 column reads as Decimal
         return f"is {_kind(value)}, not a number", finite_fix
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int past float64's range, e.g. 10**400
+        return "is a number beyond float64's range (about 1.8e308)", "rescale the rewards (or drop the row)"
     if math.isnan(value):
         return "is NaN", finite_fix
     if math.isinf(value):
@@ -46,11 +51,27 @@ def _reward_problem(value: Any, field: str) -> tuple[str, str] | None:
     return None
 
 
+TIE_SPREAD = 1e-12
+
+
 def rewards_tie(rewards) -> bool:
-    """Whether every reward of a prompt is the same, within `math.isclose(rel_tol=1e-9, abs_tol=1e-12)` of the
-    highest: such a prompt carries no preference. Validation counts these rows, `ties: drop` leaves them out, and the
-    DPO baseline of `nca-trl iterate` has no pair for them (NCA / InfoNCA targets are uniform)."""
-    return all(math.isclose(r, max(rewards), rel_tol=1e-9, abs_tol=1e-12) for r in rewards)
+    """Whether a prompt's rewards all tie: their spread (highest minus lowest, in float64) is at most `TIE_SPREAD`
+    (1e-12). Such a prompt carries no preference. Validation counts these rows, `ties: drop` leaves them out, and the
+    DPO baseline of `nca-trl iterate` has no pair for them (NCA / InfoNCA targets are uniform).
+
+    An absolute spread, not a relative tolerance: adding a constant to the rewards leaves it as it is (a relative
+    tolerance called `[1e9, 1e9 + 1]` a tie, so `ties: drop` dropped real preferences), while float rounding such as
+    `0.3` vs `0.1 + 0.2` is still a tie; a spread of 1e-12 moves the targets `softmax(r / alpha)` by about 1e-12 / alpha
+    from uniform.
+
+    Example:
+    ```python
+    >>> rewards_tie([0.3, 0.1 + 0.2]), rewards_tie([1e9, 1e9 + 1])
+    (True, False)
+    ```
+    """
+    values = [float(r) for r in rewards]
+    return max(values) - min(values) <= TIE_SPREAD
 
 
 def check_rewards(

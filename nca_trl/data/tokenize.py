@@ -10,7 +10,6 @@ rewards through untouched.
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 
@@ -19,9 +18,10 @@ from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 from trl.trainer.utils import global_then_local_main_first
 
 from ..runtime.errors import ROW_INDEX, SettingsError
-from .formats import DataValidationError
+from .formats import DataValidationError, _row_style, detect_format
 from .rewards import rewards_tie
-from .validation import to_rated_unchecked, validate_dataset, validate_example
+from .template import apply_chat_template, template_kwargs
+from .validation import check_same_layout, to_rated_unchecked, validate_dataset
 
 logger = logging.getLogger("nca_trl")
 
@@ -85,24 +85,27 @@ def select_completions(rewards: list[float], max_completions: int | None) -> lis
     return sorted(by_rank[r] for r in ranks)
 
 
-def tokenize_rated_example(example: dict, processing_class, eos_token: str) -> dict:
+def tokenize_rated_example(example: dict, processing_class, eos_token: str, row=None,
+                           dataset_name: str = "train") -> dict:
     """Tokenize one rated example into `prompt_ids`, `completion_ids` (one list per completion) and `rewards`.
 
     The row is trusted (validated before, see `prepare_rated_dataset`): its rewards are passed through as they are;
-    the collator turns them into the training tensor.
+    the collator turns them into the training tensor. What only the tokenizer can check is checked here, naming `row`:
+    its `tools` and `chat_template_kwargs`, and that the chat template renders it (`nca_trl.data.template`).
     """
-    return _tokenize_rated(example, processing_class, eos_token)[0]
+    return _tokenize_rated(example, processing_class, eos_token, row, dataset_name)[0]
 
 
-def _tokenize_rated(example: dict, processing_class, eos_token: str) -> tuple[dict, str]:
+def _tokenize_rated(example: dict, processing_class, eos_token: str, row=None,
+                    dataset_name: str = "train") -> tuple[dict, str]:
     """`tokenize_rated_example`, and the end of the prompt left out of the training sequences ("" if none)."""
-    tools = example.get("tools")
-    tools = json.loads(tools) if isinstance(tools, str) else tools
-    template_kwargs = {"tools": tools, **(example.get("chat_template_kwargs") or {})}
     prompt, completions = example["prompt"], example["completions"]
     if is_conversational({"prompt": prompt}):
-        prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True, **template_kwargs)["input_ids"]
-        full_ids = [_tokenize(processing_class, prompt + c, **template_kwargs)["input_ids"] for c in completions]
+        kwargs = {**template_kwargs(example, row, dataset_name), "row": row, "dataset_name": dataset_name}
+        prompt_ids = apply_chat_template(processing_class, prompt, "the prompt", "prompt", add_generation_prompt=True,
+                                         **kwargs)
+        full_ids = [apply_chat_template(processing_class, prompt + c, f"prompt + completion {i}", "completions",
+                                        **kwargs) for i, c in enumerate(completions)]
     else:
         completions = [c if c.endswith(eos_token) else c + eos_token for c in completions]
         prompt_ids = _tokenize(processing_class, prompt)["input_ids"]
@@ -167,7 +170,12 @@ def _row_names(dataset) -> list[int]:
     return list(dataset[ROW_INDEX]) if ROW_INDEX in dataset.column_names else list(range(len(dataset)))
 
 
-def _drop_ties(dataset, args, dataset_name, stats):
+def _all_tied_error(dataset_name, rows):
+    return ValueError(f"{dataset_name} dataset: the rewards of every one of its {rows} prompts tie, and `ties='drop'` "
+                      "drops them all: nothing to train on. Use `ties='keep'`, or rate the completions apart.")
+
+
+def _drop_ties(dataset, args, dataset_name, stats, counts):
     ties = getattr(args, "ties", "keep") or "keep"
     stats["ties_dropped"] = 0
     if ties != "drop":
@@ -176,14 +184,17 @@ def _drop_ties(dataset, args, dataset_name, stats):
         stats["ties_dropped"] = None
         logger.warning("%s dataset is streamed: prompts whose rewards all tie are dropped as they come (ties='drop'), "
                        "without a count.", dataset_name)
-        return dataset.filter(lambda example: not rewards_tie(example["rewards"]))
+        def untied(example):
+            tie = rewards_tie(example["rewards"])
+            counts["tied"] += tie
+            return not tie
+
+        return dataset.filter(untied)
     tied = [i for i, rewards in enumerate(dataset["rewards"]) if rewards_tie(rewards)]
     stats["ties_dropped"] = len(tied)
     if tied:
         if len(tied) == len(dataset):
-            raise ValueError(f"{dataset_name} dataset: the rewards of every one of its {len(dataset)} prompts tie, and "
-                             "`ties='drop'` drops them all: nothing to train on. Use `ties='keep'`, or rate the "
-                             "completions apart.")
+            raise _all_tied_error(dataset_name, len(dataset))
         names = _row_names(dataset)
         logger.warning("%s dataset: dropped %d of %d prompts whose rewards all tie (ties='drop'; rows %s%s).",
                        dataset_name, len(tied), len(dataset), ", ".join(str(names[i]) for i in tied[:10]),
@@ -205,14 +216,21 @@ def _prepare(dataset, first, processing_class, args, dataset_name, max_completio
         dataset = dataset.map(
             to_rated_unchecked, fn_kwargs={"fmt": report.format}, remove_columns=preference_columns, **map_kwargs
         )
-    else:  # a stream cannot be read twice: validate each row as it is converted
+    else:  # a stream is read as it trains: each row validated as it is converted, against the first row's layout
+        layout = {}
 
         def validated(example, index):
-            validate_example(example, example.get(ROW_INDEX, index), dataset_name)
-            return to_rated_unchecked(example)
+            row = example.get(ROW_INDEX, index)
+            if not layout:  # the first row read sets the layout (and is validated below, as every row)
+                fmt = detect_format(example, row, dataset_name)
+                layout.update(fmt=fmt, style=_row_style(example, fmt), row=row)
+            row_fmt = check_same_layout(example, row, layout["fmt"], layout["style"], layout["row"], dataset_name)
+            counts["rows"] += 1
+            return to_rated_unchecked(example, row_fmt)
 
         dataset = dataset.map(validated, with_indices=True, remove_columns=preference_columns)
-    dataset = _drop_ties(dataset, args, dataset_name, stats)
+    counts = {"rows": 0, "tied": 0, "lengths": []}  # a stream's: what a pass read and dropped (`_check_kept`)
+    dataset = _drop_ties(dataset, args, dataset_name, stats, counts)
 
     if max_completions is not None:
 
@@ -234,7 +252,8 @@ def _prepare(dataset, first, processing_class, args, dataset_name, max_completio
     streamed = not isinstance(dataset, Dataset)
 
     def tokenize(example, index):
-        out, trimmed = _tokenize_rated(example, processing_class, tokenizer.eos_token)
+        out, trimmed = _tokenize_rated(example, processing_class, tokenizer.eos_token,
+                                       example.get(ROW_INDEX, index), dataset_name)
         if streamed:  # a stream cannot be counted: say it at the first row it happens to, once per process
             if trimmed and not _warned["boundary"]:
                 _warned["boundary"] = True
@@ -279,9 +298,35 @@ def _prepare(dataset, first, processing_class, args, dataset_name, max_completio
             dataset = dataset.select([i for i in range(len(lengths)) if i not in dropped])
         stats["too_long_dropped"] = len(too_long)
     elif args.max_length is not None and args.truncation_mode == "keep_start":
-        dataset = dataset.filter(lambda example: len(example["prompt_ids"]) < args.max_length)
+        def room(example):
+            fits = len(example["prompt_ids"]) < args.max_length
+            if not fits and counts.get("peek"):
+                counts["lengths"].append((len(example["prompt_ids"]), example.get(ROW_INDEX)))
+            return fits
+
+        dataset = dataset.filter(room)
+        counts["filters"] = True
         logger.warning(
             "%s dataset is streamed: rows whose prompt alone fills max_length=%d are dropped as they come, "
             "without a count.", dataset_name, args.max_length,
         )
+    if streamed and (counts.get("filters") or getattr(args, "ties", "keep") == "drop"):
+        _check_kept(dataset, counts, args, dataset_name)
     return dataset
+
+
+def _check_kept(dataset, counts, args, dataset_name):
+    """A stream's rows are dropped as they come (tied rewards with `ties='drop'`, prompts filling `max_length`): read
+    it up to its first kept row now (those rows are read again in training), so that one that keeps none is refused
+    with the error of a map-style dataset rather than trained for 0 steps."""
+    counts.update(rows=0, tied=0, lengths=[], peek=True)
+    kept = next(iter(dataset), None) is not None
+    counts["peek"] = False
+    if kept:
+        counts["lengths"] = []
+        return
+    if counts["rows"] and counts["tied"] == counts["rows"]:
+        raise _all_tied_error(dataset_name, counts["rows"])
+    if counts["lengths"]:
+        lengths = [n for n, _ in counts["lengths"]]
+        raise prompt_length_error(dataset_name, lengths, args.max_length, shortest_row=min(counts["lengths"])[1])

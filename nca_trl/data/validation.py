@@ -48,7 +48,7 @@ from .rewards import check_rewards, rewards_tie
 
 logger = logging.getLogger("nca_trl")
 
-__all__ = ["ValidationReport", "to_rated", "to_rated_unchecked", "validate_dataset", "validate_example"]
+__all__ = ["ValidationReport", "check_same_layout", "to_rated", "to_rated_unchecked", "validate_dataset", "validate_example"]
 
 
 # --------------------------------------------------------------------------------------------------- validation
@@ -178,7 +178,11 @@ def _check_implicit(example, index, dataset_name):
                    f"extract")
         raise DataValidationError(problem, fix, row=index, field="chosen", dataset_name=dataset_name)
     # When one is a prefix of the other, `extract_prompt` keeps the last character/message of the shorter one as its
-    # completion (HH-RLHF has replies that are a single space), so both completions stay non-empty: accepted.
+    # completion (HH-RLHF has replies that are a single space), so both completions stay non-empty: accepted. What it
+    # extracts can still be empty (" yes" / " no": a shared space goes to the completions), as `prompt: ""` is refused
+    if not extract_prompt({"chosen": chosen, "rejected": rejected})["prompt"]:
+        problem = f"the prompt extracted from 'chosen' and 'rejected' (their shared start, {shared} {unit}(s)) is empty"
+        raise DataValidationError(problem, fix, row=index, field="chosen", dataset_name=dataset_name)
 
 
 def validate_example(example: dict, index: int, dataset_name: str = "train") -> None:
@@ -191,7 +195,7 @@ def validate_example(example: dict, index: int, dataset_name: str = "train") -> 
     float32's range); no completion / chosen / rejected is empty (`""`, an empty message list or a
     message with empty content); conversational completions are lists of `{"role", "content"}` messages with an
     assistant turn; one style (standard or conversational) throughout the row; for implicit-prompt preference rows,
-    that a prompt can be extracted (`chosen` and `rejected` differ but share a non-empty prefix).
+    that a non-empty prompt can be extracted (`chosen` and `rejected` differ and share more than a space).
     Whitespace-only text is accepted (it is a real token sequence).
 
     Args:
@@ -299,6 +303,36 @@ def _num_rows(dataset) -> int | None:
         return None
 
 
+def check_same_layout(row: Mapping, index, fmt: str, style: str | None, first_row,
+                      dataset_name: str = "train") -> str:
+    """The format of `row` after [`validate_example`], refused (naming `index`) unless it is in the format `fmt` and
+    style `style` of the dataset's first row `first_row` (rated rows and preference rows with a prompt may mix). Used
+    by [`validate_dataset`] and, row by row, for a stream."""
+    row_fmt = detect_format(row, index, dataset_name)
+    if row_fmt != fmt and not (fmt in (RATED, PREFERENCE) and row_fmt in (RATED, PREFERENCE)):
+        required = REQUIRED_COLUMNS[fmt]
+        missing = [c for c in required if not _present(row, c)]
+        if missing:
+            bad, detail = missing[0], f" (missing column(s) {missing})"
+        else:
+            bad = "prompt" if fmt == PREFERENCE_IMPLICIT else REQUIRED_COLUMNS[row_fmt][-1]
+            detail = f" (it has the '{bad}' column of the '{row_fmt}' format)"
+        raise DataValidationError(
+            f"this row is in the '{row_fmt}' format but row {first_row} is in the '{fmt}' format" + detail,
+            "use one format for the whole dataset (convert the odd rows, or drop them); only rated rows and "
+            "preference rows with a 'prompt' column can be mixed", row=index, field=bad, dataset_name=dataset_name,
+        )
+    validate_example(row, index, dataset_name)
+    row_style = _row_style(row, fmt)
+    if row_style != style:
+        lead = "chosen" if fmt == PREFERENCE_IMPLICIT else "prompt"
+        raise DataValidationError(
+            f"mixed standard/conversational styles across rows: '{lead}' is {_style_word(row_style)} here but "
+            f"{_style_word(style)} in row {first_row}", _STYLE_FIX, row=index, field=lead, dataset_name=dataset_name,
+        )
+    return row_fmt
+
+
 def validate_dataset(dataset, dataset_name: str = "train") -> ValidationReport:
     r"""
     Validates every row of a dataset before training and summarises it.
@@ -341,9 +375,7 @@ def validate_dataset(dataset, dataset_name: str = "train") -> ValidationReport:
     first_row = first.get(ROW_INDEX, 0)  # errors name the user's rows (`with_row_index`), else positions
     fmt = detect_format(first, first_row, dataset_name)
     style = _row_style(first, fmt)  # compared from row 1 on: row 0 is validated first, in the loop
-    required = REQUIRED_COLUMNS[fmt]
     # Only the formats' own columns are read (a rated dataset with "chosen"/"rejected" too is still read as rated).
-    mixable = (RATED, PREFERENCE)
     if fmt == PREFERENCE_IMPLICIT:
         columns = ["chosen", "rejected", "prompt"]
     else:
@@ -355,36 +387,8 @@ def validate_dataset(dataset, dataset_name: str = "train") -> ValidationReport:
     k_hist: dict[int, int] = {}
     for position, row in enumerate(_iter_rows(dataset, [*columns, ROW_INDEX])):
         index = row.get(ROW_INDEX, position)
-        row_fmt = detect_format(row, index, dataset_name)
-        if row_fmt != fmt and fmt in mixable and row_fmt in mixable:
-            formats_seen.add(row_fmt)
-        elif row_fmt != fmt:
-            missing = [c for c in required if not _present(row, c)]
-            if missing:
-                bad, detail = missing[0], f" (missing column(s) {missing})"
-            else:
-                bad = "prompt" if fmt == PREFERENCE_IMPLICIT else REQUIRED_COLUMNS[row_fmt][-1]
-                detail = f" (it has the '{bad}' column of the '{row_fmt}' format)"
-            raise DataValidationError(
-                f"this row is in the '{row_fmt}' format but row {first_row} is in the '{fmt}' format" + detail,
-                "use one format for the whole dataset (convert the odd rows, or drop them); only rated rows and "
-                "preference rows with a 'prompt' column can be mixed",
-                row=index,
-                field=bad,
-                dataset_name=dataset_name,
-            )
-        validate_example(row, index, dataset_name)
-        row_style = _row_style(row, fmt)
-        if row_style != style:
-            lead = "chosen" if fmt == PREFERENCE_IMPLICIT else "prompt"
-            raise DataValidationError(
-                f"mixed standard/conversational styles across rows: '{lead}' is {_style_word(row_style)} here but "
-                f"{_style_word(style)} in row {first_row}",
-                _STYLE_FIX,
-                row=index,
-                field=lead,
-                dataset_name=dataset_name,
-            )
+        row_fmt = check_same_layout(row, index, fmt, style, first_row, dataset_name)
+        formats_seen.add(row_fmt)
         if row_fmt == RATED:
             rewards = _as_list(row["rewards"])
             k = len(rewards)

@@ -1,0 +1,115 @@
+"""Columns that `datasets` reads as JSON values, refused before anything else reads them.
+
+A JSON file column whose values change type across rows (a number in one row, a string in another; a string prompt
+in one row, a list of messages in another) is read by `datasets` as JSON values (a `Json` feature): each value is
+decoded as JSON, so the text `"4"` becomes the number 4, `"null"` becomes None, and a string among numbers passes as
+a number, without a word. Every column a layout reads as text or as a number (`prompt`, `chosen`, `rejected`,
+`instruction`, `A0..`, the score columns, `preference_pair`; `completions` and `rewards` at their elements) is checked
+for that and refused, naming the first line of a JSON Lines file whose value differs in type from the first row's.
+A column of messages or of UltraFeedback's completion dicts may be JSON values inside (each message or dict whole):
+those decode to what was written and are left alone, as are `tools` and `chat_template_kwargs`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .datafiles import DataFileError
+from .formats import PAIR_COLUMN, _short
+
+__all__ = ["check_json_columns"]
+
+_NUMBERS = re.compile(r"^(rewards|A\d+_score|score_A\d+)$")
+_VALUES = re.compile(r"^(prompt|chosen|rejected|instruction|A\d+|A\d+_score|score_A\d+)$")
+
+
+def _is_json(feature) -> bool:
+    return type(feature).__name__ == "Json"
+
+
+def json_read_columns(features) -> list[str]:
+    """The columns of `features` that a layout reads and `datasets` reads as JSON values at the level read."""
+    names = list(features)
+    ultrafeedback = "instruction" in names and "prompt" not in names  # its completions are dicts
+    found = []
+    for name, feature in features.items():
+        if _VALUES.match(name) or name == PAIR_COLUMN:
+            bad = _is_json(feature)
+        elif name == "rewards" or (name == "completions" and not ultrafeedback):
+            bad = _is_json(feature) or _is_json(getattr(feature, "feature", None))  # List(Json): the elements
+        else:
+            bad = False
+        if bad:
+            found.append(name)
+    return found
+
+
+def _type(value) -> str | None:
+    if value is None:
+        return None  # null fits any type
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+def _first_differing_line(path: Path, column: str):
+    """`((line, type), (line, position or None, type, value))`: the first value of `column` in a JSON Lines file and
+    the first whose type differs from it (for `completions` and `rewards`, their elements); None if none is found
+    (or the file is one JSON document)."""
+    listed = column in ("completions", "rewards")
+    first = None
+    try:
+        with open(path, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                row = json.loads(line) if line.strip() else None
+                if not isinstance(row, dict) or row.get(column) is None:
+                    continue
+                value = row[column]
+                values = enumerate(value) if listed and isinstance(value, list) else [(None, value)]
+                for position, item in values:
+                    kind = _type(item)
+                    if kind is None:
+                        continue
+                    if first is None:
+                        first = (number, kind)
+                    elif kind != first[1]:
+                        return first, (number, position, kind, item)
+    except ValueError:  # not JSON Lines (UnicodeDecodeError is one too)
+        return None
+    return None
+
+
+def check_json_columns(dataset, source: str | None) -> None:
+    """Raises a `DataFileError` for the first column a layout reads that `datasets` read as JSON values (see the
+    module), naming the line of the JSON Lines file `source` where its type first differs from the first row's."""
+    found = json_read_columns(getattr(dataset, "features", None) or {})
+    if not found:
+        return
+    column = found[0]
+    text = source and Path(source).is_file() and Path(source).suffix.lower() in (".json", ".jsonl")
+    lines = _first_differing_line(Path(source), column) if text else None
+    numbers = bool(_NUMBERS.match(column))
+    if lines:
+        (line0, kind0), (line, position, kind, value) = lines
+        at = f" (position {position})" if position is not None else ""
+        where = f"holds {kind0} in line {line0} but {kind} in line {line}{at}: {_short(value)}"
+    else:
+        line = None
+        where = "changes type across rows"
+    if numbers:
+        meaning, fix = "strings among numbers", "write every reward and score as a number (not a string)"
+    else:
+        meaning = "mixed standard/conversational styles, or text among numbers or lists"
+        fix = ("use one style for the whole file: every prompt and completion a string (standard), or every one a "
+               "list of {'role', 'content'} messages (conversational); write every text as a JSON string")
+    raise DataFileError(
+        f"{source or 'the data'}: column '{column}' {where} ({meaning}), which `datasets` reads as "
+        "JSON values, turning the text \"4\" into the number 4 and \"null\" into None without a word. Fix: " + fix + ".",
+        path=source, line=line,
+    )
