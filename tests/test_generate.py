@@ -523,3 +523,32 @@ def test_the_main_process_joins_the_others_when_its_first_block_raises():
     with main_process_first(other):
         waits.append("read")
     assert waits == ["main", "other", "read"]
+
+
+def test_a_rerun_compares_the_carried_columns_too(tiny_mistral, tmp_path, capsys):
+    """A rerun compared the prompts only: an edited carried column (a `solution` a reward function reads, or `tools`,
+    which changes the prompt's tokens) was "nothing to do", and the output kept the old values. Now other settings,
+    refused. An output of an nca-trl that did not record the carried columns still counts as done. Columns that
+    `datasets` would decode from their text ("0012" as 12) are refused, naming the line."""
+    from nca_trl.cli import main
+
+    data, output = tmp_path / "prompts.jsonl", tmp_path / "samples.jsonl"
+    argv = ["generate", "--model_name_or_path", str(tiny_mistral), "--dataset_name", str(data), "--output",
+            str(output), "--num_completions", "2", "--max_new_tokens", "2"]
+    _write_jsonl(data, [{"prompt": "Hi", "solution": "wrong"}])
+    assert main(argv) == 0
+    _write_jsonl(data, [{"prompt": "Hi", "solution": "right"}])
+    capsys.readouterr()
+    assert main(argv) == 2 and "other settings (carried_sha256: " in capsys.readouterr().err
+    assert _read_jsonl(output)[0]["solution"] == "wrong"
+
+    sidecar = output.with_name("samples.generation.json")
+    recorded = json.loads(sidecar.read_text())
+    _write_jsonl(data, [{"prompt": "Hi", "solution": "wrong"}])
+    del recorded["settings"]["carried_sha256"]
+    sidecar.write_text(json.dumps(recorded))
+    assert main(argv) == 0 and "(settings match): nothing to do" in capsys.readouterr().out
+
+    _write_jsonl(data, [{"prompt": "Hi", "answer": 12}, {"prompt": "Yo", "answer": "0012"}])
+    assert main([*argv[:-5], str(tmp_path / "other.jsonl"), *argv[-4:]]) == 2
+    assert "prompts.jsonl, line 2, column 'answer': the text '0012' would be read as 12" in capsys.readouterr().err

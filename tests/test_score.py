@@ -394,3 +394,43 @@ def test_cli_generate_then_score_then_train(tiny_mistral, tmp_path, hh):
         "--logging_steps", "1", "--dtype", "float32")
     assert (out / "config.json").exists() and any(out.glob("*.safetensors"))
     assert json.loads((out / "run_info.json").read_text())["global_step"] == 2
+
+
+def test_carried_columns_reach_reward_functions_and_the_output_as_written(tmp_path):
+    """A column whose values change type across rows (12, "34", "0056") is read by `datasets` as JSON values, which
+    decoded the text "0056" to 56: the reward function and the output got other values than the file's, exit 0.
+    Refused now, naming the line, the column and the fix; nothing is written."""
+    rows = [{"prompt": "12>", "completions": ["12", "21"], "solution": 12},
+            {"prompt": "34>", "completions": ["34", "43"], "solution": "plain text"},
+            {"prompt": "56>", "completions": ["56", "65"], "solution": "0056"}]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    output = tmp_path / "rated.jsonl"
+    with pytest.raises(ValueError, match=r"rows.jsonl, line 3, column 'solution': the text '0056' would be read as "
+                                         r"56\. .* Fix: give the column one type in every row"):
+        score(["--dataset_name", data, "--reward_funcs", spec("length_reward"), "--output", str(output)])
+    assert not output.exists() and not (tmp_path / "rated.scoring.json").exists()
+
+
+def test_a_parquet_output_is_checked_before_scoring_and_the_sidecar_follows_the_rows(tmp_path, monkeypatch):
+    """A column of an object in one row and a string in another fits a JSON Lines file but not one Parquet column:
+    pyarrow raised after the scoring, with the sidecar already written and no output. Refused before scoring now,
+    naming the column; and a sidecar is written only after its rows."""
+    import nca_trl.scoring.run as run
+
+    rows = [{"prompt": "a", "completions": ["x", "yy"], "meta": {"k": 1}},
+            {"prompt": "b", "completions": ["x", "yy"], "meta": "plain"}]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    argv = ["--dataset_name", data, "--reward_funcs", spec("length_reward")]
+    with pytest.raises(ValueError, match=r"rows.jsonl \(for the Parquet output .*rated.parquet\): column 'meta' mixes "
+                                         r"value types across rows .* write a .jsonl output instead"):
+        score([*argv, "--output", str(tmp_path / "rated.parquet")])
+    assert not list(tmp_path.glob("rated*"))
+    assert read_jsonl(score([*argv, "--output", str(tmp_path / "rated.jsonl")])["output"])[1]["meta"] == "plain"
+
+    def fails(path, rows):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(run, "write_rows", fails)
+    with pytest.raises(OSError):
+        score([*argv, "--output", str(tmp_path / "again.jsonl")])
+    assert not list(tmp_path.glob("again*"))

@@ -16,10 +16,12 @@ import json
 import re
 from pathlib import Path
 
+from datasets.utils.json import ujson_loads
+
 from .datafiles import DataFileError
 from .formats import PAIR_COLUMN, _short
 
-__all__ = ["check_json_columns"]
+__all__ = ["check_json_columns", "check_json_strings"]
 
 _NUMBERS = re.compile(r"^(rewards|A\d+_score|score_A\d+)$")
 _VALUES = re.compile(r"^(prompt|chosen|rejected|instruction|A\d+|A\d+_score|score_A\d+)$")
@@ -113,3 +115,48 @@ def check_json_columns(dataset, source: str | None) -> None:
         "JSON values, turning the text \"4\" into the number 4 and \"null\" into None without a word. Fix: " + fix + ".",
         path=source, line=line,
     )
+
+
+def _rows(path: Path):
+    """(line, row) of a JSON Lines file, or of one JSON document holding a list of rows (line None)."""
+    try:
+        with open(path, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if line.strip():
+                    yield number, json.loads(line)
+    except ValueError:  # one JSON document, not JSON Lines
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            return
+        for row in document if isinstance(document, list) else []:
+            yield None, row
+
+
+def check_json_strings(dataset, source: str | None) -> None:
+    """Raises a `DataFileError` for a string of any column (or of a list column's elements) that `datasets` read as
+    JSON values and would give back as another value: `"0056"` as 56, `"true"` as True, `"null"` as None. For
+    `nca-trl generate` and `score`, which carry every column to their output and to reward functions. Only a JSON
+    file `source` can be checked (its text is what was written)."""
+    features = getattr(dataset, "features", None) or {}
+    columns = {name: _is_json(getattr(feature, "feature", None)) for name, feature in features.items()
+               if _is_json(feature) or _is_json(getattr(feature, "feature", None))}  # name -> at its elements
+    if not columns or not (source and Path(source).is_file() and Path(source).suffix.lower() in (".json", ".jsonl")):
+        return
+    for line, row in _rows(Path(source)):
+        for name, elements in columns.items():
+            value = row.get(name) if isinstance(row, dict) else None
+            for item in (value if elements and isinstance(value, list) else [value]):
+                if not isinstance(item, str):
+                    continue
+                try:
+                    read = ujson_loads(item)  # as `datasets.Json` decodes it (also "0056" -> 56, "NaN" -> None)
+                except ValueError:
+                    continue
+                where = f"line {line}" if line is not None else "a row"
+                raise DataFileError(
+                    f"{source}, {where}, column '{name}': the text {_short(item)} would be read as {read!r}. The "
+                    "column's values change type across rows, so `datasets` reads them as JSON values and decodes "
+                    "such text. Fix: give the column one type in every row (e.g. every value a string), or remove it.",
+                    path=source, line=line,
+                )

@@ -20,7 +20,7 @@ from ..runtime.errors import SettingsError
 from .converters import convert_dataset, resolve_format
 from .datafiles import FILE_BUILDERS, DataFileError, check_data_file
 from .folders import declares_configs, folder_data_files
-from .json_columns import check_json_columns
+from .json_columns import check_json_columns, check_json_strings
 from .tokenize import with_row_index
 
 __all__ = ["load_datasets", "load_raw", "load_split", "split_of"]
@@ -71,6 +71,7 @@ def load_split(args, split_field: str = "dataset_split", limit: int | None = Non
     from types import SimpleNamespace
 
     dataset = split_of(load_raw(args, SimpleNamespace(datasets=None)), getattr(args, split_field), split_field)
+    check_json_strings(dataset, args.dataset_name)  # every column, carried to the output: text decoded as JSON
     if limit is not None and limit < len(dataset):
         dataset = dataset.select(range(limit))
     return dataset

@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ..runtime.files import json_default, write_atomic
+from ..runtime.files import json_default, parquet_table, write_atomic
 
 __all__ = ["ChunkStore", "sidecar_path"]
 
@@ -62,13 +62,13 @@ class ChunkStore:
         settings, unless `overwrite` (`--overwrite_output true`), which removes them first.
         """
         manifest = self._read_json(self.parts / "manifest.json") if self.parts.exists() else None
-        if manifest is not None and manifest != self.settings:
+        if manifest is not None and not self._same(manifest):
             self._refuse_or_remove(self.parts, "the chunks of an unfinished generate run", manifest, overwrite)
             manifest = None
         complete = manifest is not None and not self.missing_chunks()
         if self.output.exists() and not complete:
             recorded = (self._read_json(self.sidecar) or {}).get("settings")
-            if recorded != self.settings:
+            if not self._same(recorded):
                 self._refuse_or_remove(self.output, "a finished generate run", recorded, overwrite)
             else:
                 if self.parts.exists():
@@ -82,6 +82,13 @@ class ChunkStore:
         if complete:
             return "merge"
         return "resume" if self.done_chunks() else "new"
+
+    def _same(self, recorded) -> bool:
+        """Whether `recorded` settings are this run's. Those of an nca-trl that did not record the carried columns
+        (`carried_sha256`) are compared without them."""
+        if isinstance(recorded, dict) and "carried_sha256" not in recorded:
+            return recorded == {k: v for k, v in self.settings.items() if k != "carried_sha256"}
+        return recorded == self.settings
 
     def _refuse_or_remove(self, where: Path, what: str, recorded, overwrite: bool) -> None:
         from ..runtime.output_dir import FinishedRunError, finished_run_message
@@ -157,14 +164,13 @@ class ChunkStore:
         tmp = self.output.with_name(f".{self.output.name}.tmp-{os.getpid()}")
         self.output.parent.mkdir(parents=True, exist_ok=True)
         if self.output.suffix.lower() == ".parquet":
-            import pyarrow as pa
             import pyarrow.parquet as pq
 
             rows = []
             for chunk in range(self.num_chunks):
                 with open(self.chunk_path(chunk), encoding="utf-8") as f:
                     rows.extend(json.loads(line) for line in f)
-            pq.write_table(pa.Table.from_pylist(rows), tmp)
+            pq.write_table(parquet_table(rows, str(self.output)), tmp)
         else:
             with open(tmp, "wb") as out:
                 for chunk in range(self.num_chunks):

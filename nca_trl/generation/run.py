@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict
 
 from ..runtime.environment import broadcast, distributed_state, main_process_first, versions
+from ..runtime.files import parquet_table
 from ..runtime.paths import check_path_settings
 from .arguments import PATH_SETTINGS, GenerateArguments, parse_generate_args
 from .output import ChunkStore, sidecar_path
@@ -54,10 +55,10 @@ def load_prompts(args: GenerateArguments):
     return dataset
 
 
-def _prompts_digest(dataset) -> str:
+def _digest(values) -> str:
     digest = hashlib.sha256()
-    for prompt in dataset["prompt"]:
-        digest.update(json.dumps(prompt, sort_keys=True, ensure_ascii=False, default=str).encode())
+    for value in values:
+        digest.update(json.dumps(value, sort_keys=True, ensure_ascii=False, default=str).encode())
         digest.update(b"\n")
     return digest.hexdigest()
 
@@ -67,7 +68,10 @@ def generation_settings(args: GenerateArguments, dataset) -> dict:
     keys = ("model_name_or_path", "model_revision", "dataset_name", "dataset_config", "dataset_split", "max_prompts",
             "num_completions", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "dtype", "chunk_size")
     settings = {key: getattr(args, key) for key in keys}
-    settings.update(num_prompts=len(dataset), prompts_sha256=_prompts_digest(dataset), sampler=SAMPLER)
+    carried = [name for name in dataset.column_names if name != "prompt"]  # `tools` too: it changes the prompt's ids
+    settings.update(num_prompts=len(dataset), prompts_sha256=_digest(dataset["prompt"]),
+                    carried_sha256=_digest(dataset.select_columns(carried).to_list() if carried else []),
+                    sampler=SAMPLER)
     return settings
 
 
@@ -176,6 +180,8 @@ def generate(argv: "list[str] | GenerateArguments | None" = None) -> dict | None
     with main_process_first(state):  # a bad file on the main process is the others' error too, not their hang
         dataset = load_prompts(args)
     long_prompts, tokenizer = _check_prompts(args, dataset, state.is_main_process)
+    if str(args.output).lower().endswith(".parquet"):  # the carried columns fit one Parquet file, before sampling
+        parquet_table(dataset.to_list(), f"{args.dataset_name} (for the Parquet output {args.output})")
     settings = generation_settings(args, dataset)
     store = ChunkStore(args.output, settings, len(dataset), args.chunk_size)
 

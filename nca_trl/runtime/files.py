@@ -11,7 +11,7 @@ import datetime
 import os
 from pathlib import Path
 
-__all__ = ["fsync_tree", "json_default", "write_atomic"]
+__all__ = ["fsync_tree", "json_default", "parquet_table", "write_atomic"]
 
 
 def write_atomic(path: str | os.PathLike, text: str | bytes) -> None:
@@ -50,3 +50,31 @@ def json_default(value):
     if hasattr(value, "tolist"):
         return value.tolist()
     return str(value)
+
+
+def parquet_table(rows: list[dict], where: str):
+    """`pyarrow.Table.from_pylist(rows)`, or a `DataError` naming the column whose values mix types across rows (an
+    object in one row, a string in another), which one Parquet column cannot hold. `where` names the data."""
+    import pyarrow as pa
+
+    from .errors import DataError
+
+    try:
+        return pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        columns = dict.fromkeys(name for row in rows for name in row)
+        column = next((name for name in columns if not _one_arrow_type([row.get(name) for row in rows])), None)
+        raise DataError(
+            f"{where}: column '{column}' mixes value types across rows ({e}), which one Parquet column cannot hold. "
+            "Fix: write a .jsonl output instead, or give the column one type in every row."
+        ) from e
+
+
+def _one_arrow_type(values: list) -> bool:
+    import pyarrow as pa
+
+    try:
+        pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return False
+    return True

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..runtime.environment import versions
-from ..runtime.files import json_default, write_atomic
+from ..runtime.files import json_default, parquet_table, write_atomic
 from ..runtime.paths import check_path_settings
 from .arguments import PATH_SETTINGS, ScoreArguments, parse_score_args
 from .combine import _log, score_rows
@@ -49,12 +49,11 @@ def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".parquet":
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            pq.write_table(pa.Table.from_pylist(rows), tmp)
+            pq.write_table(parquet_table(rows, str(path)), tmp)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -84,6 +83,8 @@ def score_file(args: ScoreArguments) -> dict:
     started = time.time()
     check_path_settings([], PATH_SETTINGS, vars(args))  # before any row is read or model loaded
     rows = load_rows(args)
+    if str(args.output).lower().endswith(".parquet"):  # the carried columns fit one Parquet file, before scoring
+        parquet_table(rows, f"{args.dataset_name} (for the Parquet output {args.output})")
     _log(f"{len(rows)} rows from {args.dataset_name} (split {args.dataset_split})")
     sources = load_sources(args.reward_model, args.reward_funcs, revision=args.reward_model_revision,
                            batch_size=args.batch_size, max_length=args.max_length, dtype=args.dtype,
@@ -121,9 +122,8 @@ def score_file(args: ScoreArguments) -> dict:
         "versions": versions(),
     }
     sidecar_file = scoring_sidecar_path(args.output)
-    sidecar_file.parent.mkdir(parents=True, exist_ok=True)
+    write_rows(args.output, scored)  # the rows first: a sidecar says that its output was written
     write_atomic(sidecar_file, json.dumps(sidecar, indent=2, default=json_default) + "\n")
-    write_rows(args.output, scored)
     use = ("an evaluation's scores, not training data" if args.evaluation
            else f"train on it: `nca-trl train --dataset_name {args.output}`")
     _log(f"{len(scored)} rated rows -> {args.output} ({use}); settings and statistics in {sidecar_file}")
