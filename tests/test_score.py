@@ -166,7 +166,11 @@ def test_reward_model_truncation_is_counted(reward_model, tmp_path, capsys):
                      "--max_length", "6"])
     (source,) = sidecar["sources"]
     assert source["max_length"] == 6 and 0 < source["truncated_sequences"] <= source["sequences"] == 8
-    assert "were longer than max_length=6 tokens and truncated" in capsys.readouterr().out
+    assert "were longer than max_length=6 tokens and truncated (their start" in capsys.readouterr().out
+    # The head reads the last token, so the start goes: with the end cut (the tokenizer's default side), every
+    # completion of a prompt longer than max_length was scored on the same prefix, the same reward
+    rewards = [row["rewards"] for row in read_jsonl(tmp_path / "o.jsonl")]
+    assert all(len(set(r)) == len(r) for r in rewards), rewards
 
 
 def test_a_reward_model_needs_one_label(reward_model, tmp_path):

@@ -100,7 +100,7 @@ def score_file(args: ScoreArguments) -> dict:
             entry.update(source.describe())
             if source.truncated:
                 _log(f"warning: {source.truncated} of {source.sequences} reward-model sequence(s) were longer than "
-                     f"max_length={source.max_length} tokens and truncated ({source.tokenizer.truncation_side} side); "
+                     f"max_length={source.max_length} tokens and truncated (their start: the reward is read at the end); "
                      "raise `max_length` to score them whole")
         described.append(entry)
     if not scored:

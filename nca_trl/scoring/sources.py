@@ -212,10 +212,11 @@ class RewardModelScorer:
         ids = [self.token_ids(p, c, t, k) for p, c, t, k in zip(prompts, completions, tools, template_kwargs,
                                                                   strict=True)]
         if self.max_length is not None:
-            left = self.tokenizer.truncation_side == "left"
+            # The head reads the last token: the end is kept (a cut end scored a prefix, often the prompt alone, the
+            # same for every completion of it)
             for j, seq in enumerate(ids):
                 if len(seq) > self.max_length:
-                    ids[j] = seq[-self.max_length:] if left else seq[:self.max_length]
+                    ids[j] = seq[-self.max_length:]
                     self.truncated += 1
         self.sequences += len(ids)
         order = sorted(range(len(ids)), key=lambda j: -len(ids[j]))
