@@ -188,6 +188,30 @@ def test_a_reward_model_needs_one_label(reward_model, tmp_path):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+
+def test_chat_rows_need_the_reward_models_chat_template_before_it_loads(reward_model, tmp_path, monkeypatch):
+    """Chat rows and a reward model whose tokenizer has no chat template failed once the model had loaded, with a
+    traceback (exit 1); `nca-trl generate` refuses the same case up front. Now refused before the model loads."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification
+
+    from nca_trl.cli import main
+
+    plain = tmp_path / "no-template"
+    shutil.copytree(reward_model, plain)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (plain / name).unlink(missing_ok=True)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained",
+                        lambda *a, **k: pytest.fail("the model was loaded"))
+    data = write_jsonl(tmp_path / "rows.jsonl", CHAT)
+    assert main(["score", "--dataset_name", data, "--reward_model", str(plain), "--output",
+                 str(tmp_path / "o.jsonl")]) == 2
+    assert not (tmp_path / "o.jsonl").exists()
+
 # ----------------------------------------------------------------------------------------------- reward functions
 def test_none_drops_the_completion_and_then_the_row_with_counts_in_the_sidecar(tmp_path):
     rows = [

@@ -88,7 +88,8 @@ def score_file(args: ScoreArguments) -> dict:
     _log(f"{len(rows)} rows from {args.dataset_name} (split {args.dataset_split})")
     sources = load_sources(args.reward_model, args.reward_funcs, revision=args.reward_model_revision,
                            batch_size=args.batch_size, max_length=args.max_length, dtype=args.dtype,
-                           trust_remote_code=args.trust_remote_code)
+                           trust_remote_code=args.trust_remote_code,
+                           conversational=any(isinstance(row.get("prompt"), list) for row in rows))
     weights = args.weights
     _log("reward = " + " + ".join(f"{w:g} x {name}" for name, w in zip(sources, weights)))
     scored, stats = score_rows(rows, sources, weights, chunk_size=args.chunk_size, evaluation=args.evaluation)

@@ -121,7 +121,7 @@ class RewardModelScorer:
     """
 
     def __init__(self, path: str, *, revision: str = "main", batch_size: int = 8, max_length: int | None = None,
-                 dtype: str = "auto", device=None, trust_remote_code: bool = False):
+                 dtype: str = "auto", device=None, trust_remote_code: bool = False, conversational: bool = False):
         import torch
         from transformers import (
             AutoConfig,
@@ -142,6 +142,13 @@ class RewardModelScorer:
                 f"The reward model {path} (`reward_model`) is a {', '.join(architectures)}, not a ...ForSequenceClassification model: "
                 "its score head would be random. Pass a reward model trained with a num_labels=1 head."
             )
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        if conversational and getattr(tokenizer, "chat_template", None) is None:  # before the model loads
+            raise SettingsError(
+                f"The rows are chat messages, but the reward model's tokenizer ({path}, `reward_model`) has no chat "
+                "template to render them as it was trained. Set `chat_template` in its tokenizer_config.json (the "
+                "template it was trained with), or score plain-text rows."
+            )
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype == "auto":
             cuda = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -156,7 +163,6 @@ class RewardModelScorer:
                 f"The reward model {path} (`reward_model`) lacks the weights {missing[:5]}{' ...' if len(missing) > 5 else ''}: they "
                 "would be random. Pass a trained sequence-classification reward model."
             )
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         if tokenizer.pad_token_id is None:
             if tokenizer.eos_token is None:
                 raise SettingsError(f"The reward model's tokenizer ({path}, `reward_model`) has neither a pad nor an EOS "
@@ -239,14 +245,16 @@ class RewardModelScorer:
 
 
 def load_sources(reward_model: str | None = None, reward_funcs=(), *, revision: str = "main", batch_size: int = 8,
-                 max_length: int | None = None, dtype: str = "auto", trust_remote_code: bool = False) -> dict:
+                 max_length: int | None = None, dtype: str = "auto", trust_remote_code: bool = False,
+                 conversational: bool = False) -> dict:
     """`{name: source}` in source order: the reward model (named `reward_model:PATH`) first, then each reward
-    function (named by its spec; a repeated spec gets `#2`, `#3`). Functions are imported before the model loads."""
+    function (named by its spec; a repeated spec gets `#2`, `#3`). Functions are imported before the model loads.
+    `conversational`: the rows are chat messages, which the reward model's tokenizer must have a chat template for."""
     from .combine import _named
 
     funcs = [(str(spec).strip(), load_reward_function(spec)) for spec in reward_funcs]
     if reward_model is not None:
         scorer = RewardModelScorer(reward_model, revision=revision, batch_size=batch_size, max_length=max_length,
-                                   dtype=dtype, trust_remote_code=trust_remote_code)
+                                   dtype=dtype, trust_remote_code=trust_remote_code, conversational=conversational)
         funcs.insert(0, (scorer.__name__, scorer))
     return _named(funcs)
