@@ -164,6 +164,23 @@ def test_good_files_load_unchanged(tmp_path):
     assert [len(raw(p)["train"]) for p in (jsonl, array, mapping, parquet, csv)] == [2, 3, 1, 4, 5]
 
 
+def test_a_compressed_file_loads_as_a_folder_of_them_does(tmp_path):
+    """A folder of `.jsonl.gz` files loaded; one such file named alone was an unknown type ('.gz'). A broken one is
+    still named by its checks."""
+    import gzip
+
+    single = tmp_path / "rows.jsonl.gz"
+    single.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows(3)).encode()))
+    assert list(raw(single)["train"]["prompt"]) == ["question 0", "question 1", "question 2"]
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(gzip.compress((GOOD + "\n" + GOOD[:40]).encode()))
+    with pytest.raises(DataFileError, match="looks truncated"):
+        raw(broken)
+    with pytest.raises(ValueError, match=r"Unknown data file type '.gz' .* \(also compressed: .gz, .bz2, .xz\)"):
+        (tmp_path / "notes.txt.gz").write_bytes(gzip.compress(b"x"))
+        raw(tmp_path / "notes.txt.gz")
+
+
 def test_hub_ids_go_to_datasets_as_they_are(monkeypatch):
     import datasets
 

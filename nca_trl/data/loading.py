@@ -18,7 +18,7 @@ import datasets
 
 from ..runtime.errors import SettingsError
 from .converters import convert_dataset, resolve_format
-from .datafiles import FILE_BUILDERS, DataFileError, check_data_file
+from .datafiles import FILE_BUILDERS, DataFileError, _file_type, check_data_file
 from .folders import declares_configs, folder_data_files
 from .json_columns import check_json_columns, check_json_strings
 from .tokenize import with_row_index
@@ -35,10 +35,11 @@ def load_raw(script_args, mixture):
     name = script_args.dataset_name
     path = Path(name).expanduser()
     if path.is_file():
-        builder = FILE_BUILDERS.get(path.suffix.lower())
+        builder = FILE_BUILDERS.get(_file_type(path))  # `a.jsonl.gz` is JSON Lines, as in a folder
         if builder is None:
             raise SettingsError(f"Unknown data file type {path.suffix!r} for {path} (`dataset_name`): use one of "
-                                f"{sorted(FILE_BUILDERS)}, or a folder of such files.")
+                                f"{sorted(FILE_BUILDERS)} (also compressed: .gz, .bz2, .xz), or a folder of such "
+                                "files.")
         check_data_file(path, builder)
         return _load(f"the {builder} file {path}", path, builder, data_files=str(path))
     if path.is_dir():
