@@ -164,6 +164,19 @@ def test_good_files_load_unchanged(tmp_path):
     assert [len(raw(p)["train"]) for p in (jsonl, array, mapping, parquet, csv)] == [2, 3, 1, 4, 5]
 
 
+def test_a_csv_column_of_numeric_answers_is_named_once(tmp_path):
+    """Every `chosen` cell a number ("4", "6"): `datasets` read the column as int64, and each row was refused as
+    "'chosen' is an int ... give every completion non-empty text", which the file does. Named once, with why."""
+    path = tmp_path / "pairs.csv"
+    path.write_text("prompt,chosen,rejected\nWhat is 2+2?,4,five\nWhat is 3+3?,6,seven\n", encoding="utf-8")
+    script = SimpleNamespace(dataset_name=str(path), dataset_config=None, dataset_train_split="train",
+                             dataset_test_split=None, eval_fraction=None, dataset_format="auto",
+                             dataset_format_kwargs=None)
+    with pytest.raises(DataFileError, match=r"pairs.csv: column 'chosen' is text to train on, but every cell of it "
+                                            r"looks like a number .* read it as int64: a CSV file has no types"):
+        load_datasets(script, NO_MIXTURE, SimpleNamespace(seed=0))
+
+
 def test_a_compressed_file_loads_as_a_folder_of_them_does(tmp_path):
     """A folder of `.jsonl.gz` files loaded; one such file named alone was an unknown type ('.gz'). A broken one is
     still named by its checks."""

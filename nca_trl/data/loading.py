@@ -12,6 +12,7 @@ are loaded as they are.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import datasets
@@ -78,6 +79,24 @@ def load_split(args, split_field: str = "dataset_split", limit: int | None = Non
     return dataset
 
 
+_CSV_TEXT = re.compile(r"^(prompt|chosen|rejected|instruction|A\d+)$")
+
+
+def _check_csv_text(dataset, source: str | None) -> None:
+    """A CSV file has no types: `datasets` reads a column whose every cell looks like a number as numbers, and text
+    columns (answers "4", "12") would be refused row by row as "an int". Refused once, naming the column and why."""
+    if not source or _file_type(source) != ".csv":
+        return
+    for name, feature in dataset.features.items():
+        dtype = getattr(feature, "dtype", "string")
+        if _CSV_TEXT.match(name) and dtype not in ("string", "large_string"):
+            raise DataFileError(
+                f"{source}: column '{name}' is text to train on, but every cell of it looks like a number (or is "
+                f"empty), so `datasets` read it as {dtype}: a CSV file has no types. Fix: write the data as JSON "
+                "Lines, where each text is a JSON string (\"4\").", path=source,
+            )
+
+
 def _trainer_rows(dataset, script_args, name: str):
     """Rated and preference rows go to the trainer as they are: it validates every row once, then converts. Raw
     layouts (UltraFeedback, columns) are converted here, their ratings parsed and checked as they are read."""
@@ -108,6 +127,7 @@ def load_datasets(script_args, mixture, training_args):
     for raw_split in (train_raw, eval_raw):
         if raw_split is not None:
             check_json_columns(raw_split, source)
+            _check_csv_text(raw_split, source)
     # Each row's position in the data as given, before a conversion drops rows or `eval_fraction` shuffles them into
     # a split: errors name the user's rows
     train = _trainer_rows(with_row_index(train_raw), script_args, "train")
