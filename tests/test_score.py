@@ -276,6 +276,16 @@ def test_evaluation_scores_empty_completions_and_keeps_rows_with_one(tmp_path):
            "--output", str(tmp_path / "for_training.jsonl")])
     assert [r["completions"] for r in read_jsonl(tmp_path / "for_training.jsonl")] == [["a", "cc"]]  # for training: as before
 
+    # An evaluation checks the rows as training does, less the empty completions and K >= 2: a null prompt, a null
+    # completion and a chat row with a completion of the user's were scored (or a reward's RuntimeError, exit 1)
+    bad = [([{"prompt": None, "completions": ["a"]}], r"row 0, field 'prompt'"),
+           ([{"prompt": "p", "completions": ["a", None]}], r"row 0, field 'completions'"),
+           ([{"prompt": [{"role": "user", "content": "hi"}],
+              "completions": [[{"role": "user", "content": "me?"}], []]}], r"row 0, field 'completions'")]
+    for rows, where in bad:
+        with pytest.raises(ValueError, match=where):
+            score_rows(rows, {"length": length_reward}, progress=False, evaluation=True)
+
 
 def test_two_sources_with_weights_give_the_weighted_sum(tmp_path, monkeypatch):
     # a module of the current folder, named `module:function` and `module.function`

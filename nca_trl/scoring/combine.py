@@ -38,6 +38,16 @@ def is_empty_completion(completion) -> bool:
     return False
 
 
+def _evaluation_shape(row: dict) -> dict:
+    """`row` as `validate_example` checks it for training, less what an evaluation scores: each empty completion is
+    a stand-in of the prompt's style, and a row of one completion gets a second one."""
+    chat = isinstance(row.get("prompt"), list)
+    stand_in = [{"role": "assistant", "content": "x"}] if chat else "x"
+    completions = [stand_in if is_empty_completion(c) else c for c in row["completions"]]
+    completions += [stand_in] * (2 - len(completions))
+    return {**row, "completions": completions, "rewards": [0.0] * len(completions)}
+
+
 def _named(sources) -> dict:
     if isinstance(sources, Mapping):
         return dict(sources)
@@ -202,9 +212,10 @@ def score_rows(rows: list[dict], sources, weights: list[float] | None = None, *,
                 dropped["rows_fewer_than_2_completions"] += 1
                 dropped["completions_in_dropped_rows"] += len(kept)
                 continue
-            if not evaluation:
-                check = {**row, "completions": [c for _, c in kept], "rewards": [0.0] * len(kept)}
-                validate_example(check, row_ids[position], "input")  # the row's shape, before any model runs
+            # The row's shape, before any model runs: as training checks it, less what an evaluation scores
+            check = _evaluation_shape(row) if evaluation else {**row, "completions": [c for _, c in kept],
+                                                                "rewards": [0.0] * len(kept)}
+            validate_example(check, row_ids[position], "input")
             todo.append((position, kept))
         if todo:
             owners = [(position, k) for position, kept in todo for k, _ in kept]
