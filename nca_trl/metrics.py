@@ -1,7 +1,10 @@
-"""Sequence-level metrics of a rated batch, on tensors: what the trainers log (`rewards/*`, `logps/*`).
+"""The metrics of a rated batch, on tensors: what the trainers log (`rewards/*`, `logps/*`, the token metrics).
 
 *Chosen* is each prompt's highest-reward completion (the first on ties), *rejected* the mean of its others, as in
 `trl.DPOTrainer`'s logs. The implicit reward of completion i is `g_i = beta * (log pi(y_i|x) - log pi_ref(y_i|x))`.
+A logged value is a ratio of sums over the logged step's prompts (`prompt_metrics`): a mean over prompts, an accuracy
+over the prompts or pairs where it is defined, a token mean over the scored tokens; never a mean of batch means,
+which would weigh prompts by how the step was split into micro-batches and processes.
 
 Shapes: `B` prompts, `Kmax` completion slots, `slots[b, i]` True where prompt b has completion i, `N = slots.sum()`.
 """
@@ -10,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["to_slots", "from_slots", "best_slots", "sequence_metrics"]
+__all__ = ["to_slots", "from_slots", "best_slots", "prompt_metrics", "sequence_metrics"]
 
 
 def to_slots(values: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -41,7 +44,7 @@ def sequence_metrics(g: torch.Tensor, logps: torch.Tensor, rewards: torch.Tensor
         `rewards/chosen`, `rewards/rejected`, `rewards/margins`, `logps/chosen`, `logps/rejected`: `[B]` each;
         `best_first` `[B]` bool (the best completion's g beats every completion with a strictly lower reward;
         completions tied with the best are not its competitors) and `ranked_rows` `[B]` bool (rows where that is
-        defined: not all rewards equal); `pairs` and `ranked` (scalars): completion pairs of a prompt with
+        defined: not all rewards equal); `pairs` and `ranked` (`[B]`): each prompt's completion pairs with
         `r_i > r_j`, and how many of them have `g_i > g_j` (the pairwise ranking accuracy is their ratio).
     """
     best, is_best = best_slots(rewards, slots)
@@ -58,6 +61,41 @@ def sequence_metrics(g: torch.Tensor, logps: torch.Tensor, rewards: torch.Tensor
         "logps/rejected": (logps * others).sum(dim=1) / n_others,
         "best_first": (chosen_g.unsqueeze(1) > g).masked_fill(~lower, True).all(dim=1),
         "ranked_rows": lower.any(dim=1),
-        "pairs": pairs.sum(),
-        "ranked": ((g.unsqueeze(2) > g.unsqueeze(1)) & pairs).sum(),
+        "pairs": pairs.sum(dim=(1, 2)),
+        "ranked": ((g.unsqueeze(2) > g.unsqueeze(1)) & pairs).sum(dim=(1, 2)),
     }
+
+
+def prompt_metrics(g: torch.Tensor, logps: torch.Tensor, rewards: torch.Tensor, slots: torch.Tensor,
+                   token_sequence: torch.Tensor, entropy: torch.Tensor, mean_logits: torch.Tensor,
+                   is_top1: torch.Tensor) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Every logged metric as a numerator and a denominator per prompt: the step's value is the sum of the
+    numerators over its prompts (of every micro-batch and process) divided by the sum of the denominators.
+
+    Args:
+        g, logps, rewards, slots: as in `sequence_metrics`.
+        token_sequence: `[T]` the sequence (slot-major index, `[0, N)`) of each scored completion token.
+        entropy, mean_logits: `[T]` per scored token; is_top1: `[T]` bool, the token is the model's argmax.
+
+    Returns:
+        (names, numerators `[B, M]`, denominators `[B, M]`), float32.
+    """
+    m = sequence_metrics(g, logps, rewards, slots)
+    rows = torch.arange(slots.shape[0], device=slots.device).unsqueeze(1).expand_as(slots)
+    prompt = from_slots(rows, slots)[token_sequence]  # [T]: the prompt of each scored token
+    best = from_slots(best_slots(rewards, slots)[1], slots)[token_sequence]  # [T]: in its prompt's best completion
+
+    def per_prompt(values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(slots.shape[0], device=slots.device).index_add_(0, prompt, values.float())
+
+    one = torch.ones(slots.shape[0], device=slots.device)
+    parts = {key: (m[key].float(), one) for key in
+             ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")}
+    parts["rewards/accuracies"] = ((m["best_first"] & m["ranked_rows"]).float(), m["ranked_rows"].float())
+    parts["rewards/ranking_accuracy"] = (m["ranked"].float(), m["pairs"].float())
+    parts["entropy"] = (per_prompt(entropy), per_prompt(torch.ones_like(entropy)))
+    parts["logits/chosen"] = (per_prompt(mean_logits * best), per_prompt(best))
+    parts["logits/rejected"] = (per_prompt(mean_logits * ~best), per_prompt(~best))
+    parts["mean_token_accuracy"] = (per_prompt(is_top1 & best), per_prompt(best))
+    names = list(parts)
+    return names, torch.stack([parts[k][0] for k in names], 1), torch.stack([parts[k][1] for k in names], 1)

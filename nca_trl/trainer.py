@@ -31,7 +31,7 @@ from .data.collator import DataCollatorForRatedCompletions
 from .data.formats import PAIR_COLUMN
 from .data.tokenize import prepare_rated_dataset, with_row_index
 from .losses import infonca_loss, nca_loss
-from .metrics import best_slots, from_slots, sequence_metrics, to_slots
+from .metrics import prompt_metrics, to_slots
 from .ref_cache import precompute_ref_logps, reference_adapter
 from .runtime.backbone import use_language_backbones
 from .runtime.errors import ROW_INDEX
@@ -146,6 +146,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, SharedPromptLayoutMixin, DPOTrain
         quantization_config: "BitsAndBytesConfig | None" = None,
         peft_config: "PeftConfig | None" = None,  # noqa: F821
     ):
+        self._pooled = {"train": {}, "eval": {}}  # metric -> [numerator, denominator] until logged (`log`)
         if args is None:
             model_name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = self._config_class(f"{model_name.split('/')[-1]}-{self._name}")
@@ -393,56 +394,46 @@ class _RatedCompletionsTrainer(RunSafetyMixin, SharedPromptLayoutMixin, DPOTrain
 
     def _log_metrics(self, mode, inputs, outputs, take, token_sequence, logps, logratios):
         """DPOTrainer's metrics with chosen = the highest-reward completion and rejected = the mean of the others,
-        plus the pairwise ranking accuracy over completion pairs whose rewards differ."""
-        gather, gather_sum = self.accelerator.gather, lambda t: self.accelerator.gather_for_metrics(t).sum()
-        slots, rewards = inputs["completion_slots"], inputs["rewards"]
-
-        # Token-level metrics, as in the parent, over the scored completion tokens
-        tokens = gather_sum(torch.tensor(token_sequence.numel(), device=slots.device))
-        entropy = gather_sum(take(outputs.entropy.detach()).sum())
-        self._metrics[mode]["entropy"].append((entropy / tokens).item() if tokens > 0 else 0.0)
+        plus the pairwise ranking accuracy over completion pairs whose rewards differ: per prompt, pooled over the
+        logged step's prompts of every micro-batch and process (`nca_trl.metrics.prompt_metrics`)."""
+        slots = inputs["completion_slots"]
         if mode == "train":
-            self._total_train_tokens += gather_sum(inputs["sequence_tokens"].sum()).item() // self._tp_size
+            tokens = self.accelerator.gather_for_metrics(inputs["sequence_tokens"].sum()).sum()
+            self._total_train_tokens += tokens.item() // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-
-        # Per scored token, whether it belongs to its prompt's best completion
-        is_best_token = from_slots(best_slots(rewards, slots)[1], slots)[token_sequence]
-        mean_logits = take(outputs.mean_logits.detach())
-        for label, m in (("chosen", is_best_token), ("rejected", ~is_best_token)):
-            total, count = gather_sum(mean_logits[m].sum()), gather_sum(m.sum())
-            self._metrics[mode][f"logits/{label}"].append((total / count).item() if count > 0 else 0.0)
-        correct, count = gather_sum(take(outputs.is_top1)[is_best_token].sum()), gather_sum(is_best_token.sum())
-        self._metrics[mode]["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
-
-        # Sequence-level metrics (`nca_trl.metrics`): rewards are the implicit rewards g = beta * logratio
-        metrics = sequence_metrics(self.beta * logratios, logps, rewards, slots)
-        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
-            self._metrics[mode][key].append(gather(metrics[key]).mean().item())
-        n_rows = gather_sum(metrics["ranked_rows"].sum())
-        if n_rows > 0:  # undefined in a batch where every prompt has all rewards equal
-            accuracy = gather_sum((metrics["best_first"] & metrics["ranked_rows"]).sum()) / n_rows
-            self._metrics[mode]["rewards/accuracies"].append(accuracy.item())
-        n_pairs, n_ranked = gather_sum(metrics["pairs"]), gather_sum(metrics["ranked"])
-        if n_pairs > 0:
-            self._metrics[mode]["rewards/ranking_accuracy"].append((n_ranked / n_pairs).item())
+        names, numerators, denominators = prompt_metrics(
+            self.beta * logratios, logps, inputs["rewards"], slots, token_sequence, take(outputs.entropy.detach()),
+            take(outputs.mean_logits.detach()), take(outputs.is_top1))
+        # Per prompt from every process: a last batch's padding duplicates are dropped, prompt by prompt
+        numerators, denominators = self.accelerator.gather_for_metrics((numerators, denominators))
+        pooled = self._pooled[mode]
+        for name, n, d in zip(names, numerators.sum(0).tolist(), denominators.sum(0).tolist()):
+            total = pooled.setdefault(name, [0.0, 0.0])
+            total[0], total[1] = total[0] + n, total[1] + d
 
     # ------------------------------------------------------------------------------------------------ logging
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        self._metric_key_prefix = metric_key_prefix  # each dataset of an eval dict comes here with its own prefix
+        if isinstance(eval_dataset, dict):  # DPOTrainer's evaluates each set without coming back here: its prefix
+            return {key: value for name, dataset in eval_dataset.items() for key, value in self.evaluate(
+                self._prepare_dataset(dataset, self.processing_class, self.args, name), ignore_keys,
+                f"{metric_key_prefix}_{name}").items()}
+        self._metric_key_prefix = metric_key_prefix
         try:
             return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         finally:
             self._metric_key_prefix = "eval"
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # DPOTrainer prefixes its own eval metrics with a fixed "eval_": with several eval datasets (or another
-        # `metric_key_prefix`) they would all land under the same keys. Give them the evaluated dataset's prefix.
-        prefix = getattr(self, "_metric_key_prefix", "eval")
-        if not self.model.training and prefix != "eval" and prefix.startswith("eval_"):
-            renamed = {f"{prefix[len('eval_'):]}_{key}": values for key, values in self._metrics["eval"].items()}
-            self._metrics["eval"].clear()
-            self._metrics["eval"].update(renamed)
-        super().log(logs, start_time)
+        """DPOTrainer's `log` with the pooled metrics, and the evaluated set's own prefix (`eval_heldout_`, or
+        `metric_key_prefix`) where DPOTrainer's puts "eval_" in front of every evaluation's metrics."""
+        mode = "train" if self.model.training else "eval"
+        metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items()}
+        metrics.update({key: n / d for key, (n, d) in self._pooled[mode].items() if d > 0})  # undefined: not logged
+        prefix = f"{getattr(self, '_metric_key_prefix', 'eval')}_" if mode == "eval" else ""
+        logs.update({prefix + key: value for key, value in metrics.items()})
+        super(DPOTrainer, self).log(logs, start_time)
+        self._metrics[mode].clear()
+        self._pooled[mode].clear()
 
 
 class NCATrainer(_RatedCompletionsTrainer):

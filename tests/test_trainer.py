@@ -13,7 +13,7 @@ from trl import DPOConfig, DPOTrainer
 from nca_trl import InfoNCAConfig, InfoNCATrainer, NCAConfig, NCATrainer
 from nca_trl.data import DataValidationError
 from nca_trl.shared_prompt.packing import enable_shared_prompt
-from nca_trl.trainer import from_slots
+from nca_trl.metrics import from_slots
 
 METRICS = [
     "rewards/chosen",
@@ -537,10 +537,55 @@ def test_accuracy_ignores_completions_tied_with_the_best(tiny_mistral, tiny_mist
         "completion_ids": [example["completion_ids"][i] for i in order],
         "rewards": [5.0, 5.0, 1.0, 1.0],
     }
-    trainer._metrics["eval"].clear()
+    trainer._pooled["eval"].clear()
     with torch.no_grad():
         trainer.compute_loss(trainer.model, trainer.data_collator([reordered]))
-    metrics = trainer._metrics["eval"]
-    assert metrics["rewards/accuracies"] == [1.0]
+    metrics = trainer._pooled["eval"]  # [numerator, denominator]
+    assert metrics["rewards/accuracies"] == [1.0, 1.0]
     # The ranking accuracy counts the 4 pairs with different rewards: all ranked right
-    assert metrics["rewards/ranking_accuracy"] == [1.0]
+    assert metrics["rewards/ranking_accuracy"] == [4.0, 4.0]
+
+
+@pytest.mark.slow  # over a few seconds on 2 cores
+def test_logged_metrics_are_pooled_over_prompts_however_the_batches_split(tiny_mistral, tiny_mistral_ref, vicuna,
+                                                                         tmp_path):
+    """A logged metric was the mean of its micro-batches' values: the ranking accuracy of 1 of 4 pairs (batch 2)
+    logged 0.1667 as two micro-batches, and an evaluation of 3 prompts in batches of 2 gave `rewards/chosen` the mean
+    of two batch means. Now every metric is a sum over the prompts of the step (or evaluation) divided by a count: the
+    same for eval batches of 1, 2 and 4, and for a batch of 2 against 2 accumulated micro-batches of 1. `evaluate` of
+    a dict names each set's metrics by it (they all went under `eval_`, the last set's), and `metric_key_prefix`
+    prefixes them (they stayed `eval_`)."""
+    rows = vicuna.select(range(3)).to_list()
+    rows[1]["completions"], rows[1]["rewards"] = rows[1]["completions"][:2], rows[1]["rewards"][:2]
+    rows.append({**rows[2], "rewards": [1.0] * len(rows[2]["rewards"])})  # all tied: no accuracy, no pair
+    data = Dataset.from_list(rows)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_mistral_ref)
+
+    def trainer(**kwargs):
+        args = make_args(NCAConfig, tmp_path, max_length=64, learning_rate=0.0, max_steps=1, **kwargs)
+        return NCATrainer(model=tiny_mistral, ref_model=ref, args=args, train_dataset=data.select([0, 2]),
+                          eval_dataset=data)
+
+    def metrics(logged: dict) -> dict:
+        return {k: v for k, v in logged.items() if k.removeprefix("eval_").startswith(
+            ("rewards/", "logps/", "logits/", "entropy", "mean_token", "loss"))}
+
+    evaluations = [metrics(trainer(per_device_eval_batch_size=b).evaluate()) for b in (1, 2, 4)]
+    assert {"eval_rewards/ranking_accuracy", "eval_rewards/accuracies", "eval_logits/chosen"} <= set(evaluations[0])
+    for other in evaluations[1:]:
+        assert other.keys() == evaluations[0].keys()
+        assert all(other[k] == pytest.approx(evaluations[0][k], rel=1e-5, abs=1e-6) for k in other), other
+
+    steps = []
+    for batch, accumulation in ((2, 1), (1, 2)):
+        run = trainer(per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation)
+        run.train()
+        steps.append(metrics(run.state.log_history[0]))
+    assert steps[0].keys() == steps[1].keys() and "rewards/ranking_accuracy" in steps[0]
+    assert all(steps[1][k] == pytest.approx(steps[0][k], rel=1e-5, abs=1e-6) for k in steps[0] if k != "loss"), steps
+
+    one = trainer()
+    named = one.evaluate({"a": data.select([0]), "b": data.select([1])})
+    assert named["eval_a_rewards/chosen"] != named["eval_b_rewards/chosen"] and "eval_rewards/chosen" not in named
+    assert named["eval_a_rewards/chosen"] == pytest.approx(one.evaluate(data.select([0]))["eval_rewards/chosen"])
+    assert "test_rewards/chosen" in one.evaluate(data, metric_key_prefix="test")
