@@ -364,6 +364,57 @@ def test_a_run_of_other_settings_is_refused_or_replaced_on_purpose(tmp_path):
     assert json.loads(layout.manifest.read_text())["loss"] == "dpo" and (layout.root / "notes.txt").exists()
 
 
+
+def test_a_restart_compares_the_run_not_its_spelling(tmp_path, monkeypatch):
+    """`output_dir` spelled with a trailing slash (or a path setting spelled relative) was "other settings", and the
+    suggested `--overwrite_output_dir true` deleted the finished run. And a `training:` setting refused mid-run (round
+    1's `max_length`) left `iterate.json` behind, which refused the corrected command: while no round has trained,
+    `training:` may change."""
+    from nca_trl.iterate.layout import RunLayout
+    from nca_trl.iterate.loop import _check_manifest
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.jsonl").write_text("{}\n")
+    layout = RunLayout(tmp_path / "run")
+    layout.root.mkdir()
+    settings = {"seed": 0, "output_dir": str(layout.root), "dataset_name": "prompts.jsonl",
+                "training": {"max_length": 5}}
+    _check_manifest(layout, settings)
+    _check_manifest(layout, {**settings, "output_dir": f"{layout.root}/", "dataset_name": str(tmp_path / "prompts.jsonl")})
+    _check_manifest(layout, {**settings, "training": {"max_length": 32}})  # no round trained: taken
+    assert json.loads(layout.manifest.read_text())["training"] == {"max_length": 32}
+    (layout.root / "round-1").mkdir()
+    (layout.root / "round-1" / "status.json").write_text(json.dumps({"generate": {}, "score": {}, "train": {}}))
+    with pytest.raises(ValueError, match=r"with other settings \(training: "):
+        _check_manifest(layout, {**settings, "training": {"max_length": 64}})
+
+
+@pytest.mark.slow  # over a few seconds on 2 cores
+def test_a_restart_keeps_the_split_and_counts_what_was_trained(digits_model, tmp_path):
+    """Without `prompts_per_round` the split was computed from `rounds`, so `--rounds 2` on a finished 1-round run
+    was refused as "prompts_per_round: 8 -> 4" (changing `rounds` is allowed); now the run's split is kept, and more
+    rounds than its prompts allow are refused saying so. `train_prompts` counted the prompts training dropped for
+    filling `max_length` (3 here) as trained."""
+    from nca_trl.iterate import iterate
+
+    rows = [json.loads(line) for line in SORT_PROMPTS.read_text().splitlines()[:12]]
+    for row in rows[:3]:
+        row["prompt"] = "1234567890123>"  # fills max_length 14 alone
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "run"
+    recipe = _recipe(tmp_path, digits_model, out, rounds=1, prompts_per_round=None, heldout_prompts=4,
+                     dataset_name=str(data), num_completions=2, training={"max_length": 14, "ties": "keep"})
+    results = iterate(["--config", str(recipe)])
+    info = json.loads((out / "round-1" / "model" / "run_info.json").read_text())
+    rated = (out / "round-1" / "rated.jsonl").read_text().splitlines()
+    trained = info["train_metrics"]["train_samples"]
+    assert info["dropped"]["train"]["too_long_dropped"] == 3 and trained == len(rated) - 3
+    assert results["rounds"][1]["train_prompts"] == trained
+    with pytest.raises(ValueError, match=r"2 rounds x 8 prompts need 16 training prompts"):
+        iterate(["--config", str(recipe), "--rounds", "2"])
+    assert iterate(["--config", str(recipe), "--output_dir", f"{out}/"])["rounds"][1]["train_prompts"] == trained
+
 @pytest.mark.parametrize("override, message", [
     ({"temperature": -1}, "`temperature` must be > 0"),
     ({"reward_funcs": ["nca_trl.scoring.functions:sorted_digitz"]}, "has no attribute 'sorted_digitz' \\(did you mean "

@@ -250,6 +250,10 @@ def test_ties_keep_or_drop_tied_prompts_counted(tiny_mistral, tmp_path):
     path.write_text("".join(json.dumps({**r, "rewards": [1.0] * len(r["rewards"])}) + "\n" for r in data))
     with pytest.raises(ValueError, match="every one of its 6 prompts tie"):
         train([*argv, "--output_dir", str(tmp_path / "all"), "--ties", "drop"])
+    from nca_trl.runtime.errors import DataError
+
+    with pytest.raises(DataError):  # one line on the command line, exit 2 (was a traceback, exit 1)
+        train([*argv, "--output_dir", str(tmp_path / "all"), "--ties", "drop"])
 
 
 def test_one_tie_rule_for_validation_ties_drop_and_the_dpo_pairs():

@@ -17,7 +17,7 @@ from datasets import Dataset, IterableDataset
 from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 from trl.trainer.utils import global_then_local_main_first
 
-from ..runtime.errors import ROW_INDEX, SettingsError
+from ..runtime.errors import DataError, ROW_INDEX, SettingsError
 from .formats import DataValidationError, _row_style, detect_format
 from .rewards import rewards_tie
 from .template import apply_chat_template, template_kwargs
@@ -171,7 +171,7 @@ def _row_names(dataset) -> list[int]:
 
 
 def _all_tied_error(dataset_name, rows):
-    return ValueError(f"{dataset_name} dataset: the rewards of every one of its {rows} prompts tie, and `ties='drop'` "
+    return DataError(f"{dataset_name} dataset: the rewards of every one of its {rows} prompts tie, and `ties='drop'` "
                       "drops them all: nothing to train on. Use `ties='keep'`, or rate the completions apart.")
 
 

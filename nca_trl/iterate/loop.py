@@ -28,8 +28,10 @@ from .stages import run_generate, run_score, run_train
 
 __all__ = ["iterate", "plan_rounds"]
 
-# Settings a restart may change: they change no sample, reward or update
-_RESTARTABLE = ("rounds", "generation_batch_size", "scoring_batch_size", "eval_batch_size", "overwrite_output_dir")
+# Settings a restart may change: they change no sample, reward or update (`output_dir`: where the run is, which the
+# manifest is in, however it is spelled)
+_RESTARTABLE = ("rounds", "generation_batch_size", "scoring_batch_size", "eval_batch_size", "overwrite_output_dir",
+                "output_dir")
 
 
 def plan_rounds(num_prompts: int, args: IterateArguments) -> tuple[int, range]:
@@ -56,7 +58,12 @@ def _check_manifest(layout: RunLayout, settings: dict, overwrite: bool = False) 
     if not layout.manifest.exists():
         write_json(layout.manifest, settings)
         return
-    changed = changed_settings(json.loads(layout.manifest.read_text()), settings, ignore=_RESTARTABLE)
+    recorded = json.loads(layout.manifest.read_text())
+    changed = changed_settings(*(_same_paths(d) for d in (recorded, settings)), ignore=_RESTARTABLE)
+    if changed and not _trained_rounds(layout) and all(c.startswith("training:") for c in changed):
+        # Only train stages read `training:`, and none has run (e.g. round 1's training refused a `max_length`)
+        log(f"no round has trained yet: taking the changed `training:` settings ({'; '.join(changed)})")
+        changed = []
     if changed and not overwrite:
         raise FinishedRunError(finished_run_message(
             str(layout.root), "an iterate run (iterate.json)", changed, "--overwrite_output_dir",
@@ -70,6 +77,21 @@ def _check_manifest(layout: RunLayout, settings: dict, overwrite: bool = False) 
             elif path.exists():
                 path.unlink()
     write_json(layout.manifest, settings)
+
+
+def _same_paths(settings: dict) -> dict:
+    """`settings` with each local path setting as its real path: `./prompts.jsonl` and its absolute spelling are the
+    same file."""
+    import os
+
+    return {key: os.path.realpath(value) if key in PATH_SETTINGS and isinstance(value, str) and os.path.exists(value)
+            else value for key, value in settings.items()}
+
+
+def _trained_rounds(layout: RunLayout) -> list[str]:
+    """The round folders whose `status.json` lists a finished train stage."""
+    return [folder.name for folder in sorted(layout.root.glob("round-*")) if (folder / "status.json").exists()
+            and "train" in json.loads((folder / "status.json").read_text())]
 
 
 def _rows(dataset, indices) -> list[dict]:
@@ -120,6 +142,9 @@ def iterate(argv: list[str] | None = None) -> dict | None:
                                 world_size=state.num_processes, should_save=main)
     dataset = load_prompts(SimpleNamespace(dataset_name=args.dataset_name, dataset_config=args.dataset_config,
                                            dataset_split=args.dataset_split, max_prompts=None))
+    if args.prompts_per_round is None and layout.manifest.exists() and not args.overwrite_output_dir:
+        # A restart (`--rounds N` too) keeps the split of the run: computed from `rounds`, it would change with it
+        args.prompts_per_round = json.loads(layout.manifest.read_text()).get("prompts_per_round")
     per_round, heldout = plan_rounds(len(dataset), args)  # refused before `output_dir` exists
     with claim_output_dir(lock_args):  # creates `output_dir`; removed again if the run stops before writing to it
         settings = {k: v for k, v in asdict(args).items()}

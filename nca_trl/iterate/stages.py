@@ -89,8 +89,10 @@ def run_train(args, r: int, policy: str, reference: str | None, rated: Path, out
     config.write_text(yaml.safe_dump(stage.recipe, sort_keys=False))
     _show("train", ["--config", str(config)] + (["--resume_from_checkpoint", "true"] if resume else []))
     info = train(stage, keep_process_group=True) or {}
-    ties = info.get("dropped", {}).get("train", {}).get("ties_dropped", 0)
-    return {"loss": args.loss, "train_prompts": len(read_jsonl(rated)) - (ties or 0), "ties_dropped": ties,
+    dropped = info.get("dropped", {}).get("train", {})  # tied rewards with `ties: drop`, prompts filling max_length
+    ties = dropped.get("ties_dropped", 0)
+    left_out = sum(n for n in dropped.values() if isinstance(n, int) and not isinstance(n, bool))
+    return {"loss": args.loss, "train_prompts": len(read_jsonl(rated)) - left_out, "ties_dropped": ties,
             "ties": getattr(stage.training, "ties", "keep"), "config": str(config),
             "train_loss": info.get("train_metrics", {}).get("train_loss"), "train_steps": info.get("global_step")}
 
@@ -106,7 +108,10 @@ def _train_dpo(policy: str, reference: str | None, rated: Path, output_dir: Path
         log(f"dpo: {ties} of {ties + len(pairs)} prompts have completions that all got the same reward: no pair, "
              "left out")
     if not pairs:
-        raise ValueError(f"dpo: no prompt of {rated} has two completions with different rewards: nothing to train on.")
+        from ..runtime.errors import DataError
+
+        raise DataError(f"dpo: no prompt of {rated} has two completions with different rewards: nothing to train on. "
+                        "Rate the completions apart (another reward), or sample more completions per prompt.")
     ref_model = None
     if reference is not None:
         from trl.trainer.utils import create_model_from_path
