@@ -36,6 +36,7 @@ from .ref_cache import precompute_ref_logps, reference_adapter
 from .runtime.backbone import use_language_backbones
 from .runtime.errors import ROW_INDEX
 from .runtime.output_dir import check_output_dir
+from .runtime.predictions import EvalPredictionsMixin, check_whole_batches
 from .runtime.progress import use_readable_progress
 from .runtime.router_aux import add_router_aux_loss, check_router_aux, experts_for_fused_head, router_aux_forward
 from .runtime.safety import RunSafetyMixin
@@ -107,9 +108,10 @@ def _refuse_images(trainer, dataset, name: str) -> None:
         )
 
 
-class _RatedCompletionsTrainer(RunSafetyMixin, SharedPromptLayoutMixin, DPOTrainer):
+class _RatedCompletionsTrainer(RunSafetyMixin, EvalPredictionsMixin, SharedPromptLayoutMixin, DPOTrainer):
     """Shared K-completion machinery; a subclass sets its config class (which names the loss) and its loss function.
     `RunSafetyMixin` (`nca_trl.runtime.safety`): non-finite stops, the output_dir lock, complete checkpoints and saves;
+    `EvalPredictionsMixin` (`nca_trl.runtime.predictions`): every completion's logits reach `compute_metrics`;
     `SharedPromptLayoutMixin` (`nca_trl.shared_prompt.packing`): the batches' layout, decided at construction."""
 
     _config_class: type[_RatedCompletionsConfig]
@@ -214,6 +216,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, SharedPromptLayoutMixin, DPOTrain
         # DPOTrainer's flag, here whether the batches are padding-free (the shared-prompt layout runs)
         self.padding_free = bool(getattr(self.data_collator, "shared_prompt", False))
         self._say_if_alpha_unused(args)
+        check_whole_batches(self, self.eval_dataset)  # `compute_metrics` on several processes, before any training
 
     def _say_what_is_trained(self, args):
         """A config that is not ours (a plain `trl.DPOConfig`, or a pipeline's subclass of it) names another loss in
