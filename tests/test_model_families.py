@@ -237,7 +237,8 @@ def test_a_dense_model_of_a_moe_family_trains_without_the_load_balancing_loss(fa
     assert trainer.model.config.output_router_logits is router_logits is trainer.ref_model.config.output_router_logits
     if not trainer.data_collator.shared_prompt:  # the hybrids: compute_metrics' padded-logits forward
         trainer.compute_metrics = lambda prediction: {"rows": float(len(prediction.label_ids))}
-        assert trainer.evaluate(trainer.train_dataset)["eval_rows"] == 3
+        completions = sum(len(ids) for ids in trainer.train_dataset["completion_ids"])  # every one, not 3 (prompts)
+        assert trainer.evaluate(trainer.train_dataset)["eval_rows"] == completions
 
 
 def test_a_model_config_that_asks_for_router_logits_trains_with_the_loss_off(tokenizer, vicuna, tmp_path, monkeypatch):
