@@ -171,8 +171,9 @@ def iterate(argv: list[str] | None = None) -> dict | None:
             print(rounds_table(results), flush=True)
             log(f"results: {layout.results}; plot: {layout.curves}; final policy: "
                  f"{layout.model(args.rounds) if args.rounds else args.model_name_or_path}")
-    state.wait_for_everyone()
-    state.destroy_process_group()
+    from ..runtime.environment import end_process_group
+
+    end_process_group(state)
     return summary if main else None
 
 

@@ -7,8 +7,8 @@ import os
 import platform
 from importlib import metadata
 
-__all__ = ["PACKAGES", "broadcast", "distributed_state", "main_process_first", "quiet_deepspeed_cpu_notice",
-           "quiet_replica_notices", "versions"]
+__all__ = ["PACKAGES", "broadcast", "distributed_state", "end_process_group", "main_process_first",
+           "quiet_deepspeed_cpu_notice", "quiet_replica_notices", "versions"]
 
 #: The packages a run depends on, in the order `versions()` lists them.
 PACKAGES = ("nca-trl", "torch", "transformers", "trl", "datasets", "accelerate", "peft", "deepspeed")
@@ -41,6 +41,18 @@ def distributed_state(environ=None):
             f"{state.num_processes} ({state.distributed_type}): they would each do all of the work."
         )
     return state
+
+
+def end_process_group(state) -> None:
+    """The end of a launched command: every process here, the collectives' finished work freed, the process group
+    destroyed. gloo's worker threads can still hold a finished work's tensors (a DDP reducer's, a gather's): freed at
+    the interpreter's exit instead, they aborted a process after its run had finished ("terminate called without an
+    active exception", exit status -6, pytorch/pytorch#179291)."""
+    import gc
+
+    state.wait_for_everyone()
+    gc.collect()
+    state.destroy_process_group()
 
 
 @contextlib.contextmanager

@@ -166,11 +166,14 @@ def _train(args, settings: dict, callbacks: list | None, keep_process_group: boo
     if trainer.accelerator.is_main_process:
         _report(info, training_args.output_dir)
     trainer.accelerator.wait_for_everyone()
-    if keep_process_group:
-        for tracker in trainer.accelerator.trackers:
-            tracker.finish()
-    else:
-        trainer.end()  # finish the trackers, destroy the process group
+    for tracker in trainer.accelerator.trackers:
+        tracker.finish()
+    if not keep_process_group:  # what `trainer.end()` does, with the trainer's collectives freed first
+        from ..runtime.environment import end_process_group
+
+        state = trainer.accelerator.state
+        del trainer
+        end_process_group(state)
     return info
 
 
