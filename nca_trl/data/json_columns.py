@@ -60,31 +60,50 @@ def _type(value) -> str | None:
     return "a list" if isinstance(value, list) else "an object"
 
 
-def _first_differing_line(path: Path, column: str):
-    """`((line, type), (line, position or None, type, value))`: the first value of `column` in a JSON Lines file and
-    the first whose type differs from it (for `completions` and `rewards`, their elements); None if none is found
-    (or the file is one JSON document)."""
-    listed = column in ("completions", "rewards")
-    first = None
+def _rows(path: Path):
+    """(line, row) of a JSON Lines file, or of one JSON document holding a list of rows (line None)."""
     try:
         with open(path, encoding="utf-8") as lines:
             for number, line in enumerate(lines, 1):
-                row = json.loads(line) if line.strip() else None
-                if not isinstance(row, dict) or row.get(column) is None:
-                    continue
-                value = row[column]
-                values = enumerate(value) if listed and isinstance(value, list) else [(None, value)]
-                for position, item in values:
-                    kind = _type(item)
-                    if kind is None:
-                        continue
-                    if first is None:
-                        first = (number, kind)
-                    elif kind != first[1]:
-                        return first, (number, position, kind, item)
-    except ValueError:  # not JSON Lines (UnicodeDecodeError is one too)
-        return None
+                if line.strip():
+                    yield number, json.loads(line)
+    except ValueError:  # one JSON document, not JSON Lines
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            return
+        for row in document if isinstance(document, list) else []:
+            yield None, row
+
+
+def _first_differing_line(path: Path, column: str):
+    """`((line, type), (line, position or None, type, value))`: the first value of `column` in a JSON Lines file and
+    the first whose type differs from it (for `completions` and `rewards`, their elements); None if none is found
+    (or the file is one JSON document, which has no lines to name)."""
+    listed = column in ("completions", "rewards")
+    first = None
+    for number, row in _rows(path):
+        if number is None:
+            return None
+        if not isinstance(row, dict) or row.get(column) is None:
+            continue
+        value = row[column]
+        values = enumerate(value) if listed and isinstance(value, list) else [(None, value)]
+        for position, item in values:
+            kind = _type(item)
+            if kind is None:
+                continue
+            if first is None:
+                first = (number, kind)
+            elif kind != first[1]:
+                return first, (number, position, kind, item)
     return None
+
+
+def _json_file(source: str | None) -> Path | None:
+    """`source` as a path if it is a JSON or JSON Lines file (whose text can be read back), else None."""
+    path = Path(source) if source else None
+    return path if path is not None and path.is_file() and path.suffix.lower() in (".json", ".jsonl") else None
 
 
 def check_json_columns(dataset, source: str | None) -> None:
@@ -94,8 +113,8 @@ def check_json_columns(dataset, source: str | None) -> None:
     if not found:
         return
     column = found[0]
-    text = source and Path(source).is_file() and Path(source).suffix.lower() in (".json", ".jsonl")
-    lines = _first_differing_line(Path(source), column) if text else None
+    path = _json_file(source)
+    lines = _first_differing_line(path, column) if path is not None else None
     numbers = bool(_NUMBERS.match(column))
     if lines:
         (line0, kind0), (line, position, kind, value) = lines
@@ -117,22 +136,6 @@ def check_json_columns(dataset, source: str | None) -> None:
     )
 
 
-def _rows(path: Path):
-    """(line, row) of a JSON Lines file, or of one JSON document holding a list of rows (line None)."""
-    try:
-        with open(path, encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                if line.strip():
-                    yield number, json.loads(line)
-    except ValueError:  # one JSON document, not JSON Lines
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError:
-            return
-        for row in document if isinstance(document, list) else []:
-            yield None, row
-
-
 def check_json_strings(dataset, source: str | None) -> None:
     """Raises a `DataFileError` for a string of any column (or of a list column's elements) that `datasets` read as
     JSON values and would give back as another value: `"0056"` as 56, `"true"` as True, `"null"` as None. For
@@ -141,9 +144,10 @@ def check_json_strings(dataset, source: str | None) -> None:
     features = getattr(dataset, "features", None) or {}
     columns = {name: _is_json(getattr(feature, "feature", None)) for name, feature in features.items()
                if _is_json(feature) or _is_json(getattr(feature, "feature", None))}  # name -> at its elements
-    if not columns or not (source and Path(source).is_file() and Path(source).suffix.lower() in (".json", ".jsonl")):
+    path = _json_file(source)
+    if not columns or path is None:
         return
-    for line, row in _rows(Path(source)):
+    for line, row in _rows(path):
         for name, elements in columns.items():
             value = row.get(name) if isinstance(row, dict) else None
             for item in (value if elements and isinstance(value, list) else [value]):

@@ -88,10 +88,10 @@ def _same_paths(settings: dict) -> dict:
             else value for key, value in settings.items()}
 
 
-def _trained_rounds(layout: RunLayout) -> list[str]:
-    """The round folders whose `status.json` lists a finished train stage."""
-    return [folder.name for folder in sorted(layout.root.glob("round-*")) if (folder / "status.json").exists()
-            and "train" in json.loads((folder / "status.json").read_text())]
+def _trained_rounds(layout: RunLayout) -> list[int]:
+    """The rounds whose `status.json` (`RunLayout.status`) lists a finished train stage."""
+    rounds = sorted(int(n) for n in (f.name.removeprefix("round-") for f in layout.root.glob("round-*")) if n.isdigit())
+    return [r for r in rounds if "train" in layout.status(r)]
 
 
 def _rows(dataset, indices) -> list[dict]:

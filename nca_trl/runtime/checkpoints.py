@@ -99,13 +99,19 @@ def checkpoint_settings(output_dir: str) -> dict[str, dict | None]:
     found = {}
     for folder in _checkpoints(output_dir):
         if is_complete(folder):
-            try:
-                with open(os.path.join(folder, COMPLETE_MARKER)) as f:
-                    settings = json.load(f).get("settings")
-            except (OSError, ValueError, AttributeError):
-                settings = None
+            settings = _marker(folder).get("settings")
             found[folder] = settings if isinstance(settings, dict) else None
     return found
+
+
+def _marker(folder: str) -> dict:
+    """What the marker of `folder` records (`_write_marker`); {} where there is none or it does not parse."""
+    try:
+        with open(os.path.join(folder, COMPLETE_MARKER)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _checkpoints(output_dir: str) -> list[str]:
@@ -207,11 +213,7 @@ _MODEL_FILE = re.compile(
 def _previous_model_files(output_dir: str) -> list[str]:
     """The files of the final model `output_dir` holds: as its marker lists them, or, for a model saved without that
     list (an older nca-trl, another program), the names of `_MODEL_FILE` there."""
-    try:
-        with open(os.path.join(output_dir, COMPLETE_MARKER)) as f:
-            listed = json.load(f).get("files")
-    except (OSError, ValueError, AttributeError):
-        listed = None
+    listed = _marker(output_dir).get("files")
     if isinstance(listed, list) and all(isinstance(name, str) and os.sep not in name for name in listed):
         return [name for name in listed if name not in (COMPLETE_MARKER, STAGING_DIR)]
     if not os.path.isdir(output_dir):
