@@ -36,7 +36,7 @@ from .ref_cache import precompute_ref_logps, reference_adapter
 from .runtime.backbone import use_language_backbones
 from .runtime.errors import ROW_INDEX
 from .runtime.output_dir import check_output_dir
-from .runtime.predictions import EvalPredictionsMixin, check_whole_batches
+from .runtime.predictions import EvalPredictionsMixin
 from .runtime.progress import use_readable_progress
 from .runtime.router_aux import add_router_aux_loss, check_router_aux, experts_for_fused_head, router_aux_forward
 from .runtime.safety import RunSafetyMixin
@@ -216,7 +216,6 @@ class _RatedCompletionsTrainer(RunSafetyMixin, EvalPredictionsMixin, SharedPromp
         # DPOTrainer's flag, here whether the batches are padding-free (the shared-prompt layout runs)
         self.padding_free = bool(getattr(self.data_collator, "shared_prompt", False))
         self._say_if_alpha_unused(args)
-        check_whole_batches(self, self.eval_dataset)  # `compute_metrics` on several processes, before any training
 
     def _say_what_is_trained(self, args):
         """A config that is not ours (a plain `trl.DPOConfig`, or a pipeline's subclass of it) names another loss in

@@ -21,7 +21,7 @@ from test_trainer import make_args, record_losses, short_prompts
 
 PIPELINES = Path(__file__).resolve().parents[1] / "docs" / "pipelines.md"
 OURS = {NCATrainer: "nca_pair", InfoNCATrainer: "sigmoid"}  # our trainer -> DPOTrainer's loss_type on pairs
-ROWS: dict[str, str] = {}  # row name -> "same" | "refused", filled by the tests' decorators
+ROWS: dict[str, str] = {}  # row name -> "same" | "refused" | "differs", filled by the tests' decorators
 
 
 def row(name: str, kind: str):
@@ -32,10 +32,10 @@ def row(name: str, kind: str):
 
 
 def table() -> dict[str, str]:
-    """docs/pipelines.md's conformance table: feature -> its first word ("same" or "refused")."""
+    """docs/pipelines.md's conformance table: feature -> its first word ("same", "refused" or "differs")."""
     text = PIPELINES.read_text()
     section = text[text.index("## DPOTrainer's features after the swap"):]
-    rows = re.findall(r"^\| ([^|]+?) \| (same|refused)\b[^|]*\|$", section, re.M)
+    rows = re.findall(r"^\| ([^|]+?) \| (same|refused|differs)\b[^|]*\|$", section, re.M)
     return {name.strip(): kind for name, kind in rows}
 
 
@@ -247,7 +247,7 @@ def test_f_divergence(tiny_mistral, pairs, tmp_path):
             f_divergence_type="js_divergence")
 
 
-@row("model tags (`dpo`)", "refused")
+@row("model tags (`dpo`)", "differs")
 def test_model_tags(tiny_mistral, pairs, tmp_path):
     """Ours tag the model with the loss trained, never `dpo`."""
     for cls in (NCATrainer, InfoNCATrainer):

@@ -263,3 +263,47 @@ def test_precomputed_reference_of_an_in_memory_dataset_on_two_processes(tiny_mis
     single = NCATrainer(model=str(tiny_mistral), args=args, train_dataset=Dataset.from_list(rows))
     assert ranks[0] == ranks[1] and len(ranks[0]) == 4
     assert torch.allclose(torch.tensor(ranks[0]), torch.tensor([row["ref_logps"] for row in single.train_dataset]), rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_compute_metrics_on_two_processes_gets_each_completion_once(tiny_mistral, tmp_path, launch_env):
+    """Prompts of K = 2, 4, 3, one per process and batch: the batches' rows of completions differ in number between
+    the processes, which gloo could not gather ("Received data size doesn't match expected size": the process
+    aborted); and 3 prompts on 2 processes pad the last batch with a duplicate. `compute_metrics` now gets each of the
+    9 completions once, in order, with the logits of one process; a stream (no length) keeps its padding duplicates
+    at the end, as accelerate does for any Trainer."""
+    import json
+
+    from datasets import Dataset
+    from launching import VICUNA
+
+    from nca_trl import NCAConfig, NCATrainer
+
+    rows = [json.loads(line) for line in VICUNA.read_text().splitlines()[:3]]
+    rows = [{"prompt": row["prompt"], "completions": [c[: 30 + 45 * i] for i, c in enumerate(row["completions"][:k])],
+             "rewards": row["rewards"][:k]} for row, k in zip(rows, (2, 4, 3))]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    script = Path(__file__).resolve().parent / "compute_metrics_run.py"
+    cmd = launch_cmd(cpu_config(tmp_path / "ddp.yaml"), free_port(), ("--num_processes", "2"),
+                     (str(script), str(tiny_mistral), str(tmp_path / "rows.json"), str(tmp_path)))
+    log = tmp_path / "launch.log"
+    wait([start(cmd, log, launch_env)], [log])
+    seen = json.loads((tmp_path / "seen.json").read_text())
+
+    import compute_metrics_run
+
+    args = NCAConfig(output_dir=str(tmp_path / "single"), max_length=256, per_device_eval_batch_size=1,
+                     report_to="none", use_cpu=True, activation_checkpointing=False, bf16=False)
+    data = Dataset.from_list(rows)
+    single = NCATrainer(model=str(tiny_mistral), args=args, train_dataset=data, eval_dataset=data,
+                        compute_metrics=compute_metrics_run.metrics_for(str(tiny_mistral)))
+    assert single.evaluate()["eval_rows"] == 9
+    one = dict(compute_metrics_run.SEEN)
+    assert len({len(tokens) for tokens in one["labels"]}) > 3  # the rows tell apart
+    launched = seen["dataset"]
+    assert launched["metrics"]["eval_rows"] == 9 and launched["labels"] == one["labels"]
+    assert launched["logits"] == pytest.approx(one["logits"], rel=1e-4)
+    assert launched["metrics"]["eval_loss"] == pytest.approx(single.evaluate()["eval_loss"], rel=1e-5)
+    streamed = seen["streamed"]
+    assert streamed["labels"][:9] == one["labels"] and streamed["logits"][:9] == pytest.approx(one["logits"], rel=1e-4)

@@ -182,3 +182,45 @@ def test_modules_at_most_500_lines():
     long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 500}
     assert not long, long
+
+
+def unmapped_modules(package: Path, page: str) -> list[str]:
+    """The modules of `package` that the package map of docs/development.md (`page`, its first code block after
+    "## Package layout") does not name: a top-level one as `nca_trl/NAME.py`, one of a subpackage as `NAME.py`
+    between the line `nca_trl/SUB/` and the next `nca_trl/` line."""
+    section = page[page.index("## Package layout"):]
+    block = section.split("```")[1]
+    sections, current = {}, None
+    for line in block.splitlines():
+        if line.startswith("nca_trl/"):
+            current = line.split()[0]
+            sections.setdefault(current, "")
+        if current is not None:
+            sections[current] += line + "\n"
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        relative = path.relative_to(package.parent)
+        if path.name == "__init__.py" and len(relative.parts) > 2 or "__pycache__" in relative.parts:
+            continue
+        if len(relative.parts) == 2:
+            if str(relative) not in sections:
+                missing.append(str(relative))
+        elif path.name not in sections.get(f"{relative.parts[0]}/{relative.parts[1]}/", "").split():
+            missing.append(str(relative))
+    return missing
+
+
+def test_the_development_page_maps_every_module():
+    """The package map is where a newcomer looks a module up: a module it leaves out (five did) is a module they
+    cannot place."""
+    page = (PACKAGE.parent / "docs" / "development.md").read_text()
+    assert unmapped_modules(PACKAGE, page) == []
+
+
+def test_the_module_map_check_can_fail(tmp_path):
+    (tmp_path / "nca_trl" / "data").mkdir(parents=True)
+    for name in ("__init__.py", "losses.py", "data/__init__.py", "data/formats.py", "data/new.py"):
+        (tmp_path / "nca_trl" / name).write_text("")
+    page = "## Package layout\n\n```\nnca_trl/__init__.py  api\nnca_trl/losses.py  math\n\nnca_trl/data/\n" \
+           "  formats.py  formats\n```\n"
+    assert unmapped_modules(tmp_path / "nca_trl", page) == ["nca_trl/data/new.py"]

@@ -594,12 +594,8 @@ def test_logged_metrics_are_pooled_over_prompts_however_the_batches_split(tiny_m
 @pytest.mark.slow  # over a few seconds on 2 cores
 def test_compute_metrics_gets_every_completion(tiny_mistral, vicuna, tmp_path):
     """3 prompts with K = 3, 2, 4 in eval batches of 2: accelerate cut the last batch's 4 completion rows to 1 (its
-    count of prompts), so `compute_metrics` got 6 rows of 9. One process now gathers them whole; several processes
-    are refused an evaluation set that leaves a padded last batch, before anything runs."""
-    from types import SimpleNamespace
-
-    from nca_trl.runtime.predictions import check_whole_batches
-
+    count of prompts), so `compute_metrics` got 6 rows of 9. One process now gathers them whole (several processes:
+    tests/test_distributed.py)."""
     rows = vicuna.select(range(3)).to_list()
     for row, k in zip(rows, (3, 2, 4)):
         row["completions"], row["rewards"] = row["completions"][:k], row["rewards"][:k]
@@ -613,11 +609,3 @@ def test_compute_metrics_gets_every_completion(tiny_mistral, vicuna, tmp_path):
     trainer = NCATrainer(model=tiny_mistral, args=make_args(NCAConfig, tmp_path, max_length=48), train_dataset=data,
                          eval_dataset=data, compute_metrics=compute_metrics)
     assert trainer.evaluate()["eval_rows"] == 9.0 and seen == [(9, 9)]
-
-    two = SimpleNamespace(compute_metrics=compute_metrics, accelerator=SimpleNamespace(num_processes=2),
-                          args=SimpleNamespace(per_device_eval_batch_size=2))
-    check_whole_batches(two, data.select(range(0)))
-    check_whole_batches(two, {"a": Dataset.from_list(rows + rows[:1])})  # 4 prompts: whole batches
-    with pytest.raises(ValueError, match=r"compute_metrics on 2 processes: the b dataset's 3 prompts leave a last "
-                                         r"batch of 3.* a multiple of per_device_eval_batch_size x processes = 4"):
-        check_whole_batches(two, {"a": Dataset.from_list(rows + rows[:1]), "b": data})

@@ -1,62 +1,73 @@
-"""What `compute_metrics` gets: the padded logits and labels of every completion of the evaluation set.
+"""What `compute_metrics` gets: the padded logits and labels of every completion of the evaluation set, once each.
 
 `prediction_step` (DPOTrainer's, through `compute_loss(return_outputs=True)`) returns one row per completion of a
 batch (`[N, L, V]` logits, `[N, L]` labels; N = the batch's completions, slot-major, so for pairs DPOTrainer's
-`[chosen; rejected]`). The evaluation loop gathers them with `accelerator.gather_for_metrics`, which cuts a last
-batch to its first `remainder` rows, counted in prompts (the dataloader's samples): of 3 prompts in batches of 2
-with K = 3, 2, 4, only 6 of the 9 completions reached `compute_metrics` (`trl.DPOTrainer` cuts its rejected rows so).
+`[chosen; rejected]`). `Trainer.evaluation_loop` gathers them with `accelerator.gather_for_metrics`, which counts
+rows as the dataloader's samples, prompts here:
+- it cut a last batch to its first `remainder` rows: of 3 prompts in batches of 2 with K = 3, 2, 4, only 6 of the 9
+  completions reached `compute_metrics` (`trl.DPOTrainer` cuts its rejected rows so);
+- on several processes, batches of different numbers of completions (prompts of different K) cannot be gathered as
+  one tensor: gloo aborted the process ("Received data size doesn't match expected size").
 
-- One process has no padding duplicates to drop: its rows are gathered whole (the per-prompt losses as before).
-- Several processes pad a last batch with duplicates of other prompts, which rows of completions cannot tell apart:
-  an evaluation set that fills every process's last batch has none, and another is refused before it is evaluated
-  (at construction for the evaluation sets given then), naming the sizes that would fit.
+Here the rows of completions (a tensor whose first dimension is the batch's number of completions) are gathered
+whole, ragged across processes: each process's rows padded to the largest count, gathered, the padding dropped; then
+a last batch's padding duplicates (on several processes) are dropped as accelerate drops them, counted in prompts:
+the real prompts are the first `remainder` of the gathered batch, so their completions are its first rows. One
+process has no duplicates: its rows are kept as they are. Per-prompt tensors (the losses) go through
+`gather_for_metrics` as before.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
-__all__ = ["EvalPredictionsMixin", "check_whole_batches"]
+__all__ = ["EvalPredictionsMixin", "gather_rows"]
 
 
-def check_whole_batches(trainer, dataset, name: str = "eval") -> None:
-    """A `ValueError` if `compute_metrics` would get a cut last batch: several processes and a map-style `dataset`
-    (or one of a dict of them) whose size is not a multiple of `per_device_eval_batch_size` x processes."""
-    if isinstance(dataset, dict):
-        for key, one in dataset.items():
-            check_whole_batches(trainer, one, key)
-        return
-    processes = trainer.accelerator.num_processes
-    if trainer.compute_metrics is None or processes == 1 or not hasattr(dataset, "__len__"):
-        return
-    step = trainer.args.per_device_eval_batch_size * processes
-    if len(dataset) % step:
-        raise ValueError(
-            f"compute_metrics on {processes} processes: the {name} dataset's {len(dataset)} prompts leave a last "
-            f"batch of {len(dataset) % step}, which the processes pad with duplicates of other prompts; their "
-            "completions' logits cannot be told from the real ones. Evaluate a multiple of "
-            f"per_device_eval_batch_size x processes = {step} prompts (e.g. {len(dataset) - len(dataset) % step} or "
-            f"{len(dataset) - len(dataset) % step + step}), or per_device_eval_batch_size=1 with a multiple of "
-            f"{processes}."
-        )
+def gather_rows(accelerator, rows: torch.Tensor) -> torch.Tensor:
+    """Every process's `rows` (`[N_p, ...]`, N_p may differ between processes; the other dimensions equal), in process
+    order: `[sum N_p, ...]`."""
+    count = torch.tensor([rows.shape[0]], device=rows.device)
+    counts = accelerator.gather(count).tolist()
+    padded = accelerator.pad_across_processes(rows, dim=0)
+    gathered = accelerator.gather(padded)
+    most = padded.shape[0]
+    return torch.cat([gathered[p * most: p * most + n] for p, n in enumerate(counts)])
 
 
 class EvalPredictionsMixin:
-    """`evaluation_loop` gathering the completions' logits and labels whole (see the module)."""
+    """`evaluation_loop` gathering the completions' logits and labels whole and once (see the module)."""
 
     def evaluation_loop(self, dataloader, *args, **kwargs):
         if self.compute_metrics is None:
             return super().evaluation_loop(dataloader, *args, **kwargs)
-        check_whole_batches(self, dataloader.dataset)
         gather = self.gather_function
         self.gather_function = self._gather_predictions
         try:
             return super().evaluation_loop(dataloader, *args, **kwargs)
         finally:
             self.gather_function = gather
+            self._batch_completions = None
+
+    def prediction_step(self, model, inputs, *args, **kwargs):
+        # How many completions each prompt of the batch has: which gathered tensors are rows of completions
+        slots = inputs.get("completion_slots") if isinstance(inputs, Mapping) else None
+        self._batch_completions = None if slots is None else slots.sum(dim=1)
+        return super().prediction_step(model, inputs, *args, **kwargs)
 
     def _gather_predictions(self, tensors):
-        # Per-prompt losses are 1-D: cut as accelerate cuts them; a process's completion rows are all real
-        if self.accelerator.num_processes == 1 and isinstance(tensors, torch.Tensor) and tensors.dim() > 1:
+        if isinstance(tensors, (tuple, list)):
+            return type(tensors)(self._gather_predictions(t) for t in tensors)
+        if isinstance(tensors, dict):
+            return {key: self._gather_predictions(value) for key, value in tensors.items()}
+        completions = getattr(self, "_batch_completions", None)
+        # K >= 2 per prompt: a batch has more completions than prompts, so the first dimension says which it counts
+        if completions is None or not isinstance(tensors, torch.Tensor) or tensors.dim() == 0 \
+                or tensors.shape[0] != int(completions.sum()):
+            return self.accelerator.gather_for_metrics(tensors)
+        if self.accelerator.num_processes == 1:
             return tensors
-        return self.accelerator.gather_for_metrics(tensors)
+        real = self.accelerator.gather_for_metrics(completions)  # the real prompts' counts: duplicates cut
+        return gather_rows(self.accelerator, tensors)[: int(real.sum())]

@@ -115,7 +115,8 @@ class RewardModelScorer:
     (with the row's `tools` / `chat_template_kwargs`), a standard row is the text `prompt + completion` with EOS
     appended (unless already there) and the tokenizer's special tokens (e.g. BOS). (`GRPOTrainer` formats
     conversational rows the same way but leaves BOS and EOS out of standard text.) Sequences longer than
-    `max_length` are truncated on the tokenizer's `truncation_side` and counted. Batches of `batch_size` sequences
+    `max_length` keep their last `max_length` tokens (the head reads the last one, whatever the tokenizer's
+    `truncation_side`) and are counted. Batches of `batch_size` sequences
     sorted by length, right-padded with the pad token (EOS when the tokenizer has none, which is also written to the
     model config, as `GRPOTrainer` does); the reward is `logits[:, 0]` as a float.
     """
