@@ -54,7 +54,7 @@ def ref_cache_key(trainer, dataset: Dataset) -> str:
     """The cache key of `dataset`'s reference log-probs under `trainer` (see the module docstring for what it covers)."""
     args, collator = trainer.args, trainer.data_collator
     tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
-    reference = trainer.ref_model or trainer.model
+    reference = trainer.model if trainer.ref_model is None else trainer.ref_model
     config = getattr(trainer.accelerator.unwrap_model(reference), "config", None)
     parts = {
         "dataset": dataset._fingerprint,
@@ -112,7 +112,7 @@ def precompute_ref_logps(trainer, dataset: Dataset, name: str, batch_size: int) 
             trainer._precompute_engine = prepare_deepspeed(trainer.model, trainer.accelerator)
         model = trainer._precompute_engine
     else:
-        model = trainer.ref_model or trainer.model
+        model = trainer.model if trainer.ref_model is None else trainer.ref_model
 
     rows = []
     accelerator = trainer.accelerator

@@ -27,14 +27,13 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import get_config_model_id, use_adapter
 
 from .config import InfoNCAConfig, NCAConfig, _RatedCompletionsConfig, check_rated_config, reward_temperature
-from .data.collator import DataCollatorForRatedCompletions
+from .data.collator import ROW_COLUMNS, DataCollatorForRatedCompletions, check_collator
 from .data.formats import PAIR_COLUMN
 from .data.tokenize import prepare_rated_dataset, with_row_index
 from .losses import infonca_loss, nca_loss
 from .metrics import prompt_metrics, to_slots
 from .ref_cache import precompute_ref_logps, reference_adapter
 from .runtime.backbone import use_language_backbones
-from .runtime.errors import ROW_INDEX
 from .runtime.output_dir import check_output_dir
 from .runtime.predictions import EvalPredictionsMixin
 from .runtime.progress import use_readable_progress
@@ -210,6 +209,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, EvalPredictionsMixin, SharedPromp
             )
         use_language_backbones(self)  # where TRL's fused LM head would not find it (Llama 4's language model)
         check_router_aux(self)  # the number of MoE experts TRL's fused head reads, where the loss is computed
+        check_collator(self.data_collator, self.train_dataset, args.remove_unused_columns)  # not at the first step
         self._setup_layout()
         self._no_batch_dispatch()
         use_readable_progress(self)  # log lines without quoted strings, no nested evaluation bar in a log file
@@ -272,7 +272,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, EvalPredictionsMixin, SharedPromp
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = ["prompt_ids", "completion_ids", "rewards", PAIR_COLUMN, "ref_logps", ROW_INDEX]
+            self._signature_columns = list(ROW_COLUMNS)
 
     # ------------------------------------------------------------------------------------------------ log-probs
     def _sequence_logps(self, model, inputs, **model_kwargs):
@@ -365,7 +365,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, EvalPredictionsMixin, SharedPromp
         if self.precompute_ref_logps:
             ref_logps = inputs["ref_logps"]
         else:
-            ref_logps = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
+            ref_logps = self.compute_ref_log_probs(self.model if self.ref_model is None else self.ref_model, inputs)
         logratios = logps.float() - ref_logps.float()
 
         # Per prompt: the reward temperature for rated completions, one-hot (0) for a chosen/rejected pair

@@ -532,6 +532,28 @@ def test_disable_tqdm_logs_plain_lines_too(capsys):
     assert capsys.readouterr().out == "step 5/90  loss 1.386\n"
 
 
+def test_a_users_subclass_of_the_printer_or_progress_callback_is_kept():
+    """`remove_callback(PrinterCallback)` removes the first instance of the class, subclasses included: a user's
+    `MyPrinter(PrinterCallback)` was dropped and transformers' default kept beside the readable one."""
+    from types import SimpleNamespace
+
+    from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback
+
+    from nca_trl.runtime.progress import ReadablePrinterCallback, ReadableProgressCallback, use_readable_progress
+
+    class MyPrinter(PrinterCallback):
+        pass
+
+    class MyProgress(ProgressCallback):
+        pass
+
+    for mine, default, readable in ((MyPrinter, PrinterCallback, ReadablePrinterCallback),
+                                    (MyProgress, ProgressCallback, ReadableProgressCallback)):
+        handler = CallbackHandler([DefaultFlowCallback, mine, default], None, None, None, None)
+        use_readable_progress(SimpleNamespace(callback_handler=handler))
+        assert [type(cb) for cb in handler.callbacks] == [DefaultFlowCallback, mine, readable]
+
+
 @pytest.mark.slow  # over a few seconds on 2 cores
 def test_deepspeed_cpu_notice_only_where_deepspeed_is_used(tmp_path):
     """accelerate imports DeepSpeed whenever it is installed: every command printed "Setting accelerator to CPU. If

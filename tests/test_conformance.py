@@ -6,6 +6,7 @@ TRL's `nca_pair`, `InfoNCATrainer` its `sigmoid`); every "refused" row checks th
 is read from the page, so a row without a test (or a test without a row) fails here.
 """
 
+import math
 import re
 from pathlib import Path
 
@@ -202,6 +203,23 @@ def test_padding_free(tiny_mistral, pairs, tmp_path):
         assert ours.data_collator.shared_prompt and ours.padding_free
 
 
+@pytest.mark.slow
+@row("`torch_compile`", "same")
+def test_torch_compile(tiny_mistral, pairs, tmp_path):
+    """`model or ...` on a compiled model (`OptimizedModule`, which has no `len`) raised a TypeError at construction
+    (the layout's check of the attention modules), then at the first step (the reference forward). The compiled model
+    now trains with DPOTrainer's losses."""
+    losses = {}
+    for cls, loss_type, compiled in ((DPOTrainer, "nca_pair", False), (NCATrainer, "sigmoid", True)):
+        args = make_args(DPOConfig, tmp_path / cls.__name__, max_steps=2, max_length=64, loss_type=loss_type,
+                         beta=0.1, learning_rate=1e-3, torch_compile=compiled, torch_compile_backend="eager")
+        trainer = cls(model=tiny_mistral, args=args, train_dataset=pairs)
+        losses[cls] = record_losses(trainer)
+        trainer.train()
+    assert type(trainer.model_wrapped).__name__ == "OptimizedModule" and trainer.data_collator.shared_prompt
+    assert losses[NCATrainer] == pytest.approx(losses[DPOTrainer], abs=1e-5) and len(losses[DPOTrainer]) == 2
+
+
 @row("`use_logits_to_keep`", "same")
 def test_use_logits_to_keep():
     """Not a DPOConfig field in TRL 1.16: the same TypeError for every trainer, which all take a DPOConfig."""
@@ -215,6 +233,26 @@ def test_vision(tiny_mistral, pairs, tmp_path):
     images = pairs.add_column("images", [[]] * len(pairs))
     refused(tiny_mistral, images, tmp_path, r"^The dataset appears to be vision-related \(contains 'image' or 'images' "
             r"keys\).*text-only")
+
+
+@row("a pairwise `data_collator` (TRL's `DataCollatorForPreference`)", "refused")
+def test_pairwise_collator(tiny_mistral, pairs, tmp_path):
+    """It raised `KeyError: 'chosen_ids'` at the first step; refused at construction. Our own collator, given
+    explicitly, trains."""
+    from transformers import AutoTokenizer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from nca_trl.data.collator import DataCollatorForRatedCompletions
+
+    pad = AutoTokenizer.from_pretrained(tiny_mistral).eos_token_id
+    with pytest.raises(ValueError, match=r"^data_collator=DataCollatorForPreference does not build the batches .*"
+                                         r"raised KeyError: 'chosen_ids'.* Leave `data_collator` unset"):
+        NCATrainer(model=tiny_mistral, args=make_args(DPOConfig, tmp_path), train_dataset=pairs,
+                   data_collator=DataCollatorForPreference(pad_token_id=pad))
+    ours = DataCollatorForRatedCompletions(pad_token_id=pad, max_length=64)
+    trainer = NCATrainer(model=tiny_mistral, args=make_args(DPOConfig, tmp_path, max_steps=1), train_dataset=pairs,
+                         data_collator=ours)
+    assert trainer.data_collator is ours and math.isfinite(trainer.train().training_loss)
 
 
 @row("`use_liger_kernel`", "refused")

@@ -199,6 +199,35 @@ def training_step_and_grads(trainer, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
 
+def test_neftune_trains_in_the_plain_layout(tiny_mistral, vicuna, tmp_path, caplog):
+    """transformers scales NEFTune's noise by alpha / sqrt(length x hidden): in the shared-prompt row the length is
+    the whole batch's, so the noise was silently weaker (2.4x at 6 prompts) and each prompt's shared by its K
+    completions. With `neftune_noise_alpha` the automatic layout is plain (logged), `shared_prompt=True` refused, and
+    the noise is the plain layout's: alpha / sqrt(L x hidden) for the batch's padded length L."""
+    data = vicuna.select(range(4))
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        trainer = NCATrainer(model=tiny_mistral, train_dataset=data, args=make_args(
+            NCAConfig, tmp_path, max_steps=1, max_length=64, neftune_noise_alpha=5.0))
+    assert not trainer.data_collator.shared_prompt and "neftune_noise_alpha scales its embedding noise" in caplog.text
+    noise = []
+
+    def record(module, args, out):  # after NEFTune's hook, which train() adds: the noise it added
+        noise.append((out.shape[1], (out - torch.nn.functional.embedding(args[0], module.weight)).abs().max().item()))
+
+    class Record(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            model.get_input_embeddings().register_forward_hook(record)
+
+    trainer.add_callback(Record())
+    trainer.train()
+    length, largest = noise[0]
+    bound = 5.0 / math.sqrt(length * trainer.model.config.hidden_size)
+    assert length == trainer.args.max_length and 0.9 * bound < largest <= bound
+    with pytest.raises(ValueError, match="`shared_prompt=True` .* neftune_noise_alpha scales"):
+        NCATrainer(model=tiny_mistral, train_dataset=data, args=make_args(
+            NCAConfig, tmp_path, shared_prompt=True, neftune_noise_alpha=5.0))
+
+
 def test_activation_offloading(tiny_mistral, vicuna, tmp_path):
     # Refused on CPU: nothing to offload to, and TRL's offloader needs an accelerator
     with pytest.raises(ValueError, match=r"`activation_offloading=True`.*training runs on the CPU"):

@@ -626,6 +626,20 @@ def test_predict_returns_padded_logits_from_a_shared_prompt_trainer(tiny_mistral
     assert trainer.data_collator.shared_prompt
 
 
+def test_compute_metrics_set_after_construction_evaluates_in_the_plain_layout(tiny_mistral, vicuna, tmp_path):
+    """A pipeline that sets `trainer.compute_metrics` after construction, when training took the shared-prompt
+    layout: its first evaluation stopped the run ("`return_outputs=True` needs each sequence's padded logits").
+    Evaluation now takes the plain layout (the same loss as without `compute_metrics`); training's stays."""
+    trainer = NCATrainer(model=tiny_mistral, args=make_args(NCAConfig, tmp_path, max_length=64),
+                         train_dataset=vicuna.select(range(2)), eval_dataset=vicuna.select(range(2, 4)))
+    assert trainer.data_collator.shared_prompt
+    before = trainer.evaluate()
+    trainer.compute_metrics = lambda prediction: {"rows": float(prediction.predictions.shape[0])}
+    after = trainer.evaluate()
+    assert after["eval_rows"] == 8 and after["eval_loss"] == pytest.approx(before["eval_loss"], rel=1e-5)
+    assert trainer.data_collator.shared_prompt
+
+
 @pytest.mark.slow
 def test_gpu_family_check_dry_runs_on_the_cpu(tmp_path):
     """scripts/gpu_families.py (the GPU run's family agreement, bf16 with the fused kernel) cannot rot: its CPU dry run

@@ -13,7 +13,11 @@ from ..shared_prompt.packing import build_shared_prompt_batch
 from ..runtime.errors import ROW_INDEX
 from .formats import PAIR_COLUMN
 
-__all__ = ["DataCollatorForRatedCompletions"]
+__all__ = ["ROW_COLUMNS", "DataCollatorForRatedCompletions", "check_collator"]
+
+#: The prepared row's columns that batches are built from (the trainers' signature columns: with
+#: `remove_unused_columns`, the only ones the collator gets)
+ROW_COLUMNS = ("prompt_ids", "completion_ids", "rewards", PAIR_COLUMN, "ref_logps", ROW_INDEX)
 
 
 @dataclass
@@ -129,3 +133,27 @@ class DataCollatorForRatedCompletions(DataCollatorMixin):
             "attention_mask": pad(attention_mask, padding_value=0, **pad_kwargs),
             "completion_mask": pad(completion_mask, padding_value=0, **pad_kwargs),
         }
+
+
+def check_collator(collator, dataset, remove_unused_columns: bool = True) -> None:
+    """A `data_collator` given to the trainer that does not build rated batches (e.g. TRL's pairwise
+    `DataCollatorForPreference`, which raised `KeyError: 'chosen_ids'` at the first step) is refused at construction:
+    one that is not a `DataCollatorForRatedCompletions` collates the first prepared row of a map-style `dataset` (its
+    `ROW_COLUMNS` with `remove_unused_columns`, as the dataloader gives it), and must give the batch keys the loss
+    reads."""
+    if collator is None or isinstance(collator, DataCollatorForRatedCompletions) or not hasattr(dataset, "__len__") \
+            or len(dataset) == 0:
+        return
+    name = getattr(collator, "__name__", type(collator).__name__)
+    try:
+        row = dataset[0]
+        batch = collator([{k: v for k, v in row.items() if k in ROW_COLUMNS} if remove_unused_columns else row])
+        problem = None if {"completion_slots", "rewards"} <= set(batch) else f"it gave the keys {sorted(batch)}"
+    except Exception as e:  # whatever a foreign collator raises on a rated row: named below
+        problem = f"collating the first training row raised {type(e).__name__}: {e}"
+    if problem:
+        raise ValueError(
+            f"data_collator={name} does not build the batches of K rated completions per prompt that the trainer's "
+            f"loss reads (`completion_slots`, `rewards`, ...): {problem}. Leave `data_collator` unset (the trainer "
+            "builds a `nca_trl.data.collator.DataCollatorForRatedCompletions`), or pass one of those."
+        )

@@ -65,6 +65,7 @@ def use_readable_progress(trainer) -> None:
     (with `disable_tqdm`), for the readable one."""
     handler = trainer.callback_handler
     for old, new in ((ProgressCallback, ReadableProgressCallback), (PrinterCallback, ReadablePrinterCallback)):
-        if any(type(cb) is old for cb in handler.callbacks):
-            handler.remove_callback(old)
+        default = next((cb for cb in handler.callbacks if type(cb) is old), None)
+        if default is not None:  # the instance: by class, `remove_callback` took a user's subclass of it first
+            handler.remove_callback(default)
             handler.add_callback(new())

@@ -184,7 +184,7 @@ def attention_modules(model) -> list:
     """The attention modules of `model`'s language model (modules whose class name ends in `Attention`; a multimodal
     model's other towers left out)."""
     language = _language_model(model)
-    return [m for m in (language or model).modules() if type(m).__name__.endswith("Attention")]
+    return [m for m in (model if language is None else language).modules() if type(m).__name__.endswith("Attention")]
 
 
 def _language_model(model):

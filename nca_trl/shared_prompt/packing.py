@@ -372,6 +372,9 @@ class SharedPromptLayoutMixin:
             return "pad_to_multiple_of asks for padded shapes", None
         if self.compute_metrics is not None:
             return "compute_metrics takes each sequence's padded logits, which only the plain layout builds", None
+        if self.args.neftune_noise_alpha is not None:  # transformers' NEFTune: alpha / sqrt(length x hidden)
+            return ("neftune_noise_alpha scales its embedding noise by the row's length, which the shared-prompt row "
+                    "changes (all the batch's tokens, each prompt's noise shared by its completions)"), None
         needs = set()
         for name, model in (("policy", self.model), ("reference", self.ref_model)):
             if model is not None:
@@ -416,12 +419,25 @@ class SharedPromptLayoutMixin:
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
         """`Trainer.predict`, whose outputs hold each sequence's padded logits: its batches take the plain layout
         (the same log-probs), whatever layout training uses."""
+        with self._plain_batches():
+            return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def evaluate(self, *args, **kwargs):
+        """`evaluate`, in the plain layout where `compute_metrics` is set (it takes each sequence's padded logits):
+        a `compute_metrics` set after construction, when training took the shared-prompt layout, stopped the run at
+        its first evaluation."""
+        with self._plain_batches(self.compute_metrics is not None):
+            return super().evaluate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _plain_batches(self, plain: bool = True):
+        """The collator builds plain padded batches inside (the same log-probs as the shared-prompt layout)."""
         collator = self.data_collator
-        shared = getattr(collator, "shared_prompt", False)
+        shared = plain and getattr(collator, "shared_prompt", False)
         if shared:
             collator.shared_prompt = False
         try:
-            return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+            yield
         finally:
             if shared:
                 collator.shared_prompt = True
