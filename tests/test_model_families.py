@@ -626,6 +626,18 @@ def test_predict_returns_padded_logits_from_a_shared_prompt_trainer(tiny_mistral
     assert trainer.data_collator.shared_prompt
 
 
+def test_predict_leaves_the_next_evaluations_metrics_alone(tiny_mistral, vicuna, tmp_path):
+    """The metrics `predict`'s batches logged stayed and were averaged into the next evaluation's (eval_logps/chosen
+    -755.3 -> -637.2; `trl.DPOTrainer` does the same)."""
+    trainer = NCATrainer(model=tiny_mistral, args=make_args(NCAConfig, tmp_path, max_length=64),
+                         train_dataset=vicuna.select(range(2)), eval_dataset=vicuna.select(range(2, 4)))
+    before = trainer.evaluate()
+    trainer.predict(trainer.train_dataset)
+    after = trainer.evaluate()
+    assert {k: v for k, v in after.items() if "runtime" not in k and "per_second" not in k} == pytest.approx(
+        {k: v for k, v in before.items() if "runtime" not in k and "per_second" not in k}, rel=1e-6)
+
+
 def test_compute_metrics_set_after_construction_evaluates_in_the_plain_layout(tiny_mistral, vicuna, tmp_path):
     """A pipeline that sets `trainer.compute_metrics` after construction, when training took the shared-prompt
     layout: its first evaluation stopped the run ("`return_outputs=True` needs each sequence's padded logits").

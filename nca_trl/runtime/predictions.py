@@ -51,6 +51,15 @@ class EvalPredictionsMixin:
             self.gather_function = gather
             self._batch_completions = None
 
+    def predict(self, *args, **kwargs):
+        """`Trainer.predict`; the metrics its batches logged are dropped after it (they are not its output's): they
+        stayed and were averaged into the next evaluation's (`trl.DPOTrainer` mixes them so)."""
+        try:
+            return super().predict(*args, **kwargs)
+        finally:
+            self._metrics["eval"].clear()
+            self._pooled["eval"].clear()
+
     def prediction_step(self, model, inputs, *args, **kwargs):
         # How many completions each prompt of the batch has: which gathered tensors are rows of completions
         slots = inputs.get("completion_slots") if isinstance(inputs, Mapping) else None
