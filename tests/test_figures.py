@@ -60,8 +60,13 @@ def figures(text: str) -> list[str]:
 
 
 def numbers_of(path: Path) -> list[float]:
-    """Every number written in a results file (JSON values and keys, log text)."""
+    """Every number written in a results file (JSON values and keys, log text), but those of its `earlier_runs`
+    (scripts/time_quickstart.py keeps the runs it replaced there: a figure comes from the file's own run)."""
     text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".json" and '"earlier_runs"' in text:
+        data = json.loads(text)
+        data.pop("earlier_runs", None)
+        text = json.dumps(data)
     return [float(m.group()) for m in re.finditer(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?", text.replace(",", ""))]
 
 
