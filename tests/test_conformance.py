@@ -211,13 +211,13 @@ def test_torch_compile(tiny_mistral, pairs, tmp_path):
     now trains with DPOTrainer's losses."""
     losses = {}
     for cls, loss_type, compiled in ((DPOTrainer, "nca_pair", False), (NCATrainer, "sigmoid", True)):
-        args = make_args(DPOConfig, tmp_path / cls.__name__, max_steps=2, max_length=64, loss_type=loss_type,
+        args = make_args(DPOConfig, tmp_path / cls.__name__, max_steps=1, max_length=64, loss_type=loss_type,
                          beta=0.1, learning_rate=1e-3, torch_compile=compiled, torch_compile_backend="eager")
         trainer = cls(model=tiny_mistral, args=args, train_dataset=pairs)
         losses[cls] = record_losses(trainer)
         trainer.train()
     assert type(trainer.model_wrapped).__name__ == "OptimizedModule" and trainer.data_collator.shared_prompt
-    assert losses[NCATrainer] == pytest.approx(losses[DPOTrainer], abs=1e-5) and len(losses[DPOTrainer]) == 2
+    assert losses[NCATrainer] == pytest.approx(losses[DPOTrainer], abs=1e-5) and len(losses[DPOTrainer]) == 1
 
 
 @row("`use_logits_to_keep`", "same")
