@@ -241,8 +241,9 @@ _ALPHA_HELP = (
     "pairwise case): alpha does not apply to them, also in a dataset mixing pairs and rated rows. It is the authors' "
     "`temperature_alpha` "
     "(a divisor of the raw scores): their released 1e-4 on UltraFeedback's 1-10 scores puts weight exp(-0.5/1e-4) "
-    "~ 0 on a completion even half a point below the best, i.e. one-hot. Scaling all rewards by c is the same as "
-    "dividing alpha by c."
+    "~ 0 on a completion even half a point below the best, i.e. one-hot (on a tied best score their code gives all "
+    "the weight to the first completion, where 0 here splits it). Scaling all rewards by c is the same as dividing "
+    "alpha by c."
 )
 _MAX_COMPLETIONS_HELP = (
     "If set, prompts with more completions keep only this many: the best, the worst, and an even spread of ranks "

@@ -67,6 +67,17 @@ def test_rewards_are_shifted_by_each_prompts_best_and_zero_in_empty_slots():
     assert DataCollatorForRatedCompletions(pad_token_id=0)(ints)["rewards"].tolist() == [[-5.0, 0.0]]
 
 
+def test_rewards_within_the_tie_spread_of_the_best_tie_with_it():
+    """0.3 and 0.1 + 0.2 tie (validation counts the prompt as all-tied, `ties: drop` drops it), but the collator kept
+    their 5.6e-17 gap, so alpha 0 put all the weight on the float-rounding winner instead of splitting it."""
+    from nca_trl.losses import reward_targets
+
+    rows = [{"prompt_ids": [1], "completion_ids": [[2], [3], [4]], "rewards": [0.3, 0.1 + 0.2, 0.3 - 1e-6]}]
+    rewards = DataCollatorForRatedCompletions(pad_token_id=0)(rows)["rewards"]
+    assert rewards[0, :2].tolist() == [0.0, 0.0] and rewards[0, 2].item() == pytest.approx(-1e-6)
+    assert reward_targets(rewards, 0.0).tolist() == [[0.5, 0.5, 0.0]]
+
+
 def test_truncation_keep_start_and_keep_end():
     batch = DataCollatorForRatedCompletions(pad_token_id=0, max_length=3)(examples())
     assert batch["input_ids"].tolist() == [[1, 2, 3], [7, 8, 9], [1, 2, 4], [7, 10, 0], [1, 2, 6]]

@@ -304,6 +304,17 @@ def test_tiny_alpha_with_ties_split_evenly():
 
 
 @pytest.mark.parametrize("name", ["infonca", "nca"])
+def test_an_alpha_that_float32_rounds_to_zero_is_the_one_hot_limit(name):
+    """A Python float alpha below float32's smallest subnormal (~1.4e-45) became 0 in the division: 0/0 = NaN
+    targets and a NaN loss. It is the alpha -> 0 limit, as a tensor alpha was."""
+    rewards, logratios = _t([[3.0, 2.0, 1.0]]), _t([[0.3, -0.2, 0.1]])
+    for alpha in (1e-46, 1e-300):
+        torch.testing.assert_close(reward_targets(rewards, alpha), _t([[1.0, 0.0, 0.0]]))
+        loss = LOSS_FN[name](logratios, rewards, 0.1, alpha)
+        torch.testing.assert_close(loss, LOSS_FN[name](logratios, rewards, 0.1, 0.0))
+
+
+@pytest.mark.parametrize("name", ["infonca", "nca"])
 def test_tiny_alpha_equals_alpha0_when_rewards_differ(name):
     g = torch.Generator().manual_seed(3)
     logratios = torch.randn(4, 5, generator=g) * 4

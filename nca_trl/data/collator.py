@@ -12,6 +12,7 @@ from trl.trainer.utils import pad
 from ..shared_prompt.packing import build_shared_prompt_batch
 from ..runtime.errors import ROW_INDEX
 from .formats import PAIR_COLUMN
+from .rewards import TIE_SPREAD
 
 __all__ = ["ROW_COLUMNS", "DataCollatorForRatedCompletions", "check_collator"]
 
@@ -35,7 +36,8 @@ class DataCollatorForRatedCompletions(DataCollatorMixin):
     Returns:
         - `input_ids`, `attention_mask`, `completion_mask`: `[N, L]` with `N = sum_b K_b`;
         - `rewards`: `[B, Kmax]` float32, each prompt's rewards minus its best reward (subtracted in float64, so that
-          adding a constant to a prompt's rewards changes nothing however large it is), 0 in empty slots;
+          adding a constant to a prompt's rewards changes nothing however large it is; within `TIE_SPREAD` of the
+          best is 0, tied with it), 0 in empty slots;
         - `completion_slots`: `[B, Kmax]` bool, True where prompt b has completion i; `completion_slots.T` flattened
           (slot-major) lists the N sequences in order;
         - `preference_pair`: `[B]` bool, True for a prompt that came as a chosen/rejected pair (its targets are
@@ -101,7 +103,10 @@ class DataCollatorForRatedCompletions(DataCollatorMixin):
             # Targets depend on reward differences only: shift in float64 before the float32 cast (1e9 + r would lose
             # r in float32, and rewards past float32's max would become inf); validation keeps differences in range
             row = torch.tensor(example["rewards"], dtype=torch.float64)
-            rewards[b, :k] = row - row.max()
+            shifted = row - row.max()
+            # Within `TIE_SPREAD` of the best is tied with it, as validation and `ties` count ties (0.1 + 0.2 vs 0.3:
+            # alpha 0 put all the weight on the float-rounding winner of a prompt counted as all-tied)
+            rewards[b, :k] = shifted.masked_fill(shifted >= -TIE_SPREAD, 0.0)
         output = {"completion_slots": slots, "rewards": rewards, **output}
         output[PAIR_COLUMN] = torch.tensor([example.get(PAIR_COLUMN) is True for example in examples])
         # Tokens of the plain layout (prompt repeated per completion, no padding): the `num_tokens` metric counts these
