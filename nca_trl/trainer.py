@@ -41,6 +41,7 @@ from .runtime.router_aux import add_router_aux_loss, check_router_aux, experts_f
 from .runtime.safety import RunSafetyMixin
 from .shared_prompt.packing import (SharedPromptLayoutMixin, is_shared_prompt_batch, is_shared_prompt_enabled,
                                     shared_prompt_forward)
+from .shared_prompt.families import disable_attention_dropout
 from .shared_prompt.varlen import VarlenLayout
 
 __all__ = ["NCATrainer", "InfoNCATrainer", "trainer_for_loss"]
@@ -207,6 +208,9 @@ class _RatedCompletionsTrainer(RunSafetyMixin, EvalPredictionsMixin, SharedPromp
                 quantization_config=quantization_config,
                 peft_config=peft_config,
             )
+        if args.disable_dropout:  # TRL's reaches nn.Dropout modules only, not an attention dropout passed as a float
+            disable_attention_dropout(*[self.accelerator.unwrap_model(m) for m in (self.model, self.ref_model)
+                                        if m is not None])
         use_language_backbones(self)  # where TRL's fused LM head would not find it (Llama 4's language model)
         check_router_aux(self)  # the number of MoE experts TRL's fused head reads, where the loss is computed
         check_collator(self.data_collator, self.train_dataset, args.remove_unused_columns)  # not at the first step

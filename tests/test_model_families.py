@@ -434,11 +434,22 @@ def test_attention_modules_that_do_not_run_are_not_asked_for(tokenizer, vicuna, 
 @pytest.mark.slow
 def test_attention_dropout_in_training_takes_a_kernel_that_applies_it(tokenizer, vicuna, tmp_path, monkeypatch, caplog):
     """GPT-BigCode (StarCoder 1) passes its `attn_pdrop` to the attention in training, a float that TRL's
-    `disable_dropout` (nn.Dropout modules only) leaves on, in DPOTrainer too; Seed-OSS its `attention_dropout` (0.1 by
-    default). The shared-prompt attention asks for a kernel that applies it, and on a GPU whose fused kernel has none
-    (torch's varlen_attn) the automatic layout is plain at construction: the first training step raised there."""
+    `disable_dropout` (nn.Dropout modules only) left on, in DPOTrainer too; Seed-OSS its `attention_dropout` (0.1 by
+    default). `disable_dropout` (the default) now zeroes those too. With `disable_dropout=False` the automatic layout
+    is plain wherever the policy applies dropout in training (the shared-prompt row would give a prompt's K
+    completions one dropout noise, the plain layout K independent ones); with `shared_prompt=True` the shared-prompt
+    attention asks for a kernel that applies it, and on a GPU whose fused kernel has none (torch's varlen_attn) a
+    reference left in train mode makes the automatic layout plain at construction: the first training step raised
+    there."""
     monkeypatch.setitem(FAMILIES, "gpt_bigcode", ("gpt_bigcode", dict(num_hidden_layers=2, attn_pdrop=0.5)))
-    trainer = trainer_for("gpt_bigcode", tokenizer, vicuna, tmp_path)
+    default = trainer_for("gpt_bigcode", tokenizer, vicuna, tmp_path / "default")
+    assert default.data_collator.shared_prompt and "dropout" not in attention_variants(default.model)
+    assert "dropout" not in attention_variants(default.ref_model)
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        automatic = trainer_for("gpt_bigcode", tokenizer, vicuna, tmp_path / "automatic", disable_dropout=False)
+    assert not automatic.data_collator.shared_prompt
+    assert "the policy applies dropout in training, at transformer.drop (p=0.1)" in caplog.text  # embd_pdrop
+    trainer = trainer_for("gpt_bigcode", tokenizer, vicuna, tmp_path, shared_prompt=True, disable_dropout=False)
     assert trainer.data_collator.shared_prompt and "dropout" in attention_variants(trainer.model)
     gpt2 = trainer_for("gpt2", tokenizer, vicuna, tmp_path / "gpt2")  # attn_pdrop 0.1 in an nn.Dropout: zeroed
     assert "dropout" not in attention_variants(gpt2.model) and "dropout" in attention_variants(build("gpt2"))
@@ -456,8 +467,12 @@ def test_attention_dropout_in_training_takes_a_kernel_that_applies_it(tokenizer,
     assert asked[-1] == {"dropout"} and torch.isfinite(first).all() and not torch.equal(first, second)
 
     on_a_gpu_with_torch_varlen_attn(monkeypatch)  # which has no dropout
+    trainer.args.shared_prompt = None  # the automatic choice from here on
     assert not automatic_layout_on_cuda(trainer, caplog)
-    for module in attention_modules(trainer.model):  # the reference's dropout alone: it runs in eval mode
+    from trl.trainer.utils import disable_dropout_in_model
+
+    disable_dropout_in_model(trainer.model)  # the reference's dropout alone: it runs in eval mode
+    for module in attention_modules(trainer.model):
         module.attn_dropout = module.attn_pdrop = 0.0
     assert automatic_layout_on_cuda(trainer, caplog)
     trainer.ref_model.train()  # a reference a user left in train mode applies its dropout: it counts then
@@ -624,6 +639,61 @@ def test_predict_returns_padded_logits_from_a_shared_prompt_trainer(tiny_mistral
     output = trainer.predict(trainer.train_dataset.select(range(2)))
     assert output.predictions.ndim == 3 and output.predictions.shape[-1] == trainer.model.config.vocab_size
     assert trainer.data_collator.shared_prompt
+
+
+def test_a_late_compute_metrics_with_persistent_eval_workers(tiny_mistral, vicuna, tmp_path):
+    """The cached evaluation loader of `dataloader_persistent_workers` kept its workers' copy of the shared-prompt
+    collator, so the plain batches a late `compute_metrics` needs never came ("`return_outputs=True` needs each
+    sequence's padded logits"): the loader is rebuilt for the other layout."""
+    trainer = NCATrainer(model=tiny_mistral, train_dataset=vicuna.select(range(2)), eval_dataset=vicuna.select(range(2, 4)),
+                         args=make_args(NCAConfig, tmp_path, max_length=64, dataloader_num_workers=1,
+                                        dataloader_persistent_workers=True))
+    before = trainer.evaluate()  # its loader and worker are kept
+    trainer.compute_metrics = lambda prediction: {"rows": float(prediction.predictions.shape[0])}
+    after = trainer.evaluate()
+    assert after["eval_rows"] == 8 and after["eval_loss"] == pytest.approx(before["eval_loss"], rel=1e-5)
+
+
+def test_the_layout_follows_a_given_collators_truncation_mode(tiny_mistral, vicuna, tmp_path, caplog):
+    """A `DataCollatorForRatedCompletions(truncation_mode="keep_end")` passed as `data_collator` with the config's
+    default `keep_start`: the layout read the config's, took the shared-prompt row, which cuts keep_start, and
+    trained other numbers than the plain layout (loss 1.398 vs 1.383), silently."""
+    from transformers import AutoTokenizer
+
+    from nca_trl.data import DataCollatorForRatedCompletions
+
+    pad = AutoTokenizer.from_pretrained(tiny_mistral).eos_token_id
+    collator = DataCollatorForRatedCompletions(pad_token_id=pad, max_length=64, truncation_mode="keep_end")
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        trainer = NCATrainer(model=tiny_mistral, args=make_args(NCAConfig, tmp_path, max_length=64),
+                             train_dataset=vicuna.select(range(2)), data_collator=collator)
+    assert not trainer.data_collator.shared_prompt and "truncation_mode='keep_end'" in caplog.text
+
+
+def test_a_prompt_with_no_token_takes_the_plain_layout_for_its_batch(tiny_mistral, tmp_path, caplog, monkeypatch):
+    """A tokenizer without BOS (Qwen2's, GPT-2's) and a prompt whose text merges into its completions' first tokens:
+    TRL's boundary rule leaves the prompt no token, which the shared-prompt row cannot share, and training stopped
+    at that batch. Such a batch now takes the plain layout: the same loss as `shared_prompt=False`."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from nca_trl.data import collator
+
+    monkeypatch.setattr(collator, "_SAID", set(), raising=False)  # its warnings are said once per process
+    rows = [{"prompt": "Hel", "completions": ["lo world", "p me please"], "rewards": [1.0, 0.0]},
+            {"prompt": "Say", "completions": [" yes", " no"], "rewards": [1.0, 0.0]}]
+    losses = {}
+    for layout in (None, False):
+        tokenizer = AutoTokenizer.from_pretrained(tiny_mistral)
+        tokenizer.add_bos_token = False
+        trainer = NCATrainer(model=tiny_mistral, args=make_args(NCAConfig, tmp_path / str(layout), max_steps=1,
+                                                                 shared_prompt=layout, learning_rate=0.0),
+                             train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+        assert trainer.data_collator.shared_prompt is (layout is None) and [] in trainer.train_dataset["prompt_ids"]
+        with caplog.at_level(logging.WARNING, logger="nca_trl"):
+            losses[layout] = trainer.train().training_loss
+    assert losses[None] == pytest.approx(losses[False], rel=1e-6)
+    assert "take the plain padded layout" in caplog.text
 
 
 def test_predict_leaves_the_next_evaluations_metrics_alone(tiny_mistral, vicuna, tmp_path):

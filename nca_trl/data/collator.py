@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,8 @@ from .formats import PAIR_COLUMN
 from .rewards import TIE_SPREAD
 
 __all__ = ["ROW_COLUMNS", "DataCollatorForRatedCompletions", "check_collator"]
+
+logger = logging.getLogger("nca_trl")
 
 #: The prepared row's columns that batches are built from (the trainers' signature columns: with
 #: `remove_unused_columns`, the only ones the collator gets)
@@ -91,9 +94,15 @@ class DataCollatorForRatedCompletions(DataCollatorMixin):
             raise ValueError(f"Unsupported truncation mode: {self.truncation_mode}, expected 'keep_start' or 'keep_end'")
 
         k_max = max(len(example["completion_ids"]) for example in examples)
-        if self.shared_prompt:
+        # A prompt with no token (a tokenizer without BOS, a prompt merged whole into its completions' first tokens)
+        # has no last token for its completions to share: its batch takes the plain layout, the same log-probs
+        if self.shared_prompt and all(example["prompt_ids"] for example in examples):
             output = build_shared_prompt_batch(examples, self.max_length)
         else:
+            if self.shared_prompt:
+                _say_once("A batch holds a prompt with no token left before its completions (no BOS, and its text "
+                          "merged into the completions' first tokens): such batches take the plain padded layout, "
+                          "with the same log-probs.")
             output = self._padded(examples, k_max, window)
         slots = torch.zeros(len(examples), k_max, dtype=torch.bool)
         rewards = torch.zeros(len(examples), k_max, dtype=torch.float32)
@@ -138,6 +147,15 @@ class DataCollatorForRatedCompletions(DataCollatorMixin):
             "attention_mask": pad(attention_mask, padding_value=0, **pad_kwargs),
             "completion_mask": pad(completion_mask, padding_value=0, **pad_kwargs),
         }
+
+
+_SAID: set[str] = set()  # the collators' one-time warnings already given in this process
+
+
+def _say_once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        logger.warning(message)
 
 
 def check_collator(collator, dataset, remove_unused_columns: bool = True) -> None:

@@ -23,7 +23,7 @@ __all__ = [
     "ATTENTION_LAYER_TYPES", "EXACT_FAMILIES", "EXACT_MULTIMODAL", "ROUTED_PREFIX", "SharedPromptSupport",
     "WINDOW_FAMILIES",
     "attention_modules", "attention_variants", "declares_sliding_window", "original_attention_implementation",
-    "shared_prompt_support",
+    "disable_attention_dropout", "shared_prompt_support", "training_dropout",
 ]
 
 # The attention implementation name `packing` registers its attention under: `ROUTED_PREFIX + original`
@@ -221,12 +221,41 @@ def attention_variants(model, attention: list | None = None, longest: int | None
     return variants
 
 
+def training_dropout(model) -> str:
+    """Where `model` applies dropout in training ("" if nowhere): an `nn.Dropout` with p > 0 (left on by
+    `disable_dropout=False`, e.g. LoRA's `lora_dropout`), or an attention module's dropout (`_attention_dropout`)."""
+    for name, module in model.named_modules():
+        if any(c.__name__ == "_DropoutNd" for c in type(module).__mro__):  # torch's nn.Dropout and its kin
+            p = module.p
+        else:
+            p = _attention_dropout(module) if type(module).__name__.endswith("Attention") else 0.0
+        if p > 0:
+            return f"{name or type(module).__name__} (p={p:g})"
+    return ""
+
+
+def disable_attention_dropout(*models) -> None:
+    """`disable_dropout` where TRL's does not reach: TRL zeroes `nn.Dropout` modules only, and some attention modules
+    pass their dropout to the attention call as a float (GPT-BigCode's `attn_pdrop`, Seed-OSS's `attention_dropout`):
+    set to 0 on every attention module of `models`."""
+    for model in models:
+        for module in model.modules():
+            if type(module).__name__.endswith("Attention"):
+                for name in _DROPOUT_NAMES:
+                    value = getattr(module, name, None)
+                    if isinstance(value, float) and value > 0:
+                        setattr(module, name, 0.0)
+
+
+_DROPOUT_NAMES = ("attention_dropout", "attn_dropout", "attn_pdrop", "dropout")
+
+
 def _attention_dropout(attention) -> float:
     """The dropout an attention module passes to its attention call in training: its `attention_dropout`,
     `attn_dropout`, `attn_pdrop` or `dropout`, a float or an `nn.Dropout`'s `p` (which TRL's `disable_dropout` zeroes;
     a float it leaves, as GPT-BigCode's `attn_pdrop`). The forward passes it on too: `shared_prompt_attention` asks for
     a kernel that applies whatever a call gets."""
-    for name in ("attention_dropout", "attn_dropout", "attn_pdrop", "dropout"):
+    for name in _DROPOUT_NAMES:
         value = getattr(attention, name, None)
         p = getattr(value, "p", value)
         if isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0:

@@ -36,7 +36,7 @@ import torch
 
 from .families import ROUTED_PREFIX as _PREFIX
 from .families import SharedPromptSupport, attention_modules, attention_variants, shared_prompt_support
-from .families import declares_sliding_window, original_attention_implementation
+from .families import declares_sliding_window, original_attention_implementation, training_dropout
 from .varlen import VarlenLayout, binding_window, cuda_varlen_kernel, forced_kernel_problem, select_kernel
 from .varlen import varlen_attention, wide_heads
 
@@ -342,7 +342,7 @@ class SharedPromptLayoutMixin:
             return
         for model in (self.model, self.ref_model):
             if model is not None:
-                enable_shared_prompt(self.accelerator.unwrap_model(model), self.args.max_length)
+                enable_shared_prompt(self.accelerator.unwrap_model(model), collator.max_length)
         collator.shared_prompt = True
         if kernel_name is not None:
             logger.info("Shared-prompt layout (shared_prompt=None, automatic) on %s with %s. Set shared_prompt=False for "
@@ -366,8 +366,10 @@ class SharedPromptLayoutMixin:
     def _layout_blocker(self, automatic: bool) -> tuple[str, str | None]:
         """Why the shared-prompt layout cannot run, or would not be exact, here ("" if nothing), and for the
         automatic choice on an accelerator the fused kernel it would run with."""
-        if self.args.truncation_mode != "keep_start":
-            return f"truncation_mode={self.args.truncation_mode!r} cuts each sequence's prompt differently", None
+        # The collator's own setting: one given by the user may differ from the config's
+        truncation_mode = self.data_collator.truncation_mode
+        if truncation_mode != "keep_start":
+            return f"truncation_mode={truncation_mode!r} cuts each sequence's prompt differently", None
         if self.data_collator.pad_to_multiple_of is not None:
             return "pad_to_multiple_of asks for padded shapes", None
         if self.compute_metrics is not None:
@@ -378,11 +380,16 @@ class SharedPromptLayoutMixin:
         needs = set()
         for name, model in (("policy", self.model), ("reference", self.ref_model)):
             if model is not None:
-                support = shared_prompt_support(self.accelerator.unwrap_model(model), self.args.max_length)
+                support = shared_prompt_support(self.accelerator.unwrap_model(model), self.data_collator.max_length)
                 if not support.enabled:
                     return f"{name} model: {support.reason}", None
                 evaluated = name == "reference" and not model.training  # a reference in eval mode applies no dropout
                 needs |= support.needs - ({"dropout"} if evaluated else set())
+        dropout = training_dropout(self.accelerator.unwrap_model(self.model))
+        if automatic and dropout:
+            return (f"the policy applies dropout in training, at {dropout}: the shared-prompt row would give a "
+                    "prompt's K completions one dropout noise, the plain layout K independent ones (shared_prompt=True "
+                    "takes the shared-prompt layout anyway)"), None
         device = self.accelerator.device.type
         forced = forced_kernel_problem(frozenset(needs), device, self._half_precision())
         if forced:  # found here, not at the first forward
@@ -428,6 +435,17 @@ class SharedPromptLayoutMixin:
         its first evaluation."""
         with self._plain_batches(self.compute_metrics is not None):
             return super().evaluate(*args, **kwargs)
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """`Trainer.get_eval_dataloader`, whose cached loader (`dataloader_persistent_workers`) is rebuilt where its
+        workers' copy of the collator builds the other layout than this evaluation's (`_plain_batches`)."""
+        loader = super().get_eval_dataloader(eval_dataset)
+        shared = bool(getattr(self.data_collator, "shared_prompt", False))
+        if getattr(loader, "_nca_shared_prompt", shared) != shared:
+            self._eval_dataloaders.pop(eval_dataset if isinstance(eval_dataset, str) else "eval", None)
+            loader = super().get_eval_dataloader(eval_dataset)
+        loader._nca_shared_prompt = shared
+        return loader
 
     @contextlib.contextmanager
     def _plain_batches(self, plain: bool = True):
