@@ -365,6 +365,25 @@ def test_a_run_of_other_settings_is_refused_or_replaced_on_purpose(tmp_path):
 
 
 
+def test_an_overwrite_stopped_mid_removal_is_finished_at_the_next_start(tmp_path):
+    """A kill while `--overwrite_output_dir` removed the old run left some of its rounds and its `iterate.json`: a
+    restart of the old settings took the rest for a run to continue (later rounds trained from a round that was
+    gone). The removal's marker now makes the next start finish it first, whatever its settings."""
+    from nca_trl.iterate.layout import RunLayout
+    from nca_trl.iterate.loop import _check_manifest
+
+    layout = RunLayout(tmp_path / "run")
+    layout.root.mkdir()
+    old = {"seed": 0, "rounds": 2, "loss": "nca"}
+    _check_manifest(layout, old)
+    (layout.root / "round-2" / "model").mkdir(parents=True)  # round 1 already removed when the run was stopped
+    layout.removing.touch()
+    (layout.root / "notes.txt").write_text("mine")
+    _check_manifest(layout, old)  # the old settings, without --overwrite_output_dir
+    assert not (layout.root / "round-2").exists() and not layout.removing.exists()
+    assert json.loads(layout.manifest.read_text()) == old and (layout.root / "notes.txt").exists()
+
+
 def test_a_restart_compares_the_run_not_its_spelling(tmp_path, monkeypatch):
     """`output_dir` spelled with a trailing slash (or a path setting spelled relative) was "other settings", and the
     suggested `--overwrite_output_dir true` deleted the finished run. And a `training:` setting refused mid-run (round

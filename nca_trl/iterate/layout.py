@@ -55,6 +55,8 @@ class RunLayout:
         self.heldout = self.root / "heldout_prompts.jsonl"
         self.results = self.root / "iterate_results.json"
         self.curves = self.root / "iterate_curves.png"
+        # While `--overwrite_output_dir` removes a run: what is left beside it is not a run (`loop._remove_run`)
+        self.removing = self.root / "iterate.removing"
 
     def round_dir(self, r: int) -> Path:
         return self.root / f"round-{r}"

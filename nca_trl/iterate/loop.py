@@ -55,6 +55,9 @@ def _check_manifest(layout: RunLayout, settings: dict, overwrite: bool = False) 
     (`--overwrite_output_dir true`) a run of other settings is removed first (its rounds, results and settings)."""
     from ..runtime.output_dir import FinishedRunError, changed_settings, finished_run_message
 
+    if layout.removing.exists():
+        log(f"finishing the removal of the run in {layout.root} that a stopped --overwrite_output_dir began")
+        _remove_run(layout)
     if not layout.manifest.exists():
         write_json(layout.manifest, settings)
         return
@@ -71,12 +74,21 @@ def _check_manifest(layout: RunLayout, settings: dict, overwrite: bool = False) 
             "it"))
     if changed:
         log(f"--overwrite_output_dir: removing the run of other settings in {layout.root} ({'; '.join(changed[:3])})")
-        for path in [*layout.root.glob("round-*"), layout.heldout, layout.results, layout.curves, layout.manifest]:
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+        _remove_run(layout)
     write_json(layout.manifest, settings)
+
+
+def _remove_run(layout: RunLayout) -> None:
+    """The run's rounds, results and settings removed (other files kept), behind a marker written first and removed
+    last: a run stopped mid-way leaves the marker, and the next start finishes the removal before it reads anything,
+    so that what is left of the run (some rounds, its settings) is never taken for a run to continue."""
+    layout.removing.touch()
+    for path in [*layout.root.glob("round-*"), layout.heldout, layout.results, layout.curves, layout.manifest]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    layout.removing.unlink()
 
 
 def _same_paths(settings: dict) -> dict:
@@ -142,7 +154,8 @@ def iterate(argv: list[str] | None = None) -> dict | None:
                                 world_size=state.num_processes, should_save=main)
     dataset = load_prompts(SimpleNamespace(dataset_name=args.dataset_name, dataset_config=args.dataset_config,
                                            dataset_split=args.dataset_split, max_prompts=None))
-    if args.prompts_per_round is None and layout.manifest.exists() and not args.overwrite_output_dir:
+    if args.prompts_per_round is None and layout.manifest.exists() and not args.overwrite_output_dir \
+            and not layout.removing.exists():
         # A restart (`--rounds N` too) keeps the split of the run: computed from `rounds`, it would change with it
         args.prompts_per_round = json.loads(layout.manifest.read_text()).get("prompts_per_round")
     per_round, heldout = plan_rounds(len(dataset), args)  # refused before `output_dir` exists
