@@ -34,8 +34,7 @@ HH = REPO / "tests" / "data" / "hh_helpful_test.jsonl"
 # these (few, long tests) last, where one worker was still running them while the other had nothing left
 LONGEST_FIRST = ("test_doc_blocks.py", "test_distributed.py", "test_gpu_scale.py", "test_reproduce.py",
                  "test_model_families.py", "test_wheel.py", "test_iterate.py", "test_reliability.py",
-                 "test_trainer.py", "test_benchmark.py", "test_packing.py", "test_conformance.py", "test_streaming.py",
-                 "test_launch.py", "test_score.py", "test_cli.py", "test_generate.py")
+                 "test_trainer.py", "test_benchmark.py", "test_packing.py", "test_streaming.py", "test_launch.py")
 
 
 def pytest_configure(config):
