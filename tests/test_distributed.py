@@ -236,6 +236,18 @@ def test_moe_leaf_marking_and_initialize_guard(tiny_mixtral, tiny_mistral, monke
     assert deepspeed.initialize is fake_initialize  # restored
 
 
+def launch_on_rows(script: str, model, rows: list[dict], out: Path, env: dict) -> None:
+    """`accelerate launch` of the tests' `script` on 2 CPU processes with its arguments MODEL ROWS.json OUT_DIR:
+    `rows` written to `out/rows.json`, what the script writes in `out`."""
+    import json
+
+    (out / "rows.json").write_text(json.dumps(rows))
+    cmd = launch_cmd(cpu_config(out / "ddp.yaml"), free_port(), ("--num_processes", "2"),
+                     (str(Path(__file__).resolve().parent / script), str(model), str(out / "rows.json"), str(out)))
+    log = out / "launch.log"
+    wait([start(cmd, log, env)], [log])
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_precomputed_reference_of_an_in_memory_dataset_on_two_processes(tiny_mistral, tmp_path, launch_env):
@@ -251,12 +263,7 @@ def test_precomputed_reference_of_an_in_memory_dataset_on_two_processes(tiny_mis
 
     rows = [{k: row[k] for k in ("prompt", "completions", "rewards")}
             for row in map(json.loads, VICUNA.read_text().splitlines()[:4])]
-    (tmp_path / "rows.json").write_text(json.dumps(rows))
-    script = Path(__file__).resolve().parent / "in_memory_precompute_run.py"
-    cmd = launch_cmd(cpu_config(tmp_path / "ddp.yaml"), free_port(), ("--num_processes", "2"),
-                     (str(script), str(tiny_mistral), str(tmp_path / "rows.json"), str(tmp_path)))
-    log = tmp_path / "launch.log"
-    wait([start(cmd, log, launch_env)], [log])
+    launch_on_rows("in_memory_precompute_run.py", tiny_mistral, rows, tmp_path, launch_env)
     ranks = [json.loads((tmp_path / f"ref_logps-{rank}.json").read_text()) for rank in (0, 1)]
     args = NCAConfig(output_dir=str(tmp_path / "single"), max_length=64, precompute_ref_log_probs=True,
                      report_to="none", use_cpu=True, activation_checkpointing=False, bf16=False)
@@ -283,12 +290,7 @@ def test_compute_metrics_on_two_processes_gets_each_completion_once(tiny_mistral
     rows = [json.loads(line) for line in VICUNA.read_text().splitlines()[:3]]
     rows = [{"prompt": row["prompt"], "completions": [c[: 30 + 45 * i] for i, c in enumerate(row["completions"][:k])],
              "rewards": row["rewards"][:k]} for row, k in zip(rows, (2, 4, 3))]
-    (tmp_path / "rows.json").write_text(json.dumps(rows))
-    script = Path(__file__).resolve().parent / "compute_metrics_run.py"
-    cmd = launch_cmd(cpu_config(tmp_path / "ddp.yaml"), free_port(), ("--num_processes", "2"),
-                     (str(script), str(tiny_mistral), str(tmp_path / "rows.json"), str(tmp_path)))
-    log = tmp_path / "launch.log"
-    wait([start(cmd, log, launch_env)], [log])
+    launch_on_rows("compute_metrics_run.py", tiny_mistral, rows, tmp_path, launch_env)
     seen = json.loads((tmp_path / "seen.json").read_text())
 
     import compute_metrics_run
@@ -298,12 +300,14 @@ def test_compute_metrics_on_two_processes_gets_each_completion_once(tiny_mistral
     data = Dataset.from_list(rows)
     single = NCATrainer(model=str(tiny_mistral), args=args, train_dataset=data, eval_dataset=data,
                         compute_metrics=compute_metrics_run.metrics_for(str(tiny_mistral)))
-    assert single.evaluate()["eval_rows"] == 9
+    metrics = single.evaluate()
+    assert metrics["eval_rows"] == 9
     one = dict(compute_metrics_run.SEEN)
     assert len({len(tokens) for tokens in one["labels"]}) > 3  # the rows tell apart
     launched = seen["dataset"]
     assert launched["metrics"]["eval_rows"] == 9 and launched["labels"] == one["labels"]
     assert launched["logits"] == pytest.approx(one["logits"], rel=1e-4)
-    assert launched["metrics"]["eval_loss"] == pytest.approx(single.evaluate()["eval_loss"], rel=1e-5)
+    assert launched["metrics"]["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-5)
     streamed = seen["streamed"]
-    assert streamed["labels"][:9] == one["labels"] and streamed["logits"][:9] == pytest.approx(one["logits"], rel=1e-4)
+    assert streamed["labels"][:9] == one["labels"]
+    assert streamed["logits"][:9] == pytest.approx(one["logits"], rel=1e-4)

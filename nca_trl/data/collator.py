@@ -18,6 +18,7 @@ from .rewards import TIE_SPREAD
 __all__ = ["ROW_COLUMNS", "DataCollatorForRatedCompletions", "check_collator"]
 
 logger = logging.getLogger("nca_trl")
+_warned = {"empty_prompt": False}  # warnings shown once per process, as in `data.tokenize`
 
 #: The prepared row's columns that batches are built from (the trainers' signature columns: with
 #: `remove_unused_columns`, the only ones the collator gets)
@@ -99,10 +100,11 @@ class DataCollatorForRatedCompletions(DataCollatorMixin):
         if self.shared_prompt and all(example["prompt_ids"] for example in examples):
             output = build_shared_prompt_batch(examples, self.max_length)
         else:
-            if self.shared_prompt:
-                _say_once("A batch holds a prompt with no token left before its completions (no BOS, and its text "
-                          "merged into the completions' first tokens): such batches take the plain padded layout, "
-                          "with the same log-probs.")
+            if self.shared_prompt and not _warned["empty_prompt"]:
+                _warned["empty_prompt"] = True
+                logger.warning("A batch holds a prompt with no token left before its completions (no BOS, and its "
+                               "text merged into the completions' first tokens): such batches take the plain padded "
+                               "layout, with the same log-probs. Shown once.")
             output = self._padded(examples, k_max, window)
         slots = torch.zeros(len(examples), k_max, dtype=torch.bool)
         rewards = torch.zeros(len(examples), k_max, dtype=torch.float32)
@@ -147,15 +149,6 @@ class DataCollatorForRatedCompletions(DataCollatorMixin):
             "attention_mask": pad(attention_mask, padding_value=0, **pad_kwargs),
             "completion_mask": pad(completion_mask, padding_value=0, **pad_kwargs),
         }
-
-
-_SAID: set[str] = set()  # the collators' one-time warnings already given in this process
-
-
-def _say_once(message: str) -> None:
-    if message not in _SAID:
-        _SAID.add(message)
-        logger.warning(message)
 
 
 def check_collator(collator, dataset, remove_unused_columns: bool = True) -> None:

@@ -73,10 +73,10 @@ class ScoreArguments:
     max_length: int | None = field(
         default=None,
         metadata={
-            "help": "Reward-model input length in tokens; longer prompt + completion sequences keep their last `max_length` "
-            "tokens (the reward is read at the last token, whatever the tokenizer's `truncation_side`), counted and "
-            "warned about. Default: the tokenizer's `model_max_length` "
-            "when set, else the model's `max_position_embeddings`."
+            "help": "Reward-model input length in tokens; longer prompt + completion sequences keep their last "
+            "`max_length` tokens (the reward is read at the last token, whatever the tokenizer's `truncation_side`), "
+            "counted and warned about. Default: the tokenizer's `model_max_length` when set, else the model's "
+            "`max_position_embeddings`."
         },
     )
     dtype: str = field(

@@ -242,12 +242,16 @@ def disable_attention_dropout(*models) -> None:
         for module in model.modules():
             if type(module).__name__.endswith("Attention"):
                 for name in _DROPOUT_NAMES:
-                    value = getattr(module, name, None)
-                    if isinstance(value, float) and value > 0:
+                    if _probability(getattr(module, name, None)) > 0:  # a number (an nn.Dropout is TRL's to zero)
                         setattr(module, name, 0.0)
 
 
 _DROPOUT_NAMES = ("attention_dropout", "attn_dropout", "attn_pdrop", "dropout")
+
+
+def _probability(value) -> float:
+    """`value` as a dropout probability if it is a number (not a bool), else 0."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
 def _attention_dropout(attention) -> float:
@@ -257,9 +261,9 @@ def _attention_dropout(attention) -> float:
     a kernel that applies whatever a call gets."""
     for name in _DROPOUT_NAMES:
         value = getattr(attention, name, None)
-        p = getattr(value, "p", value)
-        if isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0:
-            return float(p)
+        p = _probability(getattr(value, "p", value))
+        if p > 0:
+            return p
     return 0.0
 
 
