@@ -569,6 +569,24 @@ def test_deepspeed_cpu_notice_only_where_deepspeed_is_used(tmp_path):
     assert launched.returncode == 0 and "Setting accelerator to CPU" in launched.stdout + launched.stderr
 
 
+def test_deepspeed_on_cpu_builds_no_inference_kernel(monkeypatch):
+    """DeepSpeed's backend compiled its shared-memory all-reduce (a C++ extension, about a minute, a compiler required)
+    at the start of every CPU DeepSpeed launch, for a kernel only its inference tensor parallelism calls. Under a
+    DeepSpeed launch on CPU it is not built (test_distributed's ZeRO-2 launch finds no build); elsewhere DeepSpeed is
+    as it was."""
+    import importlib
+
+    from nca_trl.runtime.environment import skip_deepspeed_cpu_shm_build
+
+    backend = importlib.import_module("deepspeed.comm.torch")
+    original = backend.build_shm_op
+    monkeypatch.setattr(backend, "build_shm_op", original)  # restored after the test
+    assert not skip_deepspeed_cpu_shm_build({}) and backend.build_shm_op is original
+    assert not skip_deepspeed_cpu_shm_build({"ACCELERATE_USE_DEEPSPEED": "false"}) and backend.build_shm_op is original
+    assert skip_deepspeed_cpu_shm_build({"ACCELERATE_USE_DEEPSPEED": "true"})
+    assert backend.build_shm_op() is None
+
+
 @pytest.mark.parametrize("loss", ["nca", "infonca"])
 def test_paper_recipe_uses_the_papers_one_hot_targets(loss):
     """The recipe that claims the paper's setup has the authors' released behaviour (temperature_alpha 1e-4 on 1-10

@@ -66,8 +66,13 @@ def ddp(tiny_mistral, runs_dir, launch_env):
 
 @pytest.fixture(scope="module")
 def zero2(tiny_mistral, runs_dir, launch_env):
+    """Its own DeepSpeed extension cache, which the run leaves without DeepSpeed's inference-only shm kernel."""
     args = common_args(tiny_mistral) + ["--ddp_backend", "gloo"]
-    return launch(launch_env, ACCEL / "deepspeed_zero2.yaml", args, runs_dir / "zero2")
+    extensions = runs_dir / "zero2_extensions"
+    info = launch({**launch_env, "TORCH_EXTENSIONS_DIR": str(extensions)}, ACCEL / "deepspeed_zero2.yaml", args,
+                  runs_dir / "zero2")
+    info["extensions_built"] = sorted(p.name for p in extensions.glob("*/*")) if extensions.exists() else []
+    return info
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +95,7 @@ def test_ddp_two_cpu_processes(ddp):
 @pytest.mark.distributed
 def test_zero2_two_processes(zero2):
     assert_two_processes(zero2, "DEEPSPEED", zero_stage=2)
+    assert zero2["extensions_built"] == []  # no C++ compiled at the start (environment.skip_deepspeed_cpu_shm_build)
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import platform
 from importlib import metadata
 
 __all__ = ["PACKAGES", "broadcast", "distributed_state", "end_process_group", "main_process_first",
-           "quiet_deepspeed_cpu_notice", "quiet_replica_notices", "versions"]
+           "quiet_deepspeed_cpu_notice", "quiet_replica_notices", "skip_deepspeed_cpu_shm_build", "versions"]
 
 #: The packages a run depends on, in the order `versions()` lists them.
 PACKAGES = ("nca-trl", "torch", "transformers", "trl", "datasets", "accelerate", "peft", "deepspeed")
@@ -97,6 +97,32 @@ def quiet_deepspeed_cpu_notice() -> None:
     logger = logging.getLogger("DeepSpeed")
     if not any(isinstance(f, _DeepSpeedCPUNotice) for f in logger.filters):
         logger.addFilter(_DeepSpeedCPUNotice())
+
+
+def _no_shm_op():
+    """Stands for `deepspeed.comm.torch.build_shm_op` (see `skip_deepspeed_cpu_shm_build`): no kernel."""
+    return None
+
+
+def skip_deepspeed_cpu_shm_build(environ=None) -> bool:
+    """On the CPU processes of a DeepSpeed launch (`ACCELERATE_USE_DEEPSPEED=true`), DeepSpeed's communication backend
+    compiles a C++ shared-memory all-reduce (`deepspeed_shm_comm`) when it starts: about a minute, and a C++ compiler
+    required, for a kernel that only DeepSpeed's inference tensor parallelism calls (`inference_all_reduce`); training
+    reduces through torch.distributed either way. Not built there: DeepSpeed's backend then runs as where the kernel
+    is missing. On a GPU (or without DeepSpeed) nothing changes. Returns whether the build is skipped."""
+    import importlib
+    import importlib.util
+
+    environ = os.environ if environ is None else environ
+    if environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or not importlib.util.find_spec("deepspeed"):
+        return False
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return False
+    # by its module's name: the attribute `deepspeed.comm.torch` is torch itself (deepspeed.comm's star import)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = _no_shm_op
+    return True
 
 
 class _ReplicaNotices:
