@@ -583,6 +583,10 @@ def test_deepspeed_on_cpu_builds_no_inference_kernel(monkeypatch):
     monkeypatch.setattr(backend, "build_shm_op", original)  # restored after the test
     assert not skip_deepspeed_cpu_shm_build({}) and backend.build_shm_op is original
     assert not skip_deepspeed_cpu_shm_build({"ACCELERATE_USE_DEEPSPEED": "false"}) and backend.build_shm_op is original
+    with monkeypatch.context() as broken:  # a DeepSpeed that fails to import fails later, where accelerate imports it
+        broken.setitem(sys.modules, "deepspeed.accelerator", None)
+        assert not skip_deepspeed_cpu_shm_build({"ACCELERATE_USE_DEEPSPEED": "true"})
+        assert backend.build_shm_op is original
     assert skip_deepspeed_cpu_shm_build({"ACCELERATE_USE_DEEPSPEED": "true"})
     assert backend.build_shm_op() is None
 

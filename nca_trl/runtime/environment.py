@@ -109,19 +109,24 @@ def skip_deepspeed_cpu_shm_build(environ=None) -> bool:
     compiles a C++ shared-memory all-reduce (`deepspeed_shm_comm`) when it starts: about a minute, and a C++ compiler
     required, for a kernel that only DeepSpeed's inference tensor parallelism calls (`inference_all_reduce`); training
     reduces through torch.distributed either way. Not built there: DeepSpeed's backend then runs as where the kernel
-    is missing. On a GPU (or without DeepSpeed) nothing changes. Returns whether the build is skipped."""
+    is missing. On a GPU (or without DeepSpeed) nothing changes. A DeepSpeed that fails to import is left to fail
+    where the launch imports it, with its own message. Returns whether the build is skipped."""
     import importlib
     import importlib.util
 
     environ = os.environ if environ is None else environ
     if environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or not importlib.util.find_spec("deepspeed"):
         return False
-    from deepspeed.accelerator import get_accelerator
+    try:
+        from deepspeed.accelerator import get_accelerator
 
-    if get_accelerator().device_name() != "cpu":
+        if get_accelerator().device_name() != "cpu":
+            return False
+        # by its module's name: the attribute `deepspeed.comm.torch` is torch itself (deepspeed.comm's star import)
+        backend = importlib.import_module("deepspeed.comm.torch")
+    except Exception:  # noqa: BLE001 - a broken DeepSpeed install: accelerate's import of it says what is wrong
         return False
-    # by its module's name: the attribute `deepspeed.comm.torch` is torch itself (deepspeed.comm's star import)
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = _no_shm_op
+    backend.build_shm_op = _no_shm_op
     return True
 
 
