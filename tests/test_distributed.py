@@ -66,11 +66,13 @@ def ddp(tiny_mistral, runs_dir, launch_env):
 
 @pytest.fixture(scope="module")
 def zero2(tiny_mistral, runs_dir, launch_env):
-    """Its own DeepSpeed extension cache, which the run leaves without DeepSpeed's inference-only shm kernel."""
+    """Its own DeepSpeed extension cache, which the run leaves without DeepSpeed's inference-only shm kernel, and no C++
+    compiler (`CXX` names none): DeepSpeed's CPU backend failed to start without one ("Error building extension
+    'deepspeed_shm_comm'") before nca-trl left that kernel unbuilt."""
     args = common_args(tiny_mistral) + ["--ddp_backend", "gloo"]
     extensions = runs_dir / "zero2_extensions"
-    info = launch({**launch_env, "TORCH_EXTENSIONS_DIR": str(extensions)}, ACCEL / "deepspeed_zero2.yaml", args,
-                  runs_dir / "zero2")
+    env = {**launch_env, "TORCH_EXTENSIONS_DIR": str(extensions), "CXX": str(runs_dir / "no-such-compiler")}
+    info = launch(env, ACCEL / "deepspeed_zero2.yaml", args, runs_dir / "zero2")
     info["extensions_built"] = sorted(p.name for p in extensions.glob("*/*")) if extensions.exists() else []
     return info
 
