@@ -236,3 +236,41 @@ def test_flash_attention_2_takes_the_shared_prompt_layout(tiny_mistral, vicuna, 
         add_fused_lm_head(reference)
         plain_logps = trainer._sequence_logps(reference, plain)[-1]
     assert packed_logps == pytest.approx(plain_logps, abs=2e-4, rel=1e-6)
+
+
+@pytest.mark.parametrize("loaded", ["flash_attention_2", "kernels-community/flash-attn2"])
+def test_plain_batches_of_a_flash_model_load_its_kernel_by_its_own_name(tiny_mistral, loaded, monkeypatch):
+    """A plain batch (`predict()`, an evaluation with `compute_metrics`, `generate()`) through a model routed to the
+    shared-prompt layout runs the attention it was loaded with. transformers' flash wrapper loads its kernel by the
+    config's name, which was the routed one: `flash_attention_2` raised ("Could not find the currently requested flash
+    attention implementation at `nca_shared_prompt|flash_attention_2`"), a hub kernel re-registered transformers'
+    wrapper over the layout's attention. Stopped at the kernel's import: no flash-attn here."""
+    import transformers.modeling_flash_attention_utils as flash_utils
+    from transformers.integrations.flash_attention import flash_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from nca_trl.shared_prompt.packing import shared_prompt_attention
+
+    routed = f"nca_shared_prompt|{loaded}"
+    for registry, function in ((ALL_ATTENTION_FUNCTIONS, flash_attention_forward),
+                               (ALL_MASK_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])):
+        monkeypatch.setitem(registry._global_mapping, loaded, registry._global_mapping.get(loaded, function))
+        monkeypatch.setitem(registry._global_mapping, routed, registry._global_mapping.get(routed))  # removed after
+    imported = []
+
+    class KernelImport(Exception):
+        pass
+
+    def lazy_import(implementation, *args, **kwargs):
+        imported.append(implementation)
+        raise KernelImport
+
+    monkeypatch.setattr(flash_utils, "lazy_import_flash_attention", lazy_import)
+    model = AutoModelForCausalLM.from_pretrained(tiny_mistral)
+    model.config._attn_implementation = loaded  # what loading with the kernel available sets
+    assert enable_shared_prompt(model, 48).enabled and model.config._attn_implementation == routed
+    with pytest.raises(KernelImport), torch.no_grad():
+        model(input_ids=torch.tensor([[1, 5, 9, 2]]), attention_mask=torch.ones(1, 4, dtype=torch.long))
+    assert imported == [loaded]
+    assert model.config._attn_implementation == routed and ALL_ATTENTION_FUNCTIONS[routed] is shared_prompt_attention

@@ -161,9 +161,16 @@ def shared_prompt_attention(module, query, key, value, attention_mask, scaling=N
             "Set shared_prompt=False to train this model with the plain padded layout."
         )
     if layout is None:
-        return _original_attention(module, original)(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
+        # A plain batch, run as loaded: with the config naming the original too (transformers' flash wrapper loads its
+        # kernel by that name: the routed one raised, or for a hub kernel replaced this function)
+        config, routed = module.config, module.config._attn_implementation_internal
+        config._attn_implementation_internal = original
+        try:
+            return _original_attention(module, original)(
+                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
+        finally:
+            config._attn_implementation_internal = routed
     if query.size(0) != 1:
         raise ValueError(f"a shared-prompt batch is one row, got a batch of {query.size(0)} rows")
     window, softcap, sinks = kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux")
