@@ -19,6 +19,7 @@ from nca_trl.shared_prompt.varlen import (
     select_kernel,
     torch_varlen_kernel,
     varlen_attention,
+    wide_heads,
 )
 
 KERNELS = {"reference": reference_varlen, "padded": padded_varlen}
@@ -154,7 +155,7 @@ def test_a_kernel_runs_only_what_it_implements(monkeypatch):
     assert torch_29.features == frozenset() and flash.lacks({"sinks", "softcap"}) == ["sinks"]
     layout = VarlenLayout.from_batch(build_shared_prompt_batch(
         [{"prompt_ids": [1, 2, 3, 4], "completion_ids": [[5, 6, 7], [8]]}], max_length=None))
-    q, k, v = qkv(9, 2, 2, 4)
+    q, k, v = qkv(9, 2, 2, 8)
     varlen_attention(q, k, v, layout, flash, window=3, softcap=5.0)
     varlen_attention(q, k, v, layout, torch_211, window=3)
     varlen_attention(q, k, v, layout, torch_211, window=7)  # 7 keys at most: the window never binds, not passed
@@ -163,6 +164,14 @@ def test_a_kernel_runs_only_what_it_implements(monkeypatch):
         varlen_attention(q, k, v, layout, torch_29, window=3)
     with pytest.raises(ValueError, match="does not implement dropout"):  # attention dropout, in training
         varlen_attention(q, k, v, layout, torch_211, dropout=0.1)
+    # Head widths the fused kernels do not take (FlashAttention 3/4 check a multiple of 8 and at most 256; values no
+    # wider than queries, which the zero-padding of narrower values would have cropped): refused at the call
+    for q_dim, v_dim in ((12, 12), (4, 4), (264, 264), (8, 16)):
+        q, k, _ = qkv(9, 2, 2, q_dim)
+        assert wide_heads(q, torch.zeros(9, 2, v_dim)), (q_dim, v_dim)
+        with pytest.raises(ValueError, match=r"does not implement wide_heads \(heads wider than 256 dimensions, not"):
+            varlen_attention(q, k, torch.zeros(9, 2, v_dim), layout, flash)
+    assert [varlen.fused_head_width(*dims) for dims in ((8,), (64,), (256,), (192, 128), (80, 80))] == [True] * 5
     # Selection: the CPU default for a model with sinks and a window; a forced path that lacks one is refused
     monkeypatch.setattr(varlen, "_selected", {})
     cpu = torch.device("cpu")
@@ -194,8 +203,8 @@ def test_varlen_gradcheck():
     examples = [{"prompt_ids": [1, 2, 3], "completion_ids": [[4], [5, 6]]}, {"prompt_ids": [7], "completion_ids": [[8]]}]
     layout = VarlenLayout.from_batch(build_shared_prompt_batch(examples, max_length=None))
     q, k, v = qkv(layout.cu_seqlens_q[-1].item(), 2, 1, 3, seed=1)
-    for name, fn in KERNELS.items():
-        kernel = varlen.VarlenKernel(name, fn)
+    for name in KERNELS:
+        kernel = varlen._PYTORCH_PATHS[name]  # heads 3 wide: which the PyTorch paths take, the fused kernels not
         assert torch.autograd.gradcheck(
             lambda q, k, v, kernel=kernel: varlen_attention(q, k, v, layout, kernel), (q, k, v), fast_mode=True
         ), name
@@ -317,7 +326,7 @@ def test_cuda_kernels_take_values_narrower_than_queries():
     examples = [{"prompt_ids": [1, 2, 3, 4], "completion_ids": [[5, 6], [7], []]}, {"prompt_ids": [8], "completion_ids": [[9]]}]
     layout = VarlenLayout.from_batch(build_shared_prompt_batch(examples, max_length=None))
     t = layout.cu_seqlens_q[-1].item()
-    q, k, _ = qkv(t, 4, 4, 12, seed=1)
+    q, k, _ = qkv(t, 4, 4, 16, seed=1)
     v = torch.randn(t, 4, 8, dtype=torch.float64)
     want = dense_attention(q, k, v, dense_mask(examples), 0.2)
     for kind, kernel in signatures(calls):
@@ -406,3 +415,19 @@ def test_autocast_gives_the_kernel_one_dtype():
         )
     assert out.dtype == torch.bfloat16 and out.shape == (1, 7, 4, 8)
     torch.testing.assert_close(out[0].float(), dense_attention(q, k, v, dense_mask(examples), 0.3), rtol=0, atol=3e-2)
+
+
+def test_models_with_heads_the_fused_kernels_do_not_take():
+    """At construction, a model whose heads are not a multiple of 8 wide (a tiny config's 12) has the `wide_heads`
+    variant, as Gemma 4's 512-wide heads do: on a GPU its automatic layout is plain, a forced one runs the PyTorch
+    path, instead of failing inside FlashAttention 3/4 or torch's varlen kernel at the first step."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from nca_trl.shared_prompt.families import attention_variants
+
+    def model(hidden, heads):
+        return MistralForCausalLM(MistralConfig(vocab_size=32, hidden_size=hidden, intermediate_size=32,
+                                                num_hidden_layers=1, num_attention_heads=heads, num_key_value_heads=1))
+
+    assert "wide_heads" in attention_variants(model(48, 4))  # 12 wide
+    assert "wide_heads" not in attention_variants(model(64, 4))  # 16 wide

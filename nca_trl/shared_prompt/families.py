@@ -17,7 +17,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-from .varlen import FUSED_MAX_HEAD_DIM
+from .varlen import fused_head_width
 
 __all__ = [
     "ATTENTION_LAYER_TYPES", "EXACT_FAMILIES", "EXACT_MULTIMODAL", "ROUTED_PREFIX", "SharedPromptSupport",
@@ -199,7 +199,7 @@ def attention_variants(model, attention: list | None = None, longest: int | None
     """The attention variants (`nca_trl.shared_prompt.varlen.FEATURES`) `model` uses: `sliding_window`
     (`_sliding_window`; where `longest`, the most keys a segment has, is given: only a window shorter than that, as a
     longer one masks nothing in either layout), `softcap` (`config.attn_logit_softcapping`), `sinks` (attention
-    modules with `sinks`, as GPT-OSS's), `wide_heads` (attention modules with heads wider than `FUSED_MAX_HEAD_DIM`,
+    modules with `sinks`, as GPT-OSS's), `wide_heads` (attention modules with heads of a width no fused kernel takes,
     as Gemma 4's global layers), `dropout` (attention modules whose attention dropout, passed in training, is above 0:
     `_attention_dropout`). A config setting counts only where the config's class declares it (`_declared`).
     `attention`: `attention_modules(model)` where the caller has it already."""
@@ -214,7 +214,7 @@ def attention_variants(model, attention: list | None = None, longest: int | None
         attention = attention_modules(model)
     if any(getattr(m, "sinks", None) is not None for m in attention):
         variants.add("sinks")
-    if any(_head_dim(m) > FUSED_MAX_HEAD_DIM for m in attention):
+    if any(not fused_head_width(*_head_dims(m)) for m in attention):
         variants.add("wide_heads")
     if any(_attention_dropout(m) > 0 for m in attention):
         variants.add("dropout")
@@ -267,11 +267,14 @@ def _attention_dropout(attention) -> float:
     return 0.0
 
 
-def _head_dim(attention) -> int:
-    """The widest head of an attention module: its queries' and keys' (`head_dim`, GPT-NeoX's `head_size`, MLA's
-    `qk_head_dim`) or values'."""
-    dims = (getattr(attention, name, None) for name in ("head_dim", "head_size", "qk_head_dim", "v_head_dim"))
-    return max((d for d in dims if isinstance(d, int)), default=0)
+def _head_dims(attention) -> tuple[int, int]:
+    """The widths of an attention module's heads: its queries' and keys' (MLA's `qk_head_dim`, else `head_dim`, or
+    GPT-NeoX's `head_size`), and its values' (MLA's `v_head_dim`, else the same)."""
+    def dim(*names):
+        return next((d for d in (getattr(attention, n, None) for n in names) if isinstance(d, int)), None)
+
+    query = dim("qk_head_dim", "head_dim", "head_size") or 0
+    return query, dim("v_head_dim") or query
 
 
 def _sliding_window(config) -> int | None:

@@ -39,8 +39,9 @@ Attention variants (`VarlenKernel.features`), each applied exactly as the model'
   `softcap`, and `reference_varlen`;
 - `sinks` (GPT-OSS's per-head `s_aux` logits): one more logit per head in every softmax, dropped afterwards:
   `reference_varlen` only;
-- `wide_heads`: heads wider than `FUSED_MAX_HEAD_DIM` (256) dimensions (Gemma 4's 512-wide global layers), which no
-  fused kernel takes: the PyTorch paths only (not a keyword of the attention call: read from the queries' width);
+- `wide_heads`: heads of a width no fused kernel takes (`fused_head_width`): wider than `FUSED_MAX_HEAD_DIM` (256)
+  dimensions (Gemma 4's 512-wide global layers), not a multiple of 8, or values wider than the queries: the PyTorch
+  paths only (not a keyword of the attention call: read from the queries' and values' widths);
 - `dropout` p > 0 (attention dropout, which a model passes in training only, e.g. GPT-BigCode's `attn_pdrop`, which
   TRL's `disable_dropout` does not reach): `flash_attn` kernels that take `dropout_p` (FlashAttention 2) and the
   PyTorch paths; not torch's `varlen_attn`.
@@ -66,10 +67,10 @@ from .torch_paths import padded_varlen, reference_varlen, repeat_kv
 logger = logging.getLogger("nca_trl")
 
 __all__ = [
-    "CPU_KERNEL", "FEATURES", "FUSED_MAX_HEAD_DIM", "KERNEL_ENV", "VarlenKernel", "VarlenLayout", "binding_window",
-    "cuda_varlen_kernel", "flash_attn_kernel", "forced_kernel_problem", "padded_varlen", "reference_varlen",
-    "reset_kernel_choices", "select_kernel", "selected_kernels", "torch_varlen_kernel", "varlen_attention",
-    "wide_heads",
+    "CPU_KERNEL", "FEATURES", "FUSED_HEAD_DIM_MULTIPLE", "FUSED_MAX_HEAD_DIM", "KERNEL_ENV", "VarlenKernel",
+    "VarlenLayout", "binding_window", "cuda_varlen_kernel", "flash_attn_kernel", "forced_kernel_problem",
+    "fused_head_width", "padded_varlen", "reference_varlen", "reset_kernel_choices", "select_kernel",
+    "selected_kernels", "torch_varlen_kernel", "varlen_attention", "wide_heads",
 ]
 
 KERNEL_ENV = "NCA_TRL_VARLEN_KERNEL"
@@ -78,9 +79,11 @@ CPU_KERNEL = "reference"
 _FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
 # The attention variants a kernel may implement (module docstring)
 FEATURES = ("sliding_window", "softcap", "sinks", "wide_heads", "dropout")
-# The widest attention head the fused kernels take (flash-attention 2/3 and torch's varlen_attn: 256); wider heads
-# are the `wide_heads` variant, which only the PyTorch paths implement
+# The head widths the fused kernels take: at most 256 dimensions (flash-attention 2/3/4, torch's varlen_attn), a
+# multiple of 8 (FlashAttention 3/4's kernels check it, as FlashAttention 2's C++ does, whose Python wrapper pads);
+# other widths are the `wide_heads` variant, which only the PyTorch paths implement
 FUSED_MAX_HEAD_DIM = 256
+FUSED_HEAD_DIM_MULTIPLE = 8
 
 
 @dataclass
@@ -142,16 +145,25 @@ class VarlenKernel:
         return [f for f in FEATURES if f in needs and f not in self.features]
 
 
+def fused_head_width(query_dim: int, value_dim: int | None = None) -> bool:
+    """Whether the fused kernels take heads `query_dim` wide (queries and keys) with values `value_dim` wide (None: as
+    wide as the queries): at most `FUSED_MAX_HEAD_DIM`, a multiple of `FUSED_HEAD_DIM_MULTIPLE`, values no wider than
+    the queries (narrower values, MLA's, are zero-padded to the queries' width)."""
+    value_dim = query_dim if value_dim is None else value_dim
+    return query_dim <= FUSED_MAX_HEAD_DIM and query_dim % FUSED_HEAD_DIM_MULTIPLE == 0 and value_dim <= query_dim
+
+
 def wide_heads(query: torch.Tensor, value: torch.Tensor) -> bool:
-    """Whether an attention call's heads (queries' or values', the last dimension) are wider than the fused kernels
-    take (`FUSED_MAX_HEAD_DIM`): the `wide_heads` variant."""
-    return max(query.size(-1), value.size(-1)) > FUSED_MAX_HEAD_DIM
+    """Whether an attention call's heads (the last dimension of its queries and values) are of a width the fused
+    kernels do not take (`fused_head_width`): the `wide_heads` variant."""
+    return not fused_head_width(query.size(-1), value.size(-1))
 
 
 def _named(variants: list[str]) -> str:
     """Variants of `FEATURES` for a message (`wide_heads` says what it is)."""
-    return ", ".join(f"wide_heads (heads wider than {FUSED_MAX_HEAD_DIM} dimensions)" if v == "wide_heads" else v
-                     for v in variants)
+    wide = (f"wide_heads (heads wider than {FUSED_MAX_HEAD_DIM} dimensions, not a multiple of "
+            f"{FUSED_HEAD_DIM_MULTIPLE}, or values wider than queries)")
+    return ", ".join(wide if v == "wide_heads" else v for v in variants)
 
 
 def binding_window(window: int | None, layout: VarlenLayout) -> int | None:
