@@ -431,3 +431,27 @@ def test_models_with_heads_the_fused_kernels_do_not_take():
 
     assert "wide_heads" in attention_variants(model(48, 4))  # 12 wide
     assert "wide_heads" not in attention_variants(model(64, 4))  # 16 wide
+
+
+def test_the_layout_follows_the_queries_to_their_device():
+    """A model split over several GPUs (`device_map`): accelerate's hooks move each layer's arguments with
+    `send_to_device`, which moves only tensors, containers and objects with `.to`, so the layout stayed on the first
+    GPU and the next GPU's layers indexed across devices. It moves (here to `meta`, the device a CPU has besides its
+    own), by the hooks and at the call."""
+    from accelerate.utils import send_to_device
+
+    layout = VarlenLayout.from_batch(build_shared_prompt_batch(
+        [{"prompt_ids": [1, 2, 3, 4], "completion_ids": [[5, 6, 7], [8]]}], max_length=None))
+    moved = send_to_device({"nca_layout": layout}, "meta")["nca_layout"]
+    assert {t.device.type for t in (moved.cu_seqlens_q, moved.cu_seqlens_k, moved.kv_index)} == {"meta"}
+    assert (moved.cu_seqlens_q.dtype, moved.kv_index.dtype, moved.max_seqlen_k) == (torch.int32, torch.int64, 7)
+    assert layout.kv_index.device.type == "cpu"  # a copy: the row's own layout is left as it was
+    seen = []
+
+    def kernel(q, k, v, cu_q, cu_k, *rest, **kwargs):
+        seen.append({t.device.type for t in (k, cu_q, cu_k)})
+        return q
+
+    q, k, v = (t.to("meta") for t in qkv(9, 2, 2, 8))
+    varlen_attention(q, k, v, layout, varlen.VarlenKernel("stand-in", kernel))
+    assert seen == [{"meta"}]

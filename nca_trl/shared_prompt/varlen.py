@@ -57,7 +57,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +103,12 @@ class VarlenLayout:
     max_seqlen_k: int
 
     KEYS = ("cu_seqlens_q", "cu_seqlens_k", "kv_index", "max_seqlen_q", "max_seqlen_k")
+
+    def to(self, device, non_blocking: bool = False) -> VarlenLayout:
+        """The layout with its tensors on `device`: what accelerate's hooks call to move a layer's arguments (a model
+        split over several GPUs by `device_map`), and `varlen_attention` where the queries are elsewhere."""
+        return replace(self, **{key: getattr(self, key).to(device, non_blocking=non_blocking)
+                                            for key in ("cu_seqlens_q", "cu_seqlens_k", "kv_index")})
 
     @classmethod
     def from_batch(cls, batch) -> VarlenLayout:
@@ -194,6 +200,8 @@ def varlen_attention(
     if lacking:
         raise ValueError(f"the varlen kernel {kernel.name} does not implement {_named(lacking)}")
     scale = query.size(-1) ** -0.5 if scale is None else scale
+    if layout.kv_index.device != query.device:  # a layer on another GPU than the one the row was put on
+        layout = layout.to(query.device)
     # Each segment's keys: its prompt prefix's, then its own. The backward of index_select adds the gradients of a
     # prompt key over every completion that reads it
     k = key.index_select(0, layout.kv_index)
