@@ -470,3 +470,23 @@ def test_no_fused_kernel_on_rocm(monkeypatch):
     monkeypatch.setattr(torch.version, "hip", "6.4.0")
     kernel, why = varlen.cuda_varlen_kernel("sdpa")
     assert kernel is None and why.startswith("ROCm: the fused varlen kernels are checked")
+
+
+def test_sinks_in_the_wider_dtype_as_gpt_oss_eager():
+    """GPT-OSS's eager attention concatenates bf16 scores with its sink logits as they are (float32 weights under
+    autocast), so the softmax runs in float32; the reference path cast the sinks down to bf16 instead. One segment,
+    no mask needed beyond causal: the same numbers as transformers' GPT-OSS attention."""
+    from types import SimpleNamespace
+
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 8, dtype=torch.bfloat16) for _ in range(3))
+    sinks = torch.randn(2, dtype=torch.float32) * 3
+    causal = torch.full((6, 6), float("-inf")).triu(1).to(torch.bfloat16)
+    module = SimpleNamespace(sinks=sinks, num_key_value_groups=1, training=False)
+    want = eager_attention_forward(module, q, k, v, causal[None, None], scaling=8 ** -0.5)[0]  # [1, 6, 2, 8]
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    got = reference_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, 6, 6,
+                           scale=8 ** -0.5, sinks=sinks)
+    torch.testing.assert_close(got[None], want, rtol=0, atol=0)

@@ -39,9 +39,10 @@ def _eager_segment(q, k, v, visible, scale, dropout, softcap, sinks):
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~visible, float("-inf"))
-    if sinks is not None:
-        sink = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(1, -1, scores.size(2), 1)
-        scores = torch.cat([scores, sink], dim=-1)
+    if sinks is not None:  # in the wider of the two dtypes, as GPT-OSS's `torch.cat` promotes (bf16 scores, fp32 sinks)
+        dtype = torch.promote_types(scores.dtype, sinks.dtype)
+        sink = sinks.to(dtype).reshape(1, -1, 1, 1).expand(1, -1, scores.size(2), 1)
+        scores = torch.cat([scores.to(dtype), sink], dim=-1)
         scores = scores - scores.max(dim=-1, keepdim=True).values
     probs = scores.softmax(dim=-1)
     if sinks is not None:
