@@ -64,17 +64,19 @@ _NCA_PAPER = {
 
 
 @contextlib.contextmanager
-def _activation_checkpointing_off(model, kwargs: dict | None):
-    """`trl.models.utils.disable_gradient_checkpointing` with transformers 5's non-deprecated names: checkpointing is
-    pointless without gradients (reference forward)."""
-    was_enabled = getattr(model, "is_activation_checkpointing", False)
-    if was_enabled:
-        model.activation_checkpointing_disable()
+def _activation_checkpointing_off(model):
+    """Activation checkpointing off for a forward without gradients (the reference's), pointless there: each module's
+    `gradient_checkpointing` flag that is on is set off, then back on, nothing else touched. Re-enabling with
+    `activation_checkpointing_enable(kwargs)` (as `trl.models.utils.disable_gradient_checkpointing` does) checkpointed
+    every layer from then on, dropped `offload`, and passed `every_n_layers` / `offload` on to torch's checkpoint."""
+    flagged = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for module in flagged:
+        module.gradient_checkpointing = False
     try:
         yield
     finally:
-        if was_enabled:
-            model.activation_checkpointing_enable(kwargs)
+        for module in flagged:
+            module.gradient_checkpointing = True
 
 
 @contextlib.contextmanager
@@ -347,7 +349,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, EvalPredictionsMixin, SharedPromp
             adapter_context = use_adapter(unwrapped, adapter_name=reference_adapter(unwrapped))
         with (
             torch.no_grad(),
-            _activation_checkpointing_off(self.model, self.args.activation_checkpointing_kwargs),
+            _activation_checkpointing_off(self.model),
             adapter_context,
             experts_for_fused_head(model),  # no MoE aux loss in a reference forward (TRL computes one by the config)
             self.accelerator.autocast(),

@@ -609,3 +609,30 @@ def test_compute_metrics_gets_every_completion(tiny_mistral, vicuna, tmp_path):
     trainer = NCATrainer(model=tiny_mistral, args=make_args(NCAConfig, tmp_path, max_length=48), train_dataset=data,
                          eval_dataset=data, compute_metrics=compute_metrics)
     assert trainer.evaluate()["eval_rows"] == 9.0 and seen == [(9, 9)]
+
+
+def test_reference_forwards_leave_the_checkpointing_settings_as_they_were(tiny_mistral, vicuna, tmp_path):
+    """Each step's reference forward turns activation checkpointing off and back on. Back on, it was re-enabled with
+    the raw `activation_checkpointing_kwargs`: from step 1 on every layer was checkpointed (`every_n_layers` lost),
+    `offload` dropped, and both keys went on to torch's checkpoint (with `use_reentrant: true`: "Unexpected keyword
+    arguments: every_n_layers,offload"). The layers' flags and checkpoint functions are the same after training."""
+    args = make_args(NCAConfig, tmp_path, max_steps=2, activation_checkpointing=True,
+                     activation_checkpointing_kwargs={"use_reentrant": False, "every_n_layers": 2})
+    states = []
+
+    class Layers(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):  # checkpointing set up, no step yet
+            states.append(self.state(model))
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            states.append(self.state(model))
+
+        @staticmethod
+        def state(model):
+            return [(m.gradient_checkpointing, m._gradient_checkpointing_func) for m in model.modules()
+                    if type(m).__name__.endswith("DecoderLayer")]
+
+    trainer = NCATrainer(model=tiny_mistral, args=args, train_dataset=vicuna.select(range(4)), callbacks=[Layers()])
+    trainer.train()
+    assert [on for on, _ in states[0]] == [True, False]  # every second layer, as asked
+    assert states[1] == states[0]
