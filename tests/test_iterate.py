@@ -567,3 +567,40 @@ def test_lora_rounds_resume_after_a_kill_with_the_same_adapter(digits_model, tmp
         a = load_file(whole / f"round-{r}" / "model" / "adapter_model.safetensors")
         b = load_file(out / f"round-{r}" / "model" / "adapter_model.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"round {r}"
+
+
+def test_the_other_processes_wait_for_the_main_process_by_its_marks(tmp_path, monkeypatch):
+    """Scoring and the evaluation's numbers run on the main process alone. The other processes waited for them in a
+    barrier, a collective that times out (NCCL's and DeepSpeed's default: 10 minutes) while a reward model scores for
+    longer; they now wait for the main process's mark in status.json and meet it in a barrier only then. Here a second
+    process's round 1, the main process's marks written by a thread after a delay."""
+    import threading
+    from types import SimpleNamespace
+
+    import nca_trl.runtime.environment as environment
+    from nca_trl.iterate import loop
+    from nca_trl.iterate.layout import RunLayout
+
+    layout = RunLayout(tmp_path / "run")
+    layout.round_dir(1).mkdir(parents=True)
+    barriers = []
+    state = SimpleNamespace(is_main_process=False, num_processes=2,
+                            wait_for_everyone=lambda: barriers.append(sorted(layout.status(1))))
+    monkeypatch.setattr(environment, "broadcast", lambda state, value: {})  # round 1's status.json: nothing done
+    monkeypatch.setattr(loop, "run_generate", lambda *args, **kwargs: {"stats": {}})
+    monkeypatch.setattr(loop, "run_train", lambda *args, **kwargs: {})
+    monkeypatch.setattr(loop, "_evaluate", lambda *args: {})
+    monkeypatch.setattr(loop, "_POLL_S", 0.02)
+
+    def main_process():
+        for stage, info in (("generate", {}), ("score", {}), ("train", {}), ("eval", {"empty_completions": 0})):
+            time.sleep(0.3)
+            layout.mark_done(1, stage, info)
+
+    thread = threading.Thread(target=main_process)
+    thread.start()
+    args = SimpleNamespace(model_name_or_path="m", seed=0, reference="initial")
+    loop._round(args, layout, 1, 8, None, state)
+    thread.join()
+    # Barriers: the round's prompts written, scoring, training (which every process runs), the evaluation
+    assert len(barriers) == 4 and "score" in barriers[1] and "eval" in barriers[3], barriers

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import asdict
 from types import SimpleNamespace
 
@@ -132,6 +133,27 @@ def _evaluate(args, layout: RunLayout, r: int, policy: str, main: bool) -> dict:
     return metrics
 
 
+# How often the other processes of a launch look for the main process's mark of a stage it runs alone (seconds)
+_POLL_S = 2.0
+
+
+def _wait_for_main(state, layout: RunLayout, r: int, stage: str) -> None:
+    """The other processes of a launch wait for the main process's `stage` of round r (scoring, the evaluation, which
+    it runs alone) by its mark in `status.json`, then meet it in a barrier: a collective over the whole stage timed
+    out while the main process scored (NCCL's and DeepSpeed's default: 10 minutes; a reward model scoring 80,000
+    completions takes longer). A main process that fails ends the launch (its launcher stops the others)."""
+    if not state.is_main_process:
+        while not _done(layout.status(r), stage):
+            time.sleep(_POLL_S)
+    state.wait_for_everyone()
+
+
+def _done(status: dict, stage: str) -> bool:
+    """Whether a round's `status.json` lists `stage` as done (an evaluation: with every held-out sample scored, empty
+    ones too; one of an older nca-trl left them out and runs again)."""
+    return "empty_completions" in status.get("eval", {}) if stage == "eval" else stage in status
+
+
 def _state():
     from ..runtime.environment import distributed_state
 
@@ -197,7 +219,7 @@ def _round(args, layout: RunLayout, r: int, per_round: int, dataset, state) -> d
 
     main = state.is_main_process
     status = broadcast(state, layout.status(r) if main else None)
-    if "eval" in status and "empty_completions" in status["eval"]:
+    if _done(status, "eval"):
         log(f"round {r}: done (round-{r}/status.json), skipping")
         return status["eval"]
     if "eval" in status:  # evaluated before every held-out sample was scored: its mean left empty answers out
@@ -215,7 +237,7 @@ def _round(args, layout: RunLayout, r: int, per_round: int, dataset, state) -> d
         if "score" not in status:
             if main:
                 layout.mark_done(r, "score", run_score(args, layout.samples(r), layout.rated(r)).get("stats", {}))
-            state.wait_for_everyone()
+            _wait_for_main(state, layout, r, "score")
         if "train" not in status:
             reference = args.model_name_or_path if r > 1 and args.reference == "initial" else None
             info = run_train(args, r, policy, reference, layout.rated(r), layout.model(r))
@@ -232,5 +254,5 @@ def _round(args, layout: RunLayout, r: int, per_round: int, dataset, state) -> d
         log(f"round {r}: held-out reward {metrics['reward_mean']:.4f} (best of {args.num_completions} "
              f"{metrics['reward_best_of_k']:.4f}), KL to initial {metrics['kl_to_initial']:.3f}, "
              f"length {metrics['length_mean']:.1f}")
-    state.wait_for_everyone()
+    _wait_for_main(state, layout, r, "eval")
     return metrics
