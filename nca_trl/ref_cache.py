@@ -5,7 +5,10 @@ The cache is a column `ref_logps` written next to the prepared dataset's own cac
 
 - the prepared dataset's fingerprint (the raw rows, the tokenization and `max_completions`),
 - the tokenizer's chat template, special tokens and vocabulary size (explicitly, not only through the fingerprint),
-- the reference model's weights and dtype (`trl.trainer.utils.hash_module`) and its config,
+- the reference model's weights and dtype (`trl.trainer.utils.hash_module`), its config and attention implementation,
+  and the weight files of the folder it was loaded from (names, sizes, modification times) and its Hub commit: under
+  ZeRO-3 every process holds its parameters partitioned into empty tensors, so TRL's hash covers names and dtypes
+  only, and weights rewritten in place into the same folder reused the old values,
 - `max_length`, `truncation_mode` and the batch layout (the collator truncates, after tokenization),
 - the precision the forward runs in (`bf16` / `fp16` autocast),
 - `CACHE_VERSION`, the format of this cache.
@@ -29,6 +32,7 @@ from trl.models import prepare_deepspeed
 
 from .runtime.backbone import use_language_backbones
 from .runtime.router_aux import check_router_aux
+from .shared_prompt.families import original_attention_implementation
 
 logger = logging.getLogger("nca_trl")
 
@@ -55,7 +59,8 @@ def ref_cache_key(trainer, dataset: Dataset) -> str:
     args, collator = trainer.args, trainer.data_collator
     tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
     reference = trainer.model if trainer.ref_model is None else trainer.ref_model
-    config = getattr(trainer.accelerator.unwrap_model(reference), "config", None)
+    unwrapped = trainer.accelerator.unwrap_model(reference)
+    config = getattr(unwrapped, "config", None)
     parts = {
         "dataset": dataset._fingerprint,
         "tokenizer": (getattr(tokenizer, "chat_template", None), str(getattr(tokenizer, "special_tokens_map", "")),
@@ -65,6 +70,8 @@ def ref_cache_key(trainer, dataset: Dataset) -> str:
         "peft_reference": (reference_adapter(trainer.accelerator.unwrap_model(trainer.model))
                            if trainer.ref_model is None and is_peft_model(trainer.model) else None),
         "model_config": config.to_json_string(use_diff=False) if config is not None else None,
+        "attention": original_attention_implementation(unwrapped) if config is not None else None,  # not in its JSON
+        "weights": (_weight_files(getattr(config, "_name_or_path", None)), getattr(config, "_commit_hash", None)),
         "max_length": args.max_length,
         "truncation_mode": args.truncation_mode,
         "layout": getattr(collator, "shared_prompt", None),
@@ -72,6 +79,14 @@ def ref_cache_key(trainer, dataset: Dataset) -> str:
         "version": CACHE_VERSION,
     }
     return Hasher.hash(parts)
+
+
+def _weight_files(path) -> list | None:
+    """(name, size, modification time) of the weight files in the local folder `path` (None if it is not one)."""
+    if not path or not os.path.isdir(path):
+        return None
+    return sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path)
+                  if e.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json")))
 
 
 def precompute_ref_logps(trainer, dataset: Dataset, name: str, batch_size: int) -> Dataset:

@@ -125,6 +125,9 @@ FACTORS = {
     "precision": lambda paths: {"bf16": True},  # bf16 autocast on the CPU
     "layout": lambda paths: {"shared_prompt": False},
     "cache_version": lambda paths: {"version": "nca-trl/ref_logps/v-test"},
+    # the same weights and config; the attention implementation is not in the config's JSON
+    "attention": lambda paths: {"model": AutoModelForCausalLM.from_pretrained(paths["policy"],
+                                                                               attn_implementation="eager")},
 }
 
 
@@ -141,6 +144,27 @@ def test_ref_cache_recomputed_when_a_factor_changes(factor, tiny_mistral, tiny_m
     assert [len(r) for r in changed.train_dataset["ref_logps"]] == [4] * 4
     build_precomputed(cache_dir, model, **kwargs)
     assert calls.n == 2, f"the same changed run ({factor}) did not reuse its own cache"
+
+
+def test_weights_rewritten_in_place_under_zero3_are_not_reused(tiny_mistral, tiny_mistral_ref, tmp_path, monkeypatch):
+    """Under ZeRO-3 every process holds its parameters partitioned into empty tensors, so TRL's model hash (the key's
+    `model` part) covers their names and dtypes only: new weights written into the same folder (an SFT rerun into its
+    output_dir) reused the old reference log-probs. The folder's weight files are in the key. ZeRO-3's hash is stood
+    in for by a constant."""
+    import shutil
+
+    import trl.trainer.dpo_trainer
+
+    monkeypatch.setattr(trl.trainer.dpo_trainer, "hash_module", lambda module: "names and dtypes only")
+    model = tmp_path / "sft"
+    shutil.copytree(tiny_mistral, model)
+    calls = RefCalls(monkeypatch)
+    build_precomputed(tmp_path, str(model))
+    build_precomputed(tmp_path, str(model))
+    assert calls.n == 2  # computed once, then reused
+    shutil.copyfile(Path(tiny_mistral_ref) / "model.safetensors", model / "model.safetensors")  # other weights
+    build_precomputed(tmp_path, str(model))
+    assert calls.n == 4, "weights rewritten in place reused the cached reference log-probs"
 
 
 def test_trl_key_would_reuse_stale_values_across_max_length(tiny_mistral, tmp_path, monkeypatch):
