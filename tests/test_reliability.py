@@ -146,6 +146,7 @@ def test_ref_cache_recomputed_when_a_factor_changes(factor, tiny_mistral, tiny_m
     assert calls.n == 2, f"the same changed run ({factor}) did not reuse its own cache"
 
 
+@pytest.mark.slow
 def test_weights_rewritten_in_place_under_zero3_are_not_reused(tiny_mistral, tiny_mistral_ref, tmp_path, monkeypatch):
     """Under ZeRO-3 every process holds its parameters partitioned into empty tensors, so TRL's model hash (the key's
     `model` part) covers their names and dtypes only: new weights written into the same folder (an SFT rerun into its

@@ -611,6 +611,7 @@ def test_compute_metrics_gets_every_completion(tiny_mistral, vicuna, tmp_path):
     assert trainer.evaluate()["eval_rows"] == 9.0 and seen == [(9, 9)]
 
 
+@pytest.mark.slow
 def test_reference_forwards_leave_the_checkpointing_settings_as_they_were(tiny_mistral, vicuna, tmp_path):
     """Each step's reference forward turns activation checkpointing off and back on. Back on, it was re-enabled with
     the raw `activation_checkpointing_kwargs`: from step 1 on every layer was checkpointed (`every_n_layers` lost),
