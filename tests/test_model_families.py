@@ -299,6 +299,16 @@ def on_a_gpu_with_torch_varlen_attn(monkeypatch):
     monkeypatch.setattr(torch_varlen, "varlen_attn", varlen_attn)
 
 
+def test_no_fused_kernel_on_rocm(monkeypatch):
+    """An allow-list: the fused kernels were compared with the plain layout on NVIDIA GPUs; ROCm reports itself as
+    CUDA (and its architecture numbers passed the compute-capability gate), so it is named and left out."""
+    on_a_gpu_with_torch_varlen_attn(monkeypatch)
+    assert varlen.cuda_varlen_kernel("sdpa")[0] is not None  # the same machine as NVIDIA's
+    monkeypatch.setattr(torch.version, "hip", "6.4.0")
+    kernel, why = varlen.cuda_varlen_kernel("sdpa")
+    assert kernel is None and why.startswith("ROCm: the fused varlen kernels are checked")
+
+
 def automatic_layout_on_cuda(trainer, caplog) -> bool:
     """The trainer's automatic layout decided again as on a CUDA device in bf16: whether it takes the shared-prompt
     layout (the reason for a plain one is logged, into `caplog`)."""

@@ -457,21 +457,6 @@ def test_the_layout_follows_the_queries_to_their_device():
     assert seen == [{"meta"}]
 
 
-def test_no_fused_kernel_on_rocm(monkeypatch):
-    """An allow-list: the fused kernels were compared with the plain layout on NVIDIA GPUs; ROCm reports itself as
-    CUDA (and its architecture numbers passed the compute-capability gate), so it is named and left out."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 4))
-    import torch.nn.attention.varlen as torch_varlen
-
-    monkeypatch.setattr(torch_varlen, "varlen_attn", lambda query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *,
-                        scale=None, window_size=(-1, -1): query)
-    assert varlen.cuda_varlen_kernel("sdpa")[0] is not None  # the same machine as NVIDIA's
-    monkeypatch.setattr(torch.version, "hip", "6.4.0")
-    kernel, why = varlen.cuda_varlen_kernel("sdpa")
-    assert kernel is None and why.startswith("ROCm: the fused varlen kernels are checked")
-
-
 def test_sinks_in_the_wider_dtype_as_gpt_oss_eager():
     """GPT-OSS's eager attention concatenates bf16 scores with its sink logits as they are (float32 weights under
     autocast), so the softmax runs in float32; the reference path cast the sinks down to bf16 instead. One segment,

@@ -108,7 +108,7 @@ class VarlenLayout:
         """The layout with its tensors on `device`: what accelerate's hooks call to move a layer's arguments (a model
         split over several GPUs by `device_map`), and `varlen_attention` where the queries are elsewhere."""
         return replace(self, **{key: getattr(self, key).to(device, non_blocking=non_blocking)
-                                            for key in ("cu_seqlens_q", "cu_seqlens_k", "kv_index")})
+                                for key in ("cu_seqlens_q", "cu_seqlens_k", "kv_index")})
 
     @classmethod
     def from_batch(cls, batch) -> VarlenLayout:
