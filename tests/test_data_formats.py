@@ -243,6 +243,21 @@ def test_whitespace_and_tool_call_content_are_accepted():
     validate_example(conv_rated(completions=[tool_turn, [assistant("5")]]), 0)
 
 
+def test_some_empty_messages_are_accepted_as_trl_does():
+    """An empty system turn, an empty earlier turn or an empty tool result is data trl.DPOTrainer takes (they were
+    refused as 'message 0 has empty content'); a conversation with no content in any message is still empty."""
+    system = {"role": "system", "content": ""}
+    validate_example(conv_rated(prompt=[system, user("What is 2+2?")]), 0)
+    validate_example(conv_pref(prompt=[system, user("q")]), 0)
+    validate_example(conv_rated(prompt=[user("Hi"), assistant(""), user("What is 2+2?")]), 0)
+    call = {"role": "assistant", "content": "", "tool_calls": [{"name": "calc"}]}
+    validate_example(conv_rated(completions=[[call, {"role": "tool", "content": ""}, assistant("4")],
+                                             [assistant("5")]]), 0)
+    with pytest.raises(DataValidationError, match="empty content in every message") as info:
+        validate_example(conv_rated(prompt=[system, user("")]), 3)
+    assert info.value.field == "prompt" and info.value.row == 3
+
+
 # --------------------------------------------------------------------------------------------- whole datasets
 
 

@@ -65,6 +65,19 @@ def test_conversational_row_uses_the_chat_template(mistral_tokenizer):
     assert out["rewards"] == [1.0, 0.0]
 
 
+
+def test_an_empty_system_turn_is_tokenized_as_the_template_renders_it(mistral_tokenizer):
+    """A prompt with an empty system message (common in real chat data; trl.DPOTrainer takes it) is accepted and its
+    prompt is the chat template's rendering, generation prompt included."""
+    tok = mistral_tokenizer
+    prompt = [{"role": "system", "content": ""}, {"role": "user", "content": "What is 2+2?"}]
+    row = {"prompt": prompt, "completions": [[{"role": "assistant", "content": "4"}],
+                                             [{"role": "assistant", "content": "five"}]], "rewards": [1.0, 0.0]}
+    out = prepare_rated_dataset(Dataset.from_list([row]), tok, args(), "train")[0]
+    assert out["prompt_ids"] == tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                        return_dict=True)["input_ids"]
+    assert out["completion_ids"] == [[28781, EOS], [12340, EOS]]
+
 def test_tokens_merging_across_the_boundary_go_to_the_completion(mistral_tokenizer, monkeypatch, caplog):
     tok = mistral_tokenizer
     monkeypatch.setitem(tokenize_module._warned, "boundary", False)

@@ -168,10 +168,10 @@ def _is_bool(value: Any) -> bool:
     return isinstance(value, bool) or type(value).__name__ in ("bool_", "bool8")
 
 
-def _message_problem(message: Any, where: str, *, empty_ok: bool = False) -> str | None:
-    """Why `message` is not a usable chat message: a `role` and either non-empty `content` or, as TRL takes tool-call
-    data, `tool_calls` (a non-empty list) beside empty, None or missing `content`. A key that is None is absent (a
-    dataset stores the union of its messages' keys)."""
+def _message_problem(message: Any, where: str) -> str | None:
+    """Why `message` is not a usable chat message: a `role` and either `content` (a string, maybe empty) or, as TRL
+    takes tool-call data, `tool_calls` (a non-empty list) beside empty, None or missing `content`. A key that is None is
+    absent (a dataset stores the union of its messages' keys)."""
     if not isinstance(message, Mapping):
         return f"{where} is {_kind(message)}, expected a dict with 'role' and 'content'"
     if "role" not in message:
@@ -189,21 +189,22 @@ def _message_problem(message: Any, where: str, *, empty_ok: bool = False) -> str
         return f"{where} has content {_kind(content)} beside its tool_calls, expected a string or none"
     if content is None:
         return f"{where} has neither content nor tool_calls"
-    if isinstance(content, str) and (content or empty_ok):
-        return None
     if isinstance(content, str):
-        return f"{where} has empty content"
-    return f"{where} has content {_kind(content)}, expected a non-empty string"
+        return None
+    return f"{where} has content {_kind(content)}, expected a string"
 
 
 def _conversation_problem(value: Any, what: str, *, needs_assistant: bool) -> str | None:
-    """Why `value` is not a usable list of messages (`what` names it in the message)."""
+    """Why `value` is not a usable list of messages (`what` names it in the message). Messages may have empty
+    content (an empty system turn, an empty tool result), as `trl.DPOTrainer` takes them, but not all of them."""
     if len(value) == 0:
         return f"{what} is an empty message list"
     for m, message in enumerate(value):
         problem = _message_problem(message, f"{what}, message {m},")
         if problem:
             return problem
+    if all(message.get("content") == "" and message.get("tool_calls") is None for message in value):
+        return f"{what} has empty content in every message"
     if needs_assistant and not any(message["role"] == "assistant" for message in value):
         roles = [message["role"] for message in value]
         return f"{what} has no assistant message (roles: {roles})"

@@ -71,8 +71,8 @@ def _check_prompt(example, index, dataset_name):
     if problem:
         raise DataValidationError(
             problem,
-            "give every row a non-empty prompt: a string, or a non-empty list of {'role', 'content'} messages "
-            "(or drop the row)",
+            "give every row a non-empty prompt: a string, or a non-empty list of {'role', 'content'} messages, "
+            "at least one of them with content (or drop the row)",
             row=index,
             field="prompt",
             dataset_name=dataset_name,
