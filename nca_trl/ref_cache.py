@@ -97,6 +97,10 @@ def precompute_ref_logps(trainer, dataset: Dataset, name: str, batch_size: int) 
             "set `precompute_ref_log_probs=False`. (nca-trl: the reference log-probs are cached per dataset, which a "
             "stream does not have; without precomputing, the reference model runs beside the policy at each step.)"
         )
+    if "ref_logps" in dataset.column_names:  # prepared before (by another trainer): its values are not this one's
+        logger.info("The %s dataset has a 'ref_logps' column already: replaced by this trainer's reference log-probs.",
+                    name)
+        dataset = dataset.remove_columns("ref_logps")
     trainer._setup_layout()  # called from the parent's __init__: the key and the precompute need the training layout
     check_router_aux(trainer)  # before the reference pass, not after it
     use_language_backbones(trainer)  # likewise: TRL's fused LM head runs the reference pass

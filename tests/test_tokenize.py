@@ -134,8 +134,8 @@ def test_prepare_drops_rows_without_room_and_names_them(mistral_tokenizer, caplo
     assert out[0]["prompt_ids"] == PROMPT_IDS and out[1]["prompt_ids"] == PROMPT_IDS
     assert out[0]["completion_ids"] == [[28705, 28781, EOS], [3359, EOS]]
     assert out[1]["rewards"] == [3.0, 2.0, 1.0]
-    # idempotent: a tokenized dataset is returned as is
-    assert prepare_rated_dataset(out, tok, args(max_length=12), "eval") is out
+    # idempotent: a tokenized dataset prepared again with the same settings is unchanged
+    assert prepare_rated_dataset(out, tok, args(max_length=12), "eval").to_list() == out.to_list()
     # without max_length nothing is dropped
     assert len(prepare_rated_dataset(Dataset.from_list(rows), tok, args(), "eval")) == 3
 
@@ -149,6 +149,45 @@ def test_prepare_preference_rows_and_max_completions(mistral_tokenizer):
     out = prepare_rated_dataset(Dataset.from_list(rated), tok, args(), "train", max_completions=2)
     assert out[0]["completions"] == [" 2", " 3"] and out[0]["rewards"] == [5.0, 1.0]
     assert out[0]["completion_ids"] == [tok(f"What is 2+2? {n}</s>")["input_ids"][8:] for n in (2, 3)]
+
+
+
+def test_a_tokenized_dataset_gets_this_preparation_s_checks_and_settings(mistral_tokenizer, caplog):
+    """A dataset that arrives tokenized (another trainer's prepared `train_dataset`) was returned as it was: a NaN
+    reward or a K = 1 row failed at the first step naming a batch position, and this trainer's max_length and
+    max_completions were not applied (a prompt filling max_length trained with no completion token, silently)."""
+    tok = mistral_tokenizer
+    rows = [{"prompt": "word " * 20, "completions": [" a", " b", " c"], "rewards": [1.0, 2.0, 3.0]},
+            {"prompt": "What is 2+2?", "completions": [" 4", " five"], "rewards": [1.0, 0.0]}]
+    prepared = prepare_rated_dataset(Dataset.from_list(rows), tok, args(), "train")
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        assert len(prepare_rated_dataset(prepared, tok, args(max_length=12), "train")) == 1
+        assert "dropped 1 of 2 rows whose prompt alone fills max_length=12" in caplog.text and "(rows 0)" in caplog.text
+        caplog.clear()
+        capped = prepare_rated_dataset(prepared, tok, args(), "train", max_completions=2)
+        assert "1 of 2 prompts have more than max_completions=2" in caplog.text and "(rows 0)" in caplog.text
+    assert capped[0]["rewards"] == [1.0, 3.0] and capped[0]["completions"] == [" a", " c"]
+    assert capped[0]["completion_ids"] == [prepared[0]["completion_ids"][i] for i in (0, 2)]
+    assert len(list(prepare_rated_dataset(prepared.to_iterable_dataset(), tok, args(max_length=12), "train"))) == 1
+    for change, field, words in [
+        ({"rewards": [float("nan"), 0.0]}, "rewards", "NaN"),
+        ({"completion_ids": [[28705]], "rewards": [1.0]}, "completion_ids", "K >= 2"),
+        ({"completion_ids": [[28705], []]}, "completion_ids", "completion 1 is empty"),
+        ({"rewards": [1.0, 0.0, 2.0]}, "rewards", "2 completions but rewards"),
+    ]:
+        bad = prepared.to_list()
+        bad[1].update(change)
+        for data in (Dataset.from_list(bad), Dataset.from_list(bad).to_iterable_dataset()):
+            with pytest.raises(DataValidationError, match=words) as info:
+                list(prepare_rated_dataset(data, tok, args(), "train"))
+            assert info.value.row == 1 and info.value.field == field
+
+
+def test_max_completions_warns_only_when_it_caps(mistral_tokenizer, caplog):
+    rows = [{"prompt": "What is 2+2?", "completions": [" 4", " five"], "rewards": [1.0, 0.0]}]
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        prepare_rated_dataset(Dataset.from_list(rows), mistral_tokenizer, args(), "train", max_completions=8)
+    assert "max_completions" not in caplog.text  # it said "0 of 1 prompts have more than max_completions=8"
 
 
 def test_each_row_is_validated_once(mistral_tokenizer, monkeypatch):

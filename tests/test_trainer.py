@@ -372,6 +372,30 @@ def test_precomputed_reference_equals_live(cls, config_cls, tiny_mistral, tiny_m
     assert runs[1] == pytest.approx(runs[0], abs=1e-5)
 
 
+@pytest.mark.slow
+def test_a_dataset_with_reference_log_probs_gets_this_trainer_s(tiny_mistral, tiny_mistral_ref, vicuna, tmp_path):
+    """A dataset prepared with precomputed reference log-probs (another trainer's `train_dataset`, or `evaluate()`
+    given the trainer's own `eval_dataset`): its `ref_logps` column was concatenated to the new one, and `datasets`
+    raised "The table can't have duplicated columns"."""
+    data = vicuna.select(range(4))
+    first = NCATrainer(model=tiny_mistral, args=make_args(NCAConfig, tmp_path / "a", max_length=64,
+                                                          precompute_ref_log_probs=True),
+                       train_dataset=data, eval_dataset=data)
+    metrics = first.evaluate()
+    again = first.evaluate(first.eval_dataset)
+    assert again["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-6)
+    second = NCATrainer(model=tiny_mistral, ref_model=AutoModelForCausalLM.from_pretrained(tiny_mistral_ref),
+                        args=make_args(NCAConfig, tmp_path / "b", max_length=64, precompute_ref_log_probs=True),
+                        train_dataset=first.train_dataset)
+    batch = second.data_collator([second.train_dataset[i] for i in range(4)])
+    with torch.no_grad():
+        live = second.compute_ref_log_probs(second.ref_model, batch)
+    expected = [row[slots].tolist() for row, slots in zip(live, batch["completion_slots"].bool())]
+    got = second.train_dataset["ref_logps"]
+    assert all(g == pytest.approx(e, abs=1e-4) for g, e in zip(got, expected))  # the new reference's, not the old
+    assert not all(g == pytest.approx(o, abs=1e-4) for g, o in zip(got, first.train_dataset["ref_logps"]))
+
+
 # --------------------------------------------------------------------------------------------------- PEFT, eval, save
 
 

@@ -18,10 +18,10 @@ from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 from trl.trainer.utils import global_then_local_main_first
 
 from ..runtime.errors import DataError, ROW_INDEX, SettingsError
-from .formats import DataValidationError, _row_style, detect_format
-from .rewards import rewards_tie
+from .formats import PAIR_COLUMN, DataValidationError, _as_list, _is_bool, _kind, _row_style, _short, detect_format
+from .rewards import check_rewards, rewards_tie
 from .template import apply_chat_template, template_kwargs
-from .validation import check_same_layout, to_rated_unchecked, validate_dataset
+from .validation import _check_pair_flag, check_same_layout, to_rated_unchecked, validate_dataset
 
 logger = logging.getLogger("nca_trl")
 
@@ -144,7 +144,10 @@ def prepare_rated_dataset(
     Each row is validated once, up front (every row of a `Dataset`; each row of a stream as it is read), and trusted
     from then on.
 
-    Idempotent: a dataset that already has `completion_ids` is returned as is.
+    A dataset that arrives tokenized (a `completion_ids` column: prepared before, e.g. another trainer's
+    `train_dataset`) is taken as tokenized by `processing_class`: each row is checked as token ids (K >= 2, a token in
+    each completion, one finite reward per completion), then `ties`, `max_completions` and the `max_length` drop
+    apply to it as to raw rows. Preparing a prepared dataset again with the same settings changes nothing.
 
     Args:
         dataset: rated completions or TRL preference data (explicit or implicit prompt, standard or conversational).
@@ -156,8 +159,6 @@ def prepare_rated_dataset(
             `ties="drop"`; None for a stream, which cannot be counted) and `too_long_dropped`.
     """
     first = next(iter(dataset))
-    if "completion_ids" in first:
-        return dataset
     # The global main process maps (and caches) first, then each node's main, then the others read the cache
     with global_then_local_main_first():
         return _prepare(dataset, first, processing_class, args, dataset_name, max_completions,
@@ -204,13 +205,74 @@ def _drop_ties(dataset, args, dataset_name, stats, counts):
     return dataset
 
 
+# The columns that hold one value per completion, raw or tokenized: what `max_completions` selects from
+_PER_COMPLETION = ("completions", "completion_ids", "rewards", "ref_logps")
+_TOKENIZED_FIX = ("give the raw rows (prompt, completions, rewards) and let the trainer tokenize them, or fix the "
+                  "tokenized row")
+
+
+def _check_tokenized_row(example, row, dataset_name):
+    """The checks of a raw row (`nca_trl.data.validation`) that still apply to a row of token ids."""
+    def refuse(problem, field, fix=_TOKENIZED_FIX):
+        raise DataValidationError(f"(a tokenized row) {problem}", fix, row=row, field=field, dataset_name=dataset_name)
+
+    for name in ("prompt_ids", "rewards"):
+        if example.get(name) is None:
+            refuse(f"'{name}' is missing beside 'completion_ids'", name)
+    prompt_ids, completions = _as_list(example["prompt_ids"]), _as_list(example["completion_ids"])
+    rewards = _as_list(example["rewards"])
+    if not _token_ids(prompt_ids):
+        refuse(f"'prompt_ids' is {_kind(prompt_ids)}, expected a list of token ids", "prompt_ids")
+    if not isinstance(completions, (list, tuple)) or len(completions) < 2:
+        refuse(f"{len(completions) if isinstance(completions, (list, tuple)) else _kind(completions)} completion(s); "
+               "NCA/InfoNCA need K >= 2 completions per prompt", "completion_ids")
+    for i, ids in enumerate(map(_as_list, completions)):
+        if not _token_ids(ids) or not ids:
+            refuse(f"completion {i} is {_kind(ids) if not _token_ids(ids) else 'empty'}, expected its token ids",
+                   "completion_ids")
+    if not isinstance(rewards, (list, tuple)) or len(rewards) != len(completions):
+        refuse(f"{len(completions)} completions but rewards {_short(rewards)}", "rewards",
+               "give exactly one reward per completion, in the same order")
+    check_rewards(rewards, row, dataset_name)
+    ref = example.get("ref_logps")
+    if ref is not None and len(_as_list(ref)) != len(completions):
+        refuse(f"{len(completions)} completions but {len(ref)} reference log-probs ('ref_logps')", "ref_logps",
+               "remove the 'ref_logps' column: the trainer computes it (precompute_ref_log_probs)")
+    _check_pair_flag(example, completions, rewards, row, dataset_name)
+
+
+def _token_ids(value) -> bool:
+    """A list of token ids (its first element read: a dataset's list column holds one type)."""
+    return isinstance(value, (list, tuple)) and (not value or (isinstance(value[0], int) and not _is_bool(value[0])))
+
+
+def _check_tokenized(dataset, dataset_name, counts):
+    """A tokenized dataset with every row checked (`_check_tokenized_row`): a `Dataset` now, a stream as it is read."""
+    if isinstance(dataset, Dataset):
+        read = [c for c in ("prompt_ids", "completion_ids", "rewards", "ref_logps", PAIR_COLUMN)
+                if c in dataset.column_names]
+        for i, example in zip(_row_names(dataset), dataset.select_columns(read)):
+            _check_tokenized_row(example, i, dataset_name)
+        return dataset
+
+    def checked(example, index):
+        counts["rows"] += 1
+        _check_tokenized_row(example, example.get(ROW_INDEX, index), dataset_name)
+        return example
+
+    return dataset.map(checked, with_indices=True)
+
 def _prepare(dataset, first, processing_class, args, dataset_name, max_completions, stats):
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
     columns = list(first.keys())
+    counts = {"rows": 0, "tied": 0, "lengths": []}  # a stream's: what a pass read and dropped (`_check_kept`)
+    tokenized = "completion_ids" in columns
 
     preference_columns = [c for c in ("chosen", "rejected") if c in columns]
-    if isinstance(dataset, Dataset):
+    if tokenized:
+        dataset = _check_tokenized(dataset, dataset_name, counts)
+    elif isinstance(dataset, Dataset):
         report = validate_dataset(dataset, dataset_name)
         logger.info(report.summary())
         dataset = dataset.map(
@@ -229,24 +291,24 @@ def _prepare(dataset, first, processing_class, args, dataset_name, max_completio
             return to_rated_unchecked(example, row_fmt)
 
         dataset = dataset.map(validated, with_indices=True, remove_columns=preference_columns)
-    counts = {"rows": 0, "tied": 0, "lengths": []}  # a stream's: what a pass read and dropped (`_check_kept`)
     dataset = _drop_ties(dataset, args, dataset_name, stats, counts)
 
     if max_completions is not None:
 
         def cap(example):
             keep = select_completions(example["rewards"], max_completions)
-            return {
-                "completions": [example["completions"][i] for i in keep],
-                "rewards": [example["rewards"][i] for i in keep],
-            }
+            return {name: [example[name][i] for i in keep]
+                    for name in _PER_COMPLETION if example.get(name) is not None}
 
         if isinstance(dataset, Dataset):
-            capped = sum(len(r) > max_completions for r in dataset["rewards"])
-            logger.warning(
-                "%s dataset: %d of %d prompts have more than max_completions=%d completions and keep the best, the "
-                "worst and an even spread of ranks between.", dataset_name, capped, len(dataset), max_completions
-            )
+            capped = [i for i, rewards in enumerate(dataset["rewards"]) if len(rewards) > max_completions]
+            if capped:
+                names = _row_names(dataset)
+                logger.warning(
+                    "%s dataset: %d of %d prompts have more than max_completions=%d completions and keep the best, "
+                    "the worst and an even spread of ranks between (rows %s%s).", dataset_name, len(capped),
+                    len(dataset), max_completions, ", ".join(str(names[i]) for i in capped[:10]),
+                    ", ..." if len(capped) > 10 else "")
         dataset = dataset.map(cap, **map_kwargs)
 
     streamed = not isinstance(dataset, Dataset)
@@ -270,8 +332,9 @@ def _prepare(dataset, first, processing_class, args, dataset_name, max_completio
                 )
         return out
 
-    dataset = dataset.map(tokenize, with_indices=True, fn_kwargs={}, **map_kwargs)
-    if not streamed:  # one message per dataset, with the number of rows it applies to
+    if not tokenized:
+        dataset = dataset.map(tokenize, with_indices=True, fn_kwargs={}, **map_kwargs)
+    if not (streamed or tokenized):  # one message per dataset, with the number of rows it applies to
         trimmed = [(name, t) for name, t in zip(_row_names(dataset), dataset["prompt_trimmed"]) if t]
         if trimmed:
             logger.warning("%s dataset: %d of %d rows: %s (e.g. row %d: %r).",
