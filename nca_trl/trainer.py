@@ -29,7 +29,7 @@ from trl.trainer.utils import get_config_model_id, use_adapter
 from .config import InfoNCAConfig, NCAConfig, _RatedCompletionsConfig, check_rated_config, reward_temperature
 from .data.collator import ROW_COLUMNS, DataCollatorForRatedCompletions, check_collator
 from .data.formats import PAIR_COLUMN
-from .data.tokenize import prepare_rated_dataset, with_row_index
+from .data.tokenize import prepare_rated_dataset, refuse_images, with_row_index
 from .losses import infonca_loss, nca_loss
 from .metrics import prompt_metrics, to_slots
 from .ref_cache import precompute_ref_logps, reference_adapter
@@ -93,23 +93,6 @@ def _hidden_from_parent(args, name: str, value):
         setattr(args, name, original)
 
 
-def _refuse_images(trainer, dataset, name: str) -> None:
-    """Raise a `ValueError` if `dataset` has an `image` or `images` column (the trainers are text-only)."""
-    if dataset is None:
-        return
-    columns = getattr(dataset, "column_names", None)
-    if columns is None:  # an IterableDataset of unknown features: look at its first row
-        columns = list(next(iter(dataset), {}).keys())
-    found = [c for c in ("image", "images") if c in columns]
-    if found:
-        raise ValueError(  # TRL's words first (DPOTrainer refuses images for a text-only model), then ours
-            f"The dataset appears to be vision-related (contains 'image' or 'images' keys): the {name} dataset has the "
-            f"column {found[0]!r}, and {type(trainer).__name__} trains text-only models on rated text completions, "
-            "so it does not support vision datasets. Remove the column (and any image placeholders in the prompts) "
-            "or use `trl.DPOTrainer` with a vision-language model."
-        )
-
-
 class _RatedCompletionsTrainer(RunSafetyMixin, EvalPredictionsMixin, SharedPromptLayoutMixin, DPOTrainer):
     """Shared K-completion machinery; a subclass sets its config class (which names the loss) and its loss function.
     `RunSafetyMixin` (`nca_trl.runtime.safety`): non-finite stops, the output_dir lock, complete checkpoints and saves;
@@ -165,7 +148,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, EvalPredictionsMixin, SharedPromp
         named = eval_dataset.items() if isinstance(eval_dataset, dict) else [(None, eval_dataset)]
         evals = [(f"eval ({n!r})" if n is not None else "eval", d) for n, d in named]
         for name, dataset in [("train", train_dataset), *evals]:
-            _refuse_images(self, dataset, name)
+            refuse_images(dataset, name, type(self).__name__)
         # `padding_free=True` means our own padding-free layout (shared prompt), required (see `_setup_layout`)
         self._padding_free = bool(getattr(args, "padding_free", False))
 
@@ -430,6 +413,19 @@ class _RatedCompletionsTrainer(RunSafetyMixin, EvalPredictionsMixin, SharedPromp
             return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         finally:
             self._metric_key_prefix = "eval"
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        """DPOTrainer's `predict`, on raw rows too (DPOTrainer's takes tokenized rows only; ours raised KeyError):
+        prepared as `evaluate` prepares a dataset, with its reference log-probs under `precompute_ref_log_probs`."""
+        test_dataset = self._prepare_dataset(test_dataset, self.processing_class, self.args, metric_key_prefix)
+        if self.precompute_ref_logps:
+            if self.ref_model is None and not is_peft_model(self.model) and self.state.global_step > 0:
+                raise ValueError("predict() needs this dataset's reference log-probs (precompute_ref_log_probs=True), "
+                                 "and after training has started the policy is no longer its reference: pass the "
+                                 "dataset as eval_dataset at construction, or give an explicit ref_model.")
+            batch = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+            test_dataset = self._precompute_ref_logps(test_dataset, metric_key_prefix, batch)
+        return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """DPOTrainer's `log` with the pooled metrics, and the evaluated set's own prefix (`eval_heldout_`, or

@@ -652,6 +652,24 @@ def test_predict_returns_padded_logits_from_a_shared_prompt_trainer(tiny_mistral
     assert trainer.data_collator.shared_prompt
 
 
+@pytest.mark.slow
+def test_predict_and_evaluate_take_raw_rows_as_construction_does(tiny_mistral, vicuna, tmp_path):
+    """`predict` on raw rated rows raised KeyError 'completion_ids' in the collator (only `rewards` reached it);
+    now prepared as `evaluate` prepares them, with precomputed reference log-probs too. An `images` column given to
+    `evaluate` or `predict` is refused as at construction (it was evaluated on the text, without a word)."""
+    raw = vicuna.select(range(2, 4))
+    for precompute in (False, True):
+        trainer = NCATrainer(model=tiny_mistral, train_dataset=vicuna.select(range(2)), eval_dataset=raw,
+                             args=make_args(NCAConfig, tmp_path / str(precompute), max_length=64,
+                                            precompute_ref_log_probs=precompute))
+        prepared, given = trainer.predict(trainer.eval_dataset), trainer.predict(raw)
+        assert given.predictions.shape == prepared.predictions.shape and given.predictions.shape[0] == 8
+        assert given.metrics["test_loss"] == pytest.approx(prepared.metrics["test_loss"], rel=1e-6)
+        images = raw.add_column("images", [[]] * len(raw))
+        for call in (trainer.evaluate, trainer.predict, lambda d: trainer.evaluate({"v": d})):
+            with pytest.raises(ValueError, match="vision-related .* has the column 'images'"):
+                call(images)
+
 def test_a_late_compute_metrics_with_persistent_eval_workers(tiny_mistral, vicuna, tmp_path):
     """The cached evaluation loader of `dataloader_persistent_workers` kept its workers' copy of the shared-prompt
     collator, so the plain batches a late `compute_metrics` needs never came ("`return_outputs=True` needs each

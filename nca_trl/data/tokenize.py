@@ -25,8 +25,8 @@ from .validation import _check_pair_flag, check_same_layout, to_rated_unchecked,
 
 logger = logging.getLogger("nca_trl")
 
-__all__ = ["prepare_rated_dataset", "prompt_length_error", "select_completions", "tokenize_rated_example",
-           "with_row_index"]
+__all__ = ["prepare_rated_dataset", "prompt_length_error", "refuse_images", "select_completions",
+           "tokenize_rated_example", "with_row_index"]
 
 _warned = {"boundary": False}  # warnings shown once per process, like TRL's `warning_once`
 
@@ -45,6 +45,23 @@ def prompt_length_error(dataset_name: str, lengths: list[int], max_length: int, 
         "dropped with a warning), shorten the prompts, or set `truncation_mode: keep_end`."
     )
 
+
+def refuse_images(dataset, name: str, trainer: str = "nca-trl's trainer") -> None:
+    """Raise a `ValueError` if `dataset` has an `image` or `images` column (the trainers are text-only): at
+    construction (DPOTrainer skips preparing a vision train dataset) and in every preparation (`evaluate`, `predict`)."""
+    if dataset is None:
+        return
+    columns = getattr(dataset, "column_names", None)
+    if columns is None:  # an IterableDataset of unknown features: look at its first row
+        columns = list(next(iter(dataset), {}).keys())
+    found = [c for c in ("image", "images") if c in columns]
+    if found:
+        raise ValueError(  # TRL's words first (DPOTrainer refuses images for a text-only model), then ours
+            f"The dataset appears to be vision-related (contains 'image' or 'images' keys): the {name} dataset has the "
+            f"column {found[0]!r}, and {trainer} trains text-only models on rated text completions, "
+            "so it does not support vision datasets. Remove the column (and any image placeholders in the prompts) "
+            "or use `trl.DPOTrainer` with a vision-language model."
+        )
 
 def with_row_index(dataset):
     """`dataset` with a `ROW_INDEX` column: each row's position in the dataset given to the trainer (kept through
@@ -158,6 +175,7 @@ def prepare_rated_dataset(
         stats: if given, filled with what was dropped: `ties_dropped` (prompts whose rewards all tie, with
             `ties="drop"`; None for a stream, which cannot be counted) and `too_long_dropped`.
     """
+    refuse_images(dataset, dataset_name)
     first = next(iter(dataset))
     # The global main process maps (and caches) first, then each node's main, then the others read the cache
     with global_then_local_main_first():
