@@ -670,6 +670,22 @@ def test_predict_and_evaluate_take_raw_rows_as_construction_does(tiny_mistral, v
             with pytest.raises(ValueError, match="vision-related .* has the column 'images'"):
                 call(images)
 
+@pytest.mark.slow
+def test_non_padding_tokens_seen_count_every_token_of_a_shared_prompt_row(tiny_mistral, vicuna, tmp_path):
+    """`include_num_input_tokens_seen="non_padding"` counted a shared-prompt row's tokens other than the pad id, which
+    is EOS here: each completion's EOS went uncounted (3932 of 3940 tokens)."""
+    data = vicuna.select(range(2))
+    seen = {}
+    for mode in ("all", "non_padding"):
+        trainer = NCATrainer(model=tiny_mistral, train_dataset=data, args=make_args(
+            NCAConfig, tmp_path / mode, max_steps=1, max_length=None, include_num_input_tokens_seen=mode))
+        assert trainer.data_collator.shared_prompt
+        trainer.train()
+        seen[mode] = trainer.state.num_input_tokens_seen
+    rows = trainer.train_dataset  # the row holds each prompt once, its last token again before each completion
+    assert seen["non_padding"] == seen["all"] == sum(len(p) + sum(map(len, c)) + len(c) - 1
+                                                     for p, c in zip(rows["prompt_ids"], rows["completion_ids"]))
+
 def test_a_late_compute_metrics_with_persistent_eval_workers(tiny_mistral, vicuna, tmp_path):
     """The cached evaluation loader of `dataloader_persistent_workers` kept its workers' copy of the shared-prompt
     collator, so the plain batches a late `compute_metrics` needs never came ("`return_outputs=True` needs each

@@ -454,6 +454,16 @@ class SharedPromptLayoutMixin:
         loader._nca_shared_prompt = shared
         return loader
 
+    def _track_num_input_tokens(self, inputs):
+        """`include_num_input_tokens_seen="non_padding"` counts a batch's attention mask, else its tokens other than the
+        pad id: a shared-prompt row has no mask and no padding, and the pad id is EOS for a tokenizer without one, so
+        every completion's EOS went uncounted. Here every token of the row counts."""
+        if self.args.include_num_input_tokens_seen == "non_padding" and is_shared_prompt_batch(inputs):
+            tokens = torch.as_tensor(inputs["input_ids"].numel(), device=self.args.device, dtype=torch.int64)
+            self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
+            return
+        super()._track_num_input_tokens(inputs)
+
     @contextlib.contextmanager
     def _plain_batches(self, plain: bool = True):
         """The collator builds plain padded batches inside (the same log-probs as the shared-prompt layout)."""
