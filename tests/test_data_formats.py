@@ -610,6 +610,8 @@ def test_convert_dataset_ultrafeedback_drops_short_rows_with_one_warning(caplog)
         out = convert_dataset(ds, "ultrafeedback", score_field="honesty")
     assert len(out) == 3 and [len(c) for c in out["completions"]] == [3, 4, 2]
     assert "dropped 0 of 3 rows" in caplog.text and "3 completions" in caplog.text
+    # which rows lost completions, not only how many (they were counted, not named)
+    assert "first kept rows that lost completions: [0, 2]" in caplog.text
 
     with pytest.raises(DataValidationError) as info:
         convert_dataset(ds, "ultrafeedback", unusable="error", dataset_name="eval")

@@ -170,7 +170,7 @@ def convert_dataset(
         logger.warning(
             "%s dataset (%s): dropped %d of %d rows (left with fewer than 2 usable completions) and %d completions "
             "in all (%d with an unusable rating or empty text, plus %d usable ones inside the dropped rows); "
-            "%d rows remain. First dropped rows: %s",
+            "%d rows remain. First dropped rows: %s; first kept rows that lost completions: %s",
             dataset_name,
             fmt,
             len(short_rows),
@@ -180,6 +180,7 @@ def convert_dataset(
             kept_in_short,
             len(sizes) - len(short_rows),
             [names[i] for i in short_rows[:_MAX_REPORTED_ROWS]],
+            [names[i] for i, n in enumerate(dropped_in_rows) if n and i not in short_set][:_MAX_REPORTED_ROWS],
         )
         if short_rows:
             converted = converted.select([i for i in range(len(sizes)) if i not in short_set])
