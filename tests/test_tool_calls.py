@@ -110,7 +110,7 @@ def test_tool_call_rated_completions_train(tiny_mistral, tool_tokenizer, tmp_pat
     ({"role": "assistant"}, "message 0, has neither content nor tool_calls"),
     ({"role": "assistant", "content": None, "tool_calls": None}, "message 0, has neither content nor tool_calls"),
     ({"role": "assistant", "tool_calls": []}, "message 0, has tool_calls [], expected a non-empty list"),
-    ({"role": "assistant", "content": ""}, "message 0, has empty content"),
+    ({"role": "assistant", "content": ""}, "has empty content in every message"),
 ])
 def test_what_is_really_malformed_still_names_row_and_field(message, problem, tiny_mistral, tmp_path):
     rows = pair_rows()
