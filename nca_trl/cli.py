@@ -109,14 +109,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"nca-trl {command}: error: {error}", file=sys.stderr)
             return 2
     from .runtime.environment import quiet_deepspeed_cpu_notice
-    from .runtime.errors import DataError, SettingsError
+    from .runtime.errors import DataError, OutputDirError, SettingsError
 
     quiet_deepspeed_cpu_notice()
     try:
         getattr(importlib.import_module(package), run)(rest)
     # A setting refused before anything was written or loaded, a bad row or data file (its row or line): the message
     # is the whole story
-    except (SettingsError, DataError) as error:
+    except (SettingsError, DataError, OutputDirError) as error:
         print(f"nca-trl {command}: error: {error}", file=sys.stderr)
         return 2
     return 0

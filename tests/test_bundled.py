@@ -92,6 +92,9 @@ def test_recipes_path_and_copy(tmp_path, capsys, monkeypatch):
     assert main(["recipes", "--copy", "tiny/nca.yaml", "mine"]) == 2
     one_line_error(capsys.readouterr().err, "recipes", "mine/nca.yaml exists (and differs from the bundled")
     assert copied.read_text().endswith("max_steps: 3\n")
+    (tmp_path / "afile").write_text("x")  # a FileExistsError traceback, exit 1, before
+    assert main(["recipes", "--copy", "tiny/nca.yaml", "afile"]) == 2
+    one_line_error(capsys.readouterr().err, "recipes", "afile is a file")
 
 
 def test_config_and_data_fall_back_to_the_bundled_ones(tmp_path, monkeypatch):

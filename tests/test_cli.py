@@ -701,3 +701,15 @@ def test_resume_from_checkpoint_false_means_no_resume(tmp_path, value, read):
     if not isinstance(value, bool):
         argv = ["--config", str(REPO / "recipes" / "tiny" / "nca.yaml"), *common, "--resume_from_checkpoint", value]
         assert parse_train_args(argv).training.resume_from_checkpoint == read
+
+
+def test_an_output_dir_that_is_a_file_is_one_line_exit_2(tiny_mistral, tmp_path, capsys):
+    """`OutputDirError` (an `OSError`) was not among the errors the command line tells in one line: a traceback,
+    exit 1, though its message says what to do."""
+    (tmp_path / "afile").write_text("x")
+    argv = ["train", "--config", str(REPO / "recipes" / "tiny" / "nca.yaml"), "--model_name_or_path",
+            str(tiny_mistral), "--dataset_name", str(REPO / "data" / "vicuna_rated.jsonl"), "--output_dir",
+            str(tmp_path / "afile")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "nca-trl train: error: " in err and "is not writable" in err and "Traceback" not in err

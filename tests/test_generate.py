@@ -442,6 +442,36 @@ def test_inputs_the_next_step_would_refuse_are_refused_before_anything_is_writte
     assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == []
 
 
+
+def test_an_output_that_cannot_be_written_or_shares_its_record_is_refused_first(tiny_mistral, tmp_path, monkeypatch,
+                                                                                capsys):
+    """`out.jsonl` and `out.parquet` share the sidecar `out.generation.json`: the Parquet run replaced the JSONL
+    run's record, and a rerun of the JSONL settings then said "nothing to do" over the first run's stale samples,
+    exit 0. An output that is a folder or under a file failed after the data and tokenizer loaded (a traceback)."""
+    from nca_trl.cli import main
+    from nca_trl.generation import run
+    from nca_trl.generation.output import ChunkStore
+
+    monkeypatch.setattr(run, "load_prompts", lambda args: pytest.fail("the prompts were read"))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Sort 3 1 2"}) + "\n")
+    first = tmp_path / "out.jsonl"
+    first.write_text("{}\n")
+    (tmp_path / "out.generation.json").write_text(json.dumps({"output": str(first), "settings": {}}))
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "folder.jsonl").mkdir()
+    base = ["generate", "--model_name_or_path", str(tiny_mistral), "--dataset_name", str(prompts)]
+    for output, words in ((tmp_path / "out.parquet", "is the record of"), (tmp_path / "afile" / "o.jsonl", "is a file"),
+                          (tmp_path / "folder.jsonl", "is a folder")):
+        assert main([*base, "--output", str(output)]) == 2
+        assert words in capsys.readouterr().err
+    assert json.loads((tmp_path / "out.generation.json").read_text())["output"] == str(first)
+    # A sidecar recording another output of the stem is not this output's record: not "done"
+    (tmp_path / "out.parquet").write_text("")
+    store = ChunkStore(tmp_path / "out.parquet", {}, 1, 1)
+    with pytest.raises(ValueError, match="a finished generate run"):
+        store.open()
+
 def test_chat_prompts_need_a_chat_template_and_long_prompts_are_counted(tokenizer):
     import copy
 

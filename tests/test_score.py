@@ -53,6 +53,10 @@ def raises(prompts, completions, **kwargs):
 NOT_CALLABLE = 3
 
 
+def huge_int(prompts, completions, **kwargs):
+    return [10**400] * len(completions)
+
+
 def spec(name: str) -> str:
     return f"{THIS}:{name}"
 
@@ -343,6 +347,30 @@ def test_bad_reward_functions_are_errors_naming_the_source_and_the_row(tmp_path,
         score(["--dataset_name", data, "--reward_funcs", spec(func), "--output", str(tmp_path / "o.jsonl")])
     assert spec(func) in str(error.value)
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.scoring.json").exists()
+
+
+def test_a_bad_reward_source_or_output_is_one_line_exit_2_before_scoring(tmp_path, monkeypatch, capsys):
+    """A reward source's bad values (NaN, a string, an int past float's range) were tracebacks with exit 1 (the last
+    one a bare OverflowError naming neither source nor row); an output that is a folder or under a file failed after
+    every row was scored, leaving a temporary file behind."""
+    from nca_trl.cli import main
+    from nca_trl.scoring import run
+
+    rows = [{"prompt": "p", "completions": ["a", "b"]}, {"prompt": "r", "completions": ["a", "bad"]}]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    out = str(tmp_path / "o.jsonl")
+    for func, words in (("nan_for_bad", "returned nan for row 1, completion 1"), ("a_string", "'high' (str)"),
+                        ("huge_int", "returned inf for row 0, completion 0")):
+        assert main(["score", "--dataset_name", data, "--reward_funcs", spec(func), "--output", out]) == 2
+        err = capsys.readouterr().err
+        assert words in err and spec(func) in err and "Traceback" not in err
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "folder.jsonl").mkdir()
+    monkeypatch.setattr(run, "load_rows", lambda args: pytest.fail("the rows were read"))
+    for output, words in ((tmp_path / "afile" / "o.jsonl", "is a file"), (tmp_path / "folder.jsonl", "is a folder")):
+        assert main(["score", "--dataset_name", data, "--reward_funcs", "ascii_letters", "--output", str(output)]) == 2
+        assert words in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "folder.jsonl", "rows.jsonl"]
 
 
 def test_arguments_and_sources_are_checked(tmp_path):

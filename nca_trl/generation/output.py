@@ -67,7 +67,10 @@ class ChunkStore:
             manifest = None
         complete = manifest is not None and not self.missing_chunks()
         if self.output.exists() and not complete:
-            recorded = (self._read_json(self.sidecar) or {}).get("settings")
+            record = self._read_json(self.sidecar) or {}
+            # A sidecar of another output of the same stem (`out.jsonl` beside `out.parquet`) records nothing of this
+            recorded = record.get("settings") if Path(str(record.get("output", self.output))).name == self.output.name \
+                else None
             if not self._same(recorded):
                 self._refuse_or_remove(self.output, "a finished generate run", recorded, overwrite)
             else:

@@ -21,7 +21,7 @@ from dataclasses import asdict
 
 from ..runtime.environment import broadcast, distributed_state, main_process_first, versions
 from ..runtime.files import parquet_table
-from ..runtime.paths import check_path_settings
+from ..runtime.paths import check_output_file, check_path_settings
 from .arguments import PATH_SETTINGS, GenerateArguments, parse_generate_args
 from .output import ChunkStore, sidecar_path
 
@@ -176,6 +176,7 @@ def generate(argv: "list[str] | GenerateArguments | None" = None) -> dict | None
     sidecar (main process) or None (other processes)."""
     args = argv if isinstance(argv, GenerateArguments) else parse_generate_args(argv)
     check_path_settings([], PATH_SETTINGS, vars(args))  # before the output's `.parts/` or any model load
+    check_output_file(args.output, "output", sidecar_path(args.output))
     state = distributed_state()
     with main_process_first(state):  # a bad file on the main process is the others' error too, not their hang
         dataset = load_prompts(args)

@@ -204,6 +204,8 @@ def _copy(name: str, folder: str) -> Path:
 
     source = _lookup(name)
     target = Path(folder) / source.name
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise SettingsError(f"{folder} is a file: `nca-trl recipes --copy NAME FOLDER` copies into a folder.")
     if target.exists():
         if target.is_file() and filecmp.cmp(source, target, shallow=False):
             return target

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["ROW_INDEX", "DataError", "SettingsError", "settings_errors"]
+__all__ = ["ROW_INDEX", "DataError", "OutputDirError", "SettingsError", "settings_errors"]
 
 #: Column the trainers (and `nca-trl train`, before it converts or splits the data) add to a given dataset: each row's
 #: position in it, so that errors (a bad row, a non-finite step) name the user's rows. A private name, so that a column
@@ -31,6 +31,12 @@ class DataError(ValueError):
     validates every row before any model loads: it does not stream; `nca-trl score` checks each scored row before
     it writes the file), and a failed command's output folder that it created is removed again."""
 
+
+
+class OutputDirError(OSError):
+    """`output_dir` cannot be written (a file, a folder not writable): found before anything loads
+    (`nca_trl.runtime.output_dir.check_output_dir`). The command line prints it as a `SettingsError`: one line, exit
+    2."""
 
 def settings_errors(parse):
     """Decorate a command's argument parser: every `ValueError` it raises becomes a `SettingsError` (same message,

@@ -18,7 +18,7 @@ import tempfile
 import time
 
 from .checkpoints import COMPLETE_MARKER
-from .errors import SettingsError
+from .errors import OutputDirError, SettingsError
 from .files import json_default
 
 logger = logging.getLogger("nca_trl")
@@ -28,10 +28,6 @@ __all__ = ["LOCK_NAME", "FinishedRunError", "OutputDirError", "OutputDirLockedEr
            "missing_folders", "remove_empty_folders"]
 
 LOCK_NAME = ".nca-trl.lock"
-
-
-class OutputDirError(OSError):
-    """`output_dir` cannot be written."""
 
 
 class OutputDirLockedError(RuntimeError):

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from .errors import SettingsError
 
-__all__ = ["BUILDERS", "FILE_SUFFIXES", "KINDS", "NOT_PATHS", "TINY_MODELS", "check_path", "check_path_settings",
-           "hub_cached", "looks_local", "reward_function_path"]
+__all__ = ["BUILDERS", "FILE_SUFFIXES", "KINDS", "NOT_PATHS", "TINY_MODELS", "check_output_file", "check_path",
+           "check_path_settings", "hub_cached", "looks_local", "reward_function_path"]
 
 #: Extensions that make a value a local file (data, recipes, code, weights, archives); a Hub id's last part may hold
 #: a dot followed by a digit (`Mistral-7B-v0.1`, `Qwen2.5-0.5B`), which is no extension
@@ -176,3 +176,32 @@ def check_path_settings(argv: list[str], settings: dict[str, str], recipe: dict 
         for value, setting, kind in checks:
             check_path(value, setting, kind)
     return recipe
+
+
+def check_output_file(output, setting: str, sidecar: Path | None = None) -> None:
+    """Refuse, before anything is read or loaded, an output file that cannot be written: a folder, under a file, in a
+    folder not writable; and one whose sidecar (`<stem>.generation.json`, `<stem>.scoring.json`, beside it) records
+    another output that exists (`out.jsonl` and `out.parquet` share their stem: the new run would replace the other's
+    record, and a rerun of the other took the new settings for its own)."""
+    path = Path(output).expanduser()
+    if path.is_dir():
+        raise SettingsError(f"{output} is a folder ({setting}): give a file name, e.g. {path / 'rows.jsonl'}")
+    existing = next(p for p in (path.parent, *path.parent.parents) if p.exists() or p == p.parent)
+    if existing.exists() and not existing.is_dir():
+        raise SettingsError(f"{existing} is a file, so {output} cannot be written ({setting}): choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SettingsError(f"{existing} is not writable, so {output} cannot be written ({setting})")
+    if sidecar is None or not sidecar.is_file():
+        return
+    import json
+
+    try:
+        recorded = json.loads(sidecar.read_text()).get("output")
+    except (ValueError, OSError, AttributeError):
+        return
+    other = sidecar.parent / Path(str(recorded)).name if recorded else None
+    if other is not None and other.name != path.name and other.exists():
+        raise SettingsError(
+            f"{sidecar} is the record of {other}, which {output} shares its name with: writing {output} would replace "
+            f"that record ({setting}). Name this output otherwise, e.g. "
+            f"{path.with_name(path.stem + '-2' + path.suffix)}")

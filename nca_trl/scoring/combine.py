@@ -84,7 +84,7 @@ def _call(name: str, source, kwargs: dict, expected: int, owners, row_ids) -> li
         inspect.signature(source).bind(**kwargs)
     except TypeError as e:
         rows = f"rows {row_ids[owners[0][0]]}-{row_ids[owners[-1][0]]}"
-        raise TypeError(
+        raise DataError(
             f"reward source {name!r} cannot take the arguments `nca-trl score` passes ({e}; {rows}): "
             f"{', '.join(sorted(kwargs))}. Write it as `f(prompts, completions, **kwargs)`."
         ) from None
@@ -100,10 +100,10 @@ def _call(name: str, source, kwargs: dict, expected: int, owners, row_ids) -> li
     if hasattr(result, "tolist") and not isinstance(result, (list, tuple)):
         result = result.tolist()  # a tensor or an array of rewards
     if not isinstance(result, (list, tuple)):
-        raise TypeError(f"reward source {name!r} returned {type(result).__name__} for {rows}, expected a list of "
+        raise DataError(f"reward source {name!r} returned {type(result).__name__} for {rows}, expected a list of "
                         f"{expected} rewards (float or None), one per completion.")
     if len(result) != expected:
-        raise ValueError(f"reward source {name!r} returned {len(result)} rewards for {rows}, expected {expected}: one "
+        raise DataError(f"reward source {name!r} returned {len(result)} rewards for {rows}, expected {expected}: one "
                          "per completion, in the order of `completions`.")
     values: list = []
     for j, value in enumerate(result):
@@ -117,11 +117,14 @@ def _call(name: str, source, kwargs: dict, expected: int, owners, row_ids) -> li
             continue
         if isinstance(value, bool) or type(value).__name__ in ("bool_", "bool8") or not isinstance(value,
                                                                                                    numbers.Real):
-            raise TypeError(f"reward source {name!r} returned {value!r} ({type(value).__name__}) for "
+            raise DataError(f"reward source {name!r} returned {value!r} ({type(value).__name__}) for "
                             f"{_where(owners, row_ids, j)}: expected a real number or None.")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int past float's range (10**400)
+            value = math.inf
         if not math.isfinite(value):
-            raise ValueError(f"reward source {name!r} returned {value} for {_where(owners, row_ids, j)}: rewards must "
+            raise DataError(f"reward source {name!r} returned {value} for {_where(owners, row_ids, j)}: rewards must "
                              "be finite (return None to drop a completion).")
         values.append(value)
     return values

@@ -9,8 +9,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..runtime.environment import versions
+from ..runtime.errors import DataError
 from ..runtime.files import json_default, parquet_table, write_atomic
-from ..runtime.paths import check_path_settings
+from ..runtime.paths import check_output_file, check_path_settings
 from .arguments import PATH_SETTINGS, ScoreArguments, parse_score_args
 from .combine import _log, score_rows
 from .sources import load_sources
@@ -82,6 +83,7 @@ def score_file(args: ScoreArguments) -> dict:
     process of an `nca-trl iterate` launch scores while the others wait). Returns the sidecar."""
     started = time.time()
     check_path_settings([], PATH_SETTINGS, vars(args))  # before any row is read or model loaded
+    check_output_file(args.output, "output", scoring_sidecar_path(args.output))
     rows = load_rows(args)
     if str(args.output).lower().endswith(".parquet"):  # the carried columns fit one Parquet file, before scoring
         parquet_table(rows, f"{args.dataset_name} (for the Parquet output {args.output})")
@@ -105,7 +107,7 @@ def score_file(args: ScoreArguments) -> dict:
                      "raise `max_length` to score them whole")
         described.append(entry)
     if not scored:
-        raise ValueError(
+        raise DataError(
             f"Every row was dropped ({stats['rows_in']} rows: {stats['dropped']}; None by source: "
             f"{stats['none_by_source']}), nothing to write to {args.output}. Check that the reward functions fit "
             f"these rows (a None drops a completion; a row needs {1 if args.evaluation else 2} completion(s) left)."
