@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -222,8 +224,14 @@ def check_rated_config(args: DPOConfig, config_class: type[_RatedCompletionsConf
     alpha = getattr(args, "alpha", None)
     if alpha is not None and not alpha >= 0:
         raise ValueError(f"`alpha` (reward temperature) must be >= 0, got {alpha!r}; 0 means one-hot on the best.")
-    if not args.beta > 0:
-        raise ValueError(f"`beta` must be > 0, got {args.beta!r}.")
+    if not 0 < args.beta < math.inf:
+        raise ValueError(f"`beta` must be a finite number > 0, got {args.beta!r}.")
+    if not 0 <= args.learning_rate < math.inf:  # inf trained every weight to NaN and saved them, exit 0
+        raise ValueError(f"`learning_rate` must be a finite number >= 0, got {args.learning_rate!r}.")
+    nan = [f.name for f in dataclasses.fields(args) if isinstance(getattr(args, f.name, None), float)
+           and math.isnan(getattr(args, f.name))]
+    if nan:
+        raise ValueError(f"{setting(nan[0], math.nan)} is not a number: give it a value, or leave it unset.")
     ties = getattr(args, "ties", "keep")
     if ties not in TIES:
         raise ValueError(f"{setting('ties', ties)} is not a choice: `keep` (train tied prompts, uniform targets) or "
@@ -247,7 +255,7 @@ _ALPHA_HELP = (
 )
 _MAX_COMPLETIONS_HELP = (
     "If set, prompts with more completions keep only this many: the best, the worst, and an even spread of ranks "
-    "between them (ranks by reward). The number of prompts capped is logged."
+    "between them (ranks by reward). The prompts capped are logged, counted and named."
 )
 # `ties`: what the trainers do with a prompt whose rewards all tie (`nca_trl.data.rewards.rewards_tie`)
 TIES = ("keep", "drop")
