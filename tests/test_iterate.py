@@ -408,6 +408,28 @@ def test_a_restart_compares_the_run_not_its_spelling(tmp_path, monkeypatch):
         _check_manifest(layout, {**settings, "training": {"max_length": 64}})
 
 
+def test_a_restart_on_changed_prompts_is_refused(digits_model, tmp_path, monkeypatch):
+    """The prompts file with its lines moved (the same name and number of prompts) was taken as the same run, and the
+    later rounds' slices took held-out prompts as training prompts, exit 0. The run records their digest now."""
+    from nca_trl.iterate import iterate, loop
+
+    class Stop(Exception):
+        pass
+
+    monkeypatch.setattr(loop, "_round", lambda *a, **k: (_ for _ in ()).throw(Stop()))
+    lines = SORT_PROMPTS.read_text().splitlines(keepends=True)[:40]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(lines))
+    out = tmp_path / "run"
+    recipe = _recipe(tmp_path, digits_model, out, dataset_name=str(prompts))
+    with pytest.raises(Stop):  # iterate.json and the held-out prompts written, then stopped
+        iterate(["--config", str(recipe)])
+    with pytest.raises(Stop):
+        iterate(["--config", str(recipe)])  # the same prompts: the same run
+    prompts.write_text("".join(lines[:16] + lines[-8:] + lines[16:-8]))  # the held-out prompts moved into round 2's
+    with pytest.raises(ValueError, match=r"holds an iterate run \(iterate.json\) with other settings \(prompts_sha256"):
+        iterate(["--config", str(recipe)])
+
 @pytest.mark.slow  # over a few seconds on 2 cores
 def test_a_restart_keeps_the_split_and_counts_what_was_trained(digits_model, tmp_path):
     """Without `prompts_per_round` the split was computed from `rounds`, so `--rounds 2` on a finished 1-round run

@@ -14,13 +14,12 @@ pad less) and committed as one file. When all chunks exist the main process merg
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict
 
 from ..runtime.environment import broadcast, distributed_state, main_process_first, versions
-from ..runtime.files import parquet_table
+from ..runtime.files import json_digest, parquet_table
 from ..runtime.paths import check_output_file, check_path_settings
 from .arguments import PATH_SETTINGS, GenerateArguments, parse_generate_args
 from .output import ChunkStore, sidecar_path
@@ -55,22 +54,14 @@ def load_prompts(args: GenerateArguments):
     return dataset
 
 
-def _digest(values) -> str:
-    digest = hashlib.sha256()
-    for value in values:
-        digest.update(json.dumps(value, sort_keys=True, ensure_ascii=False, default=str).encode())
-        digest.update(b"\n")
-    return digest.hexdigest()
-
-
 def generation_settings(args: GenerateArguments, dataset) -> dict:
     """What determines the samples: a restart must have the same (`batch_size` may change: it changes no seed)."""
     keys = ("model_name_or_path", "model_revision", "dataset_name", "dataset_config", "dataset_split", "max_prompts",
             "num_completions", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "dtype", "chunk_size")
     settings = {key: getattr(args, key) for key in keys}
     carried = [name for name in dataset.column_names if name != "prompt"]  # `tools` too: it changes the prompt's ids
-    settings.update(num_prompts=len(dataset), prompts_sha256=_digest(dataset["prompt"]),
-                    carried_sha256=_digest(dataset.select_columns(carried).to_list() if carried else []),
+    settings.update(num_prompts=len(dataset), prompts_sha256=json_digest(dataset["prompt"]),
+                    carried_sha256=json_digest(dataset.select_columns(carried).to_list() if carried else []),
                     sampler=SAMPLER)
     return settings
 

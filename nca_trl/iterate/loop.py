@@ -22,6 +22,7 @@ from dataclasses import asdict
 from types import SimpleNamespace
 
 from ..runtime.errors import SettingsError
+from ..runtime.files import json_digest
 from ..runtime.paths import check_path_settings
 from .arguments import PATH_SETTINGS, IterateArguments, parse_iterate_args
 from .layout import RunLayout, log, read_jsonl, write_json, write_jsonl
@@ -63,7 +64,10 @@ def _check_manifest(layout: RunLayout, settings: dict, overwrite: bool = False) 
         write_json(layout.manifest, settings)
         return
     recorded = json.loads(layout.manifest.read_text())
-    changed = changed_settings(*(_same_paths(d) for d in (recorded, settings)), ignore=_RESTARTABLE)
+    # The prompts' content (a run of an nca-trl that did not record it is compared without it): the same file name
+    # with its lines moved put held-out prompts into later rounds' training slices
+    old = () if "prompts_sha256" in recorded else ("prompts_sha256",)
+    changed = changed_settings(*(_same_paths(d) for d in (recorded, settings)), ignore=_RESTARTABLE + old)
     if changed and not _trained_rounds(layout) and all(c.startswith("training:") for c in changed):
         # Only train stages read `training:`, and none has run (e.g. round 1's training refused a `max_length`)
         log(f"no round has trained yet: taking the changed `training:` settings ({'; '.join(changed)})")
@@ -183,7 +187,8 @@ def iterate(argv: list[str] | None = None) -> dict | None:
     per_round, heldout = plan_rounds(len(dataset), args)  # refused before `output_dir` exists
     with claim_output_dir(lock_args):  # creates `output_dir`; removed again if the run stops before writing to it
         settings = {k: v for k, v in asdict(args).items()}
-        settings.update(num_prompts=len(dataset), prompts_per_round=per_round)
+        settings.update(num_prompts=len(dataset), prompts_sha256=json_digest(dataset.to_list()),
+                        prompts_per_round=per_round)
         if main:
             _check_manifest(layout, settings, args.overwrite_output_dir)
             if not layout.heldout.exists():

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
+import json
 import os
 from pathlib import Path
 
-__all__ = ["fsync_tree", "json_default", "parquet_table", "write_atomic"]
+__all__ = ["fsync_tree", "json_default", "json_digest", "parquet_table", "write_atomic"]
 
 
 def write_atomic(path: str | os.PathLike, text: str | bytes) -> None:
@@ -78,3 +80,13 @@ def _one_arrow_type(values: list) -> bool:
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         return False
     return True
+
+
+def json_digest(values) -> str:
+    """SHA-256 of values (rows, prompts) as JSON lines, keys sorted: what a rerun compares to know its inputs are the
+    same (`nca-trl generate`'s prompts and carried columns, `nca-trl iterate`'s prompts)."""
+    digest = hashlib.sha256()
+    for value in values:
+        digest.update(json.dumps(value, sort_keys=True, ensure_ascii=False, default=str).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
