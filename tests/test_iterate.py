@@ -408,6 +408,26 @@ def test_a_restart_compares_the_run_not_its_spelling(tmp_path, monkeypatch):
         _check_manifest(layout, {**settings, "training": {"max_length": 64}})
 
 
+def test_reward_sources_may_change_until_a_stage_that_scores_has_finished(tmp_path):
+    """Round 0's evaluation failed on a reward function (None for every completion): nothing was scored, yet the
+    corrected `reward_funcs` was refused as a run of other settings, which only `--overwrite_output_dir` got past."""
+    from nca_trl.iterate.layout import RunLayout
+    from nca_trl.iterate.loop import _check_manifest
+
+    layout = RunLayout(tmp_path / "run")
+    layout.root.mkdir()
+    settings = {"seed": 0, "reward_funcs": ["rf:none_all"], "training": {"max_length": 5}}
+    _check_manifest(layout, settings)
+    (layout.root / "round-0").mkdir()  # the evaluation's samples may be there; its status lists nothing done
+    _check_manifest(layout, {**settings, "reward_funcs": ["rf:length"], "training": {"max_length": 8}})
+    assert json.loads(layout.manifest.read_text())["reward_funcs"] == ["rf:length"]
+    layout.mark_done(0, "eval", {})
+    with pytest.raises(ValueError, match=r"with other settings \(reward_funcs: "):
+        _check_manifest(layout, {**settings, "reward_funcs": ["rf:other"], "training": {"max_length": 8}})
+    _check_manifest(layout, {**settings, "reward_funcs": ["rf:length"], "training": {"max_length": 9}})  # not trained
+    with pytest.raises(ValueError, match=r"with other settings \(seed: "):
+        _check_manifest(layout, {**settings, "seed": 1, "reward_funcs": ["rf:length"], "training": {"max_length": 9}})
+
 def test_a_restart_on_changed_prompts_is_refused(digits_model, tmp_path, monkeypatch):
     """The prompts file with its lines moved (the same name and number of prompts) was taken as the same run, and the
     later rounds' slices took held-out prompts as training prompts, exit 0. The run records their digest now."""

@@ -34,6 +34,10 @@ __all__ = ["iterate", "plan_rounds"]
 # manifest is in, however it is spelled)
 _RESTARTABLE = ("rounds", "generation_batch_size", "scoring_batch_size", "eval_batch_size", "overwrite_output_dir",
                 "output_dir")
+#: Settings that only some stages read, and those stages (`round-r/status.json`'s names): they may change while none of
+#: those stages has finished
+_READ_BY = {"training": {"train"}, "reward_model": {"score", "eval"}, "reward_funcs": {"score", "eval"},
+            "reward_weights": {"score", "eval"}}
 
 
 def plan_rounds(num_prompts: int, args: IterateArguments) -> tuple[int, range]:
@@ -68,9 +72,13 @@ def _check_manifest(layout: RunLayout, settings: dict, overwrite: bool = False) 
     # with its lines moved put held-out prompts into later rounds' training slices
     old = () if "prompts_sha256" in recorded else ("prompts_sha256",)
     changed = changed_settings(*(_same_paths(d) for d in (recorded, settings)), ignore=_RESTARTABLE + old)
-    if changed and not _trained_rounds(layout) and all(c.startswith("training:") for c in changed):
-        # Only train stages read `training:`, and none has run (e.g. round 1's training refused a `max_length`)
-        log(f"no round has trained yet: taking the changed `training:` settings ({'; '.join(changed)})")
+    # Settings that only stages none of which has finished read may change: `training:` before a round trained (e.g.
+    # round 1's training refused a `max_length`), the reward sources before a score or an evaluation (round 0's
+    # evaluation failed on a reward function that returned None for every completion)
+    done = {stage for r in _rounds(layout) for stage in layout.status(r)}
+    free = {name for name, stages in _READ_BY.items() if not done & stages}
+    if changed and all(c.split(":", 1)[0] in free for c in changed):
+        log(f"no stage that reads them has finished: taking the changed settings ({'; '.join(changed)})")
         changed = []
     if changed and not overwrite:
         raise FinishedRunError(finished_run_message(
@@ -105,10 +113,9 @@ def _same_paths(settings: dict) -> dict:
             else value for key, value in settings.items()}
 
 
-def _trained_rounds(layout: RunLayout) -> list[int]:
-    """The rounds whose `status.json` (`RunLayout.status`) lists a finished train stage."""
-    rounds = sorted(int(n) for n in (f.name.removeprefix("round-") for f in layout.root.glob("round-*")) if n.isdigit())
-    return [r for r in rounds if "train" in layout.status(r)]
+def _rounds(layout: RunLayout) -> list[int]:
+    """The rounds that have a folder in `output_dir`."""
+    return sorted(int(n) for n in (f.name.removeprefix("round-") for f in layout.root.glob("round-*")) if n.isdigit())
 
 
 def _rows(dataset, indices) -> list[dict]:
