@@ -366,10 +366,13 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    plans = [
-        plan(r, gpus=ns.gpus, gpu_mem=ns.gpu_mem, nodes=ns.nodes, cpu_mem=ns.cpu_mem, completions=ns.completions)
-        for r in ns.recipes
-    ]
+    plans = []
+    for r in ns.recipes:  # a recipe that cannot be planned (an unknown key, no model config): one line, exit 2, as
+        try:  # a missing one; exit 1 stays "does not fit"
+            plans.append(plan(r, gpus=ns.gpus, gpu_mem=ns.gpu_mem, nodes=ns.nodes, cpu_mem=ns.cpu_mem,
+                              completions=ns.completions))
+        except ValueError as error:
+            parser.exit(2, f"{parser.prog}: error: {r}: {error}\n")
     if ns.json:
         print(json.dumps(plans, indent=1))
     elif ns.markdown:

@@ -254,6 +254,19 @@ def test_plan_memory_plans_a_mistral_3_recipe(tmp_path):
     assert planned["activations"] > 0 and planned["fits"]
 
 
+def test_plan_memory_a_recipe_it_cannot_plan_is_one_line_exit_2(tmp_path, capsys):
+    """An empty recipe or an unknown key was a traceback with exit 1, which is also the script's "does not fit"."""
+    plan_memory = load_script("plan_memory")
+    recipe = yaml.safe_load((REPO / "recipes/mistral-7b/nca_ultrafeedback.yaml").read_text())
+    (tmp_path / "bogus.yaml").write_text(yaml.safe_dump({**recipe, "bogus_key": 1}))
+    (tmp_path / "empty.yaml").write_text("")
+    for name in ("bogus.yaml", "empty.yaml"):
+        with pytest.raises(SystemExit) as exit_:
+            plan_memory.main([str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"error: {tmp_path / name}: " in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1, err
+
 @pytest.mark.slow
 def test_cli_end_to_end_single_process(tmp_path, capsys):
     """`nca-trl make-tiny-model` then `nca-trl train` on the tiny recipe: trains, evaluates, saves a loadable model."""
