@@ -371,6 +371,15 @@ def test_a_bad_reward_source_or_output_is_one_line_exit_2_before_scoring(tmp_pat
         assert main(["score", "--dataset_name", data, "--reward_funcs", "ascii_letters", "--output", str(output)]) == 2
         assert words in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "folder.jsonl", "rows.jsonl"]
+    # generate's folder (its output and the sidecar): a 5 KB Arrow cast error over the sidecar, exit 2, before
+    monkeypatch.undo()
+    (tmp_path / "gen").mkdir()
+    write_jsonl(tmp_path / "gen" / "g.jsonl", rows)
+    (tmp_path / "gen" / "g.generation.json").write_text(json.dumps({"output": "g.jsonl", "settings": {}}))
+    assert main(["score", "--dataset_name", str(tmp_path / "gen"), "--reward_funcs", "ascii_letters", "--output",
+                 out]) == 2
+    err = capsys.readouterr().err
+    assert "pass the output file itself" in err and str(tmp_path / "gen" / "g.jsonl") in err and len(err) < 600
 
 
 def test_arguments_and_sources_are_checked(tmp_path):

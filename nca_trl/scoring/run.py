@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..runtime.environment import versions
-from ..runtime.errors import DataError
+from ..runtime.errors import DataError, SettingsError
 from ..runtime.files import json_default, parquet_table, write_atomic
 from ..runtime.paths import check_output_file, check_path_settings
 from .arguments import PATH_SETTINGS, ScoreArguments, parse_score_args
@@ -32,6 +32,13 @@ def load_rows(args: ScoreArguments) -> list[dict]:
     from ..runtime.paths import check_path
 
     check_path(args.dataset_name, "dataset_name", "dataset")  # not the Hub's error for a missing file
+    folder = Path(args.dataset_name).expanduser()
+    sidecars = sorted([*folder.glob("*.generation.json"), *folder.glob("*.scoring.json")]) if folder.is_dir() else []
+    if sidecars:  # `datasets` reads a folder's .json and .jsonl files as one table: a cast error over the sidecar
+        outputs = [f.name for f in folder.iterdir() if f.suffix.lower() in (".jsonl", ".parquet")]
+        raise SettingsError(f"{args.dataset_name} is a folder holding {sidecars[0].name}, the record of a generate or "
+                            f"score run, which would be read as rows too: pass the output file itself (dataset_name), "
+                            f"e.g. {folder / (sorted(outputs) or ['OUTPUT.jsonl'])[0]}")
     dataset = load_split(args, limit=args.max_rows)
     missing = [c for c in ("prompt", "completions") if c not in dataset.column_names]
     if missing:
