@@ -471,6 +471,17 @@ def test_an_output_that_cannot_be_written_or_shares_its_record_is_refused_first(
     store = ChunkStore(tmp_path / "out.parquet", {}, 1, 1)
     with pytest.raises(ValueError, match="a finished generate run"):
         store.open()
+    # A merge stopped before its rename left a full-size hidden copy that no rerun removed
+    (tmp_path / ".new.jsonl.tmp-123").write_text("{}\n")
+    ChunkStore(tmp_path / "new.jsonl", {}, 1, 1).open()
+    assert not (tmp_path / ".new.jsonl.tmp-123").exists()
+    # No prompt to sample: an empty output, exit 0, which score then refused as "empty ... fully written?"
+    monkeypatch.undo()
+    assert main([*base, "--output", str(tmp_path / "o.jsonl"), "--max_prompts", "0"]) == 2
+    assert "`max_prompts` must be at least 1" in capsys.readouterr().err
+    (tmp_path / "none.jsonl").write_text("")
+    assert main([*base[:-1], str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert not (tmp_path / "o.jsonl").exists()
 
 def test_chat_prompts_need_a_chat_template_and_long_prompts_are_counted(tokenizer):
     import copy

@@ -380,6 +380,12 @@ def test_a_bad_reward_source_or_output_is_one_line_exit_2_before_scoring(tmp_pat
                  out]) == 2
     err = capsys.readouterr().err
     assert "pass the output file itself" in err and str(tmp_path / "gen" / "g.jsonl") in err and len(err) < 600
+    # The output over the rows it scores: generate's samples replaced by rated rows without their empty completions
+    samples = tmp_path / "gen" / "g.jsonl"
+    before = samples.read_text()
+    assert main(["score", "--dataset_name", str(samples), "--reward_funcs", "ascii_letters", "--output",
+                 str(samples)]) == 2
+    assert "`output` is `dataset_name`" in capsys.readouterr().err and samples.read_text() == before
 
 
 def test_arguments_and_sources_are_checked(tmp_path):

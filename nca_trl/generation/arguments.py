@@ -101,8 +101,8 @@ class GenerateArguments:
         )
         if problem:
             raise ValueError(problem)
-        if self.max_prompts is not None and self.max_prompts < 0:
-            raise ValueError(f"`max_prompts` must be >= 0, got {self.max_prompts}.")
+        if self.max_prompts is not None and self.max_prompts < 1:  # 0 wrote an empty output, which score refused
+            raise ValueError(f"`max_prompts` must be at least 1 (or unset: every prompt), got {self.max_prompts}.")
         if not self.temperature > 0:
             raise ValueError(f"`temperature` must be > 0, got {self.temperature} (K greedy completions are identical).")
         if not 0 < self.top_p <= 1:

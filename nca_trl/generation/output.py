@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import time
+from glob import escape as glob_escape
 from pathlib import Path
 
 from ..runtime.files import json_default, parquet_table, write_atomic
@@ -79,6 +80,9 @@ class ChunkStore:
                 return "done"
         if self.parts.exists():
             for stale in self.parts.glob(".*.tmp-*"):  # files being written when the run stopped
+                stale.unlink()
+        for name in (self.output.name, self.sidecar.name):  # a merge stopped before its rename: a full-size copy
+            for stale in self.output.parent.glob(f".{glob_escape(name)}.tmp-*"):
                 stale.unlink()
         self.parts.mkdir(parents=True, exist_ok=True)
         write_atomic(self.parts / "manifest.json", json.dumps(self.settings, indent=2, sort_keys=True))

@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict
 
 from ..runtime.environment import broadcast, distributed_state, main_process_first, versions
+from ..runtime.errors import DataError
 from ..runtime.files import json_digest, parquet_table
 from ..runtime.paths import check_output_file, check_path_settings
 from .arguments import PATH_SETTINGS, GenerateArguments, parse_generate_args
@@ -47,6 +48,8 @@ def load_prompts(args: GenerateArguments):
             f"The prompts need a `prompt` column (a string, or a list of chat messages); {args.dataset_name} has the "
             f"columns {dataset.column_names}."
         )
+    if len(dataset) == 0:
+        raise DataError(f"{args.dataset_name} (split {args.dataset_split}) has no prompt: nothing to sample.")
     dropped = [c for c in _DROPPED if c in dataset.column_names]
     if dropped:
         _log(f"dropping the column(s) {dropped}: they describe earlier completions, not the ones sampled now")

@@ -91,6 +91,11 @@ def score_file(args: ScoreArguments) -> dict:
     started = time.time()
     check_path_settings([], PATH_SETTINGS, vars(args))  # before any row is read or model loaded
     check_output_file(args.output, "output", scoring_sidecar_path(args.output))
+    if Path(args.dataset_name).exists() and Path(args.output).exists() \
+            and Path(args.output).resolve() == Path(args.dataset_name).resolve():
+        raise SettingsError(f"`output` is `dataset_name` ({args.output}): the rated rows would replace the rows "
+                            "they were scored from (generate's samples, which a rerun of generate then took as done). "
+                            "Write them to another file.")
     rows = load_rows(args)
     if str(args.output).lower().endswith(".parquet"):  # the carried columns fit one Parquet file, before scoring
         parquet_table(rows, f"{args.dataset_name} (for the Parquet output {args.output})")
