@@ -460,6 +460,100 @@ def test_resume_keeps_the_synced_reference_model(tiny_mistral, tmp_path):
         run("killed", resume=str(checkpoint))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("length", [dict(max_steps=2), dict(max_steps=-1, num_train_epochs=0.5)],
+                         ids=["max_steps", "epochs"])
+def test_resume_from_the_last_checkpoint_trains_no_further_step(tiny_mistral, tmp_path, length):
+    """A run killed once checkpoint-2, its last step, was written, before the final save: resumed, transformers skipped
+    2 batches and trained a third (step 3 of 2, exit 0), so the final model was not the run's, and `train_loss` was
+    0.0. Now the resume trains nothing: the weights, and the final save, are the checkpoint's, and `train_loss` is the
+    whole run's; likewise by epochs (half of 4 batches). Resumed from checkpoint-1, `train_loss` covered step 2 only."""
+    data = isolated_dataset(tmp_path / "data", rated_rows(8))  # 4 batches of 2 an epoch; the run is 2 steps
+
+    def trainer_in(name):
+        args = make_args(tmp_path, save_strategy="steps", save_steps=1, **length)
+        args.output_dir = str(tmp_path / name)
+        return NCATrainer(model=tiny_mistral, args=args, train_dataset=data)
+
+    whole = trainer_in("whole")
+    result = whole.train()
+    assert result.global_step == 2 and whole.state.max_steps == 2
+    for name, kept in (("killed", (1, 2)), ("killed-early", (1,))):  # what the kill left
+        for n in kept:
+            shutil.copytree(tmp_path / "whole" / f"checkpoint-{n}", tmp_path / name / f"checkpoint-{n}")
+
+    resumed = trainer_in("killed")
+    losses = record_losses(resumed)
+    again = resumed.train(resume_from_checkpoint=True)
+    assert losses == []  # no training step
+    assert again.global_step == resumed.state.global_step == resumed.state.max_steps == 2
+    trained = dict(whole.model.named_parameters())
+    for name, value in resumed.model.named_parameters():
+        assert torch.equal(value, trained[name]), name
+    assert [h["step"] for h in resumed.state.log_history if "loss" in h] == [1, 2]
+    assert again.training_loss == again.metrics["train_loss"] == pytest.approx(result.training_loss, rel=1e-6)
+    assert resumed.state.log_history[-1]["train_loss"] == again.training_loss
+    resumed.save_model()  # the final save, as after any run
+    final, checkpoint = (load_file(str(tmp_path / "killed" / where / "model.safetensors"))
+                         for where in (".", "checkpoint-2"))
+    assert final.keys() == checkpoint.keys() and all(torch.equal(final[k], checkpoint[k]) for k in final)
+    assert json.loads((tmp_path / "killed" / MARKER).read_text())["step"] == 2
+
+    early = trainer_in("killed-early")
+    losses = record_losses(early)
+    again = early.train(resume_from_checkpoint=True)
+    assert len(losses) == 1 and again.global_step == 2  # step 2 only
+    assert again.metrics["train_loss"] == pytest.approx(result.training_loss, rel=1e-5)
+
+
+def test_whole_run_train_loss_of_a_resumed_run():
+    """Resumed at step 5 of 8, this call's 3 steps of mean 5.0: with the sum of the losses before the resume that the
+    checkpoint's marker records, the mean over the 8 steps. A marker without it (an older nca-trl): the losses logged
+    every 2 steps before the resume, over the 7 steps whose loss is known (step 5's was never logged). Without either,
+    the call's own."""
+    from nca_trl.runtime.checkpoints import whole_run_train_loss
+
+    history = [{"loss": 1.0, "step": 2}, {"eval_loss": 9.0, "step": 2}, {"loss": 3.0, "step": 4},
+               {"loss": 7.0, "step": 6}, {"loss": 5.0, "step": 8}, {"train_loss": 5.0, "step": 8}]
+    assert whole_run_train_loss(10.0, history, 5, 8, 5.0) == pytest.approx((10.0 + 5.0 * 3) / 8)
+    assert whole_run_train_loss(10.0, history, 8, 8, 0.0) == pytest.approx(10.0 / 8)  # resumed at the end
+    assert whole_run_train_loss(None, history, 5, 8, 5.0) == pytest.approx((1.0 * 2 + 3.0 * 2 + 5.0 * 3) / 7)
+    assert whole_run_train_loss(None, history, 4, 4, 0.0) == pytest.approx(2.0)
+    assert whole_run_train_loss(None, history[-2:], 0, 8, 5.0) == 5.0
+
+
+@pytest.mark.slow  # over a few seconds on 2 cores
+def test_cli_resume_after_the_last_checkpoint_finishes_the_run(tiny_mistral, tmp_path):
+    """`nca-trl train` killed once its last checkpoint was written, before the final save, then run again with
+    `--resume_from_checkpoint true`: it trained a step 3 of 2 (a final model up to 3e-3 off the uninterrupted run's)
+    and reported `train_loss` 0.0. Now the final model and the report are the uninterrupted run's. The recipe logs
+    every 5 steps: no loss of this run is logged before the kill, the checkpoint's marker holds their sum."""
+
+    class KilledAfterTheLastCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt("simulated kill after checkpoint-2")
+
+    def argv(name, *extra):  # 3 batches of 2 prompts an epoch: the run ends within it
+        return cli_argv(tiny_mistral, tmp_path / name, "--max_steps", "2", "--save_strategy", "steps", "--save_steps",
+                        "1", "--per_device_train_batch_size", "2", *extra)
+
+    whole = cli_train(argv("whole"))
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        cli_train(argv("killed"), callbacks=[KilledAfterTheLastCheckpoint()])
+    assert (out / "checkpoint-2" / MARKER).exists() and not (out / "model.safetensors").exists()
+
+    info = cli_train(argv("killed", "--resume_from_checkpoint", "true"))
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert info["global_step"] == state["global_step"] == state["max_steps"] == 2
+    final, expected = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("killed", "whole"))
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in expected)
+    assert whole["train_metrics"]["train_loss"] > 0 and info["step_losses"] == whole["step_losses"] == []
+    assert info["train_metrics"]["train_loss"] == pytest.approx(whole["train_metrics"]["train_loss"], rel=1e-6)
+    assert json.loads((out / "all_results.json").read_text())["train_loss"] == info["train_metrics"]["train_loss"]
+
+
 def test_checkpoint_killed_mid_write_has_no_marker(tiny_mistral, tmp_path, monkeypatch):
     """A failure while a checkpoint is being written (after its model, before its RNG state) leaves it unmarked."""
     data = isolated_dataset(tmp_path / "data", rated_rows(4))

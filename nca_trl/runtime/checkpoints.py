@@ -6,7 +6,9 @@ checkpoint (skipping incomplete ones with a warning) and refuses an explicit inc
 into `output_dir/.nca-trl-saving`, then moves the files into place and writes the marker last: a failure half-way
 leaves the previous model whole. The files of the model it replaces that the new save did not write (a LoRA run's
 adapter under a full model, shards under one file) are removed, since a loader would read them too. Writers are the
-processes with `args.should_save`, as in `transformers.Trainer`.
+processes with `args.should_save`, as in `transformers.Trainer`. A resume from a checkpoint at the run's last step
+trains no further step (`resumed_at_the_end`), and a resumed run's `train_loss` is its mean over the whole run
+(`whole_run_train_loss`, from the sum of the losses each marker records).
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from .files import fsync_tree, json_default, write_atomic
 
 logger = logging.getLogger("nca_trl")
 
-__all__ = ["COMPLETE_MARKER", "RUN_SETTINGS", "STAGING_DIR", "SYNCED_REFERENCE", "checkpoint_settings", "is_complete",
-           "last_complete_checkpoint", "resolve_resume", "restore_synced_reference", "save_checkpoint",
-           "save_final_model"]
+__all__ = ["COMPLETE_MARKER", "LOSS_SUM", "LOSS_SUM_BEFORE", "RUN_SETTINGS", "STAGING_DIR", "SYNCED_REFERENCE",
+           "checkpoint_loss_sum", "checkpoint_settings", "is_complete", "last_complete_checkpoint", "resolve_resume",
+           "restore_synced_reference", "resumed_at_the_end", "save_checkpoint", "save_final_model",
+           "whole_run_train_loss"]
 
 COMPLETE_MARKER = "nca_trl_complete.json"
 STAGING_DIR = ".nca-trl-saving"
@@ -193,7 +196,7 @@ def save_checkpoint(trainer, parent_save, model, trial) -> None:
     if args.should_save:
         _save_synced_reference(trainer, folder)
         # `nca-trl train` gives its run's settings (`RUN_SETTINGS`): a later fresh run into this output_dir compares
-        _write_marker(folder, step=trainer.state.global_step, **_settings_record(trainer))
+        _write_marker(folder, step=trainer.state.global_step, **_settings_record(trainer), **_loss_record(trainer))
         rotate_checkpoints(
             output_dir=run_dir, save_total_limit=limit, best_model_checkpoint=trainer.state.best_model_checkpoint,
             use_mtime=True,
@@ -306,3 +309,64 @@ def save_final_model(trainer, parent_save_model, output_dir: str | None) -> None
 
 
 # ------------------------------------------------------------------------------------------------ the trainer side
+#: What each marker records of the run's training losses: their sum up to its step, as transformers sums them for
+#: `train_loss` (the logged sums and the steps since the last log); a resumed run's `train_loss` starts from it
+LOSS_SUM = "train_loss_sum"
+#: The trainer attribute that holds that sum at the start of this `train()` call (0.0 from scratch, the checkpoint's
+#: on resume); None, or missing (a trainer without `RunSafetyMixin.train`), records none
+LOSS_SUM_BEFORE = "_nca_loss_sum_before"
+
+
+def _loss_record(trainer) -> dict:
+    before = getattr(trainer, LOSS_SUM_BEFORE, None)
+    logged, pending = getattr(trainer, "_total_loss_scalar", None), getattr(trainer, "_tr_loss", None)
+    if before is None or logged is None or pending is None:
+        return {}
+    return {LOSS_SUM: before + logged + float(pending.item())}
+
+
+def checkpoint_loss_sum(checkpoint: str | None) -> float | None:
+    """The sum of the training losses up to `checkpoint`, as its marker records it; 0.0 for no checkpoint, None where
+    the marker records none (written by an older nca-trl)."""
+    if not checkpoint:  # None, or False (no resume)
+        return 0.0
+    value = _marker(checkpoint).get(LOSS_SUM)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def resumed_at_the_end(trainer, max_steps: int, checkpoint: str | None) -> bool:
+    """Whether the state `Trainer._init_training_state` just restored from `checkpoint` is at (or past) `max_steps`,
+    the run's length as transformers computed it (`Trainer.set_initial_training_values`: `max_steps`, or the epochs
+    times the dataloader's update steps). transformers would skip `global_step` batches and train the next one anyway
+    (step 3 of 2): the caller then trains no step, so that the weights stay the checkpoint's."""
+    step = trainer.state.global_step
+    if checkpoint is None or step < max_steps:
+        return False
+    if step > max_steps:
+        logger.warning(
+            "Checkpoint %s is at step %d, past this run's %d steps (max_steps or num_train_epochs lowered since): "
+            "nothing is trained, the model stays the checkpoint's, of step %d.", checkpoint, step, max_steps, step,
+        )
+    else:
+        logger.info("Checkpoint %s is at step %d, the run's last: nothing left to train.", checkpoint, step)
+    return True
+
+
+def whole_run_train_loss(loss_sum_before: float | None, log_history: list[dict], resumed_step: int, global_step: int,
+                         call_loss: float) -> float:
+    """The mean training loss of a resumed run over all its steps, where transformers' `train_loss` is the mean over
+    the steps of its own `train()` call (`call_loss`; 0.0 when it trained none). From the checkpoint's sum of the
+    losses before the resume (`loss_sum_before`, `LOSS_SUM`) where its marker records one; otherwise from the losses
+    logged before the resume (`log_history`, each entry the mean over the steps since the one before), where steps
+    after the last logged one count for neither part; `call_loss` where neither is known."""
+    new = global_step - resumed_step
+    if new < 0 or global_step <= 0:
+        return call_loss
+    if loss_sum_before is not None:
+        return (loss_sum_before + call_loss * new) / global_step
+    total, counted, last = 0.0, 0, 0
+    for entry in log_history:
+        step = entry.get("step")
+        if "loss" in entry and isinstance(step, int) and last < step <= resumed_step:
+            total, counted, last = total + entry["loss"] * (step - last), counted + step - last, step
+    return call_loss if counted == 0 else (total + call_loss * new) / (counted + new)

@@ -18,6 +18,11 @@ The output_dir checks and lock live in `nca_trl.runtime.output_dir`, the checkpo
 - **Complete checkpoints.** `save_checkpoint` writes `nca_trl_complete.json` into `checkpoint-N` last, after every
   process wrote its part, and rotates old checkpoints only then. `resolve_resume` makes `resume_from_checkpoint=True`
   pick the last complete checkpoint (skipping incomplete ones with a warning) and refuses an explicit incomplete one.
+- **Resuming at the end.** A checkpoint at the run's last step (`max_steps`, or the end of its last epoch, as
+  transformers computes them) trains no further step when resumed, where transformers would train one past
+  `max_steps` (it skips `global_step` batches, then trains the next without checking): the weights stay the
+  checkpoint's. A resumed run's `train_loss` is the mean over the whole run (the sum of the losses before the resume
+  that the checkpoint's marker records, with this call's), not over this call's steps only (0.0 at the end).
 - **Final model.** `save_final_model` writes into `output_dir/.nca-trl-saving`, then moves the files into place and
   writes the marker last: a failure half-way leaves the previous model whole.
 
@@ -32,8 +37,11 @@ import math
 
 import torch
 
-from .checkpoints import (last_complete_checkpoint, resolve_resume, restore_synced_reference, save_checkpoint,
-                          save_final_model)
+from transformers.trainer_utils import TrainOutput
+
+from .checkpoints import (LOSS_SUM_BEFORE, checkpoint_loss_sum, last_complete_checkpoint, resolve_resume,
+                          restore_synced_reference, resumed_at_the_end, save_checkpoint, save_final_model,
+                          whole_run_train_loss)
 from .errors import ROW_INDEX
 from .output_dir import claim_output_dir
 
@@ -155,10 +163,32 @@ class RunSafetyMixin:
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         self._nca_step_rows = []
+        self._nca_resumed_step = None  # the step `_init_training_state` resumed at
         with claim_output_dir(self.args):
             resume = resolve_resume(self.args, resume_from_checkpoint)
             restore_synced_reference(self, resume)
-            return super().train(resume, trial, ignore_keys_for_eval, **kwargs)
+            setattr(self, LOSS_SUM_BEFORE, checkpoint_loss_sum(resume))  # what each checkpoint's marker adds to
+            output = super().train(resume, trial, ignore_keys_for_eval, **kwargs)
+        if self._nca_resumed_step is None:
+            return output
+        # transformers' train_loss covers this call's steps only: the whole run's, in the result and the logged metrics
+        loss = whole_run_train_loss(getattr(self, LOSS_SUM_BEFORE), self.state.log_history, self._nca_resumed_step,
+                                    output.global_step, output.training_loss)
+        logged = next((entry for entry in reversed(self.state.log_history) if "train_loss" in entry), None)
+        if logged is not None:  # `Trainer._finalize_training`'s metrics, logged last
+            logged["train_loss"] = loss
+        return TrainOutput(output.global_step, loss, {**output.metrics, "train_loss": loss})
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
+                             trial):
+        trained = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
+                                               resume_from_checkpoint, trial)
+        if resume_from_checkpoint is not None:
+            self._nca_resumed_step = self.state.global_step
+        if resumed_at_the_end(self, max_steps, resume_from_checkpoint):
+            # every epoch counts as trained: the loop runs no step, the end of the run (metrics, callbacks) as usual
+            return num_train_epochs, 0
+        return trained
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
