@@ -646,3 +646,30 @@ def test_the_other_processes_wait_for_the_main_process_by_its_marks(tmp_path, mo
     thread.join()
     # Barriers: the round's prompts written, scoring, training (which every process runs), the evaluation
     assert len(barriers) == 4 and "score" in barriers[1] and "eval" in barriers[3], barriers
+
+
+@pytest.mark.slow
+def test_the_dpo_baseline_resumed_at_its_last_step_trains_no_further_step(tiny_mistral, tmp_path):
+    """`loss: dpo` rounds run `trl.DPOTrainer` (marked checkpoints): resumed from a checkpoint at max_steps it trained
+    a step past it (transformers skips global_step batches, then trains the next), as our trainers did."""
+    from datasets import Dataset
+    from test_trainer import make_args
+    from trl import DPOConfig
+
+    from nca_trl.iterate.stages import marked_dpo_trainer
+
+    rows = [{"prompt": r["prompt"], "chosen": r["completions"][0], "rejected": r["completions"][1]}
+            for r in (json.loads(line) for line in VICUNA.read_text().splitlines()[:8])]
+    trainer_cls = marked_dpo_trainer()
+
+    def trainer_in(name):
+        args = make_args(DPOConfig, tmp_path, max_steps=2, max_length=64, save_strategy="steps", save_steps=1)
+        args.output_dir = str(tmp_path / name)
+        return trainer_cls(model=tiny_mistral, args=args, train_dataset=Dataset.from_list(rows))
+
+    whole = trainer_in("whole")
+    whole.train()
+    resumed = trainer_in("whole")  # its checkpoint-2, as a kill before the round's final save leaves it
+    assert resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2")).global_step == 2
+    trained = dict(whole.model.named_parameters())
+    assert all(torch.equal(value, trained[name]) for name, value in resumed.model.named_parameters())

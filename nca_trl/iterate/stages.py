@@ -135,9 +135,9 @@ def marked_dpo_trainer():
     so that resuming a killed `loss: dpo` round never picks a checkpoint that was being written."""
     from trl import DPOTrainer
 
-    from ..runtime.checkpoints import save_checkpoint
+    from ..runtime.checkpoints import ResumeAtTheEndMixin, save_checkpoint
 
-    class MarkedDPOTrainer(DPOTrainer):
+    class MarkedDPOTrainer(ResumeAtTheEndMixin, DPOTrainer):  # resumed at its last step: no step past it
         def _save_checkpoint(self, model, trial):
             save_checkpoint(self, super()._save_checkpoint, model, trial)
 

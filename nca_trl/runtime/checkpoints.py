@@ -28,9 +28,9 @@ from .files import fsync_tree, json_default, write_atomic
 
 logger = logging.getLogger("nca_trl")
 
-__all__ = ["COMPLETE_MARKER", "LOSS_SUM", "LOSS_SUM_BEFORE", "RUN_SETTINGS", "STAGING_DIR", "SYNCED_REFERENCE",
-           "checkpoint_loss_sum", "checkpoint_settings", "is_complete", "last_complete_checkpoint", "resolve_resume",
-           "restore_synced_reference", "resumed_at_the_end", "save_checkpoint", "save_final_model",
+__all__ = ["COMPLETE_MARKER", "LOSS_SUM", "LOSS_SUM_BEFORE", "RUN_SETTINGS", "ResumeAtTheEndMixin", "STAGING_DIR",
+           "SYNCED_REFERENCE", "checkpoint_loss_sum", "checkpoint_settings", "is_complete", "last_complete_checkpoint",
+           "resolve_resume", "restore_synced_reference", "resumed_at_the_end", "save_checkpoint", "save_final_model",
            "whole_run_train_loss"]
 
 COMPLETE_MARKER = "nca_trl_complete.json"
@@ -351,6 +351,22 @@ def resumed_at_the_end(trainer, max_steps: int, checkpoint: str | None) -> bool:
         logger.info("Checkpoint %s is at step %d, the run's last: nothing left to train.", checkpoint, step)
     return True
 
+
+class ResumeAtTheEndMixin:
+    """`Trainer._init_training_state` that trains no step when resumed at the run's last step (`resumed_at_the_end`),
+    noting the step a resume restored (`_nca_resumed_step`): our trainers' (`RunSafetyMixin`) and iterate's DPO
+    baseline's."""
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
+                             trial):
+        trained = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
+                                               resume_from_checkpoint, trial)
+        if resume_from_checkpoint is not None:
+            self._nca_resumed_step = self.state.global_step
+        if resumed_at_the_end(self, max_steps, resume_from_checkpoint):
+            # every epoch counts as trained: the loop runs no step, the end of the run (metrics, callbacks) as usual
+            return num_train_epochs, 0
+        return trained
 
 def whole_run_train_loss(loss_sum_before: float | None, log_history: list[dict], resumed_step: int, global_step: int,
                          call_loss: float) -> float:

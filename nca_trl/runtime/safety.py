@@ -39,8 +39,8 @@ import torch
 
 from transformers.trainer_utils import TrainOutput
 
-from .checkpoints import (LOSS_SUM_BEFORE, checkpoint_loss_sum, last_complete_checkpoint, resolve_resume,
-                          restore_synced_reference, resumed_at_the_end, save_checkpoint, save_final_model,
+from .checkpoints import (LOSS_SUM_BEFORE, ResumeAtTheEndMixin, checkpoint_loss_sum, last_complete_checkpoint,
+                          resolve_resume, restore_synced_reference, save_checkpoint, save_final_model,
                           whole_run_train_loss)
 from .errors import ROW_INDEX
 from .output_dir import claim_output_dir
@@ -158,7 +158,7 @@ def _fp16_loss_scaling(trainer) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ output_dir
-class RunSafetyMixin:
+class RunSafetyMixin(ResumeAtTheEndMixin):
     """The `transformers.Trainer` overrides of this module; `_RatedCompletionsTrainer` inherits them first."""
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
@@ -178,17 +178,6 @@ class RunSafetyMixin:
         if logged is not None:  # `Trainer._finalize_training`'s metrics, logged last
             logged["train_loss"] = loss
         return TrainOutput(output.global_step, loss, {**output.metrics, "train_loss": loss})
-
-    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
-                             trial):
-        trained = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
-                                               resume_from_checkpoint, trial)
-        if resume_from_checkpoint is not None:
-            self._nca_resumed_step = self.state.global_step
-        if resumed_at_the_end(self, max_steps, resume_from_checkpoint):
-            # every epoch counts as trained: the loop runs no step, the end of the run (metrics, callbacks) as usual
-            return num_train_epochs, 0
-        return trained
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
