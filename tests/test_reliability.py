@@ -552,6 +552,7 @@ def test_cli_resume_after_the_last_checkpoint_finishes_the_run(tiny_mistral, tmp
     assert whole["train_metrics"]["train_loss"] > 0 and info["step_losses"] == whole["step_losses"] == []
     assert info["train_metrics"]["train_loss"] == pytest.approx(whole["train_metrics"]["train_loss"], rel=1e-6)
     assert json.loads((out / "all_results.json").read_text())["train_loss"] == info["train_metrics"]["train_loss"]
+    assert info["resumed_from"] == str(out / "checkpoint-2")  # the checkpoint taken, not `true` as given
 
 
 def test_checkpoint_killed_mid_write_has_no_marker(tiny_mistral, tmp_path, monkeypatch):

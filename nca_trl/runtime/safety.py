@@ -166,6 +166,7 @@ class RunSafetyMixin(ResumeAtTheEndMixin):
         self._nca_resumed_step = None  # the step `_init_training_state` resumed at
         with claim_output_dir(self.args):
             resume = resolve_resume(self.args, resume_from_checkpoint)
+            self._nca_resumed_from = resume or None  # the checkpoint taken (`True` resolved), for run_info.json
             restore_synced_reference(self, resume)
             setattr(self, LOSS_SUM_BEFORE, checkpoint_loss_sum(resume))  # what each checkpoint's marker adds to
             output = super().train(resume, trial, ignore_keys_for_eval, **kwargs)

@@ -230,7 +230,7 @@ def run_info(trainer, model_args, train_metrics: dict, eval_metrics: dict | None
         "model_loader": loader_of(trainer.accelerator.unwrap_model(trainer.model)),  # what loads the saved model
         "output_dir": os.path.abspath(trainer.args.output_dir),
         "global_step": trainer.state.global_step,
-        "resumed_from": trainer.args.resume_from_checkpoint,
+        "resumed_from": getattr(trainer, "_nca_resumed_from", trainer.args.resume_from_checkpoint),  # the folder
         "step_losses": [{"step": e["step"], "loss": e["loss"]} for e in history if "loss" in e and "step" in e],
         "log_history": history,
         "train_metrics": train_metrics,
