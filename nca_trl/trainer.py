@@ -435,6 +435,8 @@ class _RatedCompletionsTrainer(RunSafetyMixin, EvalPredictionsMixin, SharedPromp
         metrics.update({key: n / d for key, (n, d) in self._pooled[mode].items() if d > 0})  # undefined: not logged
         prefix = f"{getattr(self, '_metric_key_prefix', 'eval')}_" if mode == "eval" else ""
         logs.update({prefix + key: value for key, value in metrics.items()})
+        if "train_loss" in logs:  # the end of `train()`: a resumed run's mean over all its steps (`RunSafetyMixin`)
+            logs["train_loss"] = self._whole_run_train_loss(logs["train_loss"])
         super(DPOTrainer, self).log(logs, start_time)
         self._metrics[mode].clear()
         self._pooled[mode].clear()

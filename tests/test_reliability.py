@@ -523,7 +523,7 @@ def test_whole_run_train_loss_of_a_resumed_run():
 
 
 @pytest.mark.slow  # over a few seconds on 2 cores
-def test_cli_resume_after_the_last_checkpoint_finishes_the_run(tiny_mistral, tmp_path):
+def test_cli_resume_after_the_last_checkpoint_finishes_the_run(tiny_mistral, tmp_path, capsys):
     """`nca-trl train` killed once its last checkpoint was written, before the final save, then run again with
     `--resume_from_checkpoint true`: it trained a step 3 of 2 (a final model up to 3e-3 off the uninterrupted run's)
     and reported `train_loss` 0.0. Now the final model and the report are the uninterrupted run's. The recipe logs
@@ -544,7 +544,10 @@ def test_cli_resume_after_the_last_checkpoint_finishes_the_run(tiny_mistral, tmp
         cli_train(argv("killed"), callbacks=[KilledAfterTheLastCheckpoint()])
     assert (out / "checkpoint-2" / MARKER).exists() and not (out / "model.safetensors").exists()
 
+    capsys.readouterr()
     info = cli_train(argv("killed", "--resume_from_checkpoint", "true"))
+    printed = capsys.readouterr().out  # the progress line at the end printed transformers' 0.0 (the call's steps)
+    assert f"train_loss {info['train_metrics']['train_loss']:.4g}" in printed and "train_loss 0 " not in printed
     state = json.loads((out / "trainer_state.json").read_text())
     assert info["global_step"] == state["global_step"] == state["max_steps"] == 2
     final, expected = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("killed", "whole"))

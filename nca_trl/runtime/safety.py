@@ -172,13 +172,16 @@ class RunSafetyMixin(ResumeAtTheEndMixin):
             output = super().train(resume, trial, ignore_keys_for_eval, **kwargs)
         if self._nca_resumed_step is None:
             return output
-        # transformers' train_loss covers this call's steps only: the whole run's, in the result and the logged metrics
-        loss = whole_run_train_loss(getattr(self, LOSS_SUM_BEFORE), self.state.log_history, self._nca_resumed_step,
-                                    output.global_step, output.training_loss)
-        logged = next((entry for entry in reversed(self.state.log_history) if "train_loss" in entry), None)
-        if logged is not None:  # `Trainer._finalize_training`'s metrics, logged last
-            logged["train_loss"] = loss
+        loss = self._whole_run_train_loss(output.training_loss)  # the logged metrics took it in `log`
         return TrainOutput(output.global_step, loss, {**output.metrics, "train_loss": loss})
+
+    def _whole_run_train_loss(self, call_loss: float) -> float:
+        """transformers' `train_loss` (`call_loss`) covers this `train()` call's steps only: a resumed run's over all
+        its steps (`whole_run_train_loss`); the trainers' `log` gives it to the metrics logged at the end of training."""
+        if getattr(self, "_nca_resumed_step", None) is None:
+            return call_loss
+        return whole_run_train_loss(getattr(self, LOSS_SUM_BEFORE), self.state.log_history, self._nca_resumed_step,
+                                    self.state.global_step, call_loss)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
