@@ -228,10 +228,12 @@ def check_rated_config(args: DPOConfig, config_class: type[_RatedCompletionsConf
         raise ValueError(f"`beta` must be a finite number > 0, got {args.beta!r}.")
     if not 0 <= args.learning_rate < math.inf:  # inf trained every weight to NaN and saved them, exit 0
         raise ValueError(f"`learning_rate` must be a finite number >= 0, got {args.learning_rate!r}.")
-    nan = [f.name for f in dataclasses.fields(args) if isinstance(getattr(args, f.name, None), float)
-           and math.isnan(getattr(args, f.name))]
-    if nan:
-        raise ValueError(f"{setting(nan[0], math.nan)} is not a number: give it a value, or leave it unset.")
+    # Every other float setting is finite (weight_decay inf, like learning_rate inf, saved an all-NaN model as a
+    # finished run); alpha inf is the uniform limit
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name, None)
+        if isinstance(value, float) and not math.isfinite(value) and not (f.name == "alpha" and value == math.inf):
+            raise ValueError(f"{setting(f.name, value)} is not a finite number: give it one, or leave it unset.")
     ties = getattr(args, "ties", "keep")
     if ties not in TIES:
         raise ValueError(f"{setting('ties', ties)} is not a choice: `keep` (train tied prompts, uniform targets) or "

@@ -213,6 +213,11 @@ BAD_ROWS = [
      ["mixed standard/conversational"]),
     # before: accepted, with an empty prompt (a shared space goes to the completions), where `prompt: ""` is refused
     ("implicit-only-a-space-shared", {"chosen": " yes", "rejected": " no"}, "chosen", ["extracted", "is empty"]),
+    # after an empty message became legal among others: the pieces extracted from an implicit pair are checked too
+    ("implicit-conv-empty-reply", {"chosen": [user("hi"), assistant("hello there")], "rejected": [user("hi"),
+     assistant("")]}, "rejected", ["the reply of 'rejected'", "empty content in every message"]),
+    ("implicit-conv-empty-prompt", {"chosen": [user(""), assistant("a")], "rejected": [user(""), assistant("b")]},
+     "chosen", ["extracted", "empty content in every message"]),
     ("implicit-conv-first-message-differs", {"chosen": [user("q"), assistant("a")], "rejected": [user("r"),
      assistant("b")]}, "chosen", ["first message"]),
 ]

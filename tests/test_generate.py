@@ -482,6 +482,10 @@ def test_an_output_that_cannot_be_written_or_shares_its_record_is_refused_first(
     (tmp_path / "none.jsonl").write_text("")
     assert main([*base[:-1], str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "o.jsonl")]) == 2
     assert not (tmp_path / "o.jsonl").exists()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # `~` is expanded once, for the check and the writes
+    from nca_trl.generation.arguments import GenerateArguments
+    assert GenerateArguments(model_name_or_path=str(tiny_mistral), dataset_name=str(prompts),
+                             output="~/o.jsonl").output == str(tmp_path / "home" / "o.jsonl")
 
 def test_chat_prompts_need_a_chat_template_and_long_prompts_are_counted(tokenizer):
     import copy

@@ -651,7 +651,8 @@ def test_the_other_processes_wait_for_the_main_process_by_its_marks(tmp_path, mo
 @pytest.mark.slow
 def test_the_dpo_baseline_resumed_at_its_last_step_trains_no_further_step(tiny_mistral, tmp_path):
     """`loss: dpo` rounds run `trl.DPOTrainer` (marked checkpoints): resumed from a checkpoint at max_steps it trained
-    a step past it (transformers skips global_step batches, then trains the next), as our trainers did."""
+    a step past it (transformers skips global_step batches, then trains the next), as our trainers did, and its
+    train_loss was 0.0 (the steps of the resumed call)."""
     from datasets import Dataset
     from test_trainer import make_args
     from trl import DPOConfig
@@ -668,8 +669,10 @@ def test_the_dpo_baseline_resumed_at_its_last_step_trains_no_further_step(tiny_m
         return trainer_cls(model=tiny_mistral, args=args, train_dataset=Dataset.from_list(rows))
 
     whole = trainer_in("whole")
-    whole.train()
+    result = whole.train()
     resumed = trainer_in("whole")  # its checkpoint-2, as a kill before the round's final save leaves it
-    assert resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2")).global_step == 2
+    again = resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
+    assert again.global_step == 2  # and its train_loss (the round's status) the run's, not 0.0
+    assert again.metrics["train_loss"] == pytest.approx(result.metrics["train_loss"], rel=1e-6)
     trained = dict(whole.model.named_parameters())
     assert all(torch.equal(value, trained[name]) for name, value in resumed.model.named_parameters())

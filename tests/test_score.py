@@ -386,6 +386,10 @@ def test_a_bad_reward_source_or_output_is_one_line_exit_2_before_scoring(tmp_pat
     assert main(["score", "--dataset_name", str(samples), "--reward_funcs", "ascii_letters", "--output",
                  str(samples)]) == 2
     assert "`output` is `dataset_name`" in capsys.readouterr().err and samples.read_text() == before
+    # `~` (a recipe's, which no shell expanded) is where the output goes, not a folder named `~` here
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert parse_score_args(["--dataset_name", data, "--reward_funcs", "ascii_letters", "--output",
+                             "~/o.jsonl"]).output == str(tmp_path / "home" / "o.jsonl")
 
 
 def test_arguments_and_sources_are_checked(tmp_path):

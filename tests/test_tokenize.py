@@ -169,6 +169,9 @@ def test_a_tokenized_dataset_gets_this_preparation_s_checks_and_settings(mistral
     assert capped[0]["rewards"] == [1.0, 3.0] and capped[0]["completions"] == [" a", " c"]
     assert capped[0]["completion_ids"] == [prepared[0]["completion_ids"][i] for i in (0, 2)]
     assert len(list(prepare_rated_dataset(prepared.to_iterable_dataset(), tok, args(max_length=12), "train"))) == 1
+    for fmt in ("torch", "numpy"):  # a format set on it: 'preference_pair' is a Tensor, blamed on a column of ours
+        again = prepare_rated_dataset(prepared.with_format(fmt), tok, args(), "train")
+        assert again[0]["preference_pair"] is False and again.to_list() == prepared.to_list()
     for change, field, words in [
         ({"rewards": [float("nan"), 0.0]}, "rewards", "NaN"),
         ({"completion_ids": [[28705]], "rewards": [1.0]}, "completion_ids", "K >= 2"),

@@ -265,7 +265,9 @@ def _token_ids(value) -> bool:
 
 
 def _check_tokenized(dataset, dataset_name, counts):
-    """A tokenized dataset with every row checked (`_check_tokenized_row`): a `Dataset` now, a stream as it is read."""
+    """A tokenized dataset with every row checked (`_check_tokenized_row`): a `Dataset` now, a stream as it is read.
+    A format set on it (`torch`, `numpy`) is reset: the collator reads Python values, as preparation writes them."""
+    dataset = dataset.with_format(None)
     if isinstance(dataset, Dataset):
         read = [c for c in ("prompt_ids", "completion_ids", "rewards", "ref_logps", PAIR_COLUMN)
                 if c in dataset.column_names]
@@ -318,16 +320,16 @@ def _prepare(dataset, first, processing_class, args, dataset_name, max_completio
             return {name: [example[name][i] for i in keep]
                     for name in _PER_COMPLETION if example.get(name) is not None}
 
-        if isinstance(dataset, Dataset):
-            capped = [i for i, rewards in enumerate(dataset["rewards"]) if len(rewards) > max_completions]
-            if capped:
-                names = _row_names(dataset)
-                logger.warning(
-                    "%s dataset: %d of %d prompts have more than max_completions=%d completions and keep the best, "
-                    "the worst and an even spread of ranks between (rows %s%s).", dataset_name, len(capped),
-                    len(dataset), max_completions, ", ".join(str(names[i]) for i in capped[:10]),
-                    ", ..." if len(capped) > 10 else "")
-        dataset = dataset.map(cap, **map_kwargs)
+        capped = [i for i, rewards in enumerate(dataset["rewards"]) if len(rewards) > max_completions] \
+            if isinstance(dataset, Dataset) else None  # a stream: each row as it is read
+        if capped:
+            names = _row_names(dataset)
+            logger.warning(
+                "%s dataset: %d of %d prompts have more than max_completions=%d completions and keep the best, the "
+                "worst and an even spread of ranks between (rows %s%s).", dataset_name, len(capped), len(dataset),
+                max_completions, ", ".join(str(names[i]) for i in capped[:10]), ", ..." if len(capped) > 10 else "")
+        if capped is None or capped:  # a dataset prepared before is not rewritten when nothing is capped
+            dataset = dataset.map(cap, **map_kwargs)
 
     streamed = not isinstance(dataset, Dataset)
 

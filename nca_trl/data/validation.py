@@ -180,9 +180,17 @@ def _check_implicit(example, index, dataset_name):
     # When one is a prefix of the other, `extract_prompt` keeps the last character/message of the shorter one as its
     # completion (HH-RLHF has replies that are a single space), so both completions stay non-empty: accepted. What it
     # extracts can still be empty (" yes" / " no": a shared space goes to the completions), as `prompt: ""` is refused
-    if not extract_prompt({"chosen": chosen, "rejected": rejected})["prompt"]:
-        problem = f"the prompt extracted from 'chosen' and 'rejected' (their shared start, {shared} {unit}(s)) is empty"
+    extracted = extract_prompt({"chosen": chosen, "rejected": rejected})
+    what = f"the prompt extracted from 'chosen' and 'rejected' (their shared start, {shared} {unit}(s))"
+    problem = _text_problem(extracted["prompt"], what, needs_assistant=False) if extracted["prompt"] else \
+        f"{what} is empty"
+    if problem:
         raise DataValidationError(problem, fix, row=index, field="chosen", dataset_name=dataset_name)
+    for name in ("chosen", "rejected"):  # each conversation has content, but its reply after the prompt may not
+        problem = _text_problem(extracted[name], f"the reply of '{name}' after the shared prompt", needs_assistant=True)
+        if problem:
+            raise DataValidationError(problem, f"give '{name}' a non-empty reply (or drop the row)", row=index,
+                                      field=name, dataset_name=dataset_name)
 
 
 def validate_example(example: dict, index: int, dataset_name: str = "train") -> None:
@@ -192,9 +200,9 @@ def validate_example(example: dict, index: int, dataset_name: str = "train") -> 
     Checked: the columns of the format are present; a prompt is a non-empty string or a non-empty message list;
     rated rows have K >= 2 completions and exactly one reward each, checked by [`check_rewards`] (finite `int` or
     `float`; booleans, `None` and strings, numeric ones such as `"7"` included, are refused; differences within
-    float32's range); no completion / chosen / rejected is empty (`""`, an empty message list or a
-    message with empty content); conversational completions are lists of `{"role", "content"}` messages with an
-    assistant turn; one style (standard or conversational) throughout the row; for implicit-prompt preference rows,
+    float32's range); no completion / chosen / rejected is empty (`""`, an empty message list or messages that all
+    have empty content: an empty message among others, such as an empty system turn, is fine); conversational
+    completions are lists of `{"role", "content"}` messages with an assistant turn; one style (standard or conversational) throughout the row; for implicit-prompt preference rows,
     that a non-empty prompt can be extracted (`chosen` and `rejected` differ and share more than a space).
     Whitespace-only text is accepted (it is a real token sequence).
 

@@ -86,6 +86,8 @@ class GenerateArguments:
     )
 
     def __post_init__(self):
+        if self.output is not None:  # `~/x.jsonl` from a recipe (no shell expanded it): checked and written alike
+            self.output = str(Path(self.output).expanduser())
         if self.output is not None and Path(self.output).suffix.lower() not in OUTPUT_SUFFIXES:
             raise ValueError(f"`output` must end with one of {OUTPUT_SUFFIXES}, got {self.output!r}.")
         for name in ("num_completions", "max_new_tokens", "batch_size", "chunk_size"):

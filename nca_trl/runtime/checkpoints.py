@@ -353,9 +353,32 @@ def resumed_at_the_end(trainer, max_steps: int, checkpoint: str | None) -> bool:
 
 
 class ResumeAtTheEndMixin:
-    """`Trainer._init_training_state` that trains no step when resumed at the run's last step (`resumed_at_the_end`),
-    noting the step a resume restored (`_nca_resumed_step`): our trainers' (`RunSafetyMixin`) and iterate's DPO
-    baseline's."""
+    """A resumed run trains no step past its last (`_init_training_state`, `resumed_at_the_end`) and reports the whole
+    run's `train_loss` (`train`, `_whole_run_train_loss`): our trainers' (through `RunSafetyMixin`) and iterate's DPO
+    baseline's. `resume_from_checkpoint` reaches `train` as a folder or None (`resolve_resume` resolves `True`)."""
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        from transformers.trainer_utils import TrainOutput
+
+        self._nca_resumed_step = None  # the step `_init_training_state` resumed at
+        setattr(self, LOSS_SUM_BEFORE, checkpoint_loss_sum(resume_from_checkpoint))  # what each marker adds to
+        output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        if self._nca_resumed_step is None:
+            return output
+        loss = self._whole_run_train_loss(output.training_loss)
+        logged = next((entry for entry in reversed(self.state.log_history) if "train_loss" in entry), None)
+        if logged is not None:  # the metrics logged at the end (our trainers' `log` gave them the same already)
+            logged["train_loss"] = loss
+        return TrainOutput(output.global_step, loss, {**output.metrics, "train_loss": loss})
+
+    def _whole_run_train_loss(self, call_loss: float) -> float:
+        """transformers' `train_loss` (`call_loss`) covers this `train()` call's steps only: a resumed run's over all
+        its steps (`whole_run_train_loss`); our trainers' `log` gives it to the metrics logged at the end of training
+        too."""
+        if getattr(self, "_nca_resumed_step", None) is None:
+            return call_loss
+        return whole_run_train_loss(getattr(self, LOSS_SUM_BEFORE), self.state.log_history, self._nca_resumed_step,
+                                    self.state.global_step, call_loss)
 
     def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
                              trial):

@@ -38,6 +38,9 @@ class OutputDirError(OSError):
     (`nca_trl.runtime.output_dir.check_output_dir`). The command line prints it as a `SettingsError`: one line, exit
     2."""
 
+    def __str__(self) -> str:  # the message, without OSError's "[Errno 20] " in front
+        return self.strerror or super().__str__()
+
 def settings_errors(parse):
     """Decorate a command's argument parser: every `ValueError` it raises becomes a `SettingsError` (same message,
     the original chained as its cause)."""

@@ -183,7 +183,7 @@ def check_output_file(output, setting: str, sidecar: Path | None = None) -> None
     folder not writable; and one whose sidecar (`<stem>.generation.json`, `<stem>.scoring.json`, beside it) records
     another output that exists (`out.jsonl` and `out.parquet` share their stem: the new run would replace the other's
     record, and a rerun of the other took the new settings for its own)."""
-    path = Path(output).expanduser()
+    path = Path(output)  # as the command writes it (the arguments expand `~`)
     if path.is_dir():
         raise SettingsError(f"{output} is a folder ({setting}): give a file name, e.g. {path / 'rows.jsonl'}")
     existing = next(p for p in (path.parent, *path.parent.parents) if p.exists() or p == p.parent)

@@ -37,11 +37,8 @@ import math
 
 import torch
 
-from transformers.trainer_utils import TrainOutput
-
-from .checkpoints import (LOSS_SUM_BEFORE, ResumeAtTheEndMixin, checkpoint_loss_sum, last_complete_checkpoint,
-                          resolve_resume, restore_synced_reference, save_checkpoint, save_final_model,
-                          whole_run_train_loss)
+from .checkpoints import (ResumeAtTheEndMixin, last_complete_checkpoint, resolve_resume, restore_synced_reference,
+                          save_checkpoint, save_final_model)
 from .errors import ROW_INDEX
 from .output_dir import claim_output_dir
 
@@ -163,25 +160,11 @@ class RunSafetyMixin(ResumeAtTheEndMixin):
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         self._nca_step_rows = []
-        self._nca_resumed_step = None  # the step `_init_training_state` resumed at
         with claim_output_dir(self.args):
             resume = resolve_resume(self.args, resume_from_checkpoint)
             self._nca_resumed_from = resume or None  # the checkpoint taken (`True` resolved), for run_info.json
             restore_synced_reference(self, resume)
-            setattr(self, LOSS_SUM_BEFORE, checkpoint_loss_sum(resume))  # what each checkpoint's marker adds to
-            output = super().train(resume, trial, ignore_keys_for_eval, **kwargs)
-        if self._nca_resumed_step is None:
-            return output
-        loss = self._whole_run_train_loss(output.training_loss)  # the logged metrics took it in `log`
-        return TrainOutput(output.global_step, loss, {**output.metrics, "train_loss": loss})
-
-    def _whole_run_train_loss(self, call_loss: float) -> float:
-        """transformers' `train_loss` (`call_loss`) covers this `train()` call's steps only: a resumed run's over all
-        its steps (`whole_run_train_loss`); the trainers' `log` gives it to the metrics logged at the end of training."""
-        if getattr(self, "_nca_resumed_step", None) is None:
-            return call_loss
-        return whole_run_train_loss(getattr(self, LOSS_SUM_BEFORE), self.state.log_history, self._nca_resumed_step,
-                                    self.state.global_step, call_loss)
+            return super().train(resume, trial, ignore_keys_for_eval, **kwargs)  # `ResumeAtTheEndMixin.train`
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)

@@ -99,6 +99,8 @@ class ScoreArguments:
         return int(self.reward_model is not None) + len(self.reward_funcs)
 
     def __post_init__(self):
+        if self.output is not None:  # `~/x.jsonl` from a recipe (no shell expanded it): checked and written alike
+            self.output = str(Path(self.output).expanduser())
         if self.output is not None and Path(self.output).suffix.lower() not in OUTPUT_SUFFIXES:
             raise ValueError(f"`output` must end with one of {OUTPUT_SUFFIXES}, got {self.output!r}.")
         self.reward_funcs = list(self.reward_funcs or [])

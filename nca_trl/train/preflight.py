@@ -7,8 +7,8 @@ only once the model is loaded.
   (`nca_trl.runtime.backbone.check_checkpoint`: the multimodal Llama 4), loads the tokenizer only (`AutoProcessor`,
   as the trainer does) and prepares every dataset exactly as the trainer would
   (`nca_trl.data.tokenize.prepare_rated_dataset`), so a bad row is named, and a dataset whose every prompt fills
-  `max_length` is refused, before any model is loaded. The trainer takes the prepared datasets as they are: each row
-  is validated once on the way to the loss.
+  `max_length` is refused, before any model is loaded. The trainer checks the prepared rows again as token ids
+  (a pass over their ids and rewards: nothing left to drop, nothing logged twice).
 
 The config checks (batch sizes, fp16 / bf16 on this device) run when the config is built, in
 `nca_trl.config`.
@@ -34,7 +34,7 @@ def check_before_training(args, train_dataset, eval_dataset, stats: dict | None 
     `eval_dataset`: None, a dataset or a dict of them). Loads the tokenizer only, then prepares every dataset exactly as
     the trainer would (`nca_trl.data.tokenize.prepare_rated_dataset`: every row validated once, converted, tokenized,
     rows without room for a completion dropped with a count, an error if that is every row). Returns
-    `(train, eval)` prepared, which the trainer takes as they are; what was dropped from each goes into `stats`
+    `(train, eval)` prepared, which the trainer checks as token ids; what was dropped from each goes into `stats`
     (`{dataset name: {"ties_dropped": ..., "too_long_dropped": ...}}`) when given."""
     from transformers import AutoProcessor
 
