@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["to_slots", "from_slots", "best_slots", "prompt_metrics", "sequence_metrics"]
+__all__ = ["PooledMetrics", "to_slots", "from_slots", "best_slots", "prompt_metrics", "sequence_metrics"]
 
 
 def to_slots(values: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -68,7 +68,8 @@ def sequence_metrics(g: torch.Tensor, logps: torch.Tensor, rewards: torch.Tensor
 
 def prompt_metrics(g: torch.Tensor, logps: torch.Tensor, rewards: torch.Tensor, slots: torch.Tensor,
                    token_sequence: torch.Tensor, entropy: torch.Tensor, mean_logits: torch.Tensor,
-                   is_top1: torch.Tensor) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+                   is_top1: torch.Tensor, losses: torch.Tensor | None = None) -> tuple[list[str], torch.Tensor,
+                                                                                     torch.Tensor]:
     """Every logged metric as a numerator and a denominator per prompt: the step's value is the sum of the
     numerators over its prompts (of every micro-batch and process) divided by the sum of the denominators.
 
@@ -76,6 +77,7 @@ def prompt_metrics(g: torch.Tensor, logps: torch.Tensor, rewards: torch.Tensor, 
         g, logps, rewards, slots: as in `sequence_metrics`.
         token_sequence: `[T]` the sequence (slot-major index, `[0, N)`) of each scored completion token.
         entropy, mean_logits: `[T]` per scored token; is_top1: `[T]` bool, the token is the model's argmax.
+        losses: `[B]` each prompt's loss (an evaluation's `loss`: a mean over prompts), or None.
 
     Returns:
         (names, numerators `[B, M]`, denominators `[B, M]`), float32.
@@ -97,5 +99,42 @@ def prompt_metrics(g: torch.Tensor, logps: torch.Tensor, rewards: torch.Tensor, 
     parts["logits/chosen"] = (per_prompt(mean_logits * best), per_prompt(best))
     parts["logits/rejected"] = (per_prompt(mean_logits * ~best), per_prompt(~best))
     parts["mean_token_accuracy"] = (per_prompt(is_top1 & best), per_prompt(best))
+    if losses is not None:
+        parts["loss"] = (losses.float(), one)
     names = list(parts)
     return names, torch.stack([parts[k][0] for k in names], 1), torch.stack([parts[k][1] for k in names], 1)
+
+
+class PooledMetrics:
+    """One mode's metrics until they are logged: per metric, the sums of the numerators and the denominators of
+    every prompt (`prompt_metrics`) of every micro-batch and process.
+
+    With `once_per_row` (an evaluation) a prompt counts once: one seen again by its row (`rows`, the trainers' row
+    index) is the padding of a last batch, which `gather_for_metrics` drops from a map-style dataset's batches but
+    cannot from a stream's (accelerate pads a stream's last batches with its first rows).
+    """
+
+    def __init__(self, once_per_row: bool = False):
+        self.once_per_row, self.sums, self.seen = once_per_row, {}, set()
+
+    def add(self, names: list[str], numerators: torch.Tensor, denominators: torch.Tensor,
+            rows: torch.Tensor | None = None) -> None:
+        """Add a gathered batch: `numerators`, `denominators` `[B, M]` for `names`; `rows` `[B]` or None."""
+        if self.once_per_row and rows is not None:
+            keep = []
+            for i, row in enumerate(rows.tolist()):
+                if row not in self.seen:
+                    self.seen.add(row)
+                    keep.append(i)
+            numerators, denominators = numerators[keep], denominators[keep]
+        for name, n, d in zip(names, numerators.sum(0).tolist(), denominators.sum(0).tolist()):
+            total = self.sums.setdefault(name, [0.0, 0.0])
+            total[0], total[1] = total[0] + n, total[1] + d
+
+    def values(self) -> dict[str, float]:
+        """Each metric's value: its numerators' sum over its denominators' (undefined where that is 0: left out)."""
+        return {name: n / d for name, (n, d) in self.sums.items() if d > 0}
+
+    def clear(self) -> None:
+        self.sums.clear()
+        self.seen.clear()

@@ -31,9 +31,10 @@ from .data.collator import ROW_COLUMNS, DataCollatorForRatedCompletions, check_c
 from .data.formats import PAIR_COLUMN
 from .data.tokenize import prepare_rated_dataset, refuse_images, with_row_index
 from .losses import infonca_loss, nca_loss
-from .metrics import prompt_metrics, to_slots
+from .metrics import PooledMetrics, prompt_metrics, to_slots
 from .ref_cache import precompute_ref_logps, reference_adapter
 from .runtime.backbone import use_language_backbones
+from .runtime.errors import ROW_INDEX
 from .runtime.output_dir import check_output_dir
 from .runtime.predictions import EvalPredictionsMixin
 from .runtime.progress import use_readable_progress
@@ -133,7 +134,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, EvalPredictionsMixin, SharedPromp
         quantization_config: "BitsAndBytesConfig | None" = None,
         peft_config: "PeftConfig | None" = None,  # noqa: F821
     ):
-        self._pooled = {"train": {}, "eval": {}}  # metric -> [numerator, denominator] until logged (`log`)
+        self._pooled = {"train": PooledMetrics(), "eval": PooledMetrics(once_per_row=True)}  # until logged (`log`)
         if args is None:
             model_name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = self._config_class(f"{model_name.split('/')[-1]}-{self._name}")
@@ -364,7 +365,8 @@ class _RatedCompletionsTrainer(RunSafetyMixin, EvalPredictionsMixin, SharedPromp
         self._row_losses = row_losses.detach()  # which rows are not finite, if the loss is not (`nca_trl.runtime.safety`)
         loss = add_router_aux_loss(self, row_losses.mean(), outputs, mode)
 
-        self._log_metrics(mode, inputs, outputs, take, token_sequence, logps.detach(), logratios.detach())
+        self._log_metrics(mode, inputs, outputs, take, token_sequence, logps.detach(), logratios.detach(),
+                          (row_losses + (loss - row_losses.mean())).detach() if mode == "eval" else None)
 
         if return_outputs:
             warnings.warn(
@@ -383,10 +385,11 @@ class _RatedCompletionsTrainer(RunSafetyMixin, EvalPredictionsMixin, SharedPromp
                 outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         return (loss, outputs) if return_outputs else loss
 
-    def _log_metrics(self, mode, inputs, outputs, take, token_sequence, logps, logratios):
+    def _log_metrics(self, mode, inputs, outputs, take, token_sequence, logps, logratios, losses=None):
         """DPOTrainer's metrics with chosen = the highest-reward completion and rejected = the mean of the others,
         plus the pairwise ranking accuracy over completion pairs whose rewards differ: per prompt, pooled over the
-        logged step's prompts of every micro-batch and process (`nca_trl.metrics.prompt_metrics`)."""
+        logged step's prompts of every micro-batch and process (`nca_trl.metrics.prompt_metrics`); in an evaluation
+        the loss too (`losses`: each prompt's, with its batch's router aux loss), each prompt once."""
         slots = inputs["completion_slots"]
         if mode == "train":
             tokens = self.accelerator.gather_for_metrics(inputs["sequence_tokens"].sum()).sum()
@@ -394,13 +397,10 @@ class _RatedCompletionsTrainer(RunSafetyMixin, EvalPredictionsMixin, SharedPromp
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         names, numerators, denominators = prompt_metrics(
             self.beta * logratios, logps, inputs["rewards"], slots, token_sequence, take(outputs.entropy.detach()),
-            take(outputs.mean_logits.detach()), take(outputs.is_top1))
+            take(outputs.mean_logits.detach()), take(outputs.is_top1), losses)
         # Per prompt from every process: a last batch's padding duplicates are dropped, prompt by prompt
-        numerators, denominators = self.accelerator.gather_for_metrics((numerators, denominators))
-        pooled = self._pooled[mode]
-        for name, n, d in zip(names, numerators.sum(0).tolist(), denominators.sum(0).tolist()):
-            total = pooled.setdefault(name, [0.0, 0.0])
-            total[0], total[1] = total[0] + n, total[1] + d
+        rows = (inputs[ROW_INDEX],) if ROW_INDEX in inputs else ()  # an evaluation counts each row once
+        self._pooled[mode].add(names, *self.accelerator.gather_for_metrics((numerators, denominators, *rows)))
 
     # ------------------------------------------------------------------------------------------------ logging
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
@@ -409,6 +409,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, EvalPredictionsMixin, SharedPromp
                 self._prepare_dataset(dataset, self.processing_class, self.args, name), ignore_keys,
                 f"{metric_key_prefix}_{name}").items()}
         self._metric_key_prefix = metric_key_prefix
+        self._pooled["eval"].clear()  # nothing of a forward outside an evaluation (a `compute_loss` call of the user's)
         try:
             return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         finally:
@@ -432,7 +433,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, EvalPredictionsMixin, SharedPromp
         `metric_key_prefix`) where DPOTrainer's puts "eval_" in front of every evaluation's metrics."""
         mode = "train" if self.model.training else "eval"
         metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items()}
-        metrics.update({key: n / d for key, (n, d) in self._pooled[mode].items() if d > 0})  # undefined: not logged
+        metrics.update(self._pooled[mode].values())  # an evaluation's loss too: each prompt once
         prefix = f"{getattr(self, '_metric_key_prefix', 'eval')}_" if mode == "eval" else ""
         logs.update({prefix + key: value for key, value in metrics.items()})
         if "train_loss" in logs:  # the end of `train()`: a resumed run's mean over all its steps (`RunSafetyMixin`)

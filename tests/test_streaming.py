@@ -29,6 +29,11 @@ def check(results: dict, processes: int, trainers=("NCATrainer", "InfoNCATrainer
         assert all(math.isfinite(v) for e in r["eval_during"] for v in e.values()), name
         assert math.isfinite(r["eval_once"]["eval_loss"]), name
         assert "eval_rewards/ranking_accuracy" in r["eval_once"], name
+        # A last batch padded with a stream's first row counted it twice in every metric on 2 processes, and the loss
+        # was a mean of batch means there (the padding inside a batch weighed in): each prompt once now
+        stream, mapped = r["eval_odd"]["stream"], r["eval_odd"]["map"]
+        for key in ("odd_loss", "odd_rewards/margins", "odd_logps/chosen", "odd_rewards/ranking_accuracy"):
+            assert stream[key] == pytest.approx(mapped[key], rel=1e-5), (name, key)
     # Both layouts compute the same thing
     for t in trainers:
         shared, plain = results[f"{t}/shared"], results[f"{t}/plain"]

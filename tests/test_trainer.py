@@ -615,6 +615,23 @@ def test_logged_metrics_are_pooled_over_prompts_however_the_batches_split(tiny_m
     assert "test_rewards/chosen" in one.evaluate(data, metric_key_prefix="test")
 
 
+def test_an_evaluation_pools_each_row_once():
+    """A stream's last batch on several processes is padded with its first rows, which `gather_for_metrics` cannot
+    drop: an evaluation's pooled metrics (and its loss) count a row seen again once. Training's count every row."""
+    from nca_trl.metrics import PooledMetrics
+
+    numerators, denominators = torch.tensor([[2.0, 1.0], [4.0, 0.0], [2.0, 1.0]]), torch.ones(3, 2)
+    rows = torch.tensor([0, 1, 0])  # row 0 again: the padding
+    evaluation, training = PooledMetrics(once_per_row=True), PooledMetrics()
+    for pooled in (evaluation, training):
+        pooled.add(["loss", "rewards/accuracies"], numerators, denominators, rows)
+    assert evaluation.values() == {"loss": 3.0, "rewards/accuracies": 0.5}
+    assert training.values() == pytest.approx({"loss": 8 / 3, "rewards/accuracies": 2 / 3})
+    evaluation.add(["loss"], torch.tensor([[6.0]]), torch.ones(1, 1), torch.tensor([1]))  # seen: left out
+    assert evaluation.values()["loss"] == 3.0
+    evaluation.clear()
+    assert evaluation.values() == {} and not evaluation.seen
+
 @pytest.mark.slow  # over a few seconds on 2 cores
 def test_compute_metrics_gets_every_completion(tiny_mistral, vicuna, tmp_path):
     """3 prompts with K = 3, 2, 4 in eval batches of 2: accelerate cut the last batch's 4 completion rows to 1 (its
