@@ -564,7 +564,7 @@ def test_accuracy_ignores_completions_tied_with_the_best(tiny_mistral, tiny_mist
     trainer._pooled["eval"].clear()
     with torch.no_grad():
         trainer.compute_loss(trainer.model, trainer.data_collator([reordered]))
-    metrics = trainer._pooled["eval"]  # [numerator, denominator]
+    metrics = trainer._pooled["eval"].sums  # [numerator, denominator]
     assert metrics["rewards/accuracies"] == [1.0, 1.0]
     # The ranking accuracy counts the 4 pairs with different rewards: all ranked right
     assert metrics["rewards/ranking_accuracy"] == [4.0, 4.0]
