@@ -66,6 +66,7 @@ def run(model: str, out_dir: str, dispatch_batches: bool | None = None, trainers
             odd = {name: trainer.evaluate(eval_dataset=data, metric_key_prefix="odd")
                    for name, data in (("stream", Dataset.from_list(rows).to_iterable_dataset()),
                                       ("map", Dataset.from_list(rows)))}
+            odd["predicted_rows"] = trainer.predict(Dataset.from_list(rows)).predictions.shape[0]  # gloo aborted
             change = sum((p.detach() - b).abs().sum().item() for p, b in zip(trainer.model.parameters(), before))
             results[f"{cls.__name__}/{'shared' if shared else 'plain'}"] = {
                 "layout": "shared" if trainer.data_collator.shared_prompt else "plain",

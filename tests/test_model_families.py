@@ -686,6 +686,17 @@ def test_non_padding_tokens_seen_count_every_token_of_a_shared_prompt_row(tiny_m
     assert seen["non_padding"] == seen["all"] == sum(len(p) + sum(map(len, c)) + len(c) - 1
                                                      for p, c in zip(rows["prompt_ids"], rows["completion_ids"]))
 
+def test_predict_returns_every_completion_of_a_last_uneven_batch(tiny_mistral, vicuna, tmp_path):
+    """Without compute_metrics, `predict` gathered its logits with accelerate's gather_for_metrics, which cut a last
+    batch's completion rows to its number of prompts (7 of 8 rows for K = 3, 3, 2 in batches of 2), and on 2 processes
+    gloo aborted on batches of different numbers of completions (tests/streaming_run.py)."""
+    rows = vicuna.select(range(3)).to_list()
+    for row, k in zip(rows, (3, 3, 2)):
+        row["completions"], row["rewards"] = row["completions"][:k], row["rewards"][:k]
+    trainer = NCATrainer(model=tiny_mistral, args=make_args(NCAConfig, tmp_path, max_length=64),
+                         train_dataset=vicuna.select(range(2)))
+    assert trainer.predict(Dataset.from_list(rows)).predictions.shape[0] == 8
+
 def test_a_late_compute_metrics_with_persistent_eval_workers(tiny_mistral, vicuna, tmp_path):
     """The cached evaluation loader of `dataloader_persistent_workers` kept its workers' copy of the shared-prompt
     collator, so the plain batches a late `compute_metrics` needs never came ("`return_outputs=True` needs each

@@ -34,6 +34,7 @@ def check(results: dict, processes: int, trainers=("NCATrainer", "InfoNCATrainer
         stream, mapped = r["eval_odd"]["stream"], r["eval_odd"]["map"]
         for key in ("odd_loss", "odd_rewards/margins", "odd_logps/chosen", "odd_rewards/ranking_accuracy"):
             assert stream[key] == pytest.approx(mapped[key], rel=1e-5), (name, key)
+        assert r["eval_odd"]["predicted_rows"] == 3 + 3 + 2, name  # every completion once, on 2 processes too
     # Both layouts compute the same thing
     for t in trainers:
         shared, plain = results[f"{t}/shared"], results[f"{t}/plain"]

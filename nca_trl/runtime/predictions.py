@@ -41,8 +41,8 @@ class EvalPredictionsMixin:
     """`evaluation_loop` gathering the completions' logits and labels whole and once (see the module)."""
 
     def evaluation_loop(self, dataloader, *args, **kwargs):
-        if self.compute_metrics is None:
-            return super().evaluation_loop(dataloader, *args, **kwargs)
+        # With compute_metrics, and in `predict` (it returns the logits too): gloo aborted `predict` on 2 processes
+        # whose last batches held different numbers of completions ("Received data size doesn't match")
         gather = self.gather_function
         self.gather_function = self._gather_predictions
         try:
