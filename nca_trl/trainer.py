@@ -436,7 +436,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, EvalPredictionsMixin, SharedPromp
         metrics.update(self._pooled[mode].values())  # an evaluation's loss too: each prompt once
         prefix = f"{getattr(self, '_metric_key_prefix', 'eval')}_" if mode == "eval" else ""
         logs.update({prefix + key: value for key, value in metrics.items()})
-        if "train_loss" in logs:  # the end of `train()`: a resumed run's mean over all its steps (`RunSafetyMixin`)
+        if "train_loss" in logs:  # the end of `train()`: a resumed run's whole-run mean (`ResumeAtTheEndMixin`)
             logs["train_loss"] = self._whole_run_train_loss(logs["train_loss"])
         super(DPOTrainer, self).log(logs, start_time)
         self._metrics[mode].clear()

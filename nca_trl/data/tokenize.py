@@ -46,14 +46,15 @@ def prompt_length_error(dataset_name: str, lengths: list[int], max_length: int, 
     )
 
 
-def refuse_images(dataset, name: str, trainer: str = "nca-trl's trainer") -> None:
+def refuse_images(dataset, name: str, trainer: str = "nca-trl's trainer", first: dict | None = None) -> None:
     """Raise a `ValueError` if `dataset` has an `image` or `images` column (the trainers are text-only): at
-    construction (DPOTrainer skips preparing a vision train dataset) and in every preparation (`evaluate`, `predict`)."""
+    construction (DPOTrainer skips preparing a vision train dataset) and in every preparation (`evaluate`, `predict`).
+    `first`: its first row, where the caller has read it already."""
     if dataset is None:
         return
     columns = getattr(dataset, "column_names", None)
     if columns is None:  # an IterableDataset of unknown features: look at its first row
-        columns = list(next(iter(dataset), {}).keys())
+        columns = list((next(iter(dataset), {}) if first is None else first).keys())
     found = [c for c in ("image", "images") if c in columns]
     if found:
         raise ValueError(  # TRL's words first (DPOTrainer refuses images for a text-only model), then ours
@@ -175,8 +176,8 @@ def prepare_rated_dataset(
         stats: if given, filled with what was dropped: `ties_dropped` (prompts whose rewards all tie, with
             `ties="drop"`; None for a stream, which cannot be counted) and `too_long_dropped`.
     """
-    refuse_images(dataset, dataset_name)
     first = next(iter(dataset))
+    refuse_images(dataset, dataset_name, first=first)
     # The global main process maps (and caches) first, then each node's main, then the others read the cache
     with global_then_local_main_first():
         return _prepare(dataset, first, processing_class, args, dataset_name, max_completions,

@@ -391,6 +391,7 @@ class ResumeAtTheEndMixin:
             return num_train_epochs, 0
         return trained
 
+
 def whole_run_train_loss(loss_sum_before: float | None, log_history: list[dict], resumed_step: int, global_step: int,
                          call_loss: float) -> float:
     """The mean training loss of a resumed run over all its steps, where transformers' `train_loss` is the mean over
