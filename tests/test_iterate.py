@@ -365,6 +365,27 @@ def test_a_run_of_other_settings_is_refused_or_replaced_on_purpose(tmp_path):
 
 
 
+def test_fewer_rounds_than_the_run_finished_are_refused(tmp_path):
+    """`--rounds 1` on a finished 2-round run rewrote `iterate_results.json` with rounds 0 and 1 only and named round
+    1's model the final policy, round 2 left behind unlisted. Now refused, naming the rounds; a round begun but not
+    finished (no evaluation) may be left, and `--overwrite_output_dir true` starts the run anew."""
+    from nca_trl.iterate.layout import RunLayout
+    from nca_trl.iterate.loop import _check_manifest
+
+    layout = RunLayout(tmp_path / "run")
+    layout.root.mkdir()
+    _check_manifest(layout, {"seed": 0, "rounds": 3})
+    for r in (0, 1, 2):
+        layout.mark_done(r, "eval", {"round": r, "empty_completions": 0})
+    layout.mark_done(3, "generate", {})  # round 3 begun, not finished
+    _check_manifest(layout, {"seed": 0, "rounds": 2})  # stopping before the unfinished round 3: allowed
+    with pytest.raises(ValueError, match=r"other settings \(rounds: 2 finished -> 1\)"):
+        _check_manifest(layout, {"seed": 0, "rounds": 1})
+    assert layout.status(2)["eval"] and json.loads(layout.manifest.read_text())["rounds"] == 2
+    _check_manifest(layout, {"seed": 0, "rounds": 1}, overwrite=True)
+    assert not (layout.root / "round-2").exists() and json.loads(layout.manifest.read_text())["rounds"] == 1
+
+
 def test_an_overwrite_stopped_mid_removal_is_finished_at_the_next_start(tmp_path):
     """A kill while `--overwrite_output_dir` removed the old run left some of its rounds and its `iterate.json`: a
     restart of the old settings took the rest for a run to continue (later rounds trained from a round that was

@@ -80,11 +80,16 @@ def _check_manifest(layout: RunLayout, settings: dict, overwrite: bool = False) 
     if changed and all(c.split(":", 1)[0] in free for c in changed):
         log(f"no stage that reads them has finished: taking the changed settings ({'; '.join(changed)})")
         changed = []
+    # Fewer rounds than the run has finished: its results file would be written without the later rounds (and name
+    # an earlier policy as the final one), the finished rounds left behind in `output_dir`
+    finished = [r for r in _rounds(layout) if r > settings.get("rounds", r) and _done(layout.status(r), "eval")]
+    if finished:
+        changed.append(f"rounds: {max(finished)} finished -> {settings['rounds']}")
     if changed and not overwrite:
         raise FinishedRunError(finished_run_message(
             str(layout.root), "an iterate run (iterate.json)", changed, "--overwrite_output_dir",
-            "`output_dir`; or restart with the same settings (only `rounds` and batch sizes may change) to continue "
-            "it"))
+            "`output_dir`; or restart with the same settings (only `rounds`, not below the rounds finished, and "
+            "batch sizes may change) to continue it"))
     if changed:
         log(f"--overwrite_output_dir: removing the run of other settings in {layout.root} ({'; '.join(changed[:3])})")
         _remove_run(layout)
