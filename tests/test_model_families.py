@@ -697,6 +697,30 @@ def test_predict_returns_every_completion_of_a_last_uneven_batch(tiny_mistral, v
                          train_dataset=vicuna.select(range(2)))
     assert trainer.predict(Dataset.from_list(rows)).predictions.shape[0] == 8
 
+def test_predict_loss_is_the_mean_over_prompts_as_evaluate_gives(tiny_mistral, tiny_mistral_ref, vicuna, tmp_path):
+    """`predict`'s `test_loss` weighed a last batch of 1 prompt as 2: Trainer gathers a batch's loss repeated to the
+    batch size (`[2]`), which our gather of completion rows took for the last batch's 2 completions (K = 2) and kept
+    whole, where accelerate's cuts it to the 1 real prompt (1.387119 where `evaluate` gave 1.386998 on the same rows).
+    Now 1-D tensors are never rows of completions, and `predict`'s loss is the mean over prompts, as `eval_loss`."""
+    from transformers import AutoModelForCausalLM
+
+    rows = vicuna.select(range(3)).to_list()
+    for row, k in zip(rows, (2, 3, 2)):
+        row["completions"], row["rewards"] = row["completions"][:k], row["rewards"][:k]
+    rows = Dataset.from_list(rows)
+    trainer = NCATrainer(model=tiny_mistral, ref_model=AutoModelForCausalLM.from_pretrained(tiny_mistral_ref),
+                         args=make_args(NCAConfig, tmp_path, max_length=64), train_dataset=vicuna.select(range(2)),
+                         eval_dataset=rows)
+    pool = trainer._pooled["eval"]
+    evaluated = trainer.evaluate()["eval_loss"]
+    predicted = trainer.predict(rows, metric_key_prefix="heldout").metrics["heldout_loss"]
+    assert predicted == pytest.approx(evaluated, rel=1e-6) and not pool.sums  # left empty
+    one_batch = NCATrainer(model=tiny_mistral, ref_model=AutoModelForCausalLM.from_pretrained(tiny_mistral_ref),
+                           args=make_args(NCAConfig, tmp_path, max_length=64, per_device_eval_batch_size=3),
+                           train_dataset=vicuna.select(range(2)))
+    assert one_batch.predict(rows).metrics["test_loss"] == pytest.approx(predicted, rel=1e-6)
+
+
 def test_a_late_compute_metrics_with_persistent_eval_workers(tiny_mistral, vicuna, tmp_path):
     """The cached evaluation loader of `dataloader_persistent_workers` kept its workers' copy of the shared-prompt
     collator, so the plain batches a late `compute_metrics` needs never came ("`return_outputs=True` needs each

@@ -51,11 +51,18 @@ class EvalPredictionsMixin:
             self.gather_function = gather
             self._batch_completions = None
 
-    def predict(self, *args, **kwargs):
-        """`Trainer.predict`; the metrics its batches logged are dropped after it (they are not its output's): they
-        stayed and were averaged into the next evaluation's (`trl.DPOTrainer` mixes them so)."""
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        """`Trainer.predict`, its `{metric_key_prefix}_loss` the mean over prompts, each once, as an evaluation's
+        (`Trainer`'s is a mean of its batches' means: a last batch of 1 prompt of 5 weighed as 2). The metrics its
+        batches logged are dropped after it (they are not its output's): they stayed and were averaged into the next
+        evaluation's (`trl.DPOTrainer` mixes them so)."""
+        self._pooled["eval"].clear()
         try:
-            return super().predict(*args, **kwargs)
+            output = super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+            pooled = self._pooled["eval"].values()
+            if "loss" in pooled and f"{metric_key_prefix}_loss" in output.metrics:
+                output.metrics[f"{metric_key_prefix}_loss"] = pooled["loss"]
+            return output
         finally:
             self._metrics["eval"].clear()
             self._pooled["eval"].clear()
@@ -72,8 +79,10 @@ class EvalPredictionsMixin:
         if isinstance(tensors, dict):
             return {key: self._gather_predictions(value) for key, value in tensors.items()}
         completions = getattr(self, "_batch_completions", None)
-        # K >= 2 per prompt: a batch has more completions than prompts, so the first dimension says which it counts
-        if completions is None or not isinstance(tensors, torch.Tensor) or tensors.dim() == 0 \
+        # K >= 2 per prompt: a batch has more completions than prompts, so the first dimension says which it counts.
+        # Rows of completions are logits, labels, input ids (2-D and more); the batch's loss comes repeated as a 1-D
+        # `[batch_size]`, which a last, smaller batch's completions can number too (2 prompts of K = 2 in batches of 4)
+        if completions is None or not isinstance(tensors, torch.Tensor) or tensors.dim() < 2 \
                 or tensors.shape[0] != int(completions.sum()):
             return self.accelerator.gather_for_metrics(tensors)
         if self.accelerator.num_processes == 1:
