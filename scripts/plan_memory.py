@@ -193,13 +193,13 @@ def _qlora_states(model, model_args, dtype_bytes: int) -> tuple[float, int]:
 
 @contextlib.contextmanager
 def _train_recipe(recipe: str):
-    """(a train recipe, K): the recipe itself, or for an `nca-trl iterate` recipe (a `training:` mapping) the train
-    recipe one of its rounds runs (a temporary file) and its `num_completions` (2 for `loss: dpo`, which trains pairs;
-    planned as NCA on K=2, the same sequences per micro-batch)."""
+    """(a train recipe, K, loss): the recipe itself, or for an `nca-trl iterate` recipe (a `training:` mapping) the
+    train recipe one of its rounds runs (a temporary file), its `num_completions` and its `loss` (`loss: dpo` trains
+    pairs: planned as NCA on K=2, the same sequences per micro-batch, and named dpo)."""
     with open(recipe) as f:
         content = yaml.safe_load(f) or {}
     if "training" not in content:
-        yield recipe, None
+        yield recipe, None, None
         return
     loss = content.get("loss", "nca")
     train = {"loss": "nca" if loss == "dpo" else loss, "model_name_or_path": content["model_name_or_path"],
@@ -209,7 +209,7 @@ def _train_recipe(recipe: str):
         path = os.path.join(tmp, "train.yaml")
         with open(path, "w") as f:
             yaml.safe_dump(train, f)
-        yield path, k
+        yield path, k, loss
 
 
 def plan(recipe: str, gpus: int | None = None, gpu_mem: float | None = None, nodes: int | None = None,
@@ -221,7 +221,7 @@ def plan(recipe: str, gpus: int | None = None, gpu_mem: float | None = None, nod
     from nca_trl.train.arguments import parse_train_args
 
     recipe_dir = Path(recipe).resolve().parent
-    with _train_recipe(recipe) as (train_recipe, iterate_k):
+    with _train_recipe(recipe) as (train_recipe, iterate_k, iterate_loss):
         args = parse_train_args(["--config", train_recipe], dry_run=True)
     completions = completions or iterate_k
     script_args, training_args, model_args = args.script, args.training, args.model
@@ -281,7 +281,7 @@ def plan(recipe: str, gpus: int | None = None, gpu_mem: float | None = None, nod
     fits_cpu = cpu_mem is None or cpu_bytes <= cpu_mem * GB
     return {
         "recipe": os.path.relpath(recipe, REPO) if Path(recipe).resolve().is_relative_to(REPO) else recipe,
-        "loss": script_args.loss,
+        "loss": iterate_loss or script_args.loss,  # an iterate recipe's `loss: dpo` is planned as NCA on K=2
         "architecture": type(model).__name__,
         "params": total,
         "largest_gathered_params": largest,

@@ -239,7 +239,7 @@ def test_iterate_with_the_dpo_baseline_trains_trl_dpo_on_best_vs_worst(digits_mo
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
 
 
-def test_iterate_recipes_parse_and_their_training_fits():
+def test_iterate_recipes_parse_and_their_training_fits(tmp_path):
     """Both shipped iterate recipes parse; each round's `nca-trl train` recipe parses with the real parser; the
     Mistral-7B recipe's training stage fits its 8 x 80 GB with K=4 (scripts/plan_memory.py)."""
     
@@ -301,6 +301,10 @@ def test_iterate_recipes_parse_and_their_training_fits():
     plan_memory = load_script("plan_memory")
     plan = plan_memory.plan(str(REPO / "recipes/mistral-7b/iterate_nca.yaml"))
     assert plan["fits"] and plan["completions"] == 4 and plan["strategy"] == "ZeRO-3" and plan["gpu_mem_gb"] == 80
+    dpo_recipe = tmp_path / "iterate_dpo.yaml"  # planned as NCA on pairs; it was labelled "nca"
+    dpo_recipe.write_text((REPO / "recipes/mistral-7b/iterate_nca.yaml").read_text().replace("\nloss: nca", "\nloss: dpo"))
+    dpo_plan = plan_memory.plan(str(dpo_recipe))
+    assert dpo_plan["loss"] == "dpo" and dpo_plan["completions"] == 2 and plan["loss"] == "nca"
     # The LoRA recipes: the tiny one runs here (below); the Mistral-7B QLoRA one fits one 24 GB GPU
     lora = parse_iterate_args(["--config", str(REPO / "recipes/tiny/iterate_nca_lora.yaml")])
     assert lora.stages.train.model.use_peft and lora.reference == "initial"
