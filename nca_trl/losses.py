@@ -96,8 +96,10 @@ def _targets(rewards: torch.Tensor, alpha: Alpha, mask: torch.Tensor) -> torch.T
     # In float32, as the rewards: an alpha that rounds to 0 there (a float below ~1.4e-45) is the one-hot limit
     alpha = torch.as_tensor(alpha, device=r.device, dtype=torch.float32).expand(r.shape[0]).unsqueeze(1)
     soft_rows = alpha > 0
-    # Subtract the row max before dividing, so that no r / alpha overflows whatever the scale of r and alpha
-    soft = torch.softmax((r - top) / torch.where(soft_rows, alpha, 1.0), dim=1).masked_fill(~mask, 0.0)
+    # Subtract the row max before dividing, so that no r / alpha overflows whatever the scale of r and alpha; padded
+    # slots masked after the division (-inf / alpha = inf is NaN)
+    scaled = ((r - top) / torch.where(soft_rows, alpha, 1.0)).masked_fill(~mask, float("-inf"))
+    soft = torch.softmax(scaled, dim=1).masked_fill(~mask, 0.0)
     return torch.where(soft_rows, soft, one_hot)
 
 

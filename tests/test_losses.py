@@ -753,3 +753,18 @@ def test_per_row_alpha_targets_and_checks():
         reward_targets(_t([[1.0, 0.0]]), torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match=">= 0"):
         reward_targets(_t([[1.0, 0.0]]), torch.tensor([-1.0]))
+
+
+@pytest.mark.parametrize("name", ["infonca", "nca"])
+def test_alpha_inf_is_the_uniform_limit_on_prompts_of_different_k(name):
+    """`alpha=inf` (allowed: the uniform limit) gave NaN targets for a prompt with fewer completions than its batch's
+    largest (its padded slots: -inf / inf), which stopped training at step 1 as a non-finite loss of the user's rows."""
+    rewards = _t([[3.0, 3.0, 1.0, 0.0], [2.0, 5.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    assert torch.equal(reward_targets(rewards, math.inf, mask), _t([[0.25] * 4, [0.5, 0.5, 0.0, 0.0]]))
+    logratios = _t([[0.7, -1.3, 2.1, 0.05], [0.4, -0.2, 0.0, 0.0]])
+    batch = LOSS_FN[name](logratios, rewards, 0.5, math.inf, mask)
+    alone = LOSS_FN[name](logratios[1:, :2], rewards[1:, :2], 0.5, math.inf)
+    assert torch.isfinite(batch).all() and batch[1].item() == pytest.approx(alone.item(), rel=1e-6)
+    equal = LOSS_FN[name](logratios[1:, :2], _t([[1.0, 1.0]]), 0.5, 1.0)  # tied rewards: uniform at any alpha
+    assert alone.item() == pytest.approx(equal.item(), rel=1e-6)
