@@ -33,6 +33,7 @@ from .data.tokenize import prepare_rated_dataset, refuse_images, with_row_index
 from .losses import infonca_loss, nca_loss
 from .metrics import PooledMetrics, prompt_metrics, to_slots
 from .ref_cache import precompute_ref_logps, reference_adapter
+from .runtime.accumulation import PromptWeightedAccumulationMixin
 from .runtime.backbone import use_language_backbones
 from .runtime.errors import ROW_INDEX
 from .runtime.output_dir import check_output_dir
@@ -94,10 +95,12 @@ def _hidden_from_parent(args, name: str, value):
         setattr(args, name, original)
 
 
-class _RatedCompletionsTrainer(RunSafetyMixin, EvalPredictionsMixin, SharedPromptLayoutMixin, DPOTrainer):
+class _RatedCompletionsTrainer(RunSafetyMixin, EvalPredictionsMixin, PromptWeightedAccumulationMixin,
+                               SharedPromptLayoutMixin, DPOTrainer):
     """Shared K-completion machinery; a subclass sets its config class (which names the loss) and its loss function.
     `RunSafetyMixin` (`nca_trl.runtime.safety`): non-finite stops, the output_dir lock, complete checkpoints and saves;
     `EvalPredictionsMixin` (`nca_trl.runtime.predictions`): every completion's logits reach `compute_metrics`;
+    `PromptWeightedAccumulationMixin` (`nca_trl.runtime.accumulation`): an accumulated step's loss weighs prompts;
     `SharedPromptLayoutMixin` (`nca_trl.shared_prompt.packing`): the batches' layout, decided at construction."""
 
     _config_class: type[_RatedCompletionsConfig]
@@ -180,20 +183,10 @@ class _RatedCompletionsTrainer(RunSafetyMixin, EvalPredictionsMixin, SharedPromp
         # TRL's own padding-free path is disabled in TRL (it warns that it falls back to padding): it never sees the
         # flag, which this trainer implements with the shared-prompt layout instead
         with self._zero3_moe_leaves(args), _hidden_from_parent(args, "padding_free", False):
-            super().__init__(
-                model=model,
-                ref_model=ref_model,
-                args=args,
-                data_collator=data_collator,
-                train_dataset=train_dataset,
-                eval_dataset=eval_dataset,
-                processing_class=processing_class,
-                compute_metrics=compute_metrics,
-                callbacks=callbacks,
-                optimizers=optimizers,
-                quantization_config=quantization_config,
-                peft_config=peft_config,
-            )
+            super().__init__(model=model, ref_model=ref_model, args=args, data_collator=data_collator,
+                             train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
+                             compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
+                             quantization_config=quantization_config, peft_config=peft_config)
         if args.disable_dropout:  # TRL's reaches nn.Dropout modules only, not an attention dropout passed as a float
             disable_attention_dropout(*[self.accelerator.unwrap_model(m) for m in (self.model, self.ref_model)
                                         if m is not None])
@@ -363,7 +356,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, EvalPredictionsMixin, SharedPromp
         alpha = self.alpha if pairs is None else torch.where(pairs, 0.0, self.alpha)
         row_losses = self._loss_fn(logratios, rewards, self.beta, alpha, slots)
         self._row_losses = row_losses.detach()  # which rows are not finite, if the loss is not (`nca_trl.runtime.safety`)
-        loss = add_router_aux_loss(self, row_losses.mean(), outputs, mode)
+        loss = add_router_aux_loss(self, row_losses.mean(), outputs, mode) * self._window_weight(inputs)
 
         self._log_metrics(mode, inputs, outputs, take, token_sequence, logps.detach(), logratios.detach(),
                           (row_losses + (loss - row_losses.mean())).detach() if mode == "eval" else None)
@@ -391,16 +384,18 @@ class _RatedCompletionsTrainer(RunSafetyMixin, EvalPredictionsMixin, SharedPromp
         logged step's prompts of every micro-batch and process (`nca_trl.metrics.prompt_metrics`); in an evaluation
         the loss too (`losses`: each prompt's, with its batch's router aux loss), each prompt once."""
         slots = inputs["completion_slots"]
+        # Training: every prompt trained on (`gather_for_metrics` cut each micro-batch of an epoch's last accumulation
+        # window to the remainder: transformers reads a window's batches first). An evaluation: each prompt once
+        gather = self.accelerator.gather if mode == "train" else self.accelerator.gather_for_metrics
         if mode == "train":
-            tokens = self.accelerator.gather_for_metrics(inputs["sequence_tokens"].sum()).sum()
+            tokens = gather(inputs["sequence_tokens"].sum()).sum()
             self._total_train_tokens += tokens.item() // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         names, numerators, denominators = prompt_metrics(
             self.beta * logratios, logps, inputs["rewards"], slots, token_sequence, take(outputs.entropy.detach()),
             take(outputs.mean_logits.detach()), take(outputs.is_top1), losses)
-        # Per prompt from every process: a last batch's padding duplicates are dropped, prompt by prompt
         rows = (inputs[ROW_INDEX],) if ROW_INDEX in inputs else ()  # an evaluation counts each row once
-        self._pooled[mode].add(names, *self.accelerator.gather_for_metrics((numerators, denominators, *rows)))
+        self._pooled[mode].add(names, *gather((numerators, denominators, *rows)))
 
     # ------------------------------------------------------------------------------------------------ logging
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):

@@ -615,6 +615,30 @@ def test_logged_metrics_are_pooled_over_prompts_however_the_batches_split(tiny_m
     assert "test_rewards/chosen" in one.evaluate(data, metric_key_prefix="test")
 
 
+@pytest.mark.slow  # over a few seconds on 2 cores
+def test_an_uneven_last_accumulation_window_weighs_prompts_as_one_batch(tiny_mistral, tiny_mistral_ref, vicuna,
+                                                                          tmp_path):
+    """3 prompts in accumulated micro-batches of 2 and 1 (an epoch's last window): the lone prompt weighed as two in
+    the loss and the gradient (transformers divides each micro-batch's mean by the window's 2 micro-batches; loss
+    1.3325 where one batch of 3 gives 1.3601 in one case), and the logged metrics left a prompt out (accelerate cut
+    every micro-batch of the window to the last batch's 1 row). Now the step is the one batch of 3's."""
+    rows = vicuna.select(range(3)).to_list()
+    for row, k in zip(rows, (4, 2, 3)):
+        row["completions"], row["rewards"] = row["completions"][:k], row["rewards"][:k]
+    data, ref = Dataset.from_list(rows), AutoModelForCausalLM.from_pretrained(tiny_mistral_ref)
+    logged = []
+    for batch, accumulation in ((3, 1), (2, 2), (1, 3)):
+        args = make_args(NCAConfig, tmp_path, max_length=64, learning_rate=0.0, max_steps=1,
+                         per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation)
+        trainer = NCATrainer(model=tiny_mistral, ref_model=ref, args=args, train_dataset=data)
+        trainer.train()
+        logged.append({k: v for k, v in trainer.state.log_history[0].items() if k != "learning_rate"})
+    assert {"loss", "grad_norm", "rewards/chosen", "logps/chosen", "num_tokens"} <= logged[0].keys()
+    for other in logged[1:]:
+        assert other.keys() == logged[0].keys()
+        assert all(other[k] == pytest.approx(logged[0][k], rel=1e-5, abs=1e-6) for k in other), (other, logged[0])
+
+
 def test_an_evaluation_pools_each_row_once():
     """A stream's last batch on several processes is padded with its first rows, which `gather_for_metrics` cannot
     drop: an evaluation's pooled metrics (and its loss) count a row seen again once. Training's count every row."""
