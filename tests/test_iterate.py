@@ -298,6 +298,13 @@ def test_iterate_recipes_parse_and_their_training_fits(tmp_path):
     counted = parse_iterate_args(["--config", str(REPO / "recipes/tiny/iterate_nca.yaml"), "--training",
                                   '{"include_num_input_tokens_seen": "non_padding"}'])
     assert counted.stages.train.training.include_num_input_tokens_seen == "non_padding"
+    # A repeated `--reward_funcs` / `--reward_weights` gives each flag's values, as `nca-trl score` takes them (the last
+    # flag's alone were kept: a run scored by one function of the two asked, exit 0)
+    funcs = ["nca_trl.scoring.functions:sorted_digits", "nca_trl.scoring.functions:ascii_letters"]
+    repeated = parse_iterate_args(["--config", str(REPO / "recipes/tiny/iterate_nca.yaml"), "--reward_funcs", funcs[0],
+                                   "--reward_weights", "1", "--reward_funcs", funcs[1], "--reward_weights", "0.5"])
+    assert repeated.reward_funcs == funcs and repeated.reward_weights == [1.0, 0.5]
+    assert repeated.stages.score.reward_funcs == funcs
     plan_memory = load_script("plan_memory")
     plan = plan_memory.plan(str(REPO / "recipes/mistral-7b/iterate_nca.yaml"))
     assert plan["fits"] and plan["completions"] == 4 and plan["strategy"] == "ZeRO-3" and plan["gpu_mem_gb"] == 80

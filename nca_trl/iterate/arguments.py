@@ -18,7 +18,7 @@ from ..runtime.errors import settings_errors
 from ..runtime.paths import check_path, check_path_settings
 from ..runtime.help import check_command_argv, command_help
 from ..runtime.models import remote_code_problem
-from ..runtime.recipes import parse_command
+from ..runtime.recipes import merge_repeated, parse_command
 
 __all__ = ["LOSSES", "PATH_SETTINGS", "REFERENCES", "IterateArguments", "StageArguments", "build_stage_arguments",
            "check_argv", "dpo_fields", "make_iterate_parser", "parse_iterate_args", "print_help"]
@@ -299,7 +299,8 @@ def parse_iterate_args(argv: list[str] | None = None, dry_run: bool = False) -> 
     (`args.stages`), so that any bad setting fails here. `dry_run=True` skips the checks of what this machine can run
     (bf16 without a bf16 GPU), to validate a GPU recipe anywhere."""
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    # `--reward_funcs a --reward_funcs b` is both, as in `nca-trl score` (argparse kept the last flag's alone)
+    argv = merge_repeated(list(sys.argv[1:] if argv is None else argv), ("reward_funcs", "reward_weights"))
     args = parse_command(make_iterate_parser(), argv, "iterate",
                          required=REQUIRED)
     from ..config import relaxed_hardware_checks

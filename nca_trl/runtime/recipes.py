@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 
 __all__ = ["DTYPES", "OUTPUT_SUFFIXES", "as_argv", "check_config_keys", "check_recipe_keys", "load_recipe",
-           "parse_command", "peek", "peek_all"]
+           "merge_repeated", "parse_command", "peek", "peek_all"]
 
 #: Accepted `dtype` values of the commands that load a model for inference (`generate`, `score`, `iterate`).
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -110,3 +110,27 @@ def as_argv(arguments) -> list[str]:
         values = value if isinstance(value, (list, tuple)) else [value]
         argv += [f"--{f.name}", *map(str, values)]
     return argv
+
+
+def merge_repeated(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """`--reward_funcs a --reward_funcs b c` -> `--reward_funcs a b c` for each flag of `names` (argparse would keep
+    only the last flag's values)."""
+    rest: list[str] = []
+    values: dict[str, list[str]] = {}
+    i = 0
+    while i < len(argv):
+        flag, eq, inline = argv[i].partition("=")
+        name = flag[2:].replace("-", "_") if flag.startswith("--") else None
+        i += 1
+        if name not in names:
+            rest.append(argv[i - 1])
+            continue
+        found = values.setdefault(name, [])
+        if eq:
+            found.append(inline)
+        while i < len(argv) and not (argv[i].startswith("--") or argv[i][:1] == "-" and argv[i][1:2].isalpha()):
+            found.append(argv[i])  # values, negative numbers included (`--reward_weights 1 -0.5`)
+            i += 1
+    for name, found in values.items():
+        rest += [f"--{name}", *found]
+    return rest

@@ -10,11 +10,12 @@ from pathlib import Path
 from ..runtime.errors import settings_errors
 from ..runtime.paths import check_path, check_path_settings
 from ..runtime.help import check_command_argv, command_help
-from ..runtime.recipes import DTYPES, OUTPUT_SUFFIXES, parse_command
+from ..runtime.recipes import DTYPES, OUTPUT_SUFFIXES, merge_repeated, parse_command
 
 __all__ = ["PATH_SETTINGS", "ScoreArguments", "check_argv", "make_score_parser", "parse_score_args", "print_help"]
 
-_REPEATABLE = ("reward_funcs", "reward_weights")
+#: Flags that take several values and may be repeated (`--reward_funcs a --reward_funcs b`): iterate's too
+REPEATABLE = ("reward_funcs", "reward_weights")
 
 
 @dataclass
@@ -171,31 +172,10 @@ def check_argv(argv: list[str]) -> None:
     check_path_settings(argv, PATH_SETTINGS)
 
 
-def _merge_repeated(argv: list[str], names=_REPEATABLE) -> list[str]:
-    """`--reward_funcs a --reward_funcs b c` -> `--reward_funcs a b c` (argparse would keep only the last flag's)."""
-    rest: list[str] = []
-    values: dict[str, list[str]] = {}
-    i = 0
-    while i < len(argv):
-        flag, eq, inline = argv[i].partition("=")
-        name = flag[2:].replace("-", "_") if flag.startswith("--") else None
-        i += 1
-        if name not in names:
-            rest.append(argv[i - 1])
-            continue
-        found = values.setdefault(name, [])
-        if eq:
-            found.append(inline)
-        while i < len(argv) and not (argv[i].startswith("--") or argv[i][:1] == "-" and argv[i][1:2].isalpha()):
-            found.append(argv[i])  # values, negative numbers included (`--reward_weights 1 -0.5`)
-            i += 1
-    for name, found in values.items():
-        rest += [f"--{name}", *found]
-    return rest
 
 
 @settings_errors
 def parse_score_args(argv: list[str] | None = None) -> ScoreArguments:
-    argv = _merge_repeated(list(sys.argv[1:] if argv is None else argv))
+    argv = merge_repeated(list(sys.argv[1:] if argv is None else argv), REPEATABLE)
     args = parse_command(make_score_parser(), argv, "score", required=REQUIRED)
     return args
