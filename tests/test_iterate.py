@@ -365,6 +365,8 @@ def test_a_run_of_other_settings_is_refused_or_replaced_on_purpose(tmp_path):
     (layout.root / "round-1" / "model").mkdir(parents=True)
     layout.results.write_text("{}")
     (layout.root / "notes.txt").write_text("mine")
+    (layout.root / "round-robin-notes.md").write_text("mine")  # named like a round; removed with the run's rounds
+    (layout.root / "round-archive").mkdir()
     _check_manifest(layout, {"seed": 0, "rounds": 3, "loss": "nca"})  # more rounds: the same run, extended
     with pytest.raises(ValueError, match=r"holds an iterate run \(iterate.json\) with other settings \(loss: 'nca' -> "
                        r"'dpo'\).*`--overwrite_output_dir true`"):
@@ -373,6 +375,7 @@ def test_a_run_of_other_settings_is_refused_or_replaced_on_purpose(tmp_path):
     _check_manifest(layout, {"seed": 0, "rounds": 3, "loss": "dpo"}, overwrite=True)
     assert not (layout.root / "round-1").exists() and not layout.results.exists()
     assert json.loads(layout.manifest.read_text())["loss"] == "dpo" and (layout.root / "notes.txt").exists()
+    assert (layout.root / "round-robin-notes.md").exists() and (layout.root / "round-archive").is_dir()
 
 
 

@@ -101,7 +101,9 @@ def _remove_run(layout: RunLayout) -> None:
     last: a run stopped mid-way leaves the marker, and the next start finishes the removal before it reads anything,
     so that what is left of the run (some rounds, its settings) is never taken for a run to continue."""
     layout.removing.touch()
-    for path in [*layout.root.glob("round-*"), layout.heldout, layout.results, layout.curves, layout.manifest]:
+    # The run's `round-<r>` folders only: a `round-notes.md` of the user's beside them is kept
+    for path in [*map(layout.round_dir, _rounds(layout)), layout.heldout, layout.results, layout.curves,
+                 layout.manifest]:
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
