@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from nca_trl.runtime.errors import DataError
 from nca_trl.scoring import parse_score_args, score, score_rows
 from nca_trl.scoring.functions import ascii_letters, sorted_digits
 
@@ -329,6 +330,10 @@ def test_reward_functions_get_grpo_style_flattened_arguments():
     assert calls[0]["completions"] == ["a", "b", "c", "d", "e"]
     assert calls[0]["answer"] == ["b", "b", "e", "e", "e"] and calls[0]["meta"] == [{"k": 1}] * 2 + [{"k": 2}] * 3
     assert stats["metrics"] == {"seen": 3.5} and stats["sources"]["rec"]["weight"] == 0.0
+    # A column named as an argument of the functions replaced it: `prompts` scored other prompts' answers, exit 0
+    for column in ("prompts", "log_metric"):
+        with pytest.raises(DataError, match=rf"row 1 has a column `{column}`, a name that the reward functions take"):
+            score_rows([rows[0], {**rows[1], column: "99999>"}], {"match": matches_answer}, progress=False)
 
 
 @pytest.mark.parametrize("func, match", [

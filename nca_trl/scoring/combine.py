@@ -20,6 +20,8 @@ from ..runtime.errors import DataError
 __all__ = ["is_empty_completion", "score_rows"]
 
 _NOT_COLUMNS = ("prompt", "completions", "rewards", "completion", "completion_ids")
+#: What a reward function gets besides the rows' columns: a column of one of these names is refused
+_ARGUMENTS = ("prompts", "log_metric", "log_extra")
 
 
 def _log(message: str) -> None:
@@ -172,6 +174,10 @@ def score_rows(rows: list[dict], sources, weights: list[float] | None = None, *,
         raise ValueError(f"{len(weights)} weight(s) for {len(names)} reward source(s) ({', '.join(names)}).")
     row_ids = list(range(len(rows))) if row_ids is None else list(row_ids)
     columns = list(dict.fromkeys(k for row in rows for k in row if k not in _NOT_COLUMNS))
+    for taken in [c for c in columns if c in _ARGUMENTS]:  # a column would pass for the argument (TRL's GRPO raises)
+        first = next(i for i, row in enumerate(rows) if taken in row)
+        raise DataError(f"row {row_ids[first]} has a column `{taken}`, a name that the reward functions take as their "
+                        f"own argument ({', '.join(_ARGUMENTS)}): rename that column (every row's); no row was scored.")
     metrics: dict[str, list[float]] = {}
 
     def log_metric(name, value):
