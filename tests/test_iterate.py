@@ -14,7 +14,7 @@ import yaml
 from conftest import REPO, VICUNA, load_script
 
 from nca_trl.cli import main
-from nca_trl.iterate import IterateArguments, plan_rounds
+from nca_trl.iterate import IterateArguments, parse_iterate_args, plan_rounds
 from nca_trl.iterate.evaluate import completion_logps
 from nca_trl.iterate.stages import best_worst_pairs
 
@@ -62,7 +62,7 @@ def test_rounds_take_disjoint_slices_before_the_heldout_prompts():
         plan_rounds(10, _args(heldout_prompts=10))
 
 
-def test_iterate_arguments_are_checked():
+def test_iterate_arguments_are_checked(tmp_path):
     with pytest.raises(ValueError, match="Give a reward"):
         IterateArguments(model_name_or_path="m", dataset_name="d", output_dir="o")
     with pytest.raises(ValueError, match="`loss` must be one of"):
@@ -77,6 +77,12 @@ def test_iterate_arguments_are_checked():
     assert _args(training='{"beta": 0.5}').training == {"beta": 0.5}
     with pytest.raises(ValueError, match="num_completions"):
         _args(num_completions=1)
+    # Not a dtype, in a recipe (argparse's choices check the command line only): refused here; it failed with an
+    # AttributeError after iterate.json was written, which then refused the corrected command as other settings
+    recipe = tmp_path / "fp16.yaml"
+    recipe.write_text((REPO / "recipes/tiny/iterate_nca.yaml").read_text() + "generation_dtype: fp16\n")
+    with pytest.raises(ValueError, match=r"`dtype` must be one of auto, bfloat16, float16, float32, got 'fp16'"):
+        parse_iterate_args(["--config", str(recipe)])
 
 
 def test_best_worst_pairs_keep_the_first_of_ties_and_drop_rows_without_a_preference():

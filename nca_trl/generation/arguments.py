@@ -90,6 +90,8 @@ class GenerateArguments:
             self.output = str(Path(self.output).expanduser())
         if self.output is not None and Path(self.output).suffix.lower() not in OUTPUT_SUFFIXES:
             raise ValueError(f"`output` must end with one of {OUTPUT_SUFFIXES}, got {self.output!r}.")
+        if self.dtype not in DTYPES:  # argparse's `choices` check the command line only (iterate builds these)
+            raise ValueError(f"`dtype` must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
         for name in ("num_completions", "max_new_tokens", "batch_size", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")

@@ -18,7 +18,7 @@ from ..runtime.errors import settings_errors
 from ..runtime.paths import check_path, check_path_settings
 from ..runtime.help import check_command_argv, command_help
 from ..runtime.models import remote_code_problem
-from ..runtime.recipes import merge_repeated, parse_command
+from ..runtime.recipes import DTYPES, merge_repeated, parse_command
 
 __all__ = ["LOSSES", "PATH_SETTINGS", "REFERENCES", "IterateArguments", "StageArguments", "build_stage_arguments",
            "check_argv", "dpo_fields", "make_iterate_parser", "parse_iterate_args", "print_help"]
@@ -94,7 +94,8 @@ class IterateArguments:
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
     generation_batch_size: int = field(default=8, metadata={"help": "Prompts per generation batch."})
     generation_dtype: str = field(default="auto", metadata={"help": "dtype of the sampling model (`auto`, "
-                                                                     "`bfloat16`, `float16`, `float32`)."})
+                                                                     "`bfloat16`, `float16`, `float32`).",
+                                                             "choices": DTYPES})
     seed: int = field(
         default=0,
         metadata={"help": "Round r samples its training prompts with seed `seed + r`; every evaluation samples the "

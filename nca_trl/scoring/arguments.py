@@ -104,6 +104,8 @@ class ScoreArguments:
             self.output = str(Path(self.output).expanduser())
         if self.output is not None and Path(self.output).suffix.lower() not in OUTPUT_SUFFIXES:
             raise ValueError(f"`output` must end with one of {OUTPUT_SUFFIXES}, got {self.output!r}.")
+        if self.dtype not in DTYPES:  # argparse's `choices` check the command line only (iterate builds these)
+            raise ValueError(f"`dtype` must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
         self.reward_funcs = list(self.reward_funcs or [])
         empty = [spec for spec in self.reward_funcs if not str(spec).strip()]
         if empty:
