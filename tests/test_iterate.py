@@ -406,6 +406,24 @@ def test_fewer_rounds_than_the_run_finished_are_refused(tmp_path):
     assert not (layout.root / "round-2").exists() and json.loads(layout.manifest.read_text())["rounds"] == 1
 
 
+def test_a_bad_prompt_is_named_in_the_users_file_before_anything_is_written(digits_model, tmp_path):
+    """An empty prompt among the held-out ones failed at round 0's evaluation, named as row 7 of the run's own
+    `heldout_prompts.jsonl`, after `iterate.json` was written: the fixed file was then refused as other settings
+    (`prompts_sha256`). Now every prompt is checked first, named in the user's file."""
+    from nca_trl.iterate import iterate
+    from nca_trl.runtime.errors import DataError
+
+    lines = SORT_PROMPTS.read_text().splitlines()[:40]
+    lines[39] = json.dumps({**json.loads(lines[39]), "prompt": "  "})
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    recipe = _recipe(tmp_path, digits_model, out, dataset_name=str(data))
+    with pytest.raises(DataError, match=rf"{data}, row 39, field 'prompt': the prompt is empty"):
+        iterate(["--config", str(recipe)])
+    assert not out.exists()
+
+
 def test_an_overwrite_stopped_mid_removal_is_finished_at_the_next_start(tmp_path):
     """A kill while `--overwrite_output_dir` removed the old run left some of its rounds and its `iterate.json`: a
     restart of the old settings took the rest for a run to continue (later rounds trained from a round that was

@@ -125,6 +125,20 @@ def _rounds(layout: RunLayout) -> list[int]:
     return sorted(int(n) for n in (f.name.removeprefix("round-") for f in layout.root.glob("round-*")) if n.isdigit())
 
 
+def _check_prompts(args, dataset) -> None:
+    """Every prompt checked as `nca-trl generate` checks them, naming the user's file and row, before `output_dir` is
+    written: a bad prompt among the held-out ones was met at round 0's evaluation, named in `heldout_prompts.jsonl`,
+    and the fixed file was then refused as other settings (its digest is the run's)."""
+    from transformers import AutoTokenizer
+
+    from ..generation.rows import check_prompts
+
+    generate = args.stages.generate
+    tokenizer = AutoTokenizer.from_pretrained(generate.model_name_or_path, revision=generate.model_revision,
+                                              trust_remote_code=generate.trust_remote_code)
+    check_prompts(dataset, tokenizer, args.dataset_name, generate.model_name_or_path)
+
+
 def _rows(dataset, indices) -> list[dict]:
     return [dataset[i] for i in indices]
 
@@ -199,6 +213,7 @@ def iterate(argv: list[str] | None = None) -> dict | None:
         # A restart (`--rounds N` too) keeps the split of the run: computed from `rounds`, it would change with it
         args.prompts_per_round = json.loads(layout.manifest.read_text()).get("prompts_per_round")
     per_round, heldout = plan_rounds(len(dataset), args)  # refused before `output_dir` exists
+    _check_prompts(args, dataset)
     with claim_output_dir(lock_args):  # creates `output_dir`; removed again if the run stops before writing to it
         settings = {k: v for k, v in asdict(args).items()}
         settings.update(num_prompts=len(dataset), prompts_sha256=json_digest(dataset.to_list()),
