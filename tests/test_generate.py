@@ -466,6 +466,20 @@ def test_an_output_that_cannot_be_written_or_shares_its_record_is_refused_first(
         assert main([*base, "--output", str(output)]) == 2
         assert words in capsys.readouterr().err
     assert json.loads((tmp_path / "out.generation.json").read_text())["output"] == str(first)
+    # A record path that is a folder, a `.parts` path that is a file: tracebacks after (or before) every prompt was
+    # sampled. An output inside the prompts folder: read back as prompts by the rerun (a cast error; a killed run
+    # could not resume)
+    (tmp_path / "r.generation.json").mkdir()
+    (tmp_path / "c.jsonl.parts").write_text("")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "p.jsonl").write_text(prompts.read_text())
+    for output, words in ((tmp_path / "r.jsonl", "r.generation.json is a folder where the record of the run is"),
+                          (tmp_path / "c.jsonl", "c.jsonl.parts is a file where the run's chunks go"),
+                          (tmp_path / "folder" / "o.jsonl", "is inside the data folder")):
+        dataset = str(tmp_path / "folder") if output.parent.name == "folder" else str(prompts)
+        assert main([*base[:-1], dataset, "--output", str(output)]) == 2
+        assert words in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == ["p.jsonl"]
     # A sidecar recording another output of the stem is not this output's record: not "done"
     (tmp_path / "out.parquet").write_text("")
     store = ChunkStore(tmp_path / "out.parquet", {}, 1, 1)

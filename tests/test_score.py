@@ -384,13 +384,22 @@ def test_a_bad_reward_source_or_output_is_one_line_exit_2_before_scoring(tmp_pat
     assert main(["score", "--dataset_name", str(tmp_path / "gen"), "--reward_funcs", "ascii_letters", "--output",
                  out]) == 2
     err = capsys.readouterr().err
-    assert "pass the output file itself" in err and str(tmp_path / "gen" / "g.jsonl") in err and len(err) < 600
+    assert "pass the data file itself" in err and str(tmp_path / "gen" / "g.jsonl") in err and len(err) < 600
     # The output over the rows it scores: generate's samples replaced by rated rows without their empty completions
     samples = tmp_path / "gen" / "g.jsonl"
     before = samples.read_text()
     assert main(["score", "--dataset_name", str(samples), "--reward_funcs", "ascii_letters", "--output",
                  str(samples)]) == 2
     assert "`output` is `dataset_name`" in capsys.readouterr().err and samples.read_text() == before
+    # Over another generate output: it replaced those samples, and a rerun of generate took the file as done
+    assert main(["score", "--dataset_name", data, "--reward_funcs", "ascii_letters", "--output", str(samples)]) == 2
+    assert "is the output of an `nca-trl generate` run" in capsys.readouterr().err and samples.read_text() == before
+    # A folder where the record goes: found after every row was scored (IsADirectoryError, a temporary file left)
+    (tmp_path / "x.scoring.json").mkdir()
+    assert main(["score", "--dataset_name", data, "--reward_funcs", "ascii_letters", "--output",
+                 str(tmp_path / "x.jsonl")]) == 2
+    assert "x.scoring.json is a folder where the record of the run is written" in capsys.readouterr().err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".x", "x.jsonl"))]
     # `~` (a recipe's, which no shell expanded) is where the output goes, not a folder named `~` here
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert parse_score_args(["--dataset_name", data, "--reward_funcs", "ascii_letters", "--output",

@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 from ..runtime.environment import broadcast, distributed_state, main_process_first, versions
 from ..runtime.errors import DataError
 from ..runtime.files import json_digest, parquet_table
-from ..runtime.paths import check_output_file, check_path_settings
+from ..runtime.paths import check_data_folder, check_output_file, check_path_settings
 from .arguments import PATH_SETTINGS, GenerateArguments, parse_generate_args
 from .output import ChunkStore, sidecar_path
 
@@ -170,7 +171,9 @@ def generate(argv: "list[str] | GenerateArguments | None" = None) -> dict | None
     sidecar (main process) or None (other processes)."""
     args = argv if isinstance(argv, GenerateArguments) else parse_generate_args(argv)
     check_path_settings([], PATH_SETTINGS, vars(args))  # before the output's `.parts/` or any model load
-    check_output_file(args.output, "output", sidecar_path(args.output))
+    output = Path(args.output)
+    check_output_file(output, "output", sidecar_path(output), output.with_name(output.name + ".parts"))
+    check_data_folder(args.dataset_name, "dataset_name", output)  # its output and chunks would be read as prompts
     state = distributed_state()
     with main_process_first(state):  # a bad file on the main process is the others' error too, not their hang
         dataset = load_prompts(args)

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from .errors import SettingsError
 
-__all__ = ["BUILDERS", "FILE_SUFFIXES", "KINDS", "NOT_PATHS", "TINY_MODELS", "check_output_file", "check_path",
-           "check_path_settings", "hub_cached", "looks_local", "reward_function_path"]
+__all__ = ["BUILDERS", "FILE_SUFFIXES", "KINDS", "NOT_PATHS", "TINY_MODELS", "check_data_folder", "check_output_file",
+           "check_path", "check_path_settings", "hub_cached", "looks_local", "reward_function_path"]
 
 #: Extensions that make a value a local file (data, recipes, code, weights, archives); a Hub id's last part may hold
 #: a dot followed by a digit (`Mistral-7B-v0.1`, `Qwen2.5-0.5B`), which is no extension
@@ -178,14 +178,20 @@ def check_path_settings(argv: list[str], settings: dict[str, str], recipe: dict 
     return recipe
 
 
-def check_output_file(output, setting: str, sidecar: Path | None = None) -> None:
+def check_output_file(output, setting: str, sidecar: Path | None = None, parts: Path | None = None) -> None:
     """Refuse, before anything is read or loaded, an output file that cannot be written: a folder, under a file, in a
-    folder not writable; and one whose sidecar (`<stem>.generation.json`, `<stem>.scoring.json`, beside it) records
-    another output that exists (`out.jsonl` and `out.parquet` share their stem: the new run would replace the other's
-    record, and a rerun of the other took the new settings for its own)."""
+    folder not writable, a sidecar path that is a folder or a `parts` path (generate's `<output>.parts/`) that is a
+    file (met after the work was done); and one whose sidecar (`<stem>.generation.json`, `<stem>.scoring.json`,
+    beside it) records another output that exists (`out.jsonl` and `out.parquet` share their stem: the new run would
+    replace the other's record, and a rerun of the other took the new settings for its own)."""
     path = Path(output)  # as the command writes it (the arguments expand `~`)
     if path.is_dir():
         raise SettingsError(f"{output} is a folder ({setting}): give a file name, e.g. {path / 'rows.jsonl'}")
+    for other, kind in ((sidecar, "the record of the run"), (parts, None)):
+        if other is not None and (other.is_dir() if kind else other.exists() and not other.is_dir()):
+            what = f"a folder where {kind} is written" if kind else "a file where the run's chunks go (a folder)"
+            raise SettingsError(f"{other} is {what}, beside {output} ({setting}): move it away or choose another "
+                                "output name")
     existing = next(p for p in (path.parent, *path.parent.parents) if p.exists() or p == p.parent)
     if existing.exists() and not existing.is_dir():
         raise SettingsError(f"{existing} is a file, so {output} cannot be written ({setting}): choose another path")
@@ -205,3 +211,23 @@ def check_output_file(output, setting: str, sidecar: Path | None = None) -> None
             f"{sidecar} is the record of {other}, which {output} shares its name with: writing {output} would replace "
             f"that record ({setting}). Name this output otherwise, e.g. "
             f"{path.with_name(path.stem + '-2' + path.suffix)}")
+
+
+def check_data_folder(dataset_name, setting: str, output=None) -> None:
+    """Refuse a data folder (`dataset_name`) that holds a generate or score record (`*.generation.json`,
+    `*.scoring.json`), or that `output` would be written into: `datasets` reads every data file of a folder as one
+    table, so the record and the output (its `.parts/` chunks too) would be read as rows (a cast error, or the samples
+    taken for prompts by the next run)."""
+    folder = Path(str(dataset_name)).expanduser()
+    if not folder.is_dir():
+        return
+    if output is not None and folder.resolve() in Path(output).resolve().parents:
+        raise SettingsError(f"`output` {output} is inside the data folder {dataset_name} ({setting}), which would read "
+                            "it back as rows on the next run: write the output outside that folder, or pass the data "
+                            "file itself")
+    records = sorted([*folder.glob("*.generation.json"), *folder.glob("*.scoring.json")])
+    if records:
+        outputs = sorted(f.name for f in folder.iterdir() if f.suffix.lower() in (".jsonl", ".parquet"))
+        raise SettingsError(f"{dataset_name} is a folder holding {records[0].name}, the record of a generate or "
+                            f"score run, which would be read as rows too: pass the data file itself ({setting}), "
+                            f"e.g. {folder / (outputs or ['OUTPUT.jsonl'])[0]}")

@@ -25,20 +25,29 @@ def scoring_sidecar_path(output: str | os.PathLike) -> Path:
     return output.with_name(output.stem + ".scoring.json")
 
 
+def _refuse_a_generate_output(output: Path) -> None:
+    """An `output` that a generate run wrote (its record `<stem>.generation.json` names it): the rated rows replaced
+    those samples, and a rerun of generate then took the file for its own, done (rows of other prompts, exit 0)."""
+    record = output.with_name(output.stem + ".generation.json")
+    if not (output.is_file() and record.is_file()):
+        return
+    try:
+        recorded = json.loads(record.read_text()).get("output")
+    except (ValueError, OSError, AttributeError):
+        return
+    if recorded and Path(str(recorded)).name == output.name:
+        raise SettingsError(f"{output} is the output of an `nca-trl generate` run (its record {record.name}): the "
+                            "rated rows would replace those samples. Write them to another file (`output`).")
+
+
 def load_rows(args: ScoreArguments) -> list[dict]:
     """The rows to score: split `dataset_split` of `dataset_name` (read as `train` and `generate` read data), its
     first `max_rows` rows."""
     from ..data.loading import load_split
-    from ..runtime.paths import check_path
+    from ..runtime.paths import check_data_folder, check_path
 
     check_path(args.dataset_name, "dataset_name", "dataset")  # not the Hub's error for a missing file
-    folder = Path(args.dataset_name).expanduser()
-    sidecars = sorted([*folder.glob("*.generation.json"), *folder.glob("*.scoring.json")]) if folder.is_dir() else []
-    if sidecars:  # `datasets` reads a folder's .json and .jsonl files as one table: a cast error over the sidecar
-        outputs = [f.name for f in folder.iterdir() if f.suffix.lower() in (".jsonl", ".parquet")]
-        raise SettingsError(f"{args.dataset_name} is a folder holding {sidecars[0].name}, the record of a generate or "
-                            f"score run, which would be read as rows too: pass the output file itself (dataset_name), "
-                            f"e.g. {folder / (sorted(outputs) or ['OUTPUT.jsonl'])[0]}")
+    check_data_folder(args.dataset_name, "dataset_name")
     dataset = load_split(args, limit=args.max_rows)
     missing = [c for c in ("prompt", "completions") if c not in dataset.column_names]
     if missing:
@@ -96,6 +105,7 @@ def score_file(args: ScoreArguments) -> dict:
         raise SettingsError(f"`output` is `dataset_name` ({args.output}): the rated rows would replace the rows "
                             "they were scored from (generate's samples, which a rerun of generate then took as done). "
                             "Write them to another file.")
+    _refuse_a_generate_output(Path(args.output))
     rows = load_rows(args)
     if str(args.output).lower().endswith(".parquet"):  # the carried columns fit one Parquet file, before scoring
         parquet_table(rows, f"{args.dataset_name} (for the Parquet output {args.output})")
