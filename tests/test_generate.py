@@ -124,6 +124,23 @@ def test_inverse_cdf_on_a_fixed_grid_of_uniforms():
     assert edges.tolist() == [1, 3, 4]
 
 
+def test_a_nan_distribution_is_an_error_not_token_0():
+    """NaN logits (a diverged model's, or a temperature of 1e-45: logits / T overflow) drew token 0, `<unk>`, for
+    every token: completions of `<unk>`, exit 0. Now an error naming the step and the rows."""
+    from nca_trl.generation.sampling import NonFiniteSamplingError, SeededSampler
+
+    uniforms = torch.full((2, 4), 0.5)
+    scores = torch.tensor([[1.0, 2.0, 0.5], [1.0, 2.0, 0.5]])
+    sampler = SeededSampler(uniforms, prompt_length=3)
+    assert sampler(torch.zeros(2, 4, dtype=torch.long), scores).argmax(-1).tolist() == [1, 1]
+    nan = scores.clone()
+    nan[1, 0] = float("nan")
+    with pytest.raises(NonFiniteSamplingError, match=r"not finite \(NaN\) at new token 1 of batch row\(s\) \[1\]"):
+        sampler(torch.zeros(2, 4, dtype=torch.long), nan)
+    with pytest.raises(NonFiniteSamplingError, match="`temperature` is so small"):
+        SeededSampler(uniforms, prompt_length=3, temperature=1e-45)(torch.zeros(2, 3, dtype=torch.long), scores)
+
+
 def _expected_distribution(logits, temperature, top_k, top_p):
     """Written out independently of HF's warpers: softmax(logits / T), restricted to the top_k tokens, then to the
     smallest set of the most likely ones with mass >= top_p, renormalised."""

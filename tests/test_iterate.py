@@ -735,3 +735,19 @@ def test_the_dpo_baseline_resumed_at_its_last_step_trains_no_further_step(tiny_m
     assert again.metrics["train_loss"] == pytest.approx(result.metrics["train_loss"], rel=1e-6)
     trained = dict(whole.model.named_parameters())
     assert all(torch.equal(value, trained[name]) for name, value in resumed.model.named_parameters())
+
+
+def test_the_dpo_baseline_stops_at_a_non_finite_loss(tiny_mistral, hh, tmp_path):
+    """`loss: dpo` trained on through NaN losses (learning rate 1e30) and saved a model of NaN weights, marked
+    trained; the evaluation then failed on a NaN KL at every rerun. It now stops as our trainers do."""
+    from trl import DPOConfig
+
+    from nca_trl.iterate.stages import marked_dpo_trainer
+    from nca_trl.runtime.safety import NonFiniteError
+
+    args = DPOConfig(output_dir=str(tmp_path / "dpo"), learning_rate=1e30, max_steps=4, per_device_train_batch_size=2,
+                     max_length=64, report_to="none", save_strategy="no", use_cpu=True, bf16=False,
+                     lr_scheduler_type="constant", logging_steps=1)
+    trainer = marked_dpo_trainer()(model=tiny_mistral, args=args, train_dataset=hh.select(range(8)))
+    with pytest.raises(NonFiniteError, match=r"Non-finite (training loss|gradient norm) .* at step [2-4]"):
+        trainer.train()

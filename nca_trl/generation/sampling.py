@@ -29,6 +29,7 @@ from transformers.generation.logits_process import (
 )
 
 __all__ = [
+    "NonFiniteSamplingError",
     "SampledBatch",
     "SeededSampler",
     "completion_seed",
@@ -68,6 +69,10 @@ def completion_uniforms(seed: int, prompt_indices: list[int], num_completions: i
     return torch.stack(rows)
 
 
+class NonFiniteSamplingError(RuntimeError):
+    """The model's next-token distribution is NaN: nothing sensible can be sampled from it."""
+
+
 class SeededSampler(LogitsProcessor):
     """Sample each row's next token with that row's own uniform; return a score that is 0 at it and -inf elsewhere.
 
@@ -101,6 +106,13 @@ class SeededSampler(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         step = input_ids.shape[1] - self.prompt_length
         probs = self.probabilities(input_ids, scores)
+        bad = ~torch.isfinite(probs).all(dim=-1)
+        if bad.any():  # a NaN drew token 0 (`<unk>`) for every token: completions of garbage, exit 0
+            raise NonFiniteSamplingError(
+                f"the next-token distribution is not finite (NaN) at new token {step} of batch row(s) "
+                f"{bad.nonzero().squeeze(1).tolist()[:8]}: the model's logits are NaN or infinite (weights that are not "
+                f"finite, e.g. a diverged training run), or `temperature` is so small that logits / temperature "
+                f"overflow. This batch was not written; chunks written before it are kept.")
         u = self.uniforms[:, step].to(probs.device)
         tokens = inverse_cdf(probs, u)
         out = torch.full_like(scores, float("-inf"))

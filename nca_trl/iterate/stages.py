@@ -132,12 +132,15 @@ def _train_dpo(policy: str, reference: str | None, rated: Path, output_dir: Path
 
 def marked_dpo_trainer():
     """`trl.DPOTrainer` whose checkpoints get nca-trl's completeness marker once fully written (as `NCATrainer`'s do),
-    so that resuming a killed `loss: dpo` round never picks a checkpoint that was being written."""
+    so that resuming a killed `loss: dpo` round never picks a checkpoint that was being written, and that stops at a
+    non-finite loss or gradient norm as ours do."""
     from trl import DPOTrainer
 
     from ..runtime.checkpoints import ResumeAtTheEndMixin, save_checkpoint
+    from ..runtime.safety import NonFiniteStopsMixin
 
-    class MarkedDPOTrainer(ResumeAtTheEndMixin, DPOTrainer):  # resumed at its last step: no step past it
+    # Resumed at its last step: no step past it; a NaN loss or gradient norm stops it (it saved a model of NaN weights)
+    class MarkedDPOTrainer(NonFiniteStopsMixin, ResumeAtTheEndMixin, DPOTrainer):
         def _save_checkpoint(self, model, trial):
             save_checkpoint(self, super()._save_checkpoint, model, trial)
 

@@ -44,7 +44,7 @@ from .output_dir import claim_output_dir
 
 logger = logging.getLogger("nca_trl")
 
-__all__ = ["NonFiniteError", "RunSafetyMixin", "check_grad_norm", "check_loss"]
+__all__ = ["NonFiniteError", "NonFiniteStopsMixin", "RunSafetyMixin", "check_grad_norm", "check_loss"]
 
 
 class NonFiniteError(RuntimeError):
@@ -154,17 +154,9 @@ def _fp16_loss_scaling(trainer) -> bool:
     return False
 
 
-# ------------------------------------------------------------------------------------------------ output_dir
-class RunSafetyMixin(ResumeAtTheEndMixin):
-    """The `transformers.Trainer` overrides of this module; `_RatedCompletionsTrainer` inherits them first."""
-
-    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        self._nca_step_rows = []
-        with claim_output_dir(self.args):
-            resume = resolve_resume(self.args, resume_from_checkpoint)
-            self._nca_resumed_from = resume or None  # the checkpoint taken (`True` resolved), for run_info.json
-            restore_synced_reference(self, resume)
-            return super().train(resume, trial, ignore_keys_for_eval, **kwargs)  # `ResumeAtTheEndMixin.train`
+class NonFiniteStopsMixin:
+    """A `transformers.Trainer` that stops at a non-finite loss or gradient norm (`check_loss`, `check_grad_norm`):
+    ours, and `nca-trl iterate`'s `trl.DPOTrainer` of `loss: dpo` (which trained on to a model of NaN weights)."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
@@ -180,6 +172,19 @@ class RunSafetyMixin(ResumeAtTheEndMixin):
             self._nca_step_rows = []
         check_grad_norm(self, grad_norm)
         return grad_norm
+
+
+# ------------------------------------------------------------------------------------------------ output_dir
+class RunSafetyMixin(NonFiniteStopsMixin, ResumeAtTheEndMixin):
+    """The `transformers.Trainer` overrides of this module; `_RatedCompletionsTrainer` inherits them first."""
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        self._nca_step_rows = []
+        with claim_output_dir(self.args):
+            resume = resolve_resume(self.args, resume_from_checkpoint)
+            self._nca_resumed_from = resume or None  # the checkpoint taken (`True` resolved), for run_info.json
+            restore_synced_reference(self, resume)
+            return super().train(resume, trial, ignore_keys_for_eval, **kwargs)  # `ResumeAtTheEndMixin.train`
 
     def _save_checkpoint(self, model, trial):
         save_checkpoint(self, super()._save_checkpoint, model, trial)
