@@ -459,9 +459,13 @@ def test_a_restart_compares_the_run_not_its_spelling(tmp_path, monkeypatch):
                 "training": {"max_length": 5}}
     _check_manifest(layout, settings)
     _check_manifest(layout, {**settings, "output_dir": f"{layout.root}/", "dataset_name": str(tmp_path / "prompts.jsonl")})
-    _check_manifest(layout, {**settings, "training": {"max_length": 32}})  # no round trained: taken
+    # No round trained: taken. Round 1's checkpoints of the earlier settings go (a resume continued them: a model
+    # trained at the old learning rate, recorded as the new one); its samples stay
+    (layout.root / "round-1" / "model" / "checkpoint-2").mkdir(parents=True)
+    (layout.root / "round-1" / "rated.jsonl").write_text("{}\n")
+    _check_manifest(layout, {**settings, "training": {"max_length": 32}})
     assert json.loads(layout.manifest.read_text())["training"] == {"max_length": 32}
-    (layout.root / "round-1").mkdir()
+    assert not (layout.root / "round-1" / "model").exists() and (layout.root / "round-1" / "rated.jsonl").exists()
     (layout.root / "round-1" / "status.json").write_text(json.dumps({"generate": {}, "score": {}, "train": {}}))
     with pytest.raises(ValueError, match=r"with other settings \(training: "):
         _check_manifest(layout, {**settings, "training": {"max_length": 64}})

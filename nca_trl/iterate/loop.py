@@ -79,6 +79,10 @@ def _check_manifest(layout: RunLayout, settings: dict, overwrite: bool = False) 
     free = {name for name, stages in _READ_BY.items() if not done & stages}
     if changed and all(c.split(":", 1)[0] in free for c in changed):
         log(f"no stage that reads them has finished: taking the changed settings ({'; '.join(changed)})")
+        if any(c.startswith("training:") for c in changed):  # no round has trained: a model folder is checkpoints
+            for model in [layout.model(r) for r in _rounds(layout) if layout.model(r).exists()]:
+                log(f"removing {model}: checkpoints of the earlier `training:` settings, which a resume would continue")
+                shutil.rmtree(model)
         changed = []
     # Fewer rounds than the run has finished: its results file would be written without the later rounds (and name
     # an earlier policy as the final one), the finished rounds left behind in `output_dir`
