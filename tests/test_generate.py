@@ -268,8 +268,11 @@ def test_a_killed_run_resumes_with_no_prompt_lost_or_duplicated(tiny_mistral, tm
 
     monkeypatch.setattr(ChunkStore, "write_chunk", original_write)
     generated.clear()
+    # A committed chunk cut short afterwards (one row of its two) was merged as it was: 5 rows, exit 0
+    chunk = parts / "chunk-00000.jsonl"
+    chunk.write_text(chunk.read_text().splitlines(keepends=True)[0])
     sidecar = run.generate([*common, "--batch_size", "1", "--output", str(output)])
-    assert generated == [[4, 5]]  # the committed chunks were not generated again
+    assert generated == [[0, 1], [4, 5]]  # the whole committed chunk was not generated again, the cut one was
     rows = _read_jsonl(output)
     assert [r["id"] for r in rows] == list(range(6))
     assert rows == _read_jsonl(tmp_path / "reference.jsonl")
@@ -288,6 +291,27 @@ def test_a_killed_run_resumes_with_no_prompt_lost_or_duplicated(tiny_mistral, tm
     replaced = run.generate([*common, "--num_completions", "3", "--output", str(output), "--overwrite_output", "true"])
     assert replaced["settings"]["num_completions"] == 3 and generated == [[0, 1], [2, 3], [4, 5]]
     assert all(len(r["completions"]) == 3 for r in _read_jsonl(output))
+
+
+def test_a_chunk_that_is_not_whole_stops_the_merge(tmp_path):
+    """A chunk changed after its commit (a torn last line, a row missing, a line that is no row) is named and the
+    output is not written; it was concatenated as it was (a torn line glued to the next chunk's first)."""
+    from nca_trl.generation.output import ChunkStore
+
+    store = ChunkStore(tmp_path / "out.jsonl", {"seed": 0}, 3, 2)
+    store.open()
+    store.write_chunk(0, [{"prompt": "a", "completions": []}, {"prompt": "b", "completions": []}], {})
+    store.write_chunk(1, [{"prompt": "c", "completions": []}], {})
+    whole = store.chunk_path(0).read_text()
+    for text, problem in ((whole[:-5], "its last line is cut short"), (whole.split("\n")[0] + "\n", "1 rows, expected 2"),
+                          ('{"prompt": "a"}\n[1]\n', "line 2 is not a row")):
+        store.chunk_path(0).write_text(text)
+        with pytest.raises(RuntimeError, match=rf"chunk-00000.jsonl: {re.escape(problem)}.*output was not written"):
+            store.merge({})
+        assert not store.output.exists() and not store.sidecar.exists()
+    store.chunk_path(0).write_text(whole)
+    store.merge({})
+    assert [r["prompt"] for r in _read_jsonl(store.output)] == ["a", "b", "c"]
 
 
 # ------------------------------------------------------------------------------------------------ (c): end to end

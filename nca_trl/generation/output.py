@@ -66,6 +66,13 @@ class ChunkStore:
         if manifest is not None and not self._same(manifest):
             self._refuse_or_remove(self.parts, "the chunks of an unfinished generate run", manifest, overwrite)
             manifest = None
+        if manifest is not None:  # this run's chunks: one that is not whole (changed after its commit) is sampled again
+            for chunk in self.done_chunks():
+                problem = self.chunk_problem(chunk)
+                if problem:
+                    print(f"[nca-trl generate] {self.chunk_path(chunk)}: {problem}; removed, to be sampled again")
+                    self.chunk_path(chunk).unlink()
+                    self._stats_path(chunk).unlink(missing_ok=True)
         complete = manifest is not None and not self.missing_chunks()
         if self.output.exists() and not complete:
             record = self._read_json(self.sidecar) or {}
@@ -128,6 +135,29 @@ class ChunkStore:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
+    def chunk_problem(self, chunk: int) -> str | None:
+        """What is wrong with a committed chunk file (None: whole): its rows must be one JSON object a line with a
+        `prompt`, as many as its prompts. A chunk is committed whole by a rename; one edited, truncated or cut short
+        by a failing disk after that was merged as it was (rows lost, or a torn line glued to the next chunk's)."""
+        try:
+            text = self.chunk_path(chunk).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            return f"unreadable ({error})"
+        lines = text.split("\n")
+        if lines[-1] != "":
+            return "its last line is cut short"
+        expected = len(self.chunk_range(chunk))
+        if len(lines) - 1 != expected:
+            return f"{len(lines) - 1} rows, expected {expected}"
+        for number, line in enumerate(lines[:-1], 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict) or "prompt" not in row:
+                return f"line {number} is not a row of prompt and completions"
+        return None
+
     def done_chunks(self) -> list[int]:
         return [c for c in range(self.num_chunks) if self.chunk_path(c).exists()]
 
@@ -167,7 +197,13 @@ class ChunkStore:
         return {**total, "chunks_per_process": per_process}
 
     def merge(self, sidecar: dict) -> None:
-        """Concatenate the chunks in prompt order into the output, write the sidecar, remove the parts."""
+        """Concatenate the chunks in prompt order into the output, write the sidecar, remove the parts. A chunk that
+        is not whole (`chunk_problem`) stops it before anything is written."""
+        for chunk in range(self.num_chunks):
+            problem = self.chunk_problem(chunk)
+            if problem:
+                raise RuntimeError(f"{self.chunk_path(chunk)}: {problem}, so the output was not written. Rerun the same "
+                                   "command: it samples that chunk again.")
         tmp = self.output.with_name(f".{self.output.name}.tmp-{os.getpid()}")
         self.output.parent.mkdir(parents=True, exist_ok=True)
         if self.output.suffix.lower() == ".parquet":
