@@ -293,6 +293,36 @@ def test_a_killed_run_resumes_with_no_prompt_lost_or_duplicated(tiny_mistral, tm
     assert all(len(r["completions"]) == 3 for r in _read_jsonl(output))
 
 
+def test_a_second_run_of_the_same_output_is_refused(tiny_mistral, tmp_path, monkeypatch, capsys):
+    """Two generate runs of one output: the second merged the first's chunks and removed them, and the first then
+    waited for them forever ("waiting for 8 chunk(s) from other processes"). The output is locked for the run."""
+    from nca_trl.cli import main
+    from nca_trl.generation import run
+    from nca_trl.runtime.output_dir import OutputDirLockedError
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Sort 3 1 2"}) + "\n")
+    output = tmp_path / "new" / "out.jsonl"
+    argv = ["--model_name_or_path", str(tiny_mistral), "--dataset_name", str(prompts), "--output", str(output),
+            "--num_completions", "2", "--max_new_tokens", "2"]
+    seen = {}
+
+    def second_run(*args, **kwargs):  # while the first run holds the output
+        with pytest.raises(OutputDirLockedError, match=rf"output '{re.escape(str(output))}' is in use by another"):
+            run.generate(argv)
+        seen["main"] = main(["generate", *argv])
+        seen["err"] = capsys.readouterr().err
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "load_prompts", second_run)
+    with pytest.raises(KeyboardInterrupt):
+        run.generate(argv)
+    assert seen["main"] == 2 and "in use by another nca-trl run" in seen["err"] and "Traceback" not in seen["err"]
+    assert not (tmp_path / "new").exists()  # the first run stopped before writing: its folder is removed again
+    monkeypatch.undo()
+    assert run.generate(argv)["num_prompts"] == 1 and not list((tmp_path / "new").glob(".*lock"))
+
+
 def test_a_chunk_that_is_not_whole_stops_the_merge(tmp_path):
     """A chunk changed after its commit (a torn last line, a row missing, a line that is no row) is named and the
     output is not written; it was concatenated as it was (a torn line glued to the next chunk's first)."""

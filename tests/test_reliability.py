@@ -349,7 +349,7 @@ HOLDER = textwrap.dedent("""
 """)
 
 
-def test_second_run_on_a_locked_output_dir_is_refused(tmp_path):
+def test_second_run_on_a_locked_output_dir_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (tmp_path / "never-loaded").mkdir()  # passes the path check; never loaded
@@ -357,10 +357,16 @@ def test_second_run_on_a_locked_output_dir_is_refused(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "locked"
         argv = cli_argv(tmp_path / "never-loaded", out, "--max_steps", "1")
-        with pytest.raises(RuntimeError, match="in use") as error:
+        with pytest.raises(OSError, match="in use") as error:
             cli_train(argv)
         message = str(error.value)
         assert f"pid {holder.pid}" in message and socket.gethostname() in message and str(out) in message
+        # On the command line: one line, exit 2 (a traceback, exit 1, before)
+        from nca_trl.cli import main
+
+        assert main(["train", *argv]) == 2
+        err = capsys.readouterr().err
+        assert "in use by another nca-trl run" in err and "Traceback" not in err and len(err.splitlines()) == 1
         assert (out / LOCK).exists()  # the holder's lock is left alone
     finally:
         holder.kill()

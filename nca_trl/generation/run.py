@@ -174,7 +174,14 @@ def generate(argv: "list[str] | GenerateArguments | None" = None) -> dict | None
     output = Path(args.output)
     check_output_file(output, "output", sidecar_path(output), output.with_name(output.name + ".parts"))
     check_data_folder(args.dataset_name, "dataset_name", output)  # its output and chunks would be read as prompts
+    from ..runtime.output_dir import claim_output_file
+
     state = distributed_state()
+    with claim_output_file(output, state):  # a second run of the same output is refused
+        return _generate(args, state)
+
+
+def _generate(args: GenerateArguments, state) -> dict | None:
     with main_process_first(state):  # a bad file on the main process is the others' error too, not their hang
         dataset = load_prompts(args)
     long_prompts, tokenizer = _check_prompts(args, dataset, state.is_main_process)

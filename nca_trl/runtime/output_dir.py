@@ -24,14 +24,14 @@ from .files import json_default
 logger = logging.getLogger("nca_trl")
 
 __all__ = ["LOCK_NAME", "FinishedRunError", "OutputDirError", "OutputDirLockedError", "changed_settings",
-           "check_output_dir", "check_output_dir_writable", "claim_output_dir", "finished_run_message",
-           "missing_folders", "remove_empty_folders"]
+           "check_output_dir", "check_output_dir_writable", "claim_output_dir", "claim_output_file",
+           "finished_run_message", "missing_folders", "remove_empty_folders"]
 
 LOCK_NAME = ".nca-trl.lock"
 
 
-class OutputDirLockedError(RuntimeError):
-    """Another run holds `output_dir`."""
+class OutputDirLockedError(OutputDirError):
+    """Another run holds `output_dir` (or `nca-trl generate`'s output): one line, exit 2 on the command line."""
 
 
 class FinishedRunError(SettingsError):
@@ -137,13 +137,14 @@ def _holder_text(body: dict | None) -> str:
     return f"pid {body.get('pid')} on host {body.get('host')} (started {when}: {body.get('command')})"
 
 
-def acquire_lock(output_dir: str) -> _Lock | None:
-    """Take `output_dir/.nca-trl.lock` (non-blocking). `OutputDirLockedError` if another process holds it; None (and a
-    warning) on a filesystem without locks."""
+def acquire_lock(output_dir: str, name: str = LOCK_NAME, what: str | None = None) -> _Lock | None:
+    """Take `output_dir/<name>` (non-blocking). `OutputDirLockedError` if another process holds it; None (and a
+    warning) on a filesystem without locks. `what`: what the lock guards, in messages (default: `output_dir`)."""
     import fcntl
 
     check_output_dir_writable(output_dir)
-    path = os.path.join(output_dir, LOCK_NAME)
+    path = os.path.join(output_dir, name)
+    what = what or f"output_dir {output_dir!r}"
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -152,9 +153,9 @@ def acquire_lock(output_dir: str) -> _Lock | None:
             body = _read_body(fd)
             os.close(fd)
             raise OutputDirLockedError(
-                f"output_dir {output_dir!r} is in use by another nca-trl run: {_holder_text(body)}. Wait for it to "
-                f"finish or stop it, or choose another `output_dir`. (The lock is {path}; it is released when that "
-                "process ends, however it ends.)"
+                f"{what} is in use by another nca-trl run: {_holder_text(body)}. Wait for it to finish or stop it, "
+                f"or choose another {what.split()[0]}. (The lock is {path}; it is released when that process ends, "
+                "however it ends.)"
             ) from None
         except OSError as e:
             os.close(fd)
@@ -222,6 +223,36 @@ def remove_empty_folders(folders: list[str]) -> None:
             os.rmdir(folder)
         except OSError:
             return
+
+
+@contextlib.contextmanager
+def claim_output_file(output, state):
+    """Hold `.<name>.lock` beside `output` (`nca-trl generate`'s), on the main process of `state`, for the block: a
+    second run writing the same output is refused on every process. It merged the first run's chunks and removed
+    them, and the first then waited for them forever. A block that raises leaves no folder the claim created."""
+    from .environment import broadcast
+
+    folder, name = os.path.split(os.path.abspath(output))
+    created, lock, error = [], None, None
+    if state.is_main_process:
+        created = missing_folders(folder)
+        try:
+            lock = acquire_lock(folder, f".{name}.lock", f"output {str(output)!r}")
+        except OutputDirLockedError as refused:
+            error = str(refused)
+    error = broadcast(state, error)
+    if error is not None:
+        remove_empty_folders(created)
+        raise OutputDirLockedError(error if state.is_main_process else f"The main process refused to start: {error}")
+    finished = False
+    try:
+        yield
+        finished = True
+    finally:
+        if lock is not None:
+            lock.release()
+        if not finished:
+            remove_empty_folders(created)
 
 
 @contextlib.contextmanager
