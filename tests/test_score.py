@@ -58,6 +58,14 @@ def huge_int(prompts, completions, **kwargs):
     return [10**400] * len(completions)
 
 
+def huge_float(prompts, completions, **kwargs):
+    return [1e308 if c == "bad" else 0.0 for c in completions]
+
+
+def large(prompts, completions, **kwargs):
+    return [3e38 if c == "bad" else 0.0 for c in completions]
+
+
 def spec(name: str) -> str:
     return f"{THIS}:{name}"
 
@@ -365,10 +373,17 @@ def test_a_bad_reward_source_or_output_is_one_line_exit_2_before_scoring(tmp_pat
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
     out = str(tmp_path / "o.jsonl")
     for func, words in (("nan_for_bad", "returned nan for row 1, completion 1"), ("a_string", "'high' (str)"),
-                        ("huge_int", "returned inf for row 0, completion 0")):
+                        ("huge_int", "returned inf for row 0, completion 0"),
+                        ("huge_float", "returned 1e+308 for row 1, completion 1: rewards must be within float32's")):
         assert main(["score", "--dataset_name", data, "--reward_funcs", spec(func), "--output", out]) == 2
         err = capsys.readouterr().err
         assert words in err and spec(func) in err and "Traceback" not in err
+    # Past float32 once weighted: an OverflowError in the summary under --evaluation (a bare traceback, no row)
+    for evaluation in ("false", "true"):
+        assert main(["score", "--dataset_name", data, "--reward_funcs", spec("large"), "--reward_weights", "10",
+                     "--evaluation", evaluation, "--output", out]) == 2
+        err = capsys.readouterr().err
+        assert "the weighted reward 3e+39 of row 1, completion 1 is past float32's range" in err, err
     (tmp_path / "afile").write_text("x")
     (tmp_path / "folder.jsonl").mkdir()
     monkeypatch.setattr(run, "load_rows", lambda args: pytest.fail("the rows were read"))

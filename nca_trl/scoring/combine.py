@@ -19,6 +19,8 @@ from ..runtime.errors import DataError
 
 __all__ = ["is_empty_completion", "score_rows"]
 
+#: The largest reward training takes (it reads rewards in float32)
+FLOAT32_MAX = 3.4028234663852886e38
 _NOT_COLUMNS = ("prompt", "completions", "rewards", "completion", "completion_ids")
 #: What a reward function gets besides the rows' columns: a column of one of these names is refused
 _ARGUMENTS = ("prompts", "log_metric", "log_extra")
@@ -128,6 +130,9 @@ def _call(name: str, source, kwargs: dict, expected: int, owners, row_ids) -> li
         if not math.isfinite(value):
             raise DataError(f"reward source {name!r} returned {value} for {_where(owners, row_ids, j)}: rewards must "
                              "be finite (return None to drop a completion).")
+        if abs(value) > FLOAT32_MAX:  # training reads rewards in float32; the summary's squares overflowed
+            raise DataError(f"reward source {name!r} returned {value} for {_where(owners, row_ids, j)}: rewards must "
+                            f"be within float32's range (|reward| <= {FLOAT32_MAX:.4g}), as training reads them.")
         values.append(value)
     return values
 
@@ -254,8 +259,13 @@ def score_rows(rows: list[dict], sources, weights: list[float] | None = None, *,
                         dropped["none_rewards"] += 1
                         empty_unscored += evaluation and is_empty_completion(completion)
                         continue
+                    reward = math.fsum(w * v for w, v in zip(weights, values))
+                    if not abs(reward) <= FLOAT32_MAX:
+                        raise DataError(f"the weighted reward {reward} of {_where(owners, row_ids, j - 1)} is past "
+                                        f"float32's range (|reward| <= {FLOAT32_MAX:.4g}), as training reads it: "
+                                        f"lower `reward_weights` ({weights}).")
                     out_completions.append(completion)
-                    out_rewards.append(math.fsum(w * v for w, v in zip(weights, values)))
+                    out_rewards.append(reward)
                 if len(out_completions) < least:
                     dropped["rows_fewer_than_2_completions"] += 1
                     dropped["completions_in_dropped_rows"] += len(out_completions)
