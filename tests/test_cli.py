@@ -212,6 +212,21 @@ def test_data_sources_splits_and_mixtures(tmp_path):
     train, evaluation = load_datasets(a.script, a.mixture, a.training)
     # The 20 rows of the second dataset cap the mixture at 80 rows (60 + 20); 10% is held out, capped to 2
     assert len(train) == 72 and len(evaluation) == 2
+    # A local file as an entry's `path` (FileNotFoundError "Couldn't find any data file" of a file that exists), and
+    # its files checked as `dataset_name`'s are (a raw UnicodeDecodeError, exit 1, for a file that is not UTF-8)
+    for entry in mixture["datasets"]:
+        entry["path"] = entry.pop("data_files")
+    path.write_text(yaml.safe_dump(mixture))
+    a = parse_train_args(["--config", str(path)])
+    assert len(load_datasets(a.script, a.mixture, a.training)[0]) == 72
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"prompt": "caf\xe9", "completions": ["a", "b"], "rewards": [1, 0]}\n')
+    for bad in ({"path": str(latin)}, {"path": "json", "data_files": [str(latin)]}):
+        mixture["datasets"][1] = bad
+        path.write_text(yaml.safe_dump(mixture))
+        a = parse_train_args(["--config", str(path)])
+        with pytest.raises(ValueError, match=rf"{latin}.*line 1"):
+            load_datasets(a.script, a.mixture, a.training)
 
 
 def test_plan_memory_big_recipes_fit_their_hardware(capsys):

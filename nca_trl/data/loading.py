@@ -32,7 +32,7 @@ def load_raw(script_args, mixture):
     if mixture.datasets:
         from trl import get_dataset
 
-        return get_dataset(mixture)
+        return get_dataset(_checked_mixture(mixture))
     name = script_args.dataset_name
     path = Path(name).expanduser()
     if path.is_file():
@@ -58,6 +58,36 @@ def load_raw(script_args, mixture):
                 check_data_file(file, builder)
         return _load(f"the {builder} files of the folder {path}", path, builder, data_files=splits)
     return datasets.load_dataset(name, name=script_args.dataset_config)
+
+
+def _checked_mixture(mixture):
+    """The `datasets:` mixture with its local files checked as `dataset_name`'s are (`check_data_file`: file and line
+    of a bad one), and an entry whose `path` is a local file read with its builder (`datasets.load_dataset` takes a
+    file's builder and `data_files`, not a file as `path`: "Couldn't find any data file" of a file that exists)."""
+    import dataclasses
+
+    entries = []
+    for i, entry in enumerate(mixture.datasets):
+        path = Path(str(entry.path)).expanduser()
+        files = entry.data_files
+        if path.is_file() and files is None:
+            builder = FILE_BUILDERS.get(_file_type(path))
+            if builder is None:
+                raise SettingsError(f"Unknown data file type {path.suffix!r} for {path} (`datasets[{i}].path`): use "
+                                    f"one of {sorted(FILE_BUILDERS)} (also compressed: .gz, .bz2, .xz).")
+            check_data_file(path, builder)
+            entry = dataclasses.replace(entry, path=builder, data_files=str(path))
+        elif path.is_dir() and files is None and entry.data_dir is None and not declares_configs(path):
+            splits, builder = folder_data_files(path)
+            for file in [f for found in splits.values() for f in found] if builder else []:
+                check_data_file(file, builder)
+        elif entry.path in FILE_BUILDERS.values() and files is not None:  # `path: json` with local `data_files`
+            listed = [files] if isinstance(files, str) else list(files.values()) if isinstance(files, dict) else files
+            for file in [f for item in listed for f in ([item] if isinstance(item, str) else item)]:
+                if Path(file).expanduser().is_file():
+                    check_data_file(Path(file).expanduser(), entry.path)
+        entries.append(entry)
+    return dataclasses.replace(mixture, datasets=entries)
 
 
 def split_of(raw, split: str, field: str):
