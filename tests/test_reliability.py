@@ -373,6 +373,21 @@ def test_second_run_on_a_locked_output_dir_is_refused(tmp_path, capsys):
         holder.wait()
 
 
+def test_a_resume_with_nothing_to_resume_is_refused_before_anything_loads(tmp_path, capsys):
+    """`--resume_from_checkpoint true` with no complete checkpoint, or naming an incomplete one, failed inside
+    `trainer.train`, after the model and the data had loaded: a traceback, exit 1. Now one line, exit 2, first."""
+    from nca_trl.cli import main
+
+    out = tmp_path / "run"
+    (out / "checkpoint-4").mkdir(parents=True)  # written by a run killed while saving it: no marker
+    (tmp_path / "never-loaded").mkdir()  # passes the path check; loading it would fail
+    for value, words in (("true", "No complete checkpoint in output_dir"),
+                         (str(out / "checkpoint-4"), "checkpoint-4' is incomplete")):
+        assert main(["train", *cli_argv(tmp_path / "never-loaded", out, "--resume_from_checkpoint", value)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and f"`--resume_from_checkpoint {value}`" in err and "Traceback" not in err, err
+
+
 def test_stale_lock_is_taken_over_with_a_warning(tiny_mistral, tmp_path, caplog):
     out = tmp_path / "run"
     out.mkdir()

@@ -141,13 +141,13 @@ def last_complete_checkpoint(output_dir: str, warn: bool = True) -> str | None:
     return None
 
 
-def resolve_resume(args, resume_from_checkpoint):
-    """`resume_from_checkpoint` for `Trainer.train`: True becomes the last complete checkpoint; an explicit path to an
-    incomplete checkpoint is an error."""
+def resolve_resume(args, resume_from_checkpoint, warn: bool = True):
+    """`resume_from_checkpoint` for `Trainer.train`: True becomes the last complete checkpoint (`warn`: naming the
+    newer incomplete ones skipped); an explicit path to an incomplete checkpoint is an error."""
     if resume_from_checkpoint is None or resume_from_checkpoint is False:
         return resume_from_checkpoint
     if resume_from_checkpoint is True:
-        last = last_complete_checkpoint(args.output_dir)
+        last = last_complete_checkpoint(args.output_dir, warn=warn)
         if last is None:
             found = _checkpoints(args.output_dir)
             foreign = [folder for folder in found if written_by_another_trainer(folder)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 
+from ..runtime.errors import SettingsError
 from .arguments import TrainArgs, check_paths, parse_train_args, print_dry_run, run_settings
 
 __all__ = ["check_finished_run", "continued_adapter", "start_line", "train"]
@@ -42,7 +43,23 @@ def train(argv: "list[str] | TrainArgs | None" = None, callbacks: list | None = 
     settings = run_settings(args)
     with claim_output_dir(args.training):
         check_finished_run(args, settings)
+        _check_resume(args)
         return _train(args, settings, callbacks, keep_process_group)
+
+
+def _check_resume(args: TrainArgs) -> None:
+    """`--resume_from_checkpoint` resolved before anything loads (`SettingsError`: one line, exit 2): no complete
+    checkpoint in `output_dir`, or an incomplete one named, failed after the model and the data had loaded, as a
+    traceback."""
+    from ..runtime.checkpoints import resolve_resume
+
+    value = args.training.resume_from_checkpoint
+    if value is None:
+        return
+    try:  # every process reads the same folder (a launch's processes refuse together); the trainer warns later
+        resolve_resume(args.training, _resume_value(value), warn=False)
+    except ValueError as error:
+        raise SettingsError(f"{error} (`--resume_from_checkpoint {value}`)") from None
 
 
 def check_finished_run(args: TrainArgs, settings: dict | None = None) -> None:
