@@ -10,6 +10,8 @@ from typing import ClassVar
 
 from trl import DPOConfig
 
+from .refused_fields import UNSUPPORTED_DPO_FIELDS
+
 __all__ = [
     "NCAConfig", "InfoNCAConfig", "RATED_CONFIGS", "DEFAULT_ALPHA", "config_for_loss", "check_rated_config",
     "relaxed_hardware_checks", "hardware_checks_relaxed", "reward_temperature", "auto_bf16", "command_line_spelling",
@@ -155,18 +157,6 @@ def _check_fp16_device(args) -> None:
 # DPOConfig's default `loss_type`: accepted by every trainer here so that a plain `DPOConfig` works unchanged.
 _DPO_DEFAULT_LOSS = "sigmoid"
 
-# DPOConfig fields that only shape DPO-family pairwise losses: anything but the default is an error, never ignored.
-UNSUPPORTED_DPO_FIELDS = {
-    "loss_weights": (None, "it weights a combination of DPO `loss_type`s; NCA/InfoNCA is a single loss"),
-    "ld_alpha": (None, "LD-DPO down-weights the tail of the longer of two completions; there is no pair here"),
-    "f_divergence_type": ("reverse_kl", "the f-DPO reparameterisation only cancels in a chosen-rejected difference"),
-    "f_alpha_divergence_coef": (0.5, "it only applies with `f_divergence_type='alpha_divergence'`"),
-    "label_smoothing": (0.0, "robust DPO / EXO label smoothing; soften the targets with `alpha` instead"),
-    "use_weighting": (False, "WPO weights multiply a chosen and a rejected probability"),
-    "discopop_tau": (0.05, "it only applies to `loss_type='discopop'`"),
-    # Not a DPOConfig field in TRL 1.16; refused should a TRL version bring it back
-    "use_liger_loss": (False, "Liger's fused DPO loss is a pairwise chosen-rejected loss, not a K-completion loss"),
-}
 
 
 def _check_inherited_switches(args: DPOConfig) -> None:
@@ -404,7 +394,8 @@ class NCAConfig(_RatedCompletionsConfig):
             `shared_prompt=False` is an error.
 
     DPO-only loss fields (`loss_weights`, `ld_alpha`, `f_divergence_type`, `f_alpha_divergence_coef`,
-    `label_smoothing`, `use_weighting`, `discopop_tau`) raise a `ValueError` when set to anything but their default.
+    `label_smoothing`, `use_weighting`, `discopop_tau`) and `label_smoothing_factor` (which no DPO loss applies) raise
+    a `ValueError` when set to anything but their default.
     `use_liger_kernel` needs `liger-kernel` and a GPU, `activation_offloading` an accelerator: on CPU both raise a
     `ValueError` at config time. So do batch sizes below 1 (`per_device_train_batch_size`,
     `per_device_eval_batch_size`, `gradient_accumulation_steps`, `precompute_ref_batch_size`), `fp16=True` where

@@ -463,6 +463,12 @@ def test_train_help_text_is_what_the_installed_stack_renders():
     (["generate"], "`nca-trl generate` needs a recipe (`--config RECIPE.yaml`) or `--model_name_or_path`"),
     (["score", "--dataset_name", "x.jsonl", "--reward_func", "f"], "did you mean --reward_funcs"),
     (["iterate", "--round", "2"], "did you mean --rounds"),
+    # A refused DPO field says why: `--label_smoothing` answered "did you mean --label_smoothing_factor", a field
+    # that no DPO loss applies (accepted, ignored)
+    (["train", "--config", "recipes/tiny/nca.yaml", "--label_smoothing", "0.1"],
+     "--label_smoothing: `label_smoothing` has no meaning for nca-trl's losses: robust DPO"),
+    (["train", "--config", "recipes/tiny/nca.yaml", "--label_smoothing_factor", "0.1"],
+     "`label_smoothing_factor` has no meaning for nca-trl's losses: transformers' token-level label smoothing"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_argument_errors_answer_before_anything_heavy(argv, message):
     """Before: `nca-trl train` with nothing printed transformers' bf16 traceback after 15 s of imports."""

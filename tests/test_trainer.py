@@ -107,6 +107,7 @@ def test_config_defaults_and_rejected_dpo_fields(tmp_path):
     assert InfoNCAConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False).loss_type == ["infonca"]
     for field, value in [
         ("label_smoothing", 0.1),
+        ("label_smoothing_factor", 0.1),  # transformers' token-level smoothing: accepted and ignored before
         ("ld_alpha", 0.5),
         ("f_divergence_type", "js_divergence"),
         ("use_weighting", True),
