@@ -20,6 +20,7 @@ path first (`nca_trl.runtime.bundled.resolve_argv`, which says so).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 
@@ -112,14 +113,41 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime.errors import DataError, OutputDirError, SettingsError
 
     quiet_deepspeed_cpu_notice()
-    try:
-        getattr(importlib.import_module(package), run)(rest)
-    # A setting refused before anything was written or loaded, a bad row or data file (its row or line): the message
-    # is the whole story
-    except (SettingsError, DataError, OutputDirError) as error:
-        print(f"nca-trl {command}: error: {error}", file=sys.stderr)
-        return 2
+    with _library_log():
+        try:
+            getattr(importlib.import_module(package), run)(rest)
+        # A setting refused before anything was written or loaded, a bad row or data file (its row or line): the
+        # message is the whole story
+        except (SettingsError, DataError, OutputDirError) as error:
+            print(f"nca-trl {command}: error: {error}", file=sys.stderr)
+            return 2
     return 0
+
+
+@contextlib.contextmanager
+def _library_log():
+    """The `nca_trl` logger's INFO lines (the shared-prompt kernel that runs, a reused reference cache, ZeRO-3 leaves)
+    shown for the command, as `[nca-trl] ...`, from the main process of a launch only (warnings from every process,
+    as before); Python's default shows WARNING and above only. Left alone where the logger has a handler already."""
+    import logging
+    import os
+
+    log = logging.getLogger("nca_trl")
+    if log.handlers:
+        yield
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[nca-trl] %(message)s"))
+    if os.environ.get("RANK", "0") != "0":  # `accelerate launch` / torchrun set RANK on every process
+        handler.setLevel(logging.WARNING)
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 if __name__ == "__main__":  # pragma: no cover

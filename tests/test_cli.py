@@ -300,10 +300,15 @@ def test_cli_end_to_end_single_process(tmp_path, capsys):
             "--max_train_samples", "6", "--max_eval_samples", "2", "--report_train_prompts", "2", "--use_cpu", "true",
             "--logging_steps", "1",
         ]
+        from nca_trl.shared_prompt.varlen import reset_kernel_choices
+
+        reset_kernel_choices()  # chosen (and logged) once per process
         assert main(argv) == 0
         captured = capsys.readouterr()
         printed = captured.out
         assert "nca-trl: NCATrainer finished" in printed and re.search(r"\n  world size +: 1 \(NO", printed)
+        # The kernel that ran is named (an INFO line of the `nca_trl` logger, which no handler showed)
+        assert "[nca-trl] Shared-prompt attention on cpu (float32): reference_varlen" in captured.err
         # Log lines read as text (they were dicts of quoted strings), and the evaluation at step 0 draws no bar nested
         # in the training bar (the escape codes of nested bars filled log files)
         assert "\nstep 1/3  loss " in printed and "step 0/3  eval_heldout_loss " in printed
