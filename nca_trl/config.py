@@ -163,28 +163,29 @@ def _check_inherited_switches(args: DPOConfig) -> None:
     """Switches inherited from `DPOConfig`/`TrainingArguments` that cannot work here, or not on this device."""
     if getattr(args, "padding_free", False) and getattr(args, "shared_prompt", None) is False:
         raise ValueError(
-            "`padding_free=True` asks for nca-trl's padding-free layout, which is the shared-prompt layout, but "
-            "`shared_prompt=False` forbids it. Set one of them: `shared_prompt=None` (the default) or True is padding-free, "
-            "`shared_prompt=False` is the plain padded layout."
+            f"{setting('padding_free', True)} asks for nca-trl's padding-free layout, which is the shared-prompt "
+            f"layout, but {setting('shared_prompt', False)} forbids it. Set one of them: `shared_prompt` unset (the "
+            f"default, automatic) or true is padding-free, {setting('shared_prompt', False)} the plain padded layout."
         )
     if getattr(args, "use_liger_kernel", False):
         from transformers.utils import is_liger_kernel_available
 
         if not is_liger_kernel_available():
             raise ValueError(
-                "`use_liger_kernel=True` needs the `liger-kernel` package, which is not installed (`pip install "
-                "liger-kernel`; its Triton kernels need a CUDA, ROCm or XPU GPU). Remove `use_liger_kernel`."
+                f"{setting('use_liger_kernel', True)} needs the `liger-kernel` package, which is not installed "
+                "(`pip install liger-kernel`; its Triton kernels need a CUDA, ROCm or XPU GPU). Remove "
+                "`use_liger_kernel`."
             )
         if args.device.type in ("cpu", "mps"):
             raise ValueError(
-                f"`use_liger_kernel=True` cannot run on {args.device.type!r}: Liger's kernels are Triton GPU kernels "
-                "(CUDA, ROCm or XPU). Remove `use_liger_kernel` to train on this device."
+                f"{setting('use_liger_kernel', True)} cannot run on {args.device.type!r}: Liger's kernels are Triton "
+                "GPU kernels (CUDA, ROCm or XPU). Remove `use_liger_kernel` to train on this device."
             )
     if getattr(args, "activation_offloading", False) and args.device.type == "cpu":
         raise ValueError(
-            "`activation_offloading=True` moves activations from the accelerator to CPU memory, but training runs on "
-            "the CPU (`use_cpu=True` or no accelerator): there is nothing to offload, and TRL's offloader needs an "
-            "accelerator (`torch.accelerator.current_accelerator()` is None). Remove `activation_offloading`."
+            f"{setting('activation_offloading', True)} moves activations from the accelerator to CPU memory, but "
+            "training runs on the CPU (`use_cpu` or no accelerator): there is nothing to offload, and TRL's offloader "
+            "needs an accelerator (`torch.accelerator.current_accelerator()` is None). Remove `activation_offloading`."
         )
 
 

@@ -125,6 +125,12 @@ def test_bf16_is_automatic_and_an_explicit_bf16_without_a_bf16_gpu_says_what_to_
     assert re.match(r"^`bf16: true` in the recipe \(or `--bf16 true`\) needs a GPU with "
                     r"bfloat16.*`bf16: false` in the recipe \(or `--bf16 false`\)", err), err
     assert "bf16=" not in err
+    # The other switch checks so too (they named Python arguments on the command line)
+    err = refused(train_argv(tmp_path, never_loaded(tmp_path), "--padding_free", "true", "--shared_prompt", "false"),
+                  capsys)
+    assert "`padding_free: true` in the recipe (or `--padding_free true`)" in err and "padding_free=" not in err
+    err = refused(train_argv(tmp_path, never_loaded(tmp_path), "--activation_offloading", "true"), capsys)
+    assert err.startswith("`activation_offloading: true` in the recipe (or `--activation_offloading true`)"), err
     assert NCAConfig(output_dir=str(tmp_path), bf16=True, use_cpu=True).bf16
     # --dry_run of a GPU recipe says what bf16 resolves to on this machine, the real one
     assert parse_train_args(train_argv(tmp_path, "m")[1:], dry_run=True).training.bf16 is False
