@@ -258,3 +258,31 @@ def test_defaults_are_the_ablations_decisions():
         assert {f.name: f.default for f in dataclasses.fields(config)}["ties"] == decisions["ties"]["default"]
     plan = (REPO / "results" / "ablation" / "PLAN.md").read_text()
     assert "Written and committed before any of its results were run" in plan
+
+
+def test_the_identity_experiment_reads_hh_in_a_fresh_clone(tmp_path):
+    """`python scripts/reproduce.py` (the README's command) read Anthropic HH from `../shared` only: in a fresh clone
+    it dropped the HH source, and its results.json lacked the committed `identity.hh` block. It falls back to the rows
+    tests/data ships, which give the same 16 pairs as the full split."""
+    import shutil
+
+    clone = tmp_path / "clone"  # no `shared` beside it
+    shutil.copytree(PACKAGE, clone / "scripts" / "nca_reproduce")
+    (clone / "tests" / "data").mkdir(parents=True)
+    shutil.copy(REPO / "tests" / "data" / "hh_helpful_test.jsonl", clone / "tests" / "data")
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from nca_reproduce import identity; "
+            "print(json.dumps(identity.real_pairs('hh', 16) if identity.HH.exists() else None))")
+    out = subprocess.run([sys.executable, "-c", code, str(clone / "scripts")], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    pairs = json.loads(out.splitlines()[-1])
+    assert pairs is not None and len(pairs) == 16 and all(p["chosen"] != p["rejected"] for p in pairs)
+    shared = REPO.parent / "shared" / "data" / "hh_helpful_test.jsonl"
+    if shared.exists():  # the full split gives the same pairs (the shortest of its first 64 rows)
+        sys.path.insert(0, str(REPO / "scripts"))
+        try:
+            import importlib
+
+            identity = importlib.import_module("nca_reproduce.identity")
+        finally:
+            sys.path.remove(str(REPO / "scripts"))
+        assert identity.HH == shared and identity.real_pairs("hh", 16) == pairs

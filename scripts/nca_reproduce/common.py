@@ -22,7 +22,10 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 REPO = Path(__file__).resolve().parents[2]
 VICUNA = REPO / "data" / "vicuna_rated.jsonl"
-HH = REPO.parent / "shared" / "data" / "hh_helpful_test.jsonl"
+# Anthropic HH pairs: the first 202 rows ship in tests/data (the identity experiment reads at most the first 64 lines,
+# the same in both copies); a checkout with `../shared` beside it reads that full copy
+_HH_SHARED = REPO.parent / "shared" / "data" / "hh_helpful_test.jsonl"
+HH = _HH_SHARED if _HH_SHARED.exists() else REPO / "tests" / "data" / "hh_helpful_test.jsonl"
 METHODS = ("DPO", "InfoNCA", "NCA")
 
 

@@ -1,7 +1,7 @@
 """Experiment 1, `identity`: InfoNCA with K=2 and one-hot targets (alpha=0) is DPO.
 
-Measures, on real preference pairs (the repo's vicuna best-vs-worst pairs, and Anthropic HH when
-`../shared/data/hh_helpful_test.jsonl` exists), how far apart the two objectives are:
+Measures, on real preference pairs (the repo's vicuna best-vs-worst pairs, and Anthropic HH: tests/data's rows, or
+`../shared/data/hh_helpful_test.jsonl` where it exists), how far apart the two objectives are:
 
 - loss level: per-example losses and gradients of `nca_trl.losses.infonca_loss` vs `-log sigmoid(beta * (l_c - l_r))`
   on the log-ratios of a small random model against a reference of another seed, at each beta of `identity.betas`;
@@ -28,7 +28,7 @@ from .common import (
 
 
 def real_pairs(source, n):
-    """n real (prompt, chosen, rejected) pairs: vicuna best-vs-worst (repo data) or Anthropic HH (optional)."""
+    """n real (prompt, chosen, rejected) pairs: vicuna best-vs-worst (repo data) or Anthropic HH (`common.HH`)."""
     if source == "vicuna":
         pairs = []
         for row in load_vicuna():
