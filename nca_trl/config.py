@@ -167,6 +167,9 @@ def _check_inherited_switches(args: DPOConfig) -> None:
             f"layout, but {setting('shared_prompt', False)} forbids it. Set one of them: `shared_prompt` unset (the "
             f"default, automatic) or true is padding-free, {setting('shared_prompt', False)} the plain padded layout."
         )
+    if getattr(args, "truncation_mode", "keep_start") not in ("keep_start", "keep_end"):  # met at the first batch
+        raise ValueError(f"{setting('truncation_mode', args.truncation_mode)} is not a truncation mode: use "
+                         "`keep_start` (the default: the end of a sequence is cut) or `keep_end`.")
     if getattr(args, "use_liger_kernel", False):
         from transformers.utils import is_liger_kernel_available
 

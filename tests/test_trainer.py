@@ -115,6 +115,7 @@ def test_config_defaults_and_rejected_dpo_fields(tmp_path):
         ("loss_type", "ipo"),
         ("alpha", -1.0),
         ("max_completions", 1),
+        ("truncation_mode", "keep_middle"),  # accepted, then "Unsupported truncation mode" at the first batch
     ]:
         with pytest.raises(ValueError, match=field):
             NCAConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, **{field: value})
