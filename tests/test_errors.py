@@ -23,12 +23,15 @@ def folder(tmp_path, monkeypatch):
 
 
 def refused(argv: list[str], capsys) -> str:
-    """Run `nca-trl ARGV`: it must exit 2 with one line on stderr and no traceback; that line, without its prefix."""
+    """Run `nca-trl ARGV`: it must exit 2 with one error line on stderr (after the run's `[nca-trl] ...` log lines,
+    if it got that far) and no traceback; that line, without its prefix."""
     assert main(argv) == 2
     err = capsys.readouterr().err
     prefix = f"nca-trl {argv[0]}: error: "
-    assert err.startswith(prefix) and err.count("\n") == 1 and "Traceback" not in err, err
-    return err.removeprefix(prefix).strip()
+    *logged, line = err.splitlines()
+    assert line.startswith(prefix) and err.endswith("\n") and "Traceback" not in err, err
+    assert all(entry.startswith("[nca-trl] ") for entry in logged), err
+    return line.removeprefix(prefix).strip()
 
 
 TRAIN = ["train", "--config", "recipes/tiny/nca.yaml", "--model_name_or_path", "model", "--output_dir", "outputs/run"]

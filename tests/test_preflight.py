@@ -56,8 +56,11 @@ def refused(argv, capsys) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err
     prefix = f"nca-trl {argv[0]}: error: "
-    assert err.startswith(prefix) and "Traceback" not in err, err
-    return err.removeprefix(prefix)
+    logged, _, line = err.rpartition("\n" + prefix)  # after the run's `[nca-trl] ...` log lines, if any
+    line = line if logged else err.removeprefix(prefix)
+    assert (logged or err.startswith(prefix)) and "Traceback" not in err, err
+    assert all(entry.startswith("[nca-trl] ") for entry in logged.splitlines()), err
+    return line
 
 
 def test_cli_batch_size_zero_fails_before_the_model(tmp_path, capsys):
