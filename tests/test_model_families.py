@@ -696,6 +696,13 @@ def test_predict_returns_every_completion_of_a_last_uneven_batch(tiny_mistral, v
     trainer = NCATrainer(model=tiny_mistral, args=make_args(NCAConfig, tmp_path, max_length=64),
                          train_dataset=vicuna.select(range(2)))
     assert trainer.predict(Dataset.from_list(rows)).predictions.shape[0] == 8
+    # A score per completion (1-D, from `preprocess_logits_for_metrics`) is rows of completions too: cut to 6 of 9
+    # (K = 2, 3, 4) when every 1-D tensor was taken for the repeated loss
+    for row, k in zip(rows, (2, 3, 4)):
+        row["completions"], row["rewards"] = vicuna[0]["completions"][:k], vicuna[0]["rewards"][:k]
+    trainer.preprocess_logits_for_metrics = lambda logits, labels: logits.float().mean(dim=(1, 2))
+    output = trainer.predict(Dataset.from_list(rows))
+    assert output.predictions.shape == (9,) and output.label_ids.shape[0] == 9
 
 def test_predict_loss_is_the_mean_over_prompts_as_evaluate_gives(tiny_mistral, tiny_mistral_ref, vicuna, tmp_path):
     """`predict`'s `test_loss` weighed a last batch of 1 prompt as 2: Trainer gathers a batch's loss repeated to the

@@ -49,7 +49,7 @@ class EvalPredictionsMixin:
             return super().evaluation_loop(dataloader, *args, **kwargs)
         finally:
             self.gather_function = gather
-            self._batch_completions = None
+            self._batch_completions, self._loss_pending = None, False
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
         """`Trainer.predict`, its `{metric_key_prefix}_loss` the mean over prompts, each once, as an evaluation's
@@ -71,7 +71,9 @@ class EvalPredictionsMixin:
         # How many completions each prompt of the batch has: which gathered tensors are rows of completions
         slots = inputs.get("completion_slots") if isinstance(inputs, Mapping) else None
         self._batch_completions = None if slots is None else slots.sum(dim=1)
-        return super().prediction_step(model, inputs, *args, **kwargs)
+        outputs = super().prediction_step(model, inputs, *args, **kwargs)
+        self._loss_pending = outputs[0] is not None  # the next tensor gathered is this batch's loss
+        return outputs
 
     def _gather_predictions(self, tensors):
         if isinstance(tensors, (tuple, list)):
@@ -79,10 +81,13 @@ class EvalPredictionsMixin:
         if isinstance(tensors, dict):
             return {key: self._gather_predictions(value) for key, value in tensors.items()}
         completions = getattr(self, "_batch_completions", None)
-        # K >= 2 per prompt: a batch has more completions than prompts, so the first dimension says which it counts.
-        # Rows of completions are logits, labels, input ids (2-D and more); the batch's loss comes repeated as a 1-D
-        # `[batch_size]`, which a last, smaller batch's completions can number too (2 prompts of K = 2 in batches of 4)
-        if completions is None or not isinstance(tensors, torch.Tensor) or tensors.dim() < 2 \
+        # The batch's loss, which `evaluation_loop` gathers first, repeated to `[batch_size]`: per prompt, whatever its
+        # length (a last, smaller batch's completions can number batch_size too: 1 prompt of K = 2 in batches of 2)
+        loss = getattr(self, "_loss_pending", False) and isinstance(tensors, torch.Tensor) and tensors.dim() == 1
+        self._loss_pending = False
+        # K >= 2 per prompt: a batch has more completions than prompts, so the first dimension says which it counts
+        # (logits, labels, input ids, and a `preprocess_logits_for_metrics` score per completion)
+        if loss or completions is None or not isinstance(tensors, torch.Tensor) or tensors.dim() == 0 \
                 or tensors.shape[0] != int(completions.sum()):
             return self.accelerator.gather_for_metrics(tensors)
         if self.accelerator.num_processes == 1:
