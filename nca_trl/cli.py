@@ -128,12 +128,13 @@ def main(argv: list[str] | None = None) -> int:
 def _library_log():
     """The `nca_trl` logger's INFO lines (the shared-prompt kernel that runs, a reused reference cache, ZeRO-3 leaves)
     shown for the command, as `[nca-trl] ...`, from the main process of a launch only (warnings from every process,
-    as before); Python's default shows WARNING and above only. Left alone where the logger has a handler already."""
+    as before); Python's default shows WARNING and above only. Left alone where logging is set up already (a handler
+    on the logger or the root logger: a program that calls `main` and chose its own levels and format)."""
     import logging
     import os
 
     log = logging.getLogger("nca_trl")
-    if log.handlers:
+    if log.handlers or logging.getLogger().handlers:
         yield
         return
     handler = logging.StreamHandler()

@@ -2,6 +2,7 @@
 unknown keys fail by name, the data options load what they say, and one end-to-end single-process run."""
 
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -283,7 +284,7 @@ def test_plan_memory_a_recipe_it_cannot_plan_is_one_line_exit_2(tmp_path, capsys
         assert len(err.strip().splitlines()) == 1, err
 
 @pytest.mark.slow
-def test_cli_end_to_end_single_process(tmp_path, capsys):
+def test_cli_end_to_end_single_process(tmp_path, capsys, monkeypatch):
     """`nca-trl make-tiny-model` then `nca-trl train` on the tiny recipe: trains, evaluates, saves a loadable model."""
     from transformers import AutoModelForCausalLM
 
@@ -303,7 +304,9 @@ def test_cli_end_to_end_single_process(tmp_path, capsys):
         from nca_trl.shared_prompt.varlen import reset_kernel_choices
 
         reset_kernel_choices()  # chosen (and logged) once per process
+        monkeypatch.setattr(logging.root, "handlers", [])  # as in the console script (pytest's capture handler off)
         assert main(argv) == 0
+        monkeypatch.undo()
         captured = capsys.readouterr()
         printed = captured.out
         assert "nca-trl: NCATrainer finished" in printed and re.search(r"\n  world size +: 1 \(NO", printed)
@@ -758,3 +761,22 @@ def test_an_output_dir_that_is_a_file_is_one_line_exit_2(tiny_mistral, tmp_path,
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "nca-trl train: error: output_dir " in err and "is not writable" in err and "Traceback" not in err
+
+
+def test_the_command_line_shows_the_library_log_only_where_nothing_else_does(monkeypatch, capsys):
+    """The `[nca-trl] ...` handler of the command line: added for the command where no logging is set up (the console
+    script), removed after it; where a program that calls `main` set up logging (a root handler), nothing is added:
+    every record printed twice, and INFO lines got past the program's WARNING level."""
+    from nca_trl.cli import _library_log
+
+    log = logging.getLogger("nca_trl")
+    monkeypatch.setattr(logging.root, "handlers", [])
+    with _library_log():
+        log.info("the kernel")
+        assert len(log.handlers) == 1
+    assert not log.handlers and log.level == logging.NOTSET
+    assert capsys.readouterr().err == "[nca-trl] the kernel\n"
+    program = logging.StreamHandler()
+    monkeypatch.setattr(logging.root, "handlers", [program])
+    with _library_log():
+        assert not log.handlers
