@@ -763,6 +763,17 @@ def test_an_output_dir_that_is_a_file_is_one_line_exit_2(tiny_mistral, tmp_path,
     assert "nca-trl train: error: output_dir " in err and "is not writable" in err and "Traceback" not in err
 
 
+def test_a_refused_field_at_its_default_passes_as_from_python(tmp_path, capsys):
+    """A DPO recipe's `label_smoothing_factor: 0.0` (its default: nothing to refuse) was refused on the command line,
+    where `NCAConfig(label_smoothing_factor=0.0)` passes; off its default it is refused saying why."""
+    recipe = tmp_path / "dpo_like.yaml"
+    recipe.write_text((REPO / "recipes/tiny/nca.yaml").read_text() + "label_smoothing_factor: 0.0\nlabel_smoothing: 0\n")
+    assert main(["train", "--config", str(recipe), "--ld_alpha", "null", "--dry_run", "true"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--config", str(recipe), "--label_smoothing", "0.2", "--dry_run", "true"]) == 2
+    assert "--label_smoothing: `label_smoothing` has no meaning" in capsys.readouterr().err
+
+
 def test_the_command_line_shows_the_library_log_only_where_nothing_else_does(monkeypatch, capsys):
     """The `[nca-trl] ...` handler of the command line: added for the command where no logging is set up (the console
     script), removed after it; where a program that calls `main` set up logging (a root handler), nothing is added:

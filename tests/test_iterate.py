@@ -753,5 +753,6 @@ def test_the_dpo_baseline_stops_at_a_non_finite_loss(tiny_mistral, hh, tmp_path)
                      max_length=64, report_to="none", save_strategy="no", use_cpu=True, bf16=False,
                      lr_scheduler_type="constant", logging_steps=1)
     trainer = marked_dpo_trainer()(model=tiny_mistral, args=args, train_dataset=hh.select(range(8)))
-    with pytest.raises(NonFiniteError, match=r"Non-finite (training loss|gradient norm) .* at step [2-4]"):
+    with pytest.raises(NonFiniteError, match=r"Non-finite (training loss|gradient norm) .* at step [2-4].*rows "
+                       r"unknown \(its batches do not name them\)"):  # not our collator's advice
         trainer.train()

@@ -160,8 +160,8 @@ def acquire_lock(output_dir: str, name: str = LOCK_NAME, what: str | None = None
         except OSError as e:
             os.close(fd)
             logger.warning(
-                "output_dir %s: this filesystem does not support file locks (%s); a second run writing into the same "
-                "output_dir will not be stopped.", output_dir, e,
+                "%s: this filesystem does not support file locks (%s); a second run writing into it will not be "
+                "stopped.", what, e,
             )
             return None
         try:  # the holder may have released (and removed) the file between our open and our flock
@@ -181,8 +181,8 @@ def acquire_lock(output_dir: str, name: str = LOCK_NAME, what: str | None = None
             why = (": its lock is free, so that run ended without releasing it; if it is still running on that host, "
                    "this filesystem does not share locks between hosts (an NFS mount with `nolock`?): stop one run")
         logger.warning(
-            "output_dir %s: taking over the stale lock of %s%s. Its checkpoints count only if complete (%s).",
-            output_dir, _holder_text(previous), why, COMPLETE_MARKER,
+            "%s: taking over the stale lock of %s%s.%s", what, _holder_text(previous), why,
+            f" Its checkpoints count only if complete ({COMPLETE_MARKER})." if name == LOCK_NAME else "",
         )
     body = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "command": " ".join(sys.argv)}
     os.ftruncate(fd, 0)
@@ -236,14 +236,15 @@ def claim_output_file(output, state):
     created, lock, error = [], None, None
     if state.is_main_process:
         created = missing_folders(folder)
-        try:
+        try:  # locked, or its folder not writable (a read-only mount as root, a full disk): every process refuses
             lock = acquire_lock(folder, f".{name}.lock", f"output {str(output)!r}")
-        except OutputDirLockedError as refused:
-            error = str(refused)
+        except OutputDirError as refused:
+            error = (type(refused).__name__, str(refused))
     error = broadcast(state, error)
     if error is not None:
         remove_empty_folders(created)
-        raise OutputDirLockedError(error if state.is_main_process else f"The main process refused to start: {error}")
+        kind = OutputDirLockedError if error[0] == OutputDirLockedError.__name__ else OutputDirError
+        raise kind(error[1] if state.is_main_process else f"The main process refused to start: {error[1]}")
     finished = False
     try:
         yield

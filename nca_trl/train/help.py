@@ -115,29 +115,42 @@ def check_argv(argv: list[str]) -> None:
     recipe, path = load_recipe(argv)
     text = help_text(_loss(argv, recipe))
     options = _options(text)
-    _refuse_refused_fields(argv, recipe, path, text)
-    check_flags(argv, set(options), "train", {name for name, kind in options.items() if kind == "BOOL"})
+    refused = _refuse_refused_fields(argv, recipe, path, text)  # at their defaults they pass, as from Python
+    check_flags(argv, set(options) | refused, "train", {name for name, kind in options.items() if kind == "BOOL"})
     if path is not None:
-        check_recipe_keys(recipe, path, set(options) - {"config"}, "train")
+        check_recipe_keys(recipe, path, (set(options) | refused) - {"config"}, "train")
     if not truthy(peek(argv, "dry_run") or recipe.get("dry_run", False)):  # a dry run loads nothing, here or elsewhere
         check_path_settings(argv, PATH_SETTINGS, recipe)
 
 
-def _refuse_refused_fields(argv: list[str], recipe: dict, path: str | None, text: str) -> None:
-    """A refused DPO field (the help's "Refused" list) given as a flag or a recipe key: refused saying why, where the
-    unknown-flag check answered "did you mean" another field (`--label_smoothing`: `--label_smoothing_factor`,
-    which no DPO loss applies)."""
+def _refuse_refused_fields(argv: list[str], recipe: dict, path: str | None, text: str) -> set[str]:
+    """A refused DPO field (the help's "Refused" list) set off its default by a flag or a recipe key: refused saying
+    why, where the unknown-flag check answered "did you mean" another field (`--label_smoothing`:
+    `--label_smoothing_factor`, which no DPO loss applies). Returns the refused fields: at their defaults they are
+    known flags and keys (a DPO recipe's `label_smoothing_factor: 0.0`)."""
+    import yaml
+
+    from ..refused_fields import UNSUPPORTED_DPO_FIELDS
+
     listed = re.search(r"^Refused \(DPO-only loss fields, an error if set\): (.*?)\. ", text, re.MULTILINE | re.DOTALL)
     refused = set(re.split(r",\s*", listed.group(1))) if listed else set()
-    flags = [a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")]
-    given = [(name, f"--{name}") for name in flags if name in refused]
-    given += [(key, f"the key {key!r} of {path}") for key in recipe if key in refused]
-    if given:
-        from ..refused_fields import UNSUPPORTED_DPO_FIELDS
 
+    def set_off_default(name, value) -> bool:  # its default (`label_smoothing_factor: 0.0` of a DPO recipe) is fine
+        try:
+            value = yaml.safe_load(value) if isinstance(value, str) else value
+        except yaml.YAMLError:
+            return True
+        return value != UNSUPPORTED_DPO_FIELDS[name][0]
+
+    given = [(name, f"--{name}") for name in refused if (value := peek(argv, name)) is not None
+             and set_off_default(name, value)]
+    given += [(key, f"the key {key!r} of {path}") for key in recipe if key in refused
+              and set_off_default(key, recipe[key])]
+    if given:
         name, where = given[0]
         raise ValueError(f"{where}: `{name}` has no meaning for nca-trl's losses: {UNSUPPORTED_DPO_FIELDS[name][1]}. "
                          "Remove it.")
+    return refused
 
 
 def _options(text: str) -> dict[str, str]:
