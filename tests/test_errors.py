@@ -43,6 +43,9 @@ TRAIN = ["train", "--config", "recipes/tiny/nca.yaml", "--model_name_or_path", "
      "Split 'nosplit' not found; the data has splits ['train'] (`dataset_train_split`)."),
     ([*TRAIN, "--dataset_name", "recipes/tiny/nca.yaml"], "Unknown data file type '.yaml'"),
     ([*TRAIN, "--dataset_format_kwargs", '{"score_field": "x"}'], "`dataset_format_kwargs` apply to the raw layouts"),
+    # in the command line's words (it said "pass dataset_format='auto'")
+    ([*TRAIN, "--dataset_format", "preference"], "`dataset_format: preference` in the recipe (or `--dataset_format "
+     "preference`) was asked for but row 0 is in the 'rated' format. Fix: pass `dataset_format: auto` in the recipe"),
     # found when the arguments are parsed (before: after the data was loaded, a traceback)
     (["train", "--model_name_or_path", "model", "--dataset_name", "data/vicuna_rated.jsonl", "--output_dir",
       "outputs/run", "--eval_strategy", "steps"], "`eval_strategy: steps` needs evaluation data"),
@@ -52,7 +55,7 @@ TRAIN = ["train", "--config", "recipes/tiny/nca.yaml", "--model_name_or_path", "
       "sorted_digits", "--output", "outputs/run/rated.jsonl"], "Split 'test' not found"),
     (["iterate", "--config", "recipes/tiny/iterate_nca.yaml", "--model_name_or_path", "model", "--output_dir",
       "outputs/run", "--prompts_per_round", "1000"], "3 rounds x 1000 prompts need 3000 training prompts"),
-], ids=["train-split", "train-file-type", "train-format-kwargs", "train-eval-strategy", "generate-split",
+], ids=["train-split", "train-file-type", "train-format-kwargs", "train-format", "train-eval-strategy", "generate-split",
         "score-split", "iterate-prompts"])
 def test_a_bad_setting_found_at_run_time_is_one_line_exit_2_and_leaves_nothing(folder, argv, message, capsys):
     assert message in refused(argv, capsys)

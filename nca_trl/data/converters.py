@@ -58,6 +58,8 @@ def resolve_format(dataset, dataset_format: str = "auto", dataset_name: str = "t
     if len(dataset) == 0:
         raise DataValidationError("the dataset has no rows", "pass a dataset with at least one row",
                                   dataset_name=dataset_name)
+    from ..config import setting  # `dataset_format: auto` (or `--dataset_format auto`) on the command line
+
     first = dataset.with_format(None)[0]
     # Only `auto` reads the layout from row 0: an explicit one is checked by the columns it needs (row 0 of an
     # UltraFeedback file may have no completion: the converter drops it with the others, counted)
@@ -66,16 +68,16 @@ def resolve_format(dataset, dataset_format: str = "auto", dataset_name: str = "t
         row_fmt = detect_format(first, 0, dataset_name)
         if (fmt == "rated") != (row_fmt == RATED):
             raise DataValidationError(
-                f"dataset_format={fmt!r} was asked for but row 0 is in the '{row_fmt}' format",
-                "pass dataset_format='auto' or the format the data is in", row=0, field="", dataset_name=dataset_name,
+                f"{setting('dataset_format', fmt)} was asked for but row 0 is in the '{row_fmt}' format",
+                f"pass {setting('dataset_format', 'auto')} or the format the data is in", row=0, field="", dataset_name=dataset_name,
             )
     columns = [c for c in dataset.column_names if c != ROW_INDEX]
     needed = {"ultrafeedback": ["instruction", "completions"], "columns": ["A0", "A1"]}.get(fmt, [])
     missing = [c for c in needed if c not in columns]
     if missing:
         raise DataValidationError(
-            f"dataset_format={fmt!r} was asked for but the data has no column(s) {missing} (its columns: {columns})",
-            "pass dataset_format='auto' or the format the data is in", field=missing[0], dataset_name=dataset_name,
+            f"{setting('dataset_format', fmt)} was asked for but the data has no column(s) {missing} (its columns: {columns})",
+            f"pass {setting('dataset_format', 'auto')} or the format the data is in", field=missing[0], dataset_name=dataset_name,
         )
     return fmt
 

@@ -41,7 +41,10 @@ def train(argv: "list[str] | TrainArgs | None" = None, callbacks: list | None = 
     # What the user asked for, before the run derives settings of its own (`report_train_prompts` turns on
     # `eval_on_start`): compared with a finished run's, and recorded in `run_info.json`
     settings = run_settings(args)
-    with claim_output_dir(args.training):
+    from ..config import command_line_spelling
+
+    # The run's errors name settings as recipe keys and flags (`dataset_format: auto`), as the parser's do
+    with claim_output_dir(args.training), command_line_spelling():
         check_finished_run(args, settings)
         _check_resume(args)
         return _train(args, settings, callbacks, keep_process_group)
