@@ -93,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = ("make-tiny-model" if argv[0] == "make_tiny_model" else argv[0]), argv[1:]
     if command not in COMMANDS:
-        print(f"nca-trl: unknown command {command!r}\n\n{_USAGE}", file=sys.stderr)
+        import difflib
+
+        close = difflib.get_close_matches(command, list(COMMANDS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        print(f"nca-trl: unknown command {command!r}{hint}\n\n{_USAGE}", file=sys.stderr)
         return 2
     package, run = COMMANDS[command]
     if command in ARGUMENTS:  # make-tiny-model: argparse, light already

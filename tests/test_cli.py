@@ -471,6 +471,7 @@ def test_train_help_text_is_what_the_installed_stack_renders():
     (["generate"], "`nca-trl generate` needs a recipe (`--config RECIPE.yaml`) or `--model_name_or_path`"),
     (["score", "--dataset_name", "x.jsonl", "--reward_func", "f"], "did you mean --reward_funcs"),
     (["iterate", "--round", "2"], "did you mean --rounds"),
+    (["trian", "--config", "tiny/nca.yaml"], "unknown command 'trian' (did you mean 'train'?)"),
     # A refused DPO field says why: `--label_smoothing` answered "did you mean --label_smoothing_factor", a field
     # that no DPO loss applies (accepted, ignored)
     (["train", "--config", "recipes/tiny/nca.yaml", "--label_smoothing", "0.1"],

@@ -49,13 +49,16 @@ TRAIN = ["train", "--config", "recipes/tiny/nca.yaml", "--model_name_or_path", "
     # found when the arguments are parsed (before: after the data was loaded, a traceback)
     (["train", "--model_name_or_path", "model", "--dataset_name", "data/vicuna_rated.jsonl", "--output_dir",
       "outputs/run", "--eval_strategy", "steps"], "`eval_strategy: steps` needs evaluation data"),
+    ([*TRAIN, "--eval_fraction", "0"], "`eval_fraction` must be in (0, 1), got 0.0: for no evaluation set, leave it "
+     "unset (`eval_fraction: null`, or `--eval_fraction null`)."),
     (["generate", "--model_name_or_path", "model", "--dataset_name", "data/sort_prompts.jsonl", "--dataset_split",
       "test", "--output", "outputs/run/samples.jsonl"], "Split 'test' not found"),
     (["score", "--dataset_name", "data/vicuna_rated.jsonl", "--dataset_split", "test", "--reward_funcs",
       "sorted_digits", "--output", "outputs/run/rated.jsonl"], "Split 'test' not found"),
     (["iterate", "--config", "recipes/tiny/iterate_nca.yaml", "--model_name_or_path", "model", "--output_dir",
       "outputs/run", "--prompts_per_round", "1000"], "3 rounds x 1000 prompts need 3000 training prompts"),
-], ids=["train-split", "train-file-type", "train-format-kwargs", "train-format", "train-eval-strategy", "generate-split",
+], ids=["train-split", "train-file-type", "train-format-kwargs", "train-format", "train-eval-strategy", "train-eval-fraction",
+        "generate-split",
         "score-split", "iterate-prompts"])
 def test_a_bad_setting_found_at_run_time_is_one_line_exit_2_and_leaves_nothing(folder, argv, message, capsys):
     assert message in refused(argv, capsys)

@@ -150,6 +150,7 @@ def score_file(args: ScoreArguments) -> dict:
     write_rows(args.output, scored)  # the rows first: a sidecar says that its output was written
     write_atomic(sidecar_file, json.dumps(sidecar, indent=2, default=json_default) + "\n")
     use = ("an evaluation's scores, not training data" if args.evaluation
-           else f"train on it: `nca-trl train --dataset_name {args.output}`")
+           else f"train on it: `nca-trl train --config RECIPE.yaml --dataset_name {args.output}`, e.g. the recipe "
+                f"tiny/nca.yaml, or `--model_name_or_path MODEL`")
     _log(f"{len(scored)} rated rows -> {args.output} ({use}); settings and statistics in {sidecar_file}")
     return sidecar

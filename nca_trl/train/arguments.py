@@ -160,7 +160,8 @@ class ScriptArguments:
         if self.dataset_format_kwargs is not None and not isinstance(self.dataset_format_kwargs, dict):
             raise ValueError(f"`dataset_format_kwargs` must be a mapping, got {self.dataset_format_kwargs!r}.")
         if self.eval_fraction is not None and not 0 < self.eval_fraction < 1:
-            raise ValueError(f"`eval_fraction` must be in (0, 1), got {self.eval_fraction!r}.")
+            raise ValueError(f"`eval_fraction` must be in (0, 1), got {self.eval_fraction!r}: for no evaluation "
+                             "set, leave it unset (`eval_fraction: null`, or `--eval_fraction null`).")
         if self.eval_fraction is not None and self.dataset_test_split is not None:
             raise ValueError("Set either `dataset_test_split` or `eval_fraction`, not both.")
         if self.report_train_prompts < 0:
@@ -309,8 +310,8 @@ def _checked(script_args, training_args, model_args, mixture, recipe: dict, dry_
 # Settings that need a package `pip install nca-trl` does not bring: setting -> (module, what to install)
 _PACKAGES = {
     "use_peft": ("peft", "pip install \"nca-trl[peft]\""),
-    "load_in_4bit": ("bitsandbytes", "pip install bitsandbytes"),
-    "load_in_8bit": ("bitsandbytes", "pip install bitsandbytes"),
+    "load_in_4bit": ("bitsandbytes", "pip install bitsandbytes (4-bit QLoRA trains on a CUDA GPU)"),
+    "load_in_8bit": ("bitsandbytes", "pip install bitsandbytes (8-bit loading trains on a CUDA GPU)"),
 }
 
 
