@@ -154,7 +154,9 @@ def test_is_conversational_example():
 
 BAD_ROWS = [
     # (id, row, field, words that must appear in the message)
-    ("missing-rewards", {"prompt": "p", "completions": ["a", "b"]}, "rewards", ["missing column"]),
+    # generate's samples, not scored yet: the fix names `nca-trl score`; the trainers' row index is not the user's
+    ("missing-rewards", {"prompt": "p", "completions": ["a", "b"], "_nca_row_index": 0}, "rewards",
+     ["missing column", "columns ['completions', 'prompt']", "score the completions first (`nca-trl score"]),
     ("missing-prompt-rated", {"completions": ["a", "b"], "rewards": [1, 2]}, "prompt", ["missing column"]),
     ("missing-rejected", {"prompt": "p", "chosen": "a"}, "rejected", ["missing column"]),
     ("no-layout", {"text": "hello"}, "prompt", ["Accepted layouts"]),
@@ -851,6 +853,6 @@ def test_an_explicit_format_is_not_read_from_row_0(caplog):
         out = convert_dataset(rows, "ultrafeedback")
     assert len(out) == 1 and len(out[0]["completions"]) == 4
     assert "dropped 2 of 3 rows" in caplog.text
-    with pytest.raises(DataValidationError, match=r"dataset_format='columns' was asked for but the data has no "
+    with pytest.raises(DataValidationError, match=r"`dataset_format='columns'` was asked for but the data has no "
                                                   r"column\(s\) \['A0', 'A1'\]"):
         convert_dataset(rows, "columns")

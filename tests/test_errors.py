@@ -18,6 +18,9 @@ def folder(tmp_path, monkeypatch):
     for name in ("data", "recipes"):
         (tmp_path / name).symlink_to(REPO / name)
     (tmp_path / "model").mkdir()
+    (tmp_path / "gen").mkdir()  # what `nca-trl generate --output gen/samples.jsonl` writes
+    (tmp_path / "gen" / "samples.jsonl").write_text('{"prompt": "p", "completions": ["a", "b"]}\n')
+    (tmp_path / "gen" / "samples.generation.json").write_text('{"output": "gen/samples.jsonl"}\n')
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -49,6 +52,9 @@ TRAIN = ["train", "--config", "recipes/tiny/nca.yaml", "--model_name_or_path", "
     # found when the arguments are parsed (before: after the data was loaded, a traceback)
     (["train", "--model_name_or_path", "model", "--dataset_name", "data/vicuna_rated.jsonl", "--output_dir",
       "outputs/run", "--eval_strategy", "steps"], "`eval_strategy: steps` needs evaluation data"),
+    # generate's folder given for its output file: a 5 KB Arrow cast error over the sidecar
+    ([*TRAIN, "--dataset_name", "gen"], "gen is a folder holding samples.generation.json, the record of a generate "
+     "or score run, which would be read as rows too: pass the data file itself (dataset_name), e.g. gen/samples.jsonl"),
     ([*TRAIN, "--eval_fraction", "0"], "`eval_fraction` must be in (0, 1), got 0.0: for no evaluation set, leave it "
      "unset (`eval_fraction: null`, or `--eval_fraction null`)."),
     (["generate", "--model_name_or_path", "model", "--dataset_name", "data/sort_prompts.jsonl", "--dataset_split",
@@ -57,7 +63,7 @@ TRAIN = ["train", "--config", "recipes/tiny/nca.yaml", "--model_name_or_path", "
       "sorted_digits", "--output", "outputs/run/rated.jsonl"], "Split 'test' not found"),
     (["iterate", "--config", "recipes/tiny/iterate_nca.yaml", "--model_name_or_path", "model", "--output_dir",
       "outputs/run", "--prompts_per_round", "1000"], "3 rounds x 1000 prompts need 3000 training prompts"),
-], ids=["train-split", "train-file-type", "train-format-kwargs", "train-format", "train-eval-strategy", "train-eval-fraction",
+], ids=["train-split", "train-file-type", "train-format-kwargs", "train-format", "train-eval-strategy", "train-generate-folder", "train-eval-fraction",
         "generate-split",
         "score-split", "iterate-prompts"])
 def test_a_bad_setting_found_at_run_time_is_one_line_exit_2_and_leaves_nothing(folder, argv, message, capsys):

@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..runtime.errors import DataError
+from ..runtime.errors import ROW_INDEX, DataError
 
 
 RATED = "rated"
@@ -305,7 +305,7 @@ def detect_format(example: dict, index: int | None = 0, dataset_name: str = "tra
     else:
         target = RATED
 
-    columns = sorted(str(k) for k in example)
+    columns = sorted(str(k) for k in example if k != ROW_INDEX)  # the user's columns, not the trainers' row index
     if _looks_like_ultrafeedback(example):
         raise DataValidationError(
             f"this row is in UltraFeedback's raw layout ('instruction' + 'completions' of dicts), not an accepted "
@@ -333,9 +333,11 @@ def detect_format(example: dict, index: int | None = 0, dataset_name: str = "tra
     described = ", ".join(
         f"'{c}' (present but None)" if c in example else f"'{c}'" for c in missing
     )
+    unscored = missing == ["rewards"] and _present(example, "completions")  # `nca-trl generate`'s samples
     raise DataValidationError(
         f"missing column(s) {described}; the row has columns {columns}. {_ACCEPTED_LAYOUTS}",
-        "rename or add the columns to match one layout (or drop rows that lack them)",
+        "score the completions first (`nca-trl score --dataset_name FILE --reward_funcs ... --output RATED.jsonl`)"
+        if unscored else "rename or add the columns to match one layout (or drop rows that lack them)",
         row=index,
         field=missing[0],
         dataset_name=dataset_name,

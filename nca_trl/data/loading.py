@@ -18,6 +18,7 @@ from pathlib import Path
 import datasets
 
 from ..runtime.errors import SettingsError
+from ..runtime.paths import check_data_folder
 from .converters import convert_dataset, resolve_format
 from .datafiles import FILE_BUILDERS, DataFileError, _file_type, check_data_file
 from .folders import declares_configs, folder_data_files
@@ -44,6 +45,7 @@ def load_raw(script_args, mixture):
         check_data_file(path, builder)
         return _load(f"the {builder} file {path}", path, builder, data_files=str(path))
     if path.is_dir():
+        check_data_folder(path, "dataset_name")  # generate's / score's folder: its record would be read as rows
         if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
             loaded = _load(f"the dataset folder {path} (datasets.save_to_disk)", path, None, from_disk=True)
             return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
