@@ -125,7 +125,20 @@ def main(argv: list[str] | None = None) -> int:
         except (SettingsError, DataError, OutputDirError) as error:
             print(f"nca-trl {command}: error: {error}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # Ctrl-C: a line saying how to continue, not a traceback through the library
+            print(f"nca-trl {command}: interrupted. {_CONTINUE.get(command, '')}".rstrip(), file=sys.stderr)
+            return 130
     return 0
+
+
+#: How a command stopped by Ctrl-C continues
+_CONTINUE = {
+    "train": "Continue from the last complete checkpoint (if `save_strategy` wrote one) with the same command and "
+             "`--resume_from_checkpoint true`.",
+    "generate": "The same command continues from the chunks written.",
+    "iterate": "The same command continues the run (its finished stages are skipped).",
+    "score": "The same command scores again; nothing was written.",
+}
 
 
 @contextlib.contextmanager

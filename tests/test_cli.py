@@ -792,3 +792,18 @@ def test_the_command_line_shows_the_library_log_only_where_nothing_else_does(mon
     monkeypatch.setattr(logging.root, "handlers", [program])
     with _library_log():
         assert not log.handlers
+
+
+def test_ctrl_c_is_one_line_saying_how_to_continue(monkeypatch, capsys):
+    """Ctrl-C in `nca-trl train` printed a 30-line KeyboardInterrupt traceback through the library, and nothing said
+    that the run continues with `--resume_from_checkpoint true`."""
+    import nca_trl.train
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nca_trl.train, "train", interrupted)  # what the command runs
+    assert main(["train", "--config", str(REPO / "recipes/tiny/nca.yaml"), "--dry_run", "true"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("nca-trl train: interrupted. Continue from the last complete checkpoint") and \
+        "--resume_from_checkpoint true" in err and "Traceback" not in err

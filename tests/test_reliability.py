@@ -732,8 +732,8 @@ def test_an_unfinished_run_of_other_settings_is_refused_before_loading_anything(
     """Before: a fresh run into an `output_dir` holding an unfinished run's checkpoints (killed after checkpoint-3)
     trained beside them, and when it was stopped in turn after checkpoint-1, `--resume_from_checkpoint true` took up
     the other run's checkpoint-3 and finished that run under this run's name. Each checkpoint now records the run's
-    settings: a fresh run of other settings is refused (three ways out), one of the same settings runs, and
-    `--overwrite_output_dir true` removes the checkpoints first."""
+    settings: a fresh run of other settings is refused (three ways out), one of the same settings too (resume it or
+    overwrite it), and `--overwrite_output_dir true` removes the checkpoints first."""
     from transformers import TrainerCallback
 
     class StopAfter(TrainerCallback):
@@ -758,11 +758,17 @@ def test_an_unfinished_run_of_other_settings_is_refused_before_loading_anything(
         cli_train([*argv, "--learning_rate", "0.05"])
     assert not (out / LOCK).exists()
 
-    # The same settings start again from step 0, over the same checkpoints (checked: the check passes)
+    # The same settings again (the command rerun after a Ctrl-C) trained from step 0 and removed those checkpoints as
+    # it wrote its own, without a word: refused naming the resume, which passes
     from nca_trl.train.arguments import parse_train_args
     from nca_trl.train.run import check_finished_run
 
-    check_finished_run(parse_train_args([*argv, "--learning_rate", "0.001"]))
+    with pytest.raises(ValueError, match=r"holds the checkpoints of an unfinished run \(checkpoint-3, checkpoint-2, "
+                       r"checkpoint-1\) of these settings\. Continue it with `--resume_from_checkpoint true`.*"
+                       r"`--overwrite_output_dir true`"):
+        check_finished_run(parse_train_args([*argv, "--learning_rate", "0.001"]))
+    check_finished_run(parse_train_args([*argv, "--learning_rate", "0.001", "--resume_from_checkpoint", "true"]))
+    assert (out / "checkpoint-3").is_dir()
 
     replaced = cli_train([*argv, "--learning_rate", "0.05", "--overwrite_output_dir", "true", "--max_steps", "1"])
     assert replaced["global_step"] == 1 and replaced["settings"]["learning_rate"] == 0.05

@@ -70,8 +70,9 @@ def check_finished_run(args: TrainArgs, settings: dict | None = None) -> None:
     `overwrite_output_dir` (then its checkpoints and `run_info.json` are removed, so that nothing resumes from them) or
     `resume_from_checkpoint` (continuing it on purpose): a finished run (its `run_info.json`), or the complete
     checkpoints of an unfinished one (the settings their markers record), which a later resume would take up instead
-    of this run's. The same settings run again. `settings`: `run_settings(args)` taken before the run changed any of
-    them (computed here if not given)."""
+    of this run's. A finished run of the same settings is trained again; an unfinished one (its complete checkpoints)
+    is refused too, naming the resume. `settings`: `run_settings(args)` taken before the run changed any of them
+    (computed here if not given)."""
     import shutil
     from pathlib import Path
 
@@ -83,10 +84,16 @@ def check_finished_run(args: TrainArgs, settings: dict | None = None) -> None:
     if earlier is None:
         return
     what, changes, finished = earlier
-    if not changes:
-        if finished:
-            print(f"[nca-trl] {output_dir} holds a finished run of these settings: training it again over it")
+    if not changes and finished:
+        print(f"[nca-trl] {output_dir} holds a finished run of these settings: training it again over it")
         return
+    if not changes and not args.script.overwrite_output_dir:
+        # The same command again after a Ctrl-C or a kill: it trained from step 0 and removed those checkpoints one by
+        # one as it wrote its own, without a word about the resume it could have made
+        raise FinishedRunError(
+            f"{output_dir} holds {what} of these settings. Continue it with `--resume_from_checkpoint true` (from its "
+            "last complete checkpoint), or start it again with `--overwrite_output_dir true` (its checkpoints are "
+            "removed). Nothing was loaded or written.")
     if not args.script.overwrite_output_dir:
         message = finished_run_message(str(output_dir), what, changes, "--overwrite_output_dir",
                                        "`output_dir` (`--output_dir PATH`)")
@@ -97,8 +104,8 @@ def check_finished_run(args: TrainArgs, settings: dict | None = None) -> None:
             shutil.rmtree(checkpoint)
         (output_dir / "run_info.json").unlink(missing_ok=True)
     state.wait_for_everyone()
-    print(f"[nca-trl] --overwrite_output_dir: replacing {what} in {output_dir} ({'; '.join(changes[:3])}"
-          f"{'; ...' if len(changes) > 3 else ''})")
+    changed = "; ".join(changes[:3]) + ("; ..." if len(changes) > 3 else "") if changes else "the same settings"
+    print(f"[nca-trl] --overwrite_output_dir: replacing {what} in {output_dir} ({changed})")
 
 
 def _earlier_run(output_dir, settings: dict) -> tuple[str, list[str], bool] | None:
