@@ -345,7 +345,13 @@ def test_validate_dataset_ragged_k_and_all_equal(caplog):
     assert report.format == RATED and not report.conversational and report.num_rows == 4
     assert report.k_histogram == {2: 1, 3: 2, 5: 1}
     assert report.num_all_equal_rewards == 2 and report.all_equal_rows == [1, 3]
-    assert "2 of 4 rows have all-equal rewards" in caplog.text
+    assert "2 of 4 rows have all-equal rewards (legal" in caplog.text and "EVERY row" not in caplog.text
+    # Every row tied (a reward function that scored every completion alike): said, not "legal" alone
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        validate_dataset(Dataset.from_list([rows[1], rows[3]]))
+    assert "2 of 2 rows have all-equal rewards (EVERY row: no reward tells any completion from another, so there " \
+        "is nothing to learn" in caplog.text
 
 
 def test_validate_dataset_empty_and_formatted():

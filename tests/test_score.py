@@ -338,6 +338,13 @@ def test_reward_functions_get_grpo_style_flattened_arguments():
     assert calls[0]["completions"] == ["a", "b", "c", "d", "e"]
     assert calls[0]["answer"] == ["b", "b", "e", "e", "e"] and calls[0]["meta"] == [{"k": 1}] * 2 + [{"k": 2}] * 3
     assert stats["metrics"] == {"seen": 3.5} and stats["sources"]["rec"]["weight"] == 0.0
+    # Every row tied (a function that scores every completion alike): said, as training would have nothing to learn
+    said = []
+    score_rows(rows, {"rec": recorder}, log=said.append, progress=False)
+    assert any("in every one of the 3 rows all completions got the same reward" in line for line in said), said
+    said.clear()
+    score_rows(rows, {"match": matches_answer}, log=said.append, progress=False)
+    assert not any("every one of the" in line for line in said)
     # A column named as an argument of the functions replaced it: `prompts` scored other prompts' answers, exit 0
     for column in ("prompts", "log_metric"):
         with pytest.raises(DataError, match=rf"row 1 has a column `{column}`, a name that the reward functions take"):

@@ -414,14 +414,13 @@ def validate_dataset(dataset, dataset_name: str = "train") -> ValidationReport:
     report.k_histogram = dict(sorted(k_hist.items()))
     if len(formats_seen) > 1:
         report.format = MIXED
-    if report.num_all_equal_rewards:
+    if report.num_all_equal_rewards:  # every row: nothing ranks any completion (a reward that scored all alike?)
+        every = report.num_all_equal_rewards == report.num_rows
         logger.warning(
-            "%s dataset: %d of %d rows have all-equal rewards (legal: their targets are uniform over the "
-            "completions); first rows: %s",
-            dataset_name,
-            report.num_all_equal_rewards,
-            report.num_rows,
-            report.all_equal_rows,
+            "%s dataset: %d of %d rows have all-equal rewards (%s); first rows: %s", dataset_name,
+            report.num_all_equal_rewards, report.num_rows, "EVERY row: no reward tells any completion from another, so "
+            "there is nothing to learn; check the rewards (a reward function that scored every completion alike?)"
+            if every else "legal: their targets are uniform over the completions", report.all_equal_rows,
         )
     return report
 

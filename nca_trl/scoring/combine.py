@@ -296,6 +296,9 @@ def score_rows(rows: list[dict], sources, weights: list[float] | None = None, *,
         "metrics": {name: math.fsum(v) / len(v) for name, v in metrics.items()},
     }
     _log_stats(stats, log)
+    if scored and not evaluation and all(max(r["rewards"]) - min(r["rewards"]) <= 1e-12 for r in scored):
+        log(f"warning: in every one of the {len(scored)} rows all completions got the same reward: `nca-trl train` "
+            "has nothing to learn from them (check the reward sources: one that scores every completion alike?)")
     return scored, stats
 
 
