@@ -778,8 +778,9 @@ def test_an_unfinished_run_of_other_settings_is_refused_before_loading_anything(
 def test_final_model_removes_the_replaced_models_other_files(tiny_mistral, tmp_path):
     """A full model saved over a LoRA run's output (`--overwrite_output_dir`) kept the old adapter beside it, and
     `from_pretrained` applied that adapter on top of the new weights; likewise old shards and their index beside one
-    weights file. The replaced model's files the new save did not write go (as its marker lists them, or by name for a
-    model saved without that list); other files stay."""
+    weights file. The replaced model's files the new save did not write go: removed where its marker lists them (an
+    nca-trl save), moved aside into `replaced-*/` for a model saved without that list (another program's: they were
+    deleted); other files stay. Beside a new adapter, a base model's files stay in place."""
     from safetensors.torch import save_file
 
     data = isolated_dataset(tmp_path / "data", rated_rows(4))
@@ -793,9 +794,12 @@ def test_final_model_removes_the_replaced_models_other_files(tiny_mistral, tmp_p
     trainer.train()
     trainer.save_model(str(out))
     left = {p.name for p in out.iterdir()}
-    assert not left & {"adapter_config.json", "adapter_model.safetensors", "model.safetensors.index.json",
-                       "model-00001-of-00002.safetensors"}
+    moved = {"adapter_config.json", "adapter_model.safetensors", "model.safetensors.index.json",
+             "model-00001-of-00002.safetensors"}
+    assert not left & moved
     assert {"notes.txt", "model.safetensors", "config.json", MARKER} <= left
+    (aside,) = out.glob("replaced-*")
+    assert {p.name for p in aside.iterdir()} == moved
     listed = json.loads((out / MARKER).read_text())["files"]
     assert "model.safetensors" in listed and "notes.txt" not in listed
 
@@ -835,3 +839,24 @@ def test_generate_output_claim_tells_the_other_processes_why_it_refused(tmp_path
     with pytest.raises(OutputDirError, match="The main process refused to start: the folder is not writable"):
         with output_dir.claim_output_file(tmp_path / "new" / "out.jsonl", other):
             pytest.fail("claimed")
+
+
+def test_an_adapter_saved_into_the_base_models_folder_keeps_the_base(tmp_path):
+    """A pipeline that trains LoRA with `output_dir` = the base model's folder: `save_model` deleted the base's
+    config.json, weights and tokenizer (taken for a replaced model's files), and the adapter no longer loaded
+    (`trl.DPOTrainer` leaves them). They stay; the folder loads as base + adapter."""
+    from peft import AutoPeftModelForCausalLM, LoraConfig
+
+    from nca_trl.tiny import build_tiny_model
+
+    out = build_tiny_model(tmp_path / "base", "mistral", seed=0)
+    before = {p.name for p in Path(out).iterdir()}
+    data = isolated_dataset(tmp_path / "data", rated_rows(2))
+    trainer = NCATrainer(model=str(out), args=make_args(tmp_path, output_dir=str(out), max_steps=1),
+                         train_dataset=data, peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                    task_type="CAUSAL_LM"))
+    trainer.train()
+    trainer.save_model()
+    after = {p.name for p in Path(out).iterdir()}
+    assert before <= after and "adapter_model.safetensors" in after and not list(Path(out).glob("replaced-*"))
+    assert AutoPeftModelForCausalLM.from_pretrained(out) is not None

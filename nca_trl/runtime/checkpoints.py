@@ -213,15 +213,16 @@ _MODEL_FILE = re.compile(
 )
 
 
-def _previous_model_files(output_dir: str) -> list[str]:
-    """The files of the final model `output_dir` holds: as its marker lists them, or, for a model saved without that
-    list (an older nca-trl, another program), the names of `_MODEL_FILE` there."""
+def _previous_model_files(output_dir: str) -> tuple[list[str], bool]:
+    """The files of the final model `output_dir` holds, and whether nca-trl wrote them: as its marker lists them, or,
+    for a model saved without that list (an older nca-trl, another program, the base model a pipeline keeps there),
+    the names of `_MODEL_FILE` there."""
     listed = _marker(output_dir).get("files")
     if isinstance(listed, list) and all(isinstance(name, str) and os.sep not in name for name in listed):
-        return [name for name in listed if name not in (COMPLETE_MARKER, STAGING_DIR)]
+        return [name for name in listed if name not in (COMPLETE_MARKER, STAGING_DIR)], True
     if not os.path.isdir(output_dir):
-        return []
-    return sorted(name for name in os.listdir(output_dir) if _MODEL_FILE.match(name))
+        return [], False
+    return sorted(name for name in os.listdir(output_dir) if _MODEL_FILE.match(name)), False
 
 
 #: The reference model of a `sync_ref_model` run, in each of its checkpoints: TRL keeps the synced reference in memory
@@ -286,7 +287,22 @@ def save_final_model(trainer, parent_save_model, output_dir: str | None) -> None
     if args.should_save and os.path.isdir(staging):
         fsync_tree(staging)
         names = sorted(os.listdir(staging))
-        stale = [name for name in _previous_model_files(output_dir) if name not in names]
+        previous, ours = _previous_model_files(output_dir)
+        stale = [name for name in previous if name not in names]
+        if stale and not ours:  # not written by an nca-trl save (a pipeline's base model, another program's save):
+            # never deleted. Beside an adapter, a base model is the usual layout: kept in place; what a loader would
+            # read on top of or instead of the new save (an old adapter over new full weights, an old shard index)
+            # is moved aside
+            adapter = "adapter_config.json" in names
+            conflicting = [name for name in stale if not adapter or name.startswith("adapter_")]
+            if conflicting:
+                kept = os.path.join(output_dir, f"replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.makedirs(kept, exist_ok=True)
+                for name in conflicting:
+                    os.replace(os.path.join(output_dir, name), os.path.join(kept, name))
+                logger.warning("%s held model files this save did not write (%s): moved to %s, so that a loader "
+                               "reads the new model alone.", output_dir, ", ".join(conflicting), kept)
+            stale = []
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(output_dir, COMPLETE_MARKER))
         for name in names + stale:  # the previous model's other files, which a loader would read too, go
