@@ -394,7 +394,10 @@ class _RatedCompletionsTrainer(RunSafetyMixin, EvalPredictionsMixin, PromptWeigh
         names, numerators, denominators = prompt_metrics(
             self.beta * logratios, logps, inputs["rewards"], slots, token_sequence, take(outputs.entropy.detach()),
             take(outputs.mean_logits.detach()), take(outputs.is_top1), losses)
-        rows = (inputs[ROW_INDEX],) if ROW_INDEX in inputs else ()  # an evaluation counts each row once
+        # An evaluation counts a launch's padding rows once (several processes); a stream's row indices restart in
+        # each dataloader worker's shards, so they tell rows apart only without workers
+        once = self.accelerator.num_processes > 1 and self.args.dataloader_num_workers <= 1
+        rows = (inputs[ROW_INDEX],) if ROW_INDEX in inputs and once else ()
         self._pooled[mode].add(names, *gather((numerators, denominators, *rows)))
 
     # ------------------------------------------------------------------------------------------------ logging

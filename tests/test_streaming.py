@@ -83,3 +83,23 @@ def test_streaming_two_processes(tiny_mistral, tmp_path, launch_env):
     log = tmp_path / "launch.log"
     wait([start(cmd + ["--nca_only", "--dispatch_batches"], log, launch_env)], [log])
     check(json.loads(out.read_text()), processes=2, trainers=("NCATrainer",))
+
+
+@pytest.mark.slow
+def test_a_sharded_stream_read_by_several_workers_evaluates_every_row(tiny_mistral, tiny_mistral_ref, vicuna,
+                                                                      tmp_path):
+    """A stream of 2 shards evaluated with 2 dataloader workers: each worker numbers its shard's rows from 0, and the
+    evaluation, counting each row index once, dropped the second worker's rows (eval_loss and every metric of part of
+    the set, silently). The same metrics with 0 and 2 workers."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_mistral_ref)
+    stream = Dataset.from_list(vicuna.select(range(6)).to_list()).to_iterable_dataset(num_shards=2)
+    logged = []
+    for workers in (0, 2):
+        trainer = NCATrainer(model=tiny_mistral, ref_model=ref, train_dataset=vicuna.select(range(2)),
+                             eval_dataset=stream, args=make_args(NCAConfig, tmp_path / str(workers), max_length=64,
+                                                                 dataloader_num_workers=workers))
+        logged.append({k: v for k, v in trainer.evaluate().items() if "runtime" not in k and "per_second" not in k})
+    assert logged[1].keys() == logged[0].keys() and "eval_logps/chosen" in logged[0]
+    assert all(logged[1][k] == pytest.approx(logged[0][k], rel=1e-5) for k in logged[0]), logged
