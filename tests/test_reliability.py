@@ -818,24 +818,31 @@ def test_generate_output_claim_tells_the_other_processes_why_it_refused(tmp_path
     telling the other processes, which waited in the broadcast until the launcher killed them."""
     from types import SimpleNamespace
 
-    from nca_trl.runtime import environment, output_dir
+    import accelerate.utils
+
+    from nca_trl.runtime import output_dir
     from nca_trl.runtime.errors import OutputDirError
 
     told = []
-    # The main process's value, on every process (what `broadcast` does across a launch)
-    monkeypatch.setattr(environment, "broadcast",
-                        lambda state, value: (told.append(value) or value) if state.is_main_process else told[0])
+
+    def broadcast_object_list(values, from_process=0):  # the main process's values, on every process
+        if told:
+            values[0] = told[0]
+        else:
+            told.append(values[0])
+
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", broadcast_object_list)
 
     def unwritable(*args, **kwargs):
         raise OutputDirError("the folder is not writable")
 
     monkeypatch.setattr(output_dir, "acquire_lock", unwritable)
-    main = SimpleNamespace(is_main_process=True, num_processes=2)
+    main = SimpleNamespace(is_main_process=True, process_index=0, num_processes=2)
     with pytest.raises(OutputDirError, match="not writable"):
         with output_dir.claim_output_file(tmp_path / "new" / "out.jsonl", main):
             pytest.fail("claimed")
     assert told == [("OutputDirError", "the folder is not writable")] and not (tmp_path / "new").exists()
-    other = SimpleNamespace(is_main_process=False, num_processes=2)
+    other = SimpleNamespace(is_main_process=False, process_index=1, num_processes=2)
     with pytest.raises(OutputDirError, match="The main process refused to start: the folder is not writable"):
         with output_dir.claim_output_file(tmp_path / "new" / "out.jsonl", other):
             pytest.fail("claimed")

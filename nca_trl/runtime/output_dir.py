@@ -226,25 +226,9 @@ def remove_empty_folders(folders: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def claim_output_file(output, state):
-    """Hold `.<name>.lock` beside `output` (`nca-trl generate`'s), on the main process of `state`, for the block: a
-    second run writing the same output is refused on every process. It merged the first run's chunks and removed
-    them, and the first then waited for them forever. A block that raises leaves no folder the claim created."""
-    from .environment import broadcast
-
-    folder, name = os.path.split(os.path.abspath(output))
-    created, lock, error = [], None, None
-    if state.is_main_process:
-        created = missing_folders(folder)
-        try:  # locked, or its folder not writable (a read-only mount as root, a full disk): every process refuses
-            lock = acquire_lock(folder, f".{name}.lock", f"output {str(output)!r}")
-        except OutputDirError as refused:
-            error = (type(refused).__name__, str(refused))
-    error = broadcast(state, error)
-    if error is not None:
-        remove_empty_folders(created)
-        kind = OutputDirLockedError if error[0] == OutputDirLockedError.__name__ else OutputDirError
-        raise kind(error[1] if state.is_main_process else f"The main process refused to start: {error[1]}")
+def _holding(lock: _Lock | None, created: list[str]):
+    """The block under `lock` (released after it); the folders a claim `created` removed again if it raises while
+    they are empty."""
     finished = False
     try:
         yield
@@ -254,6 +238,26 @@ def claim_output_file(output, state):
             lock.release()
         if not finished:
             remove_empty_folders(created)
+
+
+@contextlib.contextmanager
+def claim_output_file(output, state):
+    """Hold `.<name>.lock` beside `output` (`nca-trl generate`'s), on the main process of `state`, for the block: a
+    second run writing the same output is refused on every process (`_agree`), as an unwritable folder is. It merged
+    the first run's chunks and removed them, and the first then waited for them forever. A block that raises leaves
+    no folder the claim created."""
+    from types import SimpleNamespace
+
+    folder, name = os.path.split(os.path.abspath(output))
+    created = missing_folders(folder) if state.is_main_process else []
+    where = SimpleNamespace(process_index=state.process_index, distributed_state=state)
+    try:
+        lock = _agree(where, lambda: acquire_lock(folder, f".{name}.lock", f"output {str(output)!r}"))
+    except OutputDirError:
+        remove_empty_folders(created)
+        raise
+    with _holding(lock, created):
+        yield
 
 
 @contextlib.contextmanager
@@ -269,16 +273,11 @@ def claim_output_dir(args):
     created = missing_folders(args.output_dir) if _is_main(args) else []
     lock = _agree(args, lambda: acquire_lock(args.output_dir))
     _claimed.add(key)
-    finished = False
     try:
-        yield
-        finished = True
+        with _holding(lock, created):
+            yield
     finally:
         _claimed.discard(key)
-        if lock is not None:
-            lock.release()
-        if not finished:
-            remove_empty_folders(created)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
