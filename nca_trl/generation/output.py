@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..runtime.files import json_default, parquet_table, write_atomic
 
-__all__ = ["ChunkStore", "sidecar_path"]
+__all__ = ["ChunkStore", "parts_path", "sidecar_path"]
 
 
 def sidecar_path(output: str | os.PathLike) -> Path:
@@ -31,12 +31,18 @@ def sidecar_path(output: str | os.PathLike) -> Path:
     return output.with_name(output.stem + ".generation.json")
 
 
+def parts_path(output: str | os.PathLike) -> Path:
+    """`out/gen.jsonl` -> `out/gen.jsonl.parts`, the folder of a run's chunks."""
+    output = Path(output)
+    return output.with_name(output.name + ".parts")
+
+
 class ChunkStore:
     """The chunk files of one output. `settings` (JSON-able) identify the run: a restart must match them."""
 
     def __init__(self, output: str | os.PathLike, settings: dict, num_prompts: int, chunk_size: int):
         self.output = Path(output)
-        self.parts = self.output.with_name(self.output.name + ".parts")
+        self.parts = parts_path(self.output)
         self.sidecar = sidecar_path(self.output)
         self.settings = settings
         self.num_prompts = num_prompts

@@ -24,7 +24,7 @@ from ..runtime.errors import DataError
 from ..runtime.files import json_digest, parquet_table
 from ..runtime.paths import check_data_folder, check_output_file, check_path_settings
 from .arguments import PATH_SETTINGS, GenerateArguments, parse_generate_args
-from .output import ChunkStore, sidecar_path
+from .output import ChunkStore, parts_path, sidecar_path
 
 __all__ = ["SAMPLER", "generate", "generation_settings", "load_prompts"]
 
@@ -172,7 +172,7 @@ def generate(argv: "list[str] | GenerateArguments | None" = None) -> dict | None
     args = argv if isinstance(argv, GenerateArguments) else parse_generate_args(argv)
     check_path_settings([], PATH_SETTINGS, vars(args))  # before the output's `.parts/` or any model load
     output = Path(args.output)
-    check_output_file(output, "output", sidecar_path(output), output.with_name(output.name + ".parts"))
+    check_output_file(output, "output", sidecar_path(output), parts_path(output))
     check_data_folder(args.dataset_name, "dataset_name", output)  # its output and chunks would be read as prompts
     from ..runtime.output_dir import claim_output_file
 

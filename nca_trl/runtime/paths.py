@@ -28,7 +28,8 @@ from pathlib import Path
 from .errors import SettingsError
 
 __all__ = ["BUILDERS", "FILE_SUFFIXES", "KINDS", "NOT_PATHS", "TINY_MODELS", "check_data_folder", "check_output_file",
-           "check_path", "check_path_settings", "hub_cached", "looks_local", "reward_function_path"]
+           "check_path", "check_path_settings", "hub_cached", "looks_local", "recorded_output_name",
+           "reward_function_path"]
 
 #: Extensions that make a value a local file (data, recipes, code, weights, archives); a Hub id's last part may hold
 #: a dot followed by a digit (`Mistral-7B-v0.1`, `Qwen2.5-0.5B`), which is no extension
@@ -197,20 +198,27 @@ def check_output_file(output, setting: str, sidecar: Path | None = None, parts: 
         raise SettingsError(f"{existing} is a file, so {output} cannot be written ({setting}): choose another path")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise SettingsError(f"{existing} is not writable, so {output} cannot be written ({setting})")
-    if sidecar is None or not sidecar.is_file():
-        return
-    import json
-
-    try:
-        recorded = json.loads(sidecar.read_text()).get("output")
-    except (ValueError, OSError, AttributeError):
-        return
-    other = sidecar.parent / Path(str(recorded)).name if recorded else None
+    recorded = recorded_output_name(sidecar) if sidecar is not None else None
+    other = sidecar.parent / recorded if recorded else None
     if other is not None and other.name != path.name and other.exists():
         raise SettingsError(
             f"{sidecar} is the record of {other}, which {output} shares its name with: writing {output} would replace "
             f"that record ({setting}). Name this output otherwise, e.g. "
             f"{path.with_name(path.stem + '-2' + path.suffix)}")
+
+
+def recorded_output_name(sidecar: Path) -> str | None:
+    """The file name of the output that a generate or score record (`sidecar`) names; None where there is no record,
+    it cannot be read, or it names none."""
+    import json
+
+    if not sidecar.is_file():
+        return None
+    try:
+        recorded = json.loads(sidecar.read_text()).get("output")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return Path(str(recorded)).name if recorded else None
 
 
 def check_data_folder(dataset_name, setting: str, output=None) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..runtime.environment import versions
 from ..runtime.errors import DataError, SettingsError
 from ..runtime.files import json_default, parquet_table, write_atomic
-from ..runtime.paths import check_output_file, check_path_settings
+from ..runtime.paths import check_output_file, check_path_settings, recorded_output_name
 from .arguments import PATH_SETTINGS, ScoreArguments, parse_score_args
 from .combine import _log, score_rows
 from .sources import load_sources
@@ -28,14 +28,10 @@ def scoring_sidecar_path(output: str | os.PathLike) -> Path:
 def _refuse_a_generate_output(output: Path) -> None:
     """An `output` that a generate run wrote (its record `<stem>.generation.json` names it): the rated rows replaced
     those samples, and a rerun of generate then took the file for its own, done (rows of other prompts, exit 0)."""
-    record = output.with_name(output.stem + ".generation.json")
-    if not (output.is_file() and record.is_file()):
-        return
-    try:
-        recorded = json.loads(record.read_text()).get("output")
-    except (ValueError, OSError, AttributeError):
-        return
-    if recorded and Path(str(recorded)).name == output.name:
+    from ..generation.output import sidecar_path
+
+    record = sidecar_path(output)
+    if output.is_file() and recorded_output_name(record) == output.name:
         raise SettingsError(f"{output} is the output of an `nca-trl generate` run (its record {record.name}): the "
                             "rated rows would replace those samples. Write them to another file (`output`).")
 
