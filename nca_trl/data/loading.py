@@ -37,12 +37,7 @@ def load_raw(script_args, mixture):
     name = script_args.dataset_name
     path = Path(name).expanduser()
     if path.is_file():
-        builder = FILE_BUILDERS.get(_file_type(path))  # `a.jsonl.gz` is JSON Lines, as in a folder
-        if builder is None:
-            raise SettingsError(f"Unknown data file type {path.suffix!r} for {path} (`dataset_name`): use one of "
-                                f"{sorted(FILE_BUILDERS)} (also compressed: .gz, .bz2, .xz), or a folder of such "
-                                "files.")
-        check_data_file(path, builder)
+        builder = _checked_file(path, "dataset_name")
         return _load(f"the {builder} file {path}", path, builder, data_files=str(path))
     if path.is_dir():
         check_data_folder(path, "dataset_name")  # generate's / score's folder: its record would be read as rows
@@ -52,14 +47,30 @@ def load_raw(script_args, mixture):
         if script_args.dataset_config is not None or declares_configs(path):
             # The folder's dataset card says which files make which configuration and split: datasets decides
             return _load(f"the folder {path}", path, str(path), name=script_args.dataset_config)
-        splits, builder = folder_data_files(path)
+        splits, builder = _checked_folder_files(path)
         if builder is None:  # one type nca-trl does not check (e.g. .tsv): datasets reads the folder as before
             return _load(f"the folder {path}", path, str(path))
-        for files in splits.values():
-            for file in files:
-                check_data_file(file, builder)
         return _load(f"the {builder} files of the folder {path}", path, builder, data_files=splits)
     return datasets.load_dataset(name, name=script_args.dataset_config)
+
+
+def _checked_file(path: Path, setting: str) -> str:
+    """The builder of a local data file (`a.jsonl.gz` is JSON Lines, as in a folder), the file checked
+    (`check_data_file`); an unknown type is refused naming `setting`."""
+    builder = FILE_BUILDERS.get(_file_type(path))
+    if builder is None:
+        raise SettingsError(f"Unknown data file type {path.suffix!r} for {path} (`{setting}`): use one of "
+                            f"{sorted(FILE_BUILDERS)} (also compressed: .gz, .bz2, .xz), or a folder of such files.")
+    check_data_file(path, builder)
+    return builder
+
+
+def _checked_folder_files(folder: Path) -> tuple[dict[str, list[str]], str | None]:
+    """`folder_data_files(folder)`, every file checked where nca-trl knows the type (`builder` not None)."""
+    splits, builder = folder_data_files(folder)
+    for file in [f for found in splits.values() for f in found] if builder else []:
+        check_data_file(file, builder)
+    return splits, builder
 
 
 def _checked_mixture(mixture):
@@ -73,16 +84,9 @@ def _checked_mixture(mixture):
         path = Path(str(entry.path)).expanduser()
         files = entry.data_files
         if path.is_file() and files is None:
-            builder = FILE_BUILDERS.get(_file_type(path))
-            if builder is None:
-                raise SettingsError(f"Unknown data file type {path.suffix!r} for {path} (`datasets[{i}].path`): use "
-                                    f"one of {sorted(FILE_BUILDERS)} (also compressed: .gz, .bz2, .xz).")
-            check_data_file(path, builder)
-            entry = dataclasses.replace(entry, path=builder, data_files=str(path))
+            entry = dataclasses.replace(entry, path=_checked_file(path, f"datasets[{i}].path"), data_files=str(path))
         elif path.is_dir() and files is None and entry.data_dir is None and not declares_configs(path):
-            splits, builder = folder_data_files(path)
-            for file in [f for found in splits.values() for f in found] if builder else []:
-                check_data_file(file, builder)
+            _checked_folder_files(path)
         elif entry.path in FILE_BUILDERS.values() and files is not None:  # `path: json` with local `data_files`
             listed = [files] if isinstance(files, str) else list(files.values()) if isinstance(files, dict) else files
             for file in [f for item in listed for f in ([item] if isinstance(item, str) else item)]:
