@@ -69,12 +69,13 @@ def _gathered_rows(trainer, rows: torch.Tensor | None) -> list[int] | None:
     return sorted(r for r in rows if r >= 0)
 
 
-def _rows_text(rows: list[int] | None, name: str = "train", ours: bool = True) -> str:
-    """The dataset rows of a step; `ours`: the trainer is one of ours (else `nca-trl iterate`'s `trl.DPOTrainer`,
-    whose batches carry no row index)."""
+def _rows_text(trainer, rows: list[int] | None, name: str = "train") -> str:
+    """The dataset rows of a step of `trainer` (ours, or `nca-trl iterate`'s `trl.DPOTrainer`, whose batches carry no
+    row index)."""
     if rows is None:
         return (f"rows unknown (the collator does not pass `{ROW_INDEX}` through: use the trainer's own "
-                "DataCollatorForRatedCompletions)") if ours else "rows unknown (its batches do not name them)"
+                "DataCollatorForRatedCompletions)") if isinstance(trainer, RunSafetyMixin) else \
+            "rows unknown (its batches do not name them)"
     return f"rows {rows} of the {name} dataset (0-based, as given to the trainer)"
 
 
@@ -114,7 +115,7 @@ def check_loss(trainer, loss: torch.Tensor, inputs: dict) -> None:
     worst = loss.detach().float().item()
     raise NonFiniteError(
         f"Non-finite training loss ({worst if not math.isfinite(worst) else 'on another process'}) at "
-        f"{_step_text(trainer)}, computed on {_rows_text(all_rows, ours=isinstance(trainer, RunSafetyMixin))}"
+        f"{_step_text(trainer)}, computed on {_rows_text(trainer, all_rows)}"
         + (f"; the per-prompt loss is not finite for rows {bad_rows}" if bad_rows else "")
         + ". The run stopped before this step's backward pass and optimizer step: the weights in memory are those "
         "of the previous step and nothing was saved after it. Check these rows (rewards, completions), then lower "
@@ -141,7 +142,8 @@ def check_grad_norm(trainer, grad_norm) -> None:
              "the run stopped before the optimizer step: the weights in memory are those of the previous step and "
              "nothing was saved after it")
     raise NonFiniteError(
-        f"Non-finite gradient norm ({value}) at {_step_text(trainer)}, from a finite loss on {_rows_text(all_rows, ours=isinstance(trainer, RunSafetyMixin))}; "
+        f"Non-finite gradient norm ({value}) at {_step_text(trainer)}, from a finite loss on "
+        f"{_rows_text(trainer, all_rows)}; "
         f"{where}. Lower the learning rate, check these rows, or look for an overflow in the model (bf16/fp16). "
         + _last_checkpoint_text(trainer)
     )
