@@ -19,8 +19,6 @@ from ..runtime.errors import DataError
 
 __all__ = ["is_empty_completion", "score_rows"]
 
-#: The largest reward training takes (it reads rewards in float32)
-FLOAT32_MAX = 3.4028234663852886e38
 _NOT_COLUMNS = ("prompt", "completions", "rewards", "completion", "completion_ids")
 #: What a reward function gets besides the rows' columns: a column of one of these names is refused
 _ARGUMENTS = ("prompts", "log_metric", "log_extra")
@@ -83,7 +81,10 @@ def _where(owners, row_ids, j) -> str:
 
 
 def _call(name: str, source, kwargs: dict, expected: int, owners, row_ids) -> list:
-    """One call of a source, its return checked: `expected` values, each a real number or None, finite."""
+    """One call of a source, its return checked: `expected` values, each a real number or None, finite, within
+    float32's range."""
+    from ..data.formats import FLOAT32_MAX  # the largest reward training takes (it reads rewards in float32)
+
     try:
         inspect.signature(source).bind(**kwargs)
     except TypeError as e:
@@ -168,6 +169,7 @@ def score_rows(rows: list[dict], sources, weights: list[float] | None = None, *,
         weight, count, none, mean, std, min, max of its values), `rewards` (the same of the combined rewards),
         `replaced_rewards` (rows that had a `rewards` column), `metrics` (the means of `log_metric` values).
     """
+    from ..data.formats import FLOAT32_MAX  # the largest reward training takes: the weighted sum's bound too
     from ..data.validation import validate_example
 
     sources = _named(sources)
