@@ -1,6 +1,6 @@
 """Launched by tests/test_distributed.py: `NCATrainer.evaluate()` with `compute_metrics` on every process, on rated
-rows whose prompts have different numbers of completions, as a `Dataset` and streamed (`IterableDataset`); the main
-process writes what `compute_metrics` got from each.
+rows whose prompts have different numbers of completions, as a `Dataset` in eval batches of 1 and 2 prompts per
+process and streamed (`IterableDataset`); the main process writes what `compute_metrics` got from each.
 
     accelerate launch ... tests/compute_metrics_run.py MODEL ROWS.json OUT_DIR
 """
@@ -46,7 +46,9 @@ if __name__ == "__main__":
     trainer = NCATrainer(model=model, args=args, train_dataset=data, eval_dataset=data,
                          compute_metrics=metrics_for(model))
     seen = {}
-    for name, dataset in (("dataset", data), ("streamed", data.to_iterable_dataset())):
+    for name, dataset, batch in (("dataset", data, 1), ("batches_of_2", data, 2),
+                                 ("streamed", data.to_iterable_dataset(), 1)):
+        trainer.args.per_device_eval_batch_size = batch
         metrics = trainer.evaluate(dataset)
         seen[name] = {"metrics": metrics, **SEEN}
     state = PartialState()

@@ -283,11 +283,13 @@ def test_precomputed_reference_of_an_in_memory_dataset_on_two_processes(tiny_mis
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_compute_metrics_on_two_processes_gets_each_completion_once(tiny_mistral, tmp_path, launch_env):
-    """Prompts of K = 2, 4, 3, one per process and batch: the batches' rows of completions differ in number between
-    the processes, which gloo could not gather ("Received data size doesn't match expected size": the process
-    aborted); and 3 prompts on 2 processes pad the last batch with a duplicate. `compute_metrics` now gets each of the
-    9 completions once, in order, with the logits of one process; a stream (no length) keeps its padding duplicates
-    at the end, as accelerate does for any Trainer."""
+    """Prompts of K = 2, 4, 3, 4, 2: the batches' rows of completions differ in number between the processes, which gloo
+    could not gather ("Received data size doesn't match expected size": the process aborted); and 5 prompts on 2
+    processes pad the last batch with duplicates. `compute_metrics` now gets each of the 15 completions once, with the
+    logits and in the order of one process with the same global batch (2 processes x 1 prompt = 1 process x 2). In
+    batches of 2 prompts per process, a last batch's real completions come interleaved with a duplicate's: cutting
+    the gathered rows to their count kept a duplicate's completion and lost a real one. A stream (no length) keeps
+    its padding duplicate (its first prompt), as accelerate does for any Trainer, in its batch's slot-major order."""
     import json
 
     from datasets import Dataset
@@ -295,27 +297,33 @@ def test_compute_metrics_on_two_processes_gets_each_completion_once(tiny_mistral
 
     from nca_trl import NCAConfig, NCATrainer
 
-    rows = [json.loads(line) for line in VICUNA.read_text().splitlines()[:3]]
+    rows = [json.loads(line) for line in VICUNA.read_text().splitlines()[:5]]
     rows = [{"prompt": row["prompt"], "completions": [c[: 30 + 45 * i] for i, c in enumerate(row["completions"][:k])],
-             "rewards": row["rewards"][:k]} for row, k in zip(rows, (2, 4, 3))]
+             "rewards": row["rewards"][:k]} for row, k in zip(rows, (2, 4, 3, 4, 2))]
     launch_on_rows("compute_metrics_run.py", tiny_mistral, rows, tmp_path, launch_env)
     seen = json.loads((tmp_path / "seen.json").read_text())
 
     import compute_metrics_run
 
-    args = NCAConfig(output_dir=str(tmp_path / "single"), max_length=256, per_device_eval_batch_size=1,
-                     report_to="none", use_cpu=True, activation_checkpointing=False, bf16=False)
     data = Dataset.from_list(rows)
-    single = NCATrainer(model=str(tiny_mistral), args=args, train_dataset=data, eval_dataset=data,
-                        compute_metrics=compute_metrics_run.metrics_for(str(tiny_mistral)))
-    metrics = single.evaluate()
-    assert metrics["eval_rows"] == 9
-    one = dict(compute_metrics_run.SEEN)
-    assert len({len(tokens) for tokens in one["labels"]}) > 3  # the rows tell apart
-    launched = seen["dataset"]
-    assert launched["metrics"]["eval_rows"] == 9 and launched["labels"] == one["labels"]
-    assert launched["logits"] == pytest.approx(one["logits"], rel=1e-4)
-    assert launched["metrics"]["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-5)
+    single = {}
+    for batch in (2, 4):  # the global batches of 2 processes x 1 and x 2
+        args = NCAConfig(output_dir=str(tmp_path / "single"), max_length=256, per_device_eval_batch_size=batch,
+                         report_to="none", use_cpu=True, activation_checkpointing=False, bf16=False)
+        trainer = NCATrainer(model=str(tiny_mistral), args=args, train_dataset=data, eval_dataset=data,
+                             compute_metrics=compute_metrics_run.metrics_for(str(tiny_mistral)))
+        single[batch] = {"metrics": trainer.evaluate(), **compute_metrics_run.SEEN}
+        assert single[batch]["metrics"]["eval_rows"] == 15
+    assert len({len(tokens) for tokens in single[2]["labels"]}) > 5  # the rows tell apart
+    assert single[2]["labels"] != single[4]["labels"]  # the global batch decides the order
+    for name, batch in (("dataset", 2), ("batches_of_2", 4)):
+        launched, one = seen[name], single[batch]
+        assert launched["metrics"]["eval_rows"] == 15 and launched["labels"] == one["labels"], name
+        assert launched["logits"] == pytest.approx(one["logits"], rel=1e-4), name
+        assert launched["metrics"]["eval_loss"] == pytest.approx(one["metrics"]["eval_loss"], rel=1e-5), name
+    # The stream's last global batch is [prompt 4, prompt 0 again]: slot-major, prompt 0's rows are the first
+    # batch's rows 0 and 2 (that batch is [prompt 0, prompt 1])
+    order = [*range(13), 13, 0, 14, 2]
     streamed = seen["streamed"]
-    assert streamed["labels"][:9] == one["labels"]
-    assert streamed["logits"][:9] == pytest.approx(one["logits"], rel=1e-4)
+    assert streamed["labels"] == [single[2]["labels"][i] for i in order]
+    assert streamed["logits"] == pytest.approx([single[2]["logits"][i] for i in order], rel=1e-4)

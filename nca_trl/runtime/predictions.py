@@ -10,9 +10,13 @@ rows as the dataloader's samples, prompts here:
   one tensor: gloo aborted the process ("Received data size doesn't match expected size").
 
 Here the rows of completions (a tensor whose first dimension is the batch's number of completions) are gathered
-whole, ragged across processes: each process's rows padded to the largest count, gathered, the padding dropped; then
-a last batch's padding duplicates (on several processes) are dropped as accelerate drops them, counted in prompts:
-the real prompts are the first `remainder` of the gathered batch, so their completions are its first rows. One
+whole, ragged across processes: each process's rows padded to the largest count, gathered, the padding dropped. Each
+row is keyed by its prompt's place in the global batch (the processes' prompts in process order, as accelerate
+gathers samples) and its slot. A last batch's padding duplicates (on several processes) are dropped as accelerate
+drops them, counted in prompts: the real prompts are the first `remainder` of the global batch, and a row is kept
+when its prompt is one of them (the rows of a process's prompts are interleaved, slot-major: cutting the first rows
+kept a duplicate's completion and lost a real one). The rows kept are put in the global batch's slot-major order,
+the order one process with the whole batch gives, so rows are in the same order on any number of processes. One
 process has no duplicates: its rows are kept as they are. Per-prompt tensors (the losses) go through
 `gather_for_metrics` as before.
 """
@@ -49,7 +53,7 @@ class EvalPredictionsMixin:
             return super().evaluation_loop(dataloader, *args, **kwargs)
         finally:
             self.gather_function = gather
-            self._batch_completions, self._loss_pending = None, False
+            self._batch_completions, self._batch_slots, self._loss_pending = None, None, False
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
         """`Trainer.predict`, its `{metric_key_prefix}_loss` the mean over prompts, each once, as an evaluation's
@@ -71,6 +75,7 @@ class EvalPredictionsMixin:
         # How many completions each prompt of the batch has: which gathered tensors are rows of completions
         slots = inputs.get("completion_slots") if isinstance(inputs, Mapping) else None
         self._batch_completions = None if slots is None else slots.sum(dim=1)
+        self._batch_slots = slots
         outputs = super().prediction_step(model, inputs, *args, **kwargs)
         self._loss_pending = outputs[0] is not None  # the next tensor gathered is this batch's loss
         return outputs
@@ -92,5 +97,21 @@ class EvalPredictionsMixin:
             return self.accelerator.gather_for_metrics(tensors)
         if self.accelerator.num_processes == 1:
             return tensors
-        real = self.accelerator.gather_for_metrics(completions)  # the real prompts' counts: duplicates cut
-        return gather_rows(self.accelerator, tensors)[: int(real.sum())]
+        real = self.accelerator.gather_for_metrics(completions).shape[0]  # the real prompts: duplicates cut
+        keys = _row_keys(self.accelerator, self._batch_slots.to(tensors.device))
+        kept = keys[:, 0] < real
+        return gather_rows(self.accelerator, tensors)[kept][_slot_major(keys[kept])]
+
+
+def _row_keys(accelerator, slots: torch.Tensor) -> torch.Tensor:
+    """`[sum N_p, 2]`: every process's completion rows (`slots`: `[B_p, Kmax_p]`, its batch's `completion_slots`,
+    rows in the order of `slots.T`'s True entries) as (prompt's place in the global batch, slot), in process order."""
+    slot, prompt = slots.T.nonzero(as_tuple=True)
+    sizes = accelerator.gather(torch.tensor([slots.shape[0]], device=slots.device)).tolist()
+    offset = sum(sizes[: accelerator.process_index])
+    return gather_rows(accelerator, torch.stack([prompt + offset, slot], dim=1))
+
+
+def _slot_major(keys: torch.Tensor) -> torch.Tensor:
+    """The order (indices into `keys`, `[N, 2]` of (prompt, slot)) that sorts rows by slot, then prompt."""
+    return torch.argsort(keys[:, 1] * (int(keys[:, 0].max()) + 1) + keys[:, 0]) if len(keys) else keys[:, 0]
