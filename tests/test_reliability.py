@@ -691,12 +691,16 @@ def test_a_finished_run_of_other_settings_is_refused_before_loading_anything(tin
 
     With `report_train_prompts` (the tiny recipes' 72), which turns on `eval_on_start`: the finished run recorded that
     derived value, so the same command again was refused (`eval_on_start: True -> False`). The settings recorded and
-    compared are the ones the user gave."""
+    compared are the ones the user gave.
+
+    `--overwrite_output_dir` removes the earlier run only once the new one has loaded (a bad row leaves it); a resume
+    from another folder's checkpoint into a finished run is refused, and one of its own checkpoints with other settings
+    says which settings changed."""
     import nca_trl.data.loading as loading
 
-    out = tmp_path / "run"
-    argv = cli_argv(tiny_mistral, out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1",
-                    "--report_train_prompts", "2")
+    out, other = tmp_path / "run", tmp_path / "other"
+    extra = ("--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1", "--report_train_prompts", "2")
+    argv, other_argv = cli_argv(tiny_mistral, out, *extra), cli_argv(tiny_mistral, other, *extra)
     first = cli_train(argv)
     assert first["settings"]["beta"] == 0.1 and first["settings"]["max_steps"] == 2  # the recipe's
     assert first["settings"]["report_train_prompts"] == 2 and not first["settings"]["eval_on_start"]
@@ -720,6 +724,28 @@ def test_a_finished_run_of_other_settings_is_refused_before_loading_anything(tin
     # Where the run is written and how it is watched are not settings: the same run again
     again = cli_train([*argv, "--logging_steps", "1"])
     assert again["global_step"] == 2 and loads == [1]
+    model, kept = file_digest(out / "model.safetensors"), sorted(p.name for p in out.iterdir())
+
+    # `--overwrite_output_dir` with a bad row: the finished run's checkpoints and run_info.json were removed before the
+    # data was read, and the corrected command had nothing left to replace. They go only once the new run has loaded
+    rows = [json.loads(line) for line in VICUNA.read_text().splitlines()[:6]]
+    rows[3]["rewards"][1] = float("nan")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ValueError, match=r"row 3"):
+        cli_train([*argv, "--beta", "0.2", "--overwrite_output_dir", "true", "--dataset_name", str(bad)])
+    assert sorted(p.name for p in out.iterdir()) == kept and file_digest(out / "model.safetensors") == model
+
+    # A resume from another folder's checkpoint into this finished run replaced it without a word: refused
+    shutil.copytree(out, other)
+    with pytest.raises(ValueError, match=r"holds a finished nca run \(run_info.json\): resuming .*checkpoint-1 into it "
+                       r"would replace it\. Nothing was loaded or written\..*`--overwrite_output_dir true`"):
+        cli_train([*other_argv, "--resume_from_checkpoint", str(out / "checkpoint-1")])
+    assert sorted(p.name for p in other.iterdir()) == kept and loads == [1, 1]  # the bad rows loaded, not these
+    # A resume of its own checkpoint with other settings runs, and says which (it took them up without a word)
+    resumed = cli_train([*other_argv, "--beta", "0.2", "--max_steps", "3", "--resume_from_checkpoint", "true"])
+    assert resumed["global_step"] == 3 and resumed["resumed_with_changes"] == ["beta: 0.1 -> 0.2", "max_steps: 2 -> 3"]
+    assert "resumed_with_changes" not in again
 
     replaced = cli_train([*argv, "--beta", "0.2", "--overwrite_output_dir", "true", "--save_strategy", "no"])
     assert replaced["settings"]["beta"] == 0.2 and replaced["global_step"] == 2 and replaced["resumed_from"] is None

@@ -30,8 +30,8 @@ logger = logging.getLogger("nca_trl")
 
 __all__ = ["COMPLETE_MARKER", "LOSS_SUM", "LOSS_SUM_BEFORE", "RUN_SETTINGS", "ResumeAtTheEndMixin", "STAGING_DIR",
            "SYNCED_REFERENCE", "checkpoint_loss_sum", "checkpoint_settings", "is_complete", "last_complete_checkpoint",
-           "resolve_resume", "restore_synced_reference", "resumed_at_the_end", "save_checkpoint", "save_final_model",
-           "whole_run_train_loss"]
+           "recorded_settings", "resolve_resume", "restore_synced_reference", "resumed_at_the_end", "save_checkpoint",
+           "save_final_model", "whole_run_train_loss"]
 
 COMPLETE_MARKER = "nca_trl_complete.json"
 STAGING_DIR = ".nca-trl-saving"
@@ -102,9 +102,14 @@ def checkpoint_settings(output_dir: str) -> dict[str, dict | None]:
     found = {}
     for folder in _checkpoints(output_dir):
         if is_complete(folder):
-            settings = _marker(folder).get("settings")
-            found[folder] = settings if isinstance(settings, dict) else None
+            found[folder] = recorded_settings(folder)
     return found
+
+
+def recorded_settings(folder: str) -> dict | None:
+    """The settings the marker of checkpoint `folder` records; None where it records none."""
+    settings = _marker(folder).get("settings")
+    return settings if isinstance(settings, dict) else None
 
 
 def _marker(folder: str) -> dict:

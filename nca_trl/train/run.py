@@ -45,48 +45,70 @@ def train(argv: "list[str] | TrainArgs | None" = None, callbacks: list | None = 
 
     # The run's errors name settings as recipe keys and flags (`dataset_format: auto`), as the parser's do
     with claim_output_dir(args.training), command_line_spelling():
-        check_finished_run(args, settings)
-        _check_resume(args)
-        return _train(args, settings, callbacks, keep_process_group)
+        replace = check_finished_run(args, settings)
+        resumed_changes = _check_resume(args, settings)
+        return _train(args, settings, callbacks, keep_process_group, replace, resumed_changes)
 
 
-def _check_resume(args: TrainArgs) -> None:
+def _check_resume(args: TrainArgs, settings: dict) -> list[str] | None:
     """`--resume_from_checkpoint` resolved before anything loads (`SettingsError`: one line, exit 2): no complete
     checkpoint in `output_dir`, or an incomplete one named, failed after the model and the data had loaded, as a
-    traceback."""
-    from ..runtime.checkpoints import resolve_resume
+    traceback. Returns how this run's settings differ from those the checkpoint's run recorded (`key: before ->
+    now`; None when not resuming or none were recorded), which is printed: the checkpoint's steps were trained with
+    its settings, the steps from it on with these (a changed loss, data or beta was taken up without a word)."""
+    from ..runtime.checkpoints import recorded_settings, resolve_resume
+    from ..runtime.output_dir import changed_settings
 
     value = args.training.resume_from_checkpoint
     if value is None:
-        return
+        return None
     try:  # every process reads the same folder (a launch's processes refuse together); the trainer warns later
-        resolve_resume(args.training, _resume_value(value), warn=False)
+        folder = resolve_resume(args.training, _resume_value(value), warn=False)
     except ValueError as error:
         raise SettingsError(f"{error} (`--resume_from_checkpoint {value}`)") from None
+    recorded = recorded_settings(folder)
+    if recorded is None:
+        return None
+    changes = changed_settings(recorded, settings)
+    if changes and args.training.distributed_state.is_main_process:
+        print(f"[nca-trl] resuming {folder}, whose run had other settings ({'; '.join(changes)}): its steps were "
+              "trained with those, the steps from it on train with these (recorded in run_info.json as "
+              "`resumed_with_changes`)")
+    return changes
 
 
-def check_finished_run(args: TrainArgs, settings: dict | None = None) -> None:
+def check_finished_run(args: TrainArgs, settings: dict | None = None):
     """An earlier run in `output_dir` of other settings is refused, before anything loads, unless
     `overwrite_output_dir` (then its checkpoints and `run_info.json` are removed, so that nothing resumes from them) or
-    `resume_from_checkpoint` (continuing it on purpose): a finished run (its `run_info.json`), or the complete
-    checkpoints of an unfinished one (the settings their markers record), which a later resume would take up instead
-    of this run's. A finished run of the same settings is trained again; an unfinished one (its complete checkpoints)
-    is refused too, naming the resume. `settings`: `run_settings(args)` taken before the run changed any of them
-    (computed here if not given)."""
-    import shutil
+    `resume_from_checkpoint` of one of its checkpoints (continuing it on purpose): a finished run (its
+    `run_info.json`), or the complete checkpoints of an unfinished one (the settings their markers record), which a
+    later resume would take up instead of this run's. A finished run of the same settings is trained again; an
+    unfinished one (its complete checkpoints) is refused too, naming the resume; a resume from a checkpoint of another
+    folder into an `output_dir` holding a run is refused unless `overwrite_output_dir`. `settings`:
+    `run_settings(args)` taken before the run changed any of them (computed here if not given).
+
+    Returns None, or with `overwrite_output_dir` the removal of the earlier run, for the caller to run once the new run
+    has loaded (its data checked, its model built): a start that fails (a bad row) leaves the earlier run as it was."""
     from pathlib import Path
 
     from ..runtime.output_dir import FinishedRunError, finished_run_message
 
     output_dir = Path(args.training.output_dir)
-    earlier = None if args.training.resume_from_checkpoint is not None else _earlier_run(
-        output_dir, settings or run_settings(args))
+    resume = args.training.resume_from_checkpoint
+    if resume is not None and _resumes_in_place(resume, output_dir):
+        return None
+    earlier = _earlier_run(output_dir, settings or run_settings(args))
     if earlier is None:
-        return
+        return None
     what, changes, finished = earlier
-    if not changes and finished:
+    if resume is not None and not args.script.overwrite_output_dir:
+        raise FinishedRunError(
+            f"{output_dir} holds {what}: resuming {resume} into it would replace it. Nothing was loaded or written. "
+            "Resume into another `output_dir` (`--output_dir PATH`), or replace that run on purpose with "
+            "`--overwrite_output_dir true`.")
+    if not changes and finished and resume is None:
         print(f"[nca-trl] {output_dir} holds a finished run of these settings: training it again over it")
-        return
+        return None
     if not changes and not args.script.overwrite_output_dir:
         # The same command again after a Ctrl-C or a kill: it trained from step 0 and removed those checkpoints one by
         # one as it wrote its own, without a word about the resume it could have made
@@ -98,14 +120,27 @@ def check_finished_run(args: TrainArgs, settings: dict | None = None) -> None:
         message = finished_run_message(str(output_dir), what, changes, "--overwrite_output_dir",
                                        "`output_dir` (`--output_dir PATH`)")
         raise FinishedRunError(message + ("" if finished else " Or continue it with `--resume_from_checkpoint true`."))
-    state = args.training.distributed_state
-    if state.is_main_process:
-        for checkpoint in output_dir.glob("checkpoint-*"):
-            shutil.rmtree(checkpoint)
-        (output_dir / "run_info.json").unlink(missing_ok=True)
-    state.wait_for_everyone()
     changed = "; ".join(changes[:3]) + ("; ..." if len(changes) > 3 else "") if changes else "the same settings"
-    print(f"[nca-trl] --overwrite_output_dir: replacing {what} in {output_dir} ({changed})")
+
+    def replace() -> None:
+        import shutil
+
+        state = args.training.distributed_state
+        if state.is_main_process:
+            for checkpoint in output_dir.glob("checkpoint-*"):
+                shutil.rmtree(checkpoint)
+            (output_dir / "run_info.json").unlink(missing_ok=True)
+            print(f"[nca-trl] --overwrite_output_dir: replacing {what} in {output_dir} ({changed})")
+        state.wait_for_everyone()
+
+    return replace
+
+
+def _resumes_in_place(resume: str, output_dir) -> bool:
+    """Whether `resume_from_checkpoint` continues a run of `output_dir` (`true`, or one of its checkpoints)."""
+    if resume == "true":
+        return True
+    return os.path.realpath(os.path.dirname(os.path.normpath(resume))) == os.path.realpath(output_dir)
 
 
 def _earlier_run(output_dir, settings: dict) -> tuple[str, list[str], bool] | None:
@@ -136,7 +171,8 @@ def _earlier_run(output_dir, settings: dict) -> tuple[str, list[str], bool] | No
     return f"the checkpoints of an unfinished run ({names})", next((c for c in differing if c), []), False
 
 
-def _train(args, settings: dict, callbacks: list | None, keep_process_group: bool = False) -> dict:
+def _train(args, settings: dict, callbacks: list | None, keep_process_group: bool = False, replace=None,
+           resumed_changes: list[str] | None = None) -> dict:
     script_args, training_args, model_args = args.script, args.training, args.model
     from trl import get_peft_config, get_quantization_config
 
@@ -175,6 +211,8 @@ def _train(args, settings: dict, callbacks: list | None, keep_process_group: boo
         trainer.accelerator.unwrap_model(trainer.model).delete_adapter("ref")
     distributed = distributed_summary(trainer)
     _print_start(trainer, script_args.loss, train_dataset, eval_sets, distributed)
+    if replace is not None:  # `--overwrite_output_dir`: now that the data and the model loaded
+        replace()
     result = trainer.train(resume_from_checkpoint=_resume_value(training_args.resume_from_checkpoint))
 
     metrics = {**result.metrics, "train_samples": len(train_dataset)}
@@ -190,6 +228,8 @@ def _train(args, settings: dict, callbacks: list | None, keep_process_group: boo
 
     info = run_info(trainer, model_args, metrics, eval_metrics, started, distributed, settings)
     info["dropped"] = dropped
+    if resumed_changes is not None:
+        info["resumed_with_changes"] = resumed_changes
     if trainer.accelerator.is_main_process:
         _report(info, training_args.output_dir)
     trainer.accelerator.wait_for_everyone()
