@@ -89,6 +89,34 @@ def _weight_files(path) -> list | None:
                   if e.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json")))
 
 
+def _check_finite(trainer, dataset: Dataset, name: str, rows: list[list[float]]) -> None:
+    """`NonFiniteError` (nothing cached) if the reference gave a NaN or infinite log-prob: training on it stopped at
+    the first step, blaming the rows and the learning rate."""
+    import math
+
+    from .runtime.errors import ROW_INDEX
+    from .runtime.safety import NonFiniteError
+
+    bad = [i for i, values in enumerate(rows) if not all(math.isfinite(v) for v in values)]
+    if not bad:
+        return
+    given = dataset[ROW_INDEX] if ROW_INDEX in dataset.column_names else list(range(len(rows)))
+    shown = [given[i] for i in bad[:10]]
+    raise NonFiniteError(
+        f"The reference model's log-probs are not finite (NaN or infinite) for {len(bad)} of {len(rows)} rows of the "
+        f"{name} dataset (rows {shown}{', ...' if len(bad) > 10 else ''}, 0-based as given to the trainer; row "
+        f"{given[bad[0]]}: {rows[bad[0]]}), computed by `precompute_ref_log_probs`; nothing was cached or trained. "
+        f"The reference ({_reference_name(trainer)}) gives them, not the data: check its weights for NaN / inf, and "
+        "its dtype (float16 overflows: load it in bfloat16 or float32).")
+
+
+def _reference_name(trainer) -> str:
+    model = trainer.ref_model if trainer.ref_model is not None else trainer.model
+    path = getattr(getattr(model, "config", None), "_name_or_path", None)
+    what = "the `ref_model`" if trainer.ref_model is not None else "the policy's initial weights"
+    return f"{what}, {path}" if path else what
+
+
 def precompute_ref_logps(trainer, dataset: Dataset, name: str, batch_size: int) -> Dataset:
     """`dataset` with a `ref_logps` column (K floats per row), from the cache or computed now (all processes)."""
     if isinstance(dataset, IterableDataset):
@@ -143,6 +171,7 @@ def precompute_ref_logps(trainer, dataset: Dataset, name: str, batch_size: int) 
         slots = accelerator.pad_across_processes(slots, dim=1, pad_index=False)
         ref, slots = accelerator.gather_for_metrics((ref, slots))
         rows.extend(r[s].tolist() for r, s in zip(ref.float().cpu(), slots.bool().cpu()))
+    _check_finite(trainer, dataset, name, rows)
 
     if in_memory:
         return dataset.add_column("ref_logps", rows, new_fingerprint=key[0])

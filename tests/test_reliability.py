@@ -280,6 +280,31 @@ def test_nan_gradient_stops_before_the_optimizer_step(tiny_mistral, tmp_path):
     assert all(math.isfinite(h.get("grad_norm", 0.0)) for h in trainer.state.log_history)
 
 
+def test_a_reference_of_nan_log_probs_is_named_not_the_rows(tiny_mistral, tmp_path):
+    """A reference model whose log-probs are NaN (a NaN in its LM head): with `precompute_ref_log_probs` they were
+    cached and the run stopped at step 1 advising to check the rows and lower the learning rate; without, the same
+    advice at step 1. Now the precompute refuses to cache them, naming the reference and the rows, and a step names
+    the reference's rows."""
+    from transformers import AutoModelForCausalLM
+
+    from nca_trl.runtime.safety import NonFiniteError
+
+    data = isolated_dataset(tmp_path / "data", rated_rows(4))
+    ref = AutoModelForCausalLM.from_pretrained(tiny_mistral)
+    with torch.no_grad():
+        ref.lm_head.weight[7] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"reference model's log-probs are not finite \(NaN or infinite\) for 4 "
+                       r"of 4 rows of the train dataset \(rows \[0, 1, 2, 3\].*nothing was cached or trained\. The "
+                       r"reference \(the `ref_model`, .*\) gives them, not the data"):
+        NCATrainer(model=tiny_mistral, ref_model=ref, train_dataset=data,
+                   args=make_args(tmp_path, precompute_ref_log_probs=True))
+    trainer = NCATrainer(model=tiny_mistral, ref_model=ref, train_dataset=data, args=make_args(tmp_path, max_steps=1))
+    with pytest.raises(NonFiniteError, match=r"step 1 of 1.*The reference model's log-probs are not finite for rows "
+                       r"\[\d, \d\]: the reference gives them, not the data") as error:
+        trainer.train()
+    assert "lower the learning rate" not in str(error.value)
+
+
 class NaNGradientAtStep2(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         model.lm_head.weight.register_hook(lambda g: g * float("nan") if state.global_step == 1 else g)

@@ -110,16 +110,25 @@ def check_loss(trainer, loss: torch.Tensor, inputs: dict) -> None:
     bad_rows = None
     if rows is not None and row_losses is not None and row_losses.shape[0] == rows.shape[0]:
         bad_rows = rows[~torch.isfinite(row_losses.detach().cpu())]
+    ref_finite = getattr(trainer, "_ref_finite", None)  # per row of the batch: the reference's log-probs finite
+    ref_bad = None
+    if rows is not None and ref_finite is not None and ref_finite.shape[0] == rows.shape[0]:
+        ref_bad = rows[~ref_finite.cpu()]
     all_rows = _gathered_rows(trainer, rows)
     bad_rows = _gathered_rows(trainer, bad_rows)
+    ref_bad = _gathered_rows(trainer, ref_bad)
     worst = loss.detach().float().item()
+    advice = ("The reference model's log-probs are not finite for rows "
+              f"{ref_bad}: the reference gives them, not the data or the update. Check its weights for NaN / inf, and "
+              "its dtype (float16 overflows: load it in bfloat16 or float32)." if ref_bad else
+              "Check these rows (rewards, completions), then lower the learning rate or `beta`, or use a smaller "
+              "`max_grad_norm`.")
     raise NonFiniteError(
         f"Non-finite training loss ({worst if not math.isfinite(worst) else 'on another process'}) at "
         f"{_step_text(trainer)}, computed on {_rows_text(trainer, all_rows)}"
         + (f"; the per-prompt loss is not finite for rows {bad_rows}" if bad_rows else "")
         + ". The run stopped before this step's backward pass and optimizer step: the weights in memory are those "
-        "of the previous step and nothing was saved after it. Check these rows (rewards, completions), then lower "
-        "the learning rate or `beta`, or use a smaller `max_grad_norm`. " + _last_checkpoint_text(trainer)
+        f"of the previous step and nothing was saved after it. {advice} " + _last_checkpoint_text(trainer)
     )
 
 
