@@ -39,6 +39,7 @@ from .runtime.errors import ROW_INDEX
 from .runtime.output_dir import check_output_dir
 from .runtime.predictions import EvalPredictionsMixin
 from .runtime.progress import use_readable_progress
+from .runtime.reference import check_reference_vocabulary
 from .runtime.router_aux import add_router_aux_loss, check_router_aux, experts_for_fused_head, router_aux_forward
 from .runtime.safety import RunSafetyMixin
 from .shared_prompt.packing import (SharedPromptLayoutMixin, is_shared_prompt_batch, is_shared_prompt_enabled,
@@ -180,6 +181,8 @@ class _RatedCompletionsTrainer(RunSafetyMixin, EvalPredictionsMixin, PromptWeigh
                 pad_to_multiple_of=args.pad_to_multiple_of if isinstance(args.pad_to_multiple_of, int) else None,
             )
 
+        check_reference_vocabulary(model, ref_model, getattr(processing_class, "tokenizer", processing_class),
+                                   (args.model_init_kwargs or {}).get("revision"), args.trust_remote_code)
         # TRL's own padding-free path is disabled in TRL (it warns that it falls back to padding): it never sees the
         # flag, which this trainer implements with the shared-prompt layout instead
         with self._zero3_moe_leaves(args), _hidden_from_parent(args, "padding_free", False):
