@@ -728,6 +728,60 @@ def test_ddp_launch_on_a_locked_output_dir_is_refused_by_every_process(tmp_path,
 
 # ------------------------------------------------------------------------------------------------ finished runs
 @pytest.mark.slow  # over a few seconds on 2 cores
+def test_a_failed_save_says_what_it_left_and_the_model_is_saved_before_the_final_evaluation(tiny_mistral, tmp_path,
+                                                                                            monkeypatch):
+    """A full disk during a checkpoint raised torch's "unexpected pos 16984896 vs 16984788", naming nothing: the error
+    now carries a note (the checkpoint is incomplete, which one a resume takes, the free space). `nca-trl train` saved
+    its metrics and trainer_state.json before the final model, so a failed final save left them beside the earlier
+    model, and a final evaluation that failed (out of memory) lost the trained steps: the model is now saved first."""
+    import sys
+
+    import trl
+
+    if sys.version_info < (3, 11):
+        pytest.skip("exception notes are Python 3.11's")
+    original = trl.DPOTrainer._save_checkpoint
+
+    def full_at_step_2(self, model, trial):
+        if self.state.global_step == 2:
+            (Path(self.args.output_dir) / "checkpoint-2").mkdir()
+            raise OSError(28, "No space left on device")
+        return original(self, model, trial)
+
+    monkeypatch.setattr(trl.DPOTrainer, "_save_checkpoint", full_at_step_2)
+    out = tmp_path / "run"
+    with pytest.raises(OSError, match="No space left") as error:
+        cli_train(cli_argv(tiny_mistral, out, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1"))
+    note = " ".join(getattr(error.value, "__notes__", []))
+    assert f"writing {out / 'checkpoint-2'} failed; it has no {MARKER}, so no resume takes it" in note
+    assert f"resumes from {out / 'checkpoint-1'}, the last complete checkpoint" in note and "MiB are free" in note
+    monkeypatch.undo()
+
+    # The final evaluation fails: the trained model is in place all the same
+    def evaluate_once(self, *args, **kwargs):  # the step-0 evaluation passes, the final one fails
+        if self.state.global_step == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return original_evaluate(self, *args, **kwargs)
+
+    original_evaluate = NCATrainer.evaluate
+    monkeypatch.setattr(NCATrainer, "evaluate", evaluate_once)
+    out = tmp_path / "evaluated"
+    with pytest.raises(RuntimeError, match="simulated"):
+        cli_train(cli_argv(tiny_mistral, out, "--max_steps", "2", "--report_train_prompts", "2"))
+    assert json.loads((out / MARKER).read_text())["final_model"] and all_finite(out)
+    assert not (out / "run_info.json").exists()  # not finished: no run_info.json
+    monkeypatch.undo()
+
+    # The final save fails over that model: it stays whole, and no file of this run is left beside it
+    kept = {p.name: file_digest(p) for p in out.iterdir() if p.is_file()}
+    monkeypatch.setattr(trl.DPOTrainer, "save_model", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space")))
+    with pytest.raises(OSError, match="No space") as error:
+        cli_train(cli_argv(tiny_mistral, out, "--max_steps", "1", "--seed", "7"))
+    assert "nca-trl: writing the final model into" in " ".join(error.value.__notes__)
+    assert {p.name: file_digest(p) for p in out.iterdir() if p.is_file() and p.name != LOCK} == kept
+
+
+@pytest.mark.slow  # over a few seconds on 2 cores
 def test_a_finished_run_of_other_settings_is_refused_before_loading_anything(tiny_mistral, tmp_path, monkeypatch):
     """Before: a second `nca-trl train` into a finished `output_dir` (e.g. the docs' chain reusing the quick start's
     folder) trained over it without a word. Now other settings are refused before the data or any model loads, naming

@@ -195,6 +195,9 @@ def save_checkpoint(trainer, parent_save, model, trial) -> None:
     args.save_total_limit = None  # rotate after the marker: a complete checkpoint is never deleted for a partial one
     try:
         parent_save(model, trial)
+    except Exception as error:  # a full disk raised torch's "unexpected pos 16984896 vs 16984788", naming nothing
+        _say_what_a_failed_save_left(error, folder, run_dir)
+        raise
     finally:
         args.save_total_limit = limit
     trainer.accelerator.wait_for_everyone()
@@ -206,6 +209,26 @@ def save_checkpoint(trainer, parent_save, model, trial) -> None:
             output_dir=run_dir, save_total_limit=limit, best_model_checkpoint=trainer.state.best_model_checkpoint,
             use_mtime=True,
         )
+
+
+def _say_what_a_failed_save_left(error: Exception, folder: str, run_dir: str) -> None:
+    """A note on `error` (printed with its traceback): the checkpoint is incomplete, which one a resume takes, and the
+    disk's free space."""
+    if not hasattr(error, "add_note"):  # Python 3.10
+        return
+    last = last_complete_checkpoint(run_dir, warn=False)
+    error.add_note(
+        f"nca-trl: writing {folder} failed; it has no {COMPLETE_MARKER}, so no resume takes it. "
+        + (f"`--resume_from_checkpoint true` resumes from {last}, the last complete checkpoint. " if last else
+           "There is no complete checkpoint yet. ") + _free_space(run_dir))
+
+
+def _free_space(folder: str) -> str:
+    try:
+        free = shutil.disk_usage(folder).free / 2**20
+    except OSError:
+        return ""
+    return f"{free:.0f} MiB are free on that disk" + (" (full?)." if free < 1024 else ".")
 
 
 # What a model or adapter save writes, which a loader reads when present: weights and their index, adapters, configs,
@@ -286,7 +309,13 @@ def save_final_model(trainer, parent_save_model, output_dir: str | None) -> None
         shutil.rmtree(staging, ignore_errors=True)  # a previous failed save
     if collective:
         trainer.accelerator.wait_for_everyone()
-    parent_save_model(staging, _internal_call=True)
+    try:
+        parent_save_model(staging, _internal_call=True)
+    except Exception as error:
+        if hasattr(error, "add_note"):
+            error.add_note(f"nca-trl: writing the final model into {staging} failed; the files of {output_dir} are "
+                           "as they were. " + _free_space(output_dir))
+        raise
     if collective:
         trainer.accelerator.wait_for_everyone()
     if args.should_save and os.path.isdir(staging):

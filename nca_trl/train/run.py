@@ -215,6 +215,9 @@ def _train(args, settings: dict, callbacks: list | None, keep_process_group: boo
         replace()
     result = trainer.train(resume_from_checkpoint=_resume_value(training_args.resume_from_checkpoint))
 
+    # The model first: a final evaluation that fails (out of memory) or a full disk does not lose the trained steps,
+    # nor leave this run's metrics and trainer_state.json beside the earlier model a failed save kept
+    trainer.save_model(training_args.output_dir)
     metrics = {**result.metrics, "train_samples": len(train_dataset)}
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
@@ -224,7 +227,6 @@ def _train(args, settings: dict, callbacks: list | None, keep_process_group: boo
         eval_metrics = trainer.evaluate()
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
-    trainer.save_model(training_args.output_dir)
 
     info = run_info(trainer, model_args, metrics, eval_metrics, started, distributed, settings)
     info["dropped"] = dropped
