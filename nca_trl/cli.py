@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime.errors import DataError, OutputDirError, SettingsError
 
     quiet_deepspeed_cpu_notice()
-    with _library_log():
+    with _library_log(), _sigterm_as_interrupt():
         try:
             getattr(importlib.import_module(package), run)(rest)
         # A setting refused before anything was written or loaded, a bad row or data file (its row or line): the
@@ -125,10 +125,38 @@ def main(argv: list[str] | None = None) -> int:
         except (SettingsError, DataError, OutputDirError) as error:
             print(f"nca-trl {command}: error: {error}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:  # Ctrl-C: a line saying how to continue, not a traceback through the library
-            print(f"nca-trl {command}: interrupted. {_CONTINUE.get(command, '')}".rstrip(), file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as stop:  # Ctrl-C: a line saying how to continue, not a traceback through the library
+            how = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+            print(f"nca-trl {command}: {how}. {_CONTINUE.get(command, '')}".rstrip(), file=sys.stderr)
+            return 143 if isinstance(stop, Terminated) else 130
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption or time limit, `kill`), raised where the command is, as Ctrl-C is."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM ends the command as Ctrl-C does, with the line saying how it continues (exit 143): it ended with no
+    word (a scheduler's preemption). Only where SIGTERM has its default action, in the main thread (a program that
+    calls `main` and handles it keeps its own)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 #: How a command stopped by Ctrl-C continues

@@ -807,3 +807,27 @@ def test_ctrl_c_is_one_line_saying_how_to_continue(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("nca-trl train: interrupted. Continue from the last complete checkpoint") and \
         "--resume_from_checkpoint true" in err and "Traceback" not in err
+
+
+def test_sigterm_ends_a_command_as_ctrl_c_does(monkeypatch, capsys):
+    """SIGTERM (a scheduler's preemption or time limit) ended `nca-trl train` with no word (exit -15): now the line
+    saying how the run continues, exit 143, and SIGTERM's default action back afterwards."""
+    import os
+    import signal
+
+    import nca_trl.train
+
+    def terminated(argv):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as in a shell; restored below
+    try:
+        monkeypatch.setattr(nca_trl.train, "train", terminated)
+        assert main(["train", "--config", str(REPO / "recipes/tiny/nca.yaml"), "--dry_run", "true"]) == 143
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    assert err.startswith("nca-trl train: terminated (SIGTERM). Continue from the last complete checkpoint") and \
+        "--resume_from_checkpoint true" in err and "Traceback" not in err
