@@ -513,6 +513,50 @@ def test_a_restart_on_changed_prompts_is_refused(digits_model, tmp_path, monkeyp
     with pytest.raises(ValueError, match=r"holds an iterate run \(iterate.json\) with other settings \(prompts_sha256"):
         iterate(["--config", str(recipe)])
 
+
+def test_a_restart_on_a_changed_initial_model_or_reward_file_is_refused(digits_model, tmp_path, monkeypatch):
+    """The initial model's folder overwritten (`make-tiny-model --overwrite`, a retrained SFT model under the same
+    path) was taken as the same run: later rounds took another reference and initial model than the earlier ones',
+    exit 0; likewise a reward function's file edited after rounds were scored with it. The run records what their
+    files held (a copy of the same files is the same run; where nothing was scored yet, a reward file may change)."""
+    import shutil
+
+    from nca_trl.iterate import iterate, loop
+    from nca_trl.tiny import build_tiny_model
+
+    class Stop(Exception):
+        pass
+
+    monkeypatch.setattr(loop, "_round", lambda *a, **k: (_ for _ in ()).throw(Stop()))
+    model, out = tmp_path / "model", tmp_path / "run"
+    shutil.copytree(digits_model, model)
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text("def length(prompts, completions, **kw):\n    return [float(len(c)) for c in completions]\n")
+    recipe = _recipe(tmp_path, model, out, reward_funcs=[f"{rewards}:length"])
+    with pytest.raises(Stop):
+        iterate(["--config", str(recipe)])
+    shutil.rmtree(model)
+    shutil.copytree(digits_model, model)  # copied again: the same files
+    with pytest.raises(Stop):
+        iterate(["--config", str(recipe)])
+    recorded = json.loads((out / "iterate.json").read_text())
+    assert len(recorded["model_files_digest"]) == 16 and list(recorded["reward_funcs_files_digest"]) == [
+        f"{rewards}:length"]
+
+    rewards.write_text(rewards.read_text().replace("len(c)", "-len(c)"))
+    with pytest.raises(Stop):  # nothing scored yet: taken
+        iterate(["--config", str(recipe)])
+    (out / "round-1").mkdir(exist_ok=True)
+    (out / "round-1" / "status.json").write_text(json.dumps({"generate": {}, "score": {}}))
+    rewards.write_text(rewards.read_text().replace("-len(c)", "2 * len(c)"))
+    with pytest.raises(ValueError, match=r"with other settings \(reward_funcs_files_digest: "):
+        iterate(["--config", str(recipe)])
+    rewards.write_text(rewards.read_text().replace("2 * len(c)", "-len(c)"))
+
+    build_tiny_model(model, seed=7, max_position_embeddings=64, vocab="digits", overwrite=True)
+    with pytest.raises(ValueError, match=r"with other settings \(model_files_digest: '[0-9a-f]{16}' -> '[0-9a-f]{16}'"):
+        iterate(["--config", str(recipe)])
+
 @pytest.mark.slow  # over a few seconds on 2 cores
 def test_a_restart_keeps_the_split_and_counts_what_was_trained(digits_model, tmp_path):
     """Without `prompts_per_round` the split was computed from `rounds`, so `--rounds 2` on a finished 1-round run

@@ -22,7 +22,7 @@ from dataclasses import asdict
 from types import SimpleNamespace
 
 from ..runtime.errors import SettingsError
-from ..runtime.files import json_digest
+from ..runtime.files import files_digest, json_digest
 from ..runtime.paths import check_path_settings
 from .arguments import PATH_SETTINGS, IterateArguments, parse_iterate_args
 from .layout import RunLayout, log, read_jsonl, write_json, write_jsonl
@@ -37,7 +37,11 @@ _RESTARTABLE = ("rounds", "generation_batch_size", "scoring_batch_size", "eval_b
 #: Settings that only some stages read, and those stages (`round-r/status.json`'s names): they may change while none of
 #: those stages has finished
 _READ_BY = {"training": {"train"}, "reward_model": {"score", "eval"}, "reward_funcs": {"score", "eval"},
-            "reward_weights": {"score", "eval"}}
+            "reward_weights": {"score", "eval"}, "reward_model_files_digest": {"score", "eval"},
+            "reward_funcs_files_digest": {"score", "eval"}}
+#: What the run's inputs held (`_input_digests`), compared on a restart; a run recorded without one is compared
+#: without it
+_DIGESTS = ("prompts_sha256", "model_files_digest", "reward_model_files_digest", "reward_funcs_files_digest")
 
 
 def plan_rounds(num_prompts: int, args: IterateArguments) -> tuple[int, range]:
@@ -70,7 +74,9 @@ def _check_manifest(layout: RunLayout, settings: dict, overwrite: bool = False) 
     recorded = json.loads(layout.manifest.read_text())
     # The prompts' content (a run of an nca-trl that did not record it is compared without it): the same file name
     # with its lines moved put held-out prompts into later rounds' training slices
-    old = () if "prompts_sha256" in recorded else ("prompts_sha256",)
+    # Likewise the files of the initial model and the reward sources: the same path overwritten (`make-tiny-model
+    # --overwrite`, a retrained model) gave later rounds another reference and initial model than the earlier ones'
+    old = tuple(key for key in _DIGESTS if key not in recorded)
     changed = changed_settings(*(_same_paths(d) for d in (recorded, settings)), ignore=_RESTARTABLE + old)
     # Settings that only stages none of which has finished read may change: `training:` before a round trained (e.g.
     # round 1's training refused a `max_length`), the reward sources before a score or an evaluation (round 0's
@@ -98,6 +104,31 @@ def _check_manifest(layout: RunLayout, settings: dict, overwrite: bool = False) 
         log(f"--overwrite_output_dir: removing the run of other settings in {layout.root} ({'; '.join(changed[:3])})")
         _remove_run(layout)
     write_json(layout.manifest, settings)
+
+
+def _input_digests(args: IterateArguments) -> dict:
+    """`files_digest` (16 hex digits) of the local initial model and reward model, and of the reward functions' files
+    (`path/file.py:function`, or a top-level module found on the path without importing it); None where not local."""
+    import importlib.util
+
+    def short(path) -> str | None:
+        digest = files_digest(path) if path else None
+        return digest[:16] if digest else None
+
+    funcs = {}
+    for spec in args.reward_funcs or []:
+        source, _, _ = spec.rpartition(":") if ":" in spec else spec.rpartition(".")
+        if source.endswith(".py"):
+            funcs[spec] = short(source)
+        elif source and "." not in source:
+            try:
+                found = importlib.util.find_spec(source)
+            except (ImportError, ValueError):
+                found = None
+            origin = getattr(found, "origin", None)
+            funcs[spec] = short(origin) if origin and origin not in ("built-in", "frozen") else None
+    return {"model_files_digest": short(args.model_name_or_path), "reward_model_files_digest": short(args.reward_model),
+            "reward_funcs_files_digest": funcs}
 
 
 def _remove_run(layout: RunLayout) -> None:
@@ -221,7 +252,7 @@ def iterate(argv: list[str] | None = None) -> dict | None:
     with claim_output_dir(lock_args):  # creates `output_dir`; removed again if the run stops before writing to it
         settings = {k: v for k, v in asdict(args).items()}
         settings.update(num_prompts=len(dataset), prompts_sha256=json_digest(dataset.to_list()),
-                        prompts_per_round=per_round)
+                        prompts_per_round=per_round, **_input_digests(args))
         if main:
             _check_manifest(layout, settings, args.overwrite_output_dir)
             if not layout.heldout.exists():

@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["fsync_tree", "json_default", "json_digest", "parquet_table", "write_atomic"]
+__all__ = ["files_digest", "fsync_tree", "json_default", "json_digest", "parquet_table", "write_atomic"]
 
 
 def write_atomic(path: str | os.PathLike, text: str | bytes) -> None:
@@ -89,4 +89,25 @@ def json_digest(values) -> str:
     for value in values:
         digest.update(json.dumps(value, sort_keys=True, ensure_ascii=False, default=str).encode())
         digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def files_digest(path: str | os.PathLike, sample: int = 1 << 20) -> str | None:
+    """SHA-256 of a local file, or of a folder's files (a model: weights, config, tokenizer; top level), read as each
+    file's name, size and its first and last `sample` bytes: what a restart compares to know a model or a reward
+    function's file is still the one the run began with, in well under a second for a 7B model (copying keeps it;
+    training, `make-tiny-model --overwrite` or an edit changes it). None for what is not local (a Hub id)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.name}\0{size}\0".encode())
+        with open(file, "rb") as f:
+            digest.update(f.read(sample))
+            if size > 2 * sample:
+                f.seek(size - sample)
+            digest.update(f.read(sample))
     return digest.hexdigest()
