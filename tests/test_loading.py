@@ -275,7 +275,7 @@ def test_rewards_that_are_strings_in_some_rows_are_refused_in_any_file_type(tmp_
     parquet = tmp_path / "mixed.parquet"
     datasets.load_dataset("json", data_files=str(mixed), split="train").to_parquet(str(parquet))
     with pytest.raises(DataFileError, match=r"mixed\.parquet: column 'rewards' changes type across rows \(strings "
-                                            r"among numbers\), which `datasets` reads as JSON values"):
+                                            r"or other values among numbers\), which `datasets` reads as JSON values"):
         _load(parquet)
 
 
@@ -304,6 +304,13 @@ def test_a_row_index_column_of_the_users_own_is_left_alone(tmp_path):
     ("completions", [{**ROW, "completions": ["4", "5", "6"]}, {**ROW, "completions": ["4", [{"role": "assistant",
                                                                                             "content": "5"}], "6"]}],
      r"column 'completions' holds a string in line 1 but a list in line 2 \(position 1\)"),
+    # before: "(strings among numbers) ... write every reward as a number (not a string)" for a boolean and a list
+    ("booleans", [ROW, {**ROW, "rewards": [1.0, True, 0.5]}],
+     r"column 'rewards' holds a number in line 1 but a boolean in line 2 \(position 1\): True \(booleans among "
+     r"numbers\)"),
+    ("nested", [ROW, {**ROW, "rewards": [1.0, [0.0], 0.5]}],
+     r"column 'rewards' holds a number in line 1 but a list in line 2 \(position 1\): \[0\.0\] \(lists among "
+     r"numbers\)"),
 ])
 def test_columns_read_as_json_values_are_refused_naming_the_line(tmp_path, name, lines, message):
     path = write_jsonl(tmp_path / f"{name}.jsonl", lines)

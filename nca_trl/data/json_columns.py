@@ -116,15 +116,19 @@ def check_json_columns(dataset, source: str | None) -> None:
     path = _json_file(source)
     lines = _first_differing_line(path, column) if path is not None else None
     numbers = bool(_NUMBERS.match(column))
+    kinds = set()
     if lines:
         (line0, kind0), (line, position, kind, value) = lines
         at = f" (position {position})" if position is not None else ""
         where = f"holds {kind0} in line {line0} but {kind} in line {line}{at}: {_short(value)}"
+        kinds = {kind0, kind} - {"a number"}
     else:
         line = None
         where = "changes type across rows"
-    if numbers:
-        meaning, fix = "strings among numbers", "write every reward and score as a number (not a string)"
+    if numbers:  # what is among the numbers: a string, or a boolean, list or object (not "strings" for those)
+        other = " or ".join(k[2:] if k.startswith("a ") else k[3:] for k in sorted(kinds)) or "string"
+        meaning = f"{'strings or other values' if not kinds else other + 's'} among numbers"
+        fix = "write every reward and score as one plain number (not a string, boolean, list or object)"
     else:
         meaning = "mixed standard/conversational styles, or text among numbers or lists"
         fix = ("use one style for the whole file: every prompt and completion a string (standard), or every one a "
