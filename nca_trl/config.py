@@ -235,6 +235,9 @@ def check_rated_config(args: DPOConfig, config_class: type[_RatedCompletionsConf
     max_completions = getattr(args, "max_completions", None)
     if max_completions is not None and max_completions < 2:
         raise ValueError(f"`max_completions` must be None or >= 2, got {max_completions!r}.")
+    if args.max_steps <= 0 and args.num_train_epochs <= 0:  # trained no step, saved the initial model: "finished"
+        raise ValueError(f"{setting('num_train_epochs', args.num_train_epochs)} without `max_steps` trains no step: "
+                         "give `num_train_epochs` > 0 or `max_steps` > 0 (to evaluate only, call `evaluate()`).")
     _check_inherited_switches(args)
 
 

@@ -657,13 +657,16 @@ def test_paper_recipe_uses_the_papers_one_hot_targets(loss):
     (["train", "--config", "recipes/tiny/nca.yaml", "--beta", "inf"], "`beta` must be a finite number > 0, got inf"),
     (["train", "--config", "recipes/tiny/nca.yaml", "--weight_decay", "nan"], "(or `--weight_decay nan`) is not a finite"),
     (["train", "--config", "recipes/tiny/nca.yaml", "--weight_decay", "inf"], "(or `--weight_decay inf`) is not a finite"),
+    # trained no step and saved the initial model as a finished run, exit 0
+    (["train", "--config", "recipes/tiny/nca.yaml", "--num_train_epochs", "0", "--max_steps", "-1"],
+     "(or `--num_train_epochs 0.0`) without `max_steps` trains no step"),
     (["generate", "--model_name_or_path", "outputs/tiny-mistral", "--dataset_name", "data/sort_prompts.jsonl", "--output",
       "outputs/never.jsonl", "--num_completions", "1"], "`num_completions` must be at least 2, got 1"),
     (["score", "--dataset_name", "data/vicuna_rated.jsonl", "--output", "outputs/never.jsonl", "--reward_funcs",
       "no_such_module:f"], "Reward function 'no_such_module:f': no module named 'no_such_module'"),
     (["iterate", "--config", "recipes/tiny/iterate_nca.yaml", "--training", '{"learnig_rate": 1}'],
      "'learnig_rate' (did you mean 'learning_rate'?)"),
-], ids=["train", "lr-inf", "lr-nan", "beta-inf", "nan", "inf", "generate", "score", "iterate"])
+], ids=["train", "lr-inf", "lr-nan", "beta-inf", "nan", "inf", "epochs-0", "generate", "score", "iterate"])
 def test_a_refused_setting_is_one_line_and_exit_2(argv, message, capsys, monkeypatch, tmp_path):
     """A setting refused while the arguments are parsed (after the fast flag and path checks, before anything is
     written or loaded) is `nca-trl CMD: error: MESSAGE` and exit 2, not a traceback through the parser."""
