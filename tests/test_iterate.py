@@ -514,6 +514,26 @@ def test_a_restart_on_changed_prompts_is_refused(digits_model, tmp_path, monkeyp
         iterate(["--config", str(recipe)])
 
 
+def test_a_training_max_length_no_prompt_fits_is_refused_at_the_start(digits_model, tmp_path):
+    """`training: {max_length: 5}` with prompts of 7 tokens: refused at round 1's training, after round 0's evaluation
+    and round 1's sampling and scoring had run. Now at the start, naming the round, before anything is written."""
+    from nca_trl.iterate import iterate
+
+    out = tmp_path / "run"
+    recipe = _recipe(tmp_path, digits_model, out, training={"max_length": 5})
+    with pytest.raises(ValueError, match=r"each training prompt of round 1 \(rows 0-15\) alone fills `max_length: 5` "
+                       r"of the `training:` mapping \(shortest \d+ tokens, row \d+\).*Fix: raise `max_length` above "
+                       r"\d+ in `training:`, or set `truncation_mode: keep_end` there\. Nothing was written\."):
+        iterate(["--config", str(recipe)])
+    assert not out.exists()
+    # keep_end keeps every completion's tokens: not refused (stopped here before any round)
+    from nca_trl.iterate import loop
+
+    args = loop.parse_iterate_args(["--config", str(_recipe(tmp_path, digits_model, out, training={
+        "max_length": 5, "truncation_mode": "keep_end"}))])
+    loop._check_training_room(args, None, 16, None)  # returns before reading a prompt
+
+
 def test_a_restart_on_a_changed_initial_model_or_reward_file_is_refused(digits_model, tmp_path, monkeypatch):
     """The initial model's folder overwritten (`make-tiny-model --overwrite`, a retrained SFT model under the same
     path) was taken as the same run: later rounds took another reference and initial model than the earlier ones',

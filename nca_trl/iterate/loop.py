@@ -160,7 +160,7 @@ def _rounds(layout: RunLayout) -> list[int]:
     return sorted(int(n) for n in (f.name.removeprefix("round-") for f in layout.root.glob("round-*")) if n.isdigit())
 
 
-def _check_prompts(args, dataset) -> None:
+def _check_prompts(args, dataset, per_round: int) -> None:
     """Every prompt checked as `nca-trl generate` checks them, naming the user's file and row, before `output_dir` is
     written: a bad prompt among the held-out ones was met at round 0's evaluation, named in `heldout_prompts.jsonl`,
     and the fixed file was then refused as other settings (its digest is the run's)."""
@@ -172,6 +172,37 @@ def _check_prompts(args, dataset) -> None:
     tokenizer = AutoTokenizer.from_pretrained(generate.model_name_or_path, revision=generate.model_revision,
                                               trust_remote_code=generate.trust_remote_code)
     check_prompts(dataset, tokenizer, args.dataset_name, generate.model_name_or_path)
+    _check_training_room(args, dataset, per_round, tokenizer)
+
+
+def _check_training_room(args, dataset, per_round: int, tokenizer) -> None:
+    """A round whose every training prompt fills `training.max_length` (with `truncation_mode: keep_start`, each
+    such row is dropped) is refused now, naming the round: it was refused at that round's training, after round 0's
+    evaluation and the round's sampling and scoring had run. The prompts are tokenized as the trainer tokenizes
+    them, with a one-token completion. `loss: dpo` (trl.DPOTrainer truncates, drops nothing) is not checked."""
+    from ..data.tokenize import tokenize_rated_example
+    from trl.data_utils import is_conversational
+
+    config = getattr(args.stages.train, "training", None)  # `nca-trl train`'s arguments; a DPOConfig has none
+    if config is None or config.max_length is None or config.truncation_mode != "keep_start":
+        return
+    eos = tokenizer.eos_token or ""
+    for r in range(1, args.rounds + 1):
+        rows = range((r - 1) * per_round, r * per_round)
+        lengths = []
+        for i in rows:
+            row = dataset[i]
+            one = [{"role": "assistant", "content": "x"}] if is_conversational({"prompt": row["prompt"]}) else "x"
+            example = {**row, "completions": [one], "rewards": [0.0]}
+            lengths.append(len(tokenize_rated_example(example, tokenizer, eos, row=i)["prompt_ids"]))
+        if lengths and min(lengths) >= config.max_length:
+            shortest = min(lengths)
+            raise SettingsError(
+                f"{args.dataset_name}: each training prompt of round {r} (rows {rows.start}-{rows.stop - 1}) alone "
+                f"fills `max_length: {config.max_length}` of the `training:` mapping (shortest {shortest} tokens, row "
+                f"{rows.start + lengths.index(shortest)}), so that round's training would drop every row. Fix: raise "
+                f"`max_length` above {shortest} in `training:`, or set `truncation_mode: keep_end` there. Nothing was "
+                "written.")
 
 
 def _rows(dataset, indices) -> list[dict]:
@@ -248,7 +279,7 @@ def iterate(argv: list[str] | None = None) -> dict | None:
         # A restart (`--rounds N` too) keeps the split of the run: computed from `rounds`, it would change with it
         args.prompts_per_round = json.loads(layout.manifest.read_text()).get("prompts_per_round")
     per_round, heldout = plan_rounds(len(dataset), args)  # refused before `output_dir` exists
-    _check_prompts(args, dataset)
+    _check_prompts(args, dataset, per_round)
     with claim_output_dir(lock_args):  # creates `output_dir`; removed again if the run stops before writing to it
         settings = {k: v for k, v in asdict(args).items()}
         settings.update(num_prompts=len(dataset), prompts_sha256=json_digest(dataset.to_list()),
