@@ -36,6 +36,30 @@ def write_csv(path, n):
     return path
 
 
+def test_a_file_rewritten_with_its_modification_time_kept_is_read_again(tmp_path, caplog):
+    """`datasets` keys its cache of a local file on its path and modification time: a file rewritten with the time
+    kept (`cp -p`, `rsync -t`, tar) gave the cached old rows (40 prompts trained from a 20-line file, exit 0) while
+    the checks read the new file. A cache of another size is read again, said so; files too (a folder's)."""
+    import logging
+    import os
+
+    for name in ("file", "folder"):
+        path = tmp_path / name / "rated.jsonl"
+        write_jsonl(path, rows(40))
+        stamp = (1_700_000_000, 1_700_000_000)
+        os.utime(path, stamp)
+        assert len(raw(path if name == "file" else path.parent)["train"]) == 40  # cached
+        write_jsonl(path, rows(20, 100))
+        os.utime(path, stamp)
+        with caplog.at_level(logging.WARNING, logger="nca_trl"):
+            again = raw(path if name == "file" else path.parent)["train"]
+        assert len(again) == 20 and again[0]["prompt"] == "question 100", name
+        assert "the datasets cache held another version of it (the same modification time, another size): read " \
+               "again" in caplog.text
+        caplog.clear()
+        assert len(raw(path if name == "file" else path.parent)["train"]) == 20 and not caplog.text  # cached now
+
+
 # ---------------------------------------------------------------------------------------------------------- folders
 def test_folder_with_two_file_types_is_refused_naming_both(tmp_path):
     """Before: datasets picks the most common type and trains on the jsonl rows only, without a word."""

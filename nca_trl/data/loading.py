@@ -11,6 +11,7 @@ are loaded as they are.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from pathlib import Path
@@ -26,6 +27,8 @@ from .json_columns import check_json_columns, check_json_strings
 from .tokenize import with_row_index
 
 __all__ = ["load_datasets", "load_raw", "load_split", "split_of"]
+
+logger = logging.getLogger("nca_trl")
 
 
 def load_raw(script_args, mixture):
@@ -186,11 +189,21 @@ def load_datasets(script_args, mixture, training_args):
 
 
 def _load(what: str, path: Path, builder: str | None, *, from_disk: bool = False, **kwargs):
-    """`datasets.load_dataset(builder, **kwargs)` (or `load_from_disk`), any library error re-raised naming `what`."""
+    """`datasets.load_dataset(builder, **kwargs)` (or `load_from_disk`), any library error re-raised naming `what`.
+
+    `datasets` keys its cache of local files on their path and modification time alone: a file rewritten with its
+    time kept (`cp -p`, `rsync -t`, tar, a one-second clock) gave the cached old rows while the checks had read the
+    new file. Where the data files' total size differs from what the cache recorded they are read again, said so."""
     try:
         if from_disk:
             return datasets.load_from_disk(str(path))
-        return datasets.load_dataset(builder, **kwargs)
+        loaded = datasets.load_dataset(builder, **kwargs)
+        if _cache_is_stale(loaded, kwargs.get("data_files")):
+            logger.warning("%s: the datasets cache held another version of it (the same modification time, another "
+                           "size): read again.", what)
+            loaded = datasets.load_dataset(builder, download_mode="force_redownload", verification_mode="no_checks",
+                                           **kwargs)  # (the checks compare with the old version's split sizes)
+        return loaded
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:  # noqa: BLE001 - re-raised with the file named and the original chained
@@ -201,3 +214,15 @@ def _load(what: str, path: Path, builder: str | None, *, from_disk: bool = False
         if root is not e:
             detail = f"{type(e).__name__} ({e}), caused by {detail}"
         raise DataFileError(f"Could not load {what}: {detail}", path=path) from e
+
+
+def _cache_is_stale(loaded, data_files) -> bool:
+    """Whether the total size of the local `data_files` (a path, a list, or split -> paths) differs from the one the
+    loaded dataset's cache recorded (`info.download_size`)."""
+    listed = data_files.values() if isinstance(data_files, dict) else [data_files]
+    files = [Path(f) for item in listed if item for f in ([item] if isinstance(item, (str, Path)) else item)]
+    if not files or not all(f.is_file() for f in files):
+        return False
+    first = next(iter(loaded.values())) if isinstance(loaded, dict) else loaded
+    recorded = getattr(getattr(first, "info", None), "download_size", None)
+    return recorded is not None and recorded != sum(f.stat().st_size for f in files)
