@@ -228,6 +228,19 @@ def test_data_sources_splits_and_mixtures(tmp_path):
         a = parse_train_args(["--config", str(path)])
         with pytest.raises(ValueError, match=rf"{latin}.*line 1"):
             load_datasets(a.script, a.mixture, a.training)
+    # Entries that datasets cannot concatenate (chat messages beside text) and `fraction` on some entries only were a
+    # traceback through datasets / TRL (exit 1): a DataError naming the mixture (one line, exit 2)
+    from nca_trl.runtime.errors import DataError
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"prompt": [{"role": "user", "content": "q"}], "rewards": [1, 0], "completions": [
+        [{"role": "assistant", "content": "a"}], [{"role": "assistant", "content": "b"}]]}) + "\n")
+    for entries in ([{"path": str(VICUNA)}, {"path": str(chat)}],
+                    [{"path": str(VICUNA), "fraction": 0.5}, {"path": str(tmp_path / "v.parquet")}]):
+        path.write_text(yaml.safe_dump({**mixture, "datasets": entries}))
+        a = parse_train_args(["--config", str(path)])
+        with pytest.raises(DataError, match=r"The `datasets:` mixture \(.*\) cannot be combined: .*Give every entry"):
+            load_datasets(a.script, a.mixture, a.training)
 
 
 def test_plan_memory_big_recipes_fit_their_hardware(capsys):

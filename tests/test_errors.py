@@ -125,4 +125,20 @@ def test_generate_and_score_bad_rows_are_one_line_too(folder, tiny_mistral, caps
     (folder / "s.jsonl").write_text('{"prompt": "hi", "completions": "one string"}\n')
     assert refused(["score", "--dataset_name", "s.jsonl", "--reward_funcs", "ascii_letters", "--output",
                     "outputs/run/rated.jsonl"], capsys) == "row 0: `completions` is str, expected a list of completions."
+    # Data without the columns a command reads (pairs to score, rows without prompts to sample): a ValueError
+    # traceback, exit 1, before
+    (folder / "pairs.jsonl").write_text('{"prompt": "hi", "chosen": "a", "rejected": "b"}\n')
+    assert refused(["score", "--dataset_name", "pairs.jsonl", "--reward_funcs", "ascii_letters", "--output",
+                    "outputs/run/rated.jsonl"], capsys).startswith("pairs.jsonl has no `completions` column")
+    (folder / "np.jsonl").write_text('{"question": "hi"}\n')
+    generate = ["generate", "--model_name_or_path", str(tiny_mistral), "--output", "outputs/run/s.jsonl",
+                "--num_completions", "2", "--max_new_tokens", "4", "--dataset_name"]
+    assert refused([*generate, "np.jsonl"], capsys).startswith("The prompts need a `prompt` column")
+    # A chat prompt whose every message is empty: sampled by generate, then refused by score (in `nca-trl iterate`,
+    # at a round's scoring, after its sampling)
+    (folder / "c.jsonl").write_text('{"prompt": [{"role": "user", "content": "hi"}]}\n'
+                                    '{"prompt": [{"role": "user", "content": ""}]}\n')
+    assert refused([*generate, "c.jsonl"], capsys) == (
+        "c.jsonl, row 1, field 'prompt': the prompt has empty content in every message. Give the row a prompt or "
+        "remove it.")
     assert not (folder / "outputs").exists()

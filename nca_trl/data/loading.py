@@ -36,7 +36,15 @@ def load_raw(script_args, mixture):
     if mixture.datasets:
         from trl import get_dataset
 
-        return get_dataset(_checked_mixture(mixture))
+        checked = _checked_mixture(mixture)
+        try:
+            return get_dataset(checked)
+        except ValueError as error:  # entries of other columns or styles, `fraction` on some entries only: TRL's or
+            # datasets' words, as one line naming the mixture, not a traceback through them
+            raise DataFileError(
+                f"The `datasets:` mixture ({', '.join(str(e.path) for e in mixture.datasets)}) cannot be combined: "
+                f"{error}. Give every entry the same columns and style (rated rows, or pairs; all standard text or "
+                "all chat messages), and `fraction` on every entry or none.", path=None) from error
     name = script_args.dataset_name
     path = Path(name).expanduser()
     if path.is_file():

@@ -45,7 +45,7 @@ def load_prompts(args: GenerateArguments):
     check_path(args.dataset_name, "dataset_name", "dataset")  # not the Hub's error for a missing file
     dataset = load_split(args, limit=args.max_prompts)
     if "prompt" not in dataset.column_names:
-        raise ValueError(
+        raise DataError(
             f"The prompts need a `prompt` column (a string, or a list of chat messages); {args.dataset_name} has the "
             f"columns {dataset.column_names}."
         )

@@ -47,7 +47,7 @@ def load_rows(args: ScoreArguments) -> list[dict]:
     dataset = load_split(args, limit=args.max_rows)
     missing = [c for c in ("prompt", "completions") if c not in dataset.column_names]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{args.dataset_name} has no {' and no '.join(f'`{c}`' for c in missing)} column (it has "
             f"{dataset.column_names}): `nca-trl score` reads {{prompt, completions}} rows, as `nca-trl generate` "
             "writes them. For a folder written by generate, pass the output file itself."
