@@ -211,7 +211,7 @@ def _conversation_problem(value: Any, what: str, *, needs_assistant: bool) -> st
     return None
 
 
-def _text_problem(value: Any, what: str, *, needs_assistant: bool) -> str | None:
+def text_problem(value: Any, what: str, *, needs_assistant: bool) -> str | None:
     """Why `value` (a string or a list of messages) is not a usable prompt/completion."""
     style = _style(value)
     if style is None:

@@ -40,8 +40,8 @@ from .formats import (
     _row_style,
     _style,
     _style_word,
-    _text_problem,
     detect_format,
+    text_problem,
 )
 from .rewards import check_rewards, rewards_tie
 
@@ -67,7 +67,7 @@ def _rewards_list(example: Mapping, index, dataset_name) -> list:
 
 def _check_prompt(example, index, dataset_name):
     prompt = example["prompt"]
-    problem = _text_problem(prompt, "the prompt", needs_assistant=False)
+    problem = text_problem(prompt, "the prompt", needs_assistant=False)
     if problem:
         raise DataValidationError(
             problem,
@@ -85,7 +85,7 @@ def _check_completion(value, what, field, style, style_name, index, dataset_name
     own = _style(value)
     if own is not None and style is not None and own != style:
         raise _mixed_style_error(style_name, style, what, own, index, dataset_name, field)
-    problem = _text_problem(value, what, needs_assistant=True)
+    problem = text_problem(value, what, needs_assistant=True)
     if problem:
         if own == "conversational":
             fix = (
@@ -155,7 +155,7 @@ def _check_pair_flag(example, completions, rewards, index, dataset_name):
 def _check_implicit(example, index, dataset_name):
     chosen, rejected = example["chosen"], example["rejected"]
     for name, value in (("chosen", chosen), ("rejected", rejected)):
-        problem = _text_problem(value, f"'{name}'", needs_assistant=True)
+        problem = text_problem(value, f"'{name}'", needs_assistant=True)
         if problem:
             raise DataValidationError(
                 problem,
@@ -182,12 +182,12 @@ def _check_implicit(example, index, dataset_name):
     # extracts can still be empty (" yes" / " no": a shared space goes to the completions), as `prompt: ""` is refused
     extracted = extract_prompt({"chosen": chosen, "rejected": rejected})
     what = f"the prompt extracted from 'chosen' and 'rejected' (their shared start, {shared} {unit}(s))"
-    problem = _text_problem(extracted["prompt"], what, needs_assistant=False) if extracted["prompt"] else \
+    problem = text_problem(extracted["prompt"], what, needs_assistant=False) if extracted["prompt"] else \
         f"{what} is empty"
     if problem:
         raise DataValidationError(problem, fix, row=index, field="chosen", dataset_name=dataset_name)
     for name in ("chosen", "rejected"):  # each conversation has content, but its reply after the prompt may not
-        problem = _text_problem(extracted[name], f"the reply of '{name}' after the shared prompt", needs_assistant=True)
+        problem = text_problem(extracted[name], f"the reply of '{name}' after the shared prompt", needs_assistant=True)
         if problem:
             raise DataValidationError(problem, f"give '{name}' a non-empty reply (or drop the row)", row=index,
                                       field=name, dataset_name=dataset_name)

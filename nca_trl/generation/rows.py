@@ -10,7 +10,7 @@ import json
 
 from trl.data_utils import _tokenize, is_conversational
 
-from ..data.validation import _text_problem
+from ..data.formats import text_problem
 from ..runtime.errors import DataError
 
 __all__ = ["check_prompts", "completion_rows", "decode_completion", "tokenize_prompt"]
@@ -53,7 +53,7 @@ def check_prompts(rows, tokenizer, source: str, model: str, context: int | None 
                             f"({{\"role\": ..., \"content\": ...}}), not {got}. Fix the row or remove it.")
         # The rule `nca-trl score` / `train` apply to chat prompts (every message's content empty): one of them let
         # through here failed `nca-trl iterate` at a round's scoring, after its sampling
-        problem = _text_problem(prompt, "the prompt", needs_assistant=False) if isinstance(prompt, list) else None
+        problem = text_problem(prompt, "the prompt", needs_assistant=False) if isinstance(prompt, list) else None
         if problem:
             raise DataError(f"{source}, row {i}, field 'prompt': {problem}. Give the row a prompt or remove it.")
         if is_conversational({"prompt": prompt}) and getattr(tokenizer, "chat_template", None) is None:
