@@ -149,7 +149,15 @@ def _sigterm_as_interrupt():
         yield
         return
 
+    import os
+
+    installer = os.getpid()
+
     def terminated(signum, frame):
+        if os.getpid() != installer:  # a forked child (a reward function's worker): SIGTERM's default action, as
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # before (`Process.terminate()` did not end it)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         raise Terminated
 
     signal.signal(signal.SIGTERM, terminated)

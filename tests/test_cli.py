@@ -834,6 +834,17 @@ def test_sigterm_ends_a_command_as_ctrl_c_does(monkeypatch, capsys):
     import nca_trl.train
 
     def terminated(argv):
+        # A child forked by the command (a reward function's worker) keeps SIGTERM's default action: `terminate()`
+        # ends it at once (the handler, inherited, made it raise where it could be caught, and outlive `join(5)`)
+        import multiprocessing
+        import time
+
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+        child.start()
+        time.sleep(0.2)
+        child.terminate()
+        child.join(5)
+        assert child.exitcode == -signal.SIGTERM, child.exitcode
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("SIGTERM did not stop the command")
 
