@@ -181,8 +181,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, EvalPredictionsMixin, PromptWeigh
                 pad_to_multiple_of=args.pad_to_multiple_of if isinstance(args.pad_to_multiple_of, int) else None,
             )
 
-        check_reference_vocabulary(model, ref_model, getattr(processing_class, "tokenizer", processing_class),
-                                   (args.model_init_kwargs or {}).get("revision"), args.trust_remote_code)
+        check_reference_vocabulary(ref_model, getattr(processing_class, "tokenizer", processing_class))
         # TRL's own padding-free path is disabled in TRL (it warns that it falls back to padding): it never sees the
         # flag, which this trainer implements with the shared-prompt layout instead
         with self._zero3_moe_leaves(args), _hidden_from_parent(args, "padding_free", False):

@@ -305,24 +305,27 @@ def test_a_reference_of_nan_log_probs_is_named_not_the_rows(tiny_mistral, tmp_pa
     assert "lower the learning rate" not in str(error.value)
 
 
-def test_a_reference_of_another_vocabulary_is_refused_at_construction(tiny_mistral, tmp_path):
-    """A reference of a smaller vocabulary failed at step 1 with torch's `IndexError: index out of range in self`; one
-    of a larger vocabulary (another tokenizer) trained to the end on meaningless log-probs. Both are refused at
-    construction, naming the two sizes; the policy named by path or given as a model."""
+def test_a_reference_of_a_smaller_vocabulary_is_refused_at_construction(tiny_mistral, tmp_path):
+    """A reference of a smaller vocabulary than the policy's tokenizer failed at step 1 with torch's `IndexError: index
+    out of range in self`: refused at construction, naming both sizes, for the policy named by path or given as a
+    model. A larger one (a padded vocabulary) is accepted."""
     from transformers import AutoConfig
+
+    from nca_trl.runtime.errors import SettingsError
 
     data = isolated_dataset(tmp_path / "data", rated_rows(2))
     policy = AutoModelForCausalLM.from_pretrained(tiny_mistral)
-    for vocab in (1000, 40000):
-        config = AutoConfig.from_pretrained(tiny_mistral)
-        config.vocab_size = vocab
-        ref = AutoModelForCausalLM.from_config(config)
-        for model in (tiny_mistral, policy):
-            with pytest.raises(ValueError, match=rf"`ref_model` \(.*\) has a vocabulary of {vocab} tokens and the "
-                               r"policy \(.*\) one of 32000\. The reference scores the policy's token ids"):
-                NCATrainer(model=model, ref_model=ref, train_dataset=data, args=make_args(tmp_path))
-    same = AutoModelForCausalLM.from_pretrained(tiny_mistral)
-    assert NCATrainer(model=tiny_mistral, ref_model=same, train_dataset=data, args=make_args(tmp_path)).ref_model
+    config = AutoConfig.from_pretrained(tiny_mistral)
+    config.vocab_size = 1000
+    small = AutoModelForCausalLM.from_config(config)
+    for model in (tiny_mistral, policy):
+        with pytest.raises(SettingsError, match=r"`ref_model` \(.*\) has a vocabulary of 1000 tokens, fewer than the "
+                           r"policy's tokenizer's 32000: it cannot score the policy's token ids"):
+            NCATrainer(model=model, ref_model=small, train_dataset=data, args=make_args(tmp_path))
+    padded = AutoModelForCausalLM.from_pretrained(tiny_mistral)
+    padded.resize_token_embeddings(32000, pad_to_multiple_of=448)  # 32256 entries, the same tokenizer
+    trainer = NCATrainer(model=tiny_mistral, ref_model=padded, train_dataset=data, args=make_args(tmp_path, max_steps=1))
+    assert trainer.train().training_loss > 0
 
 
 class NaNGradientAtStep2(TrainerCallback):

@@ -1,14 +1,17 @@
-"""An explicit reference model is checked against the policy before anything is computed: it scores the policy's
-token ids, so it must have the policy's vocabulary.
+"""An explicit reference model is checked against the policy's tokenizer before anything is computed: it scores the
+policy's token ids, so its vocabulary must hold every one of them.
 
 A reference of a smaller vocabulary failed at the first step deep inside torch (`IndexError: index out of range in
-self`, in the embedding); one of a larger vocabulary (another tokenizer) trained to the end on meaningless log-probs,
-exit 0. `trl.DPOTrainer` checks neither.
+self`, in the embedding). `trl.DPOTrainer` does not check it. A larger vocabulary is accepted: vocabularies are
+padded (Qwen2.5 0.5B's 151936 entries against 7B's 152064, an SFT model resized by a chat-template helper), and its
+size alone cannot tell another tokenizer from padding.
 
-    >>> check_reference_vocabulary("outputs/tiny-mistral", ref_model)  # raises ValueError if the vocabularies differ
+    >>> check_reference_vocabulary(ref_model, tokenizer)  # raises SettingsError if the reference is too small
 """
 
 from __future__ import annotations
+
+from .errors import SettingsError
 
 __all__ = ["check_reference_vocabulary", "vocabulary_size"]
 
@@ -20,35 +23,15 @@ def vocabulary_size(config) -> int | None:
     return size if isinstance(size, int) else None
 
 
-def check_reference_vocabulary(model, ref_model, tokenizer=None, revision: str | None = None,
-                               trust_remote_code: bool = False) -> None:
-    """`ValueError` where `ref_model` (a model, or None: nothing to check) has another vocabulary size than the policy
-    `model` (a model, or its path / Hub id: its config is read), or fewer entries than `tokenizer` has tokens. A
-    policy config that cannot be read here is not checked (the trainer's own loading then says why)."""
-    if ref_model is None or not hasattr(ref_model, "config"):
+def check_reference_vocabulary(ref_model, tokenizer) -> None:
+    """`SettingsError` where `ref_model` (a model, or None: nothing to check) has fewer vocabulary entries than
+    `tokenizer` (the policy's; None: not checked) has tokens."""
+    if ref_model is None or tokenizer is None or not hasattr(ref_model, "config") or not hasattr(tokenizer, "__len__"):
         return
-    ref_size = vocabulary_size(ref_model.config)
-    if ref_size is None:
-        return
-    if isinstance(model, str):
-        from transformers import AutoConfig
-
-        try:
-            config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError):
-            config = None
-        name = model
-    else:
-        config, name = getattr(model, "config", None), getattr(getattr(model, "config", None), "_name_or_path", "")
-    size = vocabulary_size(config) if config is not None else None
-    ref_name = getattr(ref_model.config, "_name_or_path", "") or type(ref_model).__name__
-    fix = ("The reference scores the policy's token ids: use a reference with the policy's tokenizer and vocabulary "
-           "(its SFT starting point, say), or no `ref_model` (the policy's initial weights are the reference).")
-    if size is not None and size != ref_size:
-        raise ValueError(f"`ref_model` ({ref_name}) has a vocabulary of {ref_size} tokens and the policy ({name}) one "
-                         f"of {size}. {fix}")
-    # Only where the policy's size is unknown: a tokenizer may count a few more tokens than a model's vocabulary
-    tokens = len(tokenizer) if size is None and tokenizer is not None and hasattr(tokenizer, "__len__") else None
-    if tokens is not None and tokens > ref_size:
-        raise ValueError(f"`ref_model` ({ref_name}) has a vocabulary of {ref_size} tokens, fewer than the tokenizer's "
-                         f"{tokens}. {fix}")
+    ref_size, tokens = vocabulary_size(ref_model.config), len(tokenizer)
+    if ref_size is not None and tokens > ref_size:
+        name = getattr(ref_model.config, "_name_or_path", "") or type(ref_model).__name__
+        raise SettingsError(
+            f"`ref_model` ({name}) has a vocabulary of {ref_size} tokens, fewer than the policy's tokenizer's {tokens}: "
+            "it cannot score the policy's token ids. Use a reference with the policy's tokenizer (its SFT starting "
+            "point, say), or no `ref_model` (the policy's initial weights are the reference).")
