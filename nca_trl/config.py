@@ -235,10 +235,18 @@ def check_rated_config(args: DPOConfig, config_class: type[_RatedCompletionsConf
     max_completions = getattr(args, "max_completions", None)
     if max_completions is not None and max_completions < 2:
         raise ValueError(f"`max_completions` must be None or >= 2, got {max_completions!r}.")
-    if args.max_steps <= 0 and args.num_train_epochs <= 0:  # trained no step, saved the initial model: "finished"
-        raise ValueError(f"{setting('num_train_epochs', args.num_train_epochs)} without `max_steps` trains no step: "
-                         "give `num_train_epochs` > 0 or `max_steps` > 0 (to evaluate only, call `evaluate()`).")
     _check_inherited_switches(args)
+
+
+def check_trains_a_step(args) -> None:
+    """`SettingsError` for training arguments that train no step (`num_train_epochs` 0 without `max_steps`): `train()`
+    saved the initial model as a finished run, exit 0. Checked when training starts, not at construction: a trainer
+    built to `evaluate()` only may have them."""
+    from .runtime.errors import SettingsError
+
+    if args.max_steps <= 0 and args.num_train_epochs <= 0:
+        raise SettingsError(f"{setting('num_train_epochs', args.num_train_epochs)} without `max_steps` trains no step: "
+                            "give `num_train_epochs` > 0 or `max_steps` > 0 (to evaluate only, call `evaluate()`).")
 
 
 _ALPHA_HELP = (

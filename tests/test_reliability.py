@@ -328,6 +328,20 @@ def test_a_reference_of_a_smaller_vocabulary_is_refused_at_construction(tiny_mis
     assert trainer.train().training_loss > 0
 
 
+def test_no_epoch_is_refused_when_training_starts_not_for_an_evaluation(tiny_mistral, tmp_path):
+    """`num_train_epochs=0` without `max_steps` trained no step and saved the initial model as a finished run: refused
+    by `train()`. A trainer built only to `evaluate()` may have it (refused at construction, it could not be built)."""
+    from nca_trl.runtime.errors import SettingsError
+
+    data = isolated_dataset(tmp_path / "data", rated_rows(2))
+    trainer = NCATrainer(model=tiny_mistral, train_dataset=data, eval_dataset=data,
+                         args=make_args(tmp_path, num_train_epochs=0, max_steps=-1))
+    assert math.isfinite(trainer.evaluate()["eval_loss"])
+    with pytest.raises(SettingsError, match=r"num_train_epochs.*without `max_steps` trains no step"):
+        trainer.train()
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
 class NaNGradientAtStep2(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         model.lm_head.weight.register_hook(lambda g: g * float("nan") if state.global_step == 1 else g)

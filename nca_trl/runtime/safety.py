@@ -192,6 +192,9 @@ class RunSafetyMixin(NonFiniteStopsMixin, ResumeAtTheEndMixin):
     """The `transformers.Trainer` overrides of this module; `_RatedCompletionsTrainer` inherits them first."""
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        from ..config import check_trains_a_step
+
+        check_trains_a_step(self.args)
         self._nca_step_rows = []
         with claim_output_dir(self.args):
             resume = resolve_resume(self.args, resume_from_checkpoint)

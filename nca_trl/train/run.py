@@ -34,6 +34,10 @@ def train(argv: "list[str] | TrainArgs | None" = None, callbacks: list | None = 
     from ..runtime.launch import check_launch_environment, check_world_size
     from ..runtime.output_dir import claim_output_dir
 
+    from ..config import check_trains_a_step, command_line_spelling
+
+    with command_line_spelling():
+        check_trains_a_step(args.training)
     check_paths(args)  # every path setting (a Hub id offline too), before the output_dir is created
     check_launch_environment(args.training)
     check_world_size(args.training.distributed_state)
@@ -41,7 +45,6 @@ def train(argv: "list[str] | TrainArgs | None" = None, callbacks: list | None = 
     # What the user asked for, before the run derives settings of its own (`report_train_prompts` turns on
     # `eval_on_start`): compared with a finished run's, and recorded in `run_info.json`
     settings = run_settings(args)
-    from ..config import command_line_spelling
 
     # The run's errors name settings as recipe keys and flags (`dataset_format: auto`), as the parser's do
     with claim_output_dir(args.training), command_line_spelling():
