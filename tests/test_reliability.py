@@ -342,6 +342,22 @@ def test_no_epoch_is_refused_when_training_starts_not_for_an_evaluation(tiny_mis
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+def test_push_to_hub_sees_the_results_files(tiny_mistral, tmp_path, monkeypatch):
+    """`nca-trl train` saves the final model before its metrics: the push inside that save sent the model without
+    train_results.json / all_results.json / trainer_state.json. The push now comes once, after them."""
+    from transformers import Trainer
+
+    monkeypatch.setattr(Trainer, "init_hf_repo", lambda self, token=None, private=None: setattr(
+        self, "hub_model_id", "me/x"))
+    pushed = []
+    monkeypatch.setattr(Trainer, "push_to_hub", lambda self, *a, **k: pushed.append(
+        sorted(os.listdir(self.args.output_dir))))
+    out = tmp_path / "run"
+    cli_train(cli_argv(tiny_mistral, out, "--max_steps", "1", "--push_to_hub", "true", "--hub_model_id", "me/x"))
+    assert len(pushed) == 1 and {"model.safetensors", "train_results.json", "all_results.json",
+                                 "trainer_state.json"} <= set(pushed[0]), pushed
+
+
 class NaNGradientAtStep2(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         model.lm_head.weight.register_hook(lambda g: g * float("nan") if state.global_step == 1 else g)

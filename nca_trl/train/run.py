@@ -219,8 +219,13 @@ def _train(args, settings: dict, callbacks: list | None, keep_process_group: boo
     result = trainer.train(resume_from_checkpoint=_resume_value(training_args.resume_from_checkpoint))
 
     # The model first: a final evaluation that fails (out of memory) or a full disk does not lose the trained steps,
-    # nor leave this run's metrics and trainer_state.json beside the earlier model a failed save kept
-    trainer.save_model(training_args.output_dir)
+    # nor leave this run's metrics and trainer_state.json beside the earlier model a failed save kept. With
+    # `push_to_hub`, the push waits for the results files (below), as when the model was saved last
+    push, training_args.push_to_hub = training_args.push_to_hub, False
+    try:
+        trainer.save_model(training_args.output_dir)
+    finally:
+        training_args.push_to_hub = push
     metrics = {**result.metrics, "train_samples": len(train_dataset)}
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
@@ -230,6 +235,9 @@ def _train(args, settings: dict, callbacks: list | None, keep_process_group: boo
         eval_metrics = trainer.evaluate()
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
+
+    if push:
+        trainer.push_to_hub(commit_message="Model save", revision=training_args.hub_revision)
 
     info = run_info(trainer, model_args, metrics, eval_metrics, started, distributed, settings)
     info["dropped"] = dropped
