@@ -557,6 +557,7 @@ def test_a_restart_on_a_changed_initial_model_or_reward_file_is_refused(digits_m
         iterate(["--config", str(recipe)])
     shutil.rmtree(model)
     shutil.copytree(digits_model, model)  # copied again: the same files
+    (model / "README.md").write_text("a model card")  # not the model's weights or config: the same model
     with pytest.raises(Stop):
         iterate(["--config", str(recipe)])
     recorded = json.loads((out / "iterate.json").read_text())

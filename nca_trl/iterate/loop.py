@@ -16,6 +16,7 @@ was in (`generate` from its chunks, `train` from its last complete checkpoint).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from dataclasses import asdict
@@ -42,6 +43,8 @@ _READ_BY = {"training": {"train"}, "reward_model": {"score", "eval"}, "reward_fu
 #: What the run's inputs held (`_input_digests`), compared on a restart; a run recorded without one is compared
 #: without it
 _DIGESTS = ("prompts_sha256", "model_files_digest", "reward_model_files_digest", "reward_funcs_files_digest")
+#: The files of a model folder its digest reads: weights, their index, the config
+_MODEL_INPUT = re.compile(r"^(?:config\.json|.+\.(?:safetensors|bin|pt|pth)|.+\.index\.json)$")
 
 
 def plan_rounds(num_prompts: int, args: IterateArguments) -> tuple[int, range]:
@@ -111,8 +114,8 @@ def _input_digests(args: IterateArguments) -> dict:
     (`path/file.py:function`, or a top-level module found on the path without importing it); None where not local."""
     import importlib.util
 
-    def short(path) -> str | None:
-        digest = files_digest(path) if path else None
+    def short(path) -> str | None:  # a model folder by its weights and config (a model card, a chat template added
+        digest = files_digest(path, names=_MODEL_INPUT.match) if path else None  # to fix round 0, are the same model)
         return digest[:16] if digest else None
 
     funcs = {}

@@ -92,13 +92,15 @@ def json_digest(values) -> str:
     return digest.hexdigest()
 
 
-def files_digest(path: str | os.PathLike, sample: int = 1 << 20) -> str | None:
-    """SHA-256 of a local file, or of a folder's files (a model: weights, config, tokenizer; top level), read as each
-    file's name, size and its first and last `sample` bytes: what a restart compares to know a model or a reward
-    function's file is still the one the run began with, in well under a second for a 7B model (copying keeps it;
-    training, `make-tiny-model --overwrite` or an edit changes it). None for what is not local (a Hub id)."""
+def files_digest(path: str | os.PathLike, sample: int = 1 << 20, names=None) -> str | None:
+    """SHA-256 of a local file, or of a folder's files (top level; `names`: a predicate on the file name choosing
+    them, e.g. a model's weights and config), read as each file's name, size and its first and last `sample` bytes:
+    what a restart compares to know a model or a reward function's file is still the one the run began with, in well
+    under a second for a 7B model (copying keeps it; training, `make-tiny-model --overwrite` or an edit changes it).
+    None for what is not local (a Hub id)."""
     path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else []
+    files = [path] if path.is_file() else sorted(
+        p for p in path.iterdir() if p.is_file() and (names is None or names(p.name))) if path.is_dir() else []
     if not files:
         return None
     digest = hashlib.sha256()
