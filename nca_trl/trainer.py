@@ -351,7 +351,7 @@ class _RatedCompletionsTrainer(RunSafetyMixin, EvalPredictionsMixin, PromptWeigh
             ref_logps = inputs["ref_logps"]
         else:
             ref_logps = self.compute_ref_log_probs(self.model if self.ref_model is None else self.ref_model, inputs)
-        self._ref_finite = torch.isfinite(ref_logps).logical_or(~slots).all(dim=1)  # per row, for a NaN's message
+        self._ref_logps = ref_logps.detach(), slots  # which rows' are not finite, if the loss is not (`safety`)
         logratios = logps.float() - ref_logps.float()
 
         # Per prompt: the reward temperature for rated completions, one-hot (0) for a chosen/rejected pair

@@ -110,10 +110,10 @@ def check_loss(trainer, loss: torch.Tensor, inputs: dict) -> None:
     bad_rows = None
     if rows is not None and row_losses is not None and row_losses.shape[0] == rows.shape[0]:
         bad_rows = rows[~torch.isfinite(row_losses.detach().cpu())]
-    ref_finite = getattr(trainer, "_ref_finite", None)  # per row of the batch: the reference's log-probs finite
+    ref_logps, slots = getattr(trainer, "_ref_logps", (None, None))  # the batch's reference log-probs, `[B, Kmax]`
     ref_bad = None
-    if rows is not None and ref_finite is not None and ref_finite.shape[0] == rows.shape[0]:
-        ref_bad = rows[~ref_finite.cpu()]
+    if rows is not None and ref_logps is not None and ref_logps.shape[0] == rows.shape[0]:
+        ref_bad = rows[~torch.isfinite(ref_logps).logical_or(~slots).all(dim=1).cpu()]
     all_rows = _gathered_rows(trainer, rows)
     bad_rows = _gathered_rows(trainer, bad_rows)
     ref_bad = _gathered_rows(trainer, ref_bad)
