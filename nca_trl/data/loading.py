@@ -99,10 +99,9 @@ def _checked_mixture(mixture):
         elif path.is_dir() and files is None and entry.data_dir is None and not declares_configs(path):
             _checked_folder_files(path)
         elif entry.path in FILE_BUILDERS.values() and files is not None:  # `path: json` with local `data_files`
-            listed = [files] if isinstance(files, str) else list(files.values()) if isinstance(files, dict) else files
-            for file in [f for item in listed for f in ([item] if isinstance(item, str) else item)]:
-                if Path(file).expanduser().is_file():
-                    check_data_file(Path(file).expanduser(), entry.path)
+            for file in _listed_files(files):
+                if file.is_file():
+                    check_data_file(file, entry.path)
         entries.append(entry)
     return dataclasses.replace(mixture, datasets=entries)
 
@@ -227,10 +226,16 @@ def _load(what: str, path: Path, builder: str | None, *, from_disk: bool = False
 def _cache_is_stale(loaded, data_files) -> bool:
     """Whether the total size of the local `data_files` (a path, a list, or split -> paths) differs from the one the
     loaded dataset's cache recorded (`info.download_size`)."""
-    listed = data_files.values() if isinstance(data_files, dict) else [data_files]
-    files = [Path(f) for item in listed if item for f in ([item] if isinstance(item, (str, Path)) else item)]
+    files = _listed_files(data_files)
     if not files or not all(f.is_file() for f in files):
         return False
     first = next(iter(loaded.values())) if isinstance(loaded, dict) else loaded
     recorded = getattr(getattr(first, "info", None), "download_size", None)
     return recorded is not None and recorded != sum(f.stat().st_size for f in files)
+
+
+def _listed_files(data_files) -> list[Path]:
+    """The paths of a `data_files` setting: a path, a list of them, or split -> a path or a list (None: none)."""
+    listed = list(data_files.values()) if isinstance(data_files, dict) else [data_files]
+    return [Path(f).expanduser() for item in listed if item
+            for f in ([item] if isinstance(item, (str, Path)) else item)]
