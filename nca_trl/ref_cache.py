@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from trl.models import prepare_deepspeed
 
 from .runtime.backbone import use_language_backbones
+from .runtime.files import WEIGHT_SUFFIXES
 from .runtime.router_aux import check_router_aux
 from .shared_prompt.families import original_attention_implementation
 
@@ -86,7 +87,7 @@ def _weight_files(path) -> list | None:
     if not path or not os.path.isdir(path):
         return None
     return sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path)
-                  if e.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json")))
+                  if e.name.endswith(WEIGHT_SUFFIXES))
 
 
 def _check_finite(trainer, dataset: Dataset, name: str, rows: list[list[float]]) -> None:

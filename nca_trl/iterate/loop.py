@@ -16,14 +16,13 @@ was in (`generate` from its chunks, `train` from its last complete checkpoint).
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
 from dataclasses import asdict
 from types import SimpleNamespace
 
 from ..runtime.errors import SettingsError
-from ..runtime.files import files_digest, json_digest
+from ..runtime.files import WEIGHT_SUFFIXES, files_digest, json_digest
 from ..runtime.paths import check_path_settings
 from .arguments import PATH_SETTINGS, IterateArguments, parse_iterate_args
 from .layout import RunLayout, log, read_jsonl, write_json, write_jsonl
@@ -43,8 +42,6 @@ _READ_BY = {"training": {"train"}, "reward_model": {"score", "eval"}, "reward_fu
 #: What the run's inputs held (`_input_digests`), compared on a restart; a run recorded without one is compared
 #: without it
 _DIGESTS = ("prompts_sha256", "model_files_digest", "reward_model_files_digest", "reward_funcs_files_digest")
-#: The files of a model folder its digest reads: weights, their index, the config
-_MODEL_INPUT = re.compile(r"^(?:config\.json|.+\.(?:safetensors|bin|pt|pth)|.+\.index\.json)$")
 
 
 def plan_rounds(num_prompts: int, args: IterateArguments) -> tuple[int, range]:
@@ -115,7 +112,7 @@ def _input_digests(args: IterateArguments) -> dict:
     import importlib.util
 
     def short(path) -> str | None:  # a model folder by its weights and config (a model card, a chat template added
-        digest = files_digest(path, names=_MODEL_INPUT.match) if path else None  # to fix round 0, are the same model)
+        digest = files_digest(path, names=_model_input) if path else None  # to fix round 0, are the same model)
         return digest[:16] if digest else None
 
     funcs = {}
@@ -132,6 +129,11 @@ def _input_digests(args: IterateArguments) -> dict:
             funcs[spec] = short(origin) if origin and origin not in ("built-in", "frozen") else None
     return {"model_files_digest": short(args.model_name_or_path), "reward_model_files_digest": short(args.reward_model),
             "reward_funcs_files_digest": funcs}
+
+
+def _model_input(name: str) -> bool:
+    """The files of a model folder its digest reads: weights, their index, the config."""
+    return name == "config.json" or name.endswith(WEIGHT_SUFFIXES)
 
 
 def _remove_run(layout: RunLayout) -> None:

@@ -13,7 +13,11 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["files_digest", "fsync_tree", "json_default", "json_digest", "parquet_table", "write_atomic"]
+__all__ = ["WEIGHT_SUFFIXES", "files_digest", "fsync_tree", "json_default", "json_digest", "parquet_table",
+           "write_atomic"]
+
+#: The files of a model folder that hold its weights (and their index)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 
 
 def write_atomic(path: str | os.PathLike, text: str | bytes) -> None:
