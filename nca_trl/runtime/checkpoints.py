@@ -355,7 +355,12 @@ def save_final_model(trainer, parent_save_model, output_dir: str | None) -> None
     if collective:
         trainer.accelerator.wait_for_everyone()
     if args.push_to_hub:
-        trainer.push_to_hub(commit_message="Model save", revision=args.hub_revision)
+        push_model(trainer)
+
+
+def push_model(trainer) -> None:
+    """The push `transformers.Trainer.save_model` makes with `push_to_hub`, for a caller that deferred it."""
+    trainer.push_to_hub(commit_message="Model save", revision=trainer.args.hub_revision)
 
 
 # ------------------------------------------------------------------------------------------------ the trainer side

@@ -181,7 +181,7 @@ def _train(args, settings: dict, callbacks: list | None, keep_process_group: boo
 
     from ..data.loading import load_datasets
     from ..ref_cache import BASE_REFERENCE
-    from ..runtime.checkpoints import RUN_SETTINGS
+    from ..runtime.checkpoints import RUN_SETTINGS, push_model
     from ..runtime.launch import distributed_summary
     from ..trainer import trainer_for_loss
     from .preflight import check_before_training
@@ -237,7 +237,7 @@ def _train(args, settings: dict, callbacks: list | None, keep_process_group: boo
         trainer.save_metrics("eval", eval_metrics)
 
     if push:
-        trainer.push_to_hub(commit_message="Model save", revision=training_args.hub_revision)
+        push_model(trainer)
 
     info = run_info(trainer, model_args, metrics, eval_metrics, started, distributed, settings)
     info["dropped"] = dropped
