@@ -333,6 +333,32 @@ def test_validate_dataset_reports_the_global_row_index_of_a_late_bad_row():
     assert info.value.row == 1733 and "eval dataset, row 1733, field 'rewards'" in str(info.value)
 
 
+def test_validate_dataset_names_every_other_bad_row_so_one_round_of_fixes_fixes_them_all():
+    rows = [rated() for _ in range(1200)]
+    for i in (5, 17, 1100):
+        rows[i] = rated(rewards=[1.0, 2.0, float("nan")])
+    rows[40] = rated(prompt="")
+    rows[41] = rated(completions=["a", "b"])  # 2 completions, 3 rewards
+    with pytest.raises(DataValidationError) as info:
+        validate_dataset(Dataset.from_list(rows), "eval")
+    error = info.value
+    assert (error.row, error.field) == (5, "rewards")  # the first bad row's message, as before, then the others
+    assert str(error).startswith("eval dataset, row 5, field 'rewards': ")
+    assert str(error).endswith(" 4 more rows of the eval dataset are bad too: rows 17 ('rewards'), 40 ('prompt'), "
+                               "41 ('rewards'), 1100 ('rewards').")
+    assert pickle.loads(pickle.dumps(error)).args == error.args  # still crosses processes (datasets.map)
+    # More than 20: the first 20, said
+    many = [rated(prompt="")] + [rated(rewards=[1.0, float("inf"), 0.0]) for _ in range(30)]
+    with pytest.raises(DataValidationError) as info:
+        validate_dataset(many)
+    assert "30 more rows of the train dataset are bad too: rows 1 ('rewards'), " in str(info.value)
+    assert str(info.value).endswith(", 20 ('rewards') (the first 20).")
+    # One bad row: the message is what it was
+    with pytest.raises(DataValidationError) as info:
+        validate_dataset([rated(), rated(prompt="")])
+    assert "bad too" not in str(info.value) and str(info.value).endswith(".")
+
+
 def test_validate_dataset_ragged_k_and_all_equal(caplog):
     rows = [
         rated(),

@@ -91,26 +91,43 @@ class DataValidationError(DataError):
     """
 
     def __init__(
-        self, problem: str, fix: str, *, row: int | None = None, field: str = "", dataset_name: str = "train"
+        self, problem: str, fix: str, *, row: int | None = None, field: str = "", dataset_name: str = "train",
+        also: str = "",
     ):
         self.problem = problem.rstrip(". ")
         self.fix = fix.rstrip(". ")
         self.row = row
         self.field = field
         self.dataset_name = dataset_name
+        self.also = also  # the other bad rows, where the whole dataset was read (`validate_dataset`)
         where = f"{dataset_name} dataset"
         if row is not None:
             where += f", row {row}"
         if field:
             where += f", field '{field}'"
-        super().__init__(f"{where}: {self.problem}. Fix: {self.fix}.")
+        super().__init__(f"{where}: {self.problem}. Fix: {self.fix}." + (f" {also}" if also else ""))
+
+    @classmethod
+    def first_of(cls, bad: list[DataValidationError]) -> DataValidationError:
+        """The first of a dataset's bad rows' errors, its message ending with how many other rows are bad, and the
+        first 20 of them with their fields: one round of fixes fixes them all."""
+        first, others = bad[0], bad[1:]
+        if not others:
+            return first
+        many = len(others) > 1
+        shown = ", ".join(f"{e.row} ('{e.field}')" if e.field else f"{e.row}" for e in others[:_MAX_REPORTED_ROWS])
+        also = (f"{len(others)} more row{'s' if many else ''} of the {first.dataset_name} dataset "
+                f"{'are' if many else 'is'} bad too: row{'s' if many else ''} {shown}"
+                f"{f' (the first {_MAX_REPORTED_ROWS})' if len(others) > _MAX_REPORTED_ROWS else ''}.")
+        return cls(first.problem, first.fix, row=first.row, field=first.field, dataset_name=first.dataset_name,
+                   also=also)
 
     def __reduce__(self):  # keep the exception picklable (datasets.map with num_proc sends it across processes)
-        return (_rebuild_error, (self.problem, self.fix, self.row, self.field, self.dataset_name))
+        return (_rebuild_error, (self.problem, self.fix, self.row, self.field, self.dataset_name, self.also))
 
 
-def _rebuild_error(problem, fix, row, field, dataset_name):
-    return DataValidationError(problem, fix, row=row, field=field, dataset_name=dataset_name)
+def _rebuild_error(problem, fix, row, field, dataset_name, also=""):
+    return DataValidationError(problem, fix, row=row, field=field, dataset_name=dataset_name, also=also)
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers

@@ -289,9 +289,8 @@ def _iter_rows(dataset, columns: list[str] | None):
         if columns is not None:
             ds = ds.select_columns([c for c in columns if c in ds.column_names])
         for batch in ds.iter(batch_size=1000):
-            keys = list(batch)
             for values in zip(*batch.values()):
-                yield dict(zip(keys, values))
+                yield dict(zip(batch, values))
     else:
         yield from dataset
 
@@ -363,7 +362,7 @@ def validate_dataset(dataset, dataset_name: str = "train") -> ValidationReport:
         [`ValidationReport`]
 
     Raises:
-        `DataValidationError`: on the first bad row, naming the row, the field, the problem and the fix.
+        `DataValidationError`: the first bad row's row, field, problem and fix, then the other bad rows (first 20).
 
     Examples:
 
@@ -393,9 +392,14 @@ def validate_dataset(dataset, dataset_name: str = "train") -> ValidationReport:
     report = ValidationReport(dataset_name=dataset_name, format=fmt, conversational=style == "conversational",
                               num_rows=0)
     k_hist: dict[int, int] = {}
+    bad: list[DataValidationError] = []
     for position, row in enumerate(_iter_rows(dataset, [*columns, ROW_INDEX])):
         index = row.get(ROW_INDEX, position)
-        row_fmt = check_same_layout(row, index, fmt, style, first_row, dataset_name)
+        try:
+            row_fmt = check_same_layout(row, index, fmt, style, first_row, dataset_name)
+        except DataValidationError as error:
+            bad.append(error)
+            continue
         formats_seen.add(row_fmt)
         if row_fmt == RATED:
             rewards = _as_list(row["rewards"])
@@ -411,6 +415,8 @@ def validate_dataset(dataset, dataset_name: str = "train") -> ValidationReport:
         k_hist[k] = k_hist.get(k, 0) + 1
         report.num_rows += 1
 
+    if bad:  # every row was read, so that one round of fixes fixes them all
+        raise DataValidationError.first_of(bad)
     report.k_histogram = dict(sorted(k_hist.items()))
     if len(formats_seen) > 1:
         report.format = MIXED
