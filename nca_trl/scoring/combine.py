@@ -142,6 +142,20 @@ async def _await(awaitable):
     return await awaitable
 
 
+def _per_completion(row: dict, column: str) -> bool:
+    """Whether `column` of `row` holds one value per completion (`finished`): it follows the kept completions."""
+    from ..data.formats import FINISHED_COLUMN  # here: the command's light imports do not load torch
+
+    value = row.get(column)
+    return column == FINISHED_COLUMN and isinstance(value, (list, tuple)) and len(value) == len(row["completions"])
+
+
+def _value(row: dict, column: str, k: int):
+    """What a reward function is given of `column` for completion `k`: its own value of a per-completion column (a
+    sample cut at `max_new_tokens` has `finished` False), else the row's."""
+    return row[column][k] if _per_completion(row, column) else row.get(column)
+
+
 def score_rows(rows: list[dict], sources, weights: list[float] | None = None, *, chunk_size: int = 64,
                row_ids: list[int] | None = None, log=_log, progress: bool = True,
                evaluation: bool = False) -> tuple[list[dict], dict]:
@@ -238,7 +252,8 @@ def score_rows(rows: list[dict], sources, weights: list[float] | None = None, *,
             kwargs = {
                 "prompts": [rows[position]["prompt"] for position, kept in todo for _ in kept],
                 "completions": [c for _, kept in todo for _, c in kept],
-                **{col: [rows[position].get(col) for position, kept in todo for _ in kept] for col in columns},
+                **{col: [_value(rows[position], col, k) for position, kept in todo for k, _ in kept]
+                   for col in columns},
             }
             kwargs.setdefault("log_metric", log_metric)
             kwargs.setdefault("log_extra", log_extra)
@@ -253,8 +268,8 @@ def score_rows(rows: list[dict], sources, weights: list[float] | None = None, *,
                 per_source.append(values)
             j = 0
             for position, kept in todo:
-                out_completions, out_rewards = [], []
-                for _, completion in kept:
+                out_completions, out_rewards, out_index = [], [], []
+                for k, completion in kept:
                     values = [per_source[s][j] for s in range(len(names))]
                     j += 1
                     if any(v is None for v in values):
@@ -268,6 +283,7 @@ def score_rows(rows: list[dict], sources, weights: list[float] | None = None, *,
                                         f"lower `reward_weights` ({weights}).")
                     out_completions.append(completion)
                     out_rewards.append(reward)
+                    out_index.append(k)
                 if len(out_completions) < least:
                     dropped["rows_fewer_than_2_completions"] += 1
                     dropped["completions_in_dropped_rows"] += len(out_completions)
@@ -275,6 +291,8 @@ def score_rows(rows: list[dict], sources, weights: list[float] | None = None, *,
                 row = rows[position]
                 out = {"prompt": row["prompt"], "completions": out_completions, "rewards": out_rewards,
                        **{k: v for k, v in row.items() if k not in ("prompt", "completions", "rewards")}}
+                for column in [c for c in columns if _per_completion(row, c)]:  # the kept completions' own
+                    out[column] = [row[column][k] for k in out_index]
                 if not evaluation:
                     validate_example(out, row_ids[position], "scored")  # what `nca-trl train` will check
                 scored.append(out)

@@ -34,8 +34,9 @@ def check_before_training(args, train_dataset, eval_dataset, stats: dict | None 
     `eval_dataset`: None, a dataset or a dict of them). Loads the tokenizer only, then prepares every dataset exactly as
     the trainer would (`nca_trl.data.tokenize.prepare_rated_dataset`: every row validated once, converted, tokenized,
     rows without room for a completion dropped with a count, an error if that is every row). Returns
-    `(train, eval)` prepared, which the trainer checks as token ids; what was dropped from each goes into `stats`
-    (`{dataset name: {"ties_dropped": ..., "too_long_dropped": ...}}`) when given."""
+    `(train, eval)` prepared, which the trainer checks as token ids; what was dropped from each, and how many of its
+    completions `max_length` cuts, go into `stats` (`{dataset name: {"ties_dropped": ..., "too_long_dropped": ...,
+    "cut_completions": ...}}`) when given."""
     from transformers import AutoProcessor
 
     from ..data.tokenize import prepare_rated_dataset, with_row_index
