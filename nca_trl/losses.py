@@ -36,9 +36,9 @@ def _check(
     if isinstance(alpha, torch.Tensor):
         if alpha.shape not in ((), (rewards.shape[0],)):
             raise ValueError(f"alpha must be a float or have shape [B] = [{rewards.shape[0]}], got {tuple(alpha.shape)}.")
-        if (alpha < 0).any():
+        if not (alpha >= 0).all():  # NaN too
             raise ValueError(f"alpha must be >= 0 (0 means one-hot targets on the best completion), got {alpha}.")
-    elif alpha < 0:
+    elif not alpha >= 0:
         raise ValueError(f"alpha must be >= 0 (0 means one-hot targets on the best completion), got {alpha}.")
     if beta is not None and not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}.")
@@ -60,6 +60,11 @@ def _check(
         raise ValueError(
             f"every row needs at least 2 valid completions; row {row} has {int(counts[row])} (check `mask`)."
         )
+    finite = torch.isfinite(rewards.masked_fill(~mask, 0)).all(dim=1)
+    if not finite.all():
+        row = int(torch.nonzero(~finite)[0])
+        raise ValueError(f"rewards must be finite where `mask` is True: row {row} has "
+                         f"{rewards[row][mask[row]].tolist()}.")
     return mask
 
 
@@ -89,7 +94,9 @@ def reward_targets(rewards: torch.Tensor, alpha: Alpha, mask: torch.Tensor | Non
 
 def _targets(rewards: torch.Tensor, alpha: Alpha, mask: torch.Tensor) -> torch.Tensor:
     """`reward_targets` on arguments that `_check` passed (each loss checks its arguments once)."""
-    r = rewards.float().masked_fill(~mask, float("-inf"))
+    # The row max is subtracted in the rewards' own precision (float64 rewards: a constant added to them changes
+    # nothing), then the differences go to float32
+    r = (rewards if rewards.dtype == torch.float64 else rewards.float()).masked_fill(~mask, float("-inf"))
     top = r.max(dim=1, keepdim=True).values
     best = (r == top) & mask
     one_hot = best.float() / best.sum(dim=1, keepdim=True)
@@ -98,7 +105,7 @@ def _targets(rewards: torch.Tensor, alpha: Alpha, mask: torch.Tensor) -> torch.T
     soft_rows = alpha > 0
     # Subtract the row max before dividing, so that no r / alpha overflows whatever the scale of r and alpha; padded
     # slots masked after the division (-inf / alpha = inf is NaN)
-    scaled = ((r - top) / torch.where(soft_rows, alpha, 1.0)).masked_fill(~mask, float("-inf"))
+    scaled = ((r - top).float() / torch.where(soft_rows, alpha, 1.0)).masked_fill(~mask, float("-inf"))
     soft = torch.softmax(scaled, dim=1).masked_fill(~mask, 0.0)
     return torch.where(soft_rows, soft, one_hot)
 

@@ -1,8 +1,11 @@
 """The metrics of a rated batch, on tensors: what the trainers log (`rewards/*`, `logps/*`, the token metrics).
 
-*Chosen* is each prompt's highest-reward completion (the first on ties), *rejected* the mean of its others, as in
-`trl.DPOTrainer`'s logs. The implicit reward of completion i is `g_i = beta * (log pi(y_i|x) - log pi_ref(y_i|x))`.
-A logged value is a ratio of sums over the logged step's prompts (`prompt_metrics`): a mean over prompts, an accuracy
+*Chosen* are each prompt's highest-reward completions (several where they tie), *rejected* those with a lower
+reward, each side's mean logged as in `trl.DPOTrainer`'s logs (a pair: its chosen and its rejected): the values do not
+depend on the order the completions are listed in. A prompt whose rewards all tie has no rejected, and is left out
+of the chosen / rejected metrics (`rewards/*`, `logps/*`, `logits/*`, `mean_token_accuracy`), as of the accuracies.
+The implicit reward of completion i is `g_i = beta * (log pi(y_i|x) - log pi_ref(y_i|x))`. A logged value is a
+ratio of sums over the logged step's prompts (`prompt_metrics`): a mean over prompts, an accuracy
 over the prompts or pairs where it is defined, a token mean over the scored tokens; never a mean of batch means,
 which would weigh prompts by how the step was split into micro-batches and processes.
 
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["PooledMetrics", "to_slots", "from_slots", "best_slots", "prompt_metrics", "sequence_metrics"]
+__all__ = ["PooledMetrics", "to_slots", "from_slots", "reward_tiers", "prompt_metrics", "sequence_metrics"]
 
 
 def to_slots(values: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -27,10 +30,12 @@ def from_slots(values: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return values.T[slots.T]
 
 
-def best_slots(rewards: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each prompt's highest-reward completion (the first on ties): its slot index `[B, 1]` and a `[B, Kmax]` mask."""
-    best = rewards.masked_fill(~slots, float("-inf")).argmax(dim=1, keepdim=True)
-    return best, torch.zeros_like(slots).scatter_(1, best, True)
+def reward_tiers(rewards: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[B, Kmax]` masks of each prompt's chosen (every completion with its highest reward) and rejected (every one
+    with a lower reward; none where the rewards all tie) completions."""
+    top = rewards.masked_fill(~slots, float("-inf")).amax(dim=1, keepdim=True)
+    chosen = slots & (rewards == top)
+    return chosen, slots & ~chosen
 
 
 def sequence_metrics(g: torch.Tensor, logps: torch.Tensor, rewards: torch.Tensor, slots: torch.Tensor) -> dict:
@@ -41,26 +46,33 @@ def sequence_metrics(g: torch.Tensor, logps: torch.Tensor, rewards: torch.Tensor
             `[B, Kmax]` bool.
 
     Returns:
-        `rewards/chosen`, `rewards/rejected`, `rewards/margins`, `logps/chosen`, `logps/rejected`: `[B]` each;
-        `best_first` `[B]` bool (the best completion's g beats every completion with a strictly lower reward;
-        completions tied with the best are not its competitors) and `ranked_rows` `[B]` bool (rows where that is
-        defined: not all rewards equal); `pairs` and `ranked` (`[B]`): each prompt's completion pairs with
-        `r_i > r_j`, and how many of them have `g_i > g_j` (the pairwise ranking accuracy is their ratio).
+        `rewards/chosen`, `rewards/rejected`, `rewards/margins`, `logps/chosen`, `logps/rejected`: `[B]` each, the
+        means over the chosen and the rejected completions (`reward_tiers`); `best_first` `[B]` bool (every chosen
+        completion's g beats every rejected one's) and `ranked_rows` `[B]` bool (rows where these are defined: not
+        all rewards equal); `chosen` `[B, Kmax]` (the chosen completions of the ranked rows) and `rejected`
+        `[B, Kmax]`; `pairs` and `ranked` (`[B]`): each prompt's completion pairs with `r_i > r_j`, and how many of
+        them have `g_i > g_j` (the pairwise ranking accuracy is their ratio).
     """
-    best, is_best = best_slots(rewards, slots)
-    others = slots & ~is_best
-    n_others = others.sum(dim=1).clamp(min=1)
-    chosen_g = g.gather(1, best).squeeze(1)
-    lower = slots & (rewards < rewards.gather(1, best))
+    chosen, rejected = reward_tiers(rewards, slots)
+    ranked_rows = rejected.any(dim=1)
+    chosen = chosen & ranked_rows.unsqueeze(1)
+
+    def mean(values, mask):
+        return values.masked_fill(~mask, 0).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+    chosen_g, rejected_g = mean(g, chosen), mean(g, rejected)
     pairs = (rewards.unsqueeze(2) > rewards.unsqueeze(1)) & slots.unsqueeze(2) & slots.unsqueeze(1)
     return {
         "rewards/chosen": chosen_g,
-        "rewards/rejected": (g * others).sum(dim=1) / n_others,
-        "rewards/margins": chosen_g - (g * others).sum(dim=1) / n_others,
-        "logps/chosen": logps.gather(1, best).squeeze(1),
-        "logps/rejected": (logps * others).sum(dim=1) / n_others,
-        "best_first": (chosen_g.unsqueeze(1) > g).masked_fill(~lower, True).all(dim=1),
-        "ranked_rows": lower.any(dim=1),
+        "rewards/rejected": rejected_g,
+        "rewards/margins": chosen_g - rejected_g,
+        "logps/chosen": mean(logps, chosen),
+        "logps/rejected": mean(logps, rejected),
+        "best_first": g.masked_fill(~chosen, float("inf")).amin(dim=1)
+        > g.masked_fill(~rejected, float("-inf")).amax(dim=1),
+        "ranked_rows": ranked_rows,
+        "chosen": chosen,
+        "rejected": rejected,
         "pairs": pairs.sum(dim=(1, 2)),
         "ranked": ((g.unsqueeze(2) > g.unsqueeze(1)) & pairs).sum(dim=(1, 2)),
     }
@@ -85,19 +97,20 @@ def prompt_metrics(g: torch.Tensor, logps: torch.Tensor, rewards: torch.Tensor, 
     m = sequence_metrics(g, logps, rewards, slots)
     rows = torch.arange(slots.shape[0], device=slots.device).unsqueeze(1).expand_as(slots)
     prompt = from_slots(rows, slots)[token_sequence]  # [T]: the prompt of each scored token
-    best = from_slots(best_slots(rewards, slots)[1], slots)[token_sequence]  # [T]: in its prompt's best completion
+    best = from_slots(m["chosen"], slots)[token_sequence]  # [T]: the token is in a chosen completion
+    worse = from_slots(m["rejected"], slots)[token_sequence]  # [T]: in a rejected one
 
     def per_prompt(values: torch.Tensor) -> torch.Tensor:
         return torch.zeros(slots.shape[0], device=slots.device).index_add_(0, prompt, values.float())
 
-    one = torch.ones(slots.shape[0], device=slots.device)
-    parts = {key: (m[key].float(), one) for key in
+    one, ranked = torch.ones(slots.shape[0], device=slots.device), m["ranked_rows"].float()
+    parts = {key: (m[key].float() * ranked, ranked) for key in
              ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")}
-    parts["rewards/accuracies"] = ((m["best_first"] & m["ranked_rows"]).float(), m["ranked_rows"].float())
+    parts["rewards/accuracies"] = ((m["best_first"] & m["ranked_rows"]).float(), ranked)
     parts["rewards/ranking_accuracy"] = (m["ranked"].float(), m["pairs"].float())
     parts["entropy"] = (per_prompt(entropy), per_prompt(torch.ones_like(entropy)))
     parts["logits/chosen"] = (per_prompt(mean_logits * best), per_prompt(best))
-    parts["logits/rejected"] = (per_prompt(mean_logits * ~best), per_prompt(~best))
+    parts["logits/rejected"] = (per_prompt(mean_logits * worse), per_prompt(worse))
     parts["mean_token_accuracy"] = (per_prompt(is_top1 & best), per_prompt(best))
     if losses is not None:
         parts["loss"] = (losses.float(), one)

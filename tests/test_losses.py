@@ -518,6 +518,32 @@ def test_reward_shift_invariance(name, alpha):
     )
 
 
+@pytest.mark.parametrize("offset", [1e5, 1e8, -2e6])
+def test_float64_rewards_are_shifted_in_float64(offset):
+    """float64 rewards went to float32 before the row max was subtracted: [3, 2, 0] + 1e8 gave uniform targets (the
+    differences rounded away), and alpha = 0.05 on rewards + 1e5 a target 0.00141 for 0.00127."""
+    for rewards, alpha in (([[3.0, 2.0, 0.0]], 1.0), ([[4.6667, 4.3333, 4.0]], 0.05)):
+        rewards = torch.tensor(rewards, dtype=torch.float64)
+        torch.testing.assert_close(reward_targets(rewards + offset, alpha), reward_targets(rewards, alpha))
+        for fn in (infonca_loss, nca_loss):
+            torch.testing.assert_close(fn(torch.zeros(1, 3), rewards + offset, beta=0.1, alpha=alpha),
+                                       fn(torch.zeros(1, 3), rewards, beta=0.1, alpha=alpha))
+
+
+@pytest.mark.parametrize("fn", [nca_loss, infonca_loss])
+def test_a_nan_alpha_or_a_non_finite_reward_is_refused(fn):
+    """alpha=NaN passed the `alpha < 0` check and gave one-hot targets; an infinite reward gave NaN targets."""
+    for alpha in (float("nan"), torch.tensor([0.5, float("nan")])):
+        with pytest.raises(ValueError, match="alpha must be >= 0"):
+            fn(LR, RW, beta=0.1, alpha=alpha)
+    bad = RW.clone()
+    bad[1, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"rewards must be finite where `mask` is True: row 1 has \[0.0, 1.0, inf\]"):
+        fn(LR, bad, beta=0.1, alpha=1.0)
+    masked = torch.tensor([[True, True, True], [True, True, False]])  # a padded slot may hold anything
+    assert torch.isfinite(fn(LR, bad, beta=0.1, alpha=1.0, mask=masked)).all()
+
+
 @pytest.mark.parametrize("name", ["infonca", "nca"])
 @pytest.mark.parametrize("c", [0.5, 2.0, 3.0, 100.0])
 def test_reward_scale_equals_alpha_divided(name, c):

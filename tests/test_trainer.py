@@ -611,9 +611,9 @@ def test_logged_metrics_are_pooled_over_prompts_however_the_batches_split(tiny_m
     assert all(steps[1][k] == pytest.approx(steps[0][k], rel=1e-5, abs=1e-6) for k in steps[0] if k != "loss"), steps
 
     one = trainer()
-    named = one.evaluate({"a": data.select([0]), "b": data.select([1])})
+    named = one.evaluate({"a": data.select([2]), "b": data.select([1])})  # (row 0's rewards all tie: no chosen)
     assert named["eval_a_rewards/chosen"] != named["eval_b_rewards/chosen"] and "eval_rewards/chosen" not in named
-    assert named["eval_a_rewards/chosen"] == pytest.approx(one.evaluate(data.select([0]))["eval_rewards/chosen"])
+    assert named["eval_a_rewards/chosen"] == pytest.approx(one.evaluate(data.select([2]))["eval_rewards/chosen"])
     assert "test_rewards/chosen" in one.evaluate(data, metric_key_prefix="test")
 
 
