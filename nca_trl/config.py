@@ -167,6 +167,23 @@ def _check_inherited_switches(args: DPOConfig) -> None:
             f"layout, but {setting('shared_prompt', False)} forbids it. Set one of them: `shared_prompt` unset (the "
             f"default, automatic) or true is padding-free, {setting('shared_prompt', False)} the plain padded layout."
         )
+    padding_free = getattr(args, "padding_free", False)
+    if padding_free or getattr(args, "shared_prompt", None) is True:  # what the trainer refused after the model loaded
+        pad = getattr(args, "pad_to_multiple_of", None)
+        why = (f"{setting('truncation_mode', 'keep_end')} cuts each sequence's prompt differently"
+               if getattr(args, "truncation_mode", None) == "keep_end" else
+               f"{setting('pad_to_multiple_of', pad)} asks for padded shapes" if isinstance(pad, int) else
+               f"{setting('neftune_noise_alpha', args.neftune_noise_alpha)} scales its embedding noise by the row's "
+               "length, which the shared-prompt row changes" if getattr(args, "neftune_noise_alpha", None) else "")
+        if why:
+            fix = "remove `padding_free`" if padding_free else "leave `shared_prompt` unset (automatic) or set it false"
+            raise ValueError(f"{setting('padding_free' if padding_free else 'shared_prompt', True)} requires the "
+                             f"shared-prompt layout, which cannot run exactly here: {why}. Change that, or {fix} to "
+                             "train with the plain padded layout.")
+    if getattr(args, "sync_ref_model", False) and getattr(args, "precompute_ref_log_probs", False):
+        raise ValueError(f"{setting('sync_ref_model', True)} with {setting('precompute_ref_log_probs', True)}: the "
+                         "reference is updated during training, so precomputed reference log-probs would go stale "
+                         "(trl.DPOTrainer refuses it too). Set one of them false.")
     if getattr(args, "truncation_mode", "keep_start") not in ("keep_start", "keep_end"):  # met at the first batch
         raise ValueError(f"{setting('truncation_mode', args.truncation_mode)} is not a truncation mode: use "
                          "`keep_start` (the default: the end of a sequence is cut) or `keep_end`.")

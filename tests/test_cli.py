@@ -363,12 +363,19 @@ def test_launch_traps_fail_loudly():
     from nca_trl.runtime.launch import check_launch_environment, check_world_size
 
     alone = SimpleNamespace(num_processes=1, distributed_type="NO")
-    with pytest.raises(RuntimeError, match="2 independent trainings"):
+    with pytest.raises(SettingsError, match="2 independent trainings"):
         check_world_size(alone, {"WORLD_SIZE": "2"})  # MULTI_GPU config, no GPU, no use_cpu
     check_world_size(alone, {})
     check_world_size(SimpleNamespace(num_processes=2, distributed_type="MULTI_CPU"), {"WORLD_SIZE": "2"})
-    with pytest.raises(RuntimeError, match="2 independent trainings"):  # --ddp_backend gloo: a group, but type NO
+    with pytest.raises(SettingsError, match="2 independent trainings"):  # --ddp_backend gloo: a group, but type NO
         check_world_size(SimpleNamespace(num_processes=2, distributed_type="NO"), {"WORLD_SIZE": "2"})
+    # An FSDP config without `use_cpu` on a machine without GPUs: one process trained plain, exit 0, no word
+    on_cpu = SimpleNamespace(num_processes=1, distributed_type="NO", device=torch.device("cpu"))
+    with pytest.raises(SettingsError, match="FSDP needs GPUs: this process runs on the CPU"):
+        check_world_size(on_cpu, {"ACCELERATE_USE_FSDP": "true"})
+    check_world_size(on_cpu, {})
+    check_world_size(SimpleNamespace(num_processes=1, distributed_type="FSDP", device=torch.device("meta")),
+                     {"ACCELERATE_USE_FSDP": "true"})
     with pytest.raises(ValueError, match="FSDP needs GPUs"):
         check_launch_environment(SimpleNamespace(use_cpu=True, bf16=False, fp16=False), {"ACCELERATE_USE_FSDP": "true"})
 
@@ -527,6 +534,22 @@ def test_train_from_python_checks_paths_before_the_output_dir(tmp_path, monkeypa
     assert not (tmp_path / "outputs" / "run").exists()
 
 
+def test_train_from_python_finds_bundled_recipes_and_one_config_is_given(tmp_path, monkeypatch, capsys):
+    """`train(argv)` "runs the same command": a bundled recipe's name (`tiny/nca.yaml`) from any folder raised
+    FileNotFoundError there, found only by `nca-trl train`. A second `--config` was a traceback."""
+    from nca_trl.cli import main
+    from nca_trl.runtime.errors import SettingsError
+    from nca_trl.train import train
+
+    monkeypatch.chdir(tmp_path)  # no recipes/ here
+    assert train(["--config", "tiny/nca.yaml", "--dry_run"]) is None
+    assert "using the bundled recipe" in capsys.readouterr().err
+    with pytest.raises(SettingsError, match=r"^`--config` given 2 times \(tiny/nca.yaml, tiny/nca_lora.yaml\): give "):
+        train(["--config", "tiny/nca.yaml", "--config", "tiny/nca_lora.yaml"])
+    assert main(["train", "--config", "tiny/nca.yaml", "--config=tiny/nca_lora.yaml"]) == 2
+    assert capsys.readouterr().err.startswith("nca-trl train: error: `--config` given 2 times")
+
+
 def test_every_shipped_recipe_and_documented_flag_passes_the_quick_check(tmp_path, monkeypatch):
     """The quick check must not refuse what the full parser takes: every recipe's keys, `--no_<bool>`, dashes (and,
     online, the Hub ids of the GPU recipes; the local paths are there)."""
@@ -679,7 +702,15 @@ def test_paper_recipe_uses_the_papers_one_hot_targets(loss):
       "no_such_module:f"], "Reward function 'no_such_module:f': no module named 'no_such_module'"),
     (["iterate", "--config", "recipes/tiny/iterate_nca.yaml", "--training", '{"learnig_rate": 1}'],
      "'learnig_rate' (did you mean 'learning_rate'?)"),
-], ids=["train", "lr-inf", "lr-nan", "beta-inf", "nan", "inf", "epochs-0", "generate", "score", "iterate"])
+    # these three were tracebacks (exit 1) once the data and the model had loaded
+    (["train", "--config", "recipes/tiny/nca.yaml", "--neftune_noise_alpha", "5", "--shared_prompt", "true"],
+     "(or `--shared_prompt true`) requires the shared-prompt layout, which cannot run exactly here: `neftune"),
+    (["train", "--config", "recipes/tiny/nca.yaml", "--sync_ref_model", "true", "--precompute_ref_log_probs", "true"],
+     "the reference is updated during training, so precomputed reference log-probs would go stale"),
+    (["train", "--config", "recipes/tiny/nca_lora.yaml", "--sync_ref_model", "true"],
+     "`sync_ref_model: true` with `use_peft: true`: with an adapter the reference is the base model"),
+], ids=["train", "lr-inf", "lr-nan", "beta-inf", "nan", "inf", "epochs-0", "generate", "score", "iterate",
+        "shared-prompt-neftune", "sync-precompute", "sync-peft"])
 def test_a_refused_setting_is_one_line_and_exit_2(argv, message, capsys, monkeypatch, tmp_path):
     """A setting refused while the arguments are parsed (after the fast flag and path checks, before anything is
     written or loaded) is `nca-trl CMD: error: MESSAGE` and exit 2, not a traceback through the parser."""

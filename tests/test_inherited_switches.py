@@ -18,6 +18,7 @@ from trl.models import activation_offloading
 from trl.trainer.callbacks import LogCompletionsCallback
 
 from nca_trl import NCAConfig, NCATrainer
+from nca_trl.data import DataCollatorForRatedCompletions
 from nca_trl.config import check_rated_config
 from nca_trl.shared_prompt.packing import is_shared_prompt_batch
 
@@ -76,10 +77,21 @@ def test_padding_free_is_the_shared_prompt_layout(tiny_mistral, vicuna, hh, tmp_
 def test_padding_free_errors(tiny_mistral, vicuna, tmp_path):
     with pytest.raises(ValueError, match=r"`padding_free=True`.*`shared_prompt=False`"):
         NCAConfig(output_dir=str(tmp_path), use_cpu=True, padding_free=True, shared_prompt=False)
-    # Where the layout cannot run, padding_free=True is an error with the reason, never a silent fallback
-    args = make_args(NCAConfig, tmp_path, padding_free=True, pad_to_multiple_of=8)
+    # Where the layout cannot run, padding_free=True is an error with the reason, never a silent fallback; where the
+    # settings alone say so, the config refuses them (the trainer did, once the model had loaded)
     with pytest.raises(ValueError, match=r"`padding_free=True` requires the shared-prompt layout.*pad_to_multiple_of"):
-        NCATrainer(model=tiny_mistral, args=args, train_dataset=vicuna.select(range(2)))
+        make_args(NCAConfig, tmp_path, padding_free=True, pad_to_multiple_of=8)
+    for blocker in (dict(truncation_mode="keep_end"), dict(neftune_noise_alpha=5.0), dict(pad_to_multiple_of=8)):
+        with pytest.raises(ValueError, match=r"`shared_prompt=True` requires the shared-prompt layout, which cannot "
+                                             r"run exactly here: `(truncation_mode|neftune_noise_alpha|pad_to_multi)"):
+            NCAConfig(output_dir=str(tmp_path), use_cpu=True, shared_prompt=True, **blocker)
+        NCAConfig(output_dir=str(tmp_path), use_cpu=True, **blocker)  # automatic: plain, said at construction
+    with pytest.raises(ValueError, match=r"`sync_ref_model=True` with `precompute_ref_log_probs=True`"):
+        NCAConfig(output_dir=str(tmp_path), use_cpu=True, sync_ref_model=True, precompute_ref_log_probs=True)
+    collator = DataCollatorForRatedCompletions(pad_token_id=2, pad_to_multiple_of=8)  # a collator's own padding
+    with pytest.raises(ValueError, match=r"`padding_free=True` requires the shared-prompt layout.*pad_to_multiple_of"):
+        NCATrainer(model=tiny_mistral, args=make_args(NCAConfig, tmp_path, padding_free=True), data_collator=collator,
+                   train_dataset=vicuna.select(range(2)))
 
 
 # --------------------------------------------------------------------------------------------------- sync_ref_model

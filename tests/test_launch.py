@@ -158,5 +158,5 @@ def test_fsdp2_on_cpu_processes_fails_loudly(use_cpu, tiny_mistral, tmp_path, la
     wait([proc], [log], check=False)
     text = log.read_text(errors="replace")
     assert proc.returncode != 0, tail(log)
-    assert ("FSDP needs GPUs" if use_cpu else "2 independent trainings") in text
+    assert text.count("nca-trl train: error: FSDP needs GPUs") == 2  # one line from each process (no traceback)
     assert not (out / "run_info.json").exists()

@@ -98,10 +98,14 @@ def resolve_argv(argv: list[str], notes=None) -> list[str]:
     here: `--config NAME` (not a file here, but a bundled recipe) becomes the bundled recipe's full path, and
     `dataset_name` (on the command line, or in the recipe) that names a missing `data/...` file the bundled one.
     Each replacement is told on stderr (once, by the main process of a launch), or appended to `notes`."""
-    from .recipes import peek
+    from .recipes import peek, peek_all
 
     argv = list(argv)
     told = []
+    configs = peek_all(argv, "config") or []
+    if len(configs) > 1:  # TrlParser reads one; the others failed as a traceback or were not read
+        raise SettingsError(f"`--config` given {len(configs)} times ({', '.join(configs)}): give one recipe, and "
+                            "override its keys with flags (`--learning_rate 1e-5`).")
     config = peek(argv, "config")
     if config and not Path(os.path.expanduser(config)).exists():
         found = find_bundled(config)

@@ -37,11 +37,19 @@ def check_launch_environment(training_args, environ=os.environ) -> None:
 def check_world_size(state, environ=os.environ) -> None:
     """A launcher that started N processes which do not form one group (accelerate's MULTI_GPU config without GPUs
     and without `use_cpu`) would train N independent copies: refuse. With `--ddp_backend` set there the N processes
-    do form a process group, but accelerate's distributed type stays NO (nothing synchronised): refuse that too."""
+    do form a process group, but accelerate's distributed type stays NO (nothing synchronised): refuse that too. An
+    FSDP config on a process that runs on the CPU (which trained without FSDP) is refused first. A `SettingsError`:
+    one line from each process."""
+    fsdp = str(environ.get("ACCELERATE_USE_FSDP", "false")).lower() == "true"
+    if fsdp and getattr(getattr(state, "device", None), "type", None) == "cpu":  # one process trained plain, silently
+        raise SettingsError(
+            "FSDP needs GPUs: this process runs on the CPU (no GPU found), where accelerate does not set FSDP up and "
+            "the run would train without it. On CPU processes use ddp.yaml with `use_cpu: true` or a DeepSpeed config."
+        )
     launched = int(environ.get("WORLD_SIZE", "1") or 1)
     distributed_type = getattr(state.distributed_type, "value", str(state.distributed_type))
     if launched != state.num_processes or (launched > 1 and distributed_type == "NO"):
-        raise RuntimeError(
+        raise SettingsError(
             f"The launcher started {launched} processes (WORLD_SIZE) but this one trains in a group of "
             f"{state.num_processes} ({state.distributed_type}): they would be {launched} independent "
             "trainings. On CPU use an accelerate config with `distributed_type: MULTI_GPU` and `use_cpu: true` plus "

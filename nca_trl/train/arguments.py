@@ -295,6 +295,10 @@ def _checked(script_args, training_args, model_args, mixture, recipe: dict, dry_
             f"`eval_strategy: {training_args.eval_strategy.value}` needs evaluation data: set `dataset_test_split` or "
             "`eval_fraction`, or `eval_strategy: no`."
         )
+    if training_args.sync_ref_model and model_args.use_peft:  # trl.DPOTrainer raised it once everything had loaded
+        raise ValueError("`sync_ref_model: true` with `use_peft: true`: with an adapter the reference is the base "
+                         "model (the adapter disabled), and there is no separate reference to sync (trl.DPOTrainer "
+                         "refuses it too). Set `sync_ref_model: false`, or train without `use_peft`.")
     if not dry_run and not hardware_checks_relaxed():  # a dry run checks a recipe meant for another machine
         _check_packages(model_args, where)
     switch = "`trust_remote_code: true` " + (f"in {where}" if where else "(`--trust_remote_code true`)")

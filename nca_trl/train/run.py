@@ -9,6 +9,7 @@ It has the shape of TRL's `scripts/dpo.py`: parse (`nca_trl.train.arguments`), l
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from ..runtime.errors import SettingsError
@@ -26,6 +27,10 @@ def train(argv: "list[str] | TrainArgs | None" = None, callbacks: list | None = 
     process group is destroyed at the end unless `keep_process_group` (a caller with more collective work, like
     `nca-trl iterate`, keeps it).
     """
+    if not isinstance(argv, TrainArgs):  # bundled recipes and data by name, as `nca-trl train` finds them
+        from ..runtime.bundled import resolve_argv
+
+        argv = resolve_argv(list(sys.argv[1:] if argv is None else argv))
     args = argv if isinstance(argv, TrainArgs) else parse_train_args(argv)
     if args.script.dry_run:
         print_dry_run(args)
