@@ -364,6 +364,8 @@ def _prepare(dataset, first, processing_class, args, dataset_name, max_completio
             dataset = dataset.map(cap, **map_kwargs)
 
     streamed = not isinstance(dataset, Dataset)
+    # A stream's cut is said as it is read; the closure holds no more (`datasets` fingerprints a map by its function)
+    cut_at, cut_message = (args.max_length, _cut_message(args)) if streamed and args.max_length else (None, None)
 
     def tokenize(example, index):
         out, trimmed = _tokenize_rated(example, processing_class, tokenizer.eos_token,
@@ -373,10 +375,10 @@ def _prepare(dataset, first, processing_class, args, dataset_name, max_completio
                 _warned["boundary"] = True
                 logger.warning("%s dataset, row %d: %s (here %r). Shown once; it may apply to other rows.",
                                dataset_name, example.get(ROW_INDEX, index), _BOUNDARY, trimmed)
-            if not _warned["cut"] and _cut_lengths([out["prompt_ids"]], [out["completion_ids"]], args.max_length):
+            if not _warned["cut"] and _cut_lengths([out["prompt_ids"]], [out["completion_ids"]], cut_at):
                 _warned["cut"] = True
                 logger.warning("%s dataset, row %d: %s. Shown once; it may apply to other rows.", dataset_name,
-                               example.get(ROW_INDEX, index), _cut_message(args))
+                               example.get(ROW_INDEX, index), cut_message)
         else:
             out["prompt_trimmed"] = trimmed
         for position, ids in enumerate(out["completion_ids"]):
