@@ -454,16 +454,23 @@ def _cut_message(args) -> str:
 
 
 def _report_cut(dataset, args, dataset_name, stats) -> None:
-    """Count the sequences that the collator will cut at `max_length`, and say it once (`stats["cut_completions"]`)."""
-    cut = _cut_lengths(dataset["prompt_ids"], dataset["completion_ids"], args.max_length)
-    stats["cut_completions"] = len(cut)
-    if cut:
-        names, rows = _row_names(dataset), sorted({i for i, _ in cut})
-        total = sum(map(len, dataset["completion_ids"]))
+    """Count the sequences that the collator will cut at `max_length`, and say it once (`stats["cut_completions"]`).
+    On the Arrow columns: no token id becomes a Python object."""
+    import pyarrow.compute as pc
+
+    table = dataset.select_columns(["prompt_ids", "completion_ids"]).with_format("arrow")[:]
+    completions = table["completion_ids"].combine_chunks()
+    rows = pc.list_parent_indices(completions)  # each completion's row
+    lengths = pc.add(pc.take(pc.list_value_length(table["prompt_ids"].combine_chunks()), rows),
+                     pc.list_value_length(pc.list_flatten(completions)))
+    cut = pc.greater(lengths, args.max_length)
+    stats["cut_completions"] = count = pc.sum(cut).as_py() or 0
+    if count:
+        names, cut_rows = _row_names(dataset), pc.unique(pc.filter(rows, cut)).to_pylist()
         logger.warning("%s dataset: %d of %d completions (in %d of %d rows; the longest %d tokens): %s (rows %s%s).",
-                       dataset_name, len(cut), total, len(rows), len(dataset), max(n for _, n in cut),
-                       _cut_message(args), ", ".join(str(names[i]) for i in rows[:10]), ", ..." if len(rows) > 10
-                       else "")
+                       dataset_name, count, len(lengths), len(cut_rows), len(dataset), pc.max(lengths).as_py(),
+                       _cut_message(args), ", ".join(str(names[i]) for i in cut_rows[:10]),
+                       ", ..." if len(cut_rows) > 10 else "")
 
 
 def _check_kept(dataset, counts, args, dataset_name):
