@@ -37,9 +37,10 @@ class GenerateArguments:
     output: str | None = field(
         default=None,
         metadata={
-            "help": "Output file, `.jsonl` or `.parquet`. Rows {prompt, completions, ...carried columns}. The run "
-            "writes `<output>.parts/` chunk by chunk and merges at the end; rerunning with the same `output` and "
-            "settings continues a stopped run. Settings and versions go to `<output stem>.generation.json`."
+            "help": "Output file, `.jsonl` or `.parquet`. Rows {prompt, completions, finished, ...carried columns} "
+            "(`finished`: per completion, false where it was cut at `max_new_tokens`). The run writes "
+            "`<output>.parts/` chunk by chunk and merges at the end; rerunning with the same `output` and settings "
+            "continues a stopped run. Settings and versions go to `<output stem>.generation.json`."
         },
     )
     num_completions: int = field(default=4, metadata={"help": "K, the number of completions sampled per prompt."})
