@@ -375,7 +375,7 @@ def _prepare(dataset, first, processing_class, args, dataset_name, max_completio
                 _warned["boundary"] = True
                 logger.warning("%s dataset, row %d: %s (here %r). Shown once; it may apply to other rows.",
                                dataset_name, example.get(ROW_INDEX, index), _BOUNDARY, trimmed)
-            if not _warned["cut"] and _cut_lengths([out["prompt_ids"]], [out["completion_ids"]], cut_at):
+            if not _warned["cut"] and _is_cut(out["prompt_ids"], out["completion_ids"], cut_at):
                 _warned["cut"] = True
                 logger.warning("%s dataset, row %d: %s. Shown once; it may apply to other rows.", dataset_name,
                                example.get(ROW_INDEX, index), cut_message)
@@ -438,12 +438,9 @@ def _prepare(dataset, first, processing_class, args, dataset_name, max_completio
     return dataset
 
 
-def _cut_lengths(prompt_ids: list, completion_ids: list, max_length: int | None) -> list[tuple[int, int]]:
-    """(row position, prompt + completion length) of each sequence longer than `max_length`."""
-    if max_length is None:
-        return []
-    return [(i, len(p) + len(c)) for i, (p, cs) in enumerate(zip(prompt_ids, completion_ids)) for c in cs
-            if len(p) + len(c) > max_length]
+def _is_cut(prompt_ids: list, completion_ids: list, max_length: int | None) -> bool:
+    """Whether `max_length` cuts one of a row's prompt + completion sequences (a stream's row, as it is read)."""
+    return max_length is not None and any(len(prompt_ids) + len(ids) > max_length for ids in completion_ids)
 
 
 def _cut_message(args) -> str:

@@ -142,18 +142,17 @@ async def _await(awaitable):
     return await awaitable
 
 
-def _per_completion(row: dict, column: str) -> bool:
-    """Whether `column` of `row` holds one value per completion (`finished`): it follows the kept completions."""
-    from ..data.formats import FINISHED_COLUMN  # here: the command's light imports do not load torch
-
+def _per_completion(row: dict, column: str, finished: str) -> bool:
+    """Whether `column` of `row` holds one value per completion (the `finished` column, named by `finished`): it
+    follows the kept completions."""
     value = row.get(column)
-    return column == FINISHED_COLUMN and isinstance(value, (list, tuple)) and len(value) == len(row["completions"])
+    return column == finished and isinstance(value, (list, tuple)) and len(value) == len(row["completions"])
 
 
-def _value(row: dict, column: str, k: int):
+def _value(row: dict, column: str, k: int, finished: str):
     """What a reward function is given of `column` for completion `k`: its own value of a per-completion column (a
     sample cut at `max_new_tokens` has `finished` False), else the row's."""
-    return row[column][k] if _per_completion(row, column) else row.get(column)
+    return row[column][k] if _per_completion(row, column, finished) else row.get(column)
 
 
 def score_rows(rows: list[dict], sources, weights: list[float] | None = None, *, chunk_size: int = 64,
@@ -183,7 +182,9 @@ def score_rows(rows: list[dict], sources, weights: list[float] | None = None, *,
         weight, count, none, mean, std, min, max of its values), `rewards` (the same of the combined rewards),
         `replaced_rewards` (rows that had a `rewards` column), `metrics` (the means of `log_metric` values).
     """
-    from ..data.formats import FLOAT32_MAX  # the largest reward training takes: the weighted sum's bound too
+    # Here, not at the top: the command's light imports do not load torch. FLOAT32_MAX: the largest reward training
+    # takes (the weighted sum's bound too); FINISHED_COLUMN: generate's per-completion flags, kept with the completions
+    from ..data.formats import FINISHED_COLUMN, FLOAT32_MAX
     from ..data.validation import validate_example
 
     sources = _named(sources)
@@ -252,7 +253,7 @@ def score_rows(rows: list[dict], sources, weights: list[float] | None = None, *,
             kwargs = {
                 "prompts": [rows[position]["prompt"] for position, kept in todo for _ in kept],
                 "completions": [c for _, kept in todo for _, c in kept],
-                **{col: [_value(rows[position], col, k) for position, kept in todo for k, _ in kept]
+                **{col: [_value(rows[position], col, k, FINISHED_COLUMN) for position, kept in todo for k, _ in kept]
                    for col in columns},
             }
             kwargs.setdefault("log_metric", log_metric)
@@ -291,8 +292,8 @@ def score_rows(rows: list[dict], sources, weights: list[float] | None = None, *,
                 row = rows[position]
                 out = {"prompt": row["prompt"], "completions": out_completions, "rewards": out_rewards,
                        **{k: v for k, v in row.items() if k not in ("prompt", "completions", "rewards")}}
-                for column in [c for c in columns if _per_completion(row, c)]:  # the kept completions' own
-                    out[column] = [row[column][k] for k in out_index]
+                for column in [c for c in columns if _per_completion(row, c, FINISHED_COLUMN)]:
+                    out[column] = [row[column][k] for k in out_index]  # the kept completions' own
                 if not evaluation:
                     validate_example(out, row_ids[position], "scored")  # what `nca-trl train` will check
                 scored.append(out)
